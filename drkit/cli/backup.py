@@ -1,0 +1,71 @@
+"""drkit backup: take a physical backup of the cluster into the primary repository."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from drkit.cli.common import (
+    ConfigOption,
+    JsonOption,
+    handle_errors,
+    human_size,
+    print_json,
+    progress,
+    settings_from,
+    stdout,
+    warn,
+)
+from drkit.errors import ConfigError
+from drkit.repo.label import BackupType
+
+
+@handle_errors
+def command(
+    config: ConfigOption = None,
+    type_: Annotated[BackupType, typer.Option("--type", "-t", help="backup type")] = BackupType.FULL,
+    start_fast: Annotated[
+        bool | None,
+        typer.Option("--start-fast/--no-start-fast", help="immediate checkpoint at start"),
+    ] = None,
+    process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
+    compress_level: Annotated[int | None, typer.Option(help="zstd level")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Take a full physical backup of the running cluster."""
+    from drkit.backup.operation import BackupOperation
+
+    if type_ is not BackupType.FULL:
+        raise ConfigError(
+            f"{type_} backups are not available yet in this version",
+            hint="use --type full",
+        )
+    settings = settings_from(
+        config,
+        {
+            "backup": {
+                "start_fast": start_fast,
+                "process_max": process_max,
+                "compress_level": compress_level,
+            }
+        },
+    )
+    result = BackupOperation(settings, progress()).run()
+    m = result.manifest
+    for label in result.removed_leftovers:
+        warn(f"removed the objects of incomplete backup '{label}'")
+    for message in result.warnings:
+        warn(message)
+    if json_:
+        print_json({"label": m.label, "type": m.type, "stats": m.stats.model_dump(),
+                    "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
+                    "warnings": result.warnings})
+    else:
+        stdout.print(
+            f"backup {m.label} ({m.type}) complete: {m.stats.files} files,"
+            f" {human_size(m.stats.size)} stored as {human_size(m.stats.stored)}"
+            f" in {m.stats.duration_s:.1f}s; WAL {m.start_wal}..{m.stop_wal}"
+        )
+    if result.warnings:
+        raise typer.Exit(1)

@@ -1,0 +1,53 @@
+"""drkit verify: read back, decrypt and check every file of one backup or all."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from drkit.cli.common import (
+    ConfigOption,
+    JsonOption,
+    handle_errors,
+    human_size,
+    print_json,
+    progress,
+    settings_from,
+    stderr,
+    stdout,
+)
+from drkit.errors import VerifyFailed
+
+
+@handle_errors
+def command(
+    config: ConfigOption = None,
+    backup: Annotated[str | None, typer.Option(help="backup label (default: every backup)")] = None,
+    repo: Annotated[str | None, typer.Option(help="repository to verify")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Verify backups: every object read, every frame authenticated, every checksum checked."""
+    from drkit.verify.operation import VerifyOperation
+
+    report = VerifyOperation(settings_from(config), backup, repo, progress()).run()
+    if json_:
+        print_json({
+            "repo": report.repo,
+            "ok": report.ok,
+            "backups": [
+                {"label": b.label, "ok": b.ok, "files": b.files, "size": b.size,
+                 "damaged": [{"path": p, "reason": r} for p, r in b.damaged]}
+                for b in report.backups
+            ],
+        })
+    else:
+        for b in report.backups:
+            status = "ok" if b.ok else f"DAMAGED ({len(b.damaged)} files)"
+            stdout.print(f"{b.label}: {b.files} files, {human_size(b.size)}: {status}")
+            for path, reason in b.damaged:
+                stderr.print(f"  damaged '{path}': {reason}", markup=False)
+        if not report.backups:
+            stdout.print(f"repository '{report.repo}' holds no backups")
+    if not report.ok:
+        raise typer.Exit(VerifyFailed.exit_code)

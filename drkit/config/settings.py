@@ -1,0 +1,157 @@
+"""Typed settings: one precedence order, flags > DRKIT_* environment > drkit.toml > defaults.
+
+Nested keys are reached from the environment with a double underscore, e.g.
+``DRKIT_POSTGRES__PGDATA=/srv/pg`` or ``DRKIT_BACKUP__PROCESS_MAX=4``. The list of repositories is
+configured in the file (``[[repo]]``) or as JSON in ``DRKIT_REPO``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from drkit.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PostgresSettings(_Section):
+    pgdata: Path = Field(description="data directory of the cluster (must be readable by drkit)")
+    dsn: str | None = Field(None, description="libpq connection string; overrides host/port/user")
+    host: str = "/var/run/postgresql"
+    port: int = Field(5432, ge=1, le=65535)
+    user: str = "postgres"
+    dbname: str = "postgres"
+
+    def conninfo(self) -> str:
+        if self.dsn:
+            return self.dsn
+        return f"host={self.host} port={self.port} user={self.user} dbname={self.dbname}"
+
+
+class KeysSettings(_Section):
+    provider: Literal["keyfile"] = "keyfile"
+    keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _keyfile_required(self) -> KeysSettings:
+        if self.provider == "keyfile" and self.keyfile is None:
+            raise ValueError("provider 'keyfile' needs keys.keyfile = '/path/to/key'")
+        return self
+
+
+class RepoSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    type: Literal["posix"] = "posix"
+    path: Path
+    media: str = "disk"
+    offsite: bool = False
+
+
+class BackupSettings(_Section):
+    compress_level: int = Field(3, ge=-7, le=22, description="zstd level")
+    process_max: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    start_fast: bool = Field(False, description="request an immediate checkpoint at backup start")
+    bundle_limit: int = Field(
+        2 * 1024 * 1024, ge=0, description="files smaller than this are bundled together"
+    )
+    bundle_size: int = Field(
+        32 * 1024 * 1024, ge=1024 * 1024, description="target size of one bundle object"
+    )
+    segment_size: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DRKIT_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    postgres: PostgresSettings
+    keys: KeysSettings
+    repo: list[RepoSettings] = Field(min_length=1)
+    backup: BackupSettings = BackupSettings()
+    lock_path: Path = Field(Path("/tmp/drkit"), description="directory for host-local lock files")
+
+    @field_validator("repo")
+    @classmethod
+    def _unique_names(cls, repos: list[RepoSettings]) -> list[RepoSettings]:
+        names = [r.name for r in repos]
+        if len(set(names)) != len(names):
+            raise ValueError(f"repository names must be unique, got {names}")
+        return repos
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if _config_file is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=_config_file),)
+        return sources
+
+
+_config_file: Path | None = None
+
+
+def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from ``config`` (or $DRKIT_CONFIG, or /etc/drkit/drkit.toml), env and flags.
+
+    ``overrides`` holds values given as command-line flags, nested like the file
+    (``{"postgres": {"pgdata": ...}}``); ``None`` values are ignored. Raises ConfigError with one
+    line per invalid field.
+    """
+    global _config_file
+    path = config or Path(os.environ.get("DRKIT_CONFIG", DEFAULT_CONFIG))
+    if not path.is_file():
+        raise ConfigError(
+            f"configuration file '{path}' does not exist",
+            hint="pass --config PATH or set DRKIT_CONFIG; docs/configuration.md has an example",
+        )
+    flags = _drop_none(overrides or {})
+    _config_file = path
+    try:
+        return Settings(**flags)  # pydantic-settings deep-merges nested sections across sources
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path), hint="docs/configuration.md lists every key") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
+    finally:
+        _config_file = None
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = [f"invalid configuration in '{path}':"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The key provider interface: where data keys come from and how they are kept.
+
+drkit uses envelope encryption. Each backup (and each WAL key period) gets a fresh 256-bit data key
+(DEK) that encrypts its frames. The DEK is never stored in clear: a key provider wraps it under a
+key it controls (a key file, Vault Transit, a key read from Vault KV) and the wrapped form, the key
+*record*, is stored in the repository's write-once key record. To read the data back, the provider
+unwraps the record. A provider never writes plaintext key material to disk or logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+DEK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A fresh data key: its plaintext for encrypting now, its wrapped record for storing."""
+
+    plaintext: bytes = field(repr=False)  # 32-byte DEK; must never appear in repr/logs
+    record: dict[str, Any]  # JSON-serialisable wrapped form, stored in the write-once key record
+
+    def __post_init__(self) -> None:
+        if len(self.plaintext) != DEK_SIZE:
+            raise ValueError(f"a data key is {DEK_SIZE} bytes, got {len(self.plaintext)}")
+
+
+class KeyProvider(Protocol):
+    """A source of data keys: wraps new ones, unwraps stored ones.
+
+    ``record["provider"]`` names the provider kind that wrote a record, so a repository can say
+    which kind of key it needs.
+    """
+
+    kind: str
+
+    def new_data_key(self) -> DataKey:
+        """Returns a fresh random DEK and its wrapped record.
+
+        Raises KeyMaterialError when the wrapping key cannot be obtained.
+        """
+        ...
+
+    def unwrap(self, record: dict[str, Any]) -> bytes:
+        """Returns the 32-byte DEK a record wraps.
+
+        Raises WrongKey when the record belongs to another key (or provider), IntegrityError when
+        it was tampered with or is malformed, KeyMaterialError when the key cannot be obtained.
+        """
+        ...

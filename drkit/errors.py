@@ -1,0 +1,106 @@
+"""Error classes: the docstring is the message's meaning, the class carries its exit code.
+
+Exit-code bands (as BorgBackup): 0 ok, 1 warning, 2 generic error, 3-99 specific errors,
+100-127 specific warnings. Messages are lowercase, quote paths, and carry a hint where the user
+can do something about it. No error message may contain key material.
+"""
+
+from __future__ import annotations
+
+
+class DrkitError(Exception):
+    """A failure drkit explains to the user; never a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DrkitWarning(DrkitError):
+    """The operation completed, but something needs the operator's attention."""
+
+    exit_code = 1
+
+
+class ConfigError(DrkitError):
+    """The configuration is missing, malformed or inconsistent."""
+
+    exit_code = 3
+
+
+class PostgresError(DrkitError):
+    """PostgreSQL could not be reached or refused what drkit asked."""
+
+    exit_code = 4
+
+
+class LockError(DrkitError):
+    """Another drkit operation holds the lock this one needs."""
+
+    exit_code = 5
+
+
+class RepositoryError(DrkitError):
+    """The repository is missing, of an unknown format, or belongs to another cluster."""
+
+    exit_code = 6
+
+
+class BackupNotFound(RepositoryError):
+    """The requested backup label does not exist in the repository."""
+
+    exit_code = 7
+
+
+class StorageError(DrkitError):
+    """The storage backend failed (I/O error, full disk, unreachable server)."""
+
+    exit_code = 8
+
+
+class ObjectNotFound(StorageError):
+    """A storage object does not exist."""
+
+    exit_code = 9
+
+
+class ObjectExists(StorageError):
+    """A write-once object already exists; drkit never overwrites."""
+
+    exit_code = 10
+
+
+class KeyMaterialError(DrkitError):
+    """Key material is missing, wrong, or cannot be obtained."""
+
+    exit_code = 11
+
+
+class WrongKey(KeyMaterialError):
+    """The data was encrypted with a different key than the one configured."""
+
+    exit_code = 12
+
+
+class IntegrityError(DrkitError):
+    """Stored data failed authentication or a checksum: it is damaged or was tampered with."""
+
+    exit_code = 13
+
+
+class RestoreTargetError(DrkitError):
+    """The restore target cannot be used (not empty, not writable)."""
+
+    exit_code = 14
+
+
+class VerifyFailed(DrkitError):
+    """Verification found damaged files."""
+
+    exit_code = 15

@@ -1,0 +1,83 @@
+"""Describe a repository: its backups (derived by listing manifests) and any leftovers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from drkit.config.settings import Settings
+from drkit.repo.open import open_repository
+
+
+@dataclass
+class BackupSummary:
+    label: str
+    type: str
+    parent: str | None
+    start_time: str
+    stop_time: str
+    start_lsn: str
+    stop_lsn: str
+    timeline: int
+    wal: str  # first..last segment stored with the backup
+    pg_version_num: int
+    files: int
+    size: int
+    stored: int
+    duration_s: float
+    bad_pages: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RepositoryInfo:
+    name: str
+    system_identifier: str
+    format: int
+    backups: list[BackupSummary] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "system_identifier": self.system_identifier,
+            "format": self.format,
+            "backups": [b.as_dict() for b in self.backups],
+            "incomplete": self.incomplete,
+        }
+
+
+class InfoOperation:
+    def __init__(self, settings: Settings, repo: str | None = None) -> None:
+        self.settings = settings
+        self.repo_name = repo
+
+    def run(self) -> RepositoryInfo:
+        repo = open_repository(self.settings, self.repo_name)
+        fmt = repo.check()
+        info = RepositoryInfo(repo.name, fmt.system_identifier, fmt.format)
+        for label in repo.backups():
+            m, _ = repo.load_manifest(label)
+            info.backups.append(
+                BackupSummary(
+                    label=m.label,
+                    type=m.type,
+                    parent=m.parent,
+                    start_time=m.start_time.isoformat(timespec="seconds"),
+                    stop_time=m.stop_time.isoformat(timespec="seconds"),
+                    start_lsn=m.start_lsn,
+                    stop_lsn=m.stop_lsn,
+                    timeline=m.timeline,
+                    wal=f"{m.start_wal}..{m.stop_wal}",
+                    pg_version_num=m.pg_version_num,
+                    files=m.stats.files,
+                    size=m.stats.size,
+                    stored=m.stats.stored,
+                    duration_s=m.stats.duration_s,
+                    bad_pages=sum(len(f.bad_pages) for f in m.files),
+                )
+            )
+        info.incomplete = [str(label) for label in repo.incomplete()]
+        return info

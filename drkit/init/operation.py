@@ -1,0 +1,102 @@
+"""Initialize drkit for a cluster: check PostgreSQL's settings, prove the key works, create the
+repositories. Safe to run again: existing repositories of the same cluster are left as they are."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from drkit.codec.frame import seal, unseal
+from drkit.config.settings import Settings
+from drkit.errors import ConfigError, PostgresError
+from drkit.pg.session import ClusterInfo, PgSession
+from drkit.repo.open import open_key_provider, open_repository
+
+
+@dataclass
+class Check:
+    level: str  # "ok", "warning" or "notice"
+    message: str
+
+
+@dataclass
+class InitReport:
+    system_identifier: int
+    pg_version_num: int
+    checks: list[Check] = field(default_factory=list)
+    repositories: dict[str, str] = field(default_factory=dict)  # name -> "created" | "exists"
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.level == "warning"]
+
+
+class InitOperation:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def run(self) -> InitReport:
+        # Check the cluster's settings
+        with PgSession(self.settings.postgres) as session:
+            cluster = session.cluster_info()
+        report = InitReport(cluster.system_identifier, cluster.version_num)
+        report.checks = self._check_cluster(cluster)
+
+        # Prove the key provider can wrap and unwrap a data key
+        self._check_keys()
+        report.checks.append(Check("ok", f"key provider '{self.settings.keys.provider}' works"))
+
+        # Create (or confirm) every repository
+        for repo_settings in self.settings.repo:
+            repo = open_repository(self.settings, repo_settings.name)
+            created = repo.initialize(cluster.system_identifier)
+            report.repositories[repo.name] = "created" if created else "exists"
+        return report
+
+    def _check_cluster(self, cluster: ClusterInfo) -> list[Check]:
+        pgdata = self.settings.postgres.pgdata
+        if cluster.wal_level == "minimal":
+            raise PostgresError(
+                "wal_level is 'minimal': online backups need 'replica' or 'logical'",
+                hint="set wal_level = replica in postgresql.conf and restart PostgreSQL",
+            )
+        if cluster.max_replication_slots < 1:
+            raise PostgresError(
+                "max_replication_slots is 0: drkit keeps a backup's WAL with a temporary slot",
+                hint="set max_replication_slots = 10 (the default) and restart PostgreSQL",
+            )
+        if pgdata.resolve() != cluster.data_directory.resolve():
+            raise ConfigError(
+                f"postgres.pgdata is '{pgdata}' but the server's data_directory is"
+                f" '{cluster.data_directory}'"
+            )
+        if not os.access(pgdata, os.R_OK | os.X_OK):
+            raise ConfigError(f"PGDATA '{pgdata}' is not readable by this user")
+        checks = [
+            Check("ok", f"PostgreSQL {cluster.version_num}, system {cluster.system_identifier}"),
+            Check("ok", f"wal_level = {cluster.wal_level}"),
+        ]
+        if cluster.data_checksums:
+            checks.append(Check("ok", "data checksums are on: pages are verified while backed up"))
+        else:
+            checks.append(Check(
+                "warning",
+                "data checksums are off: damaged pages cannot be detected during backup"
+                " (enable with pg_checksums --enable on a stopped cluster)",
+            ))
+        if cluster.archive_mode == "off" or not cluster.archive_command:
+            checks.append(Check(
+                "notice",
+                "WAL archiving is off: every backup restores on its own, but point-in-time"
+                " recovery needs archive_mode = on and archive_command = 'drkit wal-push %p'",
+            ))
+        else:
+            checks.append(Check("ok", f"archive_command = '{cluster.archive_command}'"))
+        return checks
+
+    def _check_keys(self) -> None:
+        provider = open_key_provider(self.settings.keys)
+        data_key = provider.new_data_key()
+        probe = seal(b"drkit", data_key.plaintext, b"init-probe")
+        if unseal(probe, provider.unwrap(data_key.record), b"init-probe") != b"drkit":
+            raise ConfigError("the key provider returned a different data key than it wrapped")

@@ -1,0 +1,183 @@
+"""The PostgreSQL session a backup runs in: identity checks, WAL reservation, backup start/stop.
+
+The session stays open for the whole backup: a non-exclusive backup is aborted by PostgreSQL when
+its session ends, and the temporary replication slot that keeps the backup's WAL in pg_wal lives
+exactly as long as the session. That slot is what lets a backup carry its own WAL without
+depending on a WAL archive that may not exist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from drkit.config.settings import PostgresSettings
+from drkit.errors import PostgresError
+from drkit.pg.wal import parse_lsn
+
+MIN_VERSION = 130000
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    version_num: int  # e.g. 150004
+    system_identifier: int
+    data_directory: Path
+    data_checksums: bool
+    wal_segment_size: int
+    wal_level: str
+    archive_mode: str
+    archive_command: str
+    max_replication_slots: int
+    timeline: int
+    catalog_version: int
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+@dataclass(frozen=True)
+class Tablespace:
+    oid: int
+    name: str
+    location: Path
+
+
+@dataclass(frozen=True)
+class BackupStop:
+    lsn: int
+    backup_label: bytes
+    tablespace_map: bytes
+
+    @property
+    def timeline(self) -> int:
+        """The timeline the backup started on, from backup_label's START TIMELINE line."""
+        for line in self.backup_label.decode().splitlines():
+            if line.startswith("START TIMELINE:"):
+                return int(line.split(":", 1)[1])
+        raise PostgresError("backup_label returned by PostgreSQL has no START TIMELINE line")
+
+
+class PgSession:
+    """One psycopg connection (autocommit) to the cluster being backed up."""
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self._settings = settings
+        try:
+            self._conn = psycopg.connect(
+                settings.conninfo(), autocommit=True, application_name="drkit"
+            )
+        except psycopg.Error as exc:
+            raise PostgresError(
+                f"unable to connect to PostgreSQL ({_first_line(exc)})",
+                hint="check [postgres] host/port/user or dsn, and that the server is running",
+            ) from None
+        self._conn.execute("SET statement_timeout = 0")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> PgSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...]:
+        try:
+            row = self._conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise PostgresError(f"query failed: {_first_line(exc)}") from None
+        assert row is not None
+        return tuple(row)
+
+    def cluster_info(self) -> ClusterInfo:
+        version_num = int(str(self._one("SHOW server_version_num")[0]))
+        if version_num < MIN_VERSION:
+            raise PostgresError(f"PostgreSQL {version_num // 10000} is not supported (13 or newer)")
+        sysid, catversion, checksums, seg_size = self._one(
+            "SELECT (SELECT system_identifier FROM pg_control_system()),"
+            " (SELECT catalog_version_no FROM pg_control_system()),"
+            " current_setting('data_checksums') = 'on',"
+            " (SELECT bytes_per_wal_segment FROM pg_control_init())"
+        )
+        settings = dict(
+            self._conn.execute(  # type: ignore[arg-type]
+                "SELECT name, setting FROM pg_settings WHERE name IN ('data_directory',"
+                " 'wal_level', 'archive_mode', 'archive_command', 'max_replication_slots')"
+            ).fetchall()
+        )
+        if "data_directory" not in settings:
+            raise PostgresError(
+                "the connecting role cannot read server settings",
+                hint="connect as a superuser or a role with pg_read_all_settings",
+            )
+        timeline = int(str(self._one("SELECT timeline_id FROM pg_control_checkpoint()")[0]))
+        return ClusterInfo(
+            version_num=version_num,
+            system_identifier=int(str(sysid)),
+            data_directory=Path(settings["data_directory"]),
+            data_checksums=bool(checksums),
+            wal_segment_size=int(str(seg_size)),
+            wal_level=settings["wal_level"],
+            archive_mode=settings["archive_mode"],
+            archive_command=settings["archive_command"],
+            max_replication_slots=int(settings["max_replication_slots"]),
+            timeline=timeline,
+            catalog_version=int(str(catversion)),
+        )
+
+    def in_recovery(self) -> bool:
+        return bool(self._one("SELECT pg_is_in_recovery()")[0])
+
+    def tablespaces(self) -> list[Tablespace]:
+        rows = self._conn.execute(
+            "SELECT oid, spcname, pg_tablespace_location(oid) FROM pg_tablespace"
+            " WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid"
+        ).fetchall()
+        return [Tablespace(int(oid), str(name), Path(str(loc))) for oid, name, loc in rows]
+
+    def reserve_wal(self) -> None:
+        """Keep every WAL segment from now on in pg_wal until this session ends."""
+        name = f"drkit_{os.getpid()}_{self._conn.info.backend_pid}"
+        try:
+            self._conn.execute(
+                "SELECT pg_create_physical_replication_slot(%s, true, true)", (name,)
+            )
+        except psycopg.Error as exc:
+            raise PostgresError(
+                f"unable to create a temporary replication slot ({_first_line(exc)})",
+                hint="drkit needs max_replication_slots > 0 and a free slot to keep the backup's"
+                " WAL in pg_wal while it copies it",
+            ) from None
+
+    def start_backup(self, label: str, fast: bool, version_num: int) -> int:
+        """Start a non-exclusive backup; returns its start LSN."""
+        sql = (
+            "SELECT pg_backup_start(%s, %s)"
+            if version_num >= 150000
+            else "SELECT pg_start_backup(%s, %s, false)"
+        )
+        return parse_lsn(str(self._one(sql, (label, fast))[0]))
+
+    def stop_backup(self, version_num: int) -> BackupStop:
+        # wait_for_archive=false: the backup carries its own WAL, it never waits on an archive.
+        sql = (
+            "SELECT lsn, labelfile, spcmapfile FROM pg_backup_stop(false)"
+            if version_num >= 150000
+            else "SELECT lsn, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+        )
+        lsn, label, spcmap = self._one(sql)
+        return BackupStop(
+            lsn=parse_lsn(str(lsn)),
+            backup_label=str(label).encode(),
+            tablespace_map=str(spcmap or "").encode(),
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

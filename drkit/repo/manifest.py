@@ -1,0 +1,93 @@
+"""The manifest: the restore contract of one backup.
+
+It lists every file with its metadata, plaintext checksum and where its bytes live (object,
+offset and length of its frame), every directory and symlink, the tablespaces, the WAL range, the
+PostgreSQL identity and the data objects with their stored checksums. It is stored encrypted and
+authenticated like data (a frame bound to the backup's label) and it is written last: a backup
+exists exactly when its manifest does.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FORMAT = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Model):
+    path: str  # PGDATA-relative, '/' separated
+    size: int
+    mode: int
+    mtime: float
+    sha256: str  # of the plaintext
+    object: str  # repository key of the object holding the frame
+    offset: int  # of the frame inside the object
+    length: int  # stored length of the frame
+    bad_pages: list[int] = Field(default_factory=list)  # page checksum failures found at backup
+
+
+class DirEntry(_Model):
+    path: str
+    mode: int
+
+
+class LinkEntry(_Model):
+    path: str
+    target: str
+
+
+class TablespaceEntry(_Model):
+    oid: int
+    name: str
+    location: str
+
+
+class ObjectEntry(_Model):
+    key: str
+    size: int
+    sha256: str  # of the stored (encrypted) bytes, so copies can be checked without the key
+
+
+class BackupStats(_Model):
+    files: int
+    size: int  # plaintext bytes
+    stored: int  # bytes in the repository
+    duration_s: float
+
+
+class Manifest(_Model):
+    format: int = MANIFEST_FORMAT
+    label: str
+    type: str
+    parent: str | None = None
+    drkit_version: str
+    start_time: datetime
+    stop_time: datetime
+    start_lsn: str
+    stop_lsn: str
+    timeline: int
+    start_wal: str
+    stop_wal: str
+    pg_version_num: int
+    system_identifier: str
+    wal_segment_size: int
+    data_checksums: bool
+    key_record: str  # repository key of the key record that wraps this backup's DEK
+    owner: str  # user and group that owned PGDATA, restored when drkit runs as root
+    group: str
+    tablespaces: list[TablespaceEntry]
+    directories: list[DirEntry]
+    links: list[LinkEntry]
+    files: list[FileEntry]
+    objects: list[ObjectEntry]
+    stats: BackupStats
+
+    @property
+    def pg_major(self) -> int:
+        return self.pg_version_num // 10000

@@ -1,0 +1,107 @@
+"""Read the files stored in one data object, frame by frame, authenticated and checked.
+
+Used by restore (which writes the plaintext out) and verify (which only checks it). The object is
+read once, sequentially, in one request; a frame that fails authentication is skipped over so the
+files after it in the same bundle are still read and reported on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from drkit.codec.frame import decode_frame
+from drkit.errors import DrkitError, IntegrityError
+from drkit.repo.manifest import FileEntry, ObjectEntry
+from drkit.repo.repository import file_context
+from drkit.storage.base import Storage
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    entry: FileEntry
+    error: DrkitError | None  # None: every byte authenticated and the checksum matched
+
+
+class _ObjectStream:
+    """Sequential reads from an object, hashing every byte so the object checksum is checked."""
+
+    def __init__(self, stream: BinaryIO, key: str) -> None:
+        self._stream = stream
+        self._key = key
+        self.position = 0
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        if len(data) < n:
+            raise IntegrityError(f"object '{self._key}' ends early at byte {self.position + len(data)}")
+        self.sha256.update(data)
+        self.position += len(data)
+        return data
+
+    def skip_to(self, offset: int) -> None:
+        while self.position < offset:
+            self.read(min(1024 * 1024, offset - self.position))
+
+    def drain(self) -> int:
+        while chunk := self._stream.read(1024 * 1024):
+            self.sha256.update(chunk)
+            self.position += len(chunk)
+        return self.position
+
+
+def read_object(
+    storage: Storage,
+    obj: ObjectEntry,
+    entries: list[FileEntry],
+    dek: bytes,
+    label: str,
+    consume: Callable[[FileEntry, Iterator[bytes]], None],
+) -> list[FileOutcome]:
+    """Decode every file of ``entries`` (all stored in ``obj``) and hand its plaintext chunks to
+    ``consume``, which must iterate them fully. Checks each file's size and sha256 and the
+    object's own size and sha256. Returns one outcome per file; an error reading the object
+    itself (it is missing, shorter) marks the remaining files failed."""
+    outcomes: list[FileOutcome] = []
+    pending = sorted(entries, key=lambda e: e.offset)
+    with storage.open_read(obj.key) as raw:
+        stream = _ObjectStream(raw, obj.key)
+        for index, entry in enumerate(pending):
+            try:
+                stream.skip_to(entry.offset)
+            except IntegrityError as exc:
+                outcomes += [FileOutcome(e, exc) for e in pending[index:]]
+                return outcomes
+            end = entry.offset + entry.length
+            error: DrkitError | None = None
+            try:
+                chunks = decode_frame(stream.read, entry.length, dek, file_context(label, entry.path))
+                consume(entry, _checked(entry, chunks))
+            except DrkitError as exc:
+                error = exc
+            try:
+                stream.skip_to(end)
+            except IntegrityError as exc:
+                outcomes.append(FileOutcome(entry, error or exc))
+                outcomes += [FileOutcome(e, exc) for e in pending[index + 1 :]]
+                return outcomes
+            outcomes.append(FileOutcome(entry, error))
+        size = stream.drain()
+    if size != obj.size or stream.sha256.hexdigest() != obj.sha256:
+        damage = IntegrityError(f"object '{obj.key}' does not match its recorded checksum")
+        outcomes = [FileOutcome(o.entry, o.error or damage) for o in outcomes]
+    return outcomes
+
+
+def _checked(entry: FileEntry, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+        yield chunk
+    if size != entry.size or digest.hexdigest() != entry.sha256:
+        raise IntegrityError(f"checksum mismatch in '{entry.path}'")

@@ -1,0 +1,216 @@
+"""The repository format on top of a Storage: layout, format object, key records, manifests.
+
+Layout (keys are '/'-separated on every store)::
+
+    drkit-repository.json              format version + system identifier (write-once)
+    backup/<label>/data/<nnnnnn>       data objects: bundles of small files or one large file
+    backup/<label>/key/<nnnn>.json     key records: the backup's DEK wrapped by the key provider
+    backup/<label>/manifest            the encrypted manifest, written last
+
+Write order is data -> key record -> manifest; a backup is listed exactly when its manifest
+exists, so a backup killed at any instant is never listed. The catalog is derived by listing.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from drkit import __version__
+from drkit.codec.frame import seal, unseal
+from drkit.crypto.base import KeyProvider
+from drkit.errors import (
+    BackupNotFound,
+    DrkitError,
+    IntegrityError,
+    ObjectNotFound,
+    RepositoryError,
+)
+from drkit.repo.label import BackupLabel
+from drkit.repo.manifest import Manifest
+from drkit.storage.base import Storage
+
+FORMAT_KEY = "drkit-repository.json"
+FORMAT_VERSION = 1
+BACKUP_PREFIX = "backup/"
+
+
+class RepositoryFormat(BaseModel):
+    format: int
+    system_identifier: str
+    created: datetime
+    created_by: str
+
+
+def file_context(label: str, path: str) -> bytes:
+    """Binds a file's frame to the backup and path it belongs to."""
+    return f"file:{label}:{path}".encode()
+
+
+def manifest_context(label: str) -> bytes:
+    return f"manifest:{label}".encode()
+
+
+class Repository:
+    def __init__(self, storage: Storage, keys: KeyProvider) -> None:
+        self.storage = storage
+        self.keys = keys
+
+    @property
+    def name(self) -> str:
+        return self.storage.name
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @staticmethod
+    def data_key(label: BackupLabel, index: int) -> str:
+        return f"{BACKUP_PREFIX}{label}/data/{index:06d}"
+
+    @staticmethod
+    def manifest_key(label: BackupLabel) -> str:
+        return f"{BACKUP_PREFIX}{label}/manifest"
+
+    @staticmethod
+    def key_record_key(label: BackupLabel, seq: int) -> str:
+        return f"{BACKUP_PREFIX}{label}/key/{seq:04d}.json"
+
+    # -- format object ------------------------------------------------------------------------
+
+    def initialize(self, system_identifier: int) -> bool:
+        """Create the format object; returns False when the repository already exists for this
+        cluster (idempotent), raises when it belongs to another cluster."""
+        if self.storage.exists(FORMAT_KEY):
+            self.check(system_identifier)
+            return False
+        fmt = RepositoryFormat(
+            format=FORMAT_VERSION,
+            system_identifier=str(system_identifier),
+            created=datetime.now(UTC),
+            created_by=f"drkit {__version__}",
+        )
+        self.storage.write_bytes(FORMAT_KEY, fmt.model_dump_json(indent=2).encode())
+        return True
+
+    def check(self, system_identifier: int | None = None) -> RepositoryFormat:
+        """Read the format object; refuse unknown formats and other clusters' repositories."""
+        try:
+            raw = self.storage.read_bytes(FORMAT_KEY)
+        except ObjectNotFound:
+            raise RepositoryError(
+                f"repository '{self.name}' is not initialized",
+                hint="run 'drkit init' first",
+            ) from None
+        try:
+            fmt = RepositoryFormat.model_validate_json(raw)
+        except ValidationError:
+            raise RepositoryError(f"repository '{self.name}' has a damaged format object") from None
+        if fmt.format != FORMAT_VERSION:
+            raise RepositoryError(
+                f"repository '{self.name}' has format {fmt.format}; this drkit reads format"
+                f" {FORMAT_VERSION}",
+                hint="use the drkit version that wrote it (see its created_by field)",
+            )
+        if system_identifier is not None and fmt.system_identifier != str(system_identifier):
+            raise RepositoryError(
+                f"repository '{self.name}' belongs to database system {fmt.system_identifier},"
+                f" not to this cluster ({system_identifier})",
+                hint="each cluster needs its own repository (path or S3 prefix)",
+            )
+        return fmt
+
+    # -- catalog ------------------------------------------------------------------------------
+
+    def _labels(self) -> dict[str, set[str]]:
+        """label -> set of object kinds present ('manifest', 'data', 'key')."""
+        found: dict[str, set[str]] = {}
+        for obj in self.storage.list(BACKUP_PREFIX):
+            parts = obj.key.split("/")
+            if len(parts) >= 3 and BackupLabel.is_label(parts[1]):
+                found.setdefault(parts[1], set()).add(parts[2])
+        return found
+
+    def backups(self) -> list[BackupLabel]:
+        """Complete backups (those with a manifest), oldest first."""
+        return sorted(BackupLabel(k) for k, kinds in self._labels().items() if "manifest" in kinds)
+
+    def incomplete(self) -> list[BackupLabel]:
+        """Labels with objects but no manifest: leftovers of a killed or failed backup."""
+        return sorted(
+            BackupLabel(k) for k, kinds in self._labels().items() if "manifest" not in kinds
+        )
+
+    def label_in_use(self, label: BackupLabel) -> bool:
+        return bool(self.storage.list(f"{BACKUP_PREFIX}{label}/"))
+
+    def resolve(self, wanted: str | None) -> BackupLabel:
+        """'latest' / None -> newest complete backup; otherwise that label, which must exist."""
+        labels = self.backups()
+        if wanted in (None, "latest"):
+            if not labels:
+                raise BackupNotFound(
+                    f"repository '{self.name}' holds no backups",
+                    hint="take one with 'drkit backup --type full'",
+                )
+            return labels[-1]
+        assert wanted is not None
+        if not BackupLabel.is_label(wanted) or BackupLabel(wanted) not in labels:
+            raise BackupNotFound(
+                f"backup '{wanted}' does not exist in repository '{self.name}'",
+                hint="'drkit info' lists the backups",
+            )
+        return BackupLabel(wanted)
+
+    def delete_objects(self, label: BackupLabel) -> int:
+        """Delete every object of ``label``, manifest first (reverse of write order)."""
+        keys = [o.key for o in self.storage.list(f"{BACKUP_PREFIX}{label}/")]
+        keys.sort(key=lambda k: (not k.endswith("/manifest"), "/key/" in k, k))
+        for key in keys:
+            self.storage.delete(key)
+        return len(keys)
+
+    # -- keys and manifests -------------------------------------------------------------------
+
+    def write_key_record(self, label: BackupLabel, record: dict[str, Any]) -> str:
+        key = self.key_record_key(label, 1)
+        self.storage.write_bytes(key, json.dumps(record, sort_keys=True, indent=2).encode())
+        return key
+
+    def load_dek(self, label: BackupLabel) -> bytes:
+        """Unwrap the backup's DEK from its newest key record that unwraps."""
+        records = sorted(
+            (o.key for o in self.storage.list(f"{BACKUP_PREFIX}{label}/key/")), reverse=True
+        )
+        if not records:
+            raise IntegrityError(f"backup '{label}' has no key record in repository '{self.name}'")
+        error: DrkitError | None = None
+        for key in records:
+            try:
+                record = json.loads(self.storage.read_bytes(key))
+                return self.keys.unwrap(record)
+            except json.JSONDecodeError:
+                error = IntegrityError(f"key record '{key}' is not valid JSON")
+            except DrkitError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def write_manifest(self, manifest: Manifest, dek: bytes) -> None:
+        label = BackupLabel(manifest.label)
+        blob = seal(manifest.model_dump_json().encode(), dek, manifest_context(manifest.label))
+        self.storage.write_bytes(self.manifest_key(label), blob)
+
+    def load_manifest(self, label: BackupLabel, dek: bytes | None = None) -> tuple[Manifest, bytes]:
+        """Decrypt and parse the manifest of ``label``; returns it with the backup's DEK."""
+        dek = dek or self.load_dek(label)
+        blob = self.storage.read_bytes(self.manifest_key(label))
+        try:
+            plain = unseal(blob, dek, manifest_context(str(label)))
+        except IntegrityError as exc:
+            raise IntegrityError(f"manifest of backup '{label}' is damaged: {exc}") from None
+        try:
+            return Manifest.model_validate_json(plain), dek
+        except ValidationError as exc:
+            raise IntegrityError(f"manifest of backup '{label}' does not parse: {exc}") from None
