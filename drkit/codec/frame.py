@@ -193,7 +193,7 @@ class FrameWriter:
     def _seal(self, segment: bytearray | memoryview, *, last: bool) -> None:
         if self._index >= MAX_SEGMENTS:
             raise ValueError("frame exceeds 2**32 segments; use a larger segment size")
-        nonce = self._nonce_prefix + _NONCE_TAIL.pack(self._index, False)
+        nonce = self._nonce_prefix + _NONCE_TAIL.pack(self._index, last)
         sealed = self._aead.encrypt(nonce, segment, self._header)
         self._index += 1
         self._stored_size += len(sealed)
@@ -237,7 +237,7 @@ def decode_frame(
     for index in range(count):
         last = index == count - 1
         sealed = _read_exactly(read, last_size if last else stored_segment)
-        nonce = nonce_prefix + _NONCE_TAIL.pack(index, False)
+        nonce = nonce_prefix + _NONCE_TAIL.pack(index, last)
         try:
             payload = aead.decrypt(nonce, sealed, header)
         except InvalidTag:

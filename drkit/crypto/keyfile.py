@@ -146,8 +146,8 @@ def _read_keyfile(path: Path) -> bytes:
             f"unable to read key file '{path}': {_reason(exc)}",
             hint="run drkit as the user that owns the key file",
         ) from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())  # of the open file, so the checks cover what is read
+    try:
+        info = os.fstat(fd)  # of the open file, so the checks cover what is read
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"key file '{path}' is not a regular file")
         mode = stat.S_IMODE(info.st_mode)
@@ -163,7 +163,9 @@ def _read_keyfile(path: Path) -> bytes:
                 hint="point the configuration at the right key file, or create one with: "
                 "drkit keys create-keyfile PATH (a new key cannot decrypt existing backups)",
             )
-        kek = file.read(KEY_SIZE + 1)
+        kek = os.read(fd, KEY_SIZE + 1)
+    finally:
+        os.close(fd)
     if len(kek) != KEY_SIZE:  # the file changed size between fstat and read
         raise ConfigError(f"key file '{path}' changed while it was read")
     return kek

@@ -151,7 +151,7 @@ class FaultyStorage(BaseStorage):
     def assert_all_fired(self) -> None:
         """Raise AssertionError naming every fault that fired fewer times than declared."""
         with self._lock:
-            pending = [f for f in self._faults if f.fired == 0 or not f.exhausted]
+            pending = [f for f in self._faults if f.fired == 0 or (f.times and f.fired < f.times)]
         if pending:
             lines = "\n".join(
                 f"  {f.method} key={f.key!r} error={f.error!r}: fired {f.fired} of "

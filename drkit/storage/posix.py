@@ -190,6 +190,15 @@ class PosixStorage(BaseStorage):
                         hint="was 'cleanup_temp' run with a short age while this write ran?",
                     ) from None
                 continue  # a concurrent delete removed the new parent directory: recreate it
+            except OSError as err:
+                if err.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise StorageError(
+                        f"unable to publish '{path}' in repository '{self.name}' because the"
+                        f" filesystem refuses a hard link: {(err.strerror or str(err)).lower()}",
+                        hint="use a filesystem with hard links (ext4, xfs, btrfs, zfs, nfs)"
+                        " and keep the repository on one filesystem",
+                    ) from err
+                raise
             break
         else:
             raise StorageError(
@@ -245,10 +254,8 @@ class PosixStorage(BaseStorage):
             return StorageError(
                 f"read-only file system {action} '{path}' in repository '{self.name}'"
             )
-        reason = err.strerror or str(err)
-        return StorageError(
-            f"unable to complete {action} '{path}' in repository '{self.name}': {reason.lower()}"
-        )
+        reason = (err.strerror or str(err)).lower()
+        return StorageError(f"{action} '{path}' in repository '{self.name}' failed: {reason}")
 
     def _exists_error(self, key: str) -> ObjectExists:
         return ObjectExists(f"object '{key}' already exists in repository '{self.name}'")

@@ -32,7 +32,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from .servers import free_port
 __all__ = [
     "PgCluster",
     "PgError",
+    "PgFactory",
     "attach_cluster",
     "chown_to_server_user",
     "clone_cluster",
@@ -316,6 +317,10 @@ class PgCluster:
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+# The ``pg_factory`` fixture: ``make(version, conf=None, *, start=True) -> PgCluster``.
+PgFactory = Callable[..., PgCluster]
 
 
 def _conninfo_quote(value: str) -> str:

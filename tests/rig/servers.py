@@ -55,6 +55,8 @@ __all__ = [
     "FrontDoor",
     "MotoS3Server",
     "OpenBaoServer",
+    "S3Server",
+    "VaultServer",
     "find_bao",
     "free_port",
 ]
@@ -634,3 +636,8 @@ class ComposeOpenBaoServer(_VaultApi):
 
     def unseal(self) -> None:
         raise NotImplementedError("unseal() is only supported by the local OpenBaoServer")
+
+
+# What fixtures hand out, whichever provider serves them.
+S3Server = MotoS3Server | ComposeS3Server
+VaultServer = OpenBaoServer | ComposeOpenBaoServer

@@ -59,7 +59,8 @@ class StorageConformance:
 
     # -- writing and reading whole objects ----------------------------------------------------
 
-    def test_name_is_set(self, storage: Storage) -> None:
+    def test_implements_the_protocol(self, storage: Storage) -> None:
+        assert isinstance(storage, Storage)
         assert isinstance(storage.name, str)
         assert storage.name
 
@@ -155,7 +156,7 @@ class StorageConformance:
         data = payload(300_000, seed=5)
         storage.write_bytes("stream", data)
         with storage.open_read("stream", offset=12345, length=200_001) as stream:
-            parts = []
+            parts: list[bytes] = []
             while chunk := stream.read(65_537):
                 assert len(chunk) == 65_537 or sum(map(len, parts)) + len(chunk) == 200_001
                 parts.append(chunk)

@@ -187,11 +187,46 @@ def test_permission_error_names_the_path(
     monkeypatch.setattr(os, "link", denied)
     with pytest.raises(StorageError) as info:
         writer.commit()
-    assert str(info.value) == f"permission denied writing '{root / 'obj'}' in repository 'test-local'"
+    assert (
+        str(info.value) == f"permission denied writing '{root / 'obj'}' in repository 'test-local'"
+    )
     assert info.value.hint is not None and str(root) in info.value.hint
     monkeypatch.undo()
     assert storage.list() == []
     assert temp_files(root) == []
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_filesystem_without_hard_links(
+    root: Path, storage: PosixStorage, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    writer = storage.open_write("obj")
+    monkeypatch.setattr(os, "link", refuse)
+    with pytest.raises(StorageError, match="refuses a hard link") as info:
+        writer.commit()
+    assert info.value.hint is not None and "hard links" in info.value.hint
+    monkeypatch.undo()
+    assert temp_files(root) == []
+
+
+def test_other_io_errors_name_the_path(
+    root: Path, storage: PosixStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage.write_bytes("obj", b"data")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "stat", broken)
+    with pytest.raises(StorageError) as info:
+        storage.stat("obj")
+    monkeypatch.undo()
+    assert str(info.value) == (
+        f"reading '{root / 'obj'}' in repository 'test-local' failed: input/output error"
+    )
 
 
 def test_no_space_from_the_filesystem_is_a_clear_error(

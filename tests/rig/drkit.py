@@ -1,0 +1,109 @@
+"""Drive drkit the way a user does: a drkit.toml for a test cluster, the real CLI, its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+from drkit.cli.main import app
+from drkit.crypto.keyfile import create_keyfile
+from rig.postgres import PgCluster
+
+DRKIT = [sys.executable, "-m", "drkit"]
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass
+class Drkit:
+    """A drkit configuration (key file, local repository) for one test cluster."""
+
+    cluster: PgCluster
+    workdir: Path
+    backup: dict[str, Any] = field(default_factory=dict)
+    keyfile: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.keyfile is None:
+            self.keyfile = self.workdir / "backup.key"
+            create_keyfile(self.keyfile)
+        self.repo_path = self.workdir / "repo"
+        self.config = self.workdir / "drkit.toml"
+        self.write_config()
+
+    def write_config(self, **extra_sections: dict[str, Any]) -> None:
+        backup = {"start_fast": True, "process_max": 2, **self.backup}
+        sections: dict[str, dict[str, Any]] = {
+            "postgres": {
+                "pgdata": self.cluster.pgdata,
+                "host": self.cluster.socket_dir,
+                "port": self.cluster.port,
+                "user": "postgres",
+            },
+            "keys": {"provider": "keyfile", "keyfile": self.keyfile},
+            "backup": backup,
+            **extra_sections,
+        }
+        lines = [f"lock_path = {toml_value(self.workdir / 'locks')}"]
+        for name, values in sections.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines += ["[[repo]]", 'name = "local"', f"path = {toml_value(self.repo_path)}"]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def run(self, *args: str) -> Result:
+        """Run a drkit command in-process (fast) with this configuration."""
+        result = CliRunner().invoke(app, [*args, "--config", str(self.config)])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return Result(result.exit_code, result.stdout, result.stderr)
+
+    def ok(self, *args: str) -> Result:
+        result = self.run(*args)
+        assert result.exit_code == 0, f"drkit {' '.join(args)} failed:\n{result.output}"
+        return result
+
+    def spawn(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Run drkit as a separate process (for kill -9 and concurrency tests)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            [*DRKIT, *args, "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            **kwargs,
+        )
+
+    def repo_listing(self) -> dict[str, int]:
+        """Every file in the repository with its size (to prove an operation changed nothing)."""
+        if not self.repo_path.exists():
+            return {}
+        return {
+            str(p.relative_to(self.repo_path)): p.stat().st_size
+            for p in sorted(self.repo_path.rglob("*"))
+            if p.is_file()
+        }
