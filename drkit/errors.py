@@ -82,6 +82,12 @@ class KeyMaterialError(DrkitError):
     exit_code = 11
 
 
+class VaultError(KeyMaterialError):
+    """Vault is unreachable, sealed, or refused a request, so no key can be obtained."""
+
+    exit_code = 11
+
+
 class WrongKey(KeyMaterialError):
     """The data was encrypted with a different key than the one configured."""
 

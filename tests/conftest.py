@@ -13,7 +13,8 @@ Fixtures (see the docstrings below for contracts):
 Environment knobs (read once at import, before the per-test scrub):
 
 - ``DRKIT_TEST_PG_VERSIONS``: e.g. ``15`` or ``15,18`` (default: both)
-- ``DRKIT_TEST_PROVIDER``: ``local`` | ``docker`` | ``auto`` (default: docker if ``docker info`` works)
+- ``DRKIT_TEST_PROVIDER``: ``local`` | ``docker`` | ``auto`` (default; docker if ``docker info``
+  works)
 - ``DRKIT_TEST_KEEP=1``: keep the scratch root (and print its path) for debugging
 """
 
@@ -33,7 +34,7 @@ import pytest
 # tests/ on sys.path so the rig imports as ``rig`` whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rig.postgres import (  # noqa: E402
+from rig.postgres import (
     PgCluster,
     PgFactory,
     clone_cluster,
@@ -41,7 +42,7 @@ from rig.postgres import (  # noqa: E402
     make_template,
     stop_clusters_under,
 )
-from rig.servers import (  # noqa: E402
+from rig.servers import (
     ComposeOpenBaoServer,
     ComposeS3Server,
     MotoS3Server,
@@ -165,12 +166,15 @@ def pg_factory(pg_templates: _Templates, rig_root: Path) -> Iterator[PgFactory]:
 
     yield make
     for cluster in reversed(made):
-        cluster.cleanup()
+        if KEEP_ROOT:
+            cluster.stop("immediate")  # keep data and log for a post-mortem
+        else:
+            cluster.cleanup()
 
 
 @pytest.fixture(params=PG_VERSIONS, ids=[f"pg{v}" for v in PG_VERSIONS])
 def pg(request: pytest.FixtureRequest, pg_factory: PgFactory) -> PgCluster:
-    """A started, empty cluster of each version in ``DRKIT_TEST_PG_VERSIONS``; gone after the test."""
+    """A started, empty cluster per version in ``DRKIT_TEST_PG_VERSIONS``; gone after the test."""
     version: int = request.param
     return pg_factory(version)
 
@@ -306,4 +310,3 @@ def pg_container(request: pytest.FixtureRequest, rig_provider: str) -> Callable[
         return f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
 
     return dsn
-

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.error
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def test_checksums_match_for_identical_copy_and_differ_after_update(
     pg.psql(
         """
         CREATE DATABASE shop;
-        CREATE TABLE public.items AS SELECT g AS id, md5(g::text) AS name FROM generate_series(1, 500) g;
+        CREATE TABLE public.items AS
+            SELECT g AS id, md5(g::text) AS name FROM generate_series(1, 500) g;
         CREATE UNLOGGED TABLE scratch (a int);
         INSERT INTO scratch VALUES (1);
         CREATE TABLE "It's Odd" (v text);
@@ -156,7 +158,7 @@ def test_s3_put_get_and_outage_on_the_same_port(s3: S3Server) -> None:
     s3.stop()  # outage: refused, but the data is kept
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", s3.port), timeout=2)
-    with pytest.raises(Exception, match="(?i)connect"):
+    with pytest.raises(Exception, match=r"(?i)connect"):
         client.get_object(Bucket="rig", Key="a/b.bin")
     s3.start()
     assert s3.endpoint_url == endpoint
@@ -176,7 +178,12 @@ def test_s3_env_serves_a_subprocess(s3: S3Server, workdir: Path) -> None:
     )
     env = {**os.environ, **s3.env()}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=workdir
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=workdir,
     ).stdout
     assert "env-check" in out
 
@@ -237,7 +244,7 @@ def test_compose_file_declares_the_docker_provider() -> None:
             assert mapping.startswith("127.0.0.1:${TESTRIG_"), mapping  # loopback, run-time port
 
 
-def test_pg_containers_answer(pg_container) -> None:  # type: ignore[no-untyped-def]
+def test_pg_containers_answer(pg_container: Callable[[int], str]) -> None:
     psycopg = pytest.importorskip("psycopg")
     for version in (15, 18):
         with psycopg.connect(pg_container(version)) as conn:

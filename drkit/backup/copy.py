@@ -10,12 +10,15 @@ release the GIL, which is why threads (not processes) scale here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+import numpy as np
 
 from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
@@ -29,6 +32,15 @@ READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whol
 
 
 @dataclass(frozen=True)
+class Delta:
+    """Store only the pages changed since the parent backup started (diff/incr backups)."""
+
+    since_lsn: int  # the parent's start LSN: older pages are the parent's pages
+    parent_size: int  # blocks at or past the parent's end are new, always stored
+    base: str  # label of the backup holding the older version of the file
+
+
+@dataclass(frozen=True)
 class Source:
     """Something to store as one file of the backup."""
 
@@ -39,6 +51,7 @@ class Source:
     open: Callable[[], BinaryIO]
     page_check_segment: int | None = None  # relation segment number, when pages are verified
     required: bool = False  # a required source that vanished fails the backup
+    delta: Delta | None = None
 
 
 @dataclass
@@ -48,7 +61,9 @@ class CopyResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def plan_objects(sources: Iterable[Source], bundle_limit: int, bundle_size: int) -> list[list[Source]]:
+def plan_objects(
+    sources: Iterable[Source], bundle_limit: int, bundle_size: int
+) -> list[list[Source]]:
     """Group sources into objects, largest first so the parallel workers finish together."""
     singles: list[list[Source]] = []
     bundles: list[list[Source]] = []
@@ -148,6 +163,8 @@ class FileCopier:
         check = src.page_check_segment is not None and self._page_check_lsn is not None
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES
         bad_pages: list[int] = []
+        pages = _PageRanges() if src.delta is not None else None
+        whole = hashlib.sha256()
         buffer = bytearray(READ_CHUNK)
         view = memoryview(buffer)
         position = 0
@@ -158,24 +175,36 @@ class FileCopier:
             chunk = view[:n]
             if check:
                 bad_pages += self._check_pages(stream, chunk, first_block + position // PAGE_SIZE)
-            frame.write(chunk)
+            if src.delta is not None and pages is not None:
+                whole.update(chunk)
+                first = position // PAGE_SIZE
+                for start, end in changed_pages(chunk, first, src.delta):
+                    frame.write(chunk[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE])
+                    pages.add(start, end)
+            else:
+                frame.write(chunk)
             position += n
             self._progress.advance(n)
         info = frame.close()
-        warnings = [
-            f"page checksum failure in '{src.path}' block {block}"
-            for block in bad_pages
-        ]
+        warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
+        delta_fields = {}
+        if src.delta is not None and pages is not None:
+            delta_fields = {
+                "pages": pages.ranges,
+                "base": src.delta.base,
+                "frame_sha256": info.plain_sha256,
+            }
         entry = FileEntry(
             path=src.path,
-            size=info.plain_size,
+            size=position if src.delta is not None else info.plain_size,
             mode=src.mode,
             mtime=src.mtime,
-            sha256=info.plain_sha256,
+            sha256=whole.hexdigest() if src.delta is not None else info.plain_sha256,
             object=key,
             offset=offset,
             length=info.stored_size,
             bad_pages=bad_pages,
+            **delta_fields,
         )
         return entry, warnings
 
@@ -191,3 +220,46 @@ class FileCopier:
                 continue
             bad.append(failure.block % RELSEG_PAGES)
         return bad
+
+
+class _PageRanges:
+    """Block ranges [start, end), merged as they are appended in ascending order."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        if self.ranges and self.ranges[-1][1] == start:
+            self.ranges[-1] = (self.ranges[-1][0], end)
+        else:
+            self.ranges.append((start, end))
+
+
+def changed_pages(chunk: memoryview, first: int, delta: Delta) -> list[tuple[int, int]]:
+    """Block ranges of ``chunk`` (pages from block ``first``) a delta must store: pages written
+    since the parent started (LSN at or after its start), new all-zero pages (PostgreSQL may
+    have truncated and re-extended the file: never trust the parent's old page there), pages
+    past the parent's end, and a trailing partial page."""
+    whole = len(chunk) // PAGE_SIZE
+    changed = np.zeros(whole + (1 if len(chunk) % PAGE_SIZE else 0), dtype=bool)
+    if whole:
+        header = np.frombuffer(chunk, dtype="<u4", count=whole * PAGE_SIZE // 4).reshape(
+            whole, PAGE_SIZE // 4
+        )[:, :4]
+        lsn = (header[:, 0].astype(np.uint64) << np.uint64(32)) | header[:, 1].astype(np.uint64)
+        upper = header[:, 3] >> np.uint32(16)
+        changed[:whole] = (lsn >= np.uint64(delta.since_lsn)) | (upper == 0)
+    if len(changed) > whole:
+        changed[whole] = True
+    parent_blocks = delta.parent_size // PAGE_SIZE
+    if first + len(changed) > parent_blocks:
+        changed[max(0, parent_blocks - first) :] = True
+    ranges: list[tuple[int, int]] = []
+    index = np.flatnonzero(changed)
+    if index.size:
+        # split the sorted indices into runs of consecutive blocks
+        breaks = np.flatnonzero(np.diff(index) != 1)
+        starts = np.concatenate(([index[0]], index[breaks + 1]))
+        ends = np.concatenate((index[breaks], [index[-1]])) + 1
+        ranges = [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]
+    return ranges

@@ -19,19 +19,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 from drkit import __version__
-from drkit.backup.copy import CopyResult, FileCopier, Source
+from drkit.backup.copy import CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import Settings
 from drkit.errors import IntegrityError, PostgresError
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
+from drkit.pg.wal import (
+    check_segment_header,
+    format_lsn,
+    parse_lsn,
+    parse_segment_name,
+    segments_between,
+)
 from drkit.pg.walk import PgdataListing, walk_pgdata
-from drkit.pg.wal import check_segment_header, format_lsn, parse_segment_name, segments_between
 from drkit.progress import NoProgress, Progress
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (
     BackupStats,
     DirEntry,
+    FileEntry,
     LinkEntry,
     Manifest,
     TablespaceEntry,
@@ -39,17 +46,26 @@ from drkit.repo.manifest import (
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
 
+MTIME_SAFETY_S = 2.0
+
 
 @dataclass
 class BackupResult:
     manifest: Manifest
     warnings: list[str] = field(default_factory=list)
     removed_leftovers: list[str] = field(default_factory=list)
+    notice: str | None = None  # e.g. why a diff/incr became a full backup
 
 
 class BackupOperation:
-    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        kind: BackupType = BackupType.FULL,
+        progress: Progress | None = None,
+    ) -> None:
         self.settings = settings
+        self.kind = kind
         self.progress = progress or NoProgress()
 
     def run(self) -> BackupResult:
@@ -60,11 +76,12 @@ class BackupOperation:
             PgSession(self.settings.postgres) as session,
             operation_lock(self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"),
         ):
-            # Check the cluster and the repository
+            # Check the cluster and the repository, find the parent of a diff/incr
             cluster = self._check_cluster(session)
             repo.check(cluster.system_identifier)
             removed = self._remove_leftovers(repo)
-            label = self._new_label(repo)
+            parent, notice = self._choose_parent(repo, cluster)
+            label = self._new_label(repo, parent)
             data_key = repo.keys.new_data_key()
 
             # Start the backup, keeping its WAL in pg_wal until we have copied it
@@ -82,12 +99,12 @@ class BackupOperation:
                 page_check_lsn=start_lsn if cluster.data_checksums else None,
             )
 
-            # Copy PGDATA and tablespaces
+            # Copy PGDATA and tablespaces: whole files, changed pages, or references to the parent
             listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-            sources = [_file_source(f.path, f.abspath, f.size, f.mode, f.mtime, cluster)
-                       for f in listing.files]
+            sources, unchanged = plan_sources(listing, cluster, parent)
             self.progress.start(f"backup {label}", sum(s.size for s in sources))
             data = copier.copy(sources)
+            data.files += unchanged
 
             # Stop the backup and copy the WAL that makes it consistent
             stop = session.stop_backup(cluster.version_num)
@@ -97,11 +114,22 @@ class BackupOperation:
             # Complete the backup: key record, then the manifest (which makes it visible)
             key_record = repo.write_key_record(label, data_key.record)
             manifest = self._manifest(
-                label, cluster, start_lsn, stop, tablespaces, listing, data, wal, key_record,
-                start_time, time.monotonic() - started,
+                label,
+                parent,
+                cluster,
+                start_lsn,
+                stop,
+                tablespaces,
+                listing,
+                data,
+                wal,
+                key_record,
+                start_time,
+                time.monotonic() - started,
             )
             repo.write_manifest(manifest, data_key.plaintext)
-        return BackupResult(manifest, data.warnings + wal.warnings, [str(x) for x in removed])
+        warnings = data.warnings + wal.warnings
+        return BackupResult(manifest, warnings, [str(x) for x in removed], notice)
 
     def _check_cluster(self, session: PgSession) -> ClusterInfo:
         cluster = session.cluster_info()
@@ -131,9 +159,40 @@ class BackupOperation:
             repo.delete_objects(label)
         return leftovers
 
-    def _new_label(self, repo: Repository) -> BackupLabel:
+    def _choose_parent(
+        self, repo: Repository, cluster: ClusterInfo
+    ) -> tuple[Manifest | None, str | None]:
+        """The parent of a diff (last full) or incr (last backup); None (with the reason) when
+        there is no usable one and the backup falls back to full."""
+        if self.kind is BackupType.FULL:
+            return None, None
+        labels = repo.backups()
+        if self.kind is BackupType.DIFF:
+            labels = [label for label in labels if label.type is BackupType.FULL]
+        if not labels:
+            return None, f"no earlier backup to base a {self.kind} backup on: taking a full backup"
+        parent, _ = repo.load_manifest(labels[-1])
+        reason = None
+        if parent.pg_major != cluster.major:
+            reason = f"PostgreSQL was upgraded from {parent.pg_major} to {cluster.major}"
+        elif parent.system_identifier != str(cluster.system_identifier):
+            reason = "the parent belongs to another database system"
+        elif parent.timeline != cluster.timeline:
+            reason = (
+                f"the cluster is on timeline {cluster.timeline}, its last backup on timeline"
+                f" {parent.timeline} (a point-in-time recovery happened since)"
+            )
+        elif not repo.verified_ok(labels[-1]):
+            reason = f"backup '{parent.label}' failed its last verification"
+        if reason:
+            return None, f"{reason}: taking a full backup instead of {self.kind}"
+        return parent, None
+
+    def _new_label(self, repo: Repository, parent: Manifest | None) -> BackupLabel:
+        kind = self.kind if parent is not None else BackupType.FULL
+        full = BackupLabel(parent.label) if parent is not None else None
         while True:
-            label = BackupLabel.new(BackupType.FULL, datetime.now(UTC))
+            label = BackupLabel.new(kind, datetime.now(UTC), full)
             if not repo.label_in_use(label):
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one
@@ -142,24 +201,39 @@ class BackupOperation:
         pgdata = self.settings.postgres.pgdata
         now = time.time()
         sources = [
-            Source("backup_label", len(stop.backup_label), 0o600, now,
-                   partial(io.BytesIO, stop.backup_label), required=True)
+            Source(
+                "backup_label",
+                len(stop.backup_label),
+                0o600,
+                now,
+                partial(io.BytesIO, stop.backup_label),
+                required=True,
+            )
         ]
         segment_size = cluster.wal_segment_size
         for name in segments_between(stop.timeline, start_lsn, stop.lsn, segment_size):
             path = pgdata / "pg_wal" / name
             opener = partial(_open_segment, path, name, segment_size, cluster.system_identifier)
-            sources.append(Source(f"pg_wal/{name}", segment_size, 0o600, now, opener, required=True))
+            sources.append(
+                Source(f"pg_wal/{name}", segment_size, 0o600, now, opener, required=True)
+            )
         for history in sorted((pgdata / "pg_wal").glob("*.history")):
             sources.append(
-                Source(f"pg_wal/{history.name}", history.stat().st_size, 0o600, now,
-                       partial(open, history, "rb"), required=True)  # type: ignore[arg-type]
+                Source(
+                    f"pg_wal/{history.name}",
+                    history.stat().st_size,
+                    0o600,
+                    now,
+                    partial(open, history, "rb"),
+                    required=True,
+                )  # type: ignore[arg-type]
             )
         return sources
 
     def _manifest(
         self,
         label: BackupLabel,
+        parent: Manifest | None,
         cluster: ClusterInfo,
         start_lsn: int,
         stop: BackupStop,
@@ -178,7 +252,9 @@ class BackupOperation:
         pg_stat = os.stat(self.settings.postgres.pgdata)
         return Manifest(
             label=str(label),
-            type=BackupType.FULL.value,
+            type=label.type.value,
+            parent=parent.label if parent else None,
+            chain=[*(parent.chain if parent else []), str(label)],
             drkit_version=__version__,
             start_time=start_time,
             stop_time=datetime.now(UTC),
@@ -215,11 +291,50 @@ def _tablespace_dir(cluster: ClusterInfo) -> str:
     return f"PG_{cluster.major}_{cluster.catalog_version}"
 
 
-def _file_source(path: str, abspath: Path, size: int, mode: int, mtime: float,
-                 cluster: ClusterInfo) -> Source:
-    segment = relation_segment(path) if cluster.data_checksums else None
-    return Source(path, size, mode, mtime, partial(open, abspath, "rb", buffering=0),  # type: ignore[arg-type]
-                  page_check_segment=segment)
+def plan_sources(
+    listing: PgdataListing, cluster: ClusterInfo, parent: Manifest | None
+) -> tuple[list[Source], list[FileEntry]]:
+    """What to read for each file: whole, only changed pages, or nothing (a reference).
+
+    With a parent: a file whose size and mtime match the parent's, and whose mtime is safely
+    before the parent started (a write in the same second as the parent's copy could leave the
+    mtime unchanged), is referenced without being read. Main-fork relation files are stored as
+    deltas of the pages changed since the parent started. Everything else (fsm and vm forks,
+    which PostgreSQL may change without a new page LSN, and non-relation files) is stored whole.
+    """
+    previous = {f.path: f for f in parent.files} if parent else {}
+    trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S if parent else 0.0
+    since_lsn = parse_lsn(parent.start_lsn) if parent else 0
+    sources: list[Source] = []
+    unchanged: list[FileEntry] = []
+    for f in listing.files:
+        old = previous.get(f.path)
+        if old and old.size == f.size and old.mtime == f.mtime and f.mtime < trusted_before:
+            assert parent is not None
+            unchanged.append(old.model_copy(update={"backup": old.owner(parent.label)}))
+            continue
+        segment = relation_segment(f.path)
+        delta = None
+        if old and parent and segment is not None and _is_main_fork(f.path):
+            delta = Delta(since_lsn=since_lsn, parent_size=old.size, base=parent.label)
+        opener = partial(open, f.abspath, "rb", buffering=0)
+        sources.append(
+            Source(
+                f.path,
+                f.size,
+                f.mode,
+                f.mtime,
+                opener,  # type: ignore[arg-type]
+                page_check_segment=segment if cluster.data_checksums else None,
+                delta=delta,
+            )
+        )
+    return sources, unchanged
+
+
+def _is_main_fork(path: str) -> bool:
+    name = path.rpartition("/")[2]
+    return "_" not in name
 
 
 def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> BinaryIO:

@@ -14,17 +14,19 @@ from drkit.cli.common import (
     print_json,
     progress,
     settings_from,
+    stderr,
     stdout,
     warn,
 )
-from drkit.errors import ConfigError
 from drkit.repo.label import BackupType
 
 
 @handle_errors
 def command(
     config: ConfigOption = None,
-    type_: Annotated[BackupType, typer.Option("--type", "-t", help="backup type")] = BackupType.FULL,
+    type_: Annotated[
+        BackupType, typer.Option("--type", "-t", help="backup type")
+    ] = BackupType.FULL,
     start_fast: Annotated[
         bool | None,
         typer.Option("--start-fast/--no-start-fast", help="immediate checkpoint at start"),
@@ -33,14 +35,10 @@ def command(
     compress_level: Annotated[int | None, typer.Option(help="zstd level")] = None,
     json_: JsonOption = False,
 ) -> None:
-    """Take a full physical backup of the running cluster."""
+    """Take a physical backup: full, diff (pages changed since the last full) or incr (since the
+    last backup of any type)."""
     from drkit.backup.operation import BackupOperation
 
-    if type_ is not BackupType.FULL:
-        raise ConfigError(
-            f"{type_} backups are not available yet in this version",
-            hint="use --type full",
-        )
     settings = settings_from(
         config,
         {
@@ -51,16 +49,27 @@ def command(
             }
         },
     )
-    result = BackupOperation(settings, progress()).run()
+    result = BackupOperation(settings, type_, progress()).run()
     m = result.manifest
+    if result.notice:
+        stderr.print(f"notice: {result.notice}", markup=False)
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")
     for message in result.warnings:
         warn(message)
     if json_:
-        print_json({"label": m.label, "type": m.type, "stats": m.stats.model_dump(),
-                    "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
-                    "warnings": result.warnings})
+        print_json(
+            {
+                "label": m.label,
+                "type": m.type,
+                "parent": m.parent,
+                "stats": m.stats.model_dump(),
+                "notice": result.notice,
+                "start_lsn": m.start_lsn,
+                "stop_lsn": m.stop_lsn,
+                "warnings": result.warnings,
+            }
+        )
     else:
         stdout.print(
             f"backup {m.label} ({m.type}) complete: {m.stats.files} files,"

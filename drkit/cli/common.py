@@ -28,7 +28,9 @@ from drkit.progress import Progress as ProgressProtocol
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="DRKIT_CONFIG", help="drkit.toml to use", show_default=False),
+    typer.Option(
+        "--config", "-c", envvar="DRKIT_CONFIG", help="drkit.toml to use", show_default=False
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
 

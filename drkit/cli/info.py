@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from drkit.cli.common import ConfigOption, JsonOption, handle_errors, human_size, print_json, settings_from, stdout, warn
+from drkit.cli.common import (
+    ConfigOption,
+    JsonOption,
+    handle_errors,
+    human_size,
+    print_json,
+    settings_from,
+    stdout,
+    warn,
+)
 
 
 @handle_errors
@@ -23,14 +32,24 @@ def command(
     if json_:
         print_json(info.as_dict())
         return
-    stdout.print(f"repository '{info.name}' (system {info.system_identifier}, format {info.format})")
+    stdout.print(
+        f"repository '{info.name}' (system {info.system_identifier}, format {info.format})"
+    )
     if not info.backups:
         stdout.print("no backups yet")
     else:
         table = Table("label", "type", "stop time", "WAL", "size", "stored", "files", "duration")
         for b in info.backups:
-            table.add_row(b.label, b.type, b.stop_time, b.wal, human_size(b.size),
-                          human_size(b.stored), str(b.files), f"{b.duration_s:.1f}s")
+            table.add_row(
+                b.label,
+                b.type,
+                b.stop_time,
+                b.wal,
+                human_size(b.size),
+                human_size(b.stored),
+                str(b.files),
+                f"{b.duration_s:.1f}s",
+            )
         stdout.print(table)
     for label in info.incomplete:
         warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from drkit.cli.common import ConfigOption, JsonOption, handle_errors, print_json, settings_from, stdout, warn
+from drkit.cli.common import (
+    ConfigOption,
+    JsonOption,
+    handle_errors,
+    print_json,
+    settings_from,
+    stdout,
+    warn,
+)
 
 
 @handle_errors
@@ -14,12 +22,14 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
 
     report = InitOperation(settings_from(config)).run()
     if json_:
-        print_json({
-            "system_identifier": str(report.system_identifier),
-            "pg_version_num": report.pg_version_num,
-            "checks": [c.__dict__ for c in report.checks],
-            "repositories": report.repositories,
-        })
+        print_json(
+            {
+                "system_identifier": str(report.system_identifier),
+                "pg_version_num": report.pg_version_num,
+                "checks": [c.__dict__ for c in report.checks],
+                "repositories": report.repositories,
+            }
+        )
     else:
         for check in report.checks:
             if check.level == "warning":

@@ -38,7 +38,9 @@ def command(
     repo: Annotated[str | None, typer.Option(help="repository to restore from")] = None,
     tablespace_map: Annotated[
         list[str] | None,
-        typer.Option("--tablespace-map", help="restore a tablespace elsewhere: OID=DIR or NAME=DIR"),
+        typer.Option(
+            "--tablespace-map", help="restore a tablespace elsewhere: OID=DIR or NAME=DIR"
+        ),
     ] = None,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
     json_: JsonOption = False,
@@ -52,14 +54,16 @@ def command(
     )
     result = RestoreOperation(settings, request, progress()).run()
     if json_:
-        print_json({
-            "label": result.label,
-            "pgdata": str(result.pgdata),
-            "files": result.files,
-            "size": result.size,
-            "tablespaces": {str(k): str(v) for k, v in result.tablespaces.items()},
-            "start_command": result.start_command,
-        })
+        print_json(
+            {
+                "label": result.label,
+                "pgdata": str(result.pgdata),
+                "files": result.files,
+                "size": result.size,
+                "tablespaces": {str(k): str(v) for k, v in result.tablespaces.items()},
+                "start_command": result.start_command,
+            }
+        )
         return
     stdout.print(
         f"restored backup {result.label} to '{result.pgdata}': {result.files} files,"

@@ -32,15 +32,22 @@ def command(
 
     report = VerifyOperation(settings_from(config), backup, repo, progress()).run()
     if json_:
-        print_json({
-            "repo": report.repo,
-            "ok": report.ok,
-            "backups": [
-                {"label": b.label, "ok": b.ok, "files": b.files, "size": b.size,
-                 "damaged": [{"path": p, "reason": r} for p, r in b.damaged]}
-                for b in report.backups
-            ],
-        })
+        print_json(
+            {
+                "repo": report.repo,
+                "ok": report.ok,
+                "backups": [
+                    {
+                        "label": b.label,
+                        "ok": b.ok,
+                        "files": b.files,
+                        "size": b.size,
+                        "damaged": [{"path": p, "reason": r} for p, r in b.damaged],
+                    }
+                    for b in report.backups
+                ],
+            }
+        )
     else:
         for b in report.backups:
             status = "ok" if b.ok else f"DAMAGED ({len(b.damaged)} files)"

@@ -139,7 +139,7 @@ class FrameWriter:
         self._stored_size = HEADER_SIZE
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Adds plaintext to the frame."""
+        """Adds plaintext to the frame; ``data`` is not referenced after this returns."""
         if self._closed:
             raise ValueError("frame writer is closed")
         view = memoryview(data).cast("B")
@@ -294,7 +294,9 @@ def _parse_header(header: bytes) -> tuple[int, bool, bytes, bytes]:
     """
     magic, version, flags, reserved, segment_size, salt, nonce_prefix = _HEADER.unpack(header)
     if magic != MAGIC:
-        raise IntegrityError(f"not a drkit frame: bad magic {magic!r}, expected {MAGIC!r}")
+        raise IntegrityError(
+            f"not a drkit frame: bad magic 0x{magic.hex()}, expected 0x{MAGIC.hex()}"
+        )
     if version != VERSION:
         raise IntegrityError(
             f"frame has unknown version {version} (this drkit reads version {VERSION}): "
@@ -378,7 +380,7 @@ class _ZstdStream:
             if self._state == _END:
                 yield from self._decompress(data[cut:position])
                 raise IntegrityError(
-                    f"compressed payload has {end - position} or more bytes of trailing data"
+                    "compressed payload has trailing data after the end of its zstd stream"
                 )
             step = min(self._need - len(self._parsed), end - position)
             self._parsed += data[position : position + step]

@@ -8,10 +8,19 @@ configured in the file (``[[repo]]``) or as JSON in ``DRKIT_REPO``.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,14 +51,63 @@ class PostgresSettings(_Section):
         return f"host={self.host} port={self.port} user={self.user} dbname={self.dbname}"
 
 
-class KeysSettings(_Section):
-    provider: Literal["keyfile"] = "keyfile"
-    keyfile: Path | None = None
+class VaultSettings(_Section):
+    """Where Vault is, how drkit logs in, and which key it uses (docs/vault.md)."""
+
+    addr: str = Field(description="Vault address, e.g. https://vault.internal:8200")
+    ca_cert: Path | None = Field(None, description="CA bundle that signed Vault's certificate")
+    namespace: str | None = None
+    timeout: float = Field(30, gt=0, description="seconds per Vault request")
+    auth: Literal["token", "approle", "kubernetes"] = "token"
+    # token auth: DRKIT_KEYS__VAULT__TOKEN, else VAULT_TOKEN, else token_file (re-read on expiry)
+    token: SecretStr | None = Field(default_factory=lambda: _env_secret("VAULT_TOKEN"))
+    token_file: Path | None = None
+    role_id: str | None = None  # approle
+    secret_id_file: Path | None = None  # approle
+    role: str | None = None  # kubernetes
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")  # kubernetes
+    auth_mount: str | None = Field(None, description="auth mount path (default: the method name)")
+    transit_mount: str = "transit"
+    transit_key: str = "drkit"
+    kv_mount: str = "secret"
+    kv_path: str | None = None
+    kv_field: str = "key"
 
     @model_validator(mode="after")
-    def _keyfile_required(self) -> KeysSettings:
+    def _auth_complete(self) -> VaultSettings:
+        if self.auth == "approle" and (self.role_id is None or self.secret_id_file is None):
+            raise ValueError("auth 'approle' needs keys.vault.role_id and keys.vault.secret_id_file")
+        if self.auth == "kubernetes" and self.role is None:
+            raise ValueError("auth 'kubernetes' needs keys.vault.role")
+        return self
+
+
+class EscrowSettings(_Section):
+    public_key_file: Path | None = Field(
+        None, description="recovery public key (drkit keys escrow-init); every DEK is also "
+        "wrapped to it"
+    )
+
+
+class KeysSettings(_Section):
+    provider: Literal["keyfile", "vault-transit", "vault-kv"] = "keyfile"
+    keyfile: Path | None = None
+    vault: VaultSettings | None = None
+    escrow: EscrowSettings = EscrowSettings()
+    recovery_key: Path | None = Field(
+        None, description="read with this recovery private key instead (--recovery-key); the "
+        "provider, Vault included, is then never contacted"
+    )
+    wal_key_period: timedelta = Field(timedelta(days=1), description="one WAL data key per period")
+
+    @model_validator(mode="after")
+    def _provider_configured(self) -> KeysSettings:
         if self.provider == "keyfile" and self.keyfile is None:
             raise ValueError("provider 'keyfile' needs keys.keyfile = '/path/to/key'")
+        if self.provider.startswith("vault-") and self.vault is None:
+            raise ValueError(f"provider '{self.provider}' needs a [keys.vault] section")
+        if self.provider == "vault-kv" and self.vault is not None and self.vault.kv_path is None:
+            raise ValueError("provider 'vault-kv' needs keys.vault.kv_path")
         return self
 
 
@@ -135,6 +193,11 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
         raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
     finally:
         _config_file = None
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

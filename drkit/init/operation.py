@@ -79,17 +79,21 @@ class InitOperation:
         if cluster.data_checksums:
             checks.append(Check("ok", "data checksums are on: pages are verified while backed up"))
         else:
-            checks.append(Check(
-                "warning",
-                "data checksums are off: damaged pages cannot be detected during backup"
-                " (enable with pg_checksums --enable on a stopped cluster)",
-            ))
+            checks.append(
+                Check(
+                    "warning",
+                    "data checksums are off: damaged pages cannot be detected during backup"
+                    " (enable with pg_checksums --enable on a stopped cluster)",
+                )
+            )
         if cluster.archive_mode == "off" or not cluster.archive_command:
-            checks.append(Check(
-                "notice",
-                "WAL archiving is off: every backup restores on its own, but point-in-time"
-                " recovery needs archive_mode = on and archive_command = 'drkit wal-push %p'",
-            ))
+            checks.append(
+                Check(
+                    "notice",
+                    "WAL archiving is off: every backup restores on its own, but point-in-time"
+                    " recovery needs archive_mode = on and archive_command = 'drkit wal-push %p'",
+                )
+            )
         else:
             checks.append(Check("ok", f"archive_command = '{cluster.archive_command}'"))
         return checks

@@ -66,7 +66,9 @@ class PageFailure:
     found: int
 
 
-def check_pages(data: bytes | memoryview, first_block: int, skip_from_lsn: int) -> list[PageFailure]:
+def check_pages(
+    data: bytes | memoryview, first_block: int, skip_from_lsn: int
+) -> list[PageFailure]:
     """Validate every whole page in ``data``; ``first_block`` is the relation block number.
 
     Pages that are new (pd_upper == 0 and all zero) are valid. Pages whose LSN is at or after

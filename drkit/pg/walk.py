@@ -112,11 +112,15 @@ def _walk(directory: Path, rel: str, listing: PgdataListing, version_dir: str) -
                 _walk(Path(entry.path), path, listing, version_dir)
         elif stat.S_ISREG(st.st_mode):
             listing.files.append(
-                SourceFile(path, Path(entry.path), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+                SourceFile(
+                    path, Path(entry.path), st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode)
+                )
             )
 
 
-def _walk_link(entry: os.DirEntry[str], path: str, listing: PgdataListing, version_dir: str) -> None:
+def _walk_link(
+    entry: os.DirEntry[str], path: str, listing: PgdataListing, version_dir: str
+) -> None:
     target = os.readlink(entry.path)
     parent, _, name = path.rpartition("/")
     if parent == "pg_tblspc" and name.isdigit():
@@ -149,4 +153,3 @@ def _excluded(rel: str, name: str, unlogged: set[str]) -> bool:
 
 def _unlogged_relations(entries: list[os.DirEntry[str]]) -> set[str]:
     return {m.group(1) for e in entries if (m := _UNLOGGED_INIT.match(e.name))}
-

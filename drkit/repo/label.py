@@ -40,7 +40,11 @@ class BackupLabel:
         match = _LABEL.match(self.text)
         assert match is not None
         suffix = match.group(3)
-        return BackupType.FULL if suffix is None else {"D": BackupType.DIFF, "I": BackupType.INCR}[suffix]
+        return (
+            BackupType.FULL
+            if suffix is None
+            else {"D": BackupType.DIFF, "I": BackupType.INCR}[suffix]
+        )
 
     @property
     def full(self) -> str:

@@ -21,15 +21,45 @@ class _Model(BaseModel):
 
 
 class FileEntry(_Model):
+    """One file of the backup and where its bytes live.
+
+    Three kinds: a *whole* entry (``pages`` is None) whose frame holds the whole file; a *delta*
+    entry (``pages`` set) whose frame holds only the listed pages, every other page coming from
+    the same path in backup ``base``; and a *reference* (``backup`` set): the file did not change,
+    its frame (whole or delta) is the one stored by backup ``backup``.
+    """
+
     path: str  # PGDATA-relative, '/' separated
     size: int
     mode: int
     mtime: float
-    sha256: str  # of the plaintext
+    sha256: str  # of the whole file's plaintext
     object: str  # repository key of the object holding the frame
     offset: int  # of the frame inside the object
     length: int  # stored length of the frame
+    backup: str | None = None  # label of the backup that stored the frame; None: this one
+    pages: list[tuple[int, int]] | None = None  # delta: [start, end) block ranges in the frame
+    base: str | None = None  # delta: backup holding the older version of this file
+    frame_sha256: str | None = None  # delta: sha256 of the frame's plaintext (the pages)
     bad_pages: list[int] = Field(default_factory=list)  # page checksum failures found at backup
+
+    def owner(self, label: str) -> str:
+        """The backup whose key and context decode this entry's frame (``label`` holds it)."""
+        return self.backup or label
+
+    @property
+    def payload_size(self) -> int:
+        """Plaintext bytes in the frame."""
+        if self.pages is None:
+            return self.size
+        total = sum(end - start for start, end in self.pages) * 8192
+        if self.pages and self.pages[-1][1] * 8192 > self.size:
+            total -= self.pages[-1][1] * 8192 - self.size  # a trailing partial page
+        return total
+
+    @property
+    def payload_sha256(self) -> str:
+        return self.frame_sha256 if self.pages is not None and self.frame_sha256 else self.sha256
 
 
 class DirEntry(_Model):
@@ -78,6 +108,7 @@ class Manifest(_Model):
     system_identifier: str
     wal_segment_size: int
     data_checksums: bool
+    chain: list[str] = Field(default_factory=list)  # labels this backup needs, full first
     key_record: str  # repository key of the key record that wraps this backup's DEK
     owner: str  # user and group that owned PGDATA, restored when drkit runs as root
     group: str

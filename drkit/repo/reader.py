@@ -37,7 +37,9 @@ class _ObjectStream:
     def read(self, n: int) -> bytes:
         data = self._stream.read(n)
         if len(data) < n:
-            raise IntegrityError(f"object '{self._key}' ends early at byte {self.position + len(data)}")
+            raise IntegrityError(
+                f"object '{self._key}' ends early at byte {self.position + len(data)}"
+            )
         self.sha256.update(data)
         self.position += len(data)
         return data
@@ -78,7 +80,9 @@ def read_object(
             end = entry.offset + entry.length
             error: DrkitError | None = None
             try:
-                chunks = decode_frame(stream.read, entry.length, dek, file_context(label, entry.path))
+                chunks = decode_frame(
+                    stream.read, entry.length, dek, file_context(label, entry.path)
+                )
                 consume(entry, _checked(entry, chunks))
             except DrkitError as exc:
                 error = exc
@@ -103,5 +107,5 @@ def _checked(entry: FileEntry, chunks: Iterator[bytes]) -> Iterator[bytes]:
         digest.update(chunk)
         size += len(chunk)
         yield chunk
-    if size != entry.size or digest.hexdigest() != entry.sha256:
+    if size != entry.payload_size or digest.hexdigest() != entry.payload_sha256:
         raise IntegrityError(f"checksum mismatch in '{entry.path}'")

@@ -171,6 +171,25 @@ class Repository:
             self.storage.delete(key)
         return len(keys)
 
+    # -- verification records -------------------------------------------------------------------
+
+    def write_verify_record(self, label: BackupLabel, ok: bool, damaged: int) -> None:
+        """Record a verification result (write-once, one per run) so later backups can tell."""
+        now = datetime.now(UTC)
+        key = f"{BACKUP_PREFIX}{label}/verify/{now.strftime('%Y%m%dT%H%M%S.%fZ')}.json"
+        record = {"ok": ok, "damaged_files": damaged, "time": now.isoformat()}
+        self.storage.write_bytes(key, json.dumps(record).encode())
+
+    def verified_ok(self, label: BackupLabel) -> bool:
+        """False when the newest verification of ``label`` found damage (True if never run)."""
+        records = self.storage.list(f"{BACKUP_PREFIX}{label}/verify/")
+        if not records:
+            return True
+        try:
+            return bool(json.loads(self.storage.read_bytes(records[-1].key))["ok"])
+        except (json.JSONDecodeError, KeyError):
+            return False
+
     # -- keys and manifests -------------------------------------------------------------------
 
     def write_key_record(self, label: BackupLabel, record: dict[str, Any]) -> str:

@@ -13,18 +13,16 @@ import os
 import pwd
 import shlex
 import shutil
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from drkit.config.settings import Settings
 from drkit.errors import ConfigError, IntegrityError, RestoreTargetError
 from drkit.progress import NoProgress, Progress
-from drkit.repo.manifest import FileEntry, Manifest
+from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
-from drkit.repo.reader import read_object
-from drkit.repo.repository import Repository
+from drkit.restore.files import FileWriter
+from drkit.restore.plan import Chain
 
 
 @dataclass
@@ -58,7 +56,9 @@ class RestoreOperation:
         repo = open_repository(self.settings, self.request.repo)
         repo.check()
         label = repo.resolve(self.request.backup)
-        manifest, dek = repo.load_manifest(label)
+        chain = Chain.load(repo, label)
+        manifest = chain.target
+        plans = chain.plan()
 
         # Check every target before writing anything
         pgdata = self.request.pgdata.absolute()
@@ -70,7 +70,9 @@ class RestoreOperation:
             # Lay out directories and tablespace links, then write the files
             self._make_directories(manifest, pgdata, tablespaces)
             self.progress.start(f"restore {label}", manifest.stats.size)
-            self._write_files(repo, manifest, dek, pgdata)
+            FileWriter(repo, chain, pgdata, self.progress).write(
+                plans, self.settings.backup.process_max
+            )
             self.progress.stop()
 
             # Finish: links, WAL directories, ownership, and make it all durable
@@ -124,44 +126,6 @@ class RestoreOperation:
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, directory.mode)
 
-    def _write_files(self, repo: Repository, manifest: Manifest, dek: bytes, pgdata: Path) -> None:
-        by_object: dict[str, list[FileEntry]] = {}
-        for entry in manifest.files:
-            by_object.setdefault(entry.object, []).append(entry)
-        objects = sorted(manifest.objects, key=lambda o: o.size, reverse=True)
-
-        def restore_object(index: int) -> None:
-            obj = objects[index]
-            outcomes = read_object(
-                repo.storage, obj, by_object.get(obj.key, []), dek, manifest.label,
-                lambda entry, chunks: self._write_file(pgdata, entry, chunks),
-            )
-            for outcome in outcomes:
-                if outcome.error is not None:
-                    raise IntegrityError(
-                        f"unable to restore '{outcome.entry.path}' from backup"
-                        f" '{manifest.label}': {outcome.error}",
-                        hint="run 'drkit verify' to list every damaged file",
-                    )
-
-        workers = self.settings.backup.process_max
-        with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-            list(pool.map(restore_object, range(len(objects))))
-
-    def _write_file(self, pgdata: Path, entry: FileEntry, chunks: Iterator[bytes]) -> None:
-        path = pgdata / _safe(entry.path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                self.progress.advance(len(chunk))
-            os.fchmod(fd, entry.mode)
-        finally:
-            os.close(fd)
-        os.utime(path, (entry.mtime, entry.mtime))
-
     def _set_ownership(
         self, manifest: Manifest, pgdata: Path, tablespaces: dict[int, Path]
     ) -> None:
@@ -214,7 +178,8 @@ def _safe(path: str) -> str:
 def _start_command(manifest: Manifest, pgdata: Path) -> str:
     pg_ctl = Path(f"/usr/lib/postgresql/{manifest.pg_major}/bin/pg_ctl")
     binary = str(pg_ctl) if pg_ctl.exists() else "pg_ctl"
-    command = f"{binary} -D {shlex.quote(str(pgdata))} -l {shlex.quote(str(pgdata / 'restore.log'))} start"
+    log = shlex.quote(str(pgdata / "restore.log"))
+    command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} start"
     if os.geteuid() == 0:
         command = f"runuser -u {shlex.quote(manifest.owner)} -- {command}"
     return command

@@ -59,7 +59,10 @@ class VerifyOperation:
         repo = open_repository(self.settings, self.repo_name)
         repo.check()
         labels = [repo.resolve(self.backup)] if self.backup else repo.backups()
-        return VerifyReport(repo.name, [self._verify_backup(repo, label) for label in labels])
+        results = [self._verify_backup(repo, label) for label in labels]
+        for label, result in zip(labels, results, strict=True):
+            repo.write_verify_record(label, result.ok, len(result.damaged))
+        return VerifyReport(repo.name, results)
 
     def _verify_backup(self, repo: Repository, label: BackupLabel) -> BackupVerification:
         result = BackupVerification(str(label))

