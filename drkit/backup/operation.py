@@ -260,6 +260,7 @@ class BackupOperation:
             stop_time=datetime.now(UTC),
             start_lsn=format_lsn(start_lsn),
             stop_lsn=format_lsn(stop.lsn),
+            stop_next_xid=stop.next_xid,
             timeline=stop.timeline,
             start_wal=wal_names[0],
             stop_wal=wal_names[-1],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +19,30 @@ from drkit.cli.common import (
     settings_from,
     stdout,
 )
+from drkit.config.settings import config_path
 from drkit.errors import ConfigError
+from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
+from drkit.pg.wal import parse_lsn
+
+
+def wal_fetch_command(config: Path) -> str:
+    """The restore_command a restored cluster uses to fetch WAL from this repository."""
+    drkit = Path(sys.executable).parent / "drkit"
+    return f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))} %f %p"
+
+
+def _check_target(target: RecoveryTarget) -> None:
+    try:
+        if target.kind is TargetKind.TIME:
+            _ = target.time
+        elif target.kind is TargetKind.LSN:
+            parse_lsn(target.value)
+        elif target.kind is TargetKind.XID:
+            int(target.value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid recovery target {target.kind} '{target.value}': {exc}"
+        ) from None
 
 
 def _parse_map(values: list[str]) -> dict[str, Path]:
@@ -43,14 +68,66 @@ def command(
         ),
     ] = None,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
+    target_time: Annotated[
+        str | None, typer.Option(help="recover to this time, e.g. '2026-11-27 10:15:00+00'")
+    ] = None,
+    target_lsn: Annotated[str | None, typer.Option(help="recover to this WAL position")] = None,
+    target_xid: Annotated[str | None, typer.Option(help="recover to this transaction")] = None,
+    target_name: Annotated[
+        str | None, typer.Option(help="recover to this pg_create_restore_point() name")
+    ] = None,
+    target_latest: Annotated[
+        bool, typer.Option("--target-latest", help="replay every archived WAL segment")
+    ] = False,
+    target_immediate: Annotated[
+        bool, typer.Option("--target-immediate", help="stop as soon as the backup is consistent")
+    ] = False,
+    target_action: Annotated[
+        TargetAction, typer.Option(help="what to do when the target is reached")
+    ] = TargetAction.PROMOTE,
+    target_timeline: Annotated[
+        str, typer.Option(help="'latest', 'current' or a timeline number")
+    ] = "latest",
+    target_exclusive: Annotated[
+        bool, typer.Option("--target-exclusive", help="stop just before the target")
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
-    """Restore a backup into an empty directory and print how to start it."""
+    """Restore a backup into an empty directory and print how to start it.
+
+    Without a target the restored cluster replays the WAL stored with the backup and opens at
+    the backup's consistent point. With a --target-* option it replays archived WAL (fetched by
+    'drkit wal-fetch') up to that point; without --backup the newest backup before the target is
+    used.
+    """
     from drkit.restore.operation import RestoreOperation, RestoreRequest
 
     settings = settings_from(config, {"backup": {"process_max": process_max}})
+    chosen = {
+        TargetKind.TIME: target_time,
+        TargetKind.LSN: target_lsn,
+        TargetKind.XID: target_xid,
+        TargetKind.NAME: target_name,
+        TargetKind.LATEST: "latest" if target_latest else None,
+        TargetKind.IMMEDIATE: "immediate" if target_immediate else None,
+    }
+    given = [(kind, value) for kind, value in chosen.items() if value is not None]
+    if len(given) > 1:
+        raise ConfigError("give at most one recovery target (--target-time, --target-lsn, ...)")
+    target = None
+    if given:
+        kind, value = given[0]
+        target = RecoveryTarget(
+            kind, value, target_action, target_timeline, inclusive=not target_exclusive
+        )
+        _check_target(target)
     request = RestoreRequest(
-        pgdata=pgdata, backup=backup, repo=repo, tablespace_map=_parse_map(tablespace_map or [])
+        pgdata=pgdata,
+        backup=backup,
+        repo=repo,
+        tablespace_map=_parse_map(tablespace_map or []),
+        target=target,
+        restore_command=wal_fetch_command(config_path(config)),
     )
     result = RestoreOperation(settings, request, progress()).run()
     if json_:
@@ -71,5 +148,10 @@ def command(
     )
     for oid, directory in result.tablespaces.items():
         stdout.print(f"  tablespace {oid} -> '{directory}'")
+    if result.target is not None:
+        stdout.print(
+            f"recovery target: {result.target.kind} {result.target.value}".rstrip()
+            + f" (then {result.target.action}); WAL comes from 'drkit wal-fetch'"
+        )
     stdout.print("next: start the restored cluster (it replays the backup's WAL, then opens):")
     stdout.print(f"  {result.start_command}", markup=False)

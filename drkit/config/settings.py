@@ -169,6 +169,11 @@ class Settings(BaseSettings):
 _config_file: Path | None = None
 
 
+def config_path(config: Path | None) -> Path:
+    """The configuration file in effect: --config, else $DRKIT_CONFIG, else the default."""
+    return (config or Path(os.environ.get("DRKIT_CONFIG", DEFAULT_CONFIG))).absolute()
+
+
 def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Load settings from ``config`` (or $DRKIT_CONFIG, or /etc/drkit/drkit.toml), env and flags.
 
@@ -177,7 +182,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
     line per invalid field.
     """
     global _config_file
-    path = config or Path(os.environ.get("DRKIT_CONFIG", DEFAULT_CONFIG))
+    path = config_path(config)
     if not path.is_file():
         raise ConfigError(
             f"configuration file '{path}' does not exist",

@@ -50,6 +50,7 @@ class Tablespace:
 @dataclass(frozen=True)
 class BackupStop:
     lsn: int
+    next_xid: int  # transactions with this XID or later started after the backup ended
     backup_label: bytes
     tablespace_map: bytes
 
@@ -164,6 +165,10 @@ class PgSession:
         )
         return parse_lsn(str(self._one(sql, (label, fast))[0]))
 
+    def next_xid(self) -> int:
+        """The next transaction ID to be assigned (64-bit, with epoch)."""
+        return int(str(self._one("SELECT pg_snapshot_xmax(pg_current_snapshot())")[0]))
+
     def stop_backup(self, version_num: int) -> BackupStop:
         # wait_for_archive=false: the backup carries its own WAL, it never waits on an archive.
         sql = (
@@ -174,6 +179,7 @@ class PgSession:
         lsn, label, spcmap = self._one(sql)
         return BackupStop(
             lsn=parse_lsn(str(lsn)),
+            next_xid=self.next_xid(),
             backup_label=str(label).encode(),
             tablespace_map=str(spcmap or "").encode(),
         )

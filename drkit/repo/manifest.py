@@ -101,6 +101,7 @@ class Manifest(_Model):
     stop_time: datetime
     start_lsn: str
     stop_lsn: str
+    stop_next_xid: int | None = None  # XIDs from here on started after the backup ended
     timeline: int
     start_wal: str
     stop_wal: str

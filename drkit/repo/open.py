@@ -16,10 +16,10 @@ def open_storage(repo: RepoSettings) -> Storage:
 
 
 def open_key_provider(keys: KeysSettings) -> KeyProvider:
-    from drkit.crypto.keyfile import KeyfileProvider
+    """The configured provider (with escrow), or the recovery key alone (--recovery-key)."""
+    from drkit.crypto.providers import open_provider
 
-    assert keys.keyfile is not None  # enforced by KeysSettings
-    return KeyfileProvider(keys.keyfile)
+    return open_provider(keys)
 
 
 def repo_location(repo: RepoSettings) -> str:

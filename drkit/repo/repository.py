@@ -193,7 +193,15 @@ class Repository:
     # -- keys and manifests -------------------------------------------------------------------
 
     def write_key_record(self, label: BackupLabel, record: dict[str, Any]) -> str:
-        key = self.key_record_key(label, 1)
+        """Store ``record`` as the backup's next key record (0001.json, then 0002.json after a
+        rewrap, ...). Write-once: an existing record is never replaced; a concurrent writer of
+        the same number makes this raise ObjectExists."""
+        seqs = [
+            int(name[:-5])
+            for o in self.storage.list(f"{BACKUP_PREFIX}{label}/key/")
+            if (name := o.key.rsplit("/", 1)[-1]).endswith(".json") and name[:-5].isdigit()
+        ]
+        key = self.key_record_key(label, max(seqs, default=0) + 1)
         self.storage.write_bytes(key, json.dumps(record, sort_keys=True, indent=2).encode())
         return key
 

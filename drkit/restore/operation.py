@@ -18,11 +18,13 @@ from pathlib import Path, PurePosixPath
 
 from drkit.config.settings import Settings
 from drkit.errors import ConfigError, IntegrityError, RestoreTargetError
+from drkit.pg.recovery import RecoveryTarget, write_recovery_config
 from drkit.progress import NoProgress, Progress
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.restore.files import FileWriter
 from drkit.restore.plan import Chain
+from drkit.restore.target import check_reachable, choose_backup
 
 
 @dataclass
@@ -31,6 +33,8 @@ class RestoreRequest:
     backup: str | None = None  # label or 'latest'
     repo: str | None = None
     tablespace_map: dict[str, Path] = field(default_factory=dict)  # oid or name -> directory
+    target: RecoveryTarget | None = None  # None: stop where the backup is consistent
+    restore_command: str = ""  # how the restored cluster fetches archived WAL (with a target)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RestoreResult:
     size: int
     tablespaces: dict[int, Path]
     start_command: str
+    target: RecoveryTarget | None = None
 
 
 class RestoreOperation:
@@ -55,10 +60,16 @@ class RestoreOperation:
         # Find the backup and read its manifest
         repo = open_repository(self.settings, self.request.repo)
         repo.check()
-        label = repo.resolve(self.request.backup)
+        target = self.request.target
+        if target is not None and self.request.backup is None:
+            label = choose_backup(repo, target)
+        else:
+            label = repo.resolve(self.request.backup)
         chain = Chain.load(repo, label)
         manifest = chain.target
         plans = chain.plan()
+        if target is not None:
+            check_reachable(repo, manifest, target)
 
         # Check every target before writing anything
         pgdata = self.request.pgdata.absolute()
@@ -80,6 +91,8 @@ class RestoreOperation:
                 os.symlink(link.target, pgdata / _safe(link.path))
             for sub in ("pg_wal/archive_status", "pg_wal/summaries"):
                 (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
+            if target is not None:
+                write_recovery_config(pgdata, self.request.restore_command, target)
             self._set_ownership(manifest, pgdata, tablespaces)
             os.sync()  # one call flushes every file written, far cheaper than an fsync per file
         except BaseException:
@@ -96,6 +109,7 @@ class RestoreOperation:
             size=manifest.stats.size,
             tablespaces=tablespaces,
             start_command=_start_command(manifest, pgdata),
+            target=target,
         )
 
     def _tablespace_targets(self, manifest: Manifest) -> dict[int, Path]:

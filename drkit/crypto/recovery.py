@@ -1,0 +1,53 @@
+"""Reading backups with the recovery key alone (``--recovery-key``): the break-glass path.
+
+``RecoveryProvider`` unwraps the escrow part of key records with the offline recovery private key
+and nothing else. It never contacts Vault or reads the configured key file, so a restore or a
+verify works with Vault sealed, unreachable or gone. It cannot make new data keys: a recovery key
+reads backups, it does not take them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from drkit.crypto.base import DataKey
+from drkit.crypto.escrow import RecoveryKey
+from drkit.errors import ConfigError, IntegrityError, WrongKey
+
+PROVIDER = "recovery"
+
+
+class RecoveryProvider:
+    """Unwraps data keys from the escrow part of key records with the recovery key."""
+
+    kind = PROVIDER
+
+    def __init__(self, key: RecoveryKey) -> None:
+        self.key = key
+
+    @classmethod
+    def from_file(cls, path: Path) -> RecoveryProvider:
+        return cls(RecoveryKey.from_file(path))
+
+    def __repr__(self) -> str:
+        return f"RecoveryProvider(key_id={self.key.key_id!r})"
+
+    def new_data_key(self) -> DataKey:
+        raise ConfigError(
+            "a recovery key only reads backups; it cannot seal new ones",
+            hint="run this command without --recovery-key",
+        )
+
+    def unwrap(self, record: dict[str, Any]) -> bytes:
+        if not isinstance(record, dict):
+            raise IntegrityError("key record is malformed: not a JSON object")
+        part = record.get("escrow")
+        if part is None:
+            raise WrongKey(
+                "key record has no escrow part: the backup was taken before escrow was "
+                "configured",
+                hint="read it with the key provider, or add an escrow part with "
+                "'drkit keys rewrap' while the provider is available",
+            )
+        return self.key.unwrap(part)

@@ -1,0 +1,68 @@
+"""Names of the files PostgreSQL archives, and where each one lives in the repository."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+WAL_PREFIX = "wal/"
+
+Kind = Literal["segment", "partial", "backup", "history"]
+
+_PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
+    ("segment", re.compile(r"[0-9A-F]{24}")),
+    ("partial", re.compile(r"[0-9A-F]{24}\.partial")),
+    ("backup", re.compile(r"[0-9A-F]{24}\.[0-9A-F]{8}\.backup")),
+    ("history", re.compile(r"[0-9A-F]{8}\.history")),
+)
+
+
+@dataclass(frozen=True)
+class WalName:
+    """A file name PostgreSQL archives: a segment, a .partial, a .backup or a .history file."""
+
+    name: str
+    kind: Kind
+    timeline: int
+
+    @property
+    def key(self) -> str:
+        """The repository key of its archived object."""
+        return f"{WAL_PREFIX}{self.name[:8]}/{self.name}"
+
+    @property
+    def segment(self) -> str:
+        """The segment name a segment, .partial or .backup file belongs to ('' for .history)."""
+        return "" if self.kind == "history" else self.name[:24]
+
+
+def parse_wal_name(name: str) -> WalName:
+    """Classify ``name``; raises ValueError for anything PostgreSQL does not archive."""
+    for kind, pattern in _PATTERNS:
+        if pattern.fullmatch(name):
+            timeline = int(name[:8], 16)
+            if timeline == 0:
+                break
+            return WalName(name, kind, timeline)
+    raise ValueError(
+        f"'{name}' is not a WAL file name (a segment such as 000000010000000000000003, or a"
+        " .partial, .backup or .history file)"
+    )
+
+
+def is_wal_name(name: str) -> bool:
+    try:
+        parse_wal_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def timeline_prefix(timeline: int) -> str:
+    """The key prefix of every object of ``timeline``: ``wal/0000000A/``."""
+    return f"{WAL_PREFIX}{timeline:08X}/"
+
+
+def history_name(timeline: int) -> str:
+    return f"{timeline:08X}.history"

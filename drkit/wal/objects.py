@@ -1,0 +1,249 @@
+"""The archived WAL object: header, key periods and their DEKs, encoding and decoding.
+
+See the package docstring (drkit/wal/__init__.py) for the format. Everything here streams: an
+object is written as the file is read and decoded as it is read back, in bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO, Literal, Protocol
+
+from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
+from drkit.crypto.base import KeyProvider
+from drkit.errors import DrkitError, IntegrityError, ObjectExists
+from drkit.storage.base import Storage, WrittenObject
+from drkit.wal.names import WalName
+
+MAGIC = b"DKW1"
+VERSION = 1
+KEYS_PREFIX = "wal-keys/"
+_PREFIX = struct.Struct(">4sBB")  # magic, version, len(period)
+_PUSHED_AT = struct.Struct(">Q")
+MAX_HEADER_SIZE = _PREFIX.size + 255 + _PUSHED_AT.size
+READ_CHUNK = 1024 * 1024
+
+KeyPeriod = Literal["daily", "hourly"]
+_PERIOD_FORMATS = {"daily": "%Y%m%d", "hourly": "%Y%m%d%H"}
+
+
+class RepoLike(Protocol):
+    """What the WAL code needs of a repository; ``drkit.repo.repository.Repository`` is one."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def storage(self) -> Storage: ...
+
+    @property
+    def keys(self) -> KeyProvider: ...
+
+
+@dataclass(frozen=True)
+class WalHeader:
+    """The clear-text header of an archived WAL object (trusted only once the frame decoded)."""
+
+    period: str
+    pushed_at_ms: int
+    size: int  # bytes the header occupies; the frame follows
+
+    @property
+    def pushed_at(self) -> datetime:
+        return datetime.fromtimestamp(self.pushed_at_ms / 1000, UTC)
+
+
+def period_of(pushed_at_ms: int, key_period: KeyPeriod) -> str:
+    """The key period a push at ``pushed_at_ms`` belongs to: UTC 'YYYYMMDD' or 'YYYYMMDDHH'."""
+    return time.strftime(_PERIOD_FORMATS[key_period], time.gmtime(pushed_at_ms // 1000))
+
+
+def frame_context(name: str, period: str, pushed_at_ms: int) -> bytes:
+    """Binds the frame to the object's name and to every field of its header."""
+    return f"wal:{name}:{period}:{pushed_at_ms}".encode()
+
+
+def encode_header(period: str, pushed_at_ms: int) -> bytes:
+    raw = period.encode("ascii")
+    return _PREFIX.pack(MAGIC, VERSION, len(raw)) + raw + _PUSHED_AT.pack(pushed_at_ms)
+
+
+def parse_header(data: bytes, what: str) -> WalHeader:
+    """Parses the header at the start of ``data``; ``what`` names the object in errors."""
+    if len(data) < _PREFIX.size:
+        raise IntegrityError(f"{what} is truncated: {len(data)} bytes is not even a header")
+    magic, version, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise IntegrityError(
+            f"{what} is not a drkit WAL object: bad magic 0x{magic.hex()}, expected"
+            f" 0x{MAGIC.hex()}"
+        )
+    if version != VERSION:
+        raise IntegrityError(
+            f"{what} has unknown format version {version} (this drkit reads version {VERSION}):"
+            " it is damaged or was written by a newer drkit"
+        )
+    size = _PREFIX.size + length + _PUSHED_AT.size
+    if len(data) < size:
+        raise IntegrityError(f"{what} is truncated inside its header")
+    period = data[_PREFIX.size : _PREFIX.size + length]
+    if not (period.isdigit() and len(period) in (8, 10)):
+        raise IntegrityError(f"{what} has a malformed key period {period!r} in its header")
+    (pushed_at_ms,) = _PUSHED_AT.unpack_from(data, _PREFIX.size + length)
+    return WalHeader(period.decode("ascii"), pushed_at_ms, size)
+
+
+def header_length(prefix: bytes) -> int:
+    """The header's full size, from its first ``_PREFIX.size`` bytes (checked by parse_header)."""
+    return _PREFIX.size + prefix[5] + _PUSHED_AT.size if len(prefix) >= _PREFIX.size else 0
+
+
+class WalKeyring:
+    """The DEKs of WAL key periods: finds, unwraps and (for pushes) creates them.
+
+    With ``cache`` (the async pusher, info/verify) a period's DEK is unwrapped once per process;
+    every lookup is serialized so that one process never creates or unwraps a period twice.
+    """
+
+    def __init__(self, repo: RepoLike, *, cache: bool = True) -> None:
+        self.repo = repo
+        self._cache: dict[str, bytes] | None = {} if cache else None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def record_prefix(period: str) -> str:
+        return f"{KEYS_PREFIX}{period}/"
+
+    def dek(self, period: str, *, create: bool = False) -> bytes:
+        """The DEK of ``period``. Without ``create`` a period without key record is an
+        IntegrityError (the object that names it was tampered with or its record deleted)."""
+        with self._lock:
+            if self._cache is not None and period in self._cache:
+                return self._cache[period]
+            dek = self._load(period)
+            if dek is None:
+                if not create:
+                    raise IntegrityError(
+                        f"WAL key period '{period}' has no key record in repository"
+                        f" '{self.repo.name}' (expected '{self.record_prefix(period)}0001.json')"
+                    )
+                dek = self._create(period)
+            if self._cache is not None:
+                self._cache[period] = dek
+            return dek
+
+    def _load(self, period: str) -> bytes | None:
+        storage = self.repo.storage
+        records = sorted(
+            (o.key for o in storage.list(self.record_prefix(period)) if o.key.endswith(".json")),
+            reverse=True,
+        )
+        if not records:
+            return None
+        error: DrkitError | None = None
+        for key in records:  # the newest record that unwraps wins (all wrap the same DEK)
+            try:
+                return self.repo.keys.unwrap(json.loads(storage.read_bytes(key)))
+            except json.JSONDecodeError:
+                error = IntegrityError(f"WAL key record '{key}' is not valid JSON")
+            except DrkitError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def _create(self, period: str) -> bytes:
+        data_key = self.repo.keys.new_data_key()
+        record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
+        try:
+            self.repo.storage.write_bytes(f"{self.record_prefix(period)}0001.json", record)
+        except ObjectExists:
+            # Another pusher created the period's key first: use its record, drop ours.
+            dek = self._load(period)
+            if dek is None:
+                raise
+            return dek
+        return data_key.plaintext
+
+
+def write_object(
+    repo: RepoLike,
+    keyring: WalKeyring,
+    wal: WalName,
+    source: BinaryIO,
+    *,
+    key_period: KeyPeriod,
+    compress_level: int | None,
+    now_ms: int | None = None,
+) -> tuple[WrittenObject, FrameInfo]:
+    """Streams ``source`` into the write-once object of ``wal``; returns once it is durable.
+
+    Raises ObjectExists (before or at commit) when the object already exists; nothing is
+    overwritten and nothing partial ever becomes visible.
+    """
+    with repo.storage.open_write(wal.key) as writer:
+        pushed_at_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        period = period_of(pushed_at_ms, key_period)
+        dek = keyring.dek(period, create=True)
+        writer.write(encode_header(period, pushed_at_ms))
+        frame = FrameWriter(
+            writer.write,
+            dek,
+            frame_context(wal.name, period, pushed_at_ms),
+            compress_level=compress_level,
+        )
+        buffer = bytearray(READ_CHUNK)
+        view = memoryview(buffer)
+        while True:
+            count = source.readinto(view)  # type: ignore[attr-defined]
+            if not count:
+                break
+            frame.write(view[:count])
+        info = frame.close()
+        written = writer.commit()
+    return written, info
+
+
+def read_object(
+    repo: RepoLike,
+    keyring: WalKeyring,
+    wal: WalName,
+    sink: Callable[[bytes], object],
+    *,
+    size: int | None = None,
+) -> WalHeader:
+    """Authenticates and decodes the archived object of ``wal`` into ``sink``.
+
+    Raises ObjectNotFound when it is not archived, IntegrityError (naming the object) when it is
+    damaged or tampered with, a key error when its key cannot be had. What ``sink`` received is
+    provisional until this returns (see drkit/codec/frame.py).
+    """
+    storage = repo.storage
+    if size is None:
+        size = storage.stat(wal.key).size
+    what = f"archived WAL file '{wal.name}' in repository '{repo.name}'"
+    with storage.open_read(wal.key) as stream:
+        prefix = stream.read(_PREFIX.size)
+        header = parse_header(prefix + stream.read(max(0, header_length(prefix) - len(prefix))), what)
+        if size < header.size:
+            raise IntegrityError(f"{what} is truncated inside its header")
+        dek = keyring.dek(header.period)
+        context = frame_context(wal.name, header.period, header.pushed_at_ms)
+        try:
+            for chunk in decode_frame(stream.read, size - header.size, dek, context):
+                sink(chunk)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{what} is damaged or was tampered with: {exc}") from None
+    return header
+
+
+def read_header(repo: RepoLike, wal: WalName) -> WalHeader:
+    """The header of the archived object of ``wal``, by a ranged read of its first bytes; not
+    authenticated (decode the object for that)."""
+    data = repo.storage.read_bytes(wal.key, 0, MAX_HEADER_SIZE)
+    return parse_header(data, f"archived WAL file '{wal.name}' in repository '{repo.name}'")
