@@ -26,4 +26,5 @@ lint:
 	$(VENV)/bin/mypy
 
 demo:
-	$(PY) -m drkit.demo
+	@test -x $(PY) || $(MAKE) venv
+	$(PY) scripts/demo.py

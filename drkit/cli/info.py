@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from drkit.cli.common import (
     ConfigOption,
@@ -37,19 +36,12 @@ def command(
     )
     if not info.backups:
         stdout.print("no backups yet")
-    else:
-        table = Table("label", "type", "stop time", "WAL", "size", "stored", "files", "duration")
-        for b in info.backups:
-            table.add_row(
-                b.label,
-                b.type,
-                b.stop_time,
-                b.wal,
-                human_size(b.size),
-                human_size(b.stored),
-                str(b.files),
-                f"{b.duration_s:.1f}s",
-            )
-        stdout.print(table)
+    for b in info.backups:
+        based = f" on {b.parent}" if b.parent else ""
+        stdout.print(
+            f"{b.label}  {b.type}{based}  stopped {b.stop_time}  {human_size(b.size)} stored as"
+            f" {human_size(b.stored)}  {b.files} files  {b.duration_s:.1f}s  WAL {b.wal}",
+            markup=False,
+        )
     for label in info.incomplete:
         warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")

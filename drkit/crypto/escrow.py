@@ -193,7 +193,8 @@ def create_recovery_keypair(out: Path) -> tuple[Path, Path, str]:
         "# Keep it offline (printed, in a safe); anyone holding it can read the backups.\n"
     ).encode()
     private_pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     public_pem = private.public_key().public_bytes(
@@ -206,8 +207,12 @@ def create_recovery_keypair(out: Path) -> tuple[Path, Path, str]:
 
 
 def _derive(shared: bytes, ephemeral_public: bytes, recipient_public: bytes) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral_public + recipient_public,
-                info=_HKDF_INFO)
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=ephemeral_public + recipient_public,
+        info=_HKDF_INFO,
+    )
     return hkdf.derive(shared)
 
 
@@ -264,8 +269,9 @@ def _write_once(path: Path, content: bytes, mode: int) -> None:
         finally:
             os.close(directory)
     except FileExistsError:
-        raise ConfigError(f"'{path}' already exists; drkit never overwrites a recovery key"
-                          ) from None
+        raise ConfigError(
+            f"'{path}' already exists; drkit never overwrites a recovery key"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"unable to write '{path}': {(exc.strerror or str(exc)).lower()}",

@@ -45,8 +45,7 @@ class RecoveryProvider:
         part = record.get("escrow")
         if part is None:
             raise WrongKey(
-                "key record has no escrow part: the backup was taken before escrow was "
-                "configured",
+                "key record has no escrow part: the backup was taken before escrow was configured",
                 hint="read it with the key provider, or add an escrow part with "
                 "'drkit keys rewrap' while the provider is available",
             )

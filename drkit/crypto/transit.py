@@ -31,8 +31,10 @@ def ciphertext_version(ciphertext: object) -> int:
     """The transit key version of a ``vault:v<N>:<base64>`` ciphertext."""
     match = _CIPHERTEXT.match(ciphertext) if isinstance(ciphertext, str) else None
     if match is None:
-        raise IntegrityError("key record is malformed: 'ciphertext' is not a Vault transit "
-                             "ciphertext (vault:v<N>:...)")
+        raise IntegrityError(
+            "key record is malformed: 'ciphertext' is not a Vault transit "
+            "ciphertext (vault:v<N>:...)"
+        )
     return int(match.group(1))
 
 
@@ -53,17 +55,23 @@ class VaultTransitProvider:
     # -- KeyProvider ------------------------------------------------------------------------------
 
     def new_data_key(self) -> DataKey:
-        data = self._call(f"datakey/plaintext/{self.key}", {"bits": DEK_SIZE * 8},
-                          f"create a data key with transit key '{self.name}'")
+        data = self._call(
+            f"datakey/plaintext/{self.key}",
+            {"bits": DEK_SIZE * 8},
+            f"create a data key with transit key '{self.name}'",
+        )
         try:
             plaintext = base64.b64decode(data["plaintext"], validate=True)
             ciphertext = str(data["ciphertext"])
         except (KeyError, TypeError, binascii.Error):
-            raise VaultError(f"Vault returned no usable data key for transit key '{self.name}'"
-                             ) from None
+            raise VaultError(
+                f"Vault returned no usable data key for transit key '{self.name}'"
+            ) from None
         if len(plaintext) != DEK_SIZE:
-            raise VaultError(f"Vault returned a {len(plaintext)}-byte data key for transit key "
-                             f"'{self.name}'; drkit needs {DEK_SIZE} bytes")
+            raise VaultError(
+                f"Vault returned a {len(plaintext)}-byte data key for transit key "
+                f"'{self.name}'; drkit needs {DEK_SIZE} bytes"
+            )
         ciphertext_version(ciphertext)
         record: dict[str, Any] = {
             "provider": PROVIDER,
@@ -77,8 +85,11 @@ class VaultTransitProvider:
         ciphertext = self._check_record(record)
         version = ciphertext_version(ciphertext)
         try:
-            data = self._call(f"decrypt/{self.key}", {"ciphertext": ciphertext},
-                              f"unwrap a data key with transit key '{self.name}'")
+            data = self._call(
+                f"decrypt/{self.key}",
+                {"ciphertext": ciphertext},
+                f"unwrap a data key with transit key '{self.name}'",
+            )
         except VaultRequestError as exc:
             if exc.mentions("disallowed by policy", "too old"):
                 raise KeyMaterialError(
@@ -104,8 +115,10 @@ class VaultTransitProvider:
         except (KeyError, TypeError, binascii.Error):
             raise IntegrityError("Vault returned no data key for the key record") from None
         if len(dek) != DEK_SIZE:
-            raise IntegrityError(f"key record unwraps to {len(dek)} bytes, not a {DEK_SIZE}-byte "
-                                 "data key (tampered key record)")
+            raise IntegrityError(
+                f"key record unwraps to {len(dek)} bytes, not a {DEK_SIZE}-byte "
+                "data key (tampered key record)"
+            )
         return dek
 
     # -- rotation ---------------------------------------------------------------------------------
@@ -132,8 +145,11 @@ class VaultTransitProvider:
         """The record re-wrapped by Vault under the key's newest version; the DEK never leaves
         Vault. Fields other than the ciphertext (the escrow part) are copied unchanged."""
         ciphertext = self._check_record(record)
-        data = self._call(f"rewrap/{self.key}", {"ciphertext": ciphertext},
-                          f"rewrap a data key with transit key '{self.name}'")
+        data = self._call(
+            f"rewrap/{self.key}",
+            {"ciphertext": ciphertext},
+            f"rewrap a data key with transit key '{self.name}'",
+        )
         rewrapped = str(data.get("ciphertext", ""))
         ciphertext_version(rewrapped)
         return {**record, "ciphertext": rewrapped}

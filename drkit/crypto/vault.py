@@ -456,8 +456,14 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc).lower()
-    for known in ("connection refused", "connection reset", "name or service not known",
-                  "no route to host", "network is unreachable", "timed out"):
+    for known in (
+        "connection refused",
+        "connection reset",
+        "name or service not known",
+        "no route to host",
+        "network is unreachable",
+        "timed out",
+    ):
         if known in text:
             return known
     return type(exc).__name__

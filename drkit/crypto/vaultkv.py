@@ -95,20 +95,24 @@ class VaultKvProvider:
         return f"{record.get('mount')}/{record.get('path')}#{record.get('field')}", version
 
     def key_state(self) -> KeyState:
-        metadata = self._call("read", f"metadata/{self.path}", None,
-                              f"read the versions of KV secret '{self.name}'")
+        metadata = self._call(
+            "read", f"metadata/{self.path}", None, f"read the versions of KV secret '{self.name}'"
+        )
         return KeyState(PROVIDER, self.name, int(metadata["current_version"]))
 
     def rotate(self) -> KeyState:
         """Writes a new KEK as a new version of the secret (check-and-set on the current version,
         so a concurrent writer is not overwritten); the secret's other fields are kept."""
-        current = self._call("read", f"data/{self.path}", None,
-                             f"read KV secret '{self.name}'")
+        current = self._call("read", f"data/{self.path}", None, f"read KV secret '{self.name}'")
         fields = dict(current.get("data") or {})
         version = int((current.get("metadata") or {})["version"])
         fields[self.field] = base64.b64encode(os.urandom(KEK_SIZE)).decode("ascii")
-        self._call("write", f"data/{self.path}", {"data": fields, "options": {"cas": version}},
-                   f"write a new KEK to KV secret '{self.name}'")
+        self._call(
+            "write",
+            f"data/{self.path}",
+            {"data": fields, "options": {"cas": version}},
+            f"write a new KEK to KV secret '{self.name}'",
+        )
         return self.key_state()
 
     def rewrap(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -145,8 +149,13 @@ class VaultKvProvider:
                 return version, self._keks[version]
         suffix = f"?version={version}" if version is not None else ""
         which = f"version {version} of" if version is not None else "the current version of"
-        data = self._call("read", f"data/{self.path}{suffix}", None,
-                          f"read {which} KV secret '{self.name}'", version=version)
+        data = self._call(
+            "read",
+            f"data/{self.path}{suffix}",
+            None,
+            f"read {which} KV secret '{self.name}'",
+            version=version,
+        )
         read_version = int((data.get("metadata") or {}).get("version") or 0)
         value = (data.get("data") or {}).get(self.field)
         if value is None:

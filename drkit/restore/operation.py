@@ -74,8 +74,8 @@ class RestoreOperation:
         # Check every target before writing anything
         pgdata = self.request.pgdata.absolute()
         tablespaces = self._tablespace_targets(manifest)
-        for target in [pgdata, *tablespaces.values()]:
-            _require_empty(target)
+        for directory in [pgdata, *tablespaces.values()]:
+            _require_empty(directory)
 
         try:
             # Lay out directories and tablespace links, then write the files
@@ -99,8 +99,8 @@ class RestoreOperation:
             # Never leave a half-restored cluster that someone could start: the targets were
             # empty when we began, so emptying them again loses nothing.
             self.progress.stop()
-            for target in [pgdata, *tablespaces.values()]:
-                _empty(target)
+            for directory in [pgdata, *tablespaces.values()]:
+                _empty(directory)
             raise
         return RestoreResult(
             label=str(label),

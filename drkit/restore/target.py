@@ -8,6 +8,7 @@ missing segment on the way), instead of PostgreSQL discovering it after a long r
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
 from drkit.pg.recovery import RecoveryTarget, TargetKind
@@ -15,7 +16,9 @@ from drkit.pg.wal import parse_lsn, parse_segment_name, segment_name
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
 from drkit.repo.repository import Repository
-from drkit.wal.archive import WalArchive
+
+if TYPE_CHECKING:
+    from drkit.wal.archive import WalArchive
 
 
 class TargetUnreachable(DrkitError):
@@ -60,6 +63,8 @@ def check_reachable(repo: Repository, manifest: Manifest, target: RecoveryTarget
         return  # the backup carries every segment it needs
     if target.kind is TargetKind.TIME and target.time > datetime.now(UTC):
         raise TargetUnreachable(f"recovery target time '{target.value}' is in the future")
+    from drkit.wal.archive import WalArchive
+
     archive = WalArchive(repo)
     segment_size = manifest.wal_segment_size
     path = _timeline_path(archive, manifest, target)

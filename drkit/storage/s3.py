@@ -65,12 +65,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import io
 import logging
 import math
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,6 +102,7 @@ from drkit.storage.base import (
     BaseStorage,
     BaseWriter,
     ObjectInfo,
+    WrittenObject,
     validate_key,
     validate_prefix,
     validate_range,
@@ -173,7 +176,9 @@ class ObjectLock:
 
     def __post_init__(self) -> None:
         if self.mode not in ("GOVERNANCE", "COMPLIANCE"):
-            raise ValueError(f"object lock mode must be GOVERNANCE or COMPLIANCE, not {self.mode!r}")
+            raise ValueError(
+                f"object lock mode must be GOVERNANCE or COMPLIANCE, not {self.mode!r}"
+            )
         if self.days < 1:
             raise ValueError(f"object lock days must be at least 1, got {self.days}")
 
@@ -233,7 +238,9 @@ class S3Config:
                 f" got {self.multipart_threshold}"
             )
         if not 1 <= self.max_concurrency <= 64:
-            raise ValueError(f"max_concurrency must be between 1 and 64, got {self.max_concurrency}")
+            raise ValueError(
+                f"max_concurrency must be between 1 and 64, got {self.max_concurrency}"
+            )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
 
@@ -324,7 +331,7 @@ class S3Storage(BaseStorage):
 
     def write_bytes(
         self, key: str, data: bytes, *, retain_until: datetime | None = None
-    ) -> Any:
+    ) -> WrittenObject:
         with self.open_write(key, retain_until=retain_until) as writer:
             writer.write(data)
         return writer.commit()
@@ -343,7 +350,9 @@ class S3Storage(BaseStorage):
                 "reading",
                 key,
                 lambda: self.client.get_object(
-                    Bucket=self.config.bucket, Key=s3key, Range=f"bytes={offset}-{offset + first - 1}"
+                    Bucket=self.config.bucket,
+                    Key=s3key,
+                    Range=f"bytes={offset}-{offset + first - 1}",
                 ),
                 passthrough=frozenset({"InvalidRange"}),
             )
@@ -382,7 +391,7 @@ class S3Storage(BaseStorage):
             args: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": full}
             if token:
                 args["ContinuationToken"] = token
-            page = self._call("listing", prefix or "/", lambda: self.client.list_objects_v2(**args))
+            page = self._call("listing", prefix or "/", functools.partial(self._list_page, args))
             for item in page.get("Contents", ()):
                 key = item["Key"][len(self._base) :]
                 if _is_key(key):  # skip foreign objects drkit could not have written
@@ -421,6 +430,9 @@ class S3Storage(BaseStorage):
 
     # -- helpers for the writer and the readers ---------------------------------------------------
 
+    def _list_page(self, args: dict[str, Any]) -> Any:
+        return self.client.list_objects_v2(**args)
+
     def _s3key(self, key: str) -> str:
         validate_key(key)
         s3key = self._base + key
@@ -454,9 +466,7 @@ class S3Storage(BaseStorage):
         except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as err:
             raise self._error(err, action, key, counter.count) from err
 
-    def _head(
-        self, s3key: str, action: str, key: str, **extra: Any
-    ) -> dict[str, Any] | None:
+    def _head(self, s3key: str, action: str, key: str, **extra: Any) -> dict[str, Any] | None:
         """HeadObject, or None if there is no such object."""
         try:
             head: dict[str, Any] = self._call(
@@ -469,7 +479,7 @@ class S3Storage(BaseStorage):
         return head
 
     def _object_args(self, retain_until: datetime | None) -> dict[str, Any]:
-        """Storage class, encryption and retention arguments of PutObject / CreateMultipartUpload."""
+        """Storage class, encryption and retention for PutObject / CreateMultipartUpload."""
         cfg = self.config
         args: dict[str, Any] = {}
         if cfg.storage_class:
@@ -480,7 +490,9 @@ class S3Storage(BaseStorage):
                 args["SSEKMSKeyId"] = cfg.sse_kms_key_id
         if cfg.object_lock is not None:
             if retain_until is None:
-                retain_until = _ceil_second(datetime.now(UTC) + timedelta(days=cfg.object_lock.days))
+                retain_until = _ceil_second(
+                    datetime.now(UTC) + timedelta(days=cfg.object_lock.days)
+                )
             args["ObjectLockMode"] = cfg.object_lock.mode
             args["ObjectLockRetainUntilDate"] = retain_until
         return args
@@ -505,27 +517,26 @@ class S3Storage(BaseStorage):
         verifier = _Verifier(self, key, s3key, head.get("ETag"), head.get("Metadata") or {}, 0)
         verifier.finish()
 
-    def _stored_checksum(self, key: str, s3key: str, etag: str | None) -> tuple[str | None, bool]:
-        """The store's SHA-256 checksum of the object and whether it keeps any other checksum."""
+    def _stored_checksum(self, key: str, s3key: str, etag: str | None) -> _StoredChecksum:
+        """The checksums the store keeps for the object (HeadObject with ChecksumMode)."""
         extra: dict[str, Any] = {"ChecksumMode": "ENABLED"}
         if etag:
             extra["IfMatch"] = etag
         try:
-            head = self._head(s3key, "reading", key, **extra)
-        except StorageError as err:
-            if isinstance(err.__cause__, ClientError) and _code(err.__cause__) in (
-                "PreconditionFailed",
-                "412",
-            ):
-                raise self._changed_error(key) from None
-            raise
-        if head is None:
-            raise self._not_found_error(key)
-        others = any(
-            head.get(name) for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1",
-                                        "ChecksumCRC64NVME")
+            head = self._call(
+                "reading",
+                key,
+                lambda: self.client.head_object(Bucket=self.config.bucket, Key=s3key, **extra),
+                passthrough=frozenset({"PreconditionFailed", "412"}),
+            )
+        except ClientError:
+            raise self._changed_error(key) from None
+        others = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumCRC64NVME")
+        return _StoredChecksum(
+            head.get("ChecksumSHA256"),
+            head.get("ChecksumType") == "FULL_OBJECT",
+            any(head.get(name) for name in others),
         )
-        return head.get("ChecksumSHA256"), others
 
     def _warn_unverifiable(self, key: str) -> None:
         if not self._warned_unverifiable:
@@ -544,9 +555,7 @@ class S3Storage(BaseStorage):
         prefix = f", prefix '{self.config.prefix}'" if self.config.prefix else ""
         return f"S3 repository '{self.name}' (bucket '{self.config.bucket}'{prefix})"
 
-    def _error(
-        self, err: BaseException, action: str, key: str, attempts: int = 1
-    ) -> StorageError:
+    def _error(self, err: BaseException, action: str, key: str, attempts: int = 1) -> StorageError:
         cfg = self.config
         where = self._where()
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
@@ -705,7 +714,7 @@ class _S3Writer(BaseWriter):
 
     def _put(self) -> None:
         storage = self._storage
-        body = bytes(self._buffer)
+        body, self._buffer = bytes(self._buffer), bytearray()
         digest = self._sha256.digest()
         args = storage._object_args(self._retain_until)
         attempts = Attempts()
@@ -730,7 +739,6 @@ class _S3Writer(BaseWriter):
             if attempts.count > 1 and self._is_ours():
                 return  # an earlier attempt succeeded; its reply was lost
             raise storage._exists_error(self.key) from None
-        self._buffer = bytearray()
 
     # multipart
 
@@ -741,7 +749,8 @@ class _S3Writer(BaseWriter):
                 return
             self._create_upload()
         while len(self._buffer) >= cfg.part_size:
-            part = bytes(self._buffer[: cfg.part_size])
+            with memoryview(self._buffer) as view:
+                part = bytes(view[: cfg.part_size])  # one copy, not two
             del self._buffer[: cfg.part_size]
             self._submit(part)
 
@@ -811,8 +820,10 @@ class _S3Writer(BaseWriter):
 
     def _raise_failed(self) -> None:
         for future in self._futures:
-            if future.done() and future.exception() is not None:
-                raise future.exception()  # type: ignore[misc]
+            if future.done() and not future.cancelled():
+                error = future.exception()
+                if error is not None:
+                    raise error
 
     def _complete(self) -> None:
         storage = self._storage
@@ -821,7 +832,7 @@ class _S3Writer(BaseWriter):
             self._submit(part)
         results = [future.result() for future in self._futures]
         parts = [entry for entry, _ in results]
-        expected = f"{_b64(hashlib.sha256(b''.join(d for _, d in results)).digest())}-{len(parts)}"
+        expected = _b64(hashlib.sha256(b"".join(digest for _, digest in results)).digest())
         upload_id = self._upload_id
         attempts = Attempts()
         try:
@@ -847,17 +858,18 @@ class _S3Writer(BaseWriter):
                 raise storage._exists_error(self.key) from None
         self._upload_id = None  # completed: nothing left to abort
         self._stop_parts()
-        stored = resp.get("ChecksumSHA256")
-        if not stored:
-            stored, _ = storage._stored_checksum(self.key, self._s3key, resp.get("ETag"))
-        if stored is None:
+        stored = _StoredChecksum(resp.get("ChecksumSHA256"))
+        if not stored.sha256:
+            stored = storage._stored_checksum(self.key, self._s3key, resp.get("ETag"))
+        if stored.sha256 is None:
             storage._warn_unverifiable(self.key)
-        elif stored != expected:
+        elif stored.matches(expected, len(parts)) is False:
             with contextlib.suppress(StorageError):
                 storage.delete(self.key)
             raise StorageError(
-                f"S3 repository '{storage.name}' stored '{self.key}' with checksum {stored}, but"
-                f" drkit sent parts with checksum {expected}: the upload was damaged",
+                f"S3 repository '{storage.name}' stored '{self.key}' with checksum"
+                f" {stored.sha256}, but drkit sent parts with checksum {expected}-{len(parts)}:"
+                " the upload was damaged",
                 hint="drkit removed the damaged object (unless Object Lock kept it); write it"
                 " again, and check the network path to the store",
             )
@@ -875,13 +887,33 @@ class _S3Writer(BaseWriter):
         storage = self._storage
         with contextlib.suppress(StorageError):
             head = storage._head(self._s3key, "committing", self.key)
-            return head is not None and (head.get("Metadata") or {}).get(
-                META_WRITE_ID
-            ) == self._write_id
+            return (
+                head is not None
+                and (head.get("Metadata") or {}).get(META_WRITE_ID) == self._write_id
+            )
         return False
 
 
 # -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StoredChecksum:
+    """What HeadObject reports: the SHA-256 checksum (``<b64>`` or ``<b64>-<parts>``), whether it
+    is a full-object one, and whether the store keeps a checksum of another algorithm."""
+
+    sha256: str | None
+    full_object: bool = False
+    others: bool = False
+
+    def matches(self, composite: str, parts: int) -> bool | None:
+        """Compare with drkit's composite of `parts` part digests; None if not comparable."""
+        if self.sha256 is None or self.full_object:
+            return None
+        value, _, count = self.sha256.partition("-")
+        if count and count != str(parts):
+            return None
+        return value == composite
 
 
 class _Source:
@@ -932,11 +964,9 @@ class _StreamSource(_Source):
                 self._failures += 1
                 self._close_body()
                 if self._failures >= self._storage.retry.max_attempts:
-                    raise self._storage._error(
-                        err, "reading", self._key, self._failures
-                    ) from err
+                    raise self._storage._error(err, "reading", self._key, self._failures) from err
                 log.debug("reading '%s' broke at byte %d: %s; resuming", self._key, self._pos, err)
-                _sleep(self._storage.retry.delay(self._failures))
+                time.sleep(self._storage.retry.delay(self._failures))
                 continue
             if not count:
                 self._close_body()  # this response is done; the next GET continues
@@ -1001,9 +1031,7 @@ class _ParallelSource(_Source):
         self._s3key = s3key
         self._etag = etag
         chunk = storage.config.part_size
-        self._ranges = deque(
-            (pos, min(pos + chunk, end)) for pos in range(first_end, end, chunk)
-        )
+        self._ranges = deque((pos, min(pos + chunk, end)) for pos in range(first_end, end, chunk))
         self._executor = ThreadPoolExecutor(
             storage.config.max_concurrency, thread_name_prefix="drkit-s3-get"
         )
@@ -1020,9 +1048,7 @@ class _ParallelSource(_Source):
     def _fetch(self, begin: int, stop: int, body: Any) -> bytes:
         data = bytearray(stop - begin)
         view = memoryview(data)
-        source = _StreamSource(
-            self._storage, self._key, self._s3key, self._etag, begin, stop, body
-        )
+        source = _StreamSource(self._storage, self._key, self._s3key, self._etag, begin, stop, body)
         got = 0
         try:
             while got < len(data):
@@ -1064,7 +1090,7 @@ class _Verifier:
         etag: str | None,
         metadata: dict[str, str],
         total: int,
-        stored_checksum: Callable[[], tuple[str | None, bool]] | None = None,
+        stored_checksum: Callable[[], _StoredChecksum] | None = None,
     ) -> None:
         self._storage = storage
         self._key = key
@@ -1125,23 +1151,25 @@ class _Verifier:
         if self._part_fill or not self._digests:
             self._digests.append(self._part.digest())
         parts = len(self._digests)
-        actual = f"{_b64(hashlib.sha256(b''.join(self._digests)).digest())}-{parts}"
-        stored, others = self._stored_checksum()
-        if stored is None:
-            if others:  # the store checksums objects, but this one has no SHA-256 of ours
+        actual = _b64(hashlib.sha256(b"".join(self._digests)).digest())
+        stored = self._stored_checksum()
+        if stored.sha256 is None:
+            if stored.others:  # the store checksums objects, but this one has no SHA-256 of ours
                 raise self._storage._integrity_error(
-                    self._key, "the store keeps no SHA-256 checksum for it, so it is not the"
-                    " object drkit wrote (drkit sends one with every part)",
+                    self._key,
+                    "the store keeps no SHA-256 checksum for it, so it is not the object drkit"
+                    " wrote (drkit sends one with every part)",
                 )
             self._storage._warn_unverifiable(self._key)
             return
-        if not stored.endswith(f"-{parts}"):
-            # Another tool copied it with other part sizes: no longer comparable here.
+        match = stored.matches(actual, parts)
+        if match is None:
+            # Copied by another tool with other part sizes: no longer comparable here.
             self._storage._warn_unverifiable(self._key)
-            return
-        if stored != actual:
+        elif not match:
             raise self._storage._integrity_error(
-                self._key, f"its composite SHA-256 is {actual} but the store recorded {stored}"
+                self._key,
+                f"its composite SHA-256 is {actual}-{parts} but the store recorded {stored.sha256}",
             )
 
 
@@ -1259,11 +1287,6 @@ def _ceil_second(when: datetime) -> datetime:
     if when.microsecond:
         when = when.replace(microsecond=0) + timedelta(seconds=1)
     return when
-
-
-def _sleep(seconds: float) -> None:
-    # Indirection so tests can patch the pause of a resumed stream without touching time.sleep.
-    threading.Event().wait(seconds)
 
 
 def composite_checksum(data: bytes, part_size: int) -> str:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO, Literal, Protocol
+from typing import Literal, Protocol
 
 from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
 from drkit.crypto.base import KeyProvider
@@ -31,6 +31,10 @@ READ_CHUNK = 1024 * 1024
 
 KeyPeriod = Literal["daily", "hourly"]
 _PERIOD_FORMATS = {"daily": "%Y%m%d", "hourly": "%Y%m%d%H"}
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 class RepoLike(Protocol):
@@ -175,7 +179,7 @@ def write_object(
     repo: RepoLike,
     keyring: WalKeyring,
     wal: WalName,
-    source: BinaryIO,
+    source: Readable,
     *,
     key_period: KeyPeriod,
     compress_level: int | None,
@@ -200,7 +204,7 @@ def write_object(
         buffer = bytearray(READ_CHUNK)
         view = memoryview(buffer)
         while True:
-            count = source.readinto(view)  # type: ignore[attr-defined]
+            count = source.readinto(view)
             if not count:
                 break
             frame.write(view[:count])
