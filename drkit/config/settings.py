@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -109,12 +111,95 @@ class KeysSettings(_Section):
         return self
 
 
-class RepoSettings(_Section):
+class _RepoBase(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    type: Literal["posix"] = "posix"
-    path: Path
     media: str = "disk"
     offsite: bool = False
+
+
+class PosixRepo(_RepoBase):
+    type: Literal["posix"] = "posix"
+    path: Path
+
+
+class S3ObjectLock(_Section):
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    days: int = Field(ge=1, le=36500, description="retention from each object's write")
+
+
+_MiB = 1024 * 1024
+# Keys that would put a credential into drkit's configuration: refused with a pointer to the chain.
+_CREDENTIAL_KEYS = frozenset(
+    {
+        "access_key",
+        "access_key_id",
+        "aws_access_key_id",
+        "secret_key",
+        "secret_access_key",
+        "aws_secret_access_key",
+        "session_token",
+        "aws_session_token",
+    }
+)
+
+
+class S3Repo(_RepoBase):
+    """An S3 bucket + prefix (docs/s3.md). Credentials come from the AWS chain, never from here."""
+
+    type: Literal["s3"]
+    media: str = "object-storage"
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = Field(None, description="MinIO, Ceph RGW, ... (default: AWS)")
+    force_path_style: bool | None = Field(None, description="default: true with endpoint_url")
+    profile: str | None = Field(None, description="named profile of the shared AWS config")
+    storage_class: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    object_lock: S3ObjectLock | None = None
+    multipart_threshold: int = Field(16 * _MiB, ge=0, le=5 * 1024 * _MiB)
+    part_size: int = Field(16 * _MiB, ge=5 * _MiB, le=5 * 1024 * _MiB)
+    max_concurrency: int = Field(4, ge=1, le=64, description="parallel parts per transfer")
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per request")
+    connect_timeout: float = Field(10, gt=0)
+    read_timeout: float = Field(60, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            found = sorted(k for k in data if str(k).lower() in _CREDENTIAL_KEYS)
+            if found:
+                raise ValueError(
+                    f"{', '.join(found)}: drkit never reads S3 credentials from its configuration;"
+                    " use the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or"
+                    " 'profile', web identity / IRSA, instance role), see docs/s3.md"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3Repo:
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("sse_kms_key_id needs sse = 'aws:kms'")
+        if self.storage_class and self.storage_class.upper() in ("GLACIER", "DEEP_ARCHIVE"):
+            raise ValueError(
+                f"storage_class '{self.storage_class}' cannot be read without a restore request;"
+                " drkit reads objects back (verify, restore, drills): use GLACIER_IR or STANDARD_IA"
+            )
+        return self
+
+
+def _repo_type(value: Any) -> str:
+    kind = value.get("type", "posix") if isinstance(value, dict) else getattr(value, "type", None)
+    return str(kind or "posix")
+
+
+# One entry of [[repo]]: the `type` key picks the model (posix when it is missing).
+RepoSettings = Annotated[
+    Annotated[PosixRepo, Tag("posix")] | Annotated[S3Repo, Tag("s3")],
+    Discriminator(_repo_type),
+]
 
 
 class BackupSettings(_Section):

@@ -1,0 +1,144 @@
+"""Which wrapping keys and key versions a repository's backups and WAL still depend on.
+
+For each record set (a backup, a WAL key period) the newest record decides: it is what readers
+unwrap first, and after ``drkit keys rewrap`` it is on the newest version. The oldest version any
+set still needs is the highest ``min_decryption_version`` that keeps every backup readable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from drkit.config.settings import Settings
+from drkit.errors import IntegrityError
+from drkit.keys.common import open_managed_keys, repositories
+from drkit.keys.records import RecordSet, describe, record_sets
+
+
+@dataclass
+class SetStatus:
+    repo: str
+    kind: str  # "backup" or "wal"
+    name: str
+    record: str | None  # object key of the newest record
+    records: int
+    provider: str | None
+    key: str | None
+    version: int | None
+    escrow: str | None  # recipient key id of the newest record's escrow part
+    problem: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class KeysStatus:
+    provider: str
+    key: str
+    latest_version: int | None
+    min_decryption_version: int | None
+    escrow: str | None  # the configured recovery key id
+    sets: list[SetStatus] = field(default_factory=list)
+
+    @property
+    def ours(self) -> list[SetStatus]:
+        return [s for s in self.sets if s.provider == self.provider and s.key == self.key]
+
+    @property
+    def other_keys(self) -> list[SetStatus]:
+        return [s for s in self.sets if s not in self.ours]
+
+    @property
+    def versions_needed(self) -> dict[int, int]:
+        """version -> number of sets whose newest record is on it."""
+        counts: dict[int, int] = {}
+        for s in self.ours:
+            if s.version is not None:
+                counts[s.version] = counts.get(s.version, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def oldest_needed(self) -> int | None:
+        return min(self.versions_needed, default=None)
+
+    @property
+    def may_raise_to(self) -> int | None:
+        """The highest min_decryption_version that keeps everything readable."""
+        if self.latest_version is None:
+            return None
+        return self.oldest_needed or self.latest_version
+
+    @property
+    def without_escrow(self) -> list[SetStatus]:
+        if self.escrow is None:
+            return []
+        return [s for s in self.sets if s.escrow != self.escrow]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "key": self.key,
+            "latest_version": self.latest_version,
+            "min_decryption_version": self.min_decryption_version,
+            "versions_needed": {str(k): v for k, v in self.versions_needed.items()},
+            "oldest_needed_version": self.oldest_needed,
+            "may_raise_min_decryption_version_to": self.may_raise_to,
+            "escrow": self.escrow,
+            "without_escrow": len(self.without_escrow),
+            "other_keys": len(self.other_keys),
+            "sets": [s.as_dict() for s in self.sets],
+        }
+
+
+class KeyStatusOperation:
+    def __init__(self, settings: Settings, repo: str | None = None) -> None:
+        self.settings = settings
+        self.repo_name = repo
+
+    def run(self) -> KeysStatus:
+        keys = open_managed_keys(self.settings)
+        state = keys.versioned.key_state() if keys.versioned is not None else None
+        status = KeysStatus(
+            provider=keys.base.kind,
+            key=keys.key,
+            latest_version=state.latest_version if state else None,
+            min_decryption_version=state.min_decryption_version if state else None,
+            escrow=keys.recipient.key_id if keys.recipient else None,
+        )
+        for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
+            for record_set in record_sets(repo):
+                status.sets.append(_set_status(repo_settings.name, record_set))
+        return status
+
+
+def _set_status(repo: str, record_set: RecordSet) -> SetStatus:
+    newest = record_set.newest()
+    status = SetStatus(
+        repo,
+        record_set.kind,
+        record_set.name,
+        None,
+        len(record_set.records),
+        None,
+        None,
+        None,
+        None,
+    )
+    if newest is None or newest.record is None:
+        status.problem = "no readable key record"
+        return status
+    status.record = newest.object_key
+    status.escrow = newest.escrow_recipient
+    try:
+        described = describe(newest.record)
+    except IntegrityError as exc:
+        status.problem = str(exc)
+        return status
+    status.provider, status.key, status.version = (
+        described.provider,
+        described.key,
+        described.version,
+    )
+    return status

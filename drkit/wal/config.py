@@ -1,0 +1,216 @@
+"""The configuration of the WAL commands, loaded without pydantic when it can be.
+
+wal-push runs once per WAL segment, so its start-up time is on the database's critical path, and
+pydantic-settings alone takes ~100 ms to import. The common case — a posix repository, the keyfile
+provider, no ``DRKIT_*`` overrides in the environment — is therefore read here with ``tomllib``.
+Everything else (other storage or key providers, environment overrides, anything unexpected or
+invalid in the sections read here) goes through the full loader, ``load_settings``, which is the
+reference: the fast path accepts only what it would accept and gives the same values
+(tests/test_wal_config.py compares them). Sections the WAL commands do not use are not validated on
+the fast path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drkit.crypto.base import KeyProvider
+from drkit.errors import ConfigError
+from drkit.storage.base import Storage
+from drkit.wal.objects import KeyPeriod, RepoLike
+
+DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")  # as drkit.config.settings
+DEFAULT_LOCK_PATH = Path("/tmp/drkit")
+_REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_POSTGRES_KEYS = {"pgdata", "dsn", "host", "port", "user", "dbname"}
+_REPO_KEYS = {"name", "type", "path", "media", "offsite"}
+_ARCHIVE_KEYS = {"async", "spool_path", "process_max", "compress_level", "key_period",
+                 "push_timeout"}
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    async_: bool = False
+    spool_path: Path | None = None
+    process_max: int = min(4, os.cpu_count() or 1)
+    compress_level: int = 1
+    key_period: KeyPeriod = "daily"
+    push_timeout: float = 60.0
+
+
+class WalRepository:
+    """A repository as the WAL code needs it: storage now, the key provider when first used (so
+    that asking for a WAL file that is not archived never contacts the key provider)."""
+
+    def __init__(self, storage: Storage, keys: Callable[[], KeyProvider]) -> None:
+        self.storage = storage
+        self._make_keys = keys
+        self._keys: KeyProvider | None = None
+
+    @property
+    def name(self) -> str:
+        return self.storage.name
+
+    @property
+    def keys(self) -> KeyProvider:
+        if self._keys is None:
+            self._keys = self._make_keys()
+        return self._keys
+
+
+@dataclass(frozen=True)
+class WalConfig:
+    config_path: Path
+    pgdata: Path
+    lock_path: Path
+    archive: ArchiveConfig
+    repo_name: str
+    fast: bool  # loaded without pydantic
+    _open_repo: Callable[[], RepoLike]
+
+    def open_repository(self) -> RepoLike:
+        """The primary repository (the first configured one), where WAL is pushed."""
+        return self._open_repo()
+
+    @property
+    def spool_path(self) -> Path:
+        """Where the async mode keeps its status files: one directory per cluster."""
+        if self.archive.spool_path is not None:
+            return self.archive.spool_path
+        digest = hashlib.sha256(str(self.pgdata.absolute()).encode()).hexdigest()[:12]
+        return self.lock_path / f"spool-{digest}"
+
+
+def config_file(config: Path | None) -> Path:
+    path = config or Path(os.environ.get("DRKIT_CONFIG", DEFAULT_CONFIG))
+    if not path.is_file():
+        raise ConfigError(
+            f"configuration file '{path}' does not exist",
+            hint="pass --config PATH or set DRKIT_CONFIG; docs/configuration.md has an example",
+        )
+    return path
+
+
+def load_wal_config(config: Path | None, *, fast: bool = True) -> WalConfig:
+    path = config_file(config)
+    if fast and not any(k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG"
+                        for k in os.environ):
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            data = None  # the full loader explains it
+        loaded = _from_toml(data, path) if data is not None else None
+        if loaded is not None:
+            return loaded
+    return _from_settings(path)
+
+
+class _Unsupported(Exception):
+    """Something the fast path does not handle: defer to the full loader."""
+
+
+def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
+    try:
+        postgres = _table(data, "postgres", _POSTGRES_KEYS, required=True)
+        pgdata = _path(postgres, "pgdata", required=True)
+        for key in ("dsn", "host", "user", "dbname"):
+            if key in postgres and not isinstance(postgres[key], str):
+                raise _Unsupported
+        if "port" in postgres and not _int_in(postgres["port"], 1, 65535):
+            raise _Unsupported
+        keys = _table(data, "keys", {"provider", "keyfile"}, required=True)
+        if keys.get("provider", "keyfile") != "keyfile":
+            raise _Unsupported
+        keyfile = _path(keys, "keyfile", required=True)
+        repos = data.get("repo")
+        if not isinstance(repos, list) or not repos:
+            raise _Unsupported
+        names = set()
+        for repo in repos:
+            if not isinstance(repo, dict) or set(repo) - _REPO_KEYS:
+                raise _Unsupported
+            name = repo.get("name")
+            if not isinstance(name, str) or not _REPO_NAME.fullmatch(name) or name in names:
+                raise _Unsupported
+            names.add(name)
+            if repo.get("type", "posix") != "posix" or not isinstance(repo.get("path"), str):
+                raise _Unsupported
+            if not isinstance(repo.get("media", ""), str):
+                raise _Unsupported
+            if not isinstance(repo.get("offsite", False), bool):
+                raise _Unsupported
+        primary = repos[0]
+        lock_path = _path(data, "lock_path") or DEFAULT_LOCK_PATH
+        archive = _archive(_table(data, "archive", _ARCHIVE_KEYS))
+    except _Unsupported:
+        return None
+    repo_path, repo_name = Path(primary["path"]), primary["name"]
+
+    def open_repo() -> RepoLike:
+        from drkit.crypto.keyfile import KeyfileProvider
+        from drkit.storage.posix import PosixStorage
+
+        return WalRepository(PosixStorage(repo_path, name=repo_name),
+                             lambda: KeyfileProvider(keyfile))
+
+    return WalConfig(path, pgdata, lock_path, archive, repo_name, True, open_repo)
+
+
+def _archive(table: dict[str, Any]) -> ArchiveConfig:
+    defaults = ArchiveConfig()
+    async_ = table.get("async", defaults.async_)
+    process_max = table.get("process_max", defaults.process_max)
+    level = table.get("compress_level", defaults.compress_level)
+    period = table.get("key_period", defaults.key_period)
+    timeout = table.get("push_timeout", defaults.push_timeout)
+    if not isinstance(async_, bool) or period not in ("daily", "hourly"):
+        raise _Unsupported
+    if not _int_in(process_max, 1, 64) or not _int_in(level, -7, 22):
+        raise _Unsupported
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise _Unsupported
+    return ArchiveConfig(async_, _path(table, "spool_path"), process_max, level, period,
+                         float(timeout))
+
+
+def _table(data: dict[str, Any], name: str, allowed: set[str], *, required: bool = False
+           ) -> dict[str, Any]:
+    table = data.get(name)
+    if table is None and not required:
+        return {}
+    if not isinstance(table, dict) or set(table) - allowed:
+        raise _Unsupported
+    return table
+
+
+def _path(table: dict[str, Any], key: str, *, required: bool = False) -> Path | None:
+    value = table.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _Unsupported
+    return Path(value)
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _from_settings(path: Path) -> WalConfig:
+    from drkit.config.settings import load_settings
+    from drkit.repo.open import open_repository
+
+    settings = load_settings(path)
+    a = settings.archive
+    archive = ArchiveConfig(a.async_, a.spool_path, a.process_max, a.compress_level,
+                            a.key_period, float(a.push_timeout))
+    return WalConfig(path, settings.postgres.pgdata, settings.lock_path, archive,
+                     settings.repo[0].name, False, lambda: open_repository(settings))
