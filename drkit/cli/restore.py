@@ -68,6 +68,10 @@ def command(
         ),
     ] = None,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
+    recovery_key: Annotated[
+        Path | None,
+        typer.Option(help="unwrap data keys with this escrow recovery key; never contacts Vault"),
+    ] = None,
     target_time: Annotated[
         str | None, typer.Option(help="recover to this time, e.g. '2026-11-27 10:15:00+00'")
     ] = None,
@@ -102,7 +106,9 @@ def command(
     """
     from drkit.restore.operation import RestoreOperation, RestoreRequest
 
-    settings = settings_from(config, {"backup": {"process_max": process_max}})
+    settings = settings_from(
+        config, {"backup": {"process_max": process_max}, "keys": {"recovery_key": recovery_key}}
+    )
     chosen = {
         TargetKind.TIME: target_time,
         TargetKind.LSN: target_lsn,

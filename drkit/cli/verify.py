@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,12 +26,17 @@ def command(
     config: ConfigOption = None,
     backup: Annotated[str | None, typer.Option(help="backup label (default: every backup)")] = None,
     repo: Annotated[str | None, typer.Option(help="repository to verify")] = None,
+    recovery_key: Annotated[
+        Path | None,
+        typer.Option(help="unwrap data keys with this escrow recovery key; never contacts Vault"),
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
     """Verify backups: every object read, every frame authenticated, every checksum checked."""
     from drkit.verify.operation import VerifyOperation
 
-    report = VerifyOperation(settings_from(config), backup, repo, progress()).run()
+    settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
+    report = VerifyOperation(settings, backup, repo, progress()).run()
     if json_:
         print_json(
             {
