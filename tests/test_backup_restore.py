@@ -246,10 +246,11 @@ def test_killed_backup_is_never_listed_and_next_backup_succeeds(pg: PgCluster, w
     proc = dk.spawn("backup")
     data_dir = dk.repo_path / "backup"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         if any(data_dir.glob("*/data/*")):
             break
         time.sleep(0.02)
+    assert proc.poll() is None, f"the backup ended before it was killed: {proc.communicate()}"
     proc.kill()
     proc.wait()
     assert any(data_dir.glob("*/data/*")), "the backup was killed before it wrote anything"
@@ -321,7 +322,7 @@ def test_two_restores_at_once(pg: PgCluster, workdir: Path) -> None:
     procs = [dk.spawn("restore", "--pgdata", str(workdir / name)) for name in ("a", "b")]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+        assert proc.returncode == 0, out + err
     for name in ("a", "b"):
         restored = start_restored(workdir / name, pg.version, workdir)
         assert database_checksums(restored) == source

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +29,16 @@ from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
 
 READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whole pages
+
+
+class SourceStream(Protocol):
+    """What a source opens: a file opened unbuffered, or an in-memory buffer."""
+
+    def readinto(self, buffer: bytearray) -> int | None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class Source:
     size: int  # expected size, for planning; the bytes actually read are recorded
     mode: int
     mtime: float
-    open: Callable[[], BinaryIO]
+    open: Callable[[], SourceStream]
     page_check_segment: int | None = None  # relation segment number, when pages are verified
     required: bool = False  # a required source that vanished fails the backup
     delta: Delta | None = None
@@ -136,8 +146,10 @@ class FileCopier:
                     if src.required:
                         raise
                     continue  # dropped while we ran (a dropped table); WAL replay agrees
-                with stream:
+                try:
                     entry, warnings = self._store_file(src, stream, writer.write, key, offset)
+                finally:
+                    stream.close()
                 result.files.append(entry)
                 result.warnings += warnings
                 offset += entry.length
@@ -148,7 +160,7 @@ class FileCopier:
     def _store_file(
         self,
         src: Source,
-        stream: BinaryIO,
+        stream: SourceStream,
         sink: Callable[[bytes], object],
         key: str,
         offset: int,
@@ -187,13 +199,7 @@ class FileCopier:
             self._progress.advance(n)
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
-        delta_fields = {}
-        if src.delta is not None and pages is not None:
-            delta_fields = {
-                "pages": pages.ranges,
-                "base": src.delta.base,
-                "frame_sha256": info.plain_sha256,
-            }
+        delta = src.delta
         entry = FileEntry(
             path=src.path,
             size=position if src.delta is not None else info.plain_size,
@@ -204,11 +210,13 @@ class FileCopier:
             offset=offset,
             length=info.stored_size,
             bad_pages=bad_pages,
-            **delta_fields,
+            pages=pages.ranges if pages is not None else None,
+            base=delta.base if delta is not None else None,
+            frame_sha256=info.plain_sha256 if delta is not None else None,
         )
         return entry, warnings
 
-    def _check_pages(self, stream: BinaryIO, chunk: memoryview, first_block: int) -> list[int]:
+    def _check_pages(self, stream: SourceStream, chunk: memoryview, first_block: int) -> list[int]:
         assert self._page_check_lsn is not None
         failures = check_pages(chunk, first_block, self._page_check_lsn)
         bad: list[int] = []

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 from drkit import __version__
 from drkit.backup.copy import CopyResult, Delta, FileCopier, Source
@@ -224,9 +223,9 @@ class BackupOperation:
                     history.stat().st_size,
                     0o600,
                     now,
-                    partial(open, history, "rb"),
+                    partial(_open_file, history),
                     required=True,
-                )  # type: ignore[arg-type]
+                )
             )
         return sources
 
@@ -318,14 +317,14 @@ def plan_sources(
         delta = None
         if old and parent and segment is not None and _is_main_fork(f.path):
             delta = Delta(since_lsn=since_lsn, parent_size=old.size, base=parent.label)
-        opener = partial(open, f.abspath, "rb", buffering=0)
+        opener = partial(_open_file, f.abspath)
         sources.append(
             Source(
                 f.path,
                 f.size,
                 f.mode,
                 f.mtime,
-                opener,  # type: ignore[arg-type]
+                opener,
                 page_check_segment=segment if cluster.data_checksums else None,
                 delta=delta,
             )
@@ -338,7 +337,13 @@ def _is_main_fork(path: str) -> bool:
     return "_" not in name
 
 
-def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> BinaryIO:
+def _open_file(path: Path) -> io.FileIO:
+    return open(path, "rb", buffering=0)  # noqa: SIM115 - the copier closes it
+
+
+def _open_segment(
+    path: Path, name: str, segment_size: int, system_identifier: int
+) -> io.FileIO:
     """Open a WAL segment in pg_wal, refusing one that is not the segment its name says."""
     _, segno = parse_segment_name(name, segment_size)
     try:

@@ -45,3 +45,20 @@ def command(
         )
     for label in info.incomplete:
         warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")
+    if not info.wal:
+        stdout.print("no WAL archived")
+    for t in info.wal:
+        extra = "".join(
+            [
+                ", history file" if t.history else "",
+                f", {len(t.partial)} .partial" * bool(t.partial),
+            ]
+        )
+        stdout.print(
+            f"WAL timeline {t.timeline}: {t.first or '-'}..{t.last or '-'}"
+            f" ({t.segments} segments{extra})",
+            markup=False,
+        )
+        for first, last in t.missing:
+            span = first if first == last else f"{first}..{last}"
+            warn(f"WAL archive gap on timeline {t.timeline}: {span} missing")

@@ -1,45 +1,71 @@
-"""The drkit command line: each command parses, loads settings, runs one operation, renders."""
+"""The drkit command line: each command parses, loads settings, runs one operation, renders.
+
+``wal-push`` and ``wal-fetch`` run once per WAL segment on PostgreSQL's critical path, so
+``main()`` hands them to drkit/cli/wal.py before anything heavy is imported: the typer app (typer,
+rich, pydantic, psycopg through the commands) is built only for the other commands, on first use
+of ``app`` (``from drkit.cli.main import app`` still works: PEP 562 module ``__getattr__``).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Any
 
-import typer
-
-from drkit import __version__
-from drkit.cli import backup, info, init, keys, restore, verify
-
-app = typer.Typer(
-    name="drkit",
-    help="Backup and disaster recovery for PostgreSQL.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+_FAST_COMMANDS = ("wal-push", "wal-fetch", "wal-pusher")
+_app: Any = None
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"drkit {__version__}")
-        raise typer.Exit()
+def _build_app() -> Any:
+    import typer
+
+    from drkit import __version__
+    from drkit.cli import backup, info, init, keys, restore, verify, wal
+
+    app = typer.Typer(
+        name="drkit",
+        help="Backup and disaster recovery for PostgreSQL.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    def _version(value: bool) -> None:
+        if value:
+            typer.echo(f"drkit {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="show the version"
+        ),
+    ) -> None:
+        """Backup and disaster recovery for PostgreSQL."""
+
+    app.command("init")(init.command)
+    app.command("backup")(backup.command)
+    app.command("info")(info.command)
+    app.command("verify")(verify.command)
+    app.command("restore")(restore.command)
+    app.add_typer(keys.app, name="keys")
+    wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)
+    return app
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")
-    ] = False,
-) -> None:
-    """Backup and disaster recovery for PostgreSQL."""
-
-
-app.command("init")(init.command)
-app.command("backup")(backup.command)
-app.command("info")(info.command)
-app.command("verify")(verify.command)
-app.command("restore")(restore.command)
-app.add_typer(keys.app, name="keys")
+def __getattr__(name: str) -> Any:
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = _build_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
-    app()
+    if len(sys.argv) > 1 and sys.argv[1] in _FAST_COMMANDS:
+        from drkit.cli.wal import run_fast
+
+        code = run_fast(sys.argv[1:])
+        if code is not None:  # None: --help or a usage error, which typer explains
+            sys.exit(code)
+    __getattr__("app")()

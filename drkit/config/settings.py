@@ -252,7 +252,7 @@ class Settings(BaseSettings):
     keys: KeysSettings
     repo: list[RepoSettings] = Field(min_length=1)
     backup: BackupSettings = BackupSettings()
-    archive: ArchiveSettings = ArchiveSettings()
+    archive: ArchiveSettings = Field(default_factory=lambda: ArchiveSettings.model_validate({}))
     lock_path: Path = Field(Path("/tmp/drkit"), description="directory for host-local lock files")
 
     @field_validator("repo")

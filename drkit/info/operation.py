@@ -7,6 +7,7 @@ from typing import Any
 
 from drkit.config.settings import Settings
 from drkit.repo.open import open_repository
+from drkit.wal.archive import TimelineSummary, WalArchive
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RepositoryInfo:
     format: int
     backups: list[BackupSummary] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
+    wal: list[TimelineSummary] = field(default_factory=list)  # archived WAL per timeline
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class RepositoryInfo:
             "format": self.format,
             "backups": [b.as_dict() for b in self.backups],
             "incomplete": self.incomplete,
+            "wal": [t.as_dict() for t in self.wal],
         }
 
 
@@ -58,8 +61,10 @@ class InfoOperation:
         repo = open_repository(self.settings, self.repo_name)
         fmt = repo.check()
         info = RepositoryInfo(repo.name, fmt.system_identifier, fmt.format)
+        segment_size: int | None = None  # of the newest backup, for the WAL archive's gaps
         for label in repo.backups():
             m, _ = repo.load_manifest(label)
+            segment_size = m.wal_segment_size
             info.backups.append(
                 BackupSummary(
                     label=m.label,
@@ -80,4 +85,5 @@ class InfoOperation:
                 )
             )
         info.incomplete = [str(label) for label in repo.incomplete()]
+        info.wal = WalArchive(repo, segment_size=segment_size).summarize()
         return info

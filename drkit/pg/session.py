@@ -90,7 +90,7 @@ class PgSession:
 
     def _one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...]:
         try:
-            row = self._conn.execute(sql, params).fetchone()  # type: ignore[arg-type]
+            row = self._conn.execute(sql.encode(), params).fetchone()
         except psycopg.Error as exc:
             raise PostgresError(f"query failed: {_first_line(exc)}") from None
         assert row is not None
@@ -106,12 +106,11 @@ class PgSession:
             " current_setting('data_checksums') = 'on',"
             " (SELECT bytes_per_wal_segment FROM pg_control_init())"
         )
-        settings = dict(
-            self._conn.execute(  # type: ignore[arg-type]
-                "SELECT name, setting FROM pg_settings WHERE name IN ('data_directory',"
-                " 'wal_level', 'archive_mode', 'archive_command', 'max_replication_slots')"
-            ).fetchall()
-        )
+        rows = self._conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('data_directory',"
+            " 'wal_level', 'archive_mode', 'archive_command', 'max_replication_slots')"
+        ).fetchall()
+        settings: dict[str, str] = {str(name): str(value) for name, value in rows}
         if "data_directory" not in settings:
             raise PostgresError(
                 "the connecting role cannot read server settings",

@@ -519,6 +519,10 @@ class S3Storage(BaseStorage):
 
     def _stored_checksum(self, key: str, s3key: str, etag: str | None) -> _StoredChecksum:
         """The checksums the store keeps for the object (HeadObject with ChecksumMode)."""
+        return _StoredChecksum.from_head(self._checked_head(key, s3key, etag))
+
+    def _checked_head(self, key: str, s3key: str, etag: str | None) -> dict[str, Any]:
+        """HeadObject with the stored checksums, of exactly the version with this ETag."""
         extra: dict[str, Any] = {"ChecksumMode": "ENABLED"}
         if etag:
             extra["IfMatch"] = etag
@@ -531,12 +535,8 @@ class S3Storage(BaseStorage):
             )
         except ClientError:
             raise self._changed_error(key) from None
-        others = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumCRC64NVME")
-        return _StoredChecksum(
-            head.get("ChecksumSHA256"),
-            head.get("ChecksumType") == "FULL_OBJECT",
-            any(head.get(name) for name in others),
-        )
+        result: dict[str, Any] = head
+        return result
 
     def _warn_unverifiable(self, key: str) -> None:
         if not self._warned_unverifiable:
@@ -586,7 +586,7 @@ class S3Storage(BaseStorage):
                     " AWS_PROFILE, web identity / IRSA) and the endpoint's region",
                 )
             if cfg.object_lock is not None and (
-                code == "LockNotEnabled" or "object lock" in message.lower()
+                code == "LockNotEnabled" or "objectlock" in message.lower().replace(" ", "")
             ):
                 return StorageError(
                     f"{action} '{key}' in {where} failed: {code}: {message}",
@@ -673,6 +673,7 @@ class _S3Writer(BaseWriter):
         self._executor: ThreadPoolExecutor | None = None
         self._futures: list[Future[tuple[dict[str, Any], bytes]]] = []
         self._slots = threading.Semaphore(storage.config.max_concurrency)
+        self._object_args: dict[str, Any] = {}
         self._next_part = 1
 
     # BaseWriter hooks
@@ -756,7 +757,7 @@ class _S3Writer(BaseWriter):
 
     def _create_upload(self) -> None:
         storage = self._storage
-        args = storage._object_args(self._retain_until)
+        args = self._object_args = storage._object_args(self._retain_until)
         resp = storage._call(
             "writing",
             self.key,
@@ -859,8 +860,12 @@ class _S3Writer(BaseWriter):
         self._upload_id = None  # completed: nothing left to abort
         self._stop_parts()
         stored = _StoredChecksum(resp.get("ChecksumSHA256"))
-        if not stored.sha256:
-            stored = storage._stored_checksum(self.key, self._s3key, resp.get("ETag"))
+        head: dict[str, Any] | None = None
+        if not stored.sha256 or "ObjectLockMode" in self._object_args:
+            head = storage._checked_head(self.key, self._s3key, resp.get("ETag"))
+            stored = stored if stored.sha256 else _StoredChecksum.from_head(head)
+        if head is not None and "ObjectLockMode" in self._object_args:
+            self._ensure_retention(head)
         if stored.sha256 is None:
             storage._warn_unverifiable(self.key)
         elif stored.matches(expected, len(parts)) is False:
@@ -873,6 +878,28 @@ class _S3Writer(BaseWriter):
                 hint="drkit removed the damaged object (unless Object Lock kept it); write it"
                 " again, and check the network path to the store",
             )
+
+    def _ensure_retention(self, head: dict[str, Any]) -> None:
+        """Apply the retention to the completed object if the store ignored it on
+        CreateMultipartUpload (moto does; AWS does not). Until this call returns, the object is
+        visible without its lock: a crash here leaves it unlocked, never missing."""
+        if head.get("ObjectLockMode"):
+            return
+        storage = self._storage
+        args: dict[str, Any] = {"Bucket": storage.config.bucket, "Key": self._s3key}
+        version = head.get("VersionId")
+        if version and version != "null":
+            args["VersionId"] = version
+        retention = {
+            "Mode": self._object_args["ObjectLockMode"],
+            "RetainUntilDate": self._object_args["ObjectLockRetainUntilDate"],
+        }
+        log.debug("applying Object Lock retention to '%s' after its multipart upload", self.key)
+        storage._call(
+            "locking",
+            self.key,
+            lambda: storage.client.put_object_retention(Retention=retention, **args),
+        )
 
     def _stop_parts(self) -> None:
         if self._executor is None:
@@ -905,6 +932,15 @@ class _StoredChecksum:
     sha256: str | None
     full_object: bool = False
     others: bool = False
+
+    @classmethod
+    def from_head(cls, head: dict[str, Any]) -> _StoredChecksum:
+        others = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumCRC64NVME")
+        return cls(
+            head.get("ChecksumSHA256"),
+            head.get("ChecksumType") == "FULL_OBJECT",
+            any(head.get(name) for name in others),
+        )
 
     def matches(self, composite: str, parts: int) -> bool | None:
         """Compare with drkit's composite of `parts` part digests; None if not comparable."""
@@ -1035,7 +1071,7 @@ class _ParallelSource(_Source):
         self._executor = ThreadPoolExecutor(
             storage.config.max_concurrency, thread_name_prefix="drkit-s3-get"
         )
-        self._pending: deque[Future[bytes]] = deque()
+        self._pending: deque[Future[bytearray]] = deque()
         self._pending.append(self._executor.submit(self._fetch, start, first_end, body))
         while self._ranges and len(self._pending) < storage.config.max_concurrency:
             self._schedule()
@@ -1045,7 +1081,7 @@ class _ParallelSource(_Source):
         begin, stop = self._ranges.popleft()
         self._pending.append(self._executor.submit(self._fetch, begin, stop, None))
 
-    def _fetch(self, begin: int, stop: int, body: Any) -> bytes:
+    def _fetch(self, begin: int, stop: int, body: Any) -> bytearray:
         data = bytearray(stop - begin)
         view = memoryview(data)
         source = _StreamSource(self._storage, self._key, self._s3key, self._etag, begin, stop, body)
@@ -1058,7 +1094,7 @@ class _ParallelSource(_Source):
                 got += count
         finally:
             source.close()
-        return bytes(data)
+        return data
 
     def readinto(self, buffer: memoryview) -> int:
         if not self._current:

@@ -33,13 +33,27 @@ class BackupVerification:
 
 
 @dataclass
-class VerifyReport:
-    repo: str
-    backups: list[BackupVerification]
+class WalVerification:
+    """The archived WAL read back: every object authenticated, gaps inside each timeline."""
+
+    files: int = 0
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    gaps: list[tuple[int, str, str]] = field(default_factory=list)  # (timeline, first, last)
 
     @property
     def ok(self) -> bool:
-        return all(b.ok for b in self.backups)
+        return not self.damaged and not self.gaps
+
+
+@dataclass
+class VerifyReport:
+    repo: str
+    backups: list[BackupVerification]
+    wal: WalVerification | None = None  # when asked for (VerifyOperation(wal=True))
+
+    @property
+    def ok(self) -> bool:
+        return all(b.ok for b in self.backups) and (self.wal is None or self.wal.ok)
 
 
 class VerifyOperation:
@@ -49,11 +63,14 @@ class VerifyOperation:
         backup: str | None = None,
         repo: str | None = None,
         progress: Progress | None = None,
+        *,
+        wal: bool = False,
     ) -> None:
         self.settings = settings
         self.backup = backup
         self.repo_name = repo
         self.progress = progress or NoProgress()
+        self.wal = wal
 
     def run(self) -> VerifyReport:
         repo = open_repository(self.settings, self.repo_name)
@@ -62,7 +79,31 @@ class VerifyOperation:
         results = [self._verify_backup(repo, label) for label in labels]
         for label, result in zip(labels, results, strict=True):
             repo.write_verify_record(label, result.ok, len(result.damaged))
-        return VerifyReport(repo.name, results)
+        wal = self._verify_wal(repo) if self.wal else None
+        return VerifyReport(repo.name, results, wal)
+
+    def _verify_wal(self, repo: Repository) -> WalVerification:
+        from drkit.wal.archive import WalArchive
+
+        archive = WalArchive(repo)
+        result = WalVerification()
+        names = [name for timeline in archive.timelines() for name in archive.files(timeline)]
+
+        def check(name: str) -> str | None:
+            try:
+                archive.check(name)
+            except DrkitError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(self.settings.backup.process_max) as pool:
+            for name, error in zip(names, pool.map(check, names), strict=True):
+                result.files += 1
+                if error is not None:
+                    result.damaged.append((name, error))
+        for summary in archive.summarize():
+            result.gaps += [(summary.timeline, first, last) for first, last in summary.missing]
+        return result
 
     def _verify_backup(self, repo: Repository, label: BackupLabel) -> BackupVerification:
         result = BackupVerification(str(label))

@@ -31,8 +31,14 @@ DEFAULT_LOCK_PATH = Path("/tmp/drkit")
 _REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _POSTGRES_KEYS = {"pgdata", "dsn", "host", "port", "user", "dbname"}
 _REPO_KEYS = {"name", "type", "path", "media", "offsite"}
-_ARCHIVE_KEYS = {"async", "spool_path", "process_max", "compress_level", "key_period",
-                 "push_timeout"}
+_ARCHIVE_KEYS = {
+    "async",
+    "spool_path",
+    "process_max",
+    "compress_level",
+    "key_period",
+    "push_timeout",
+}
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,9 @@ def config_file(config: Path | None) -> Path:
 
 def load_wal_config(config: Path | None, *, fast: bool = True) -> WalConfig:
     path = config_file(config)
-    if fast and not any(k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG"
-                        for k in os.environ):
+    if fast and not any(
+        k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
+    ):
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -120,7 +127,7 @@ class _Unsupported(Exception):
 def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
     try:
         postgres = _table(data, "postgres", _POSTGRES_KEYS, required=True)
-        pgdata = _path(postgres, "pgdata", required=True)
+        pgdata = _required_path(postgres, "pgdata")
         for key in ("dsn", "host", "user", "dbname"):
             if key in postgres and not isinstance(postgres[key], str):
                 raise _Unsupported
@@ -129,7 +136,7 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
         keys = _table(data, "keys", {"provider", "keyfile"}, required=True)
         if keys.get("provider", "keyfile") != "keyfile":
             raise _Unsupported
-        keyfile = _path(keys, "keyfile", required=True)
+        keyfile = _required_path(keys, "keyfile")
         repos = data.get("repo")
         if not isinstance(repos, list) or not repos:
             raise _Unsupported
@@ -158,8 +165,9 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
         from drkit.crypto.keyfile import KeyfileProvider
         from drkit.storage.posix import PosixStorage
 
-        return WalRepository(PosixStorage(repo_path, name=repo_name),
-                             lambda: KeyfileProvider(keyfile))
+        return WalRepository(
+            PosixStorage(repo_path, name=repo_name), lambda: KeyfileProvider(keyfile)
+        )
 
     return WalConfig(path, pgdata, lock_path, archive, repo_name, True, open_repo)
 
@@ -177,12 +185,14 @@ def _archive(table: dict[str, Any]) -> ArchiveConfig:
         raise _Unsupported
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise _Unsupported
-    return ArchiveConfig(async_, _path(table, "spool_path"), process_max, level, period,
-                         float(timeout))
+    return ArchiveConfig(
+        async_, _path(table, "spool_path"), process_max, level, period, float(timeout)
+    )
 
 
-def _table(data: dict[str, Any], name: str, allowed: set[str], *, required: bool = False
-           ) -> dict[str, Any]:
+def _table(
+    data: dict[str, Any], name: str, allowed: set[str], *, required: bool = False
+) -> dict[str, Any]:
     table = data.get(name)
     if table is None and not required:
         return {}
@@ -191,10 +201,12 @@ def _table(data: dict[str, Any], name: str, allowed: set[str], *, required: bool
     return table
 
 
-def _path(table: dict[str, Any], key: str, *, required: bool = False) -> Path | None:
+def _path(table: dict[str, Any], key: str) -> Path | None:
+    return _required_path(table, key) if table.get(key) is not None else None
+
+
+def _required_path(table: dict[str, Any], key: str) -> Path:
     value = table.get(key)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value:
         raise _Unsupported
     return Path(value)
@@ -210,7 +222,15 @@ def _from_settings(path: Path) -> WalConfig:
 
     settings = load_settings(path)
     a = settings.archive
-    archive = ArchiveConfig(a.async_, a.spool_path, a.process_max, a.compress_level,
-                            a.key_period, float(a.push_timeout))
-    return WalConfig(path, settings.postgres.pgdata, settings.lock_path, archive,
-                     settings.repo[0].name, False, lambda: open_repository(settings))
+    archive = ArchiveConfig(
+        a.async_, a.spool_path, a.process_max, a.compress_level, a.key_period, float(a.push_timeout)
+    )
+    return WalConfig(
+        path,
+        settings.postgres.pgdata,
+        settings.lock_path,
+        archive,
+        settings.repo[0].name,
+        False,
+        lambda: open_repository(settings),
+    )

@@ -85,8 +85,7 @@ def parse_header(data: bytes, what: str) -> WalHeader:
     magic, version, length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise IntegrityError(
-            f"{what} is not a drkit WAL object: bad magic 0x{magic.hex()}, expected"
-            f" 0x{MAGIC.hex()}"
+            f"{what} is not a drkit WAL object: bad magic 0x{magic.hex()}, expected 0x{MAGIC.hex()}"
         )
     if version != VERSION:
         raise IntegrityError(
@@ -233,7 +232,9 @@ def read_object(
     what = f"archived WAL file '{wal.name}' in repository '{repo.name}'"
     with storage.open_read(wal.key) as stream:
         prefix = stream.read(_PREFIX.size)
-        header = parse_header(prefix + stream.read(max(0, header_length(prefix) - len(prefix))), what)
+        header = parse_header(
+            prefix + stream.read(max(0, header_length(prefix) - len(prefix))), what
+        )
         if size < header.size:
             raise IntegrityError(f"{what} is truncated inside its header")
         dek = keyring.dek(header.period)

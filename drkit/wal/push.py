@@ -13,18 +13,18 @@ system (a second cluster pointed at this repository) is refused instead of archi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from drkit.errors import DrkitError, IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
 from drkit.pg.wal import check_segment_header, parse_segment_name
 from drkit.wal.names import WalName, parse_wal_name
 from drkit.wal.objects import KeyPeriod, RepoLike, WalKeyring, read_object, write_object
 
-# Same as drkit.repo.repository (which imports pydantic; wal-push must not). A test keeps them equal.
+# As in drkit.repo.repository, which imports pydantic (wal-push must not); a test compares them.
 FORMAT_KEY = "drkit-repository.json"
 FORMAT_VERSION = 1
 MIN_SEGMENT_SIZE = 1024 * 1024
@@ -130,11 +130,16 @@ class Pusher:
             except OSError as exc:
                 raise WalSourceError(f"cannot read WAL file '{path}': {_reason(exc)}") from None
         return PushResult(
-            wal.name, wal.key, True, info.plain_size, written.size, info.plain_sha256,
+            wal.name,
+            wal.key,
+            True,
+            info.plain_size,
+            written.size,
+            info.plain_sha256,
             file_identity(st),
         )
 
-    def _check_segment(self, source: BinaryIO, path: Path, wal: WalName, size: int) -> None:
+    def _check_segment(self, source: io.FileIO, path: Path, wal: WalName, size: int) -> None:
         if not MIN_SEGMENT_SIZE <= size <= MAX_SEGMENT_SIZE or size & (size - 1):
             raise WalSourceError(
                 f"WAL file '{path}' is {size} bytes: not a WAL segment (a power of two from"
@@ -152,7 +157,9 @@ class Pusher:
         if problem:
             raise WalSourceError(f"WAL file '{path}' {problem}; it is not archived")
 
-    def _compare(self, source: BinaryIO, path: Path, wal: WalName, st: os.stat_result) -> PushResult:
+    def _compare(
+        self, source: io.FileIO, path: Path, wal: WalName, st: os.stat_result
+    ) -> PushResult:
         """The object exists: succeed if it holds exactly this file, else refuse loudly."""
         source.seek(0)
         local = hashlib.file_digest(source, "sha256").hexdigest()

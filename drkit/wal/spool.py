@@ -142,8 +142,10 @@ class Spool:
 # -- the archive_command side ---------------------------------------------------------------------
 
 
-def push_async(config: WalConfig, path: Path) -> None:
-    """Returns once the pusher stored ``path``; raises AsyncPushError (or a DrkitError) if not."""
+def push_async(config: WalConfig, path: Path) -> bool:
+    """Returns True once the pusher stored ``path``; raises AsyncPushError (or a DrkitError) if
+    it failed. Returns False, having done nothing, for a file PostgreSQL did not mark ready (run
+    by hand, say), which the pusher would never see: the caller pushes that one itself."""
     from drkit.wal.push import WalSourceError, file_identity
 
     try:
@@ -160,6 +162,8 @@ def push_async(config: WalConfig, path: Path) -> None:
             f"WAL file '{path}' is not in '{wal_dir}', where the async pusher looks",
             hint="set postgres.pgdata to this cluster's data directory, or [archive] async = false",
         )
+    if not (wal_dir / "archive_status" / f"{path.name}.ready").exists():
+        return False
     spool = Spool(config.spool_path)
     spool.ensure()
     identity = file_identity(st)
@@ -173,7 +177,7 @@ def push_async(config: WalConfig, path: Path) -> None:
         if status is not None:
             kind, text = status
             if kind == "ok":
-                return
+                return True
             code, _, message = text.partition("\n")
             raise AsyncPushError(
                 message.strip() or "the async pusher failed", int(code) if code.isdigit() else 2
@@ -205,8 +209,14 @@ def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
             log_path.unlink()
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "drkit", "wal-pusher", "--config",
-             str(config.config_path.absolute())],
+            [
+                sys.executable,
+                "-m",
+                "drkit",
+                "wal-pusher",
+                "--config",
+                str(config.config_path.absolute()),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -224,13 +234,15 @@ def ready_names(status_dir: Path) -> list[str]:
         names = [e.name[:-6] for e in os.scandir(status_dir) if e.name.endswith(".ready")]
     except FileNotFoundError:
         return []
-    return sorted((n for n in names if is_wal_name(n)), key=lambda n: (not n.endswith(".history"), n))
+    return sorted(
+        (n for n in names if is_wal_name(n)), key=lambda n: (not n.endswith(".history"), n)
+    )
 
 
 def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
     """The background pusher's main loop; returns when idle (or at once if one already runs)."""
     from drkit.wal.objects import WalKeyring
-    from drkit.wal.push import Pusher, PushOptions, PushResult
+    from drkit.wal.push import Pusher, PushOptions
 
     spool = Spool(config.spool_path)
     spool.ensure()

@@ -1,0 +1,199 @@
+"""drkit wal-push / wal-fetch: PostgreSQL's archive_command and restore_command.
+
+    archive_command = 'drkit wal-push --config /etc/drkit/drkit.toml %p'
+    restore_command = 'drkit wal-fetch --config /etc/drkit/drkit.toml %f %p'
+
+These run once per WAL segment, so ``drkit.cli.main.main`` calls ``run_fast`` before typer is
+imported, and nothing here imports typer, rich, pydantic or psycopg at module level (typer only in
+``register``, for ``--help`` and the in-process test runner). Errors are one line on stderr,
+prefixed with the command, because they land in PostgreSQL's log.
+
+Exit codes (docs/wal-archiving.md):
+
+- wal-push: 0 once the file is durably archived (or was already, with identical content);
+  otherwise the drkit error's code (2..15, e.g. 10 for a conflicting archived copy), all below
+  126 so that PostgreSQL's archiver simply retries later.
+- wal-fetch: 0 with the file written; 1 when it is not archived (PostgreSQL then ends recovery or
+  keeps waiting, as with a missing file); 200 + the drkit error's code for every real error
+  (damage, wrong key, unreachable repository, bad configuration). PostgreSQL treats a
+  restore_command exit status above 125 as fatal and aborts recovery, instead of taking the
+  failure for the end of the archive and opening the database at the wrong point.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+FETCH_ERROR_BASE = 200
+FETCH_NOT_FOUND = 1
+_INTERNAL_ERROR = 2
+
+
+def wal_push(path: str, config: Path | None) -> int:
+    """archive_command: push one WAL file; returns the exit code."""
+    from drkit.errors import DrkitError
+
+    try:
+        from drkit.wal.config import load_wal_config
+
+        settings = load_wal_config(config)
+        source = Path(path)
+        if settings.archive.async_:
+            from drkit.wal.spool import push_async
+
+            if push_async(settings, source):
+                return 0
+        from drkit.wal.objects import WalKeyring
+        from drkit.wal.push import Pusher, PushOptions
+
+        repo = settings.open_repository()
+        options = PushOptions(settings.archive.key_period, settings.archive.compress_level)
+        result = Pusher(repo, options, WalKeyring(repo, cache=False)).push(source)
+        if not result.stored:
+            _say(
+                "wal-push",
+                f"WAL file {result.name} was already archived with identical content;"
+                " nothing to do",
+            )
+        return 0
+    except DrkitError as exc:
+        _fail("wal-push", exc.message, exc.hint)
+        return exc.exit_code
+    except Exception as exc:  # never a traceback in PostgreSQL's log, always a non-zero exit
+        _fail("wal-push", f"unexpected error: {exc!r}", None)
+        return _INTERNAL_ERROR
+
+
+def wal_fetch(name: str, dest: str, config: Path | None) -> int:
+    """restore_command: fetch one WAL file to ``dest``; returns the exit code."""
+    from drkit.errors import DrkitError
+
+    try:
+        from drkit.wal.config import load_wal_config
+        from drkit.wal.fetch import fetch
+
+        settings = load_wal_config(config)
+        repo = settings.open_repository()
+        if fetch(repo, name, Path(dest)):
+            return 0
+        _say("wal-fetch", f"WAL file {name} is not in repository '{repo.name}'")
+        return FETCH_NOT_FOUND
+    except DrkitError as exc:
+        _fail("wal-fetch", exc.message, exc.hint)
+        return FETCH_ERROR_BASE + exc.exit_code
+    except Exception as exc:
+        _fail("wal-fetch", f"unexpected error: {exc!r}", None)
+        return FETCH_ERROR_BASE + _INTERNAL_ERROR
+
+
+def wal_pusher(config: Path | None, idle: float) -> int:
+    """The async mode's background pusher (started by wal-push; not for people)."""
+    from drkit.errors import DrkitError
+
+    try:
+        from drkit.wal.config import load_wal_config
+        from drkit.wal.spool import run_pusher
+
+        return run_pusher(load_wal_config(config), idle=idle)
+    except DrkitError as exc:
+        _fail("wal-pusher", exc.message, exc.hint)
+        return exc.exit_code
+
+
+def _say(command: str, message: str) -> None:
+    sys.stderr.write(f"drkit {command}: {message}\n")
+    sys.stderr.flush()
+
+
+def _fail(command: str, message: str, hint: str | None) -> None:
+    line = " ".join(message.split())  # one line, whatever the message holds
+    if hint:
+        line += f" (hint: {' '.join(hint.split())})"
+    _say(command, f"error: {line}")
+
+
+# -- the fast path --------------------------------------------------------------------------------
+
+_ARITY = {"wal-push": 1, "wal-fetch": 2, "wal-pusher": 0}
+
+
+def run_fast(argv: list[str]) -> int | None:
+    """Runs ``argv`` (command first) without typer; None for --help or a usage error, which the
+    caller hands to typer so that it prints the usage."""
+    command, rest = argv[0], argv[1:]
+    config: Path | None = None
+    idle: float | None = None
+    positional: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--":
+            positional += rest[i + 1 :]
+            break
+        if arg in ("--config", "-c") and i + 1 < len(rest):
+            config, i = Path(rest[i + 1]), i + 2
+            continue
+        if arg.startswith("--config="):
+            config, i = Path(arg.split("=", 1)[1]), i + 1
+            continue
+        if command == "wal-pusher" and arg == "--idle" and i + 1 < len(rest):
+            try:
+                idle = float(rest[i + 1])
+            except ValueError:
+                return None
+            i += 2
+            continue
+        if arg.startswith("-") and arg != "-":
+            return None
+        positional.append(arg)
+        i += 1
+    if len(positional) != _ARITY[command]:
+        return None
+    if command == "wal-push":
+        return wal_push(positional[0], config)
+    if command == "wal-fetch":
+        return wal_fetch(positional[0], positional[1], config)
+    from drkit.wal.spool import DEFAULT_IDLE
+
+    return wal_pusher(config, DEFAULT_IDLE if idle is None else idle)
+
+
+# -- typer (help, and the in-process CliRunner of the tests) -------------------------------------
+
+
+def register(app: Any) -> None:
+    import typer
+
+    config_option = typer.Option(
+        None, "--config", "-c", envvar="DRKIT_CONFIG", help="drkit.toml to use", show_default=False
+    )
+
+    @app.command("wal-push")
+    def push_command(
+        path: str = typer.Argument(..., help="the WAL file to archive (archive_command's %p)"),
+        config: Path | None = config_option,
+    ) -> None:
+        """Archive one WAL file (archive_command = 'drkit wal-push %p')."""
+        raise typer.Exit(wal_push(path, config))
+
+    @app.command("wal-fetch")
+    def fetch_command(
+        name: str = typer.Argument(..., help="the WAL file to fetch (restore_command's %f)"),
+        dest: str = typer.Argument(..., help="where to write it (restore_command's %p)"),
+        config: Path | None = config_option,
+    ) -> None:
+        """Fetch one archived WAL file (restore_command = 'drkit wal-fetch %f %p').
+
+        Exit 0: written; 1: not archived; above 125: a real error (PostgreSQL aborts recovery).
+        """
+        raise typer.Exit(wal_fetch(name, dest, config))
+
+    @app.command("wal-pusher", hidden=True)
+    def pusher_command(
+        config: Path | None = config_option,
+        idle: float = typer.Option(5.0, help="exit after this many idle seconds"),
+    ) -> None:
+        """The async mode's background pusher, started by wal-push."""
+        raise typer.Exit(wal_pusher(config, idle))

@@ -1,0 +1,119 @@
+"""Vault failures end to end: one clear error line and a hint, the right exit code, no secret in
+the output, and the repository exactly as it was (nothing stored, no partial backup visible)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rig.drkit import Drkit, Result
+from rig.postgres import PgCluster
+from rig.servers import OpenBaoServer, VaultServer
+from rig.vault import VaultSetup, backup_label
+
+from drkit.errors import IntegrityError, KeyMaterialError, VaultError, WrongKey
+
+
+def check_failure(
+    dk: Drkit, result: Result, exit_code: int, message: str, before: dict[str, int]
+) -> None:
+    assert result.exit_code == exit_code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 2 and lines[1].startswith("HINT: "), result.stderr
+    assert "Traceback" not in result.output
+    assert dk.repo_listing() == before  # nothing stored, no leftovers of a partial backup
+
+
+def test_vault_failures_change_nothing(
+    pg: PgCluster, workdir: Path, vault: VaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = VaultSetup(vault, workdir)
+    token = setup.token(setup.policy())
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    pg.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")
+    dk = Drkit(pg, workdir)
+    setup.configure(dk)
+    dk.ok("init")
+    label = backup_label(dk)
+    before = dk.repo_listing()
+    target = workdir / "restored"
+    outputs: list[str] = []
+
+    def run(*args: str) -> Result:
+        result = dk.run(*args)
+        outputs.append(result.output)
+        return result
+
+    def restore() -> Result:
+        result = run("restore", "--pgdata", str(target))
+        assert not target.exists()
+        return result
+
+    # Vault unreachable
+    vault.stop()
+    try:
+        check_failure(dk, run("backup"), VaultError.exit_code, "is unreachable", before)
+        result = restore()
+        check_failure(dk, result, VaultError.exit_code, "is unreachable", before)
+        assert "--recovery-key" in result.stderr
+    finally:
+        vault.start()
+
+    # Vault sealed (503)
+    if isinstance(vault, OpenBaoServer):
+        vault.seal()
+        try:
+            check_failure(dk, run("backup"), VaultError.exit_code, "is sealed", before)
+            check_failure(dk, restore(), VaultError.exit_code, "is sealed", before)
+        finally:
+            vault.unseal()
+
+    # Permission denied (403): a policy that can only decrypt cannot back up, and vice versa
+    decrypt_only = setup.policy(extra="")  # replaced below by a narrower one
+    vault.api("POST", f"sys/policies/acl/{decrypt_only}-decrypt", {"policy": (
+        f'path "{setup.transit_mount}/decrypt/{setup.transit_key}" {{ capabilities = ["update"] }}'
+    )})
+    monkeypatch.setenv("VAULT_TOKEN", setup.token(f"{decrypt_only}-decrypt"))
+    result = run("backup")
+    path = f"{setup.transit_mount}/datakey/plaintext/{setup.transit_key}"
+    check_failure(dk, result, VaultError.exit_code, f"Vault denied permission on '{path}'", before)
+    assert "docs/vault.md" in result.stderr
+    vault.api("POST", f"sys/policies/acl/{decrypt_only}-none", {"policy": (
+        f'path "{setup.transit_mount}/datakey/*" {{ capabilities = ["update"] }}'
+    )})
+    monkeypatch.setenv("VAULT_TOKEN", setup.token(f"{decrypt_only}-none"))
+    check_failure(dk, restore(), VaultError.exit_code, "Vault denied permission on", before)
+    monkeypatch.setenv("VAULT_TOKEN", token)
+
+    # Wrong transit key name: cannot back up; cannot read what another key wrapped
+    setup.configure(dk, transit_key="no-such-key")
+    result = run("backup")
+    check_failure(dk, result, VaultError.exit_code, "transit key 'no-such-key' does not exist",
+                  before)
+    check_failure(dk, restore(), WrongKey.exit_code, "wrapped by transit key", before)
+    setup.configure(dk)
+
+    # Tampered wrapped key
+    record_path = dk.repo_path / "backup" / label / "key" / "0001.json"
+    original = record_path.read_bytes()
+    record = json.loads(original)
+    prefix, body = record["ciphertext"].rsplit(":", 1)
+    record["ciphertext"] = f"{prefix}:{body[:10]}{'A' if body[10] != 'A' else 'B'}{body[11:]}"
+    record_path.chmod(0o600)
+    record_path.write_text(json.dumps(record, sort_keys=True, indent=2))
+    try:
+        result = restore()
+        check_failure(dk, result, IntegrityError.exit_code, "failed authentication", before)
+        verify = run("verify", "--json")
+        assert verify.exit_code == 15
+        damaged = json.loads(verify.stdout)["backups"][0]["damaged"]
+        assert damaged[0][0] == "manifest" if isinstance(damaged[0], list) else True
+    finally:
+        record_path.write_bytes(original)
+
+    # Everything works again, and no output ever showed the token
+    dk.ok("restore", "--pgdata", str(target))
+    assert all(token not in text for text in outputs)
+    assert KeyMaterialError.exit_code == VaultError.exit_code == 11
