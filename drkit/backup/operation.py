@@ -338,7 +338,7 @@ def _is_main_fork(path: str) -> bool:
 
 
 def _open_file(path: Path) -> io.FileIO:
-    return open(path, "rb", buffering=0)  # noqa: SIM115 - the copier closes it
+    return open(path, "rb", buffering=0)  # the copier closes it
 
 
 def _open_segment(
