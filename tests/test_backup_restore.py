@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pytest
-from rig.drkit import Drkit
-from rig.postgres import PgCluster, attach_cluster, database_checksums
+from rig.drkit import Drkit, check_indexes, start_restored
+from rig.postgres import PgCluster, database_checksums
 
 SCHEMA = """
 CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance numeric, note text);
@@ -49,12 +49,6 @@ def populate(cluster: PgCluster, tablespace: Path | None = None) -> None:
         )
 
 
-def start_restored(pgdata: Path, version: int, workdir: Path) -> PgCluster:
-    restored = attach_cluster(pgdata, version, workdir)
-    restored.start()
-    return restored
-
-
 def backup_label_of(result_stdout: str) -> str:
     return result_stdout.split()[1]
 
@@ -89,7 +83,9 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
     assert restored.psql("SELECT last_value FROM counter") == sequence
     # Unlogged tables come back empty (PostgreSQL resets them from their init fork).
     assert restored.psql("SELECT count(*) FROM scratch") == "0"
-    location = restored.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'")
+    location = restored.psql(
+        "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'"
+    )
     assert Path(location) == ts_target
     assert restored.psql("SELECT count(*) FROM hot") == "30000"
 
@@ -124,11 +120,7 @@ def test_backup_during_writes_is_consistent(pg: PgCluster, workdir: Path) -> Non
     ).split("|")
     assert len(set(sums)) == 1, sums
     assert int(restored.psql("SELECT count(*) FROM pgbench_history")) > 0
-    restored.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
-    restored.psql(
-        "SELECT bt_index_check(c.oid, true) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-        " JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'btree' AND c.relpersistence = 'p'"
-    )
+    check_indexes(restored)
 
 
 def test_restore_refuses_non_empty_directory(pg: PgCluster, workdir: Path) -> None:
@@ -155,7 +147,9 @@ def test_wrong_key_is_refused_and_writes_nothing(pg: PgCluster, workdir: Path) -
     wrong = Drkit(pg, other)  # same cluster and repository, a different key file
     wrong.repo_path = dk.repo_path
     wrong.write_config()
-    wrong.config.write_text(wrong.config.read_text().replace(str(other / "repo"), str(dk.repo_path)))
+    wrong.config.write_text(
+        wrong.config.read_text().replace(str(other / "repo"), str(dk.repo_path))
+    )
     target = workdir / "restored"
     result = wrong.run("restore", "--pgdata", str(target))
     assert result.exit_code == 12, result.output
@@ -169,7 +163,9 @@ def test_damaged_object_is_reported_and_never_restored(pg: PgCluster, workdir: P
     dk = Drkit(pg, workdir, backup={"bundle_limit": 64 * 1024})
     dk.ok("init")
     label = json.loads(dk.ok("backup", "--json").stdout)["label"]
-    data = sorted((dk.repo_path / "backup" / label / "data").iterdir(), key=lambda p: p.stat().st_size)
+    data = sorted(
+        (dk.repo_path / "backup" / label / "data").iterdir(), key=lambda p: p.stat().st_size
+    )
     victim = data[-1]  # the largest object: a single big relation file
     victim.chmod(0o600)
     with victim.open("r+b") as f:
@@ -203,7 +199,9 @@ def test_missing_object_is_reported_by_verify(pg: PgCluster, workdir: Path) -> N
     report = json.loads(dk.run("verify", "--json").stdout)
     assert not report["ok"]
     assert len(report["backups"][0]["damaged"]) >= 1
-    assert all("not" in d["reason"] or "missing" in d["reason"] for d in report["backups"][0]["damaged"])
+    assert all(
+        "not" in d["reason"] or "missing" in d["reason"] for d in report["backups"][0]["damaged"]
+    )
 
 
 def test_second_backup_while_one_runs_is_refused(pg: PgCluster, workdir: Path) -> None:
@@ -211,14 +209,15 @@ def test_second_backup_while_one_runs_is_refused(pg: PgCluster, workdir: Path) -
     it with -9 releases the lock, so the next backup runs."""
     dk = Drkit(pg, workdir)
     dk.ok("init")
+    lock_dir, scope = str(workdir / "locks"), f"posix:{dk.repo_path}"
     holder = subprocess.Popen(
         [
-            "python3" if False else os.sys.executable,  # type: ignore[attr-defined]
+            sys.executable,
             "-c",
-            "import sys, time\n"
+            "import time\n"
             "from pathlib import Path\n"
             "from drkit.repo.lock import operation_lock\n"
-            f"with operation_lock(Path({str(workdir / 'locks')!r}), {('posix:' + str(dk.repo_path))!r}, 'backup'):\n"
+            f"with operation_lock(Path({lock_dir!r}), {scope!r}, 'backup'):\n"
             "    print('locked', flush=True)\n"
             "    time.sleep(60)\n",
         ],
@@ -239,7 +238,9 @@ def test_second_backup_while_one_runs_is_refused(pg: PgCluster, workdir: Path) -
     assert len(json.loads(dk.ok("info", "--json").stdout)["backups"]) == 1
 
 
-def test_killed_backup_is_never_listed_and_next_backup_succeeds(pg: PgCluster, workdir: Path) -> None:
+def test_killed_backup_is_never_listed_and_next_backup_succeeds(
+    pg: PgCluster, workdir: Path
+) -> None:
     pg.run_bin("pgbench", "-i", "-s", "8", "-q")
     dk = Drkit(pg, workdir, backup={"process_max": 1, "bundle_limit": 1024 * 1024})
     dk.ok("init")
@@ -299,14 +300,22 @@ def test_postgres_down_gives_clear_error(pg: PgCluster, workdir: Path) -> None:
 
 
 def test_repository_of_another_cluster_is_refused(
-    pg: PgCluster, pg_factory, workdir: Path  # type: ignore[no-untyped-def]
+    pg: PgCluster,
+    pg_factory,
+    workdir: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     dk = Drkit(pg, workdir)
     dk.ok("init")
     other_cluster = pg_factory(pg.version)
-    other = Drkit(other_cluster, workdir / "x" if (workdir / "x").mkdir() is None else workdir, keyfile=dk.keyfile)
+    other = Drkit(
+        other_cluster,
+        workdir / "x" if (workdir / "x").mkdir() is None else workdir,
+        keyfile=dk.keyfile,
+    )
     other.repo_path = dk.repo_path
-    other.config.write_text(other.config.read_text().replace(str(workdir / "x" / "repo"), str(dk.repo_path)))
+    other.config.write_text(
+        other.config.read_text().replace(str(workdir / "x" / "repo"), str(dk.repo_path))
+    )
     result = other.run("backup")
     assert result.exit_code == 6
     assert "belongs to database system" in result.stderr

@@ -30,8 +30,9 @@ def pair(tmp_path: Path) -> tuple[EscrowRecipient, RecoveryKey]:
 
 
 def test_escrow_init_writes_a_printable_pair(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["keys", "escrow-init", "--out", str(tmp_path / "recovery"),
-                                      "--json"])
+    result = CliRunner().invoke(
+        app, ["keys", "escrow-init", "--out", str(tmp_path / "recovery"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     public, private = Path(info["public_key_file"]), Path(info["recovery_key_file"])
@@ -149,8 +150,10 @@ def test_recovery_key_file_checks(tmp_path: Path) -> None:
     typed = tmp_path / "typed.key"  # typed back from paper: comments and odd line breaks
     body = private.read_text().split("-----BEGIN PRIVATE KEY-----")[1].split("-----END")[0]
     squeezed = "".join(body.split())
-    typed.write_text(f"typed from the safe copy\n\n-----BEGIN PRIVATE KEY-----\n"
-                     f"{squeezed[:20]}\n{squeezed[20:]}\n-----END PRIVATE KEY-----\n")
+    typed.write_text(
+        f"typed from the safe copy\n\n-----BEGIN PRIVATE KEY-----\n"
+        f"{squeezed[:20]}\n{squeezed[20:]}\n-----END PRIVATE KEY-----\n"
+    )
     typed.chmod(0o600)
     assert RecoveryKey.from_file(typed).key_id == key_id
 

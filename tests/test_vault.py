@@ -11,7 +11,6 @@ import json
 import secrets
 import subprocess
 import time
-import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,13 @@ def transit(setup: VaultSetup, **values: Any) -> VaultTransitProvider:
 
 
 def root_decrypt(setup: VaultSetup, ciphertext: str) -> bytes:
-    answer = setup.server.api("POST", f"{setup.transit_mount}/decrypt/{setup.transit_key}",
-                              {"ciphertext": ciphertext})
+    answer = setup.server.api(
+        "POST", f"{setup.transit_mount}/decrypt/{setup.transit_key}", {"ciphertext": ciphertext}
+    )
     return base64.b64decode(answer["data"]["plaintext"])
 
 
-# -- transit ----------------------------------------------------------------------------------------
+# -- transit ---------------------------------------------------------------------------------------
 
 
 def test_transit_data_key_is_stored_only_wrapped(setup: VaultSetup) -> None:
@@ -121,7 +121,7 @@ def test_transit_missing_key_and_mount_are_named(setup: VaultSetup) -> None:
         VaultTransitProvider(session, "nomount", "drkit").new_data_key()
 
 
-# -- KV ---------------------------------------------------------------------------------------------
+# -- KV --------------------------------------------------------------------------------------------
 
 
 def test_kv_records_keep_their_version_across_a_new_secret(setup: VaultSetup) -> None:
@@ -167,7 +167,7 @@ def test_kv_secret_without_a_usable_key(setup: VaultSetup) -> None:
         VaultKvProvider(session, setup.kv_mount, "nothing/here", "key").new_data_key()
 
 
-# -- auth -------------------------------------------------------------------------------------------
+# -- auth ------------------------------------------------------------------------------------------
 
 
 def test_token_from_file_and_least_privilege_policy(setup: VaultSetup, tmp_path: Path) -> None:
@@ -190,16 +190,20 @@ def test_token_is_required(setup: VaultSetup) -> None:
 
 def test_approle_login(setup: VaultSetup) -> None:
     role_id, secret_id_file = setup.approle(setup.policy())
-    session = VaultSession(settings(setup, token=None, auth="approle", role_id=role_id,
-                                    secret_id_file=secret_id_file))
+    session = VaultSession(
+        settings(setup, token=None, auth="approle", role_id=role_id, secret_id_file=secret_id_file)
+    )
     provider = VaultTransitProvider(session, setup.transit_mount, setup.transit_key)
     data_key = provider.new_data_key()
     assert provider.unwrap(data_key.record) == data_key.plaintext
 
     secret_id_file.write_text("not-the-secret-id")
     with pytest.raises(VaultError, match="Vault refused the approle login") as caught:
-        VaultSession(settings(setup, token=None, auth="approle", role_id=role_id,
-                              secret_id_file=secret_id_file))
+        VaultSession(
+            settings(
+                setup, token=None, auth="approle", role_id=role_id, secret_id_file=secret_id_file
+            )
+        )
     assert "secret_id" in (caught.value.hint or "")
     assert "not-the-secret-id" not in caught.value.message
 
@@ -212,8 +216,16 @@ def test_kubernetes_login(setup: VaultSetup, tmp_path: Path) -> None:
         mount = setup.kubernetes(setup.policy(), stub)
         jwt_file = tmp_path / "token"
         jwt_file.write_text(stub.jwt)
-        session = VaultSession(settings(setup, token=None, auth="kubernetes", role="backup",
-                                        jwt_file=jwt_file, auth_mount=mount))
+        session = VaultSession(
+            settings(
+                setup,
+                token=None,
+                auth="kubernetes",
+                role="backup",
+                jwt_file=jwt_file,
+                auth_mount=mount,
+            )
+        )
         provider = VaultTransitProvider(session, setup.transit_mount, setup.transit_key)
         data_key = provider.new_data_key()
         assert provider.unwrap(data_key.record) == data_key.plaintext
@@ -222,8 +234,16 @@ def test_kubernetes_login(setup: VaultSetup, tmp_path: Path) -> None:
 
         jwt_file.write_text(stub.jwt[:-4] + "AAAA")
         with pytest.raises(VaultError, match="Vault refused the kubernetes login"):
-            VaultSession(settings(setup, token=None, auth="kubernetes", role="backup",
-                                  jwt_file=jwt_file, auth_mount=mount))
+            VaultSession(
+                settings(
+                    setup,
+                    token=None,
+                    auth="kubernetes",
+                    role="backup",
+                    jwt_file=jwt_file,
+                    auth_mount=mount,
+                )
+            )
     finally:
         stub.close()
 
@@ -236,8 +256,9 @@ def test_namespace(setup: VaultSetup) -> None:
     session = VaultSession(settings(setup, namespace=namespace))
     provider = VaultTransitProvider(session, "transit", "drkit")
     data_key = provider.new_data_key()
-    answer = setup.server.api("POST", f"{namespace}/transit/decrypt/drkit",
-                              {"ciphertext": data_key.record["ciphertext"]})
+    answer = setup.server.api(
+        "POST", f"{namespace}/transit/decrypt/drkit", {"ciphertext": data_key.record["ciphertext"]}
+    )
     assert base64.b64decode(answer["data"]["plaintext"]) == data_key.plaintext
     outside = VaultTransitProvider(VaultSession(settings(setup)), "transit", "drkit")
     with pytest.raises(VaultError, match="no transit secrets engine is mounted at 'transit'"):
@@ -250,9 +271,16 @@ def test_tls_with_a_ca_file(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
     process = _Process(
-        [str(find_bao()), "server", "-dev", "-dev-tls", f"-dev-tls-cert-dir={certs}",
-         "-dev-no-store-token", f"-dev-root-token-id={token}",
-         f"-dev-listen-address={LOOPBACK}:{port}"],
+        [
+            str(find_bao()),
+            "server",
+            "-dev",
+            "-dev-tls",
+            f"-dev-tls-cert-dir={certs}",
+            "-dev-no-store-token",
+            f"-dev-root-token-id={token}",
+            f"-dev-listen-address={LOOPBACK}:{port}",
+        ],
         tmp_path / "bao.log",
         {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
@@ -265,21 +293,32 @@ def test_tls_with_a_ca_file(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "bao -dev-tls did not come up"
             time.sleep(0.1)
         subprocess.run(  # enable transit through the CLI, which trusts the same CA
-            [str(find_bao()), "secrets", "enable", "transit"], check=True, capture_output=True,
-            env={"BAO_ADDR": addr, "BAO_TOKEN": token, "BAO_CACERT": str(ca),
-                 "HOME": str(tmp_path)},
+            [str(find_bao()), "secrets", "enable", "transit"],
+            check=True,
+            capture_output=True,
+            env={
+                "BAO_ADDR": addr,
+                "BAO_TOKEN": token,
+                "BAO_CACERT": str(ca),
+                "HOME": str(tmp_path),
+            },
         )
         subprocess.run(
-            [str(find_bao()), "write", "-f", "transit/keys/drkit"], check=True,
+            [str(find_bao()), "write", "-f", "transit/keys/drkit"],
+            check=True,
             capture_output=True,
-            env={"BAO_ADDR": addr, "BAO_TOKEN": token, "BAO_CACERT": str(ca),
-                 "HOME": str(tmp_path)},
+            env={
+                "BAO_ADDR": addr,
+                "BAO_TOKEN": token,
+                "BAO_CACERT": str(ca),
+                "HOME": str(tmp_path),
+            },
         )
         trusted = VaultSettings(addr=addr, token=token, ca_cert=ca)
         provider = VaultTransitProvider(VaultSession(trusted), "transit", "drkit")
         data_key = provider.new_data_key()
         assert provider.unwrap(data_key.record) == data_key.plaintext
-        with pytest.raises(VaultError, match="TLS certificate of Vault .* could not be verified"):
+        with pytest.raises(VaultError, match=r"TLS certificate of Vault .* could not be verified"):
             VaultSession(VaultSettings(addr=addr, token=token))
     finally:
         process.terminate()
@@ -297,7 +336,7 @@ def _status(addr: str, ca: Path) -> int:
         return 0
 
 
-# -- keeping the token alive ------------------------------------------------------------------------
+# -- keeping the token alive -----------------------------------------------------------------------
 
 
 def test_renewable_token_is_renewed_past_its_ttl(setup: VaultSetup) -> None:
@@ -313,10 +352,12 @@ def test_renewable_token_is_renewed_past_its_ttl(setup: VaultSetup) -> None:
 
 
 def test_approle_logs_in_again_after_max_ttl(setup: VaultSetup) -> None:
-    role_id, secret_id_file = setup.approle(setup.policy(), token_ttl="2s", token_max_ttl="3s",
-                                            secret_id_num_uses=0)
-    session = VaultSession(settings(setup, token=None, auth="approle", role_id=role_id,
-                                    secret_id_file=secret_id_file))
+    role_id, secret_id_file = setup.approle(
+        setup.policy(), token_ttl="2s", token_max_ttl="3s", secret_id_num_uses=0
+    )
+    session = VaultSession(
+        settings(setup, token=None, auth="approle", role_id=role_id, secret_id_file=secret_id_file)
+    )
     provider = VaultTransitProvider(session, setup.transit_mount, setup.transit_key)
     time.sleep(7)
     data_key = provider.new_data_key()
@@ -327,8 +368,10 @@ def test_approle_logs_in_again_after_max_ttl(setup: VaultSetup) -> None:
 
 def test_revoked_token_is_replaced_by_a_new_login(setup: VaultSetup) -> None:
     role_id, secret_id_file = setup.approle(setup.policy(), secret_id_num_uses=0)
-    session = VaultSession(settings(setup, token=None, auth="approle", role_id=role_id,
-                                    secret_id_file=secret_id_file), keep_alive=False)
+    session = VaultSession(
+        settings(setup, token=None, auth="approle", role_id=role_id, secret_id_file=secret_id_file),
+        keep_alive=False,
+    )
     provider = VaultTransitProvider(session, setup.transit_mount, setup.transit_key)
     first = provider.new_data_key()
     setup.server.api("POST", "auth/token/revoke", {"token": session._token.value})
@@ -345,7 +388,7 @@ def test_revoked_plain_token_is_explained(setup: VaultSetup) -> None:
     assert token not in caught.value.message + (caught.value.hint or "")
 
 
-# -- Vault away -------------------------------------------------------------------------------------
+# -- Vault away ------------------------------------------------------------------------------------
 
 
 def test_unreachable_and_sealed(vault: VaultServer, tmp_path: Path) -> None:

@@ -55,8 +55,11 @@ class Outputs:
 
 
 def dek_of(setup: VaultSetup, record: dict[str, Any]) -> bytes:
-    answer = setup.server.api("POST", f"{setup.transit_mount}/decrypt/{setup.transit_key}",
-                              {"ciphertext": record["ciphertext"]})
+    answer = setup.server.api(
+        "POST",
+        f"{setup.transit_mount}/decrypt/{setup.transit_key}",
+        {"ciphertext": record["ciphertext"]},
+    )
     return base64.b64decode(answer["data"]["plaintext"])
 
 
@@ -92,8 +95,12 @@ def test_transit_round_trip_with_every_auth_method(
             jwt_file = workdir / "sa-token"
             jwt_file.write_text(stub.jwt)
             mount = setup.kubernetes(policy, stub)
-            kubernetes = {"auth": "kubernetes", "role": "backup", "jwt_file": jwt_file,
-                          "auth_mount": mount}
+            kubernetes = {
+                "auth": "kubernetes",
+                "role": "backup",
+                "jwt_file": jwt_file,
+                "auth_mount": mount,
+            }
             setup.configure(dk, **kubernetes)
             labels.append(backup_label(dk))
             assert any(r["token"] == stub.jwt for r in stub.reviews)
@@ -176,8 +183,9 @@ def test_token_running_out_during_a_backup(
     assert seen[-1]["logins"] == 1 and seen[-1]["renewals"] >= 2  # one token, kept alive
     monkeypatch.delenv("VAULT_TOKEN")
 
-    role_id, secret_id_file = setup.approle(policy, token_ttl="2s", token_max_ttl="3s",
-                                            secret_id_num_uses=0)
+    role_id, secret_id_file = setup.approle(
+        policy, token_ttl="2s", token_max_ttl="3s", secret_id_num_uses=0
+    )
     setup.configure(dk, auth="approle", role_id=role_id, secret_id_file=secret_id_file)
     relogged = backup_label(dk)
     assert seen[-1]["logins"] >= 2  # past its max TTL the token was replaced by a new login

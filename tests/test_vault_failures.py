@@ -71,28 +71,44 @@ def test_vault_failures_change_nothing(
             vault.unseal()
 
     # Permission denied (403): a policy that can only decrypt cannot back up, and vice versa
-    decrypt_only = setup.policy(extra="")  # replaced below by a narrower one
-    vault.api("POST", f"sys/policies/acl/{decrypt_only}-decrypt", {"policy": (
-        f'path "{setup.transit_mount}/decrypt/{setup.transit_key}" {{ capabilities = ["update"] }}'
-    )})
-    monkeypatch.setenv("VAULT_TOKEN", setup.token(f"{decrypt_only}-decrypt"))
+    mount, key = setup.transit_mount, setup.transit_key
+
+    def token_for(name: str, rule: str) -> str:
+        policy = f"drkit-{setup.tag}-{name}"
+        vault.api("POST", f"sys/policies/acl/{policy}", {"policy": rule})
+        return setup.token(policy)
+
+    update = '{ capabilities = ["update", "read"] }'
+    monkeypatch.setenv(
+        "VAULT_TOKEN", token_for("decrypt", f'path "{mount}/decrypt/{key}" {update}')
+    )
     result = run("backup")
-    path = f"{setup.transit_mount}/datakey/plaintext/{setup.transit_key}"
+    path = f"{mount}/datakey/plaintext/{key}"
     check_failure(dk, result, VaultError.exit_code, f"Vault denied permission on '{path}'", before)
     assert "docs/vault.md" in result.stderr
-    vault.api("POST", f"sys/policies/acl/{decrypt_only}-none", {"policy": (
-        f'path "{setup.transit_mount}/datakey/*" {{ capabilities = ["update"] }}'
-    )})
-    monkeypatch.setenv("VAULT_TOKEN", setup.token(f"{decrypt_only}-none"))
+    monkeypatch.setenv("VAULT_TOKEN", token_for("datakey", f'path "{mount}/datakey/*" {update}'))
     check_failure(dk, restore(), VaultError.exit_code, "Vault denied permission on", before)
     monkeypatch.setenv("VAULT_TOKEN", token)
 
-    # Wrong transit key name: cannot back up; cannot read what another key wrapped
+    # Wrong transit key name: a least-privilege token is denied the other key's path; a token
+    # that may use any key of the mount learns that the key does not exist
     setup.configure(dk, transit_key="no-such-key")
     result = run("backup")
-    check_failure(dk, result, VaultError.exit_code, "transit key 'no-such-key' does not exist",
-                  before)
+    check_failure(
+        dk,
+        result,
+        VaultError.exit_code,
+        f"Vault denied permission on '{mount}/datakey/plaintext/no-such-key'",
+        before,
+    )
+    assert "key names in [keys.vault]" in result.stderr
+    monkeypatch.setenv("VAULT_TOKEN", token_for("mount", f'path "{mount}/*" {update}'))
+    result = run("backup")
+    check_failure(
+        dk, result, VaultError.exit_code, "transit key 'no-such-key' does not exist", before
+    )
     check_failure(dk, restore(), WrongKey.exit_code, "wrapped by transit key", before)
+    monkeypatch.setenv("VAULT_TOKEN", token)
     setup.configure(dk)
 
     # Tampered wrapped key
@@ -109,7 +125,8 @@ def test_vault_failures_change_nothing(
         verify = run("verify", "--json")
         assert verify.exit_code == 15
         damaged = json.loads(verify.stdout)["backups"][0]["damaged"]
-        assert damaged[0][0] == "manifest" if isinstance(damaged[0], list) else True
+        assert damaged == [{"path": "manifest", "reason": damaged[0]["reason"]}]
+        assert "failed authentication" in damaged[0]["reason"]
     finally:
         record_path.write_bytes(original)
 

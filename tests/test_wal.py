@@ -43,8 +43,15 @@ DRKIT = [sys.executable, "-m", "drkit"]
 _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")
 
 
-def wal_bytes(timeline: int, segno: int, *, size: int = SEGSIZE, seed: int = 0,
-              sysid: int = SYSID, random_fill: bool = False) -> bytes:
+def wal_bytes(
+    timeline: int,
+    segno: int,
+    *,
+    size: int = SEGSIZE,
+    seed: int = 0,
+    sysid: int = SYSID,
+    random_fill: bool = False,
+) -> bytes:
     """A WAL segment as far as drkit looks: a long page header, then some (compressible) data."""
     rng = random.Random(f"{timeline}-{segno}-{seed}")
     if random_fill:
@@ -52,8 +59,9 @@ def wal_bytes(timeline: int, segno: int, *, size: int = SEGSIZE, seed: int = 0,
     else:
         block = rng.randbytes(4096)
         body = bytearray((block + bytes(4096)) * (size // 8192))
-    body[: _LONG_HEADER.size] = _LONG_HEADER.pack(0xD110, 2, timeline, segno * size, 0, sysid,
-                                                  size, 8192)
+    body[: _LONG_HEADER.size] = _LONG_HEADER.pack(
+        0xD110, 2, timeline, segno * size, 0, sysid, size, 8192
+    )
     return bytes(body)
 
 
@@ -77,9 +85,14 @@ class WalRig:
     def write_config(self, **archive: Any) -> None:
         lines = [
             f'lock_path = "{self.root / "locks"}"',
-            "[postgres]", f'pgdata = "{self.pgdata}"',
-            "[keys]", 'provider = "keyfile"', f'keyfile = "{self.keyfile}"',
-            "[[repo]]", 'name = "local"', f'path = "{self.repo_path}"',
+            "[postgres]",
+            f'pgdata = "{self.pgdata}"',
+            "[keys]",
+            'provider = "keyfile"',
+            f'keyfile = "{self.keyfile}"',
+            "[[repo]]",
+            'name = "local"',
+            f'path = "{self.repo_path}"',
         ]
         if archive:
             lines.append("[archive]")
@@ -156,24 +169,40 @@ def tamper(path: Path, offset: int, edit: Callable[[int], int] = lambda b: b ^ 0
     [
         ("000000010000000000000003", "segment", 1, "wal/00000001/000000010000000000000003"),
         ("0000000A00000001000000FF", "segment", 10, "wal/0000000A/0000000A00000001000000FF"),
-        ("000000010000000000000005.partial", "partial", 1,
-         "wal/00000001/000000010000000000000005.partial"),
-        ("000000010000000000000002.00000028.backup", "backup", 1,
-         "wal/00000001/000000010000000000000002.00000028.backup"),
+        (
+            "000000010000000000000005.partial",
+            "partial",
+            1,
+            "wal/00000001/000000010000000000000005.partial",
+        ),
+        (
+            "000000010000000000000002.00000028.backup",
+            "backup",
+            1,
+            "wal/00000001/000000010000000000000002.00000028.backup",
+        ),
         ("00000002.history", "history", 2, "wal/00000002/00000002.history"),
     ],
 )
-def test_names_map_to_keys_under_their_timeline(name: str, kind: str, timeline: int,
-                                                key: str) -> None:
+def test_names_map_to_keys_under_their_timeline(
+    name: str, kind: str, timeline: int, key: str
+) -> None:
     wal = parse_wal_name(name)
     assert (wal.kind, wal.timeline, wal.key) == (kind, timeline, key)
 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "RECOVERYXLOG", "00000001000000000000003", "000000010000000000000003.done",
-     "00000000000000000000000A", "00000000.history", "0000000100000000000000ab",
-     "../00000002.history"],
+    [
+        "",
+        "RECOVERYXLOG",
+        "00000001000000000000003",
+        "000000010000000000000003.done",
+        "00000000000000000000000A",
+        "00000000.history",
+        "0000000100000000000000ab",
+        "../00000002.history",
+    ],
 )
 def test_other_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="not a WAL file name"):
@@ -250,18 +279,35 @@ def test_fetch_of_a_missing_file_returns_1(wal: WalRig, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "where",
-    ["magic", "version", "period", "pushed_at", "frame header", "first segment", "last byte",
-     "truncated", "extended"],
+    [
+        "magic",
+        "version",
+        "period",
+        "pushed_at",
+        "frame header",
+        "first segment",
+        "last byte",
+        "truncated",
+        "extended",
+    ],
 )
-def test_a_damaged_object_is_never_handed_to_postgresql(wal: WalRig, tmp_path: Path,
-                                                        where: str) -> None:
+def test_a_damaged_object_is_never_handed_to_postgresql(
+    wal: WalRig, tmp_path: Path, where: str
+) -> None:
     name = seg_name(1, 3)
     wal.segment(1, 3, random_fill=True)  # several frame segments
     assert wal.push(name).returncode == 0
     path = wal.object_path(name)
     size = path.stat().st_size
-    offsets = {"magic": 0, "version": 4, "period": 7, "pushed_at": 20, "frame header": 40,
-               "first segment": 100, "last byte": size - 1}
+    offsets = {
+        "magic": 0,
+        "version": 4,
+        "period": 7,
+        "pushed_at": 20,
+        "frame header": 40,
+        "first segment": 100,
+        "last byte": size - 1,
+    }
     if where in offsets:
         tamper(path, offsets[where])
     else:
@@ -340,19 +386,35 @@ def test_errors_are_one_line_and_fetch_errors_abort_recovery(wal: WalRig, tmp_pa
 
 def test_wal_push_and_fetch_import_only_what_they_need(wal: WalRig, tmp_path: Path) -> None:
     wal.segment(1, 3)
-    commands = [["wal-push", f"pg_wal/{seg_name(1, 3)}"],
-                ["wal-fetch", seg_name(1, 3), str(tmp_path / "x")]]
+    commands = [
+        ["wal-push", f"pg_wal/{seg_name(1, 3)}"],
+        ["wal-fetch", seg_name(1, 3), str(tmp_path / "x")],
+    ]
     for args in commands:
         proc = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "drkit", *args, "-c", str(wal.config)],
-            cwd=wal.pgdata, capture_output=True, text=True,
+            cwd=wal.pgdata,
+            capture_output=True,
+            text=True,
         )
         assert proc.returncode == 0, proc.stderr
-        modules = {line.split("|")[-1].strip().split(".")[0]
-                   for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        modules = {
+            line.split("|")[-1].strip().split(".")[0]
+            for line in proc.stderr.splitlines()
+            if line.startswith("import time:")
+        }
         assert modules, proc.stderr
-        heavy = modules & {"typer", "click", "rich", "pydantic", "pydantic_settings", "psycopg",
-                           "numpy", "boto3", "hvac"}
+        heavy = modules & {
+            "typer",
+            "click",
+            "rich",
+            "pydantic",
+            "pydantic_settings",
+            "psycopg",
+            "numpy",
+            "boto3",
+            "hvac",
+        }
         assert not heavy, f"drkit {args[0]} imports {sorted(heavy)}"
 
 
@@ -364,8 +426,10 @@ def test_hourly_key_period_and_one_record_per_period(wal: WalRig) -> None:
     for segno in (3, 4):
         wal.segment(1, segno)
         assert wal.push(seg_name(1, segno)).returncode == 0
-    records = sorted(p.relative_to(wal.repo_path).as_posix()
-                     for p in (wal.repo_path / "wal-keys").rglob("*.json"))
+    records = sorted(
+        p.relative_to(wal.repo_path).as_posix()
+        for p in (wal.repo_path / "wal-keys").rglob("*.json")
+    )
     now_ms = int(time.time() * 1000)
     assert len(records) in (1, 2)  # two if the hour turned between the pushes
     assert records[-1] == f"wal-keys/{period_of(now_ms, 'hourly')}/0001.json"
@@ -375,8 +439,9 @@ def test_hourly_key_period_and_one_record_per_period(wal: WalRig) -> None:
     assert record["provider"] == "keyfile" and "wrapped" in record  # a backup key record
 
 
-def test_racing_first_pushers_of_a_period_share_one_key(wal: WalRig,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_racing_first_pushers_of_a_period_share_one_key(
+    wal: WalRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pushers = 6
     barrier = threading.Barrier(pushers)
     original = WalKeyring._load
@@ -405,6 +470,7 @@ def test_racing_first_pushers_of_a_period_share_one_key(wal: WalRig,
         t.start()
     for t in threads:
         t.join()
+    monkeypatch.undo()
     assert errors == []
     assert [p.name for p in (wal.repo_path / "wal-keys").rglob("*.json")] == ["0001.json"]
     archive = WalArchive(wal.repo())
@@ -412,14 +478,16 @@ def test_racing_first_pushers_of_a_period_share_one_key(wal: WalRig,
         archive.check(path.name)
 
 
-def test_a_period_whose_record_does_not_unwrap_is_not_given_a_second_key(wal: WalRig,
-                                                                         tmp_path: Path) -> None:
+def test_a_period_whose_record_does_not_unwrap_is_not_given_a_second_key(
+    wal: WalRig, tmp_path: Path
+) -> None:
     other = tmp_path / "other.key"
     create_keyfile(other)
     period = period_of(int(time.time() * 1000), "daily")
     record = KeyfileProvider(other).new_data_key().record
-    PosixStorage(wal.repo_path).write_bytes(f"wal-keys/{period}/0001.json",
-                                            json.dumps(record).encode())
+    PosixStorage(wal.repo_path).write_bytes(
+        f"wal-keys/{period}/0001.json", json.dumps(record).encode()
+    )
     wal.segment(1, 3)
     result = wal.push(seg_name(1, 3))
     assert result.returncode == 12, result.stderr  # WrongKey
@@ -454,8 +522,10 @@ def test_listing_ranges_and_gaps(wal: WalRig) -> None:
     ]
     [summary] = archive.summarize()
     assert summary.first == seg_name(1, per_log - 3) and summary.segments == len(segnos) - 2
-    assert summary.missing == [(seg_name(1, per_log), seg_name(1, per_log + 1)),
-                               (seg_name(1, per_log + 4), seg_name(1, per_log + 5))]
+    assert summary.missing == [
+        (seg_name(1, per_log), seg_name(1, per_log + 1)),
+        (seg_name(1, per_log + 4), seg_name(1, per_log + 5)),
+    ]
     assert summary.missing_count == 4
 
 
@@ -472,7 +542,9 @@ def test_kill_9_in_mid_push_leaves_nothing_partial(wal: WalRig) -> None:
     for _attempt in range(6):
         proc = subprocess.Popen(
             [*DRKIT, "wal-push", f"pg_wal/{name}", "--config", str(wal.config)],
-            cwd=wal.pgdata, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=wal.pgdata,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(rng.uniform(0.05, 0.9))
         proc.send_signal(signal.SIGKILL)
@@ -522,7 +594,6 @@ def test_async_mode_pushes_ahead_and_answers_from_the_spool(wal: WalRig) -> None
     for name in names:
         archive.check(name)
     status = Spool(spool)
-    assert status.pusher_running() or True  # may already have exited
     wait_for(lambda: not status.pusher_running(), 30, "the idle pusher to exit")
     assert sorted(p.name for p in spool.iterdir()) == ["pusher.lock", "pusher.log"]
 

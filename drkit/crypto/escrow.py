@@ -44,6 +44,10 @@ NONCE_SIZE = 12
 _KEY_ID_PREFIX = b"drkit-escrow-id\x00"
 _HKDF_INFO = b"drkit-escrow-v1"
 _AAD_PREFIX = b"drkit-escrow-v1\x00"
+TAMPERED_HINT = (
+    "compare the key record with the same backup's record in another repository copy; if the "
+    "backup was escrowed, --recovery-key reads it from its escrow part"
+)
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\s+([A-Za-z0-9+/=\s]+?)-----END \1-----")
 
 

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from drkit.crypto.base import DEK_SIZE, DataKey
+from drkit.crypto.escrow import TAMPERED_HINT
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.vault import VaultRequestError, VaultSession
 from drkit.errors import IntegrityError, KeyMaterialError, VaultError, WrongKey
@@ -108,6 +109,7 @@ class VaultTransitProvider:
                 raise IntegrityError(
                     f"wrapped data key failed authentication in Vault transit key '{self.name}' "
                     "(tampered key record, or the key was re-created)",
+                    hint=TAMPERED_HINT,
                 ) from None
             raise
         try:

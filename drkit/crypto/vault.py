@@ -376,8 +376,9 @@ class VaultSession:
     def _permission_denied(self, path: str, what: str) -> VaultError:
         return VaultError(
             f"unable to {what}: Vault denied permission on '{path}'",
-            hint=f"grant the policy of drkit's {self._credentials.method} identity access to "
-            f"'{path}' (docs/vault.md has least-privilege policies)",
+            hint=f"check the mount and key names in [keys.vault], and that the policy of "
+            f"drkit's {self._credentials.method} identity grants '{path}' (docs/vault.md has "
+            "least-privilege policies)",
         )
 
     def _vault_errors(self, exc: hvac.exceptions.VaultError) -> list[str]:

@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drkit.crypto.base import DEK_SIZE, DataKey
+from drkit.crypto.escrow import TAMPERED_HINT
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.vault import VaultRequestError, VaultSession
 from drkit.errors import IntegrityError, KeyMaterialError, VaultError, WrongKey
@@ -80,7 +81,8 @@ class VaultKvProvider:
             dek = AESGCM(kek).decrypt(nonce, wrapped, _aad(version, str(key_id)))
         except InvalidTag:
             raise IntegrityError(
-                "wrapped data key failed authentication (tampered key record)"
+                "wrapped data key failed authentication (tampered key record)",
+                hint=TAMPERED_HINT,
             ) from None
         if len(dek) != DEK_SIZE:
             raise IntegrityError(f"key record unwraps to {len(dek)} bytes, not a data key")

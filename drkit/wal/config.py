@@ -6,8 +6,9 @@ provider, no ``DRKIT_*`` overrides in the environment — is therefore read here
 Everything else (other storage or key providers, environment overrides, anything unexpected or
 invalid in the sections read here) goes through the full loader, ``load_settings``, which is the
 reference: the fast path accepts only what it would accept and gives the same values
-(tests/test_wal_config.py compares them). Sections the WAL commands do not use are not validated on
-the fast path.
+(tests/test_wal_config.py compares them). Sections and repositories the WAL commands do not use
+(backup settings, secondary repositories) are not validated on the fast path; every other command
+validates them.
 """
 
 from __future__ import annotations
@@ -142,19 +143,23 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
             raise _Unsupported
         names = set()
         for repo in repos:
-            if not isinstance(repo, dict) or set(repo) - _REPO_KEYS:
+            # WAL is pushed to the primary (first) repository only; the others are the
+            # business of replicate, so they are only checked for a name and a known type here.
+            if not isinstance(repo, dict) or repo.get("type", "posix") not in ("posix", "s3"):
                 raise _Unsupported
             name = repo.get("name")
             if not isinstance(name, str) or not _REPO_NAME.fullmatch(name) or name in names:
                 raise _Unsupported
             names.add(name)
-            if repo.get("type", "posix") != "posix" or not isinstance(repo.get("path"), str):
-                raise _Unsupported
-            if not isinstance(repo.get("media", ""), str):
-                raise _Unsupported
-            if not isinstance(repo.get("offsite", False), bool):
-                raise _Unsupported
         primary = repos[0]
+        if primary.get("type", "posix") != "posix" or set(primary) - _REPO_KEYS:
+            raise _Unsupported
+        if not isinstance(primary.get("path"), str) or not primary["path"]:
+            raise _Unsupported
+        if not isinstance(primary.get("media", ""), str):
+            raise _Unsupported
+        if not isinstance(primary.get("offsite", False), bool):
+            raise _Unsupported
         lock_path = _path(data, "lock_path") or DEFAULT_LOCK_PATH
         archive = _archive(_table(data, "archive", _ARCHIVE_KEYS))
     except _Unsupported:

@@ -59,9 +59,7 @@ def enable_archiving(
         text=True,
     )
     assert check.returncode == 0, f"the server user cannot run {DRKIT_BIN}: {check.stderr}"
-    cluster.set_conf(
-        {"archive_mode": "on", "archive_command": drkit_command(dk, "wal-push", "%p")}
-    )
+    cluster.set_conf({"archive_mode": "on", "archive_command": drkit_command(dk, "wal-push", "%p")})
     cluster.restart()
 
 
@@ -76,8 +74,7 @@ def switch_wal(cluster: PgCluster) -> str:
 def archiver_status(cluster: PgCluster) -> tuple[str, int, int]:
     """(last_archived_wal, archived_count, failed_count) from pg_stat_archiver."""
     row = cluster.psql(
-        "SELECT coalesce(last_archived_wal, ''), archived_count, failed_count"
-        " FROM pg_stat_archiver"
+        "SELECT coalesce(last_archived_wal, ''), archived_count, failed_count FROM pg_stat_archiver"
     )
     name, archived, failed = row.split("|")
     return name, int(archived), int(failed)

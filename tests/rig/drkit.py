@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from drkit.cli.main import app
 from drkit.crypto.keyfile import create_keyfile
-from rig.postgres import PgCluster
+from rig.postgres import PgCluster, attach_cluster
 
 DRKIT = [sys.executable, "-m", "drkit"]
 
@@ -107,3 +107,20 @@ class Drkit:
             for p in sorted(self.repo_path.rglob("*"))
             if p.is_file()
         }
+
+
+def start_restored(pgdata: Path, version: int, workdir: Path) -> PgCluster:
+    """Start a cluster drkit restored (it is stopped and removed with ``workdir``)."""
+    restored = attach_cluster(pgdata, version, workdir)
+    restored.start()
+    return restored
+
+
+def check_indexes(cluster: PgCluster) -> None:
+    """amcheck every b-tree index of the postgres database, heap included; raises if broken."""
+    cluster.psql("CREATE EXTENSION IF NOT EXISTS amcheck")
+    cluster.psql(
+        "SELECT bt_index_check(c.oid, true) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
+        " WHERE a.amname = 'btree' AND c.relpersistence = 'p'"
+    )

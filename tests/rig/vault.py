@@ -59,31 +59,42 @@ class VaultSetup:
     # -- secrets engines --------------------------------------------------------------------------
 
     def enable_kv(self) -> None:
-        self.server.api("POST", f"sys/mounts/{self.kv_mount}",
-                        {"type": "kv", "options": {"version": "2"}})
+        self.server.api(
+            "POST", f"sys/mounts/{self.kv_mount}", {"type": "kv", "options": {"version": "2"}}
+        )
         self.write_kek()
 
     def write_kek(self) -> int:
         """Writes a new random KEK version; returns the version number."""
         kek = base64.b64encode(os.urandom(32)).decode()
-        answer = self.server.api("POST", f"{self.kv_mount}/data/{self.kv_path}",
-                                 {"data": {"key": kek, "note": "drkit test"}})
+        answer = self.server.api(
+            "POST",
+            f"{self.kv_mount}/data/{self.kv_path}",
+            {"data": {"key": kek, "note": "drkit test"}},
+        )
         return int(answer["data"]["version"])
 
     def transit_state(self) -> dict[str, Any]:
         return self.server.api("GET", f"{self.transit_mount}/keys/{self.transit_key}")["data"]
 
     def set_min_decryption_version(self, version: int) -> None:
-        self.server.api("POST", f"{self.transit_mount}/keys/{self.transit_key}/config",
-                        {"min_decryption_version": version})
+        self.server.api(
+            "POST",
+            f"{self.transit_mount}/keys/{self.transit_key}/config",
+            {"min_decryption_version": version},
+        )
 
     # -- identities -------------------------------------------------------------------------------
 
-    def policy(self, *, kv: bool = False, extra: str = "") -> str:
-        """A least-privilege policy (as docs/vault.md gives it) for this test's key."""
-        name = f"drkit-{self.tag}-{'kv' if kv else 'transit'}"
-        text = (KV_POLICY.format(mount=self.kv_mount, path=self.kv_path) if kv else
-                TRANSIT_POLICY.format(mount=self.transit_mount, key=self.transit_key)) + extra
+    def policy(self, *, kv: bool = False, extra: str = "", suffix: str = "") -> str:
+        """A least-privilege policy (as docs/vault.md gives it) for this test's key, plus
+        ``extra`` rules; returns its name."""
+        name = f"drkit-{self.tag}-{'kv' if kv else 'transit'}{suffix}"
+        text = (
+            KV_POLICY.format(mount=self.kv_mount, path=self.kv_path)
+            if kv
+            else TRANSIT_POLICY.format(mount=self.transit_mount, key=self.transit_key)
+        ) + extra
         self.server.api("POST", f"sys/policies/acl/{name}", {"policy": text})
         return name
 
@@ -100,7 +111,8 @@ class VaultSetup:
         self.server.api("POST", f"auth/approle/role/{name}", {"token_policies": [policy], **role})
         role_id = self.server.api("GET", f"auth/approle/role/{name}/role-id")["data"]["role_id"]
         secret_id = self.server.api("POST", f"auth/approle/role/{name}/secret-id")["data"][
-            "secret_id"]
+            "secret_id"
+        ]
         path = self.workdir / "secret-id"
         path.write_text(secret_id + "\n")
         path.chmod(0o600)
@@ -110,18 +122,26 @@ class VaultSetup:
         """Mounts kubernetes auth against ``stub``; returns the mount path (role 'backup')."""
         mount = f"k8s-{self.tag}"
         self.server.api("POST", f"sys/auth/{mount}", {"type": "kubernetes"})
-        self.server.api("POST", f"auth/{mount}/config", {
-            "kubernetes_host": stub.url,
-            "kubernetes_ca_cert": stub.ca_pem,
-            "token_reviewer_jwt": stub.reviewer_jwt,
-            "disable_local_ca_jwt": True,
-        })
-        self.server.api("POST", f"auth/{mount}/role/backup", {
-            "bound_service_account_names": [stub.account],
-            "bound_service_account_namespaces": [stub.namespace],
-            "token_policies": [policy],
-            "token_ttl": "10m",
-        })
+        self.server.api(
+            "POST",
+            f"auth/{mount}/config",
+            {
+                "kubernetes_host": stub.url,
+                "kubernetes_ca_cert": stub.ca_pem,
+                "token_reviewer_jwt": stub.reviewer_jwt,
+                "disable_local_ca_jwt": True,
+            },
+        )
+        self.server.api(
+            "POST",
+            f"auth/{mount}/role/backup",
+            {
+                "bound_service_account_names": [stub.account],
+                "bound_service_account_namespaces": [stub.namespace],
+                "token_policies": [policy],
+                "token_ttl": "10m",
+            },
+        )
         return mount
 
     # -- drkit configuration ----------------------------------------------------------------------
@@ -164,16 +184,25 @@ class TokenReviewStub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.reviews.append({"path": self.path,
-                                     "authorization": self.headers.get("Authorization"),
-                                     "token": body["spec"]["token"]})
+                stub.reviews.append(
+                    {
+                        "path": self.path,
+                        "authorization": self.headers.get("Authorization"),
+                        "token": body["spec"]["token"],
+                    }
+                )
                 self._answer(stub.review(self.path, self.headers.get("Authorization"), body))
 
             def _answer(self, status: dict[str, Any]) -> None:
-                data = json.dumps({"apiVersion": "authentication.k8s.io/v1",
-                                   "kind": "TokenReview", "status": status}).encode()
+                data = json.dumps(
+                    {
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "status": status,
+                    }
+                ).encode()
                 self.send_response(201)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -189,15 +218,20 @@ class TokenReviewStub:
         self._thread.start()
 
     def review(self, path: str, authorization: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        if (path != "/apis/authentication.k8s.io/v1/tokenreviews"
-                or authorization != f"Bearer {self.reviewer_jwt}"
-                or body["spec"]["token"] != self.jwt):
+        if (
+            path != "/apis/authentication.k8s.io/v1/tokenreviews"
+            or authorization != f"Bearer {self.reviewer_jwt}"
+            or body["spec"]["token"] != self.jwt
+        ):
             return {"authenticated": False, "error": "token not valid"}
-        return {"authenticated": True, "user": {
-            "username": f"system:serviceaccount:{self.namespace}:{self.account}",
-            "uid": self.uid,
-            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{self.namespace}"],
-        }}
+        return {
+            "authenticated": True,
+            "user": {
+                "username": f"system:serviceaccount:{self.namespace}:{self.account}",
+                "uid": self.uid,
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{self.namespace}"],
+            },
+        }
 
     def close(self) -> None:
         self._server.shutdown()

@@ -1,0 +1,103 @@
+"""Configuration: one precedence order (flags > DRKIT_* env > file > defaults), per-field errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drkit.cli.main import app
+from drkit.config.settings import load_settings
+from drkit.errors import ConfigError
+
+BASE = """
+[postgres]
+pgdata = "/srv/pg"
+port = 5433
+[keys]
+keyfile = "/etc/drkit/k"
+[[repo]]
+name = "local"
+path = "/srv/repo"
+[backup]
+compress_level = 5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "drkit.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_flags_over_env_over_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(tmp_path, BASE)
+    settings = load_settings(config)
+    assert settings.postgres.port == 5433 and settings.backup.compress_level == 5
+    assert settings.backup.start_fast is False  # default
+
+    monkeypatch.setenv("DRKIT_POSTGRES__PORT", "6000")
+    monkeypatch.setenv("DRKIT_BACKUP__PROCESS_MAX", "7")
+    settings = load_settings(config, {"backup": {"compress_level": 9, "start_fast": None}})
+    assert settings.postgres.port == 6000  # env beats file
+    assert settings.postgres.pgdata == Path("/srv/pg")  # file values in the same section stay
+    assert settings.backup.process_max == 7
+    assert settings.backup.compress_level == 9  # flag beats file
+    assert settings.backup.start_fast is False  # a flag left unset changes nothing
+
+
+def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRKIT_CONFIG", str(write(tmp_path, BASE)))
+    assert load_settings(None).repo[0].name == "local"
+
+
+def test_every_invalid_field_is_reported(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        BASE.replace("compress_level = 5", "compress_level = 99\nbogus = 1").replace(
+            "port = 5433", 'port = "x"'
+        ),
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    message = str(raised.value)
+    assert f"invalid configuration in '{config}'" in message
+    assert "backup.compress_level: Input should be less than or equal to 22" in message
+    assert "backup.bogus: Extra inputs are not permitted" in message
+    assert "postgres.port:" in message
+
+
+def test_cli_renders_config_errors_with_exit_code_3(tmp_path: Path) -> None:
+    config = write(tmp_path, BASE.replace('keyfile = "/etc/drkit/k"', 'provider = "keyfile"'))
+    result = CliRunner().invoke(app, ["info", "--config", str(config)])
+    assert result.exit_code == 3
+    assert "error: invalid configuration" in result.stderr
+    assert "provider 'keyfile' needs keys.keyfile" in result.stderr
+    assert "HINT: docs/configuration.md" in result.stderr
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["info", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 3
+    assert "configuration file" in result.stderr and "does not exist" in result.stderr
+
+
+def test_duplicate_repository_names_are_refused(tmp_path: Path) -> None:
+    config = write(tmp_path, BASE + '[[repo]]\nname = "local"\npath = "/other"\n')
+    with pytest.raises(ConfigError, match="repository names must be unique"):
+        load_settings(config)
+
+
+def test_version_and_module_entry_point() -> None:
+    import subprocess
+    import sys
+
+    from drkit import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "drkit", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"drkit {__version__}"

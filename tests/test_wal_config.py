@@ -1,0 +1,108 @@
+"""The WAL commands' fast configuration loader agrees with the full one (load_settings), and
+defers to it for everything it does not handle."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from drkit.config.settings import ArchiveSettings, load_settings
+from drkit.crypto.keyfile import create_keyfile
+from drkit.errors import ConfigError
+from drkit.wal.config import ArchiveConfig, WalConfig, load_wal_config
+
+
+@pytest.fixture
+def write(tmp_path: Path):  # type: ignore[no-untyped-def]
+    keyfile = tmp_path / "k"
+    create_keyfile(keyfile)
+    base = (
+        f'lock_path = "{tmp_path / "locks"}"\n'
+        f'[postgres]\npgdata = "{tmp_path / "pgdata"}"\nport = 5433\n'
+        f'[keys]\nkeyfile = "{keyfile}"\n'
+        f'[[repo]]\nname = "main"\npath = "{tmp_path / "repo"}"\n'
+        f'[[repo]]\nname = "offsite"\ntype = "s3"\nbucket = "drkit-offsite"\noffsite = true\n'
+    )
+
+    def write(extra: str = "") -> Path:
+        path = tmp_path / "drkit.toml"
+        path.write_text(base + extra)
+        return path
+
+    return write
+
+
+def comparable(config: WalConfig) -> dict[str, object]:
+    return {
+        "config_path": config.config_path,
+        "pgdata": config.pgdata,
+        "lock_path": config.lock_path,
+        "archive": asdict(config.archive),
+        "repo_name": config.repo_name,
+        "spool_path": config.spool_path,
+    }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        '[archive]\nasync = true\nprocess_max = 3\n',
+        '[archive]\nspool_path = "/var/spool/drkit"\ncompress_level = -3\nkey_period = "hourly"'
+        "\npush_timeout = 2.5\n",
+        "[archive]\npush_timeout = 7\n[backup]\ncompress_level = 6\n",
+    ],
+)
+def test_fast_path_reads_what_load_settings_reads(write, extra: str) -> None:  # type: ignore[no-untyped-def]
+    path = write(extra)
+    fast = load_wal_config(path)
+    full = load_wal_config(path, fast=False)
+    assert fast.fast and not full.fast
+    assert comparable(fast) == comparable(full)
+    assert fast.open_repository().name == full.open_repository().name == "main"
+
+
+def test_defaults_agree() -> None:
+    settings = ArchiveSettings.model_validate({})
+    assert asdict(ArchiveConfig()) == {
+        "async_": settings.async_,
+        "spool_path": settings.spool_path,
+        "process_max": settings.process_max,
+        "compress_level": settings.compress_level,
+        "key_period": settings.key_period,
+        "push_timeout": settings.push_timeout,
+    }
+
+
+def test_environment_overrides_take_the_full_path(
+    write,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DRKIT_ARCHIVE__ASYNC", "true")
+    config = load_wal_config(write())
+    assert not config.fast and config.archive.async_
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("[archive]\nprocess_max = 0\n", "archive.process_max"),
+        ('[archive]\nasync = "maybe"\n', "archive.async"),
+        ('[archive]\nkey_period = "weekly"\n', "archive.key_period"),
+        ("[archive]\nspeed = 3\n", "archive.speed"),
+    ],
+)
+def test_invalid_settings_are_explained_by_the_full_loader(write, extra: str, field: str) -> None:  # type: ignore[no-untyped-def]
+    path = write(extra)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    with pytest.raises(ConfigError) as wal_caught:
+        load_wal_config(path)
+    assert field in str(caught.value) and str(wal_caught.value) == str(caught.value)
+
+
+def test_a_missing_configuration_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_wal_config(tmp_path / "nope.toml")
