@@ -67,7 +67,7 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
     # The source moves on after the backup; the restore must show the backup's state.
     pg.psql("UPDATE accounts SET balance = 0 WHERE id < 500; DROP TABLE small")
 
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     assert [b["label"] for b in info["backups"]] == [label]
     assert info["backups"][0]["stored"] < info["backups"][0]["size"]
 
@@ -235,7 +235,7 @@ def test_second_backup_while_one_runs_is_refused(pg: PgCluster, workdir: Path) -
         holder.kill()
         holder.wait()
     dk.ok("backup")
-    assert len(json.loads(dk.ok("info", "--json").stdout)["backups"]) == 1
+    assert len(dk.info()["backups"]) == 1
 
 
 def test_killed_backup_is_never_listed_and_next_backup_succeeds(
@@ -256,14 +256,14 @@ def test_killed_backup_is_never_listed_and_next_backup_succeeds(
     proc.wait()
     assert any(data_dir.glob("*/data/*")), "the backup was killed before it wrote anything"
     assert not any(data_dir.glob("*/manifest"))
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     assert info["backups"] == [] and len(info["incomplete"]) == 1
 
     source = database_checksums(pg)
     result = dk.run("backup")
     assert result.exit_code == 0, result.output
     assert "removed the objects of incomplete backup" in result.stderr
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     assert len(info["backups"]) == 1 and info["incomplete"] == []
     target = workdir / "restored"
     dk.ok("restore", "--pgdata", str(target))
@@ -284,7 +284,7 @@ def test_page_checksum_failure_is_reported(pg: PgCluster, workdir: Path) -> None
     result = dk.run("backup")
     assert result.exit_code == 1, result.output
     assert f"page checksum failure in '{relpath}' block 3" in result.stderr
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     assert info["backups"][0]["bad_pages"] == 1
 
 
@@ -296,7 +296,7 @@ def test_postgres_down_gives_clear_error(pg: PgCluster, workdir: Path) -> None:
     assert result.exit_code == 4
     assert "unable to connect to PostgreSQL" in result.stderr
     assert "HINT:" in result.stderr
-    assert json.loads(dk.ok("info", "--json").stdout)["backups"] == []
+    assert dk.info()["backups"] == []
 
 
 def test_repository_of_another_cluster_is_refused(

@@ -39,7 +39,7 @@ def test_full_disk_fails_cleanly_and_lists_nothing(
     assert result.exit_code == 8, result.output
     assert "no space left on device" in result.stderr
     assert "HINT:" in result.stderr
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     assert info["backups"] == []
     # Nothing half-written stays behind in the temp area either.
     assert list((tiny_repo / ".tmp").glob("*")) == [] if (tiny_repo / ".tmp").exists() else True

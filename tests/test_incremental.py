@@ -122,7 +122,7 @@ def test_chain_full_incr_incr_diff_incr_restores_each_member(pg: PgCluster, work
             pg.psql(sql, dbname=dbname)
 
     labels = [label for label, _, _ in taken]
-    info = json.loads(dk.ok("info", "--json").stdout)
+    info = dk.info()
     by_label = {b["label"]: b for b in info["backups"]}
     assert [by_label[label]["type"] for label in labels] == ["full", "incr", "incr", "diff", "incr"]
     assert by_label[labels[1]]["parent"] == labels[0]

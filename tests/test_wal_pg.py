@@ -57,13 +57,13 @@ def test_archive_command_archives_every_segment(pg: PgCluster, workdir: Path) ->
     assert archive.segment_size == 16 * 1024 * 1024
     assert archive.timelines() == [1]
 
-    [timeline] = json.loads(dk.ok("info", "--json").stdout)["wal"]
+    [timeline] = dk.info()["wal"]
     assert (timeline["first"], timeline["last"]) == (segments[0], segments[-1])
     assert timeline["segments"] == len(segments) and timeline["missing"] == []
 
     victim = segments[len(segments) // 2]
     (dk.repo_path / "wal" / "00000001" / victim).unlink()
-    [timeline] = json.loads(dk.ok("info", "--json").stdout)["wal"]
+    [timeline] = dk.info()["wal"]
     assert timeline["missing"] == [[victim, victim]] and timeline["missing_count"] == 1
     text = dk.run("info")
     assert f"WAL archive gap on timeline 1: {victim} missing" in " ".join(text.output.split())
@@ -160,5 +160,5 @@ def test_recovery_fetches_wal_and_aborts_at_a_damaged_segment(pg: PgCluster, wor
     assert parent == 1 and switch_lsn > 0
     assert archive.read(history) == (copy / "pg_wal" / history).read_bytes()
     assert new_segment in archive.segments(2)
-    [_, timeline2] = json.loads(dk.ok("info", "--json").stdout)["wal"]
+    [_, timeline2] = dk.info()["wal"]
     assert timeline2["timeline"] == 2 and timeline2["history"] is True

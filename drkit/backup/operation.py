@@ -32,6 +32,7 @@ from drkit.pg.wal import (
 )
 from drkit.pg.walk import PgdataListing, walk_pgdata
 from drkit.progress import NoProgress, Progress
+from drkit.replicate.operation import ReplicateOperation, ReplicationReport
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (
@@ -54,6 +55,7 @@ class BackupResult:
     warnings: list[str] = field(default_factory=list)
     removed_leftovers: list[str] = field(default_factory=list)
     notice: str | None = None  # e.g. why a diff/incr became a full backup
+    copies: ReplicationReport | None = None
 
 
 class BackupOperation:
@@ -128,7 +130,16 @@ class BackupOperation:
             )
             repo.write_manifest(manifest, data_key.plaintext)
         warnings = data.warnings + wal.warnings
-        return BackupResult(manifest, warnings, [str(x) for x in removed], notice)
+
+        # Fan out: copies for the other repositories, made from the primary's objects
+        copies = ReplicateOperation(self.settings, [label]).run()
+        for failed in copies.repos:
+            if failed.error is not None:
+                warnings.append(
+                    f"backup {label} is not yet copied to repository '{failed.repo}':"
+                    f" {failed.error} (run 'drkit replicate' when it is back)"
+                )
+        return BackupResult(manifest, warnings, [str(x) for x in removed], notice, copies)
 
     def _check_cluster(self, session: PgSession) -> ClusterInfo:
         cluster = session.cluster_info()
@@ -341,9 +352,7 @@ def _open_file(path: Path) -> io.FileIO:
     return open(path, "rb", buffering=0)  # the copier closes it
 
 
-def _open_segment(
-    path: Path, name: str, segment_size: int, system_identifier: int
-) -> io.FileIO:
+def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> io.FileIO:
     """Open a WAL segment in pg_wal, refusing one that is not the segment its name says."""
     _, segno = parse_segment_name(name, segment_size)
     try:

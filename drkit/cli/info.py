@@ -30,6 +30,7 @@ def command(
     info = InfoOperation(settings_from(config), repo).run()
     if json_:
         print_json(info.as_dict())
+        _exit(info.rule_3_2_1 or not info.backups)
         return
     stdout.print(
         f"repository '{info.name}' (system {info.system_identifier}, format {info.format})"
@@ -43,6 +44,14 @@ def command(
             f" {human_size(b.stored)}  {b.files} files  {b.duration_s:.1f}s  WAL {b.wal}",
             markup=False,
         )
+        if b.copies is not None:
+            c = b.copies
+            stdout.print(
+                f"    copies {c.copies} ({', '.join(['live', *c.repos])}), media"
+                f" {len(c.media)} ({', '.join(c.media)}), offsite {c.offsite}:"
+                f" 3-2-1 {'PASS' if c.passes else 'FAIL'}",
+                markup=False,
+            )
     for label in info.incomplete:
         warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")
     if not info.wal:
@@ -62,3 +71,17 @@ def command(
         for first, last in t.missing:
             span = first if first == last else f"{first}..{last}"
             warn(f"WAL archive gap on timeline {t.timeline}: {span} missing")
+    for name, error in info.unreachable.items():
+        warn(f"repository '{name}' is unreachable: {error}")
+    for name, lag in info.wal_lag.items():
+        if lag:
+            stdout.print(f"WAL lag of repository '{name}': {lag} files behind (drkit replicate)")
+    if info.backups and not info.rule_3_2_1:
+        warn("the newest backup does not meet 3-2-1 (3 copies, 2 media, 1 offsite)")
+    _exit(info.rule_3_2_1 or not info.backups)
+
+
+def _exit(passes: bool) -> None:
+    """A failing 3-2-1 rule is a warning: exit code 1."""
+    if not passes:
+        raise typer.Exit(1)

@@ -19,7 +19,7 @@ def _build_app() -> Any:
     import typer
 
     from drkit import __version__
-    from drkit.cli import backup, info, init, keys, restore, verify, wal
+    from drkit.cli import backup, info, init, keys, replicate, restore, verify, wal
 
     app = typer.Typer(
         name="drkit",
@@ -47,6 +47,7 @@ def _build_app() -> Any:
     app.command("info")(info.command)
     app.command("verify")(verify.command)
     app.command("restore")(restore.command)
+    app.command("replicate")(replicate.command)
     app.add_typer(keys.app, name="keys")
     wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)
     return app

@@ -1,9 +1,10 @@
 """What key management (``drkit keys rotate|rewrap|status``) needs from a provider.
 
 A provider whose wrapping key has versions (Vault transit, Vault KV) implements
-``VersionedKeyProvider`` on top of ``KeyProvider``: it says which key and version wrapped a record,
-what the key's newest version is, makes a new version, and re-wraps a record under the newest
-version. The key file provider has one version only and does not implement it.
+``VersionedKeyProvider`` on top of ``KeyProvider``: it says what the key's newest version is,
+makes a new version, and re-wraps a record under the newest version. Which key and version wrapped
+a record is read from the record itself (``drkit.keys.records.describe``), without the provider.
+The key file provider has one version only and does not implement it.
 """
 
 from __future__ import annotations
@@ -26,14 +27,7 @@ class KeyState:
 
 @runtime_checkable
 class VersionedKeyProvider(KeyProvider, Protocol):
-    name: str  # the key, as KeyState.key and record_key() name it
-
-    def record_key(self, record: dict[str, Any]) -> tuple[str, int | None]:
-        """The key name and version that wrapped ``record`` (a record of this provider kind).
-
-        Raises IntegrityError when the record is malformed.
-        """
-        ...
+    name: str  # the key as KeyState.key and key records name it (drkit.keys.records.describe)
 
     def key_state(self) -> KeyState:
         """The key's current versions. Raises VaultError when they cannot be read."""

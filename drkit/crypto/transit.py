@@ -125,11 +125,6 @@ class VaultTransitProvider:
 
     # -- rotation ---------------------------------------------------------------------------------
 
-    def record_key(self, record: dict[str, Any]) -> tuple[str, int | None]:
-        """The key (mount/name) and version a record of this provider kind was wrapped with."""
-        mount, key = record.get("mount"), record.get("key")
-        return f"{mount}/{key}", ciphertext_version(record.get("ciphertext"))
-
     def key_state(self) -> KeyState:
         data = self._call(f"keys/{self.key}", None, f"read transit key '{self.name}'", read=True)
         return KeyState(

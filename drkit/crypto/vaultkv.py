@@ -90,12 +90,6 @@ class VaultKvProvider:
 
     # -- rotation ---------------------------------------------------------------------------------
 
-    def record_key(self, record: dict[str, Any]) -> tuple[str, int | None]:
-        version = record.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise IntegrityError("key record is malformed: 'version' is not a KV version")
-        return f"{record.get('mount')}/{record.get('path')}#{record.get('field')}", version
-
     def key_state(self) -> KeyState:
         metadata = self._call(
             "read", f"metadata/{self.path}", None, f"read the versions of KV secret '{self.name}'"
@@ -193,7 +187,10 @@ class VaultKvProvider:
                 hint="configure the key provider this repository was written with, or use "
                 "--recovery-key",
             )
-        name, version = self.record_key(record)
+        version = record.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise IntegrityError("key record is malformed: 'version' is not a KV version")
+        name = f"{record.get('mount')}/{record.get('path')}#{record.get('field')}"
         if name != self.name:
             raise WrongKey(
                 f"data key was wrapped by the KEK in KV secret '{name}', but the configured one "
@@ -201,7 +198,6 @@ class VaultKvProvider:
                 hint="set keys.vault.kv_mount, kv_path and kv_field to the secret this "
                 "repository was written with",
             )
-        assert version is not None
         return version
 
     def _call(

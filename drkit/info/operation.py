@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drkit.config.settings import Settings
+from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.open import open_repository
 from drkit.wal.archive import TimelineSummary, WalArchive
 
@@ -27,9 +28,13 @@ class BackupSummary:
     stored: int
     duration_s: float
     bad_pages: int
+    copies: CopyStatus | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = {k: v for k, v in self.__dict__.items() if k != "copies"}
+        if self.copies is not None:
+            data["copies"] = self.copies.as_dict()
+        return data
 
 
 @dataclass
@@ -40,6 +45,14 @@ class RepositoryInfo:
     backups: list[BackupSummary] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     wal: list[TimelineSummary] = field(default_factory=list)  # archived WAL per timeline
+    wal_lag: dict[str, int] = field(default_factory=dict)  # other repository -> WAL files behind
+    unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
+
+    @property
+    def rule_3_2_1(self) -> bool:
+        """The cluster passes 3-2-1 when its newest backup does."""
+        newest = self.backups[-1] if self.backups else None
+        return bool(newest and newest.copies and newest.copies.passes)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +62,9 @@ class RepositoryInfo:
             "backups": [b.as_dict() for b in self.backups],
             "incomplete": self.incomplete,
             "wal": [t.as_dict() for t in self.wal],
+            "wal_lag": self.wal_lag,
+            "unreachable": self.unreachable,
+            "rule_3_2_1": "PASS" if self.rule_3_2_1 else "FAIL",
         }
 
 
@@ -61,6 +77,9 @@ class InfoOperation:
         repo = open_repository(self.settings, self.repo_name)
         fmt = repo.check()
         info = RepositoryInfo(repo.name, fmt.system_identifier, fmt.format)
+        copies = CopyMap.scan(self.settings)
+        info.unreachable = copies.unreachable
+        info.wal_lag = copies.wal_lag(repo.name)
         segment_size: int | None = None  # of the newest backup, for the WAL archive's gaps
         for label in repo.backups():
             m, _ = repo.load_manifest(label)
@@ -82,6 +101,7 @@ class InfoOperation:
                     stored=m.stats.stored,
                     duration_s=m.stats.duration_s,
                     bad_pages=sum(len(f.bad_pages) for f in m.files),
+                    copies=copies.status(self.settings, m.label),
                 )
             )
         info.incomplete = [str(label) for label in repo.incomplete()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,14 @@ class Drkit:
         result = self.run(*args)
         assert result.exit_code == 0, f"drkit {' '.join(args)} failed:\n{result.output}"
         return result
+
+    def info(self) -> dict[str, Any]:
+        """``drkit info --json``, parsed. Exit 1 is the 3-2-1 warning, and only that."""
+        result = self.run("info", "--json")
+        data: dict[str, Any] = json.loads(result.stdout)
+        expected = 1 if data["backups"] and data["rule_3_2_1"] == "FAIL" else 0
+        assert result.exit_code == expected, result.output
+        return data
 
     def spawn(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         """Run drkit as a separate process (for kill -9 and concurrency tests)."""

@@ -1,0 +1,169 @@
+"""Copies for 3-2-1: bring every other repository up to date with the primary, verified.
+
+A backup is read from PostgreSQL once, into the primary repository. Copies are made from the
+primary's objects — the same encrypted bytes, no re-encryption — in the repository's write order
+(data, key records, manifest last), so a copy interrupted at any point is never listed in the
+target. Every copied data object is checked against the SHA-256 the manifest recorded for it
+(computed while it is written to the target), key records and manifests against the bytes read.
+Each completed copy is recorded in the primary as a write-once copy record. WAL objects and WAL
+key records are caught up the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from drkit.config.settings import Settings
+from drkit.errors import DrkitError, IntegrityError
+from drkit.repo.label import BackupLabel
+from drkit.repo.open import open_repository
+from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.storage.base import Storage
+
+WAL_PREFIXES = ("wal-keys/", "wal/")  # key records first: no segment without its key
+COPY_PREFIX = "copies/"
+
+
+@dataclass
+class RepoReplication:
+    repo: str
+    copied_backups: list[str] = field(default_factory=list)
+    copied_wal: int = 0
+    bytes: int = 0
+    wal_lag: dict[int, int] = field(default_factory=dict)  # timeline -> segments behind
+    error: str | None = None  # the repository could not be brought up to date
+
+
+@dataclass
+class ReplicationReport:
+    repos: list[RepoReplication]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.error is None for r in self.repos)
+
+
+class Replicator:
+    """Copies objects from the primary repository to one other repository."""
+
+    def __init__(self, primary: Repository, target: Repository, workers: int) -> None:
+        self.primary = primary
+        self.target = target
+        self.workers = workers
+
+    def missing_backups(self) -> list[BackupLabel]:
+        have = set(self.target.backups())
+        return [label for label in self.primary.backups() if label not in have]
+
+    def copy_backup(self, label: BackupLabel) -> int:
+        """Copy one backup, manifest last; returns the bytes copied."""
+        manifest, _ = self.primary.load_manifest(label)
+        expected = {o.key: o.sha256 for o in manifest.objects}
+        present = {o.key: o.size for o in self.target.storage.list(f"{BACKUP_PREFIX}{label}/")}
+        objects = [
+            o
+            for o in self.primary.storage.list(f"{BACKUP_PREFIX}{label}/")
+            if "/verify/" not in o.key and present.get(o.key) != o.size
+        ]
+        data = [o for o in objects if "/data/" in o.key]
+        keys = [o for o in objects if "/key/" in o.key]
+        rest = [o for o in objects if o not in data and o not in keys]  # the manifest
+        total = 0
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
+            total += sum(pool.map(lambda o: self._copy(o.key, expected.get(o.key)), data))
+        for obj in keys + rest:
+            total += self._copy(obj.key, None)
+        self._record_copy(label)
+        return total
+
+    def copy_wal(self) -> int:
+        """Copy archived WAL and WAL key records the target lacks; returns how many."""
+        copied = 0
+        for prefix in WAL_PREFIXES:
+            present = {o.key for o in self.target.storage.list(prefix)}
+            todo = [o.key for o in self.primary.storage.list(prefix) if o.key not in present]
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
+                list(pool.map(lambda key: self._copy(key, None), todo))
+            copied += len(todo) if prefix == "wal/" else 0
+        return copied
+
+    def wal_lag(self) -> dict[int, int]:
+        """Per timeline, how many WAL files the primary has that the target does not."""
+        lag: dict[int, int] = {}
+        present = {o.key for o in self.target.storage.list("wal/")}
+        for obj in self.primary.storage.list("wal/"):
+            if obj.key not in present:
+                timeline = int(obj.key.split("/")[1], 16)
+                lag[timeline] = lag.get(timeline, 0) + 1
+        return lag
+
+    def _copy(self, key: str, expected_sha256: str | None) -> int:
+        source_hash = hashlib.sha256()
+        with (
+            self.primary.storage.open_read(key) as source,
+            self.target.storage.open_write(key) as writer,
+        ):
+            while chunk := source.read(1024 * 1024):
+                source_hash.update(chunk)
+                writer.write(chunk)
+            want = expected_sha256 or source_hash.hexdigest()
+            if source_hash.hexdigest() != want:
+                writer.abort()
+                raise IntegrityError(
+                    f"object '{key}' in repository '{self.primary.name}' does not match its"
+                    " recorded checksum; not copied",
+                    hint="run 'drkit verify' on the primary repository",
+                )
+            written = writer.commit()
+        if written.sha256 != want:
+            raise IntegrityError(f"copy of '{key}' to '{self.target.name}' differs from the source")
+        return written.size
+
+    def _record_copy(self, label: BackupLabel) -> None:
+        record = {"repo": self.target.name, "verified": True, "time": datetime.now(UTC).isoformat()}
+        key = f"{COPY_PREFIX}{label}/{self.target.name}.json"
+        if not self.primary.storage.exists(key):
+            self.primary.storage.write_bytes(key, json.dumps(record).encode())
+
+
+def copy_exists(storage: Storage, label: BackupLabel) -> bool:
+    return storage.exists(f"{BACKUP_PREFIX}{label}/manifest")
+
+
+class ReplicateOperation:
+    """`drkit replicate`: catch every other repository up with the primary."""
+
+    def __init__(self, settings: Settings, labels: list[BackupLabel] | None = None) -> None:
+        self.settings = settings
+        self.labels = labels  # only these backups (the fan-out after a backup); None: all
+
+    def run(self) -> ReplicationReport:
+        primary = open_repository(self.settings)
+        primary.check()
+        report = ReplicationReport([])
+        for repo_settings in self.settings.repo[1:]:
+            result = RepoReplication(repo_settings.name)
+            report.repos.append(result)
+            try:
+                target = open_repository(self.settings, repo_settings.name)
+                self._replicate(primary, target, result)
+            except DrkitError as exc:
+                result.error = str(exc)
+        return report
+
+    def _replicate(self, primary: Repository, target: Repository, result: RepoReplication) -> None:
+        fmt = primary.check()
+        target.initialize(int(fmt.system_identifier))
+        replicator = Replicator(primary, target, self.settings.backup.process_max)
+        wanted = replicator.missing_backups()
+        if self.labels is not None:
+            wanted = [label for label in wanted if label in self.labels]
+        for label in wanted:
+            result.bytes += replicator.copy_backup(label)
+            result.copied_backups.append(str(label))
+        result.copied_wal = replicator.copy_wal()
+        result.wal_lag = replicator.wal_lag()
