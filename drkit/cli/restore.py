@@ -18,6 +18,7 @@ from drkit.cli.common import (
     progress,
     settings_from,
     stdout,
+    warn,
 )
 from drkit.config.settings import config_path
 from drkit.errors import ConfigError
@@ -136,6 +137,8 @@ def command(
         restore_command=wal_fetch_command(config_path(config)),
     )
     result = RestoreOperation(settings, request, progress()).run()
+    for event in result.fallbacks:
+        warn(event)
     if json_:
         print_json(
             {
@@ -145,11 +148,14 @@ def command(
                 "size": result.size,
                 "tablespaces": {str(k): str(v) for k, v in result.tablespaces.items()},
                 "start_command": result.start_command,
+            "repo": result.repo,
+            "fallbacks": result.fallbacks,
             }
         )
         return
     stdout.print(
-        f"restored backup {result.label} to '{result.pgdata}': {result.files} files,"
+        f"restored backup {result.label} from '{result.repo}' to '{result.pgdata}':"
+        f" {result.files} files,"
         f" {human_size(result.size)}, every checksum verified"
     )
     for oid, directory in result.tablespaces.items():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from drkit.errors import IntegrityError
+from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.pages import PAGE_SIZE
 from drkit.progress import Progress
 from drkit.repo.manifest import FileEntry, ObjectEntry
@@ -24,11 +25,18 @@ from drkit.restore.plan import Chain, FilePlan, Layer
 
 
 class FileWriter:
-    def __init__(self, repo: Repository, chain: Chain, pgdata: Path, progress: Progress) -> None:
-        self._repo = repo
+    """Restores files from the first repository, falling back per object to the next copy when
+    an object is missing, unreadable or fails its checksums there."""
+
+    def __init__(
+        self, repos: list[Repository], chain: Chain, pgdata: Path, progress: Progress
+    ) -> None:
+        self._repos = repos
         self._chain = chain
         self._pgdata = pgdata
         self._progress = progress
+        self.events: list[str] = []
+        self._lock = threading.Lock()
 
     def write(self, plans: list[FilePlan], workers: int) -> None:
         # Which layers each (backup, object) feeds, so each object is read exactly once
@@ -59,6 +67,33 @@ class FileWriter:
     def _restore_object(
         self, key: tuple[str, str], layers: dict[str, tuple[FilePlan, Layer]]
     ) -> None:
+        first_error: DrkitError | None = None
+        for repo in self._repos:
+            try:
+                self._restore_object_from(repo, key, layers)
+            except DrkitError as exc:
+                first_error = first_error or exc
+                self._undo(layers)
+                with self._lock:
+                    self.events.append(f"object '{key[1]}' unusable in '{repo.name}': {exc}")
+                continue
+            if first_error is not None:
+                with self._lock:
+                    self.events.append(f"object '{key[1]}' restored from '{repo.name}'")
+            return
+        assert first_error is not None
+        raise first_error
+
+    def _undo(self, layers: dict[str, tuple[FilePlan, Layer]]) -> None:
+        """Forget a failed attempt: files written whole are created again from the next copy
+        (pages of assembled files are simply written again)."""
+        for plan, _ in layers.values():
+            if plan.simple:
+                self._path(plan.entry).unlink(missing_ok=True)
+
+    def _restore_object_from(
+        self, repo: Repository, key: tuple[str, str], layers: dict[str, tuple[FilePlan, Layer]]
+    ) -> None:
         owner, object_key = key
 
         def consume(entry: FileEntry, chunks: Iterator[bytes]) -> None:
@@ -69,7 +104,7 @@ class FileWriter:
                 self._write_pages(plan.entry, layer, chunks)
 
         outcomes = read_object(
-            self._repo.storage,
+            repo.storage,
             self._object(owner, object_key),
             [layer.entry for _, layer in layers.values()],
             self._chain.deks[owner],

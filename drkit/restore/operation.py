@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from drkit.config.settings import Settings
-from drkit.errors import ConfigError, IntegrityError, RestoreTargetError
+from drkit.errors import ConfigError, DrkitError, IntegrityError, RestoreTargetError
 from drkit.pg.recovery import RecoveryTarget, write_recovery_config
 from drkit.progress import NoProgress, Progress
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
+from drkit.repo.repository import Repository
 from drkit.restore.files import FileWriter
 from drkit.restore.plan import Chain
-from drkit.restore.target import check_reachable, choose_backup
+from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RestoreResult:
     tablespaces: dict[int, Path]
     start_command: str
     target: RecoveryTarget | None = None
+    repo: str = ""  # the repository the backup was found in
+    fallbacks: list[str] = field(default_factory=list)  # objects read from another copy, and why
 
 
 class RestoreOperation:
@@ -57,16 +60,11 @@ class RestoreOperation:
         self.progress = progress or NoProgress()
 
     def run(self) -> RestoreResult:
-        # Find the backup and read its manifest
-        repo = open_repository(self.settings, self.request.repo)
-        repo.check()
+        # Find the backup and read its chain, from the first repository that has it
         target = self.request.target
-        if target is not None and self.request.backup is None:
-            label = choose_backup(repo, target)
-        else:
-            label = repo.resolve(self.request.backup)
-        chain = Chain.load(repo, label)
-        manifest = chain.target
+        repos, events = self._repositories()
+        repo, chain = self._load_chain(repos, events)
+        manifest, label = chain.target, chain.target.label
         plans = chain.plan()
         if target is not None:
             check_reachable(repo, manifest, target)
@@ -81,9 +79,11 @@ class RestoreOperation:
             # Lay out directories and tablespace links, then write the files
             self._make_directories(manifest, pgdata, tablespaces)
             self.progress.start(f"restore {label}", manifest.stats.size)
-            FileWriter(repo, chain, pgdata, self.progress).write(
-                plans, self.settings.backup.process_max
+            writer = FileWriter(
+                [repo, *(r for r in repos if r is not repo)], chain, pgdata, self.progress
             )
+            writer.write(plans, self.settings.backup.process_max)
+            events += writer.events
             self.progress.stop()
 
             # Finish: links, WAL directories, ownership, and make it all durable
@@ -110,7 +110,34 @@ class RestoreOperation:
             tablespaces=tablespaces,
             start_command=_start_command(manifest, pgdata),
             target=target,
+            repo=repo.name,
+            fallbacks=events,
         )
+
+    def _repositories(self) -> tuple[list[Repository], list[str]]:
+        """The requested (or primary) repository first, then the others in configured order."""
+        names = [self.request.repo] if self.request.repo else []
+        names += [r.name for r in self.settings.repo if r.name not in names]
+        return [open_repository(self.settings, name) for name in names], []
+
+    def _load_chain(self, repos: list[Repository], events: list[str]) -> tuple[Repository, Chain]:
+        first_error: DrkitError | None = None
+        for repo in repos:
+            try:
+                repo.check()
+                target = self.request.target
+                if target is not None and self.request.backup is None:
+                    label = choose_backup(repo, target)
+                else:
+                    label = repo.resolve(self.request.backup)
+                return repo, Chain.load(repo, label)
+            except DrkitError as exc:
+                if isinstance(exc, TargetUnreachable | ConfigError):
+                    raise
+                first_error = first_error or exc
+                events.append(f"repository '{repo.name}' could not be used: {exc}")
+        assert first_error is not None
+        raise first_error
 
     def _tablespace_targets(self, manifest: Manifest) -> dict[int, Path]:
         wanted = dict(self.request.tablespace_map)

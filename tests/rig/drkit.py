@@ -46,6 +46,7 @@ class Drkit:
     workdir: Path
     backup: dict[str, Any] = field(default_factory=dict)
     keyfile: Path | None = None
+    extra_repos: list[dict[str, Any]] = field(default_factory=list)  # after "local", in order
 
     def __post_init__(self) -> None:
         if self.keyfile is None:
@@ -73,6 +74,8 @@ class Drkit:
             lines.append(f"[{name}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines += ["[[repo]]", 'name = "local"', f"path = {toml_value(self.repo_path)}"]
+        for repo in self.extra_repos:
+            lines += ["[[repo]]", *(f"{k} = {toml_value(v)}" for k, v in repo.items())]
         self.config.write_text("\n".join(lines) + "\n")
 
     def run(self, *args: str) -> Result:
