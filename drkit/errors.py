@@ -7,6 +7,8 @@ can do something about it. No error message may contain key material.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class DrkitError(Exception):
     """A failure drkit explains to the user; never a traceback."""
@@ -74,6 +76,17 @@ class ObjectExists(StorageError):
     """A write-once object already exists; drkit never overwrites."""
 
     exit_code = 10
+
+
+class ObjectLocked(StorageError):
+    """The object is under a store's retention lock (S3 Object Lock, legal hold) and cannot be
+    deleted yet; ``until`` is when the retention ends (None: a legal hold, no date)."""
+
+    def __init__(
+        self, message: str, hint: str | None = None, until: datetime | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        self.until = until
 
 
 class KeyMaterialError(DrkitError):

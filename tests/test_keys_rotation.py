@@ -78,6 +78,9 @@ def test_rotate_rewrap_and_raise_min_decryption_version(
     records_before = digests(dk, "/key/")
     dry = json.loads(dk.ok("keys", "rewrap", "--dry-run", "--json").stdout)
     assert [(r["name"], r["new_record"]) for r in dry["rewrapped"]] == [(old, None)]
+    text = dk.ok("keys", "rewrap", "--dry-run").stdout
+    assert f"backup {old}: would rewrap v1 -> v2" in text
+    assert "1 would rewrap, 1 already up to date" in text
     assert digests(dk, "/key/") == records_before
     rewrap = json.loads(dk.ok("keys", "rewrap", "--json").stdout)
     assert rewrap["up_to_date"] == 1 and rewrap["skipped"] == []

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from rig.servers import LOOPBACK, OpenBaoServer, VaultServer, _Process, find_bao, free_port
-from rig.vault import TokenReviewStub, VaultSetup
+from rig.vault import TokenReviewStub, VaultSetup, away_message
 
 from drkit.config.settings import VaultSettings
 from drkit.crypto.transit import VaultTransitProvider, ciphertext_version
@@ -31,7 +31,11 @@ def setup(vault_server: VaultServer, tmp_path: Path) -> VaultSetup:
 
 
 def settings(setup: VaultSetup, **values: Any) -> VaultSettings:
-    base: dict[str, Any] = {"addr": setup.server.addr, "token": setup.server.root_token}
+    base: dict[str, Any] = {
+        "addr": setup.server.addr,
+        "token": setup.server.root_token,
+        "timeout": 5,
+    }
     return VaultSettings(**(base | values))
 
 
@@ -397,10 +401,10 @@ def test_unreachable_and_sealed(vault: VaultServer, tmp_path: Path) -> None:
     record = provider.new_data_key().record
     vault.stop()
     try:
-        with pytest.raises(VaultError, match="is unreachable") as caught:
+        with pytest.raises(VaultError, match=away_message(vault)) as caught:
             provider.unwrap(record)
         assert "--recovery-key" in (caught.value.hint or "")
-        with pytest.raises(VaultError, match="is unreachable"):
+        with pytest.raises(VaultError, match=away_message(vault)):
             VaultSession(settings(setup))
     finally:
         vault.start()
@@ -414,3 +418,58 @@ def test_unreachable_and_sealed(vault: VaultServer, tmp_path: Path) -> None:
     finally:
         vault.unseal()
     assert len(provider.unwrap(record)) == 32
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, keys: str) -> Path:
+    path = tmp_path / "drkit.toml"
+    path.write_text(
+        f'[postgres]\npgdata = "{tmp_path}"\n{keys}\n[[repo]]\nname = "r"\npath = "{tmp_path}"\n'
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ('[keys]\nprovider = "vault-transit"', "needs a [keys.vault] section"),
+        (
+            '[keys]\nprovider = "vault-kv"\n[keys.vault]\naddr = "http://x"',
+            "needs keys.vault.kv_path",
+        ),
+        (
+            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "http://x"\nauth = "approle"',
+            "needs keys.vault.role_id and secret_id_file",
+        ),
+        (
+            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "x"\nauth = "kubernetes"',
+            "needs keys.vault.role",
+        ),
+    ],
+)
+def test_incomplete_vault_settings(tmp_path: Path, keys: str, message: str) -> None:
+    from drkit.config.settings import load_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write_config(tmp_path, keys))
+    assert message in caught.value.message
+
+
+def test_token_comes_from_the_environment_and_stays_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drkit.config.settings import load_settings
+
+    config = write_config(tmp_path, '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "x"')
+    assert load_settings(config).keys.vault.token is None  # type: ignore[union-attr]
+    monkeypatch.setenv("VAULT_TOKEN", "hvs.from-vault-token")
+    vault = load_settings(config).keys.vault
+    assert vault is not None and vault.token is not None
+    assert vault.token.get_secret_value() == "hvs.from-vault-token"
+    assert "from-vault-token" not in repr(vault) + str(vault)
+    monkeypatch.setenv("DRKIT_KEYS__VAULT__TOKEN", "hvs.from-drkit")
+    vault = load_settings(config).keys.vault
+    assert vault is not None and vault.token is not None
+    assert vault.token.get_secret_value() == "hvs.from-drkit"

@@ -8,6 +8,8 @@ configured in the file (``[[repo]]``) or as JSON in ``DRKIT_REPO``.
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -111,10 +113,53 @@ class KeysSettings(_Section):
         return self
 
 
+_WINDOW = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_WINDOW_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+
+
+class RetentionSettings(_Section):
+    """Which backups `drkit prune` keeps (docs/retention.md). Rules combine: a backup is kept when
+    any rule keeps it, with every backup it needs; the newest backup is always kept."""
+
+    full: int | None = Field(
+        None, ge=1, description="the newest N full backups and their diff/incr"
+    )
+    window: timedelta | None = Field(
+        None, description="recovery window: every point in the last '30d' ('12h', '4w') restores"
+    )
+    daily: int | None = Field(None, ge=1, description="newest full backup of each of N days")
+    weekly: int | None = Field(None, ge=1, description="newest full backup of each of N ISO weeks")
+    monthly: int | None = Field(None, ge=1, description="newest full backup of each of N months")
+    yearly: int | None = Field(None, ge=1, description="newest full backup of each of N years")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _parse_window(cls, value: Any) -> Any:
+        if isinstance(value, str) and (match := _WINDOW.match(value)):
+            return timedelta(**{_WINDOW_UNITS[match.group(2)]: int(match.group(1))})
+        if isinstance(value, str):
+            raise ValueError(f"window '{value}' is not a duration such as '30d', '12h' or '4w'")
+        return value
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> RetentionSettings:
+        if self.window is not None and self.window <= timedelta(0):
+            raise ValueError("window must be longer than zero")
+        if all(getattr(self, k) is None for k in type(self).model_fields):
+            raise ValueError(
+                "a retention section needs at least one rule: full, window, daily, weekly,"
+                " monthly or yearly"
+            )
+        return self
+
+
 class _RepoBase(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     media: str = "disk"
     offsite: bool = False
+    retention: RetentionSettings | None = Field(
+        None, description="this repository's retention (replaces the top-level [retention])"
+    )
 
 
 class PosixRepo(_RepoBase):
@@ -254,6 +299,9 @@ class Settings(BaseSettings):
     backup: BackupSettings = BackupSettings()
     archive: ArchiveSettings = Field(default_factory=lambda: ArchiveSettings.model_validate({}))
     lock_path: Path = Field(Path("/tmp/drkit"), description="directory for host-local lock files")
+    retention: RetentionSettings | None = Field(
+        None, description="retention of every repository without its own (drkit prune)"
+    )
 
     @field_validator("repo")
     @classmethod

@@ -211,8 +211,10 @@ class VaultSession:
         return f"VaultSession(addr={self.addr!r}, auth={self._credentials.method!r})"
 
     def close(self) -> None:
-        """Stops the renewer thread (the token itself simply expires)."""
+        """Stops the renewer thread and closes the connections (the token simply expires)."""
         self._stop.set()
+        with self._lock:
+            self._client.adapter.close()
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -54,6 +54,14 @@ Retries
     breaks mid-stream is resumed with a new ranged GET from the byte where it broke. After the
     last attempt the error names the repository, the endpoint, the bucket and the key.
 
+Object Lock
+    With `object_lock` configured, PutObject and CreateMultipartUpload carry ObjectLockMode and
+    ObjectLockRetainUntilDate (write time + days, or `open_write(key, retain_until=...)` for one
+    object). A multipart object is checked after completion, and a store that ignored the
+    retention on CreateMultipartUpload (moto does) gets it with PutObjectRetention; until that
+    request returns the object is visible without its lock (a crash leaves it unlocked, never
+    missing).
+
 Delete
     Deleting in a versioned bucket (Object Lock needs versioning) removes the current version
     itself, not just hides it behind a delete marker, so storage is freed and a version under
@@ -96,7 +104,14 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from drkit import __version__
-from drkit.errors import ConfigError, IntegrityError, ObjectExists, ObjectNotFound, StorageError
+from drkit.errors import (
+    ConfigError,
+    IntegrityError,
+    ObjectExists,
+    ObjectLocked,  # drkit.errors' class, so prune catches it without importing boto3
+    ObjectNotFound,
+    StorageError,
+)
 from drkit.storage.base import (
     MAX_KEY_BYTES,
     BaseStorage,
@@ -249,14 +264,6 @@ class S3Config:
         if self.force_path_style is not None:
             return self.force_path_style
         return self.endpoint_url is not None
-
-
-class ObjectLocked(StorageError):
-    """The object is under S3 Object Lock retention (or legal hold) and cannot be deleted yet."""
-
-    def __init__(self, message: str, hint: str | None = None, until: datetime | None = None):
-        super().__init__(message, hint)
-        self.until = until
 
 
 class S3Storage(BaseStorage):
@@ -788,14 +795,14 @@ class _S3Writer(BaseWriter):
             )
         # At most max_concurrency parts in flight: this bounds the writer's memory.
         self._slots.acquire()
-        self._raise_failed()
-        self._next_part += 1
-        assert self._executor is not None
         try:
+            self._raise_failed()
+            assert self._executor is not None
             future = self._executor.submit(self._upload_part, number, part)
         except BaseException:
             self._slots.release()
             raise
+        self._next_part += 1
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
 

@@ -47,12 +47,13 @@ class Drkit:
     backup: dict[str, Any] = field(default_factory=dict)
     keyfile: Path | None = None
     extra_repos: list[dict[str, Any]] = field(default_factory=list)  # after "local", in order
+    repo: Path | None = None  # the local repository (default: <workdir>/repo)
 
     def __post_init__(self) -> None:
         if self.keyfile is None:
             self.keyfile = self.workdir / "backup.key"
             create_keyfile(self.keyfile)
-        self.repo_path = self.workdir / "repo"
+        self.repo_path = self.repo or self.workdir / "repo"
         self.config = self.workdir / "drkit.toml"
         self.write_config()
 

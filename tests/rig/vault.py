@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from rig.drkit import Drkit
-from rig.servers import LOOPBACK, VaultServer
+from rig.servers import LOOPBACK, OpenBaoServer, VaultServer
 
 TRANSIT_POLICY = """
 path "{mount}/datakey/plaintext/{key}" {{ capabilities = ["update"] }}
@@ -154,7 +154,7 @@ class VaultSetup:
         **vault: Any,
     ) -> None:
         """Rewrites ``dk``'s drkit.toml for ``provider`` with this setup's key."""
-        section: dict[str, Any] = {"addr": self.server.addr}
+        section: dict[str, Any] = {"addr": self.server.addr, "timeout": 5}
         if provider == "vault-transit":
             section |= {"transit_mount": self.transit_mount, "transit_key": self.transit_key}
         else:
@@ -164,6 +164,12 @@ class VaultSetup:
         if escrow is not None:
             extra["keys.escrow"] = {"public_key_file": escrow}
         dk.write_config(keys={"provider": provider}, **extra)
+
+
+def away_message(server: VaultServer) -> str:
+    """What drkit says about a stopped server: the local relay refuses connections, a paused
+    container (the Docker provider) just never answers."""
+    return "is unreachable" if isinstance(server, OpenBaoServer) else "did not answer in time"
 
 
 class TokenReviewStub:

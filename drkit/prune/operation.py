@@ -1,0 +1,291 @@
+"""drkit prune: apply each repository's retention policy, deleting in the reverse of write order.
+
+A backup is written data -> key record -> manifest, and is listed exactly when its manifest
+exists. Prune deletes backups newest first (a diff/incr before the backups it needs), and each
+one manifest first, then its other records, then its key records, then its data. So a prune
+killed at any instant leaves every listed backup whole: the backup being deleted is either still
+listed with all its objects, or no longer listed (its remaining objects are a leftover, removed by
+the next prune or backup).
+
+Object Lock: an object whose retention has not expired is never forced. It is skipped and
+reported (warning exit code). When the locked object is a manifest, the backup stays listed, so
+nothing else of it is deleted, and neither is any backup it needs. WAL is cut only below what the
+backups still listed at the end need, so a locked backup keeps its WAL too.
+
+Prune holds the repository's backup lock for its whole run, so it never races a backup. A
+dry run lists what would go and deletes nothing; it cannot know which objects are locked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from drkit.config.settings import RepoSettings, RetentionSettings, Settings
+from drkit.errors import ConfigError, DrkitError, ObjectLocked
+from drkit.prune.policy import (
+    BackupFacts,
+    RetentionPolicy,
+    WalCut,
+    decide,
+    stale_leftovers,
+    wal_cuts,
+)
+from drkit.repo.label import BackupLabel
+from drkit.repo.lock import operation_lock
+from drkit.repo.open import open_repository, repo_location
+from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.wal.archive import WalArchive
+from drkit.wal.names import parse_wal_name
+
+COPY_PREFIX = "copies/"  # copy records of a backup (drkit/replicate): <label>/<repository>.json
+
+
+@dataclass
+class Skipped:
+    """An object that could not be deleted because a retention lock protects it."""
+
+    key: str
+    reason: str
+    until: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        until = self.until.isoformat() if self.until else None
+        return {"key": self.key, "reason": self.reason, "until": until}
+
+
+@dataclass
+class RepoPrune:
+    """What prune did (or, in a dry run, would do) in one repository."""
+
+    repo: str
+    dry_run: bool
+    policy: str | None = None  # None: the repository has no retention policy
+    kept: dict[str, list[str]] = field(default_factory=dict)  # label -> why, oldest first
+    deleted: list[str] = field(default_factory=list)  # backups no longer listed, newest first
+    held: dict[str, str] = field(default_factory=dict)  # label the policy drops -> why it stays
+    leftovers: list[str] = field(default_factory=list)  # incomplete backups removed
+    wal_cuts: list[WalCut] = field(default_factory=list)
+    wal_deleted: list[str] = field(default_factory=list)  # archived WAL files, oldest first
+    skipped: list[Skipped] = field(default_factory=list)
+    error: DrkitError | None = None
+
+    @property
+    def warning(self) -> bool:
+        return bool(self.skipped or self.held)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "repo": self.repo,
+            "dry_run": self.dry_run,
+            "policy": self.policy,
+            "kept": [{"label": k, "reasons": v} for k, v in self.kept.items()],
+            "deleted": self.deleted,
+            "held": [{"label": k, "reason": v} for k, v in self.held.items()],
+            "leftovers": self.leftovers,
+            "wal_cuts": [{"timeline": c.timeline, "below": c.below} for c in self.wal_cuts],
+            "wal_deleted": self.wal_deleted,
+            "skipped": [s.as_dict() for s in self.skipped],
+            "error": self.error.message if self.error else None,
+        }
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    repos: list[RepoPrune] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """The first failed repository's error code, else 1 if anything was skipped, else 0."""
+        for r in self.repos:
+            if r.error is not None:
+                return r.error.exit_code
+        return 1 if any(r.warning for r in self.repos) else 0
+
+
+def policy_from(retention: RetentionSettings) -> RetentionPolicy:
+    return RetentionPolicy(**retention.model_dump())
+
+
+class PruneOperation:
+    """`drkit prune`: each selected repository with its own policy (or the default one)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        repo: str | None = None,
+        dry_run: bool = False,
+        now: datetime | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repo_name = repo
+        self.dry_run = dry_run
+        self.now = now
+
+    def run(self) -> PruneReport:
+        selected = self._selected()
+        if not any(r.retention or self.settings.retention for r in selected):
+            raise ConfigError(
+                "no retention policy is configured"
+                + (f" for repository '{self.repo_name}'" if self.repo_name else ""),
+                hint="add a [retention] section (e.g. full = 4) or a retention table to the"
+                " repository; docs/retention.md",
+            )
+        now = self.now or datetime.now(UTC)
+        report = PruneReport(self.dry_run)
+        for repo_settings in selected:
+            result = RepoPrune(repo_settings.name, self.dry_run)
+            report.repos.append(result)
+            retention = repo_settings.retention or self.settings.retention
+            if retention is None:
+                continue
+            try:
+                repo = open_repository(self.settings, repo_settings.name)
+                with self._lock(repo_settings):
+                    prune_repository(repo, policy_from(retention), now, self.dry_run, result)
+            except DrkitError as exc:
+                result.error = exc
+        return report
+
+    def _selected(self) -> list[RepoSettings]:
+        if self.repo_name is None:
+            return list(self.settings.repo)
+        for repo in self.settings.repo:
+            if repo.name == self.repo_name:
+                return [repo]
+        names = ", ".join(r.name for r in self.settings.repo)
+        raise ConfigError(
+            f"no repository named '{self.repo_name}'", hint=f"configured repositories: {names}"
+        )
+
+    @contextmanager
+    def _lock(self, repo: RepoSettings) -> Iterator[None]:
+        """The repository's backup lock (a dry run deletes nothing and takes none)."""
+        if self.dry_run:
+            yield
+            return
+        with operation_lock(self.settings.lock_path, repo_location(repo), "backup"):
+            yield
+
+
+def prune_repository(
+    repo: Repository,
+    policy: RetentionPolicy,
+    now: datetime,
+    dry_run: bool = False,
+    result: RepoPrune | None = None,
+) -> RepoPrune:
+    """Apply ``policy`` to ``repo`` at time ``now``; the caller holds the backup lock."""
+    result = result or RepoPrune(repo.name, dry_run)
+    result.policy = policy.describe()
+
+    # Load the catalog: every listed backup's facts, the leftovers, the archived timelines
+    repo.check()
+    incomplete = repo.incomplete()
+    facts = {str(label): backup_facts(repo, label) for label in repo.backups()}
+    archive = WalArchive(repo)
+    timelines = archive.timelines()
+
+    # Decide what stays
+    decision = decide(list(facts.values()), policy, now, timelines)
+    result.kept = {label: decision.reasons[label] for label in decision.keep}
+    newest = BackupLabel(decision.keep[-1]) if decision.keep else None
+    leftovers = stale_leftovers(incomplete, newest)
+    if dry_run:
+        result.deleted = list(reversed(decision.delete))
+        result.leftovers = leftovers
+        result.wal_cuts = decision.wal
+        result.wal_deleted = _covered(archive, decision.wal)
+        return result
+
+    # Delete backups newest first, so no backup goes before one that needs it
+    for label in reversed(decision.delete):
+        if label in result.held:
+            _hold(result, facts, facts[label].needs, label)
+        elif _delete_backup(repo, label, result):
+            result.deleted.append(label)
+        else:
+            result.held[label] = "its manifest is under a retention lock"
+            _hold(result, facts, facts[label].needs, label)
+    for label in result.held:
+        result.kept[label] = [result.held[label]]
+    result.kept = {k: result.kept[k] for k in sorted(result.kept)}
+
+    # Remove the leftovers of backups that never completed
+    for label in leftovers:
+        _delete_objects(repo, BackupLabel(label), result)
+        result.leftovers.append(label)
+
+    # Delete the WAL that no backup still listed needs, oldest first
+    remaining = [f for label, f in facts.items() if label not in result.deleted]
+    result.wal_cuts = wal_cuts(remaining, timelines)
+    for name in _covered(archive, result.wal_cuts):
+        if _delete(repo, parse_wal_name(name).key, result):
+            result.wal_deleted.append(name)
+    return result
+
+
+def backup_facts(repo: Repository, label: BackupLabel) -> BackupFacts:
+    """The policy's view of one backup, from its manifest. Raises when the manifest cannot be
+    read: prune never decides about a repository it cannot fully read."""
+    manifest, _ = repo.load_manifest(label)
+    needs = set(manifest.chain)
+    needs.update(f.backup for f in manifest.files if f.backup)
+    needs.update(f.base for f in manifest.files if f.base)
+    if manifest.parent:
+        needs.add(manifest.parent)
+    needs.discard(str(label))
+    return BackupFacts(
+        label=label,
+        start_time=manifest.start_time,
+        stop_time=manifest.stop_time,
+        timeline=manifest.timeline,
+        start_wal=manifest.start_wal,
+        needs=frozenset(needs),
+    )
+
+
+def _hold(result: RepoPrune, facts: dict[str, BackupFacts], needs: frozenset[str], by: str) -> None:
+    for needed in needs:
+        if needed in facts and needed not in result.kept:
+            result.held.setdefault(needed, f"needed by {by}, which stays")
+
+
+def _delete_backup(repo: Repository, label: str, result: RepoPrune) -> bool:
+    """Delete one backup, manifest first; False (nothing deleted) when the manifest is locked."""
+    backup = BackupLabel(label)
+    if not _delete(repo, Repository.manifest_key(backup), result):
+        return False
+    _delete_objects(repo, backup, result)
+    return True
+
+
+def _delete_objects(repo: Repository, label: BackupLabel, result: RepoPrune) -> None:
+    """Every object of an unlisted backup: records, then key records, then data; then the copy
+    records that describe it. Locked objects are skipped (and reported)."""
+    keys = [o.key for o in repo.storage.list(f"{BACKUP_PREFIX}{label}/")]
+    keys.sort(key=lambda k: ("/data/" in k, "/key/" in k, k))
+    keys += [o.key for o in repo.storage.list(f"{COPY_PREFIX}{label}/")]
+    for key in keys:
+        _delete(repo, key, result)
+
+
+def _delete(repo: Repository, key: str, result: RepoPrune) -> bool:
+    try:
+        repo.storage.delete(key)
+    except ObjectLocked as exc:
+        result.skipped.append(Skipped(key, exc.message, exc.until))
+        return False
+    return True
+
+
+def _covered(archive: WalArchive, cuts: list[WalCut]) -> list[str]:
+    """Archived file names the cuts cover, oldest first per timeline."""
+    names: list[str] = []
+    for cut in cuts:
+        names += [n for n in archive.files(cut.timeline) if cut.covers(n)]
+    return names
