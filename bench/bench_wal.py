@@ -41,7 +41,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(BENCH_DIR))
 
+from common import machine_busy_seconds, wait_until_quiet  # noqa: E402
 from rig.postgres import (  # noqa: E402
     PgCluster,
     chown_to_server_user,
@@ -71,6 +73,7 @@ class Run:
     wall_s: float
     latencies: list[float]
     stored: int
+    busy: float  # CPUs the whole machine kept busy during the run (2 = both cores)
 
     def row(self) -> str:
         rate = self.segments / self.wall_s
@@ -79,12 +82,14 @@ class Run:
         return (
             f"| {self.tool:<24} | {self.mode:<5} | {rate:7.1f} | {rate * SEGMENT / MiB:7.0f} |"
             f" {statistics.median(lat) * 1000:7.0f} | {p95 * 1000:7.0f} |"
-            f" {self.stored / (self.segments * SEGMENT):6.3f} |"
+            f" {self.stored / (self.segments * SEGMENT):6.3f} | {self.busy:4.2f} |"
         )
 
 
 def as_postgres() -> dict[str, object]:
-    return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+    return (
+        {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+    )
 
 
 def tree_bytes(path: Path) -> int:
@@ -117,11 +122,13 @@ def make_segments(root: Path, count: int) -> tuple[PgCluster, Path, list[str]]:
     print(f"running pgbench until {count} segments are archived ...", flush=True)
     deadline = time.monotonic() + 900
     while True:
-        new = sorted(p.name for p in archive.iterdir() if p.name not in before and len(p.name) == 24)
+        new = sorted(
+            p.name for p in archive.iterdir() if p.name not in before and len(p.name) == 24
+        )
         if len(new) >= count + 1 or time.monotonic() > deadline:
             break
         cluster.run_bin("pgbench", "-c", "4", "-j", "2", "-T", "10", "-n")
-    names = new[1:count + 1]  # the first new one may hold the tail of pgbench -i
+    names = new[1 : count + 1]  # the first new one may hold the tail of pgbench -i
     if len(names) < count:
         raise SystemExit(f"only {len(names)} segments archived")
     return cluster, archive, names
@@ -211,13 +218,20 @@ class PgBackRest:
     def stanza_create(self) -> None:
         subprocess.run(
             ["pgbackrest", f"--config={self.config}", "--stanza=bench", "stanza-create"],
-            check=True, cwd=self.dir, **as_postgres(),  # type: ignore[arg-type]
+            check=True,
+            cwd=self.dir,
+            **as_postgres(),  # type: ignore[arg-type]
         )
         subprocess.run(["cp", "-a", str(self.repo), str(self.dir / "repo-with-stanza")], check=True)
 
     def command(self, name: str) -> list[str]:
-        return ["pgbackrest", f"--config={self.config}", "--stanza=bench", "archive-push",
-                f"pg_wal/{name}"]
+        return [
+            "pgbackrest",
+            f"--config={self.config}",
+            "--stanza=bench",
+            "archive-push",
+            f"pg_wal/{name}",
+        ]
 
     def settle(self) -> None:
         time.sleep(2)  # the async process exits once the queue is empty
@@ -243,8 +257,9 @@ def archive_all(pgdata: Path, names: list[str], command: object) -> tuple[float,
     started = time.monotonic()
     for name in names:
         t0 = time.monotonic()
-        proc = subprocess.run(command(name), cwd=pgdata, capture_output=True, text=True,
-                              **as_postgres())  # type: ignore[arg-type]
+        proc = subprocess.run(
+            command(name), cwd=pgdata, capture_output=True, text=True, **as_postgres()
+        )  # type: ignore[arg-type]
         latencies.append(time.monotonic() - t0)
         if proc.returncode != 0:
             raise SystemExit(f"{command(name)} exited {proc.returncode}: {proc.stderr}")
@@ -254,9 +269,20 @@ def archive_all(pgdata: Path, names: list[str], command: object) -> tuple[float,
 
 def import_time_ms(pgdata: Path, config: Path, name: str) -> float:
     proc = subprocess.run(
-        [str(DRKIT.parent / "python"), "-X", "importtime", str(DRKIT), "wal-push", "--config",
-         str(config), f"pg_wal/{name}"],
-        cwd=pgdata, capture_output=True, text=True, **as_postgres(),  # type: ignore[arg-type]
+        [
+            str(DRKIT.parent / "python"),
+            "-X",
+            "importtime",
+            str(DRKIT),
+            "wal-push",
+            "--config",
+            str(config),
+            f"pg_wal/{name}",
+        ],
+        cwd=pgdata,
+        capture_output=True,
+        text=True,
+        **as_postgres(),  # type: ignore[arg-type]
     )
     total = 0
     for line in proc.stderr.splitlines():
@@ -301,10 +327,14 @@ def main() -> None:
             assert callable(prepare)
             repo = prepare()
             reset_status(cluster.pgdata, names)
+            if not wait_until_quiet(timeout=300):
+                print("  (the machine is busy with other work: numbers are noisy)", flush=True)
             print(f"{tool} {mode} ...", flush=True)
+            busy_before = machine_busy_seconds()
             wall, latencies = archive_all(cluster.pgdata, names, runner.command)  # type: ignore[attr-defined]
+            busy = (machine_busy_seconds() - busy_before) / wall
             runner.settle()  # type: ignore[attr-defined]
-            runs.append(Run(tool, mode, len(names), wall, latencies, tree_bytes(repo)))
+            runs.append(Run(tool, mode, len(names), wall, latencies, tree_bytes(repo), busy))
 
         drkit.prepare(async_=False, level=1)
         reset_status(cluster.pgdata, names[:1])
@@ -319,8 +349,12 @@ def main() -> None:
     print()
     print(f"{len(names)} segments of pgbench WAL (16 MiB each), archived one process per segment:")
     print()
-    print("| tool                     | mode  | seg/s   | MiB/s   | p50 ms  | p95 ms  | stored |")
-    print("|--------------------------|-------|---------|---------|---------|---------|--------|")
+    print(
+        "| tool                     | mode  | seg/s   | MiB/s   | p50 ms  | p95 ms  | stored | CPUs |"
+    )
+    print(
+        "|--------------------------|-------|---------|---------|---------|---------|--------|------|"
+    )
     for run in runs:
         print(run.row())
     by = {(r.tool, r.mode): r.segments / r.wall_s for r in runs}
@@ -328,7 +362,7 @@ def main() -> None:
         ratio = by[("drkit (zstd 1)", mode)] / by[("pgBackRest 2.45 (zst 3)", mode)]
         print(f"drkit (zstd 1) / pgBackRest, {mode}: {ratio:.2f}x")
     print(f"wal-push import time (python -X importtime, sum of self times): {imports:.1f} ms")
-    print("stored = stored bytes / WAL bytes")
+    print("stored = stored bytes / WAL bytes; CPUs = machine CPU busy during the run / wall time")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,41 @@ def test_incr_after_small_change_stores_only_changed_pages(pg: PgCluster, workdi
     assert incr_bytes < full_bytes / 20, (incr_bytes, full_bytes)
     assert referenced > 100  # catalog files untouched since before the full were not even read
     _restore_and_compare(dk, pg, workdir, incr, expected)
+
+
+@pytest.mark.parametrize("kill_at", ["first object", "third object", "key record"])
+def test_killed_incremental_is_never_listed_and_next_one_succeeds(
+    pg: PgCluster, workdir: Path, kill_at: str
+) -> None:
+    pg.run_bin("pgbench", "-i", "-s", "6", "-q")
+    dk = Drkit(pg, workdir, backup={"process_max": 1, "bundle_limit": 256 * 1024})
+    dk.ok("init")
+    full = json.loads(dk.ok("backup", "--json").stdout)["label"]
+    pg.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 3 = 0")
+
+    proc = dk.spawn("backup", "--type", "incr")
+    pattern, count = {
+        "first object": ("*_*/data/*", 1),
+        "third object": ("*_*/data/*", 3),
+        "key record": ("*_*/key/*", 1),
+    }[kill_at]
+    deadline = time.monotonic() + 120
+    while len(list((dk.repo_path / "backup").glob(pattern))) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    listed = [b["label"] for b in dk.info()["backups"]]
+    # Killed before its manifest: not listed. (The manifest follows the key record within a
+    # moment, so that kill point may also find the backup complete: then it is whole.)
+    assert listed == [full] or (kill_at == "key record" and len(listed) == 2)
+    if len(listed) == 2:
+        assert dk.run("verify").exit_code == 0
+
+    expected = database_checksums(pg)
+    incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
+    assert incr["type"] == "incr" and incr["parent"] == listed[-1]
+    assert dk.info()["incomplete"] == []
+    assert dk.run("verify").exit_code == 0
+    _restore_and_compare(dk, pg, workdir, incr["label"], expected)

@@ -322,6 +322,8 @@ def test_tls_with_a_ca_file(tmp_path: Path) -> None:
         provider = VaultTransitProvider(VaultSession(trusted), "transit", "drkit")
         data_key = provider.new_data_key()
         assert provider.unwrap(data_key.record) == data_key.plaintext
+        with pytest.raises(ConfigError, match=r"keys\.vault\.ca_cert .* does not exist"):
+            VaultSession(VaultSettings(addr=addr, token=token, ca_cert=tmp_path / "nope.pem"))
         with pytest.raises(VaultError, match=r"TLS certificate of Vault .* could not be verified"):
             VaultSession(VaultSettings(addr=addr, token=token))
     finally:
@@ -390,6 +392,44 @@ def test_revoked_plain_token_is_explained(setup: VaultSetup) -> None:
     with pytest.raises(VaultError, match="Vault rejected the token") as caught:
         provider.new_data_key()
     assert token not in caught.value.message + (caught.value.hint or "")
+
+
+def test_one_shot_session_makes_exactly_one_round_trip(
+    setup: VaultSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synchronous wal-push opens a provider, unwraps (or makes) one key and exits: with token
+    auth that is one request to Vault; a long-running process logs in (and looks up) first."""
+    import requests
+
+    from drkit.config.settings import KeysSettings
+    from drkit.crypto.providers import open_provider
+
+    record = transit(setup).new_data_key().record
+    token = setup.token(setup.policy())
+    keys = KeysSettings(
+        provider="vault-transit",
+        vault=settings(setup, token=token, transit_mount=setup.transit_mount),
+    )
+    sent: list[str] = []
+    real_send = requests.Session.send
+
+    def counting_send(self: requests.Session, request: Any, **kwargs: Any) -> Any:
+        sent.append(str(request.url))
+        return real_send(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "send", counting_send)
+    one_shot = open_provider(keys, one_shot=True)
+    assert sent == []
+    assert len(one_shot.unwrap(record)) == 32
+    assert [url.split("/v1/")[1] for url in sent] == [
+        f"{setup.transit_mount}/decrypt/{setup.transit_key}"
+    ]
+    sent.clear()
+    open_provider(keys).unwrap(record)
+    assert [url.split("/v1/")[1] for url in sent] == [
+        "auth/token/lookup-self",
+        f"{setup.transit_mount}/decrypt/{setup.transit_key}",
+    ]
 
 
 # -- Vault away ------------------------------------------------------------------------------------
@@ -473,3 +513,28 @@ def test_token_comes_from_the_environment_and_stays_hidden(
     vault = load_settings(config).keys.vault
     assert vault is not None and vault.token is not None
     assert vault.token.get_secret_value() == "hvs.from-drkit"
+
+
+def test_hvac_is_imported_by_one_module_and_only_when_used() -> None:
+    import re
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "drkit"
+    importers = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if re.search(r"^\s*(import hvac|from hvac)", path.read_text(), re.MULTILINE)
+    )
+    assert importers == ["crypto/vault.py"]
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, drkit.cli.main, drkit.repo.open, drkit.crypto.providers;"
+            " print('hvac' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "False"

@@ -3,7 +3,6 @@ defers to it for everything it does not handle."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ def comparable(config: WalConfig) -> dict[str, object]:
         "config_path": config.config_path,
         "pgdata": config.pgdata,
         "lock_path": config.lock_path,
-        "archive": asdict(config.archive),
+        "archive": config.archive._asdict(),
         "repo_name": config.repo_name,
         "spool_path": config.spool_path,
     }
@@ -66,7 +65,7 @@ def test_fast_path_reads_what_load_settings_reads(write, extra: str) -> None:  #
 
 def test_defaults_agree() -> None:
     settings = ArchiveSettings.model_validate({})
-    assert asdict(ArchiveConfig()) == {
+    assert ArchiveConfig()._asdict() == {
         "async_": settings.async_,
         "spool_path": settings.spool_path,
         "process_max": settings.process_max,

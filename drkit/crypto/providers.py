@@ -4,6 +4,10 @@ Precedence: a recovery key (``--recovery-key``) replaces the configured provider
 nothing else (Vault included) is contacted. Otherwise the configured provider (keyfile,
 vault-transit, vault-kv) is built, and wrapped in an ``EscrowingProvider`` when a recovery public
 key is configured.
+
+``one_shot=True`` is for a process that makes one key request and exits (a synchronous wal-push):
+the Vault session then logs in lazily and keeps no token alive, so that with token auth the key
+request is the only Vault round trip.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ if TYPE_CHECKING:
     from drkit.crypto.vault import VaultSession
 
 
-def open_provider(keys: KeysSettings) -> KeyProvider:
+def open_provider(keys: KeysSettings, *, one_shot: bool = False) -> KeyProvider:
     if keys.recovery_key is not None:
         from drkit.crypto.recovery import RecoveryProvider
 
         return RecoveryProvider.from_file(keys.recovery_key)
-    provider = open_base_provider(keys)
+    provider = open_base_provider(keys, one_shot=one_shot)
     if keys.escrow.public_key_file is not None:
         from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient
 
@@ -31,7 +35,7 @@ def open_provider(keys: KeysSettings) -> KeyProvider:
     return provider
 
 
-def open_base_provider(keys: KeysSettings) -> KeyProvider:
+def open_base_provider(keys: KeysSettings, *, one_shot: bool = False) -> KeyProvider:
     """The configured provider without escrow."""
     if keys.provider == "keyfile":
         from drkit.crypto.keyfile import KeyfileProvider
@@ -43,14 +47,15 @@ def open_base_provider(keys: KeysSettings) -> KeyProvider:
     if keys.provider == "vault-transit":
         from drkit.crypto.transit import VaultTransitProvider
 
-        return VaultTransitProvider(_session(vault), vault.transit_mount, vault.transit_key)
+        session = _session(vault, one_shot)
+        return VaultTransitProvider(session, vault.transit_mount, vault.transit_key)
     from drkit.crypto.vaultkv import VaultKvProvider
 
     assert vault.kv_path is not None  # enforced by KeysSettings
-    return VaultKvProvider(_session(vault), vault.kv_mount, vault.kv_path, vault.kv_field)
+    return VaultKvProvider(_session(vault, one_shot), vault.kv_mount, vault.kv_path, vault.kv_field)
 
 
-def _session(vault: VaultSettings) -> VaultSession:
+def _session(vault: VaultSettings, one_shot: bool) -> VaultSession:
     from drkit.crypto.vault import VaultSession
 
-    return VaultSession(vault)
+    return VaultSession(vault, keep_alive=not one_shot)

@@ -90,7 +90,10 @@ class _Credentials(Protocol):
     method: str
     can_login_again: bool
 
-    def login(self, client: hvac.Client) -> _Token: ...
+    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
+        """Logs in; with ``lookup=False`` a plain token is only set, not looked up (its TTL is
+        then unknown, as a one-shot process does not need it)."""
+        ...
 
     def secrets(self) -> list[str]:
         """Secret values read so far, to scrub from any text shown to the user."""
@@ -112,10 +115,12 @@ class _TokenCredentials:
         # A token file may be refreshed by an agent; a token given directly cannot be replaced.
         self.can_login_again = token is None
 
-    def login(self, client: hvac.Client) -> _Token:
+    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
         value = self._token if self._token is not None else _read_secret_file(self._file, "token")
         self._seen.append(value)
         client.token = value
+        if not lookup:
+            return _Token(value, 0, False)
         data = client.auth.token.lookup_self()["data"]
         return _Token(value, float(data.get("ttl") or 0), bool(data.get("renewable")))
 
@@ -133,7 +138,7 @@ class _AppRoleCredentials:
         self._mount = mount
         self._seen: list[str] = []
 
-    def login(self, client: hvac.Client) -> _Token:
+    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
         secret_id = _read_secret_file(self._file, "AppRole secret_id")
         self._seen.append(secret_id)
         auth = client.auth.approle.login(self._role_id, secret_id, mount_point=self._mount)["auth"]
@@ -153,7 +158,7 @@ class _KubernetesCredentials:
         self._mount = mount
         self._seen: list[str] = []
 
-    def login(self, client: hvac.Client) -> _Token:
+    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
         jwt = _read_secret_file(self._file, "Kubernetes service account token")
         self._seen.append(jwt)
         auth = client.auth.kubernetes.login(self._role, jwt, mount_point=self._mount)["auth"]
@@ -186,11 +191,19 @@ class VaultSession:
     """An authenticated Vault client, safe to share between threads.
 
     Logs in when created, so a wrong address, a sealed Vault or refused credentials are reported
-    before any work starts. Raises VaultError (exit 11) for every Vault failure.
+    before any work starts, and keeps the token alive in the background. With
+    ``keep_alive=False`` (one-shot processes such as a synchronous wal-push) it logs in at the first
+    request instead, does not look a plain token up and starts no renewer: with token auth that
+    request is then the only round trip. Raises VaultError (exit 11) for every Vault failure.
     """
 
     def __init__(self, settings: VaultSettings, *, keep_alive: bool = True) -> None:
         self.addr = settings.addr.rstrip("/")
+        if settings.ca_cert is not None and not settings.ca_cert.is_file():
+            raise ConfigError(
+                f"keys.vault.ca_cert '{settings.ca_cert}' does not exist",
+                hint="point it at the PEM file of the CA that signed Vault's certificate",
+            )
         self._credentials = _credentials(settings)
         self._client = hvac.Client(
             url=self.addr,
@@ -203,8 +216,10 @@ class VaultSession:
         self._stop = threading.Event()
         self.logins = 0
         self.renewals = 0
-        self._token = self._login()
+        self._keep_alive_wanted = keep_alive
+        self._token: _Token | None = None
         if keep_alive:
+            self._token = self._login()
             _start_renewer(self)
 
     def __repr__(self) -> str:
@@ -235,7 +250,7 @@ class VaultSession:
         self, method: str, path: str, body: dict[str, Any] | None, what: str
     ) -> dict[str, Any]:
         with self._lock:
-            if self._token.expired() and self._credentials.can_login_again:
+            if self._token is None or (self._token.expired() and self._credentials.can_login_again):
                 self._token = self._login()
             try:
                 return self._send(method, path, body, what)
@@ -270,7 +285,7 @@ class VaultSession:
     def _login(self) -> _Token:
         method = self._credentials.method
         try:
-            token = self._credentials.login(self._client)
+            token = self._credentials.login(self._client, lookup=self._keep_alive_wanted)
         except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest) as exc:
             raise VaultError(
                 f"Vault refused the {method} login at '{self.addr}': {self._vault_text(exc)}",
@@ -287,7 +302,7 @@ class VaultSession:
         replaced). Failures are left for the next request to meet and report."""
         with self._lock:
             token = self._token
-            if token.ttl <= 0:
+            if token is None or token.ttl <= 0:
                 return None
             if token.age() < token.ttl * _RENEW_AT:
                 return max(_MIN_WAIT, token.ttl * _RENEW_AT - token.age())

@@ -210,12 +210,12 @@ def _keep_gfs(
 
 
 def _keep_chains(backups: Sequence[BackupFacts], reasons: dict[str, list[str]]) -> None:
-    """Every kept backup keeps what it needs; newest first, so a chain is followed to its end."""
+    """Every kept backup keeps what it needs; newest first, so a chain is followed to its end.
+    A backup kept only for another's sake names the newest one that needs it."""
     for b in reversed(backups):
         if str(b.label) in reasons:
-            for needed in sorted(b.needs):
-                if needed != str(b.label):
-                    reasons.setdefault(needed, []).append(f"needed by {b.label}")
+            for needed in sorted(b.needs - {str(b.label)}):
+                reasons.setdefault(needed, [f"needed by {b.label}"])
     present = {str(b.label) for b in backups}
     for label in [label for label in reasons if label not in present]:
         del reasons[label]  # a needed backup the repository no longer has: nothing to keep

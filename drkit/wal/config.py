@@ -13,19 +13,20 @@ validates them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from drkit.crypto.base import KeyProvider
 from drkit.errors import ConfigError
-from drkit.storage.base import Storage
-from drkit.wal.objects import KeyPeriod, RepoLike
+from drkit.wal.names import KeyPeriod
+
+if TYPE_CHECKING:
+    from drkit.crypto.base import KeyProvider
+    from drkit.storage.base import Storage
+    from drkit.wal.objects import RepoLike
 
 DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")  # as drkit.config.settings
 DEFAULT_LOCK_PATH = Path("/tmp/drkit")
@@ -42,8 +43,7 @@ _ARCHIVE_KEYS = {
 }
 
 
-@dataclass(frozen=True)
-class ArchiveConfig:
+class ArchiveConfig(NamedTuple):
     async_: bool = False
     spool_path: Path | None = None
     process_max: int = min(4, os.cpu_count() or 1)
@@ -72,25 +72,26 @@ class WalRepository:
         return self._keys
 
 
-@dataclass(frozen=True)
-class WalConfig:
+class WalConfig(NamedTuple):
     config_path: Path
     pgdata: Path
     lock_path: Path
     archive: ArchiveConfig
     repo_name: str
     fast: bool  # loaded without pydantic
-    _open_repo: Callable[[], RepoLike]
+    opener: Callable[[], RepoLike]  # use open_repository()
 
     def open_repository(self) -> RepoLike:
         """The primary repository (the first configured one), where WAL is pushed."""
-        return self._open_repo()
+        return self.opener()
 
     @property
     def spool_path(self) -> Path:
         """Where the async mode keeps its status files: one directory per cluster."""
         if self.archive.spool_path is not None:
             return self.archive.spool_path
+        import hashlib
+
         digest = hashlib.sha256(str(self.pgdata.absolute()).encode()).hexdigest()[:12]
         return self.lock_path / f"spool-{digest}"
 

@@ -1,14 +1,18 @@
-"""Names of the files PostgreSQL archives, and where each one lives in the repository."""
+"""Names of the files PostgreSQL archives, and where each one lives in the repository.
+
+A light module (no dataclasses, no crypto): the async archive_command imports it.
+"""
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 WAL_PREFIX = "wal/"
 
 Kind = Literal["segment", "partial", "backup", "history"]
+KeyPeriod = Literal["daily", "hourly"]
 
 _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
     ("segment", re.compile(r"[0-9A-F]{24}")),
@@ -18,8 +22,7 @@ _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class WalName:
+class WalName(NamedTuple):
     """A file name PostgreSQL archives: a segment, a .partial, a .backup or a .history file."""
 
     name: str
@@ -66,3 +69,9 @@ def timeline_prefix(timeline: int) -> str:
 
 def history_name(timeline: int) -> str:
     return f"{timeline:08X}.history"
+
+
+def file_identity(st: os.stat_result) -> str:
+    """Which file (not only which name) was pushed: inode, size, mtime. The async spool's check
+    that an answer is about the file PostgreSQL asks for, not an earlier one of that name."""
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"

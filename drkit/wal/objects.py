@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
 from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, IntegrityError, ObjectExists
 from drkit.storage.base import Storage, WrittenObject
-from drkit.wal.names import WalName
+from drkit.wal.names import KeyPeriod, WalName
 
 MAGIC = b"DKW1"
 VERSION = 1
@@ -29,7 +29,7 @@ _PUSHED_AT = struct.Struct(">Q")
 MAX_HEADER_SIZE = _PREFIX.size + 255 + _PUSHED_AT.size
 READ_CHUNK = 1024 * 1024
 
-KeyPeriod = Literal["daily", "hourly"]
+__all__ = ["KeyPeriod"]  # re-exported: defined in names, a light module
 _PERIOD_FORMATS = {"daily": "%Y%m%d", "hourly": "%Y%m%d%H"}
 
 

@@ -19,10 +19,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from drkit.errors import DrkitError, IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
+from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
 from drkit.pg.wal import check_segment_header, parse_segment_name
-from drkit.wal.names import WalName, parse_wal_name
-from drkit.wal.objects import KeyPeriod, RepoLike, WalKeyring, read_object, write_object
+from drkit.wal.errors import WalConflict, WalSourceError
+from drkit.wal.names import KeyPeriod, WalName, file_identity, parse_wal_name
+from drkit.wal.objects import RepoLike, WalKeyring, read_object, write_object
+
+__all__ = [
+    "PushOptions",
+    "PushResult",
+    "Pusher",
+    "WalConflict",
+    "WalSourceError",
+    "file_identity",
+    "repository_system_identifier",
+]
 
 # As in drkit.repo.repository, which imports pydantic (wal-push must not); a test compares them.
 FORMAT_KEY = "drkit-repository.json"
@@ -30,14 +41,6 @@ FORMAT_VERSION = 1
 MIN_SEGMENT_SIZE = 1024 * 1024
 MAX_SEGMENT_SIZE = 1024 * 1024 * 1024
 _LONG_HEADER_SIZE = 40
-
-
-class WalConflict(ObjectExists):
-    """A WAL file is already archived with different content; drkit never overwrites it."""
-
-
-class WalSourceError(DrkitError):
-    """The file PostgreSQL asked to archive is missing, unreadable or not what its name says."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,6 @@ class PushResult:
     stored_size: int  # bytes of the object (0 when it was already there)
     sha256: str  # of the plaintext
     identity: str  # inode:size:mtime_ns of the file as read (the async spool's check)
-
-
-def file_identity(st: os.stat_result) -> str:
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def repository_system_identifier(repo: RepoLike) -> int:

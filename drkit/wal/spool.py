@@ -27,19 +27,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
 from drkit.wal.config import WalConfig
-from drkit.wal.names import is_wal_name
+from drkit.wal.errors import AsyncPushError, WalSourceError
+from drkit.wal.names import file_identity, is_wal_name
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the archive_command side imports neither: it only waits
+    import subprocess
+    from concurrent.futures import Future
+
     from drkit.wal.push import PushResult
+
+__all__ = ["AsyncPushError", "Spool", "push_async", "run_pusher"]
 
 OK = ".ok"
 ERROR = ".error"
@@ -48,14 +52,6 @@ LOG_FILE = "pusher.log"
 LOG_LIMIT = 1024 * 1024
 MAX_SPAWNS = 3
 DEFAULT_IDLE = 5.0
-
-
-class AsyncPushError(DrkitError):
-    """The async pusher reported a failure, or did not answer in time."""
-
-    def __init__(self, message: str, exit_code: int = 2, hint: str | None = None) -> None:
-        super().__init__(message, hint)
-        self.exit_code = exit_code
 
 
 class Spool:
@@ -146,8 +142,6 @@ def push_async(config: WalConfig, path: Path) -> bool:
     """Returns True once the pusher stored ``path``; raises AsyncPushError (or a DrkitError) if
     it failed. Returns False, having done nothing, for a file PostgreSQL did not mark ready (run
     by hand, say), which the pusher would never see: the caller pushes that one itself."""
-    from drkit.wal.push import WalSourceError, file_identity
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -171,7 +165,8 @@ def push_async(config: WalConfig, path: Path) -> bool:
     deadline = time.monotonic() + config.archive.push_timeout
     child: subprocess.Popen[bytes] | None = None
     spawns = 0
-    delay = 0.002
+    delay = 0.001
+    next_check = 0.0  # when to look at the pusher again (its lock costs three system calls)
     while True:
         status = spool.take(name, identity)
         if status is not None:
@@ -182,7 +177,12 @@ def push_async(config: WalConfig, path: Path) -> bool:
             raise AsyncPushError(
                 message.strip() or "the async pusher failed", int(code) if code.isdigit() else 2
             )
-        if not spool.pusher_running() and (child is None or child.poll() is not None):
+        now = time.monotonic()
+        if now < next_check:
+            pass
+        elif (child is not None and child.poll() is None) or spool.pusher_running():
+            next_check = now + 0.1
+        else:
             if spawns == MAX_SPAWNS:
                 raise AsyncPushError(
                     f"the async WAL pusher exited {spawns} times without pushing {name}",
@@ -190,7 +190,8 @@ def push_async(config: WalConfig, path: Path) -> bool:
                 )
             child = _spawn_pusher(config, spool)
             spawns += 1
-        if time.monotonic() > deadline:
+            next_check = now + 0.1
+        if now > deadline:
             raise AsyncPushError(
                 f"timed out after {config.archive.push_timeout:g}s waiting for the async WAL"
                 f" pusher to store {name}; PostgreSQL will retry",
@@ -199,10 +200,12 @@ def push_async(config: WalConfig, path: Path) -> bool:
                 f" process_max; see '{spool.path / LOG_FILE}'",
             )
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
+        delay = min(delay * 1.5, 0.005)
 
 
 def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
+    import subprocess
+
     log_path = spool.path / LOG_FILE
     with contextlib.suppress(FileNotFoundError):
         if log_path.stat().st_size > LOG_LIMIT:
@@ -241,14 +244,21 @@ def ready_names(status_dir: Path) -> list[str]:
 
 def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
     """The background pusher's main loop; returns when idle (or at once if one already runs)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from drkit.wal.objects import WalKeyring
     from drkit.wal.push import Pusher, PushOptions
 
     spool = Spool(config.spool_path)
     spool.ensure()
     lock = spool.try_lock()
+    for _ in range(5):  # an archive_command probing the lock holds it for an instant
+        if lock is not None:
+            break
+        time.sleep(0.01)
+        lock = spool.try_lock()
     if lock is None:
-        return 0
+        return 0  # another pusher runs
     try:
         wal_dir = config.pgdata / "pg_wal"
         status_dir = wal_dir / "archive_status"
@@ -292,8 +302,6 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
 
 
 def _identity(path: Path) -> str | None:
-    from drkit.wal.push import file_identity
-
     try:
         return file_identity(os.stat(path))
     except FileNotFoundError:
