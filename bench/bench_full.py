@@ -19,6 +19,8 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -378,6 +380,17 @@ def print_table(profile: str, scale: int, db_bytes: int, results: list[Measureme
             print("|" + "|".join(rule) + "|")
 
 
+def drkit_version() -> str:
+    """drkit's version and the git commit benchmarked (with "+changes" for a dirty tree)."""
+    version = subprocess.run([str(DRKIT), "--version"], capture_output=True, text=True).stdout
+    git = ["git", "-C", str(REPO_ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "drkit"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"{version.strip()} at {commit or '?'}{' +changes in drkit/' if dirty else ''}"
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -397,8 +410,13 @@ def run_profile(bench: Bench, profile: str, keep: bool) -> dict[str, object]:
                   f" + {m.server_cpu_s:.2f}s server ({m.machine_cpu_s:.2f}s whole machine),"
                   f" {m.max_rss_mib:.0f} MiB RSS"
                   + (f", {m.size_bytes / MiB:.1f} MiB stored" if m.size_bytes else "")
-                  + (f", data {m.verified}" if m.verified else ""), flush=True)
+                  + (f", data {m.verified}" if m.verified else "")
+                  + (" NOISY: other work ran on the machine" if m.noisy else ""), flush=True)
     print_table(profile, bench.scale, db_bytes, results)
+    noisy = [f"{m.tool} {m.step}" for m in results if m.noisy]
+    if noisy:
+        print(f"WARNING: other work used the CPUs during: {', '.join(noisy)}; rerun on an idle"
+              " machine before trusting those numbers")
     if not keep:
         source.cleanup()
     return {"profile": profile, "scale": bench.scale, "database_bytes": db_bytes,
@@ -421,10 +439,12 @@ def main() -> int:
         if shutil.which(tool) is None:
             parser.error(f"'{tool}' not found (Debian: apt-get install pgbackrest zstd time)")
 
+    # `kill` (SIGTERM) then unwinds like Ctrl-C: clusters are stopped and files removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     root = Path(tempfile.mkdtemp(prefix="drkit-bench-", dir=args.workdir))
     root.chmod(0o755)
     bench = Bench(root, args.scale)
-    print(f"scratch directory {root}; {os.cpu_count()} CPUs")
+    print(f"scratch directory {root}; {os.cpu_count()} CPUs; drkit {drkit_version()}")
     if bench.cache_drop_works:
         print(f"page cache dropped before each measured step (Cached now {cached_mib():.0f} MiB)")
     else:

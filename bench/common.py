@@ -47,6 +47,17 @@ class Measurement:
     detail: dict[str, float] = field(default_factory=dict)  # sub-timings (restore: tool, start)
     verified: str = ""  # result of the data check after a restore
 
+    @property
+    def other_cpu_s(self) -> float:
+        """Busy CPU on the machine that neither the tool nor PostgreSQL used: our own polling,
+        kernel writeback, and whatever else runs on the machine."""
+        return self.machine_cpu_s - self.cpu_s - self.server_cpu_s
+
+    @property
+    def noisy(self) -> bool:
+        """Did something else plausibly compete for the CPUs during this step?"""
+        return self.other_cpu_s > 0.5 + 0.25 * (self.cpu_s + self.server_cpu_s)
+
 
 @dataclass
 class RunResult:
@@ -182,17 +193,20 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
-def wait_until_quiet(max_busy: float = 0.1, timeout: float = 600) -> bool:
-    """Wait until the machine is idle (under ``max_busy`` of its CPUs busy over one second), so
-    that other work on a shared machine does not land in a measurement. False on timeout."""
+def wait_until_quiet(max_busy: float = 0.1, quiet_seconds: int = 3, timeout: float = 600) -> bool:
+    """Wait until the machine has been idle (under ``max_busy`` of its CPUs busy) for
+    ``quiet_seconds`` seconds in a row, so that other work on a shared machine does not land in
+    a measurement. False on timeout."""
     cpus = os.cpu_count() or 1
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    quiet = 0
+    while quiet < quiet_seconds:
+        if time.monotonic() > deadline:
+            return False
         before = machine_busy_seconds()
         time.sleep(1)
-        if machine_busy_seconds() - before < max_busy * cpus:
-            return True
-    return False
+        quiet = quiet + 1 if machine_busy_seconds() - before < max_busy * cpus else 0
+    return True
 
 
 def drop_page_cache() -> bool:

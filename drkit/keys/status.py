@@ -42,13 +42,17 @@ class KeysStatus:
     escrow: str | None  # the configured recovery key id
     sets: list[SetStatus] = field(default_factory=list)
 
+    def is_ours(self, s: SetStatus) -> bool:
+        """Whether the set's newest record is wrapped by the configured key."""
+        return s.provider == self.provider and s.key == self.key
+
     @property
     def ours(self) -> list[SetStatus]:
-        return [s for s in self.sets if s.provider == self.provider and s.key == self.key]
+        return [s for s in self.sets if self.is_ours(s)]
 
     @property
     def other_keys(self) -> list[SetStatus]:
-        return [s for s in self.sets if s not in self.ours]
+        return [s for s in self.sets if not self.is_ours(s)]
 
     @property
     def versions_needed(self) -> dict[int, int]:

@@ -143,10 +143,12 @@ class PruneOperation:
             retention = repo_settings.retention or self.settings.retention
             if retention is None:
                 continue
+            policy = policy_from(retention)
+            result.policy = policy.describe()
             try:
                 repo = open_repository(self.settings, repo_settings.name)
                 with self._lock(repo_settings):
-                    prune_repository(repo, policy_from(retention), now, self.dry_run, result)
+                    prune_repository(repo, policy, now, self.dry_run, result)
             except DrkitError as exc:
                 result.error = exc
         return report
@@ -265,11 +267,12 @@ def _delete_backup(repo: Repository, label: str, result: RepoPrune) -> bool:
 
 
 def _delete_objects(repo: Repository, label: BackupLabel, result: RepoPrune) -> None:
-    """Every object of an unlisted backup: records, then key records, then data; then the copy
-    records that describe it. Locked objects are skipped (and reported)."""
-    keys = [o.key for o in repo.storage.list(f"{BACKUP_PREFIX}{label}/")]
-    keys.sort(key=lambda k: ("/data/" in k, "/key/" in k, k))
-    keys += [o.key for o in repo.storage.list(f"{COPY_PREFIX}{label}/")]
+    """Every object of an unlisted backup: the copy and verification records written after its
+    manifest, then its key records, then its data. Data goes last so that until the very end the
+    backup's directory shows the leftover to the next run. Locked objects are skipped."""
+    keys = [o.key for o in repo.storage.list(f"{COPY_PREFIX}{label}/")]
+    backup = [o.key for o in repo.storage.list(f"{BACKUP_PREFIX}{label}/")]
+    keys += sorted(backup, key=lambda k: ("/data/" in k, "/key/" in k, k))
     for key in keys:
         _delete(repo, key, result)
 

@@ -286,14 +286,17 @@ class StorageConformance:
         results: dict[int, WrittenObject | BaseException] = {}
 
         def write(index: int) -> None:
+            passed_barrier = False
             try:
                 writer = storage.open_write("contended")
                 writer.write(f"writer {index} ".encode() * 1000)
                 barrier.wait()
+                passed_barrier = True
                 results[index] = writer.commit()
             except Exception as err:  # collected and asserted on below
                 results[index] = err
-                barrier.abort()
+                if not passed_barrier:  # release the others only if they still wait on us
+                    barrier.abort()
 
         threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
         for thread in threads:
