@@ -112,3 +112,23 @@ def test_s3_down_backup_succeeds_locally_then_replicate_catches_up(two_repos: Dr
     # Nothing left to do: a second run copies nothing.
     again = json.loads(dk.ok("replicate", "--json").stdout)
     assert again["repos"][0]["copied_backups"] == [] and again["repos"][0]["copied_wal"] == 0
+
+
+def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Path) -> None:
+    """A secondary that keeps only the newest full backup is not sent the older ones."""
+    second = workdir / "second"
+    offsite = {"name": "vault-room", "path": second, "retention": {"full": 1}}
+    dk = Drkit(pg, workdir, extra_repos=[offsite])
+    dk.ok("init")
+    second.rename(workdir / "unmounted")  # the second repository is offline for a while
+    result = dk.run("backup", "--json")
+    assert result.exit_code == 1 and "repository 'vault-room' is not initialized" in result.stderr
+    old = json.loads(result.stdout)["label"]
+    assert not second.exists()  # a missing repository is never created behind the operator
+    (workdir / "unmounted").rename(second)
+    new = json.loads(dk.ok("backup", "--json").stdout)["label"]
+
+    report = json.loads(dk.ok("replicate", "--json").stdout)
+    assert report["repos"][0]["copied_backups"] == []  # the old full would be pruned there
+    holders = {b["label"]: b["copies"]["repos"] for b in dk.info()["backups"]}
+    assert holders == {old: ["local"], new: ["local", "vault-room"]}

@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from drkit.config.settings import Settings
+from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError
+from drkit.prune.operation import backup_facts, policy_from
+from drkit.prune.policy import Decision, WalCut, decide
 from drkit.repo.label import BackupLabel
-from drkit.repo.open import open_repository
+from drkit.repo.lock import operation_lock
+from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import BACKUP_PREFIX, Repository
-from drkit.storage.base import Storage
 
 WAL_PREFIXES = ("wal-keys/", "wal/")  # key records first: no segment without its key
 COPY_PREFIX = "copies/"
@@ -80,12 +82,17 @@ class Replicator:
         self._record_copy(label)
         return total
 
-    def copy_wal(self) -> int:
-        """Copy archived WAL and WAL key records the target lacks; returns how many."""
+    def copy_wal(self, skip: list[WalCut]) -> int:
+        """Copy archived WAL and WAL key records the target lacks (except WAL its retention
+        policy would prune: ``skip``); returns how many WAL files were copied."""
         copied = 0
         for prefix in WAL_PREFIXES:
             present = {o.key for o in self.target.storage.list(prefix)}
-            todo = [o.key for o in self.primary.storage.list(prefix) if o.key not in present]
+            todo = [
+                o.key
+                for o in self.primary.storage.list(prefix)
+                if o.key not in present and not _pruned(o.key, skip)
+            ]
             with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
                 list(pool.map(lambda key: self._copy(key, None), todo))
             copied += len(todo) if prefix == "wal/" else 0
@@ -130,8 +137,9 @@ class Replicator:
             self.primary.storage.write_bytes(key, json.dumps(record).encode())
 
 
-def copy_exists(storage: Storage, label: BackupLabel) -> bool:
-    return storage.exists(f"{BACKUP_PREFIX}{label}/manifest")
+def _pruned(key: str, cuts: list[WalCut]) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return key.startswith("wal/") and any(cut.covers(name) for cut in cuts)
 
 
 class ReplicateOperation:
@@ -150,20 +158,44 @@ class ReplicateOperation:
             report.repos.append(result)
             try:
                 target = open_repository(self.settings, repo_settings.name)
-                self._replicate(primary, target, result)
+                self._replicate(primary, target, repo_settings, result)
             except DrkitError as exc:
                 result.error = str(exc)
         return report
 
-    def _replicate(self, primary: Repository, target: Repository, result: RepoReplication) -> None:
+    def _replicate(
+        self,
+        primary: Repository,
+        target: Repository,
+        target_settings: RepoSettings,
+        result: RepoReplication,
+    ) -> None:
         fmt = primary.check()
-        target.initialize(int(fmt.system_identifier))
-        replicator = Replicator(primary, target, self.settings.backup.process_max)
-        wanted = replicator.missing_backups()
-        if self.labels is not None:
-            wanted = [label for label in wanted if label in self.labels]
-        for label in wanted:
-            result.bytes += replicator.copy_backup(label)
-            result.copied_backups.append(str(label))
-        result.copied_wal = replicator.copy_wal()
-        result.wal_lag = replicator.wal_lag()
+        # The target's backup lock: a prune there must never see a half-copied backup.
+        with operation_lock(self.settings.lock_path, repo_location(target_settings), "backup"):
+            target.check(int(fmt.system_identifier))  # never created here: 'drkit init' does
+            replicator = Replicator(primary, target, self.settings.backup.process_max)
+            wanted = replicator.missing_backups()
+            if self.labels is not None:
+                wanted = [label for label in wanted if label in self.labels]
+            decision = self._target_policy(primary, target_settings, wanted)
+            dropped = set(decision.delete) if decision else set()
+            for label in wanted:
+                if str(label) in dropped:
+                    continue  # the target's retention would prune it right away
+                result.bytes += replicator.copy_backup(label)
+                result.copied_backups.append(str(label))
+            result.copied_wal = replicator.copy_wal(decision.wal if decision else [])
+            result.wal_lag = replicator.wal_lag()
+
+    def _target_policy(
+        self, primary: Repository, target: RepoSettings, wanted: list[BackupLabel]
+    ) -> Decision | None:
+        """What the target's own retention keeps of the primary's backups (None: no policy, or
+        nothing to copy — then the manifests need not be read at all)."""
+        retention = target.retention or self.settings.retention
+        if retention is None or not wanted:
+            return None
+        facts = [backup_facts(primary, label) for label in primary.backups()]
+        timelines = sorted({f.timeline for f in facts})
+        return decide(facts, policy_from(retention), datetime.now(UTC), timelines)

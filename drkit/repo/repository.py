@@ -45,6 +45,10 @@ class RepositoryFormat(BaseModel):
     created_by: str
 
 
+# Position of each kind of object of a backup in deletion order (the reverse of write order).
+_DELETE_ORDER = {"manifest": 0, "verify": 1, "key": 2, "data": 3}
+
+
 def file_context(label: str, path: str) -> bytes:
     """Binds a file's frame to the backup and path it belongs to."""
     return f"file:{label}:{path}".encode()
@@ -164,9 +168,11 @@ class Repository:
         return BackupLabel(wanted)
 
     def delete_objects(self, label: BackupLabel) -> int:
-        """Delete every object of ``label``, manifest first (reverse of write order)."""
+        """Delete every object of ``label`` in the reverse of write order: manifest, records,
+        key records, data. A deletion killed midway leaves an unlisted leftover, never a
+        listed backup with missing objects."""
         keys = [o.key for o in self.storage.list(f"{BACKUP_PREFIX}{label}/")]
-        keys.sort(key=lambda k: (not k.endswith("/manifest"), "/key/" in k, k))
+        keys.sort(key=lambda k: (_DELETE_ORDER.get(k.split("/")[2], 1), k))
         for key in keys:
             self.storage.delete(key)
         return len(keys)

@@ -200,7 +200,7 @@ def push_async(config: WalConfig, path: Path) -> bool:
                 f" process_max; see '{spool.path / LOG_FILE}'",
             )
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.005)
+        delay = min(delay * 1.5, 0.002)
 
 
 def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
