@@ -353,12 +353,10 @@ def main() -> None:
     print()
     print(f"{len(names)} segments of pgbench WAL (16 MiB each), archived one process per segment:")
     print()
-    print(
-        "| tool                     | mode  | seg/s   | MiB/s   | p50 ms  | p95 ms  | stored | CPUs |"
-    )
-    print(
-        "|--------------------------|-------|---------|---------|---------|---------|--------|------|"
-    )
+    header = ("tool", "mode", "seg/s", "MiB/s", "p50 ms", "p95 ms", "stored", "CPUs")
+    widths = (24, 5, 7, 7, 7, 7, 6, 4)
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for run in runs:
         print(run.row())
     by = {(r.tool, r.mode): r.segments / r.wall_s for r in runs}

@@ -3,6 +3,7 @@ defers to it for everything it does not handle."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from drkit.crypto.keyfile import create_keyfile
 from drkit.errors import ConfigError
 from drkit.wal.config import ArchiveConfig, WalConfig, load_wal_config
 
+Writer = Callable[..., Path]
+
 
 @pytest.fixture
-def write(tmp_path: Path):  # type: ignore[no-untyped-def]
+def write(tmp_path: Path) -> Writer:
     keyfile = tmp_path / "k"
     create_keyfile(keyfile)
     base = (
@@ -48,13 +51,13 @@ def comparable(config: WalConfig) -> dict[str, object]:
     "extra",
     [
         "",
-        '[archive]\nasync = true\nprocess_max = 3\n',
+        "[archive]\nasync = true\nprocess_max = 3\n",
         '[archive]\nspool_path = "/var/spool/drkit"\ncompress_level = -3\nkey_period = "hourly"'
         "\npush_timeout = 2.5\n",
         "[archive]\npush_timeout = 7\n[backup]\ncompress_level = 6\n",
     ],
 )
-def test_fast_path_reads_what_load_settings_reads(write, extra: str) -> None:  # type: ignore[no-untyped-def]
+def test_fast_path_reads_what_load_settings_reads(write: Writer, extra: str) -> None:
     path = write(extra)
     fast = load_wal_config(path)
     full = load_wal_config(path, fast=False)
@@ -76,7 +79,7 @@ def test_defaults_agree() -> None:
 
 
 def test_environment_overrides_take_the_full_path(
-    write,  # type: ignore[no-untyped-def]
+    write: Writer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("DRKIT_ARCHIVE__ASYNC", "true")
@@ -93,7 +96,9 @@ def test_environment_overrides_take_the_full_path(
         ("[archive]\nspeed = 3\n", "archive.speed"),
     ],
 )
-def test_invalid_settings_are_explained_by_the_full_loader(write, extra: str, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_settings_are_explained_by_the_full_loader(
+    write: Writer, extra: str, field: str
+) -> None:
     path = write(extra)
     with pytest.raises(ConfigError) as caught:
         load_settings(path)

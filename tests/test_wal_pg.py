@@ -5,7 +5,6 @@ archived segment."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -32,6 +32,10 @@ ConfigOption = Annotated[
         "--config", "-c", envvar="DRKIT_CONFIG", help="drkit.toml to use", show_default=False
     ),
 ]
+RecoveryKeyOption = Annotated[
+    Path | None,
+    typer.Option(help="unwrap data keys with this escrow recovery key; never contacts Vault"),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
 
 stdout = Console(highlight=False, soft_wrap=True)

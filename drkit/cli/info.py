@@ -9,6 +9,7 @@ import typer
 from drkit.cli.common import (
     ConfigOption,
     JsonOption,
+    RecoveryKeyOption,
     handle_errors,
     human_size,
     print_json,
@@ -22,12 +23,14 @@ from drkit.cli.common import (
 def command(
     config: ConfigOption = None,
     repo: Annotated[str | None, typer.Option(help="repository to describe")] = None,
+    recovery_key: RecoveryKeyOption = None,
     json_: JsonOption = False,
 ) -> None:
     """List the backups in the repository."""
     from drkit.info.operation import InfoOperation
 
-    info = InfoOperation(settings_from(config), repo).run()
+    settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
+    info = InfoOperation(settings, repo).run()
     if json_:
         print_json(info.as_dict())
         _exit(info.rule_3_2_1 or not info.backups)

@@ -12,6 +12,7 @@ import typer
 from drkit.cli.common import (
     ConfigOption,
     JsonOption,
+    RecoveryKeyOption,
     handle_errors,
     human_size,
     print_json,
@@ -69,10 +70,7 @@ def command(
         ),
     ] = None,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
-    recovery_key: Annotated[
-        Path | None,
-        typer.Option(help="unwrap data keys with this escrow recovery key; never contacts Vault"),
-    ] = None,
+    recovery_key: RecoveryKeyOption = None,
     target_time: Annotated[
         str | None, typer.Option(help="recover to this time, e.g. '2026-11-27 10:15:00+00'")
     ] = None,

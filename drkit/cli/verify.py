@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +9,7 @@ import typer
 from drkit.cli.common import (
     ConfigOption,
     JsonOption,
+    RecoveryKeyOption,
     handle_errors,
     human_size,
     print_json,
@@ -26,10 +26,7 @@ def command(
     config: ConfigOption = None,
     backup: Annotated[str | None, typer.Option(help="backup label (default: every backup)")] = None,
     repo: Annotated[str | None, typer.Option(help="repository to verify")] = None,
-    recovery_key: Annotated[
-        Path | None,
-        typer.Option(help="unwrap data keys with this escrow recovery key; never contacts Vault"),
-    ] = None,
+    recovery_key: RecoveryKeyOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Verify backups: every object read, every frame authenticated, every checksum checked."""
