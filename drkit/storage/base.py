@@ -1,7 +1,7 @@
 """The storage contract: a flat namespace of write-once byte objects.
 
 Storage is "bytes only": it knows nothing about backups, manifests, compression or keys. Every
-driver (posix.py, s3.py) and every wrapper (faulty.py, retries) implements the same `Storage`
+driver (posix.py, s3/) and every wrapper (faulty.py, retries) implements the same `Storage`
 protocol, and one conformance suite (tests/storage/conformance.py) runs against all of them.
 
 Keys are '/'-separated relative names such as ``backup/20261126-010000F/manifest``. A valid key is
