@@ -280,7 +280,8 @@ class ArchiveSettings(_Section):
         description="parallel pushes of the async pusher",
     )
     # Level 1: WAL is pushed on the database's critical path and must keep up with peak write
-    # rates; level 1 compresses pgbench WAL nearly as well as 3 at about twice the speed.
+    # rates. On pgbench WAL level 1 stores 10.6% of the input against 10.0% at level 3, for 12
+    # instead of 17.5 ms of CPU per 16 MiB segment (docs/wal-archiving.md).
     compress_level: int = Field(1, ge=-7, le=22, description="zstd level for WAL")
     key_period: Literal["daily", "hourly"] = Field("daily", description="one WAL DEK per period")
     push_timeout: float = Field(

@@ -18,8 +18,10 @@ The pusher scans ``<pgdata>/pg_wal/archive_status/*.ready`` and pushes every rea
 the repository, so the archive_command never returns 0 before its file is stored. It writes
 ``<name>.error`` (exit code, then the message) when a push fails, and retries that file only after
 the error was handed to PostgreSQL. It keeps each period's data key in memory. When nothing has
-been ready for ``idle`` seconds it exits. Status files whose ``.ready`` is gone are stale (the
-file was archived another way) and are removed when a pusher starts.
+been ready for ``idle`` seconds it exits; after ten minutes, or when the configuration file
+changed, it finishes what it started and exits, so that new settings, keys or drkit versions are
+picked up by the pusher the next archive_command starts. Status files whose ``.ready`` is gone are
+stale (the file was archived another way) and are removed when a pusher starts.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ LOG_FILE = "pusher.log"
 LOG_LIMIT = 1024 * 1024
 MAX_SPAWNS = 3
 DEFAULT_IDLE = 5.0
+MAX_LIFETIME = 600.0  # seconds a pusher takes new work; then the next one takes over
 
 
 class Spool:
@@ -269,10 +272,18 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
         workers = config.archive.process_max
         inflight: dict[str, Future[PushResult]] = {}
         done: dict[str, str] = {}  # name -> identity of the file pushed
-        idle_since = time.monotonic()
+        idle_since = started = time.monotonic()
+        config_stamp = _stamp(config.config_path)
         with ThreadPoolExecutor(workers, thread_name_prefix="wal-push") as pool:
             while True:
-                ready = ready_names(status_dir)
+                # A pusher that has run for long, or whose configuration changed, takes no new
+                # work: it finishes what it started and exits, and the next archive_command
+                # starts a fresh one (new settings, keys, or drkit version).
+                draining = (
+                    time.monotonic() - started > MAX_LIFETIME
+                    or _stamp(config.config_path) != config_stamp
+                )
+                ready = [] if draining else ready_names(status_dir)
                 for name in set(done) - set(ready):
                     del done[name]  # PostgreSQL has its answer and marked it .done
                 for name in ready:
@@ -291,7 +302,7 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
                     _report(spool, name, inflight.pop(name), done)
                 if inflight or finished:
                     idle_since = time.monotonic()
-                elif time.monotonic() - idle_since > idle:
+                elif draining or time.monotonic() - idle_since > idle:
                     return 0
                 if inflight:
                     wait(inflight.values(), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -299,6 +310,14 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
                     time.sleep(0.02)
     finally:
         os.close(lock)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _identity(path: Path) -> str | None:
