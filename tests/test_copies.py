@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit, start_restored
 from rig.postgres import PgCluster, database_checksums
 
@@ -132,3 +133,28 @@ def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Pat
     assert report["repos"][0]["copied_backups"] == []  # the old full would be pruned there
     holders = {b["label"]: b["copies"]["repos"] for b in dk.info()["backups"]}
     assert holders == {old: ["local"], new: ["local", "vault-room"]}
+
+
+def test_wal_fetch_falls_back_to_the_s3_copy(two_repos: Drkit, workdir: Path) -> None:
+    dk, pg = two_repos, two_repos.cluster
+    enable_archiving(pg, dk)
+    names = [switch_wal(pg) for _ in range(2)]
+    wait_archived(pg, names[-1])
+    dk.ok("replicate")
+    assert dk.info()["wal_lag"] == {"s3-eu": 0}
+
+    local = dk.repo_path / "wal" / names[0][:8]
+    (local / names[0]).unlink()  # lost locally
+    damaged = local / names[1]
+    damaged.chmod(0o600)
+    raw = bytearray(damaged.read_bytes())
+    raw[-100] ^= 1
+    damaged.write_bytes(bytes(raw))  # damaged locally
+
+    for name, why in [(names[0], "missing there"), (names[1], "unusable there")]:
+        dest = workdir / f"fetched-{name}"
+        result = dk.run("wal-fetch", name, str(dest))
+        assert result.exit_code == 0, result.output
+        assert f"WAL file {name} fetched from 's3-eu' ({why}" in result.stderr
+        assert dest.stat().st_size == 16 * 1024 * 1024
+    assert dk.run("wal-fetch", "0000000100000000000000FF", str(workdir / "x")).exit_code == 1

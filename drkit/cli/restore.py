@@ -27,10 +27,13 @@ from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
 from drkit.pg.wal import parse_lsn
 
 
-def wal_fetch_command(config: Path) -> str:
-    """The restore_command a restored cluster uses to fetch WAL from this repository."""
+def wal_fetch_command(config: Path, recovery_key: Path | None) -> str:
+    """The restore_command a restored cluster uses to fetch WAL from the repositories."""
     drkit = Path(sys.executable).parent / "drkit"
-    return f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))} %f %p"
+    command = f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))}"
+    if recovery_key is not None:
+        command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
+    return command + " %f %p"
 
 
 def _check_target(target: RecoveryTarget) -> None:
@@ -132,7 +135,7 @@ def command(
         repo=repo,
         tablespace_map=_parse_map(tablespace_map or []),
         target=target,
-        restore_command=wal_fetch_command(config_path(config)),
+        restore_command=wal_fetch_command(config_path(config), recovery_key),
     )
     result = RestoreOperation(settings, request, progress()).run()
     for event in result.fallbacks:
@@ -146,8 +149,8 @@ def command(
                 "size": result.size,
                 "tablespaces": {str(k): str(v) for k, v in result.tablespaces.items()},
                 "start_command": result.start_command,
-            "repo": result.repo,
-            "fallbacks": result.fallbacks,
+                "repo": result.repo,
+                "fallbacks": result.fallbacks,
             }
         )
         return

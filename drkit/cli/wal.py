@@ -66,18 +66,33 @@ def wal_push(path: str, config: Path | None) -> int:
         return _INTERNAL_ERROR
 
 
-def wal_fetch(name: str, dest: str, config: Path | None) -> int:
-    """restore_command: fetch one WAL file to ``dest``; returns the exit code."""
+def wal_fetch(name: str, dest: str, config: Path | None, recovery_key: Path | None = None) -> int:
+    """restore_command: fetch one WAL file to ``dest``; returns the exit code. A file missing,
+    unreadable or damaged in the primary repository is fetched from the next one that has it."""
     from drkit.errors import DrkitError
 
     try:
-        from drkit.wal.config import load_wal_config
+        from drkit.wal.config import load_wal_config, secondary_repositories
         from drkit.wal.fetch import fetch
 
-        settings = load_wal_config(config)
+        settings = load_wal_config(config, recovery_key=recovery_key)
         repo = settings.open_repository()
-        if fetch(repo, name, Path(dest)):
-            return 0
+        problem: DrkitError | None = None
+        try:
+            if fetch(repo, name, Path(dest)):
+                return 0
+        except DrkitError as exc:
+            problem = exc
+        for other in secondary_repositories(settings.config_path, recovery_key):
+            try:
+                if fetch(other, name, Path(dest)):
+                    why = f"unusable there: {problem.message}" if problem else "missing there"
+                    _say("wal-fetch", f"WAL file {name} fetched from '{other.name}' ({why})")
+                    return 0
+            except DrkitError:
+                continue
+        if problem is not None:
+            raise problem
         _say("wal-fetch", f"WAL file {name} is not in repository '{repo.name}'")
         return FETCH_NOT_FOUND
     except DrkitError as exc:
@@ -124,6 +139,7 @@ def run_fast(argv: list[str]) -> int | None:
     caller hands to typer so that it prints the usage."""
     command, rest = argv[0], argv[1:]
     config: Path | None = None
+    recovery_key: Path | None = None
     idle: float | None = None
     positional: list[str] = []
     i = 0
@@ -137,6 +153,9 @@ def run_fast(argv: list[str]) -> int | None:
             continue
         if arg.startswith("--config="):
             config, i = Path(arg.split("=", 1)[1]), i + 1
+            continue
+        if command == "wal-fetch" and arg == "--recovery-key" and i + 1 < len(rest):
+            recovery_key, i = Path(rest[i + 1]), i + 2
             continue
         if command == "wal-pusher" and arg == "--idle" and i + 1 < len(rest):
             try:
@@ -154,7 +173,7 @@ def run_fast(argv: list[str]) -> int | None:
     if command == "wal-push":
         return wal_push(positional[0], config)
     if command == "wal-fetch":
-        return wal_fetch(positional[0], positional[1], config)
+        return wal_fetch(positional[0], positional[1], config, recovery_key)
     from drkit.wal.spool import DEFAULT_IDLE
 
     return wal_pusher(config, DEFAULT_IDLE if idle is None else idle)
@@ -183,12 +202,15 @@ def register(app: Any) -> None:
         name: str = typer.Argument(..., help="the WAL file to fetch (restore_command's %f)"),
         dest: str = typer.Argument(..., help="where to write it (restore_command's %p)"),
         config: Path | None = config_option,
+        recovery_key: Path | None = typer.Option(
+            None, help="unwrap keys with this escrow recovery key; never contacts Vault"
+        ),
     ) -> None:
         """Fetch one archived WAL file (restore_command = 'drkit wal-fetch %f %p').
 
         Exit 0: written; 1: not archived; above 125: a real error (PostgreSQL aborts recovery).
         """
-        raise typer.Exit(wal_fetch(name, dest, config))
+        raise typer.Exit(wal_fetch(name, dest, config, recovery_key))
 
     @app.command("wal-pusher", hidden=True)
     def pusher_command(

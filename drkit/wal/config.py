@@ -106,8 +106,14 @@ def config_file(config: Path | None) -> Path:
     return path
 
 
-def load_wal_config(config: Path | None, *, fast: bool = True) -> WalConfig:
+def load_wal_config(
+    config: Path | None, *, fast: bool = True, recovery_key: Path | None = None
+) -> WalConfig:
+    """The WAL commands' configuration; with ``recovery_key``, keys come from the escrow
+    recovery key (never from Vault), through the full loader."""
     path = config_file(config)
+    if recovery_key is not None:
+        return _from_settings(path, recovery_key)
     if fast and not any(
         k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
     ):
@@ -222,11 +228,21 @@ def _int_in(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _from_settings(path: Path) -> WalConfig:
+def secondary_repositories(path: Path, recovery_key: Path | None = None) -> list[RepoLike]:
+    """The repositories after the primary, in configured order (wal-fetch's fallbacks). Loaded
+    with the full loader: this runs only when the primary cannot serve a file."""
     from drkit.config.settings import load_settings
     from drkit.repo.open import open_repository
 
-    settings = load_settings(path)
+    settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
+    return [open_repository(settings, repo.name) for repo in settings.repo[1:]]
+
+
+def _from_settings(path: Path, recovery_key: Path | None = None) -> WalConfig:
+    from drkit.config.settings import load_settings
+    from drkit.repo.open import open_repository
+
+    settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
     a = settings.archive
     archive = ArchiveConfig(
         a.async_, a.spool_path, a.process_max, a.compress_level, a.key_period, float(a.push_timeout)
