@@ -138,7 +138,7 @@ def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Pat
 def test_wal_fetch_falls_back_to_the_s3_copy(two_repos: Drkit, workdir: Path) -> None:
     dk, pg = two_repos, two_repos.cluster
     enable_archiving(pg, dk)
-    names = [switch_wal(pg) for _ in range(2)]
+    names = [switch_wal(pg) for _ in range(3)][1:]  # two archived segments after a first one
     wait_archived(pg, names[-1])
     dk.ok("replicate")
     assert dk.info()["wal_lag"] == {"s3-eu": 0}
@@ -150,6 +150,12 @@ def test_wal_fetch_falls_back_to_the_s3_copy(two_repos: Drkit, workdir: Path) ->
     raw = bytearray(damaged.read_bytes())
     raw[-100] ^= 1
     damaged.write_bytes(bytes(raw))  # damaged locally
+
+    verify = dk.run("verify", "--wal")
+    assert verify.exit_code == 15
+    assert f"damaged WAL file '{names[1]}'" in verify.stderr
+    assert f"WAL gap on timeline 1: {names[0]}..{names[0]}" in verify.stderr
+    assert dk.run("verify", "--wal", "--repo", "s3-eu").exit_code == 0
 
     for name, why in [(names[0], "missing there"), (names[1], "unusable there")]:
         dest = workdir / f"fetched-{name}"

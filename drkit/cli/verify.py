@@ -27,13 +27,16 @@ def command(
     backup: Annotated[str | None, typer.Option(help="backup label (default: every backup)")] = None,
     repo: Annotated[str | None, typer.Option(help="repository to verify")] = None,
     recovery_key: RecoveryKeyOption = None,
+    wal: Annotated[
+        bool, typer.Option("--wal", help="also read back every archived WAL file, find gaps")
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
     """Verify backups: every object read, every frame authenticated, every checksum checked."""
     from drkit.verify.operation import VerifyOperation
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
-    report = VerifyOperation(settings, backup, repo, progress()).run()
+    report = VerifyOperation(settings, backup, repo, progress(), wal=wal).run()
     if json_:
         print_json(
             {
@@ -49,6 +52,14 @@ def command(
                     }
                     for b in report.backups
                 ],
+                "wal": None
+                if report.wal is None
+                else {
+                    "ok": report.wal.ok,
+                    "files": report.wal.files,
+                    "damaged": [{"name": n, "reason": r} for n, r in report.wal.damaged],
+                    "gaps": [{"timeline": t, "first": a, "last": b} for t, a, b in report.wal.gaps],
+                },
             }
         )
     else:
@@ -59,5 +70,12 @@ def command(
                 stderr.print(f"  damaged '{path}': {reason}", markup=False)
         if not report.backups:
             stdout.print(f"repository '{report.repo}' holds no backups")
+        if report.wal is not None:
+            status = "ok" if report.wal.ok else "DAMAGED"
+            stdout.print(f"archived WAL: {report.wal.files} files: {status}")
+            for name, reason in report.wal.damaged:
+                stderr.print(f"  damaged WAL file '{name}': {reason}", markup=False)
+            for timeline, first, last in report.wal.gaps:
+                stderr.print(f"  WAL gap on timeline {timeline}: {first}..{last}", markup=False)
     if not report.ok:
         raise typer.Exit(VerifyFailed.exit_code)
