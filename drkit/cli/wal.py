@@ -38,7 +38,7 @@ def wal_push(path: str, config: Path | None) -> int:
     try:
         from drkit.wal.config import load_wal_config
 
-        settings = load_wal_config(config)
+        settings = load_wal_config(config, one_shot=True)
         source = Path(path)
         if settings.archive.async_:
             from drkit.wal.spool import push_async
@@ -75,7 +75,7 @@ def wal_fetch(name: str, dest: str, config: Path | None, recovery_key: Path | No
         from drkit.wal.config import load_wal_config, secondary_repositories
         from drkit.wal.fetch import fetch
 
-        settings = load_wal_config(config, recovery_key=recovery_key)
+        settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True)
         repo = settings.open_repository()
         problem: DrkitError | None = None
         try:

@@ -107,14 +107,20 @@ def config_file(config: Path | None) -> Path:
 
 
 def load_wal_config(
-    config: Path | None, *, fast: bool = True, recovery_key: Path | None = None
+    config: Path | None,
+    *,
+    fast: bool = True,
+    recovery_key: Path | None = None,
+    one_shot: bool = False,
 ) -> WalConfig:
     """The WAL commands' configuration; with ``recovery_key``, keys come from the escrow
-    recovery key (never from Vault), through the full loader."""
+    recovery key (never from Vault), through the full loader. ``one_shot``: the process makes
+    one key request and exits (a synchronous wal-push, a wal-fetch), so a Vault session skips
+    the token lookup and renewal that a long-running pusher needs."""
     path = config_file(config)
-    if recovery_key is not None:
-        return _from_settings(path, recovery_key)
-    if fast and not any(
+    if recovery_key is not None or not fast:
+        return _from_settings(path, recovery_key, one_shot)
+    if not any(
         k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
     ):
         try:
@@ -125,7 +131,7 @@ def load_wal_config(
         loaded = _from_toml(data, path) if data is not None else None
         if loaded is not None:
             return loaded
-    return _from_settings(path)
+    return _from_settings(path, None, one_shot)
 
 
 class _Unsupported(Exception):
@@ -238,9 +244,11 @@ def secondary_repositories(path: Path, recovery_key: Path | None = None) -> list
     return [open_repository(settings, repo.name) for repo in settings.repo[1:]]
 
 
-def _from_settings(path: Path, recovery_key: Path | None = None) -> WalConfig:
+def _from_settings(path: Path, recovery_key: Path | None, one_shot: bool) -> WalConfig:
     from drkit.config.settings import load_settings
-    from drkit.repo.open import open_repository
+    from drkit.crypto.providers import open_provider
+    from drkit.repo.open import open_storage
+    from drkit.repo.repository import Repository
 
     settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
     a = settings.archive
@@ -254,5 +262,7 @@ def _from_settings(path: Path, recovery_key: Path | None = None) -> WalConfig:
         archive,
         settings.repo[0].name,
         False,
-        lambda: open_repository(settings),
+        lambda: Repository(
+            open_storage(settings.repo[0]), open_provider(settings.keys, one_shot=one_shot)
+        ),
     )
