@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit, start_restored
-from rig.postgres import PgCluster, database_checksums
+from rig.postgres import PgCluster, chown_to_server_user, database_checksums
 
 
 @pytest.fixture
@@ -164,3 +165,21 @@ def test_wal_fetch_falls_back_to_the_s3_copy(two_repos: Drkit, workdir: Path) ->
         assert f"WAL file {name} fetched from 's3-eu' ({why}" in result.stderr
         assert dest.stat().st_size == 16 * 1024 * 1024
     assert dk.run("wal-fetch", "0000000100000000000000FF", str(workdir / "x")).exit_code == 1
+
+
+def test_async_archiving_keeps_the_other_repository_within_bounded_lag(
+    pg: PgCluster, workdir: Path
+) -> None:
+    second = {"name": "second", "path": workdir / "second", "media": "tape", "offsite": True}
+    dk = Drkit(pg, workdir, extra_repos=[second])
+    dk.ok("init")
+    enable_archiving(pg, dk, async_=True)
+    chown_to_server_user(workdir / "second", recursive=True)
+    names = [switch_wal(pg) for _ in range(3)]
+    wait_archived(pg, names[-1])
+    deadline = time.monotonic() + 60
+    while dk.info()["wal_lag"]["second"] != 0:  # the pusher copies before it exits when idle
+        assert time.monotonic() < deadline, dk.info()["wal_lag"]
+        time.sleep(0.5)
+    for name in names:
+        assert (workdir / "second" / "wal" / name[:8] / name).is_file()

@@ -303,6 +303,7 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
                 if inflight or finished:
                     idle_since = time.monotonic()
                 elif draining or time.monotonic() - idle_since > idle:
+                    replicate_wal(config)
                     return 0
                 if inflight:
                     wait(inflight.values(), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -362,3 +363,26 @@ def _fsync_dir(directory: Path) -> None:
 
 def _reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
+
+
+def replicate_wal(config: WalConfig) -> None:
+    """Before the pusher exits (idle), copy the new WAL to the other repositories: the primary
+    is written synchronously, the others follow within one pusher lifetime. Best effort: a
+    repository that is down is caught up later (by the next pusher, a backup's fan-out or
+    'drkit replicate'); 'drkit info' shows the lag."""
+    from drkit.config.settings import load_settings
+    from drkit.replicate.operation import ReplicateOperation
+
+    try:
+        settings = load_settings(config.config_path)
+        if len(settings.repo) < 2:
+            return
+        report = ReplicateOperation(settings, labels=[]).run()  # WAL only, no backups
+    except DrkitError as exc:
+        sys.stderr.write(f"drkit wal-pusher: WAL not replicated: {exc.message}\n")
+        return
+    for repo in report.repos:
+        if repo.error:
+            sys.stderr.write(
+                f"drkit wal-pusher: WAL not replicated to '{repo.repo}': {repo.error}\n"
+            )
