@@ -48,8 +48,10 @@ def main() -> None:
         clusters.append(source)
         source.start()
         source.run_bin("pgbench", "-i", "-s", "10", "-q")
-        source.psql("CREATE TABLE notes AS SELECT g AS id, md5(g::text) AS body"
-                    " FROM generate_series(1, 50000) g")
+        source.psql(
+            "CREATE TABLE notes AS SELECT g AS id, md5(g::text) AS body"
+            " FROM generate_series(1, 50000) g"
+        )
 
         step("configure drkit: a key file and a local repository")
         config = root / "drkit.toml"

@@ -87,8 +87,8 @@ class VaultSettings(_Section):
 
 class EscrowSettings(_Section):
     public_key_file: Path | None = Field(
-        None, description="recovery public key (drkit keys escrow-init); every DEK is also "
-        "wrapped to it"
+        None,
+        description="recovery public key (drkit keys escrow-init); every DEK is also wrapped to it",
     )
 
 
@@ -98,8 +98,9 @@ class KeysSettings(_Section):
     vault: VaultSettings | None = None
     escrow: EscrowSettings = EscrowSettings(public_key_file=None)
     recovery_key: Path | None = Field(
-        None, description="read with this recovery private key instead (--recovery-key); the "
-        "provider, Vault included, is then never contacted"
+        None,
+        description="read with this recovery private key instead (--recovery-key); the "
+        "provider, Vault included, is then never contacted",
     )
 
     @model_validator(mode="after")
@@ -276,7 +277,9 @@ class ArchiveSettings(_Section):
         None, description="async status files (default: <lock_path>/spool-<hash of pgdata>)"
     )
     process_max: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1, le=64,
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        le=64,
         description="parallel pushes of the async pusher",
     )
     # Level 1: WAL is pushed on the database's critical path and must keep up with peak write
@@ -354,7 +357,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
     try:
         return Settings(**flags)  # pydantic-settings deep-merges nested sections across sources
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path), hint="docs/configuration.md lists every key") from None
+        raise ConfigError(
+            _describe(exc, path), hint="docs/configuration.md lists every key"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
     finally:

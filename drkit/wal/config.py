@@ -120,9 +120,7 @@ def load_wal_config(
     path = config_file(config)
     if recovery_key is not None or not fast:
         return _from_settings(path, recovery_key, one_shot)
-    if not any(
-        k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
-    ):
+    if not any(k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ):
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
