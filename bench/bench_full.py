@@ -440,8 +440,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where the scratch directory is made (default /var/tmp)")
     parser.add_argument("--json", type=Path, help="also write the measurements to this file")
-    parser.add_argument("--retries", type=int, default=2,
-                        help="measure a tool again when other work disturbed it (default 2)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="measure a tool again when other work disturbed it (default 3)")
     args = parser.parse_args()
 
     if os.geteuid() != 0:
