@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from drkit.errors import IntegrityError, WrongKey
+
 DEK_SIZE = 32
+OTHER_PROVIDER_HINT = (
+    "configure the key provider this repository was written with, or use --recovery-key"
+)
 
 
 @dataclass(frozen=True)
@@ -50,3 +55,17 @@ class KeyProvider(Protocol):
         it was tampered with or is malformed, KeyMaterialError when the key cannot be obtained.
         """
         ...
+
+
+def check_provider(record: object, provider: str, hint: str) -> dict[str, Any]:
+    """The record as a dict, when it is one written by ``provider``; raises IntegrityError for a
+    malformed record, WrongKey for another provider's."""
+    if not isinstance(record, dict):
+        raise IntegrityError("key record is malformed: not a JSON object")
+    if record.get("provider") != provider:
+        raise WrongKey(
+            f"data key was wrapped by key provider {record.get('provider')!r}, but the configured"
+            f" key provider is {provider!r}",
+            hint=hint,
+        )
+    return record

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drkit.crypto.base import DEK_SIZE, DataKey
+from drkit.crypto.base import DEK_SIZE, DataKey, check_provider
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
 
 KEY_SIZE = 32
@@ -99,15 +99,9 @@ class KeyfileProvider:
         return DataKey(plaintext=dek, record=record)
 
     def unwrap(self, record: dict[str, Any]) -> bytes:
-        if not isinstance(record, dict):
-            raise IntegrityError("key record is malformed: not a JSON object")
-        provider = record.get("provider")
-        if provider != PROVIDER:
-            raise WrongKey(
-                f"data key was wrapped by key provider {provider!r}, but the configured key "
-                f"provider is {PROVIDER!r}",
-                hint="configure the key provider this repository was written with",
-            )
+        record = check_provider(
+            record, PROVIDER, "configure the key provider this repository was written with"
+        )
         key_id = record.get("key_id")
         if key_id != self.key_id:
             raise WrongKey(

@@ -18,7 +18,7 @@ import binascii
 import re
 from typing import Any
 
-from drkit.crypto.base import DEK_SIZE, DataKey
+from drkit.crypto.base import DEK_SIZE, OTHER_PROVIDER_HINT, DataKey, check_provider
 from drkit.crypto.escrow import TAMPERED_HINT
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.vault import VaultRequestError, VaultSession
@@ -154,16 +154,7 @@ class VaultTransitProvider:
     # -- internals --------------------------------------------------------------------------------
 
     def _check_record(self, record: dict[str, Any]) -> str:
-        if not isinstance(record, dict):
-            raise IntegrityError("key record is malformed: not a JSON object")
-        provider = record.get("provider")
-        if provider != PROVIDER:
-            raise WrongKey(
-                f"data key was wrapped by key provider {provider!r}, but the configured key "
-                f"provider is {PROVIDER!r}",
-                hint="configure the key provider this repository was written with, or use "
-                "--recovery-key",
-            )
+        record = check_provider(record, PROVIDER, OTHER_PROVIDER_HINT)
         name = f"{record.get('mount')}/{record.get('key')}"
         if name != self.name:
             raise WrongKey(

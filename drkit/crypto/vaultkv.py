@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drkit.crypto.base import DEK_SIZE, DataKey
+from drkit.crypto.base import DEK_SIZE, OTHER_PROVIDER_HINT, DataKey, check_provider
 from drkit.crypto.escrow import TAMPERED_HINT
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.vault import VaultRequestError, VaultSession
@@ -177,16 +177,7 @@ class VaultKvProvider:
         return read_version, kek
 
     def _check_record(self, record: dict[str, Any]) -> int:
-        if not isinstance(record, dict):
-            raise IntegrityError("key record is malformed: not a JSON object")
-        provider = record.get("provider")
-        if provider != PROVIDER:
-            raise WrongKey(
-                f"data key was wrapped by key provider {provider!r}, but the configured key "
-                f"provider is {PROVIDER!r}",
-                hint="configure the key provider this repository was written with, or use "
-                "--recovery-key",
-            )
+        record = check_provider(record, PROVIDER, OTHER_PROVIDER_HINT)
         version = record.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise IntegrityError("key record is malformed: 'version' is not a KV version")
