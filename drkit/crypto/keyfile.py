@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drkit.crypto.base import DEK_SIZE, DataKey, check_provider
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
+from drkit.fsutil import fsync_dir, os_reason
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -57,7 +58,7 @@ def create_keyfile(path: Path) -> str:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-        _fsync_directory(path.parent)
+        fsync_dir(path.parent)
     except FileExistsError:
         raise ConfigError(
             f"key file '{path}' already exists; drkit never overwrites a key file",
@@ -66,7 +67,7 @@ def create_keyfile(path: Path) -> str:
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"unable to create key file '{path}': {_reason(exc)}",
+            f"unable to create key file '{path}': {os_reason(exc)}",
             hint="check that the directory exists and is writable",
         ) from None
     return key_id_of(kek)
@@ -137,7 +138,7 @@ def _read_keyfile(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise KeyMaterialError(
-            f"unable to read key file '{path}': {_reason(exc)}",
+            f"unable to read key file '{path}': {os_reason(exc)}",
             hint="run drkit as the user that owns the key file",
         ) from None
     try:
@@ -173,15 +174,3 @@ def _decode_field(record: dict[str, Any], name: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         raise IntegrityError(f"key record is malformed: field {name!r} is not base64") from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from drkit.errors import ObjectExists, ObjectNotFound, StorageError
+from drkit.fsutil import fsync_dir
 from drkit.storage.base import (
     BaseStorage,
     BaseWriter,
@@ -127,7 +128,7 @@ class PosixStorage(BaseStorage):
             raise self._error(err, "deleting", key, path) from err
         # Also after "not found": a previous attempt may have unlinked without reaching the fsync.
         try:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as err:
@@ -205,7 +206,7 @@ class PosixStorage(BaseStorage):
                 f"unable to create the directory of '{path}' in repository '{self.name}'"
                 " because it keeps disappearing"
             )
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         # The object is published and durable; a temporary name left behind is only a hard link
         # to it, which cleanup_temp removes.
         with contextlib.suppress(OSError):
@@ -224,7 +225,7 @@ class PosixStorage(BaseStorage):
                 if not new.is_dir():
                     raise self._conflict_error(key or str(new), new) from None
                 continue  # a concurrent writer created it
-            _fsync_dir(new.parent)
+            fsync_dir(new.parent)
 
     def _remove_empty_dirs(self, directory: Path) -> None:
         # Best effort: a directory that is not empty (or just got a new object) stays.
@@ -371,19 +372,6 @@ def _scan_dir(
                     found.append(ObjectInfo(key_prefix + name, size))
             except FileNotFoundError:
                 continue  # deleted while listing
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        # Some filesystems (network, FUSE) cannot fsync a directory; their metadata is written
-        # through anyway, as restic's local backend also assumes.
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _is_key_component(name: str) -> bool:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from drkit.errors import DrkitError, ObjectNotFound
+from drkit.fsutil import os_reason
 from drkit.wal.names import parse_wal_name
 from drkit.wal.objects import RepoLike, WalKeyring, read_object
 
@@ -42,7 +43,7 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise WalFetchError(
-            f"cannot create '{temporary}' to fetch WAL file {name}: {_reason(exc)}"
+            f"cannot create '{temporary}' to fetch WAL file {name}: {os_reason(exc)}"
         ) from None
     try:
         with os.fdopen(fd, "wb") as out:
@@ -52,12 +53,8 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
                 return False
         os.replace(temporary, dest)
     except OSError as exc:
-        raise WalFetchError(f"cannot write WAL file {name} to '{dest}': {_reason(exc)}") from None
+        raise WalFetchError(f"cannot write WAL file {name} to '{dest}': {os_reason(exc)}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return True
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()

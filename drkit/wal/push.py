@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
+from drkit.fsutil import os_reason
 from drkit.pg.wal import check_segment_header, parse_segment_name
 from drkit.wal.errors import WalConflict, WalSourceError
 from drkit.wal.names import KeyPeriod, WalName, file_identity, parse_wal_name
@@ -109,7 +110,7 @@ class Pusher:
         except FileNotFoundError:
             raise WalSourceError(f"WAL file '{path}' does not exist") from None
         except OSError as exc:
-            raise WalSourceError(f"cannot read WAL file '{path}': {_reason(exc)}") from None
+            raise WalSourceError(f"cannot read WAL file '{path}': {os_reason(exc)}") from None
         with source:
             try:
                 st = os.fstat(source.fileno())
@@ -127,7 +128,7 @@ class Pusher:
                 except ObjectExists:
                     return self._compare(source, path, wal, st)
             except OSError as exc:
-                raise WalSourceError(f"cannot read WAL file '{path}': {_reason(exc)}") from None
+                raise WalSourceError(f"cannot read WAL file '{path}': {os_reason(exc)}") from None
         return PushResult(
             wal.name,
             wal.key,
@@ -181,7 +182,3 @@ class Pusher:
                 " this repository; give it its own repository",
             )
         return PushResult(wal.name, wal.key, False, st.st_size, 0, local, file_identity(st))
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
+from drkit.fsutil import fsync_dir, os_reason
 from drkit.wal.config import WalConfig
 from drkit.wal.errors import AsyncPushError, WalSourceError
 from drkit.wal.names import file_identity, is_wal_name
@@ -68,7 +69,7 @@ class Spool:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise DrkitError(
-                f"cannot create the WAL spool directory '{self.path}': {_reason(exc)}",
+                f"cannot create the WAL spool directory '{self.path}': {os_reason(exc)}",
                 hint="set [archive] spool_path to a directory the PostgreSQL user owns",
             ) from None
 
@@ -86,7 +87,7 @@ class Spool:
         finally:
             os.close(fd)
         os.rename(temporary, final)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def take(self, name: str, identity: str) -> tuple[str, str] | None:
         """Consume the status of ``name``: ("ok", text) or ("error", text), or None."""
@@ -351,18 +352,6 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower()
 
 
 def replicate_wal(config: WalConfig) -> None:
