@@ -70,8 +70,6 @@ class BackupOperation:
         self.progress = progress or NoProgress()
 
     def run(self) -> BackupResult:
-        started = time.monotonic()
-        start_time = datetime.now(UTC)
         repo = open_repository(self.settings)
         with (
             PgSession(self.settings.postgres) as session,
@@ -82,61 +80,48 @@ class BackupOperation:
             repo.check(cluster.system_identifier)
             removed = self._remove_leftovers(repo)
             parent, notice = self._choose_parent(repo, cluster)
-            label = self._new_label(repo, parent)
+            taken = _Taken(self._new_label(repo, parent), parent, cluster)
             data_key = repo.keys.new_data_key()
 
             # Start the backup, keeping its WAL in pg_wal until we have copied it
             session.reserve_wal()
-            start_lsn = session.start_backup(
-                str(label), self.settings.backup.start_fast, cluster.version_num
+            taken.start_lsn = session.start_backup(
+                str(taken.label), self.settings.backup.start_fast, cluster.version_num
             )
-            tablespaces = session.tablespaces()
+            taken.tablespaces = session.tablespaces()
             copier = FileCopier(
                 repo,
-                label,
+                taken.label,
                 data_key.plaintext,
                 self.settings.backup,
                 self.progress,
-                page_check_lsn=start_lsn if cluster.data_checksums else None,
+                page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
             )
 
             # Copy PGDATA and tablespaces: whole files, changed pages, or references to the parent
-            listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-            sources, unchanged = plan_sources(listing, cluster, parent)
-            self.progress.start(f"backup {label}", sum(s.size for s in sources))
-            data = copier.copy(sources)
-            data.files += unchanged
+            taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
+            sources, unchanged = plan_sources(taken.listing, cluster, parent)
+            self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
+            taken.add(copier.copy(sources))
+            taken.copied.files += unchanged
 
             # Stop the backup and copy the WAL that makes it consistent
-            stop = session.stop_backup(cluster.version_num)
-            wal = copier.copy(self._wal_sources(cluster, start_lsn, stop))
+            taken.stop = session.stop_backup(cluster.version_num)
+            taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
             self.progress.stop()
 
             # Complete the backup: key record, then the manifest (which makes it visible)
-            key_record = repo.write_key_record(label, data_key.record)
-            manifest = self._manifest(
-                label,
-                parent,
-                cluster,
-                start_lsn,
-                stop,
-                tablespaces,
-                listing,
-                data,
-                wal,
-                key_record,
-                start_time,
-                time.monotonic() - started,
-            )
+            key_record = repo.write_key_record(taken.label, data_key.record)
+            manifest = self._manifest(taken, key_record)
             repo.write_manifest(manifest, data_key.plaintext)
-        warnings = data.warnings + wal.warnings
+        warnings = taken.copied.warnings
 
         # Fan out: copies for the other repositories, made from the primary's objects
-        copies = ReplicateOperation(self.settings, [label]).run()
+        copies = ReplicateOperation(self.settings, [taken.label]).run()
         for failed in copies.repos:
             if failed.error is not None:
                 warnings.append(
-                    f"backup {label} is not yet copied to repository '{failed.repo}':"
+                    f"backup {taken.label} is not yet copied to repository '{failed.repo}':"
                     f" {failed.error} (run 'drkit replicate' when it is back)"
                 )
         return BackupResult(manifest, warnings, [str(x) for x in removed], notice, copies)
@@ -240,35 +225,23 @@ class BackupOperation:
             )
         return sources
 
-    def _manifest(
-        self,
-        label: BackupLabel,
-        parent: Manifest | None,
-        cluster: ClusterInfo,
-        start_lsn: int,
-        stop: BackupStop,
-        tablespaces: list[Tablespace],
-        listing: PgdataListing,
-        data: CopyResult,
-        wal: CopyResult,
-        key_record: str,
-        start_time: datetime,
-        duration: float,
-    ) -> Manifest:
-        files = sorted(data.files + wal.files, key=lambda f: f.path)
-        objects = sorted(data.objects + wal.objects, key=lambda o: o.key)
+    def _manifest(self, taken: _Taken, key_record: str) -> Manifest:
+        assert taken.stop is not None and taken.listing is not None
+        cluster, stop, parent = taken.cluster, taken.stop, taken.parent
+        files = sorted(taken.copied.files, key=lambda f: f.path)
+        objects = sorted(taken.copied.objects, key=lambda o: o.key)
         segment_size = cluster.wal_segment_size
-        wal_names = segments_between(stop.timeline, start_lsn, stop.lsn, segment_size)
+        wal_names = segments_between(stop.timeline, taken.start_lsn, stop.lsn, segment_size)
         pg_stat = os.stat(self.settings.postgres.pgdata)
         return Manifest(
-            label=str(label),
-            type=label.type.value,
+            label=str(taken.label),
+            type=taken.label.type.value,
             parent=parent.label if parent else None,
-            chain=[*(parent.chain if parent else []), str(label)],
+            chain=[*(parent.chain if parent else []), str(taken.label)],
             drkit_version=__version__,
-            start_time=start_time,
+            start_time=taken.start_time,
             stop_time=datetime.now(UTC),
-            start_lsn=format_lsn(start_lsn),
+            start_lsn=format_lsn(taken.start_lsn),
             stop_lsn=format_lsn(stop.lsn),
             stop_next_xid=stop.next_xid,
             timeline=stop.timeline,
@@ -283,19 +256,40 @@ class BackupOperation:
             group=_group_name(pg_stat.st_gid),
             tablespaces=[
                 TablespaceEntry(oid=t.oid, name=t.name, location=str(t.location))
-                for t in tablespaces
+                for t in taken.tablespaces
             ],
-            directories=[DirEntry(path=d.path, mode=d.mode) for d in listing.dirs],
-            links=[LinkEntry(path=link.path, target=link.target) for link in listing.links],
+            directories=[DirEntry(path=d.path, mode=d.mode) for d in taken.listing.dirs],
+            links=[LinkEntry(path=link.path, target=link.target) for link in taken.listing.links],
             files=files,
             objects=objects,
             stats=BackupStats(
                 files=len(files),
                 size=sum(f.size for f in files),
                 stored=sum(o.size for o in objects),
-                duration_s=round(duration, 3),
+                duration_s=round(time.monotonic() - taken.started, 3),
             ),
         )
+
+
+@dataclass
+class _Taken:
+    """What a backup in progress has gathered so far, for its manifest."""
+
+    label: BackupLabel
+    parent: Manifest | None
+    cluster: ClusterInfo
+    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.monotonic)
+    start_lsn: int = 0
+    tablespaces: list[Tablespace] = field(default_factory=list)
+    listing: PgdataListing | None = None
+    stop: BackupStop | None = None
+    copied: CopyResult = field(default_factory=CopyResult)
+
+    def add(self, result: CopyResult) -> None:
+        self.copied.files += result.files
+        self.copied.objects += result.objects
+        self.copied.warnings += result.warnings
 
 
 def _tablespace_dir(cluster: ClusterInfo) -> str:
