@@ -128,18 +128,24 @@ def build_source(bench: Bench, profile: str) -> PgCluster:
         cluster.run_bin("pgbench", "-i", "-q", "-s", scale, timeout=3600)
     else:
         cluster.run_bin("pgbench", "-i", "-q", "-s", scale, "-I", "dt")
-        cluster.psql(RANDOM_ACCOUNTS_SQL.format(scale=bench.scale))
+        long_sql(cluster, RANDOM_ACCOUNTS_SQL.format(scale=bench.scale))
         cluster.run_bin("pgbench", "-i", "-q", "-s", scale, "-I", "vp", timeout=3600)
     # A little traffic, so balances and history are not all zero.
     cluster.run_bin("pgbench", "-n", "-c", "2", "-j", "2", "-t", "2500", timeout=3600)
-    cluster.psql("VACUUM ANALYZE")
-    cluster.psql("CHECKPOINT")
+    long_sql(cluster, "VACUUM ANALYZE")
+    long_sql(cluster, "CHECKPOINT")
     print(f"  built {profile} database at scale {bench.scale} in {time.monotonic() - started:.0f}s")
     return cluster
 
 
+def long_sql(cluster: PgCluster, sql: str) -> str:
+    """``cluster.psql`` without its 5-minute limit, for statements that grow with the scale."""
+    args = ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"]
+    return cluster.run_bin("psql", *args, input=sql, timeout=6 * 3600).stdout.rstrip("\n")
+
+
 def summary(cluster: PgCluster) -> str:
-    return cluster.psql(SUMMARY_SQL)
+    return long_sql(cluster, SUMMARY_SQL)
 
 
 # -- restoring and starting ----------------------------------------------------------------------
@@ -162,8 +168,9 @@ def start_until_promoted(cluster: PgCluster) -> float:
     return time.monotonic() - started
 
 
-def measure_backup(bench: Bench, tool: str, source: PgCluster, cmd: list[str],
-                   stored: Path) -> Measurement:
+def measure_backup(
+    bench: Bench, tool: str, source: PgCluster, cmd: list[str], stored: Path
+) -> Measurement:
     """Run a backup command; ``stored`` is what it wrote (a repository, a file)."""
     bench.prepare_step()
     machine_before = machine_busy_seconds()
@@ -182,8 +189,9 @@ def measure_backup(bench: Bench, tool: str, source: PgCluster, cmd: list[str],
     )
 
 
-def measure_restore(bench: Bench, tool: str, cmd: list[str], target: PgCluster,
-                    expected: str) -> Measurement:
+def measure_restore(
+    bench: Bench, tool: str, cmd: list[str], target: PgCluster, expected: str
+) -> Measurement:
     """Run a restore command into ``target``, start it until promoted, check its data, remove it."""
     bench.prepare_step()
     machine_before = machine_busy_seconds()
@@ -213,18 +221,26 @@ def measure_restore(bench: Bench, tool: str, cmd: list[str], target: PgCluster,
 
 def bench_drkit(bench: Bench, source: PgCluster, expected: str) -> list[Measurement]:
     workdir = make_rig_dir(bench.root, "drkit-")
-    dk = Drkit(source, workdir, backup={"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL,
-                                        "start_fast": True})
+    dk = Drkit(
+        source,
+        workdir,
+        backup={"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True},
+    )
     dk.ok("init")
     config = ["--config", str(dk.config)]
 
-    backup = measure_backup(bench, "drkit", source,
-                            [str(DRKIT), "backup", "--type", "full", *config], dk.repo_path)
+    backup = measure_backup(
+        bench, "drkit", source, [str(DRKIT), "backup", "--type", "full", *config], dk.repo_path
+    )
 
     target = empty_target(bench, "drkit-restored")
-    restore = measure_restore(bench, "drkit",
-                              [str(DRKIT), "restore", "--pgdata", str(target.pgdata), *config],
-                              target, expected)
+    restore = measure_restore(
+        bench,
+        "drkit",
+        [str(DRKIT), "restore", "--pgdata", str(target.pgdata), *config],
+        target,
+        expected,
+    )
     shutil.rmtree(workdir, ignore_errors=True)
     return [backup, restore]
 
@@ -243,16 +259,17 @@ def bench_basebackup(bench: Bench, source: PgCluster, expected: str) -> list[Mea
         f" -Ft -X fetch -c fast -D - | zstd -{ZSTD_LEVEL} -T{PROCESS_MAX} -q -o {archive}"
         f" && sync {archive}"
     )
-    backup = measure_backup(bench, "pg_basebackup+zstd", source, ["bash", "-c", backup_cmd],
-                            archive)
+    backup = measure_backup(
+        bench, "pg_basebackup+zstd", source, ["bash", "-c", backup_cmd], archive
+    )
 
     target = empty_target(bench, "basebackup-restored")
     restore_cmd = (
-        "set -o pipefail; "
-        f"zstd -d -q -c {archive} | tar -x -f - -C {target.pgdata} && sync"
+        f"set -o pipefail; zstd -d -q -c {archive} | tar -x -f - -C {target.pgdata} && sync"
     )
-    restore = measure_restore(bench, "pg_basebackup+zstd", ["bash", "-c", restore_cmd], target,
-                              expected)
+    restore = measure_restore(
+        bench, "pg_basebackup+zstd", ["bash", "-c", restore_cmd], target, expected
+    )
     archive.unlink()
     return [backup, restore]
 
@@ -293,8 +310,16 @@ class PgBackRest:
 
     def command(self, *args: str) -> list[str]:
         """A pgbackrest command line, run as the postgres user."""
-        return ["runuser", "-u", "postgres", "--", "pgbackrest", f"--config={self.config}",
-                "--stanza=bench", *args]
+        return [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "pgbackrest",
+            f"--config={self.config}",
+            "--stanza=bench",
+            *args,
+        ]
 
     def setup(self, source: PgCluster) -> None:
         """Create the stanza, archive WAL into it, and check that archiving works."""
@@ -308,13 +333,15 @@ class PgBackRest:
 def bench_pgbackrest(bench: Bench, source: PgCluster, expected: str) -> list[Measurement]:
     pgbr = PgBackRest(bench, source)
     pgbr.setup(source)
-    backup = measure_backup(bench, "pgBackRest", source,
-                            pgbr.command("backup", "--type=full"), pgbr.repo)
+    backup = measure_backup(
+        bench, "pgBackRest", source, pgbr.command("backup", "--type=full"), pgbr.repo
+    )
 
     target = empty_target(bench, "pgbackrest-restored")
     # Recover only to consistency and promote, as the other two restores do.
-    restore_cmd = pgbr.command(f"--pg1-path={target.pgdata}", "--type=immediate",
-                               "--target-action=promote", "restore")
+    restore_cmd = pgbr.command(
+        f"--pg1-path={target.pgdata}", "--type=immediate", "--target-action=promote", "restore"
+    )
     restore = measure_restore(bench, "pgBackRest", restore_cmd, target, expected)
     # Later backups need no archive: stop archiving into the repository we are about to remove.
     source.set_conf({"archive_command": "/bin/true"})
@@ -361,13 +388,23 @@ def print_table(profile: str, scale: int, db_bytes: int, results: list[Measureme
     lines = [["", *TOOLS, "drkit/pgbb", "drkit/pgbr"]]
     for label, step, value in ROWS:
         drkit, pgbb, pgbr = (value(by[(tool, step)]) for tool in TOOLS)
-        lines.append([label, number(drkit), number(pgbb), number(pgbr),
-                      ratio(drkit, pgbb), ratio(drkit, pgbr)])
+        lines.append(
+            [
+                label,
+                number(drkit),
+                number(pgbb),
+                number(pgbr),
+                ratio(drkit, pgbb),
+                ratio(drkit, pgbr),
+            ]
+        )
     sizes = [by[(tool, "backup")].size_bytes for tool in TOOLS]
-    lines.append(["compression (database / backup)", *(f"{db_bytes / s:.2f}x" for s in sizes),
-                  "", ""])
-    lines.append(["restored data equals source", *(by[(t, "restore")].verified for t in TOOLS),
-                  "", ""])
+    lines.append(
+        ["compression (database / backup)", *(f"{db_bytes / s:.2f}x" for s in sizes), "", ""]
+    )
+    lines.append(
+        ["restored data equals source", *(by[(t, "restore")].verified for t in TOOLS), "", ""]
+    )
 
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     print(f"\nprofile {profile}, scale {scale}, databases {db_bytes / MiB:.0f} MiB")
@@ -384,10 +421,12 @@ def drkit_version() -> str:
     """drkit's version and the git commit benchmarked (with "+changes" for a dirty tree)."""
     version = subprocess.run([str(DRKIT), "--version"], capture_output=True, text=True).stdout
     git = ["git", "-C", str(REPO_ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "drkit"], capture_output=True,
-                           text=True).stdout.strip()
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "drkit"], capture_output=True, text=True
+    ).stdout.strip()
     return f"{version.strip()} at {commit or '?'}{' +changes in drkit/' if dirty else ''}"
 
 
@@ -395,12 +434,15 @@ def drkit_version() -> str:
 
 
 def print_step(m: Measurement) -> None:
-    print(f"    {m.step}: {m.wall_s:.2f}s wall, CPU {m.cpu_s:.2f}s tool"
-          f" + {m.server_cpu_s:.2f}s server ({m.machine_cpu_s:.2f}s whole machine),"
-          f" {m.max_rss_mib:.0f} MiB RSS"
-          + (f", {m.size_bytes / MiB:.1f} MiB stored" if m.size_bytes else "")
-          + (f", data {m.verified}" if m.verified else "")
-          + (" NOISY: other work ran on the machine" if m.noisy else ""), flush=True)
+    print(
+        f"    {m.step}: {m.wall_s:.2f}s wall, CPU {m.cpu_s:.2f}s tool"
+        f" + {m.server_cpu_s:.2f}s server ({m.machine_cpu_s:.2f}s whole machine),"
+        f" {m.max_rss_mib:.0f} MiB RSS"
+        + (f", {m.size_bytes / MiB:.1f} MiB stored" if m.size_bytes else "")
+        + (f", data {m.verified}" if m.verified else "")
+        + (" NOISY: other work ran on the machine" if m.noisy else ""),
+        flush=True,
+    )
 
 
 def run_profile(bench: Bench, profile: str, keep: bool, retries: int) -> dict[str, object]:
@@ -410,8 +452,11 @@ def run_profile(bench: Bench, profile: str, keep: bool, retries: int) -> dict[st
     db_bytes = int(source.psql("SELECT sum(pg_database_size(datname)) FROM pg_database"))
     print(f"  source data: {expected}")
     results: list[Measurement] = []
-    for name, step in (("drkit", bench_drkit), ("pg_basebackup+zstd", bench_basebackup),
-                       ("pgBackRest", bench_pgbackrest)):
+    for name, step in (
+        ("drkit", bench_drkit),
+        ("pg_basebackup+zstd", bench_basebackup),
+        ("pgBackRest", bench_pgbackrest),
+    ):
         print(f"  {name} ...", flush=True)
         for attempt in range(retries + 1):
             measured = step(bench, source, expected)
@@ -424,12 +469,18 @@ def run_profile(bench: Bench, profile: str, keep: bool, retries: int) -> dict[st
     print_table(profile, bench.scale, db_bytes, results)
     noisy = [f"{m.tool} {m.step}" for m in results if m.noisy]
     if noisy:
-        print(f"WARNING: other work used the CPUs during: {', '.join(noisy)}; rerun on an idle"
-              " machine before trusting those numbers")
+        print(
+            f"WARNING: other work used the CPUs during: {', '.join(noisy)}; rerun on an idle"
+            " machine before trusting those numbers"
+        )
     if not keep:
         source.cleanup()
-    return {"profile": profile, "scale": bench.scale, "database_bytes": db_bytes,
-            "results": [asdict(m) for m in results]}
+    return {
+        "profile": profile,
+        "scale": bench.scale,
+        "database_bytes": db_bytes,
+        "results": [asdict(m) for m in results],
+    }
 
 
 def main() -> int:
@@ -437,11 +488,19 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale (default 50)")
     parser.add_argument("--profile", choices=("stock", "random", "both"), default="both")
     parser.add_argument("--keep", action="store_true", help="keep clusters and files")
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                        help="where the scratch directory is made (default /var/tmp)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="where the scratch directory is made (default /var/tmp)",
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements to this file")
-    parser.add_argument("--retries", type=int, default=3,
-                        help="measure a tool again when other work disturbed it (default 3)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="measure a tool again when other work disturbed it (default 3)",
+    )
     args = parser.parse_args()
 
     if os.geteuid() != 0:
@@ -455,7 +514,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="drkit-bench-", dir=args.workdir))
     root.chmod(0o755)
     bench = Bench(root, args.scale)
-    print(f"scratch directory {root}; {os.cpu_count()} CPUs; drkit {drkit_version()}")
+    print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
     if bench.cache_drop_works:
         print(f"page cache dropped before each measured step (Cached now {cached_mib():.0f} MiB)")
     else:
@@ -472,8 +531,9 @@ def main() -> int:
             stop_clusters_under(root)
             shutil.rmtree(root, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps({"cache_dropped": bench.cache_drop_works,
-                                         "profiles": report}, indent=2))
+        args.json.write_text(
+            json.dumps({"cache_dropped": bench.cache_drop_works, "profiles": report}, indent=2)
+        )
     return 0
 
 

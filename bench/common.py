@@ -71,8 +71,9 @@ class CommandFailed(RuntimeError):
     pass
 
 
-def run_measured(cmd: list[str], *, log: Path, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> RunResult:
+def run_measured(
+    cmd: list[str], *, log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> RunResult:
     """Run ``cmd`` to completion with stdout+stderr appended to ``log``; raise on non-zero exit.
 
     The command runs under GNU time, which reports the ``wait4`` usage of the command for us. We
