@@ -29,6 +29,9 @@ from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
 
 READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whole pages
+# A file this large would keep one worker busy long after the others ran out of work (a big
+# table is most of a database): zstd then compresses it on every core.
+MULTITHREAD_ABOVE = 64 * 1024 * 1024
 
 
 class SourceStream(Protocol):
@@ -171,6 +174,7 @@ class FileCopier:
             file_context(str(self._label), src.path),
             compress_level=self._settings.compress_level,
             segment_size=self._settings.segment_size,
+            compress_threads=self._settings.process_max if src.size >= MULTITHREAD_ABOVE else 0,
         )
         check = src.page_check_segment is not None and self._page_check_lsn is not None
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES
