@@ -110,6 +110,7 @@ class FileWriter:
             self._chain.deks[owner],
             owner,
             consume,
+            check_object=False,
         )
         for outcome in outcomes:
             if outcome.error is not None:
