@@ -336,3 +336,21 @@ def test_two_restores_at_once(pg: PgCluster, workdir: Path) -> None:
         restored = start_restored(workdir / name, pg.version, workdir)
         assert database_checksums(restored) == source
         restored.stop()
+
+
+def test_init_checks_the_cluster_and_is_idempotent(pg: PgCluster, workdir: Path) -> None:
+    dk = Drkit(pg, workdir)
+    first = dk.ok("init")
+    assert "ok: data checksums are on" in first.stdout
+    assert "notice: WAL archiving is off" in first.stdout
+    assert "drkit wal-push %p" in first.stdout
+    assert "key provider 'keyfile' works" in first.stdout
+    assert "repository 'local': created" in first.stdout
+    assert "repository 'local': exists" in dk.ok("init").stdout
+
+    pg.set_conf({"wal_level": "minimal", "max_wal_senders": 0, "archive_mode": "off"})
+    pg.restart()
+    result = dk.run("init")
+    assert result.exit_code == 4
+    assert "wal_level is 'minimal'" in result.stderr and "HINT:" in result.stderr
+    assert dk.run("backup").exit_code == 4
