@@ -30,7 +30,9 @@ CREATE MATERIALIZED VIEW owners_per_bucket AS
   SELECT balance::int % 10 AS bucket, count(*) FROM accounts GROUP BY 1;
 CREATE SEQUENCE counter START 41;
 SELECT nextval('counter');
+SELECT lo_from_bytea(424242, convert_to(repeat('large object ', 50000), 'UTF8'));
 """
+LARGE_OBJECT = "SELECT md5(lo_get(424242))"
 
 
 def populate(cluster: PgCluster, tablespace: Path | None = None) -> None:
@@ -63,6 +65,7 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
     label = json.loads(backup.stdout)["label"]
     source = database_checksums(pg)
     sequence = pg.psql("SELECT last_value FROM counter")
+    large_object = pg.psql(LARGE_OBJECT)
 
     # The source moves on after the backup; the restore must show the backup's state.
     pg.psql("UPDATE accounts SET balance = 0 WHERE id < 500; DROP TABLE small")
@@ -81,6 +84,7 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
     restored = start_restored(target, pg.version, workdir)
     assert database_checksums(restored) == source
     assert restored.psql("SELECT last_value FROM counter") == sequence
+    assert restored.psql(LARGE_OBJECT) == large_object
     # Unlogged tables come back empty (PostgreSQL resets them from their init fork).
     assert restored.psql("SELECT count(*) FROM scratch") == "0"
     location = restored.psql(
@@ -354,3 +358,34 @@ def test_init_checks_the_cluster_and_is_idempotent(pg: PgCluster, workdir: Path)
     assert result.exit_code == 4
     assert "wal_level is 'minimal'" in result.stderr and "HINT:" in result.stderr
     assert dk.run("backup").exit_code == 4
+
+
+def test_truncated_object_is_reported_and_never_restored(pg: PgCluster, workdir: Path) -> None:
+    pg.psql(SCHEMA)
+    dk = Drkit(pg, workdir, backup={"bundle_limit": 64 * 1024})
+    dk.ok("init")
+    label = json.loads(dk.ok("backup", "--json").stdout)["label"]
+    data = dk.repo_path / "backup" / label / "data"
+    victim = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    victim.chmod(0o600)
+    os.truncate(victim, victim.stat().st_size // 2)
+
+    report = json.loads(dk.run("verify", "--json").stdout)
+    assert not report["ok"]
+    [damaged] = report["backups"][0]["damaged"]
+    assert damaged["path"].startswith("base/")
+    target = workdir / "restored"
+    result = dk.run("restore", "--pgdata", str(target))
+    assert result.exit_code == 13 and damaged["path"] in result.stderr
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_missing_repository_gives_clear_errors(pg: PgCluster, workdir: Path) -> None:
+    dk = Drkit(pg, workdir)  # never initialized
+    for args in (["backup"], ["info"], ["verify"], ["restore", "--pgdata", str(workdir / "r")]):
+        result = dk.run(*args)
+        assert result.exit_code == 6, (args, result.output)
+        assert "repository 'local' is not initialized" in result.stderr
+        assert "HINT: run 'drkit init' first" in result.stderr
+        assert "Traceback" not in result.output
+    assert not (workdir / "r").exists()

@@ -1,0 +1,300 @@
+"""Incremental backups: size and time against the full, against pgBackRest's incr, chain restore.
+
+Run as root (see bench/README.md for what is needed):
+
+    .venv/bin/python bench/bench_incr.py --scale 50 [--segments] [--keep]
+
+On one pgbench database (random-filler profile, built by bench_full.build_source) it measures:
+
+(a) a full backup, then ~1% of the pages changed (aid 1..scale*1000 updated, 1% more rows
+    appended) and an incr backup: stored bytes (repository growth) and wall time against the full's;
+(b) after ordinary pgbench churn, drkit's incr against pgBackRest's (file-level) incr, both taken
+    of the same state: bytes each added to its backup directory;
+(c) the chain grows to 5 members (full + 4 incr, churn between); restoring its last member is
+    timed against restoring a full backup of the same final state; both restores are checked;
+(d) with --segments (use --scale 100 or more): pgbench_accounts spans 2+ segment files; a full,
+    changes in the first and last segment, an incr, and the incr restored and checked.
+
+It prints a table with the ratios and PASS/FAIL per target of issue 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the rig)
+    DRKIT,
+    PROCESS_MAX,
+    ZSTD_LEVEL,
+    Bench,
+    PgBackRest,
+    build_source,
+    drkit_version,
+    empty_target,
+    long_sql,
+    measure_backup,
+    measure_restore,
+    summary,
+)
+from common import Measurement, MiB, cached_mib, run_measured, tree_size  # noqa: E402
+from rig.drkit import Drkit  # noqa: E402
+from rig.postgres import PgCluster, make_rig_dir, stop_clusters_under  # noqa: E402
+
+CHURN_SECONDS = 30  # set by --churn
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    what: str
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+# -- drkit ---------------------------------------------------------------------------------------
+
+
+class DrkitRepo:
+    """drkit with a local repository for the source; backups run as a measured subprocess."""
+
+    def __init__(self, bench: Bench, source: PgCluster) -> None:
+        self.bench = bench
+        self.source = source
+        self.dir = make_rig_dir(bench.root, "drkit-")
+        self.dk = Drkit(
+            source,
+            self.dir,
+            backup={"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True},
+        )
+        self.dk.write_config(retention={"full": 100})  # nothing pruned during the benchmark
+        self.dk.ok("init")
+        self.config = ["--config", str(self.dk.config)]
+
+    def backup(self, kind: str) -> tuple[Measurement, str]:
+        """A measured backup; size_bytes is what the repository grew by. Returns its label."""
+        before = tree_size(self.dk.repo_path)
+        m = measure_backup(
+            self.bench,
+            "drkit",
+            self.source,
+            [str(DRKIT), "backup", "--type", kind, *self.config],
+            self.dk.repo_path,
+        )
+        m.size_bytes -= before
+        m.step = f"backup {kind}"
+        newest = self.dk.info()["backups"][-1]
+        assert newest["type"] == kind, newest
+        return m, newest["label"]
+
+    def restore(self, label: str, name: str, expected: str) -> Measurement:
+        target = empty_target(self.bench, name)
+        cmd = [str(DRKIT), "restore", "--pgdata", str(target.pgdata), "--backup", label]
+        return measure_restore(self.bench, "drkit", [*cmd, *self.config], target, expected)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def change_one_percent(bench: Bench, source: PgCluster, first_aid: int = 1) -> None:
+    """Update a contiguous 1% of pgbench_accounts and append 1% more rows."""
+    n = bench.scale * 1000  # 1% of scale * 100000 rows
+    top = int(long_sql(source, "SELECT max(aid) FROM pgbench_accounts"))
+    long_sql(
+        source,
+        f"UPDATE pgbench_accounts SET abalance = abalance + 1"
+        f" WHERE aid BETWEEN {first_aid} AND {first_aid + n - 1};"
+        f"INSERT INTO pgbench_accounts (aid, bid, abalance, filler)"
+        f" SELECT aid, 1, 0, substr(md5(random()::text) || md5(random()::text), 1, 84)"
+        f" FROM generate_series({top + 1}, {top + n}) aid;"
+        "CHECKPOINT",
+    )
+
+
+def churn(source: PgCluster, seconds: int | None = None) -> None:
+    """Ordinary pgbench traffic: random accounts, so many pages are touched."""
+    source.run_bin("pgbench", "-n", "-c", "2", "-j", "2", "-T", str(seconds or CHURN_SECONDS), timeout=3600)
+    long_sql(source, "CHECKPOINT")
+
+
+def pgbackrest_backup_bytes(pgbr: PgBackRest) -> int:
+    """Size of pgBackRest's backup directory (its WAL archive is not counted)."""
+    return tree_size(pgbr.repo / "backup")
+
+
+def step_a(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> str:
+    print("(a) full, 1% change, incr", flush=True)
+    full, _ = drkit.backup("full")
+    print_m(full)
+    change_one_percent(bench, source)
+    incr, label = drkit.backup("incr")
+    print_m(incr)
+    size, time_ = incr.size_bytes / full.size_bytes, incr.wall_s / full.wall_s
+    rows += [
+        Row("(a) full backup: wall / stored", f"{full.wall_s:.1f} s / {mib(full.size_bytes)}"),
+        Row("(a) incr after 1% change: wall / stored", f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}"),
+        Row("(a) incr stored / full stored", f"{size:.1%}", "<= 5%", size <= 0.05),
+        Row("(a) incr wall / full wall", f"{time_:.1%}", "<= 30%", time_ <= 0.30),
+    ]
+    return label
+
+
+def step_b(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> str:
+    print(f"(b) pgBackRest full, {CHURN_SECONDS}s pgbench churn, drkit incr vs pgBackRest incr")
+    pgbr = PgBackRest(bench, source)
+    pgbr.setup(source)
+    run_measured(pgbr.command("backup", "--type=full"), log=bench.log, cwd=pgbr.dir)
+    churn(source)
+    incr, label = drkit.backup("incr")
+    print_m(incr)
+    before = pgbackrest_backup_bytes(pgbr)
+    pgbr_incr = measure_backup(
+        bench, "pgBackRest", source, pgbr.command("backup", "--type=incr"), pgbr.repo
+    )
+    pgbr_bytes = pgbackrest_backup_bytes(pgbr) - before
+    print(f"    pgBackRest incr: {pgbr_incr.wall_s:.2f}s wall, {mib(pgbr_bytes)} stored")
+    ratio = incr.size_bytes / pgbr_bytes
+    rows += [
+        Row("(b) drkit incr after churn: wall / stored", f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}"),
+        Row("(b) pgBackRest incr: wall / stored", f"{pgbr_incr.wall_s:.1f} s / {mib(pgbr_bytes)}"),
+        Row("(b) drkit incr stored / pgBackRest incr stored", f"{ratio:.1%}", "<= 50%", ratio <= 0.5),
+    ]
+    source.set_conf({"archive_command": "/bin/true"})
+    source.reload()
+    shutil.rmtree(pgbr.dir, ignore_errors=True)
+    return label
+
+
+def step_c(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> None:
+    print("(c) chain of 5 (full + 4 incr) restored vs a full of the same state", flush=True)
+    members = len([b for b in drkit.dk.info()["backups"]])  # full + the incr of (a) and (b)
+    label = ""
+    while members < 5:
+        churn(source, max(1, CHURN_SECONDS // 3))
+        m, label = drkit.backup("incr")
+        print_m(m)
+        members += 1
+    expected = summary(source)
+    chain = drkit.restore(label, "chain-restored", expected)
+    print_m(chain)
+    _full, full_label = drkit.backup("full")
+    full = drkit.restore(full_label, "full-restored", expected)
+    print_m(full)
+    factor = chain.wall_s / full.wall_s
+    rows += [
+        Row("(c) restore 5-member chain -> promoted", f"{chain.wall_s:.1f} s, data {chain.verified}", "", chain.verified == "ok"),
+        Row("(c) restore full of same state -> promoted", f"{full.wall_s:.1f} s, data {full.verified}", "", full.verified == "ok"),
+        Row("(c) chain restore / full restore", f"{factor:.2f}x", "<= 1.3x", factor <= 1.3),
+    ]
+
+
+def step_d(bench: Bench, source: PgCluster, rows: list[Row]) -> None:
+    print("(d) relation over several segment files: full, change first+last segment, incr")
+    relpath = long_sql(source, "SELECT pg_relation_filepath('pgbench_accounts')")
+    base = source.pgdata / relpath
+    segments = [base] + sorted(base.parent.glob(base.name + ".[0-9]*"))
+    drkit = DrkitRepo(bench, source)
+    drkit.backup("full")
+    change_one_percent(bench, source)  # updates aid 1.. (segment 0); new versions + rows at the end
+    top = int(long_sql(source, "SELECT max(aid) FROM pgbench_accounts"))
+    long_sql(source, f"UPDATE pgbench_accounts SET abalance = abalance - 3 WHERE aid > {top - 5000};"
+             "CHECKPOINT")  # rows in the last segment
+    m, label = drkit.backup("incr")
+    print_m(m)
+    expected = summary(source)
+    restored = drkit.restore(label, "segments-restored", expected)
+    print_m(restored)
+    rows += [
+        Row("(d) pgbench_accounts segment files", f"{len(segments)} ({relpath}*)", ">= 2", len(segments) >= 2),
+        Row("(d) incr over 2+ segments restored, data", restored.verified, "ok", restored.verified == "ok"),
+    ]
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def print_m(m: Measurement) -> None:
+    print(
+        f"    {m.tool} {m.step}: {m.wall_s:.2f}s wall, CPU {m.cpu_s:.2f}s"
+        + (f", {mib(m.size_bytes)} stored" if m.size_bytes else "")
+        + (f", data {m.verified}" if m.verified else "")
+        + (" NOISY" if m.noisy else ""),
+        flush=True,
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    lines = [["", "measured", "target", ""]] + [[r.what, r.value, r.target, r.verdict] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    for n, line in enumerate(lines):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, default=50)
+    parser.add_argument("--segments", action="store_true", help="only step (d); use --scale 100")
+    parser.add_argument("--churn", type=int, default=30, help="seconds of pgbench churn in (b)")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("run as root")
+
+    global CHURN_SECONDS
+    CHURN_SECONDS = args.churn
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    root = Path(tempfile.mkdtemp(prefix="drkit-bench-incr-", dir=args.workdir))
+    root.chmod(0o755)
+    bench = Bench(root, args.scale)
+    print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
+    print(f"page cache drop: {bench.cache_drop_works} (Cached {cached_mib():.0f} MiB)")
+    rows: list[Row] = []
+    try:
+        source = build_source(bench, "random")
+        if args.segments:
+            step_d(bench, source, rows)
+        else:
+            drkit = DrkitRepo(bench, source)
+            step_a(bench, source, drkit, rows)
+            step_b(bench, source, drkit, rows)
+            step_c(bench, source, drkit, rows)
+        print(f"\nscale {args.scale}, random profile")
+        print_table(rows)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            stop_clusters_under(root)
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
