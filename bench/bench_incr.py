@@ -6,8 +6,9 @@ Run as root (see bench/README.md for what is needed):
 
 On one pgbench database (random-filler profile, built by bench_full.build_source) it measures:
 
-(a) a full backup, then ~1% of the pages changed (aid 1..scale*1000 updated, 1% more rows
-    appended) and an incr backup: stored bytes (repository growth) and wall time against the full's;
+(a) a full backup, an incr with nothing changed (the fixed cost), then ~1% of the rows changed
+    (aid 1..scale*1000 updated, 1% more rows appended) and an incr backup: stored bytes
+    (repository growth) and wall time against the full's;
 (b) after ordinary pgbench churn, drkit's incr against pgBackRest's (file-level) incr, both taken
     of the same state: bytes each added to its backup directory;
 (c) the chain grows to 5 members (full + 4 incr, churn between); restoring its last member is
@@ -25,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -104,6 +104,40 @@ class DrkitRepo:
         assert newest["type"] == kind, newest
         return m, newest["label"]
 
+    def _own_files(self, label: str) -> tuple[list, list]:  # type: ignore[type-arg]
+        """(every file of the backup, the PGDATA files it stored itself, pg_wal/ left out)."""
+        from drkit.config.settings import load_settings
+        from drkit.repo.label import BackupLabel
+        from drkit.repo.open import open_repository
+
+        repo = open_repository(load_settings(self.dk.config))
+        manifest, _ = repo.load_manifest(BackupLabel(label))
+        files = [f for f in manifest.files if not f.path.startswith("pg_wal/")]
+        return files, [f for f in files if f.backup is None]
+
+    def data_bytes(self, label: str) -> int:
+        """Bytes this backup stored for PGDATA files itself, without its WAL (pg_wal/)."""
+        return sum(f.length for f in self._own_files(label)[1])
+
+    def pages(self, label: str) -> tuple[int, int]:
+        """(8 KiB pages this backup stored itself, pages of all its PGDATA files)."""
+        files, own = self._own_files(label)
+        stored = 0
+        for f in own:
+            if f.pages is None:
+                stored += -(-f.size // 8192)
+            else:
+                stored += sum(end - start for start, end in f.pages)
+        return stored, sum(-(-f.size // 8192) for f in files)
+
+    def pages_row(self, step: str, label: str) -> Row:
+        stored, total = self.pages(label)
+        return Row(
+            f"{step}   pages stored / pages in PGDATA",
+            f"{stored} / {total} ({stored / total:.1%}),"
+            f" {self.data_bytes(label) / max(stored, 1) / 1024:.2f} KiB per page",
+        )
+
     def restore(self, label: str, name: str, expected: str) -> Measurement:
         target = empty_target(self.bench, name)
         cmd = [str(DRKIT), "restore", "--pgdata", str(target.pgdata), "--backup", label]
@@ -130,7 +164,9 @@ def change_one_percent(bench: Bench, source: PgCluster, first_aid: int = 1) -> N
 
 def churn(source: PgCluster, seconds: int | None = None) -> None:
     """Ordinary pgbench traffic: random accounts, so many pages are touched."""
-    source.run_bin("pgbench", "-n", "-c", "2", "-j", "2", "-T", str(seconds or CHURN_SECONDS), timeout=3600)
+    source.run_bin(
+        "pgbench", "-n", "-c", "2", "-j", "2", "-T", str(seconds or CHURN_SECONDS), timeout=3600
+    )
     long_sql(source, "CHECKPOINT")
 
 
@@ -141,16 +177,32 @@ def pgbackrest_backup_bytes(pgbr: PgBackRest) -> int:
 
 def step_a(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> str:
     print("(a) full, 1% change, incr", flush=True)
-    full, _ = drkit.backup("full")
+    full, full_label = drkit.backup("full")
     print_m(full)
+    idle, _ = drkit.backup("incr")  # nothing changed: the fixed cost of an incr
+    print_m(idle)
     change_one_percent(bench, source)
     incr, label = drkit.backup("incr")
     print_m(incr)
     size, time_ = incr.size_bytes / full.size_bytes, incr.wall_s / full.wall_s
     rows += [
         Row("(a) full backup: wall / stored", f"{full.wall_s:.1f} s / {mib(full.size_bytes)}"),
-        Row("(a) incr after 1% change: wall / stored", f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}"),
+        Row(
+            "(a) incr after 1% change: wall / stored",
+            f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}",
+        ),
+        Row(
+            "(a) incr with nothing changed: wall / stored",
+            f"{idle.wall_s:.1f} s / {mib(idle.size_bytes)}"
+            f" ({idle.wall_s / full.wall_s:.1%} of the full's wall)",
+        ),
         Row("(a) incr stored / full stored", f"{size:.1%}", "<= 5%", size <= 0.05),
+        Row(
+            "(a)   same, PGDATA files only (no pg_wal/)",
+            f"{drkit.data_bytes(label) / drkit.data_bytes(full_label):.1%}",
+        ),
+        drkit.pages_row("(a)", full_label),
+        drkit.pages_row("(a)", label),
         Row("(a) incr wall / full wall", f"{time_:.1%}", "<= 30%", time_ <= 0.30),
     ]
     return label
@@ -171,10 +223,18 @@ def step_b(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
     pgbr_bytes = pgbackrest_backup_bytes(pgbr) - before
     print(f"    pgBackRest incr: {pgbr_incr.wall_s:.2f}s wall, {mib(pgbr_bytes)} stored")
     ratio = incr.size_bytes / pgbr_bytes
+    data_ratio = drkit.data_bytes(label) / pgbr_bytes
     rows += [
-        Row("(b) drkit incr after churn: wall / stored", f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}"),
+        Row(
+            "(b) drkit incr after churn: wall / stored",
+            f"{incr.wall_s:.1f} s / {mib(incr.size_bytes)}",
+        ),
         Row("(b) pgBackRest incr: wall / stored", f"{pgbr_incr.wall_s:.1f} s / {mib(pgbr_bytes)}"),
-        Row("(b) drkit incr stored / pgBackRest incr stored", f"{ratio:.1%}", "<= 50%", ratio <= 0.5),
+        Row(
+            "(b) drkit incr stored / pgBackRest incr stored", f"{ratio:.1%}", "<= 50%", ratio <= 0.5
+        ),
+        Row("(b)   same, drkit PGDATA files only (no pg_wal/)", f"{data_ratio:.1%}"),
+        drkit.pages_row("(b)", label),
     ]
     source.set_conf({"archive_command": "/bin/true"})
     source.reload()
@@ -184,7 +244,7 @@ def step_b(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
 
 def step_c(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> None:
     print("(c) chain of 5 (full + 4 incr) restored vs a full of the same state", flush=True)
-    members = len([b for b in drkit.dk.info()["backups"]])  # full + the incr of (a) and (b)
+    members = len(drkit.dk.info()["backups"])  # full + the incr of (a) and (b)
     label = ""
     while members < 5:
         churn(source, max(1, CHURN_SECONDS // 3))
@@ -199,8 +259,18 @@ def step_c(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
     print_m(full)
     factor = chain.wall_s / full.wall_s
     rows += [
-        Row("(c) restore 5-member chain -> promoted", f"{chain.wall_s:.1f} s, data {chain.verified}", "", chain.verified == "ok"),
-        Row("(c) restore full of same state -> promoted", f"{full.wall_s:.1f} s, data {full.verified}", "", full.verified == "ok"),
+        Row(
+            "(c) restore 5-member chain -> promoted",
+            f"{chain.wall_s:.1f} s, data {chain.verified}",
+            "",
+            chain.verified == "ok",
+        ),
+        Row(
+            "(c) restore full of same state -> promoted",
+            f"{full.wall_s:.1f} s, data {full.verified}",
+            "",
+            full.verified == "ok",
+        ),
         Row("(c) chain restore / full restore", f"{factor:.2f}x", "<= 1.3x", factor <= 1.3),
     ]
 
@@ -209,21 +279,45 @@ def step_d(bench: Bench, source: PgCluster, rows: list[Row]) -> None:
     print("(d) relation over several segment files: full, change first+last segment, incr")
     relpath = long_sql(source, "SELECT pg_relation_filepath('pgbench_accounts')")
     base = source.pgdata / relpath
-    segments = [base] + sorted(base.parent.glob(base.name + ".[0-9]*"))
+    segments = [base, *sorted(base.parent.glob(base.name + ".[0-9]*"))]
     drkit = DrkitRepo(bench, source)
     drkit.backup("full")
     change_one_percent(bench, source)  # updates aid 1.. (segment 0); new versions + rows at the end
     top = int(long_sql(source, "SELECT max(aid) FROM pgbench_accounts"))
-    long_sql(source, f"UPDATE pgbench_accounts SET abalance = abalance - 3 WHERE aid > {top - 5000};"
-             "CHECKPOINT")  # rows in the last segment
+    long_sql(
+        source,
+        f"UPDATE pgbench_accounts SET abalance = abalance - 3 WHERE aid > {top - 5000};CHECKPOINT",
+    )  # rows in the last segment
     m, label = drkit.backup("incr")
     print_m(m)
     expected = summary(source)
     restored = drkit.restore(label, "segments-restored", expected)
     print_m(restored)
+    _files, own = drkit._own_files(label)
+    stored = {f.path: f for f in own}
+    for segment in segments:
+        entry = stored.get(str(segment.relative_to(source.pgdata)))
+        kind = (
+            "not stored (unchanged)"
+            if entry is None
+            else "whole file"
+            if entry.pages is None
+            else f"delta, {sum(b - a for a, b in entry.pages)} pages in {len(entry.pages)} ranges"
+        )
+        rows.append(Row(f"(d)   incr's entry for {segment.name}", kind))
     rows += [
-        Row("(d) pgbench_accounts segment files", f"{len(segments)} ({relpath}*)", ">= 2", len(segments) >= 2),
-        Row("(d) incr over 2+ segments restored, data", restored.verified, "ok", restored.verified == "ok"),
+        Row(
+            "(d) pgbench_accounts segment files",
+            f"{len(segments)} ({relpath}*)",
+            ">= 2",
+            len(segments) >= 2,
+        ),
+        Row(
+            "(d) incr over 2+ segments restored, data",
+            restored.verified,
+            "ok",
+            restored.verified == "ok",
+        ),
     ]
 
 
@@ -245,7 +339,9 @@ def print_m(m: Measurement) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    lines = [["", "measured", "target", ""]] + [[r.what, r.value, r.target, r.verdict] for r in rows]
+    lines = [["", "measured", "target", ""]] + [
+        [r.what, r.value, r.target, r.verdict] for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
     for n, line in enumerate(lines):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
