@@ -87,12 +87,22 @@ _MT_JOB_SIZE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """An independently decompressible part of a chunked frame's plaintext (see FrameWriter)."""
+
+    plain_offset: int  # where its plaintext starts in the input
+    payload_offset: int  # where its zstd frame starts in the (compressed) payload
+    plain_sha256: str  # of its plaintext
+
+
+@dataclass(frozen=True)
 class FrameInfo:
-    """What a finished frame holds; the manifest records all three."""
+    """What a finished frame holds; the manifest records all of it."""
 
     plain_size: int  # bytes of original (uncompressed) input
     plain_sha256: str  # hex sha256 of the original input
     stored_size: int  # bytes written to the sink (header + segments)
+    chunks: tuple[Chunk, ...] = ()  # with chunk_size: where each chunk starts
 
 
 class FrameWriter:
@@ -114,9 +124,15 @@ class FrameWriter:
         compress_level: int | None = 3,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         compress_threads: int = 0,
+        chunk_size: int | None = None,
     ) -> None:
         """``compress_threads`` > 0 lets zstd compress one large input on that many threads of
-        its own (the output is an ordinary zstd frame, decoded the same way)."""
+        its own (the output is an ordinary zstd frame, decoded the same way).
+
+        ``chunk_size`` (with compression) ends the zstd frame every ``chunk_size`` bytes of
+        input and starts a new one: the payload is then a series of zstd frames whose offsets
+        FrameInfo.chunks records, so a reader can decode the chunks of one large file in
+        parallel (decode_chunk). The frame format is unchanged; decode_frame reads it whole."""
         _check_dek(dek)
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError(
@@ -131,11 +147,18 @@ class FrameWriter:
             MAGIC, VERSION, flags, 0, segment_size, salt, self._nonce_prefix
         )
         self._aead = AESGCM(_derive_subkey(dek, salt, context))
+        self._level = compress_level
+        self._threads = compress_threads
         self._compressor = (
             _compressor(compress_level, compress_threads).compressobj()
             if compress_level is not None
             else None
         )
+        self._chunk_size = chunk_size if compress_level is not None else None
+        self._chunks: list[Chunk] = []
+        self._chunk_start = (0, 0)  # plain and payload offsets of the current chunk
+        self._chunk_sha256 = hashlib.sha256()
+        self._payload_size = 0
         self._sha256 = hashlib.sha256()
         self._plain_size = 0
         self._pending = bytearray()  # payload not yet sealed; never more than one segment
@@ -149,6 +172,19 @@ class FrameWriter:
         if self._closed:
             raise ValueError("frame writer is closed")
         view = memoryview(data).cast("B")
+        if self._chunk_size is not None:
+            while len(view):
+                room = self._chunk_start[0] + self._chunk_size - self._plain_size
+                if room == 0:
+                    self._end_chunk()
+                    continue
+                self._chunk_sha256.update(view[:room])
+                self._write(view[:room])
+                view = view[room:]
+            return
+        self._write(view)
+
+    def _write(self, view: memoryview) -> None:
         self._sha256.update(view)
         self._plain_size += len(view)
         if self._compressor is None:
@@ -159,6 +195,15 @@ class FrameWriter:
             if compressed:
                 self._push(memoryview(compressed))
 
+    def _end_chunk(self) -> None:
+        """Close the current zstd frame and start the next chunk with a fresh one."""
+        assert self._compressor is not None and self._level is not None
+        self._push(memoryview(self._compressor.flush()))
+        self._chunks.append(Chunk(*self._chunk_start, self._chunk_sha256.hexdigest()))
+        self._chunk_start = (self._plain_size, self._payload_size)
+        self._chunk_sha256 = hashlib.sha256()
+        self._compressor = _compressor(self._level, self._threads).compressobj()
+
     def close(self) -> FrameInfo:
         """Flushes the compressor, writes the last segment and returns what the frame holds."""
         if self._closed:
@@ -166,12 +211,15 @@ class FrameWriter:
         self._closed = True
         if self._compressor is not None:
             self._push(memoryview(self._compressor.flush()))
+        if self._chunk_size is not None:
+            self._chunks.append(Chunk(*self._chunk_start, self._chunk_sha256.hexdigest()))
         self._seal(self._pending, last=True)
         self._pending = bytearray()
         return FrameInfo(
             plain_size=self._plain_size,
             plain_sha256=self._sha256.hexdigest(),
             stored_size=self._stored_size,
+            chunks=tuple(self._chunks),
         )
 
     def _push(self, payload: memoryview) -> None:
@@ -181,6 +229,7 @@ class FrameWriter:
         segment carries a different nonce; so up to a full segment waits in ``_pending``.
         Full segments inside a large payload are sealed straight from it, without a copy.
         """
+        self._payload_size += len(payload)
         size = self._segment_size
         offset = 0
         if self._pending:
@@ -207,7 +256,12 @@ class FrameWriter:
 
 
 def decode_frame(
-    read: Callable[[int], bytes], length: int, dek: bytes, context: bytes
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    *,
+    zstd_frames: int = 1,
 ) -> Iterator[bytes]:
     """Reads exactly `length` stored bytes via read(n); yields authenticated, decompressed chunks.
 
@@ -215,7 +269,8 @@ def decode_frame(
     are at most about 1 MiB. Raises IntegrityError (lowercase message, without the object's name:
     the caller adds it) when the frame is damaged, truncated, extended, reordered, spliced, not a
     drkit frame, or sealed under another data key or context. Output is provisional until the
-    iterator is exhausted without an error (see the module docstring).
+    iterator is exhausted without an error (see the module docstring). A chunked payload
+    (FrameWriter with ``chunk_size``) holds ``zstd_frames`` zstd frames back to back.
     """
     _check_dek(dek)
     if length < HEADER_SIZE + TAG_SIZE:
@@ -239,7 +294,7 @@ def decode_frame(
         raise IntegrityError(f"frame length {length} exceeds the largest possible frame")
 
     aead = AESGCM(_derive_subkey(dek, salt, context))
-    stream = _ZstdStream() if compressed else None
+    stream = _ZstdStream(zstd_frames) if compressed else None
     for index in range(count):
         last = index == count - 1
         sealed = _read_exactly(read, last_size if last else stored_segment)
@@ -258,6 +313,68 @@ def decode_frame(
             yield from stream.feed(memoryview(payload))
     if stream is not None:
         stream.finish()
+
+
+def payload_length(header: bytes, length: int) -> int:
+    """Bytes of payload in a frame of ``length`` stored bytes (the end of its last chunk)."""
+    stored_segment = _parse_header(header)[0] + TAG_SIZE
+    body = length - HEADER_SIZE
+    return body - max(1, -(-body // stored_segment)) * TAG_SIZE
+
+
+def chunk_span(header: bytes, length: int, payload_start: int, payload_end: int) -> tuple[int, int]:
+    """(offset, length) within the frame of the stored segments that hold payload bytes
+    ``payload_start`` to ``payload_end`` (one chunk of a chunked frame)."""
+    segment_size = _parse_header(header)[0]
+    stored_segment = segment_size + TAG_SIZE
+    first, last = payload_start // segment_size, max(payload_end - 1, payload_start) // segment_size
+    start = HEADER_SIZE + first * stored_segment
+    end = min(HEADER_SIZE + (last + 1) * stored_segment, length)
+    return start, end - start
+
+
+def decode_chunk(
+    header: bytes,
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    payload_start: int,
+    payload_end: int,
+) -> Iterator[bytes]:
+    """Decodes one chunk of a chunked frame of ``length`` stored bytes: ``read`` returns the
+    stored bytes from chunk_span()'s offset on. Every segment read is authenticated (the last
+    segment of the frame with its last-segment flag), and the chunk's payload must be exactly
+    one complete zstd frame. The caller checks the chunk's plaintext checksum."""
+    _check_dek(dek)
+    segment_size, compressed, nonce_prefix, salt = _parse_header(header)
+    if not compressed:
+        raise IntegrityError("frame is not compressed, so it has no chunks")
+    stored_segment = segment_size + TAG_SIZE
+    body = length - HEADER_SIZE
+    count = max(1, -(-body // stored_segment))
+    last_size = body - (count - 1) * stored_segment
+    aead = AESGCM(_derive_subkey(dek, salt, context))
+    stream = _ZstdStream()
+    first = payload_start // segment_size
+    last = max(payload_end - 1, payload_start) // segment_size
+    if last >= count or last_size < TAG_SIZE:
+        raise IntegrityError("frame chunk lies outside the frame (the frame was truncated)")
+    for index in range(first, last + 1):
+        final = index == count - 1
+        sealed = _read_exactly(read, last_size if final else stored_segment)
+        nonce = nonce_prefix + _NONCE_TAIL.pack(index, final)
+        try:
+            payload = aead.decrypt(nonce, sealed, header)
+        except InvalidTag:
+            raise IntegrityError(
+                f"frame segment {index} of {count} failed authentication: the data is damaged, "
+                "truncated or reordered, or it was sealed with another data key or context"
+            ) from None
+        base = index * segment_size
+        low, high = max(payload_start - base, 0), min(payload_end - base, len(payload))
+        yield from stream.feed(memoryview(payload)[low:high])
+    stream.finish()
 
 
 def seal(data: bytes, dek: bytes, context: bytes, compress_level: int | None = 3) -> bytes:
@@ -367,7 +484,7 @@ _FRAME_START, _FRAME_HEADER_REST, _BLOCK_HEADER, _END = range(4)
 
 
 class _ZstdStream:
-    """Decompresses one zstd frame fed in arbitrary pieces, in bounded memory, checking its end.
+    """Decompresses zstd frames fed in arbitrary pieces, in bounded memory, checking the end.
 
     python-zstandard's decompressobj returns all output of the input it is given at once, and its
     streaming readers end silently on a truncated frame. So this walks the frame's structure
@@ -376,7 +493,9 @@ class _ZstdStream:
     trailing data is reported, not ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, frames: int = 1) -> None:
+        self._frames = frames  # zstd frames expected back to back (a chunked payload has several)
+        self._done = 0
         self._decompressor = zstandard.ZstdDecompressor().decompressobj()
         self._state = _FRAME_START
         self._need = _ZSTD_FRAME_START  # bytes of the structure being parsed
@@ -395,9 +514,9 @@ class _ZstdStream:
                 continue
             if self._state == _END:
                 yield from self._decompress(data[cut:position])
-                raise IntegrityError(
-                    "compressed payload has trailing data after the end of its zstd stream"
-                )
+                self._next_frame()
+                cut, blocks = position, 0
+                continue
             step = min(self._need - len(self._parsed), end - position)
             self._parsed += data[position : position + step]
             position += step
@@ -412,6 +531,20 @@ class _ZstdStream:
     def finish(self) -> None:
         if self._state != _END or self._skip or not self._decompressor.eof:
             raise IntegrityError("compressed payload is truncated: the zstd stream has no end")
+        if self._done + 1 != self._frames:
+            raise IntegrityError(
+                f"compressed payload is truncated: {self._done + 1} of {self._frames} zstd frames"
+            )
+
+    def _next_frame(self) -> None:
+        """The current zstd frame ended and more payload follows: the next frame, if expected."""
+        self._done += 1
+        if self._done >= self._frames or not self._decompressor.eof:
+            raise IntegrityError(
+                "compressed payload has trailing data after the end of its zstd stream"
+            )
+        self._decompressor = zstandard.ZstdDecompressor().decompressobj()
+        self._state, self._need = _FRAME_START, _ZSTD_FRAME_START
 
     def _decompress(self, data: memoryview) -> Iterator[bytes]:
         if not data:

@@ -1,0 +1,92 @@
+"""Chunked frames: one frame whose payload is several zstd frames, decodable whole or by chunk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+
+from drkit.codec.frame import (
+    HEADER_SIZE,
+    FrameWriter,
+    chunk_span,
+    decode_chunk,
+    decode_frame,
+    payload_length,
+)
+from drkit.errors import IntegrityError
+
+DEK = os.urandom(32)
+CONTEXT = b"file:test:base/1/1259"
+
+
+def chunked(data: bytes, chunk: int, segment: int = 4096) -> tuple[bytes, list]:  # type: ignore[type-arg]
+    out = io.BytesIO()
+    writer = FrameWriter(out.write, DEK, CONTEXT, segment_size=segment, chunk_size=chunk)
+    for start in range(0, len(data), 7777):  # writes that straddle chunk boundaries
+        writer.write(data[start : start + 7777])
+    info = writer.close()
+    assert info.plain_sha256 == hashlib.sha256(data).hexdigest()
+    return out.getvalue(), list(info.chunks)
+
+
+def decode_one(frame: bytes, chunks: list, i: int) -> bytes:  # type: ignore[type-arg]
+    header = frame[:HEADER_SIZE]
+    end = (
+        chunks[i + 1].payload_offset if i + 1 < len(chunks) else payload_length(header, len(frame))
+    )
+    offset, length = chunk_span(header, len(frame), chunks[i].payload_offset, end)
+    stream = io.BytesIO(frame[offset : offset + length])
+    return b"".join(
+        decode_chunk(header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end)
+    )
+
+
+@pytest.mark.parametrize("size", [0, 1, 50_000, 100_000, 100_001, 345_678])
+def test_chunks_decode_alone_and_together(size: int) -> None:
+    data = (os.urandom(300) + b"compressible text " * 100) * (size // 2100 + 1)
+    data = data[:size]
+    frame, chunks = chunked(data, chunk=50_000)
+    assert len(chunks) == max(1, -(-size // 50_000))
+    assert [c.plain_offset for c in chunks] == list(range(0, max(size, 1), 50_000))[: len(chunks)]
+    whole = b"".join(
+        decode_frame(io.BytesIO(frame).read, len(frame), DEK, CONTEXT, zstd_frames=len(chunks))
+    )
+    assert whole == data
+    for i, chunk in enumerate(chunks):
+        plain = decode_one(frame, chunks, i)
+        assert plain == data[chunk.plain_offset : chunk.plain_offset + len(plain)]
+        assert hashlib.sha256(plain).hexdigest() == chunk.plain_sha256
+
+
+def test_wrong_frame_count_is_detected() -> None:
+    frame, chunks = chunked(os.urandom(120_000), chunk=50_000)
+    assert len(chunks) == 3
+    with pytest.raises(IntegrityError, match="trailing data"):
+        list(decode_frame(io.BytesIO(frame).read, len(frame), DEK, CONTEXT, zstd_frames=2))
+    with pytest.raises(IntegrityError, match="truncated"):
+        list(decode_frame(io.BytesIO(frame).read, len(frame), DEK, CONTEXT, zstd_frames=4))
+
+
+def test_damaged_chunk_fails_authentication_and_others_still_decode() -> None:
+    data = os.urandom(200_000)
+    frame, chunks = chunked(data, chunk=50_000)
+    damaged = bytearray(frame)
+    header = frame[:HEADER_SIZE]
+    offset, _ = chunk_span(header, len(frame), chunks[2].payload_offset, chunks[3].payload_offset)
+    damaged[offset + 100] ^= 1
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        decode_one(bytes(damaged), chunks, 2)
+    assert decode_one(bytes(damaged), chunks, 0) == data[:50_000]
+
+
+def test_chunk_with_another_key_or_context_fails() -> None:
+    frame, chunks = chunked(os.urandom(100_000), chunk=50_000)
+    header = frame[:HEADER_SIZE]
+    offset, length = chunk_span(header, len(frame), 0, chunks[1].payload_offset)
+    for dek, context in ((os.urandom(32), CONTEXT), (DEK, b"file:test:base/1/other")):
+        stream = io.BytesIO(frame[offset : offset + length])
+        with pytest.raises(IntegrityError, match="failed authentication"):
+            list(decode_chunk(header, stream.read, len(frame), dek, context, 0, 10))
