@@ -86,7 +86,7 @@ def test_damaged_local_object_is_restored_from_the_s3_copy(two_repos: Drkit, wor
     key = f"backup/{label}/data/{victim.name}"
     assert any(key in e and "unusable in 'local'" in e for e in events), events
     assert any(key in e and "restored from 's3-eu'" in e for e in events), events
-    assert f"object '{key}' restored from 's3-eu'" in result.stderr
+    assert key in result.stderr and "restored from 's3-eu'" in result.stderr
     assert database_checksums(start_restored(target, pg.version, workdir)) == expected
 
 

@@ -29,9 +29,6 @@ from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
 
 READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whole pages
-# A file this large would keep one worker busy long after the others ran out of work (a big
-# table is most of a database): zstd then compresses it on every core.
-MULTITHREAD_ABOVE = 64 * 1024 * 1024
 
 
 class SourceStream(Protocol):
@@ -168,13 +165,17 @@ class FileCopier:
         key: str,
         offset: int,
     ) -> tuple[FileEntry, list[str]]:
+        # A file larger than a chunk is compressed in chunks on every core, and restored so too:
+        # a big table (often most of a database) never keeps one worker busy alone.
+        big = src.size > self._settings.chunk_size
         frame = FrameWriter(
             sink,
             self._dek,
             file_context(str(self._label), src.path),
             compress_level=self._settings.compress_level,
             segment_size=self._settings.segment_size,
-            compress_threads=self._settings.process_max if src.size >= MULTITHREAD_ABOVE else 0,
+            compress_threads=self._settings.process_max,
+            chunk_size=self._settings.chunk_size if big and src.delta is None else None,
         )
         check = src.page_check_segment is not None and self._page_check_lsn is not None
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES
@@ -217,6 +218,9 @@ class FileCopier:
             pages=pages.ranges if pages is not None else None,
             base=delta.base if delta is not None else None,
             frame_sha256=info.plain_sha256 if delta is not None else None,
+            chunks=[(c.plain_offset, c.payload_offset, c.plain_sha256) for c in info.chunks]
+            if len(info.chunks) > 1
+            else None,
         )
         return entry, warnings
 

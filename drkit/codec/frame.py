@@ -48,7 +48,9 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zstandard
@@ -81,9 +83,6 @@ _HKDF_INFO = b"drkit-frame-v1\x00"
 _COMPRESS_SLICE = 1024 * 1024
 
 assert _HEADER.size == HEADER_SIZE
-
-
-_MT_JOB_SIZE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -126,13 +125,11 @@ class FrameWriter:
         compress_threads: int = 0,
         chunk_size: int | None = None,
     ) -> None:
-        """``compress_threads`` > 0 lets zstd compress one large input on that many threads of
-        its own (the output is an ordinary zstd frame, decoded the same way).
-
-        ``chunk_size`` (with compression) ends the zstd frame every ``chunk_size`` bytes of
-        input and starts a new one: the payload is then a series of zstd frames whose offsets
-        FrameInfo.chunks records, so a reader can decode the chunks of one large file in
-        parallel (decode_chunk). The frame format is unchanged; decode_frame reads it whole."""
+        """``chunk_size`` (with compression) compresses every ``chunk_size`` bytes of input as a
+        zstd frame of its own, on ``compress_threads`` threads: the payload is then a series of
+        zstd frames whose offsets FrameInfo.chunks records, so a reader can decode the chunks
+        of one large file in parallel too (decode_chunk). The frame format is unchanged;
+        decode_frame reads it whole."""
         _check_dek(dek)
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError(
@@ -148,16 +145,22 @@ class FrameWriter:
         )
         self._aead = AESGCM(_derive_subkey(dek, salt, context))
         self._level = compress_level
-        self._threads = compress_threads
+        self._chunk_size = chunk_size if compress_level is not None else None
         self._compressor = (
-            _compressor(compress_level, compress_threads).compressobj()
-            if compress_level is not None
+            zstandard.ZstdCompressor(level=compress_level).compressobj()
+            if compress_level is not None and self._chunk_size is None
             else None
         )
-        self._chunk_size = chunk_size if compress_level is not None else None
         self._chunks: list[Chunk] = []
-        self._chunk_start = (0, 0)  # plain and payload offsets of the current chunk
-        self._chunk_sha256 = hashlib.sha256()
+        self._buffer = bytearray()  # plaintext of the chunk being gathered
+        self._chunked = 0  # plaintext bytes handed to the pool so far
+        self._queued: deque[tuple[int, Future[tuple[bytes, str]]]] = deque()
+        self._workers = max(1, compress_threads)
+        self._pool = (
+            ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
+            if self._chunk_size is not None
+            else None
+        )
         self._payload_size = 0
         self._sha256 = hashlib.sha256()
         self._plain_size = 0
@@ -172,21 +175,16 @@ class FrameWriter:
         if self._closed:
             raise ValueError("frame writer is closed")
         view = memoryview(data).cast("B")
-        if self._chunk_size is not None:
-            while len(view):
-                room = self._chunk_start[0] + self._chunk_size - self._plain_size
-                if room == 0:
-                    self._end_chunk()
-                    continue
-                self._chunk_sha256.update(view[:room])
-                self._write(view[:room])
-                view = view[room:]
-            return
-        self._write(view)
-
-    def _write(self, view: memoryview) -> None:
         self._sha256.update(view)
         self._plain_size += len(view)
+        if self._chunk_size is not None:
+            while len(view):
+                room = self._chunk_size - len(self._buffer)
+                self._buffer += view[:room]
+                view = view[room:]
+                if len(self._buffer) == self._chunk_size:
+                    self._submit_chunk()
+            return
         if self._compressor is None:
             self._push(view)
             return
@@ -195,14 +193,22 @@ class FrameWriter:
             if compressed:
                 self._push(memoryview(compressed))
 
-    def _end_chunk(self) -> None:
-        """Close the current zstd frame and start the next chunk with a fresh one."""
-        assert self._compressor is not None and self._level is not None
-        self._push(memoryview(self._compressor.flush()))
-        self._chunks.append(Chunk(*self._chunk_start, self._chunk_sha256.hexdigest()))
-        self._chunk_start = (self._plain_size, self._payload_size)
-        self._chunk_sha256 = hashlib.sha256()
-        self._compressor = _compressor(self._level, self._threads).compressobj()
+    def _submit_chunk(self) -> None:
+        """Compress the gathered chunk on the pool; emit finished chunks in order, keeping at
+        most one chunk per worker in flight (memory: workers + 1 chunks)."""
+        assert self._pool is not None and self._level is not None
+        start = self._chunked
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._chunked += len(data)
+        self._queued.append((start, self._pool.submit(_compress_chunk, self._level, data)))
+        while len(self._queued) > self._workers:
+            self._emit_chunk()
+
+    def _emit_chunk(self) -> None:
+        start, future = self._queued.popleft()
+        compressed, sha256 = future.result()
+        self._chunks.append(Chunk(start, self._payload_size, sha256))
+        self._push(memoryview(compressed))
 
     def close(self) -> FrameInfo:
         """Flushes the compressor, writes the last segment and returns what the frame holds."""
@@ -211,8 +217,12 @@ class FrameWriter:
         self._closed = True
         if self._compressor is not None:
             self._push(memoryview(self._compressor.flush()))
-        if self._chunk_size is not None:
-            self._chunks.append(Chunk(*self._chunk_start, self._chunk_sha256.hexdigest()))
+        if self._pool is not None:
+            if self._buffer or (not self._chunks and not self._queued):
+                self._submit_chunk()
+            while self._queued:
+                self._emit_chunk()
+            self._pool.shutdown()
         self._seal(self._pending, last=True)
         self._pending = bytearray()
         return FrameInfo(
@@ -399,14 +409,9 @@ def unseal(blob: bytes, dek: bytes, context: bytes) -> bytes:
     return b"".join(decode_frame(read, len(blob), dek, context))
 
 
-def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-    if threads <= 0:
-        return zstandard.ZstdCompressor(level=level)
-    # Small jobs keep memory bounded (threads x a few MiB) at a negligible cost in ratio.
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, threads=threads, job_size=_MT_JOB_SIZE
-    )
-    return zstandard.ZstdCompressor(compression_params=params)
+def _compress_chunk(level: int, data: bytes) -> tuple[bytes, str]:
+    """One chunk as one zstd frame, and its checksum (both release the GIL)."""
+    return zstandard.ZstdCompressor(level=level).compress(data), hashlib.sha256(data).hexdigest()
 
 
 def _check_dek(dek: bytes) -> None:

@@ -259,6 +259,12 @@ class BackupSettings(_Section):
         32 * 1024 * 1024, ge=1024 * 1024, description="target size of one bundle object"
     )
     segment_size: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    chunk_size: int = Field(
+        16 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="large files are compressed in independent chunks of this size, which a"
+        " restore decodes in parallel",
+    )
 
 
 class ArchiveSettings(_Section):

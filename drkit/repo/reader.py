@@ -87,7 +87,11 @@ def read_object(
             error: DrkitError | None = None
             try:
                 chunks = decode_frame(
-                    stream.read, entry.length, dek, file_context(label, entry.path)
+                    stream.read,
+                    entry.length,
+                    dek,
+                    file_context(label, entry.path),
+                    zstd_frames=len(entry.chunks or [None]),
                 )
                 consume(entry, _checked(entry, chunks))
             except DrkitError as exc:

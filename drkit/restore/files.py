@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
+from drkit.codec.frame import HEADER_SIZE, chunk_span, decode_chunk, payload_length
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.pages import PAGE_SIZE
 from drkit.progress import Progress
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
-from drkit.repo.repository import Repository
+from drkit.repo.repository import Repository, file_context
 from drkit.restore.plan import Chain, FilePlan, Layer
 
 
@@ -39,19 +41,27 @@ class FileWriter:
         self._lock = threading.Lock()
 
     def write(self, plans: list[FilePlan], workers: int) -> None:
-        # Which layers each (backup, object) feeds, so each object is read exactly once
+        # Which layers each (backup, object) feeds, so each object is read exactly once; a large
+        # file stored in chunks is restored chunk by chunk, in parallel, instead
         work: dict[tuple[str, str], dict[str, tuple[FilePlan, Layer]]] = {}
+        tasks: list[tuple[int, Callable[[], None]]] = []
         for plan in plans:
+            if plan.simple and plan.layers[0].entry.chunks:
+                self._create(plan.entry)
+                tasks += self._chunk_tasks(plan)
+                continue
             for layer in plan.layers:
                 key = (layer.owner, layer.entry.object)
                 work.setdefault(key, {})[plan.entry.path] = (plan, layer)
+        for key, layers in work.items():
+            tasks.append((self._object(*key).size, partial(self._restore_object, key, layers)))
         assembled = [p for p in plans if not p.simple]
         for plan in assembled:
             self._create(plan.entry)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-            groups = sorted(work.items(), key=lambda item: -self._object(*item[0]).size)
-            list(pool.map(lambda item: self._restore_object(item[0], item[1]), groups))
+            tasks.sort(key=lambda task: -task[0])
+            list(pool.map(lambda task: task[1](), tasks))
             list(pool.map(self._check_assembled, assembled))
         for plan in plans:
             path = self._path(plan.entry)
@@ -64,25 +74,94 @@ class FileWriter:
                 return obj
         raise IntegrityError(f"backup '{owner}' does not list object '{key}'")
 
-    def _restore_object(
-        self, key: tuple[str, str], layers: dict[str, tuple[FilePlan, Layer]]
+    def _from_any_copy(
+        self, what: str, attempt: Callable[[Repository], None], undo: Callable[[], None]
     ) -> None:
+        """Run ``attempt`` against each repository in turn until one serves it intact."""
         first_error: DrkitError | None = None
         for repo in self._repos:
             try:
-                self._restore_object_from(repo, key, layers)
+                attempt(repo)
             except DrkitError as exc:
                 first_error = first_error or exc
-                self._undo(layers)
+                undo()
                 with self._lock:
-                    self.events.append(f"object '{key[1]}' unusable in '{repo.name}': {exc}")
+                    self.events.append(f"{what} unusable in '{repo.name}': {exc}")
                 continue
             if first_error is not None:
                 with self._lock:
-                    self.events.append(f"object '{key[1]}' restored from '{repo.name}'")
+                    self.events.append(f"{what} restored from '{repo.name}'")
             return
         assert first_error is not None
         raise first_error
+
+    def _restore_object(
+        self, key: tuple[str, str], layers: dict[str, tuple[FilePlan, Layer]]
+    ) -> None:
+        self._from_any_copy(
+            f"object '{key[1]}'",
+            lambda repo: self._restore_object_from(repo, key, layers),
+            lambda: self._undo(layers),
+        )
+
+    def _chunk_tasks(self, plan: FilePlan) -> list[tuple[int, Callable[[], None]]]:
+        layer = plan.layers[0]
+        chunks = layer.entry.chunks or []
+        ends = [c[0] for c in chunks[1:]] + [plan.entry.size]
+        return [
+            (end - chunk[0], partial(self._restore_chunk, plan, layer, index))
+            for index, (chunk, end) in enumerate(zip(chunks, ends, strict=True))
+        ]
+
+    def _restore_chunk(self, plan: FilePlan, layer: Layer, index: int) -> None:
+        self._from_any_copy(
+            f"chunk {index} of '{plan.entry.path}' (object '{layer.entry.object}')",
+            lambda repo: self._write_chunk(repo, plan, layer, index),
+            lambda: None,  # a chunk is written in place again from the next copy
+        )
+
+    def _write_chunk(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
+        try:
+            self._write_chunk_from(repo, plan, layer, index)
+        except DrkitError as exc:
+            raise type(exc)(
+                f"unable to restore '{plan.entry.path}' (chunk {index}) from backup"
+                f" '{layer.owner}': {exc.message}",
+                hint=exc.hint or "run 'drkit verify' to list every damaged file",
+            ) from None
+
+    def _write_chunk_from(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
+        """Decode one chunk of a large file's frame and write it at its offset, checked."""
+        entry, storage = layer.entry, repo.storage
+        chunks = entry.chunks or []
+        plain_start, payload_start, sha256 = chunks[index]
+        plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else plan.entry.size
+        header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
+        payload_end = (
+            chunks[index + 1][1]
+            if index + 1 < len(chunks)
+            else payload_length(header, entry.length)
+        )
+        offset, length = chunk_span(header, entry.length, payload_start, payload_end)
+        context = file_context(layer.owner, entry.path)
+        digest, position = hashlib.sha256(), plain_start
+        fd = os.open(self._path(plan.entry), os.O_WRONLY)
+        try:
+            with storage.open_read(entry.object, entry.offset + offset, length) as stream:
+                dek = self._chain.deks[layer.owner]
+                for piece in decode_chunk(
+                    header, stream.read, entry.length, dek, context, payload_start, payload_end
+                ):
+                    digest.update(piece)
+                    view = memoryview(piece)
+                    while view:
+                        written = os.pwrite(fd, view, position)
+                        view, position = view[written:], position + written
+                    self._progress.advance(len(piece))
+        finally:
+            os.close(fd)
+        if position != plain_end or digest.hexdigest() != sha256:
+            raise IntegrityError(f"checksum mismatch in chunk {index} of '{entry.path}'")
 
     def _undo(self, layers: dict[str, tuple[FilePlan, Layer]]) -> None:
         """Forget a failed attempt: files written whole are created again from the next copy

@@ -60,7 +60,13 @@ class Drkit:
         self.write_config()
 
     def write_config(self, **extra_sections: dict[str, Any]) -> None:
-        backup = {"start_fast": True, "process_max": 2, **self.backup}
+        # Small chunks: every test's larger files take the parallel chunked-restore path.
+        backup = {
+            "start_fast": True,
+            "process_max": 2,
+            "chunk_size": 4 * 1024 * 1024,
+            **self.backup,
+        }
         sections: dict[str, dict[str, Any]] = {
             "postgres": {
                 "pgdata": self.cluster.pgdata,
