@@ -308,14 +308,7 @@ def decode_frame(
     for index in range(count):
         last = index == count - 1
         sealed = _read_exactly(read, last_size if last else stored_segment)
-        nonce = nonce_prefix + _NONCE_TAIL.pack(index, last)
-        try:
-            payload = aead.decrypt(nonce, sealed, header)
-        except InvalidTag:
-            raise IntegrityError(
-                f"frame segment {index} of {count} failed authentication: the data is damaged, "
-                "truncated or reordered, or it was sealed with another data key or context"
-            ) from None
+        payload = _open_segment(aead, nonce_prefix, header, index, count, sealed)
         if stream is None:
             if payload:
                 yield payload
@@ -373,18 +366,25 @@ def decode_chunk(
     for index in range(first, last + 1):
         final = index == count - 1
         sealed = _read_exactly(read, last_size if final else stored_segment)
-        nonce = nonce_prefix + _NONCE_TAIL.pack(index, final)
-        try:
-            payload = aead.decrypt(nonce, sealed, header)
-        except InvalidTag:
-            raise IntegrityError(
-                f"frame segment {index} of {count} failed authentication: the data is damaged, "
-                "truncated or reordered, or it was sealed with another data key or context"
-            ) from None
+        payload = _open_segment(aead, nonce_prefix, header, index, count, sealed)
         base = index * segment_size
         low, high = max(payload_start - base, 0), min(payload_end - base, len(payload))
         yield from stream.feed(memoryview(payload)[low:high])
     stream.finish()
+
+
+def _open_segment(
+    aead: AESGCM, nonce_prefix: bytes, header: bytes, index: int, count: int, sealed: bytes
+) -> bytes:
+    """Authenticate and decrypt segment ``index`` of ``count`` (the last one with its flag)."""
+    nonce = nonce_prefix + _NONCE_TAIL.pack(index, index == count - 1)
+    try:
+        return aead.decrypt(nonce, sealed, header)
+    except InvalidTag:
+        raise IntegrityError(
+            f"frame segment {index} of {count} failed authentication: the data is damaged, "
+            "truncated or reordered, or it was sealed with another data key or context"
+        ) from None
 
 
 def seal(data: bytes, dek: bytes, context: bytes, compress_level: int | None = 3) -> bytes:
