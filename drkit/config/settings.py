@@ -262,6 +262,7 @@ class BackupSettings(_Section):
     chunk_size: int = Field(
         16 * 1024 * 1024,
         ge=1024 * 1024,
+        multiple_of=8192,
         description="large files are compressed in independent chunks of this size, which a"
         " restore decodes in parallel",
     )

@@ -48,11 +48,12 @@ class FileWriter:
         for plan in plans:
             if plan.simple and plan.layers[0].entry.chunks:
                 self._create(plan.entry)
-                tasks += self._chunk_tasks(plan)
-                continue
             for layer in plan.layers:
-                key = (layer.owner, layer.entry.object)
-                work.setdefault(key, {})[plan.entry.path] = (plan, layer)
+                if layer.entry.chunks and layer.entry.pages is None:
+                    tasks += self._chunk_tasks(plan, layer)
+                else:
+                    key = (layer.owner, layer.entry.object)
+                    work.setdefault(key, {})[plan.entry.path] = (plan, layer)
         for key, layers in work.items():
             tasks.append((self._object(*key).size, partial(self._restore_object, key, layers)))
         assembled = [p for p in plans if not p.simple]
@@ -104,10 +105,9 @@ class FileWriter:
             lambda: self._undo(layers),
         )
 
-    def _chunk_tasks(self, plan: FilePlan) -> list[tuple[int, Callable[[], None]]]:
-        layer = plan.layers[0]
+    def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
-        ends = [c[0] for c in chunks[1:]] + [plan.entry.size]
+        ends = [c[0] for c in chunks[1:]] + [layer.entry.size]
         return [
             (end - chunk[0], partial(self._restore_chunk, plan, layer, index))
             for index, (chunk, end) in enumerate(zip(chunks, ends, strict=True))
@@ -131,33 +131,44 @@ class FileWriter:
             ) from None
 
     def _write_chunk_from(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
-        """Decode one chunk of a large file's frame and write it at its offset, checked."""
+        """Decode one chunk of a large file's frame and write it at its offset (only the pages
+        its layer's mask selects, in a file assembled from a chain), checked."""
         entry, storage = layer.entry, repo.storage
         chunks = entry.chunks or []
         plain_start, payload_start, sha256 = chunks[index]
-        plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else plan.entry.size
+        last = index + 1 == len(chunks)
+        plain_end = entry.size if last else chunks[index + 1][0]
         header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
-        payload_end = (
-            chunks[index + 1][1]
-            if index + 1 < len(chunks)
-            else payload_length(header, entry.length)
-        )
+        payload_end = payload_length(header, entry.length) if last else chunks[index + 1][1]
         offset, length = chunk_span(header, entry.length, payload_start, payload_end)
         context = file_context(layer.owner, entry.path)
         digest, position = hashlib.sha256(), plain_start
+
+        def pieces() -> Iterator[bytes]:
+            dek = self._chain.deks[layer.owner]
+            for piece in decode_chunk(
+                header, stream.read, entry.length, dek, context, payload_start, payload_end
+            ):
+                digest.update(piece)
+                yield piece
+
         fd = os.open(self._path(plan.entry), os.O_WRONLY)
         try:
             with storage.open_read(entry.object, entry.offset + offset, length) as stream:
-                dek = self._chain.deks[layer.owner]
-                for piece in decode_chunk(
-                    header, stream.read, entry.length, dek, context, payload_start, payload_end
-                ):
-                    digest.update(piece)
-                    view = memoryview(piece)
-                    while view:
-                        written = os.pwrite(fd, view, position)
-                        view, position = view[written:], position + written
-                    self._progress.advance(len(piece))
+                if plan.simple:
+                    for piece in pieces():
+                        view = memoryview(piece)
+                        while view:
+                            written = os.pwrite(fd, view, position)
+                            view, position = view[written:], position + written
+                        self._progress.advance(len(piece))
+                else:
+                    block = plain_start // PAGE_SIZE
+                    for page in _pages(pieces()):
+                        if block < len(layer.mask) and layer.mask[block]:
+                            os.pwrite(fd, page, block * PAGE_SIZE)
+                            self._progress.advance(len(page))
+                        block, position = block + 1, position + len(page)
         finally:
             os.close(fd)
         if position != plain_end or digest.hexdigest() != sha256:
