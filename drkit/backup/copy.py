@@ -22,7 +22,8 @@ import numpy as np
 
 from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
-from drkit.pg.pages import PAGE_SIZE, RELSEG_PAGES, check_pages
+from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
+from drkit.pg.pages import check_pages
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, ObjectEntry

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAGE_SIZE = 8192
-RELSEG_PAGES = 131072  # 1 GiB segment files of 8 KiB pages
+from drkit.pg.constants import PAGE_SIZE
+
 _LANES = 32
 _ROWS = PAGE_SIZE // (4 * _LANES)
 _FNV_PRIME = np.uint32(16777619)

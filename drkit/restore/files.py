@@ -18,7 +18,8 @@ from pathlib import Path
 
 from drkit.codec.frame import HEADER_SIZE, chunk_span, decode_chunk, payload_length
 from drkit.errors import DrkitError, IntegrityError
-from drkit.pg.pages import PAGE_SIZE
+from drkit.fsutil import start_writeback
+from drkit.pg.constants import PAGE_SIZE
 from drkit.progress import Progress
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
@@ -162,10 +163,11 @@ class FileWriter:
                             written = os.pwrite(fd, view, position)
                             view, position = view[written:], position + written
                         self._progress.advance(len(piece))
+                    start_writeback(fd, plain_start, position - plain_start)
                 else:
                     block = plain_start // PAGE_SIZE
                     for page in _pages(pieces()):
-                        if block < len(layer.mask) and layer.mask[block]:
+                        if _selected(layer, block):
                             os.pwrite(fd, page, block * PAGE_SIZE)
                             self._progress.advance(len(page))
                         block, position = block + 1, position + len(page)
@@ -228,6 +230,7 @@ class FileWriter:
                 while view:
                     view = view[os.write(fd, view) :]
                 self._progress.advance(len(chunk))
+            start_writeback(fd, 0, entry.size)
         finally:
             os.close(fd)
 
@@ -237,7 +240,7 @@ class FileWriter:
         try:
             blocks = layer.blocks()
             for block, page in zip(blocks, _pages(chunks), strict=False):
-                if block < len(layer.mask) and layer.mask[block]:
+                if _selected(layer, block):
                     os.pwrite(fd, page, block * PAGE_SIZE)
                     self._progress.advance(len(page))
         finally:
@@ -253,6 +256,11 @@ class FileWriter:
             raise IntegrityError(
                 f"'{plan.entry.path}' assembled from backups {owners} does not match its checksum"
             )
+
+
+def _selected(layer: Layer, block: int) -> bool:
+    """Whether ``layer`` writes page ``block`` (the newest layer that has a page writes it)."""
+    return layer.mask is None or (block < len(layer.mask) and bool(layer.mask[block]))
 
 
 def _pages(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from drkit.errors import BackupNotFound, IntegrityError
-from drkit.pg.pages import PAGE_SIZE
+from drkit.pg.constants import PAGE_SIZE
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, Manifest
 from drkit.repo.repository import Repository
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
 class Layer:
     owner: str  # backup whose key and context decode the frame
     entry: FileEntry  # the frame's location and kind (whole or delta)
-    mask: np.ndarray  # bool per block of the restored file: the pages this layer writes
+    mask: np.ndarray | None  # bool per block of the file: the pages this layer writes (None: all)
 
     def blocks(self) -> Iterator[int]:
         """Block number of each page in the frame, in frame order."""
@@ -76,6 +78,11 @@ class Chain:
 
     def _plan_file(self, entry: FileEntry, by_path: dict[str, dict[str, FileEntry]]) -> FilePlan:
         plan = FilePlan(entry)
+        if entry.pages is None:  # one whole frame holds it all: no masks (and no numpy)
+            plan.layers.append(Layer(entry.owner(self.target.label), entry, None))
+            return plan
+        import numpy as np  # only files assembled from a chain need masks
+
         nblocks = _blocks(entry.size)
         covered = np.zeros(nblocks, dtype=bool)
         current, holder = entry, self.target.label
