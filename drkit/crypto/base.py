@@ -9,6 +9,8 @@ unwraps the record. A provider never writes plaintext key material to disk or lo
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,3 +71,14 @@ def check_provider(record: object, provider: str, hint: str) -> dict[str, Any]:
             hint=hint,
         )
     return record
+
+
+def decode_field(record: dict[str, Any], name: str, what: str = "key record") -> bytes:
+    """The base64 field ``name`` of a key record (or escrow part); IntegrityError if malformed."""
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise IntegrityError(f"{what} is malformed: field {name!r} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise IntegrityError(f"{what} is malformed: field {name!r} is not base64") from None

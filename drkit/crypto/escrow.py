@@ -36,9 +36,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from drkit.crypto.base import DEK_SIZE, DataKey, KeyProvider
+from drkit.crypto.base import DEK_SIZE, DataKey, KeyProvider, decode_field
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
 
+_PART = "escrow part of the key record"
 ALGORITHM = "x25519-hkdf-sha256-aes256gcm"
 NONCE_SIZE = 12
 _KEY_ID_PREFIX = b"drkit-escrow-id\x00"
@@ -134,8 +135,8 @@ class RecoveryKey:
                 hint=f"use the recovery key whose id is {recipient} (drkit keys escrow-init "
                 "printed it; it is also in the key file's header)",
             )
-        ephemeral_public = _unb64(part, "ephemeral")
-        nonce = _unb64(part, "nonce")
+        ephemeral_public = decode_field(part, "ephemeral", _PART)
+        nonce = decode_field(part, "nonce", _PART)
         if len(ephemeral_public) != 32 or len(nonce) != NONCE_SIZE:
             raise IntegrityError("escrow part of the key record is malformed: bad field sizes")
         try:
@@ -146,7 +147,7 @@ class RecoveryKey:
         key = _derive(shared, ephemeral_public, own_public)
         aad = _AAD_PREFIX + self.key_id.encode("ascii")
         try:
-            dek = AESGCM(key).decrypt(nonce, _unb64(part, "wrapped"), aad)
+            dek = AESGCM(key).decrypt(nonce, decode_field(part, "wrapped", _PART), aad)
         except InvalidTag:
             raise IntegrityError(
                 "escrow part of the key record failed authentication (tampered key record)"
@@ -285,15 +286,3 @@ def _write_once(path: Path, content: bytes, mode: int) -> None:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(part: dict[str, Any], name: str) -> bytes:
-    value = part.get(name)
-    if not isinstance(value, str):
-        raise IntegrityError(f"escrow part of the key record is malformed: {name!r} is missing")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise IntegrityError(
-            f"escrow part of the key record is malformed: {name!r} is not base64"
-        ) from None

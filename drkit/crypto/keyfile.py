@@ -10,7 +10,6 @@ so "this is the wrong key file" is told apart from "this record was tampered wit
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import os
@@ -21,7 +20,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drkit.crypto.base import DEK_SIZE, DataKey, check_provider
+from drkit.crypto.base import DEK_SIZE, DataKey, check_provider, decode_field
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
 from drkit.fsutil import fsync_dir, os_reason
 
@@ -111,8 +110,8 @@ class KeyfileProvider:
                 hint=f"configure the key file whose key id is {key_id}; no other key can "
                 "decrypt this data",
             )
-        nonce = _decode_field(record, "nonce")
-        wrapped = _decode_field(record, "wrapped")
+        nonce = decode_field(record, "nonce")
+        wrapped = decode_field(record, "wrapped")
         if len(nonce) != NONCE_SIZE:
             raise IntegrityError(f"key record is malformed: nonce is {len(nonce)} bytes")
         try:
@@ -164,13 +163,3 @@ def _read_keyfile(path: Path) -> bytes:
     if len(kek) != KEY_SIZE:  # the file changed size between fstat and read
         raise ConfigError(f"key file '{path}' changed while it was read")
     return kek
-
-
-def _decode_field(record: dict[str, Any], name: str) -> bytes:
-    value = record.get(name)
-    if not isinstance(value, str):
-        raise IntegrityError(f"key record is malformed: field {name!r} is missing")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise IntegrityError(f"key record is malformed: field {name!r} is not base64") from None

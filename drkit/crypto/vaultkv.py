@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drkit.crypto.base import DEK_SIZE, OTHER_PROVIDER_HINT, DataKey, check_provider
+from drkit.crypto.base import DEK_SIZE, OTHER_PROVIDER_HINT, DataKey, check_provider, decode_field
 from drkit.crypto.escrow import TAMPERED_HINT
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.vault import VaultRequestError, VaultSession
@@ -74,7 +74,7 @@ class VaultKvProvider:
                 f"holds KEK {kek_id(kek)} (the secret was deleted and written anew?)",
                 hint="restore from the escrow with --recovery-key",
             )
-        nonce, wrapped = _decode(record, "nonce"), _decode(record, "wrapped")
+        nonce, wrapped = decode_field(record, "nonce"), decode_field(record, "wrapped")
         if len(nonce) != NONCE_SIZE:
             raise IntegrityError(f"key record is malformed: nonce is {len(nonce)} bytes")
         try:
@@ -244,13 +244,3 @@ class VaultKvProvider:
 
 def _aad(version: int, key_id: str) -> bytes:
     return _WRAP_AAD_PREFIX + f"{version}:{key_id}".encode("ascii")
-
-
-def _decode(record: dict[str, Any], name: str) -> bytes:
-    value = record.get(name)
-    if not isinstance(value, str):
-        raise IntegrityError(f"key record is malformed: field {name!r} is missing")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise IntegrityError(f"key record is malformed: field {name!r} is not base64") from None
