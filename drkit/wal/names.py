@@ -62,11 +62,6 @@ def is_wal_name(name: str) -> bool:
     return True
 
 
-def timeline_prefix(timeline: int) -> str:
-    """The key prefix of every object of ``timeline``: ``wal/0000000A/``."""
-    return f"{WAL_PREFIX}{timeline:08X}/"
-
-
 def history_name(timeline: int) -> str:
     return f"{timeline:08X}.history"
 
