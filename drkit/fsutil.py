@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def fileno(self) -> int: ...
 
 
 def fsync_dir(directory: Path) -> None:
@@ -48,3 +57,43 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     final sync."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def open_direct(path: Path) -> io.FileIO:
+    """Open a file for reading with O_DIRECT: the disk reads straight into the caller's buffer
+    (which must be page-aligned, e.g. an ``mmap``), without the kernel copying every byte through
+    the page cache, and without evicting what the database has cached there. Falls back to an
+    ordinary open where the filesystem refuses O_DIRECT. Read it with ``read_into``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        return open(path, "rb", buffering=0)
+    return io.FileIO(fd, "rb")
+
+
+def read_into(stream: Readable, buffer: memoryview) -> int:
+    """``stream.readinto(buffer)``; a read O_DIRECT refuses (an unaligned offset after a short
+    read, a filesystem that accepted the flag at open only) is retried through the page cache."""
+    try:
+        return stream.readinto(buffer) or 0
+    except OSError as err:
+        if err.errno != errno.EINVAL or not _drop_direct(stream.fileno()):
+            raise
+        return stream.readinto(buffer) or 0
+
+
+def _drop_direct(fd: int) -> bool:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_DIRECT:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    return True
+
+
+def pread_cached(fd: int, length: int, offset: int) -> bytes:
+    """Read a range through the page cache (what other processes see right now), also from a
+    file opened with O_DIRECT, without touching that descriptor's flags or offset."""
+    with open(f"/proc/self/fd/{fd}", "rb", buffering=0) as again:
+        return os.pread(again.fileno(), length, offset)

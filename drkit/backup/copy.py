@@ -3,25 +3,27 @@
 Sources are grouped into objects: a file of ``bundle_limit`` bytes or more is an object of its
 own, smaller files are bundled (in path order) into objects of about ``bundle_size`` bytes, each
 file an independently decodable frame inside its bundle, so one file restores with one ranged read.
-Worker threads each build one object at a time, streaming: memory per worker is one read buffer
-plus the codec's segment buffers, whatever the file sizes. zstd, sha256, AES-GCM and numpy all
-release the GIL, which is why threads (not processes) scale here.
+Worker threads each build one object at a time, streaming: memory per worker is two read buffers
+(one being read ahead) plus the codec's buffers, whatever the file sizes. zstd, sha256, AES-GCM
+and numpy all release the GIL, which is why threads (not processes) scale here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import mmap
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
 import numpy as np
 
 from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
+from drkit.fsutil import pread_cached, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import check_pages
 from drkit.progress import Progress
@@ -35,7 +37,7 @@ READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whol
 class SourceStream(Protocol):
     """What a source opens: a file opened unbuffered, or an in-memory buffer."""
 
-    def readinto(self, buffer: bytearray) -> int | None: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
     def fileno(self) -> int: ...
 
@@ -107,6 +109,7 @@ class FileCopier:
         settings: BackupSettings,
         progress: Progress,
         page_check_lsn: int | None,
+        on_commit: Callable[[ObjectEntry], None] | None = None,
     ) -> None:
         self._repo = repo
         self._label = label
@@ -114,13 +117,20 @@ class FileCopier:
         self._settings = settings
         self._progress = progress
         self._page_check_lsn = page_check_lsn
+        self._on_commit = on_commit  # told of each committed object (the fan-out); must not block
         self._next_index = 0
         self._lock = threading.Lock()
+        self._readers: ThreadPoolExecutor  # set by copy(): one read ahead per worker
 
     def copy(self, sources: list[Source]) -> CopyResult:
         groups = plan_objects(sources, self._settings.bundle_limit, self._settings.bundle_size)
         result = CopyResult()
-        with ThreadPoolExecutor(self._settings.process_max, thread_name_prefix="backup") as pool:
+        workers = self._settings.process_max
+        with (
+            ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool,
+            ThreadPoolExecutor(workers, thread_name_prefix="read") as readers,
+        ):
+            self._readers = readers
             for partial in pool.map(self._store_object, groups):
                 result.files += partial.files
                 result.objects += partial.objects
@@ -155,7 +165,10 @@ class FileCopier:
                 result.warnings += warnings
                 offset += entry.length
             written = writer.commit()
-        result.objects.append(ObjectEntry(key=key, size=written.size, sha256=written.sha256))
+        stored = ObjectEntry(key=key, size=written.size, sha256=written.sha256)
+        result.objects.append(stored)
+        if self._on_commit is not None:
+            self._on_commit(stored)
         return result
 
     def _store_file(
@@ -183,26 +196,25 @@ class FileCopier:
         bad_pages: list[int] = []
         pages = _PageRanges() if src.delta is not None else None
         whole = hashlib.sha256()
-        buffer = bytearray(READ_CHUNK)
-        view = memoryview(buffer)
         position = 0
-        while True:
-            n = stream.readinto(buffer)
-            if not n:
-                break
-            chunk = view[:n]
-            if check:
-                bad_pages += self._check_pages(stream, chunk, first_block + position // PAGE_SIZE)
-            if src.delta is not None and pages is not None:
-                whole.update(chunk)
+        with _ReadAhead(stream, self._readers) as chunks:
+            for chunk in chunks:
                 first = position // PAGE_SIZE
-                for start, end in changed_pages(chunk, first, src.delta):
-                    frame.write(chunk[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE])
-                    pages.add(start, end)
-            else:
-                frame.write(chunk)
-            position += n
-            self._progress.advance(n)
+                if src.delta is not None and pages is not None:
+                    # Unchanged pages are the parent's, checked when the parent stored them.
+                    whole.update(chunk)
+                    changed = changed_mask(chunk, first, src.delta)
+                    if check:
+                        bad_pages += self._check_pages(stream, chunk, first_block + first, changed)
+                    for start, end in page_ranges(changed, first):
+                        frame.write(chunk[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE])
+                        pages.add(start, end)
+                else:
+                    if check:
+                        bad_pages += self._check_pages(stream, chunk, first_block + first)
+                    frame.write(chunk)
+                position += len(chunk)
+                self._progress.advance(len(chunk))
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
         delta = src.delta
@@ -225,18 +237,54 @@ class FileCopier:
         )
         return entry, warnings
 
-    def _check_pages(self, stream: SourceStream, chunk: memoryview, first_block: int) -> list[int]:
+    def _check_pages(
+        self,
+        stream: SourceStream,
+        chunk: memoryview,
+        first_block: int,
+        only: np.ndarray | None = None,
+    ) -> list[int]:
         assert self._page_check_lsn is not None
-        failures = check_pages(chunk, first_block, self._page_check_lsn)
+        failures = check_pages(chunk, first_block, self._page_check_lsn, only)
         bad: list[int] = []
         for failure in failures:
             # A page being written while we read it can look torn: read it once more.
             in_file = (failure.block % RELSEG_PAGES) * PAGE_SIZE
-            again = os.pread(stream.fileno(), PAGE_SIZE, in_file)
+            again = pread_cached(stream.fileno(), PAGE_SIZE, in_file)
             if not check_pages(again, failure.block, self._page_check_lsn):
                 continue
             bad.append(failure.block % RELSEG_PAGES)
         return bad
+
+
+class _ReadAhead:
+    """A stream's bytes, READ_CHUNK at a time, the next chunk read on a helper thread while the
+    caller checks, hashes and compresses this one. The two buffers are page-aligned, as reads
+    with O_DIRECT need (drkit.fsutil.open_direct)."""
+
+    def __init__(self, stream: SourceStream, readers: ThreadPoolExecutor) -> None:
+        self._stream = stream
+        self._readers = readers
+        self._buffers = [memoryview(mmap.mmap(-1, READ_CHUNK)) for _ in range(2)]
+        self._pending: Future[int] | None = None
+
+    def __enter__(self) -> Iterator[memoryview]:
+        return self._chunks()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pending is not None:
+            wait([self._pending])  # the caller closes the stream next: no read may be in flight
+
+    def _chunks(self) -> Iterator[memoryview]:
+        turn = 0
+        self._pending = self._readers.submit(read_into, self._stream, self._buffers[turn])
+        while n := self._pending.result():
+            current = self._buffers[turn][:n]
+            turn ^= 1
+            self._pending = self._readers.submit(read_into, self._stream, self._buffers[turn])
+            yield current
 
 
 class _PageRanges:
@@ -253,7 +301,12 @@ class _PageRanges:
 
 
 def changed_pages(chunk: memoryview, first: int, delta: Delta) -> list[tuple[int, int]]:
-    """Block ranges of ``chunk`` (pages from block ``first``) a delta must store: pages written
+    """Block ranges of ``chunk`` (pages from block ``first``) a delta must store."""
+    return page_ranges(changed_mask(chunk, first, delta), first)
+
+
+def changed_mask(chunk: memoryview, first: int, delta: Delta) -> np.ndarray:
+    """Which pages of ``chunk`` (pages from block ``first``) a delta must store: pages written
     since the parent started (LSN at or after its start), new all-zero pages (PostgreSQL may
     have truncated and re-extended the file: never trust the parent's old page there), pages
     past the parent's end, and a trailing partial page."""
@@ -271,12 +324,15 @@ def changed_pages(chunk: memoryview, first: int, delta: Delta) -> list[tuple[int
     parent_blocks = delta.parent_size // PAGE_SIZE
     if first + len(changed) > parent_blocks:
         changed[max(0, parent_blocks - first) :] = True
-    ranges: list[tuple[int, int]] = []
-    index = np.flatnonzero(changed)
-    if index.size:
-        # split the sorted indices into runs of consecutive blocks
-        breaks = np.flatnonzero(np.diff(index) != 1)
-        starts = np.concatenate(([index[0]], index[breaks + 1]))
-        ends = np.concatenate((index[breaks], [index[-1]])) + 1
-        ranges = [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]
-    return ranges
+    return changed
+
+
+def page_ranges(mask: np.ndarray, first: int) -> list[tuple[int, int]]:
+    """The runs of consecutive True pages of ``mask`` as block ranges [start, end)."""
+    index = np.flatnonzero(mask)
+    if not index.size:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts = np.concatenate(([index[0]], index[breaks + 1]))
+    ends = np.concatenate((index[breaks], [index[-1]])) + 1
+    return [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]

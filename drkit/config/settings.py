@@ -266,6 +266,11 @@ class BackupSettings(_Section):
         description="large files are compressed in independent chunks of this size, which a"
         " restore decodes in parallel",
     )
+    direct_io: bool = Field(
+        True,
+        description="read relation files of 1 MiB or more with O_DIRECT: no copy through the page"
+        " cache (less CPU) and no eviction of the database's cached pages",
+    )
 
 
 class ArchiveSettings(_Section):

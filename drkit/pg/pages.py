@@ -67,9 +67,10 @@ class PageFailure:
 
 
 def check_pages(
-    data: bytes | memoryview, first_block: int, skip_from_lsn: int
+    data: bytes | memoryview, first_block: int, skip_from_lsn: int, only: np.ndarray | None = None
 ) -> list[PageFailure]:
-    """Validate every whole page in ``data``; ``first_block`` is the relation block number.
+    """Validate every whole page in ``data`` (or those ``only`` selects, a boolean mask of its
+    pages); ``first_block`` is the relation block number.
 
     Pages that are new (pd_upper == 0 and all zero) are valid. Pages whose LSN is at or after
     ``skip_from_lsn`` (the backup start) are not checked: PostgreSQL may be writing them right now
@@ -84,8 +85,9 @@ def check_pages(
     lsn = (header[:, 0].astype(np.uint64) << np.uint64(32)) | header[:, 1].astype(np.uint64)
     stored = (header[:, 2] & np.uint32(0xFFFF)).astype(np.uint16)
     upper = (header[:, 3] >> np.uint32(16)).astype(np.uint16)
-    candidates = (upper != 0) & (lsn < np.uint64(skip_from_lsn))
-    new_pages = upper == 0
+    selected = np.ones(len(pages), dtype=bool) if only is None else only[: len(pages)]
+    candidates = selected & (upper != 0) & (lsn < np.uint64(skip_from_lsn))
+    new_pages = selected & (upper == 0)
     # A "new" page must be entirely zero, otherwise it is damaged (PostgreSQL's rule too).
     bad_new = np.flatnonzero(new_pages)[pages[new_pages].any(axis=1)]
     failures: list[PageFailure] = []
