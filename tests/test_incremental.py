@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -266,3 +267,36 @@ def test_incr_checks_the_pages_it_stores(pg: PgCluster, workdir: Path) -> None:
     assert result.exit_code == 1, result.output
     assert f"page checksum failure in '{relpath}' block 3" in result.stderr
     assert dk.info()["backups"][-1]["bad_pages"] == 1
+
+
+def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir: Path) -> None:
+    import numpy as np
+
+    from drkit.progress import NoProgress
+    from drkit.repo.manifest import FileEntry
+    from drkit.restore.files import _PageWriter
+    from drkit.restore.plan import Layer
+
+    size = 9 * PAGE_SIZE + 100  # a trailing partial page
+    spans = [(1, 4), (6, 10)]  # the frame holds blocks 1-3 and 6-9 (9: the partial one)
+    frame = b"".join(bytes([block]) * PAGE_SIZE for block in (1, 2, 3, 6, 7, 8)) + b"\x09" * 100
+    mask = np.zeros(10, dtype=bool)
+    mask[[1, 3, 6, 7, 9]] = True  # block 2 and 8 come from a newer layer
+    entry = FileEntry(path="f", size=size, mode=0o600, mtime=0, sha256="", object="", offset=0,
+                      length=0, pages=spans)  # fmt: skip
+    path = workdir / "f"
+    path.write_bytes(b"\xff" * size)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        writer = _PageWriter(fd, Layer("b", entry, mask), spans, NoProgress())
+        for cut in range(0, len(frame), 5000):  # pieces that split pages anywhere
+            writer.feed(frame[cut : cut + 5000])
+        writer.close()
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    pages = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(10)]
+    for block in range(10):
+        expected = block if mask[block] else 0xFF
+        assert set(pages[block]) == {expected}, block
+    assert len(data) == size

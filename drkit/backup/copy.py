@@ -25,7 +25,7 @@ from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
 from drkit.fsutil import pread_cached, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
-from drkit.pg.pages import check_pages
+from drkit.pg.pages import check_pages, page_ranges
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, ObjectEntry
@@ -325,14 +325,3 @@ def changed_mask(chunk: memoryview, first: int, delta: Delta) -> np.ndarray:
     if first + len(changed) > parent_blocks:
         changed[max(0, parent_blocks - first) :] = True
     return changed
-
-
-def page_ranges(mask: np.ndarray, first: int) -> list[tuple[int, int]]:
-    """The runs of consecutive True pages of ``mask`` as block ranges [start, end)."""
-    index = np.flatnonzero(mask)
-    if not index.size:
-        return []
-    breaks = np.flatnonzero(np.diff(index) != 1)
-    starts = np.concatenate(([index[0]], index[breaks + 1]))
-    ends = np.concatenate((index[breaks], [index[-1]])) + 1
-    return [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]

@@ -100,3 +100,15 @@ def check_pages(
     for i in bad_new:
         failures.append(PageFailure(int(first_block + i), 0, int(stored[i])))
     return sorted(failures, key=lambda f: f.block)
+
+
+def page_ranges(mask: np.ndarray, first: int) -> list[tuple[int, int]]:
+    """The runs of consecutive True pages of ``mask`` as block ranges [start, end), where
+    ``mask[0]`` is block ``first``."""
+    index = np.flatnonzero(mask)
+    if not index.size:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts = np.concatenate(([index[0]], index[breaks + 1]))
+    ends = np.concatenate((index[breaks], [index[-1]])) + 1
+    return [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -40,6 +41,9 @@ class FileWriter:
         self._progress = progress
         self.events: list[str] = []
         self._lock = threading.Lock()
+        # Files assembled from a chain: how many writes (layers, chunks) are still to come; the
+        # worker doing the last one checks the file at once, while the other workers go on.
+        self._pending: dict[str, int] = {}
 
     def write(self, plans: list[FilePlan], workers: int) -> None:
         # Which layers each (backup, object) feeds, so each object is read exactly once; a large
@@ -60,11 +64,13 @@ class FileWriter:
         assembled = [p for p in plans if not p.simple]
         for plan in assembled:
             self._create(plan.entry)
+        for plan in assembled:
+            chunked = [len(layer.entry.chunks or []) for layer in plan.layers]
+            self._pending[plan.entry.path] = sum(n if n else 1 for n in chunked)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
             tasks.sort(key=lambda task: -task[0])
             list(pool.map(lambda task: task[1](), tasks))
-            list(pool.map(self._check_assembled, assembled))
         for plan in plans:
             path = self._path(plan.entry)
             os.chmod(path, plan.entry.mode)
@@ -105,6 +111,18 @@ class FileWriter:
             lambda repo: self._restore_object_from(repo, key, layers),
             lambda: self._undo(layers),
         )
+        for plan, _ in layers.values():
+            self._written(plan)
+
+    def _written(self, plan: FilePlan) -> None:
+        """One more layer (or chunk of one) of ``plan`` is in; check the file if it was the last."""
+        if plan.simple:
+            return
+        with self._lock:
+            self._pending[plan.entry.path] -= 1
+            complete = self._pending[plan.entry.path] == 0
+        if complete:
+            self._check_assembled(plan)
 
     def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
@@ -120,6 +138,7 @@ class FileWriter:
             lambda repo: self._write_chunk(repo, plan, layer, index),
             lambda: None,  # a chunk is written in place again from the next copy
         )
+        self._written(plan)
 
     def _write_chunk(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
         try:
@@ -165,12 +184,12 @@ class FileWriter:
                         self._progress.advance(len(piece))
                     start_writeback(fd, plain_start, position - plain_start)
                 else:
-                    block = plain_start // PAGE_SIZE
-                    for page in _pages(pieces()):
-                        if _selected(layer, block):
-                            os.pwrite(fd, page, block * PAGE_SIZE)
-                            self._progress.advance(len(page))
-                        block, position = block + 1, position + len(page)
+                    first = plain_start // PAGE_SIZE
+                    pages = _PageWriter(fd, layer, [(first, _blocks(plain_end))], self._progress)
+                    for piece in pieces():
+                        pages.feed(piece)
+                        position += len(piece)
+                    pages.close()
         finally:
             os.close(fd)
         if position != plain_end or digest.hexdigest() != sha256:
@@ -238,19 +257,20 @@ class FileWriter:
         """Write the pages of ``layer``'s frame that its mask selects, at their block offsets."""
         fd = os.open(self._path(entry), os.O_WRONLY)
         try:
-            blocks = layer.blocks()
-            for block, page in zip(blocks, _pages(chunks), strict=False):
-                if _selected(layer, block):
-                    os.pwrite(fd, page, block * PAGE_SIZE)
-                    self._progress.advance(len(page))
+            spans = layer.entry.pages or [(0, _blocks(layer.entry.size))]
+            pages = _PageWriter(fd, layer, spans, self._progress)
+            for chunk in chunks:
+                pages.feed(chunk)
+            pages.close()
         finally:
             os.close(fd)
 
     def _check_assembled(self, plan: FilePlan) -> None:
         digest = hashlib.sha256()
-        with open(self._path(plan.entry), "rb") as f:
-            while chunk := f.read(1024 * 1024):
-                digest.update(chunk)
+        buffer = bytearray(4 * 1024 * 1024)
+        with open(self._path(plan.entry), "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(memoryview(buffer)[:n])
         if digest.hexdigest() != plan.entry.sha256:
             owners = ", ".join(layer.owner for layer in plan.layers)
             raise IntegrityError(
@@ -258,20 +278,54 @@ class FileWriter:
             )
 
 
-def _selected(layer: Layer, block: int) -> bool:
-    """Whether ``layer`` writes page ``block`` (the newest layer that has a page writes it)."""
-    return layer.mask is None or (block < len(layer.mask) and bool(layer.mask[block]))
+class _PageWriter:
+    """Writes the pages of one layer's frame that the layer's mask selects (the newest layer that
+    has a page writes it), a run of consecutive pages per pwrite. The frame's plaintext arrives in
+    pieces of any size; ``spans`` are the block ranges it holds, in frame order."""
+
+    def __init__(
+        self, fd: int, layer: Layer, spans: list[tuple[int, int]], progress: Progress
+    ) -> None:
+        assert layer.mask is not None  # every layer of an assembled file has one
+        self._fd = fd
+        self._mask = layer.mask
+        self._spans = deque(spans)
+        self._carry = b""
+        self._progress = progress
+
+    def feed(self, piece: bytes) -> None:
+        data = self._carry + piece if self._carry else piece
+        view, used = memoryview(data), 0
+        pages = len(data) // PAGE_SIZE
+        while pages and self._spans:
+            start, end = self._spans[0]
+            n = min(pages, end - start)
+            self._write(start, view[used : used + n * PAGE_SIZE])
+            used, pages = used + n * PAGE_SIZE, pages - n
+            if start + n == end:
+                self._spans.popleft()
+            else:
+                self._spans[0] = (start + n, end)
+        self._carry = bytes(view[used:])
+
+    def close(self) -> None:
+        """Write a trailing partial page (a file whose size is not a multiple of the page)."""
+        if self._carry and self._spans:
+            self._write(self._spans[0][0], memoryview(self._carry))
+
+    def _write(self, first: int, data: memoryview) -> None:
+        """``data`` holds the pages from block ``first`` on: write the selected runs."""
+        from drkit.pg.pages import page_ranges  # numpy: only files assembled from a chain
+
+        count = -(-len(data) // PAGE_SIZE)
+        for start, end in page_ranges(self._mask[first : first + count], first):
+            run = data[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE]
+            self._progress.advance(len(run))
+            offset = start * PAGE_SIZE
+            while run:
+                written = os.pwrite(self._fd, run, offset)
+                run, offset = run[written:], offset + written
 
 
-def _pages(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Re-cut a stream of chunks into pages (the last one may be short)."""
-    carry = b""
-    for chunk in chunks:
-        data = carry + chunk if carry else chunk
-        whole = len(data) - len(data) % PAGE_SIZE
-        view = memoryview(data)
-        for offset in range(0, whole, PAGE_SIZE):
-            yield bytes(view[offset : offset + PAGE_SIZE])
-        carry = bytes(view[whole:])
-    if carry:
-        yield carry
+def _blocks(size: int) -> int:
+    return -(-size // PAGE_SIZE)

@@ -9,7 +9,6 @@ frames of different backups can be restored in parallel, in any order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,14 +27,6 @@ class Layer:
     owner: str  # backup whose key and context decode the frame
     entry: FileEntry  # the frame's location and kind (whole or delta)
     mask: np.ndarray | None  # bool per block of the file: the pages this layer writes (None: all)
-
-    def blocks(self) -> Iterator[int]:
-        """Block number of each page in the frame, in frame order."""
-        if self.entry.pages is None:
-            yield from range(_blocks(self.entry.size))
-        else:
-            for start, end in self.entry.pages:
-                yield from range(start, end)
 
 
 @dataclass
