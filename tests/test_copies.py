@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit, start_restored
 from rig.postgres import PgCluster, chown_to_server_user, database_checksums
+from rig.servers import S3Server
+
+from drkit.config.settings import load_settings
+from drkit.replicate.fanout import FanOut
+from drkit.repo.label import BackupLabel
+from drkit.repo.open import open_repository
 
 
 @pytest.fixture
@@ -40,10 +49,73 @@ def two_repos(pg: PgCluster, workdir: Path, s3, monkeypatch: pytest.MonkeyPatch)
     return dk
 
 
-def test_backup_fans_out_and_restores_from_s3_alone(two_repos: Drkit, workdir: Path) -> None:
+def s3_keys(s3: S3Server, dk: Drkit) -> Callable[[], list[str]]:
+    """Lists the keys below backup/ in the S3 repository of ``dk`` (relative to its prefix)."""
+    client, repo = s3.client(), dk.extra_repos[0]
+    base = f"{repo['prefix']}/"
+
+    def keys() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=repo["bucket"], Prefix=f"{base}backup/"
+        )
+        return sorted(o["Key"][len(base) :] for page in pages for o in page.get("Contents", []))
+
+    return keys
+
+
+def slow_backup(dk: Drkit) -> None:
+    """About 80 MiB more in a dozen tables, each its own data object, stored one after another
+    (one worker): a backup that runs for seconds after its first object is committed."""
+    dk.cluster.psql(
+        ";".join(
+            f"CREATE TABLE filler{i} AS SELECT g, md5(random()::text) AS v"
+            " FROM generate_series(1, 100000) g"
+            for i in range(12)
+        )
+    )
+    dk.backup["process_max"] = 1
+    dk.write_config()
+
+
+def streamed_while_running(
+    proc: subprocess.Popen[str], keys: Callable[[], list[str]], dk: Drkit
+) -> str:
+    """Wait until a data object of the running backup is in S3 while the backup is not complete
+    in the primary; returns the backup's label."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        data = [k for k in keys() if "/data/" in k]
+        if data:
+            label = data[0].split("/")[1]
+            # Looked at after S3: the object was there before the backup was listed anywhere.
+            assert not (dk.repo_path / "backup" / label / "manifest").exists()
+            return label
+        time.sleep(0.02)
+    raise AssertionError(f"no object was streamed while the backup ran: {proc.communicate()}")
+
+
+def listed_in(dk: Drkit, repo: str) -> dict[str, Any]:
+    """``drkit info --repo REPO --json``: what that repository lists (and its leftovers)."""
+    result = dk.run("info", "--repo", repo, "--json")
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_backup_fans_out_and_restores_from_s3_alone(
+    two_repos: Drkit, workdir: Path, s3: S3Server
+) -> None:
     dk, pg = two_repos, two_repos.cluster
-    label = json.loads(dk.ok("backup", "--json").stdout)["label"]
+    backup = json.loads(dk.ok("backup", "--json").stdout)
+    label = backup["label"]
     expected = database_checksums(pg)
+    # Data objects were streamed to S3 while the backup ran; the final copy added the rest (the
+    # key record and the manifest, at least) and copied nothing twice.
+    [copy] = backup["copies"]
+    assert copy["repo"] == "s3-eu" and copy["copied_backups"] == [label]
+    assert copy["error"] is None and copy["stream_error"] is None
+    assert copy["streamed"] >= 1 and copy["objects"] >= 2
+    in_s3 = [k for k in s3_keys(s3, dk)() if k.startswith(f"backup/{label}/")]
+    assert copy["streamed"] + copy["objects"] == len(in_s3)
     info = dk.info()
     copies = info["backups"][0]["copies"]
     assert copies == {
@@ -135,6 +207,21 @@ def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Pat
     holders = {b["label"]: b["copies"]["repos"] for b in dk.info()["backups"]}
     assert holders == {old: ["local"], new: ["local", "vault-room"]}
 
+    # A backup's fan-out streams data objects before the target's retention can decide; when it
+    # drops the backup at once, what was streamed is deleted again (here: the old full, streamed
+    # after the fact).
+    settings = load_settings(dk.config)
+    primary = open_repository(settings)
+    manifest, _ = primary.load_manifest(BackupLabel(old))
+    with FanOut(settings, primary) as fanout:
+        fanout.start(int(manifest.system_identifier))
+        for obj in manifest.objects:
+            fanout.committed(obj)
+        [copy] = fanout.finish(BackupLabel(old)).repos
+    assert copy.error is None and copy.copied_backups == [] and copy.streamed >= 1
+    assert not [p for p in (second / "backup").rglob("*") if p.is_file() and old in str(p)]
+    assert [b["label"] for b in listed_in(dk, "vault-room")["backups"]] == [new]
+
 
 def test_wal_fetch_falls_back_to_the_s3_copy(two_repos: Drkit, workdir: Path) -> None:
     dk, pg = two_repos, two_repos.cluster
@@ -183,3 +270,76 @@ def test_async_archiving_keeps_the_other_repository_within_bounded_lag(
         time.sleep(0.5)
     for name in names:
         assert (workdir / "second" / "wal" / name[:8] / name).is_file()
+
+
+def test_killed_backup_is_never_listed_in_s3_and_the_next_backup_removes_its_objects(
+    two_repos: Drkit, s3: S3Server
+) -> None:
+    dk = two_repos
+    slow_backup(dk)
+    keys = s3_keys(s3, dk)
+    proc = dk.spawn("backup")
+    try:
+        label = streamed_while_running(proc, keys, dk)
+        # The S3 repository's backup lock is held while objects stream there: no replicate (and
+        # no prune) sees the half-copied backup.
+        busy = json.loads(dk.run("replicate", "--json").stdout)["repos"][0]["error"]
+        assert "another backup is already running" in busy
+    finally:
+        proc.kill()
+        proc.wait()
+    left = keys()
+    assert left and all(k.startswith(f"backup/{label}/data/") for k in left)
+    in_s3 = listed_in(dk, "s3-eu")
+    assert in_s3["backups"] == [] and in_s3["incomplete"] == [label]
+
+    # The next backup removes the leftovers from every repository, as from the primary.
+    result = dk.run("backup", "--json")
+    assert result.exit_code == 0, result.output
+    assert f"removed the objects of incomplete backup '{label}'" in result.stderr
+    backup = json.loads(result.stdout)
+    assert backup["label"] != label  # never reused, even in the same second
+    [copy] = backup["copies"]
+    assert copy["removed_leftovers"] == [label] and copy["error"] is None
+    assert not [k for k in keys() if k.startswith(f"backup/{label}/")]
+    assert listed_in(dk, "s3-eu")["incomplete"] == []
+
+
+def test_failed_backup_takes_back_what_it_streamed(two_repos: Drkit, s3: S3Server) -> None:
+    dk, pg = two_repos, two_repos.cluster
+    slow_backup(dk)
+    keys = s3_keys(s3, dk)
+    proc = dk.spawn("backup")
+    streamed_while_running(proc, keys, dk)
+    pg.stop("immediate")  # PostgreSQL is gone before pg_backup_stop: the backup fails
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 4, stderr
+    assert keys() == []  # everything streamed was deleted again
+    in_s3 = listed_in(dk, "s3-eu")
+    assert in_s3["backups"] == [] and in_s3["incomplete"] == []
+
+
+def test_s3_down_during_the_backup_then_replicate_completes_the_copy(
+    two_repos: Drkit, s3: S3Server
+) -> None:
+    dk = two_repos
+    slow_backup(dk)
+    keys = s3_keys(s3, dk)
+    proc = dk.spawn("backup", "--json")
+    label = streamed_while_running(proc, keys, dk)
+    s3.stop()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr  # the warning code: committed, not copied
+    assert f"backup {label} is not yet copied to repository 's3-eu'" in stderr
+    [copy] = json.loads(stdout)["copies"]
+    assert "unable to reach S3 repository 's3-eu'" in copy["error"]
+    assert copy["stream_error"] is not None and copy["copied_backups"] == []
+    assert [b["label"] for b in dk.info()["backups"]] == [label]
+
+    s3.start()
+    assert listed_in(dk, "s3-eu")["backups"] == []  # only data objects landed: nothing listed
+    report = json.loads(dk.ok("replicate", "--json").stdout)["repos"][0]
+    assert report["copied_backups"] == [label]
+    stored = [p for p in (dk.repo_path / "backup" / label).rglob("*") if p.is_file()]
+    assert report["objects"] < len(stored)  # what was streamed before the outage stays
+    assert dk.run("verify", "--repo", "s3-eu").exit_code == 0

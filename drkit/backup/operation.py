@@ -2,7 +2,9 @@
 
 Order matters and is the repository's invariant: data objects, then the key record, then the
 manifest. Until the manifest is written nothing is listed, so a backup killed at any point leaves
-only unlisted leftovers, which the next backup removes under the same lock.
+only unlisted leftovers, which the next backup removes under the same lock. The other
+repositories get the same order: each data object is streamed to them as soon as it is committed
+here (drkit/replicate/fanout.py), the key record and manifest only once the backup is complete.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from functools import partial
 from pathlib import Path
 
 from drkit import __version__
-from drkit.backup.copy import CopyResult, Delta, FileCopier, Source
+from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import Settings
 from drkit.errors import IntegrityError, PostgresError
+from drkit.fsutil import open_direct
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
@@ -32,7 +35,8 @@ from drkit.pg.wal import (
 )
 from drkit.pg.walk import PgdataListing, walk_pgdata
 from drkit.progress import NoProgress, Progress
-from drkit.replicate.operation import ReplicateOperation, ReplicationReport
+from drkit.replicate.fanout import FanOut
+from drkit.replicate.operation import ReplicationReport
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (
@@ -71,53 +75,62 @@ class BackupOperation:
 
     def run(self) -> BackupResult:
         repo = open_repository(self.settings)
-        with (
-            PgSession(self.settings.postgres) as session,
-            operation_lock(self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"),
-        ):
-            # Check the cluster and the repository, find the parent of a diff/incr
-            cluster = self._check_cluster(session)
-            repo.check(cluster.system_identifier)
-            removed = self._remove_leftovers(repo)
-            parent, notice = self._choose_parent(repo, cluster)
-            taken = _Taken(self._new_label(repo, parent), parent, cluster)
-            data_key = repo.keys.new_data_key()
+        with FanOut(self.settings, repo) as fanout:  # the other repositories, while we run
+            with (
+                PgSession(self.settings.postgres) as session,
+                operation_lock(
+                    self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"
+                ),
+            ):
+                # Check the cluster and the repository, find the parent of a diff/incr
+                cluster = self._check_cluster(session)
+                repo.check(cluster.system_identifier)
+                removed = self._remove_leftovers(repo)
+                parent, notice = self._choose_parent(repo, cluster)
+                taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
+                data_key = repo.keys.new_data_key()
 
-            # Start the backup, keeping its WAL in pg_wal until we have copied it
-            session.reserve_wal()
-            taken.start_lsn = session.start_backup(
-                str(taken.label), self.settings.backup.start_fast, cluster.version_num
-            )
-            taken.tablespaces = session.tablespaces()
-            copier = FileCopier(
-                repo,
-                taken.label,
-                data_key.plaintext,
-                self.settings.backup,
-                self.progress,
-                page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
-            )
+                # Stream each data object to the other repositories once it is committed here
+                fanout.start(cluster.system_identifier)
 
-            # Copy PGDATA and tablespaces: whole files, changed pages, or references to the parent
-            taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-            sources, unchanged = plan_sources(taken.listing, cluster, parent)
-            self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
-            taken.add(copier.copy(sources))
-            taken.copied.files += unchanged
+                # Start the backup, keeping its WAL in pg_wal until we have copied it
+                session.reserve_wal()
+                taken.start_lsn = session.start_backup(
+                    str(taken.label), self.settings.backup.start_fast, cluster.version_num
+                )
+                taken.tablespaces = session.tablespaces()
+                copier = FileCopier(
+                    repo,
+                    taken.label,
+                    data_key.plaintext,
+                    self.settings.backup,
+                    self.progress,
+                    page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
+                    on_commit=fanout.committed,
+                )
 
-            # Stop the backup and copy the WAL that makes it consistent
-            taken.stop = session.stop_backup(cluster.version_num)
-            taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
-            self.progress.stop()
+                # Copy PGDATA and tablespaces: whole files, changed pages, or references
+                taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
+                sources, unchanged = plan_sources(
+                    taken.listing, cluster, parent, self.settings.backup.direct_io
+                )
+                self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
+                taken.add(copier.copy(sources))
+                taken.copied.files += unchanged
 
-            # Complete the backup: key record, then the manifest (which makes it visible)
-            key_record = repo.write_key_record(taken.label, data_key.record)
-            manifest = self._manifest(taken, key_record)
-            repo.write_manifest(manifest, data_key.plaintext)
+                # Stop the backup and copy the WAL that makes it consistent
+                taken.stop = session.stop_backup(cluster.version_num)
+                taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
+                self.progress.stop()
+
+                # Complete the backup: key record, then the manifest (which makes it visible)
+                key_record = repo.write_key_record(taken.label, data_key.record)
+                manifest = self._manifest(taken, key_record)
+                repo.write_manifest(manifest, data_key.plaintext)
+
+            # Fan out the rest: data objects not streamed yet, key records, the manifest last
+            copies = fanout.finish(taken.label)
         warnings = taken.copied.warnings
-
-        # Fan out: copies for the other repositories, made from the primary's objects
-        copies = ReplicateOperation(self.settings, [taken.label]).run()
         for failed in copies.repos:
             if failed.error is not None:
                 warnings.append(
@@ -183,12 +196,16 @@ class BackupOperation:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
         return parent, None
 
-    def _new_label(self, repo: Repository, parent: Manifest | None) -> BackupLabel:
+    def _new_label(
+        self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
+    ) -> BackupLabel:
+        """A label no backup has used: not even a leftover just removed here, whose streamed
+        objects another repository may still hold until the fan-out removes them."""
         kind = self.kind if parent is not None else BackupType.FULL
         full = BackupLabel(parent.label) if parent is not None else None
         while True:
             label = BackupLabel.new(kind, datetime.now(UTC), full)
-            if not repo.label_in_use(label):
+            if label not in removed and not repo.label_in_use(label):
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one
 
@@ -297,7 +314,7 @@ def _tablespace_dir(cluster: ClusterInfo) -> str:
 
 
 def plan_sources(
-    listing: PgdataListing, cluster: ClusterInfo, parent: Manifest | None
+    listing: PgdataListing, cluster: ClusterInfo, parent: Manifest | None, direct_io: bool
 ) -> tuple[list[Source], list[FileEntry]]:
     """What to read for each file: whole, only changed pages, or nothing (a reference).
 
@@ -322,7 +339,8 @@ def plan_sources(
         delta = None
         if old and parent and segment is not None and _is_main_fork(f.path):
             delta = Delta(since_lsn=since_lsn, parent_size=old.size, base=parent.label)
-        opener = partial(_open_file, f.abspath)
+        direct = direct_io and segment is not None and f.size >= READ_CHUNK
+        opener = partial(open_direct if direct else _open_file, f.abspath)
         sources.append(
             Source(
                 f.path,

@@ -68,6 +68,7 @@ def command(
                 "start_lsn": m.start_lsn,
                 "stop_lsn": m.stop_lsn,
                 "warnings": result.warnings,
+                "copies": [r.__dict__ for r in result.copies.repos] if result.copies else [],
             }
         )
     else:

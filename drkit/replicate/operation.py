@@ -6,14 +6,18 @@ primary's objects — the same encrypted bytes, no re-encryption — in the repo
 target. Every copied data object is checked against the SHA-256 the manifest recorded for it
 (computed while it is written to the target), key records and manifests against the bytes read.
 Each completed copy is recorded in the primary as a write-once copy record. WAL objects and WAL
-key records are caught up the same way.
+key records are caught up the same way. A backup streams its data objects to the other
+repositories while it runs (drkit/replicate/fanout.py); its final copy here then skips what is
+already there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +39,11 @@ class RepoReplication:
     repo: str
     copied_backups: list[str] = field(default_factory=list)
     copied_wal: int = 0
+    objects: int = 0  # objects of backups copied (data not streamed, key records, manifests)
     bytes: int = 0
+    streamed: int = 0  # data objects a backup's fan-out copied while the backup ran
+    stream_error: str | None = None  # why the fan-out stopped streaming to this repository
+    removed_leftovers: list[str] = field(default_factory=list)  # by a backup's fan-out
     wal_lag: dict[int, int] = field(default_factory=dict)  # timeline -> segments behind
     error: str | None = None  # the repository could not be brought up to date
 
@@ -61,8 +69,10 @@ class Replicator:
         have = set(self.target.backups())
         return [label for label in self.primary.backups() if label not in have]
 
-    def copy_backup(self, label: BackupLabel) -> int:
-        """Copy one backup, manifest last; returns the bytes copied."""
+    def copy_backup(self, label: BackupLabel) -> tuple[int, int]:
+        """Copy one backup, manifest last, except the objects the target already has (streamed
+        by the backup's fan-out, or left by an interrupted copy: same key and size); returns
+        how many objects and bytes were copied."""
         manifest, _ = self.primary.load_manifest(label)
         expected = {o.key: o.sha256 for o in manifest.objects}
         present = {o.key: o.size for o in self.target.storage.list(f"{BACKUP_PREFIX}{label}/")}
@@ -74,13 +84,11 @@ class Replicator:
         data = [o for o in objects if "/data/" in o.key]
         keys = [o for o in objects if "/key/" in o.key]
         rest = [o for o in objects if o not in data and o not in keys]  # the manifest
-        total = 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
-            total += sum(pool.map(lambda o: self._copy(o.key, expected.get(o.key)), data))
-        for obj in keys + rest:
-            total += self._copy(obj.key, None)
+            sizes = list(pool.map(lambda o: self.copy_object(o.key, expected.get(o.key)), data))
+        sizes += [self.copy_object(obj.key, None) for obj in keys + rest]
         self._record_copy(label)
-        return total
+        return len(sizes), sum(sizes)
 
     def copy_wal(self, skip: list[WalCut]) -> int:
         """Copy archived WAL and WAL key records the target lacks (except WAL its retention
@@ -94,7 +102,7 @@ class Replicator:
                 if o.key not in present and not _pruned(o.key, skip)
             ]
             with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
-                list(pool.map(lambda key: self._copy(key, None), todo))
+                list(pool.map(lambda key: self.copy_object(key, None), todo))
             copied += len(todo) if prefix == "wal/" else 0
         return copied
 
@@ -108,7 +116,10 @@ class Replicator:
                 lag[timeline] = lag.get(timeline, 0) + 1
         return lag
 
-    def _copy(self, key: str, expected_sha256: str | None) -> int:
+    def copy_object(self, key: str, expected_sha256: str | None) -> int:
+        """Copy one object, the same bytes, checked: the SHA-256 read from the primary must be
+        ``expected_sha256`` (when given) and the target's written SHA-256 the same; returns its
+        size. Raises IntegrityError on a mismatch, leaving no copy behind."""
         source_hash = hashlib.sha256()
         with (
             self.primary.storage.open_read(key) as source,
@@ -127,6 +138,8 @@ class Replicator:
                 )
             written = writer.commit()
         if written.sha256 != want:
+            with suppress(DrkitError):  # never leave a bad copy a later run would skip
+                self.target.storage.delete(key)
             raise IntegrityError(f"copy of '{key}' to '{self.target.name}' differs from the source")
         return written.size
 
@@ -145,9 +158,15 @@ def _pruned(key: str, cuts: list[WalCut]) -> bool:
 class ReplicateOperation:
     """`drkit replicate`: catch every other repository up with the primary."""
 
-    def __init__(self, settings: Settings, labels: list[BackupLabel] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        labels: list[BackupLabel] | None = None,
+        held_locks: Collection[str] = (),
+    ) -> None:
         self.settings = settings
         self.labels = labels  # only these backups (the fan-out after a backup); None: all
+        self.held_locks = held_locks  # repositories whose backup lock the caller already holds
 
     def run(self) -> ReplicationReport:
         primary = open_repository(self.settings)
@@ -158,10 +177,18 @@ class ReplicateOperation:
             report.repos.append(result)
             try:
                 target = open_repository(self.settings, repo_settings.name)
-                self._replicate(primary, target, repo_settings, result)
+                with self._lock(repo_settings):
+                    self._replicate(primary, target, repo_settings, result)
             except DrkitError as exc:
                 result.error = str(exc)
         return report
+
+    def _lock(self, target: RepoSettings) -> AbstractContextManager[object]:
+        """The target's backup lock: a prune there must never see a half-copied backup. A
+        backup's fan-out holds it already, from the first streamed object to its final copy."""
+        if target.name in self.held_locks:
+            return nullcontext()
+        return operation_lock(self.settings.lock_path, repo_location(target), "backup")
 
     def _replicate(
         self,
@@ -170,23 +197,24 @@ class ReplicateOperation:
         target_settings: RepoSettings,
         result: RepoReplication,
     ) -> None:
+        """Bring one target up to date; the caller holds the target's backup lock."""
         fmt = primary.check()
-        # The target's backup lock: a prune there must never see a half-copied backup.
-        with operation_lock(self.settings.lock_path, repo_location(target_settings), "backup"):
-            target.check(int(fmt.system_identifier))  # never created here: 'drkit init' does
-            replicator = Replicator(primary, target, self.settings.backup.process_max)
-            wanted = replicator.missing_backups()
-            if self.labels is not None:
-                wanted = [label for label in wanted if label in self.labels]
-            decision = self._target_policy(primary, target_settings, wanted)
-            dropped = set(decision.delete) if decision else set()
-            for label in wanted:
-                if str(label) in dropped:
-                    continue  # the target's retention would prune it right away
-                result.bytes += replicator.copy_backup(label)
-                result.copied_backups.append(str(label))
-            result.copied_wal = replicator.copy_wal(decision.wal if decision else [])
-            result.wal_lag = replicator.wal_lag()
+        target.check(int(fmt.system_identifier))  # never created here: 'drkit init' does
+        replicator = Replicator(primary, target, self.settings.backup.process_max)
+        wanted = replicator.missing_backups()
+        if self.labels is not None:
+            wanted = [label for label in wanted if label in self.labels]
+        decision = self._target_policy(primary, target_settings, wanted)
+        dropped = set(decision.delete) if decision else set()
+        for label in wanted:
+            if str(label) in dropped:
+                continue  # the target's retention would prune it right away
+            objects, size = replicator.copy_backup(label)
+            result.objects += objects
+            result.bytes += size
+            result.copied_backups.append(str(label))
+        result.copied_wal = replicator.copy_wal(decision.wal if decision else [])
+        result.wal_lag = replicator.wal_lag()
 
     def _target_policy(
         self, primary: Repository, target: RepoSettings, wanted: list[BackupLabel]
