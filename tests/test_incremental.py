@@ -291,7 +291,6 @@ def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir:
         writer = _PageWriter(fd, Layer("b", entry, mask), spans, NoProgress())
         for cut in range(0, len(frame), 5000):  # pieces that split pages anywhere
             writer.feed(frame[cut : cut + 5000])
-        writer.close()
     finally:
         os.close(fd)
     data = path.read_bytes()

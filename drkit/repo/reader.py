@@ -8,7 +8,7 @@ files after it in the same bundle are still read and reported on their own.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -67,12 +67,15 @@ def read_object(
     consume: Callable[[FileEntry, Iterator[bytes]], None],
     *,
     check_object: bool = True,
+    checked_later: Collection[str] = (),
 ) -> list[FileOutcome]:
     """Decode every file of ``entries`` (all stored in ``obj``) and hand its plaintext chunks to
-    ``consume``, which must iterate them fully. Checks each file's size and sha256, and with
-    ``check_object`` the object's own size and sha256 (verify does; a restore need not: every
-    byte it uses is in an authenticated frame). Returns one outcome per file; an error reading
-    the object itself (it is missing, shorter) marks the remaining files failed."""
+    ``consume``, which must iterate them fully. Checks each file's size and sha256 (only the
+    size for the paths in ``checked_later``: a restore checks the whole file it assembles from
+    several frames once it is complete), and with ``check_object`` the object's own size and
+    sha256 (verify does; a restore need not: every byte it uses is in an authenticated frame).
+    Returns one outcome per file; an error reading the object itself (it is missing, shorter)
+    marks the remaining files failed."""
     outcomes: list[FileOutcome] = []
     pending = sorted(entries, key=lambda e: e.offset)
     with storage.open_read(obj.key) as raw:
@@ -93,7 +96,7 @@ def read_object(
                     file_context(label, entry.path),
                     zstd_frames=len(entry.chunks or [None]),
                 )
-                consume(entry, _checked(entry, chunks))
+                consume(entry, _checked(entry, chunks, entry.path not in checked_later))
             except DrkitError as exc:
                 error = exc
             try:
@@ -112,12 +115,15 @@ def read_object(
     return outcomes
 
 
-def _checked(entry: FileEntry, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    digest = hashlib.sha256()
+def _checked(entry: FileEntry, chunks: Iterator[bytes], hashing: bool) -> Iterator[bytes]:
+    digest = hashlib.sha256() if hashing else None
     size = 0
     for chunk in chunks:
-        digest.update(chunk)
+        if digest is not None:
+            digest.update(chunk)
         size += len(chunk)
         yield chunk
-    if size != entry.payload_size or digest.hexdigest() != entry.payload_sha256:
+    if size != entry.payload_size or (
+        digest is not None and digest.hexdigest() != entry.payload_sha256
+    ):
         raise IntegrityError(f"checksum mismatch in '{entry.path}'")

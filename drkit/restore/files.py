@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drkit.codec.frame import HEADER_SIZE, chunk_span, decode_chunk, payload_length
 from drkit.errors import DrkitError, IntegrityError
@@ -26,6 +27,9 @@ from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
 from drkit.repo.repository import Repository, file_context
 from drkit.restore.plan import Chain, FilePlan, Layer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class FileWriter:
@@ -169,7 +173,8 @@ class FileWriter:
             for piece in decode_chunk(
                 header, stream.read, entry.length, dek, context, payload_start, payload_end
             ):
-                digest.update(piece)
+                if plan.simple:  # an assembled file is checked whole once complete
+                    digest.update(piece)
                 yield piece
 
         fd = os.open(self._path(plan.entry), os.O_WRONLY)
@@ -189,10 +194,9 @@ class FileWriter:
                     for piece in pieces():
                         pages.feed(piece)
                         position += len(piece)
-                    pages.close()
         finally:
             os.close(fd)
-        if position != plain_end or digest.hexdigest() != sha256:
+        if position != plain_end or (plan.simple and digest.hexdigest() != sha256):
             raise IntegrityError(f"checksum mismatch in chunk {index} of '{entry.path}'")
 
     def _undo(self, layers: dict[str, tuple[FilePlan, Layer]]) -> None:
@@ -222,6 +226,7 @@ class FileWriter:
             owner,
             consume,
             check_object=False,
+            checked_later=[path for path, (plan, _) in layers.items() if not plan.simple],
         )
         for outcome in outcomes:
             if outcome.error is not None:
@@ -261,7 +266,6 @@ class FileWriter:
             pages = _PageWriter(fd, layer, spans, self._progress)
             for chunk in chunks:
                 pages.feed(chunk)
-            pages.close()
         finally:
             os.close(fd)
 
@@ -280,51 +284,60 @@ class FileWriter:
 
 class _PageWriter:
     """Writes the pages of one layer's frame that the layer's mask selects (the newest layer that
-    has a page writes it), a run of consecutive pages per pwrite. The frame's plaintext arrives in
-    pieces of any size; ``spans`` are the block ranges it holds, in frame order."""
+    has a page writes it), one pwrite per run of pages consecutive both in the frame and in the
+    file. ``spans`` are the block ranges the frame holds, in frame order; its plaintext arrives
+    in pieces of any size, which may cut a run anywhere."""
 
     def __init__(
         self, fd: int, layer: Layer, spans: list[tuple[int, int]], progress: Progress
     ) -> None:
         assert layer.mask is not None  # every layer of an assembled file has one
         self._fd = fd
-        self._mask = layer.mask
-        self._spans = deque(spans)
-        self._carry = b""
+        self._runs = _selected_runs(layer.mask, spans)
+        self._offset = 0  # of the next piece in the frame's plaintext
         self._progress = progress
 
     def feed(self, piece: bytes) -> None:
-        data = self._carry + piece if self._carry else piece
-        view, used = memoryview(data), 0
-        pages = len(data) // PAGE_SIZE
-        while pages and self._spans:
-            start, end = self._spans[0]
-            n = min(pages, end - start)
-            self._write(start, view[used : used + n * PAGE_SIZE])
-            used, pages = used + n * PAGE_SIZE, pages - n
-            if start + n == end:
-                self._spans.popleft()
-            else:
-                self._spans[0] = (start + n, end)
-        self._carry = bytes(view[used:])
+        view, start, end = memoryview(piece), self._offset, self._offset + len(piece)
+        while self._runs:
+            first_page, block, count = self._runs[0]
+            run_start, run_end = first_page * PAGE_SIZE, (first_page + count) * PAGE_SIZE
+            if run_start >= end:
+                break
+            a, b = max(run_start, start), min(run_end, end)
+            data, offset = view[a - start : b - start], block * PAGE_SIZE + a - run_start
+            self._progress.advance(len(data))
+            while data:
+                written = os.pwrite(self._fd, data, offset)
+                data, offset = data[written:], offset + written
+            if b < run_end:
+                break  # the rest of this run comes with the next piece
+            self._runs.popleft()
+        self._offset = end
 
-    def close(self) -> None:
-        """Write a trailing partial page (a file whose size is not a multiple of the page)."""
-        if self._carry and self._spans:
-            self._write(self._spans[0][0], memoryview(self._carry))
 
-    def _write(self, first: int, data: memoryview) -> None:
-        """``data`` holds the pages from block ``first`` on: write the selected runs."""
-        from drkit.pg.pages import page_ranges  # numpy: only files assembled from a chain
+def _selected_runs(mask: np.ndarray, spans: list[tuple[int, int]]) -> deque[tuple[int, int, int]]:
+    """(first page in the frame, first block in the file, pages) of each run of selected pages
+    that is consecutive in the frame and in the file."""
+    import numpy as np  # only files assembled from a chain get here
 
-        count = -(-len(data) // PAGE_SIZE)
-        for start, end in page_ranges(self._mask[first : first + count], first):
-            run = data[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE]
-            self._progress.advance(len(run))
-            offset = start * PAGE_SIZE
-            while run:
-                written = os.pwrite(self._fd, run, offset)
-                run, offset = run[written:], offset + written
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    lengths = np.array([b - a for a, b in spans], dtype=np.int64)
+    frame_starts = np.cumsum(lengths) - lengths
+    # the block of every page of the frame
+    blocks = np.repeat(starts - frame_starts, lengths) + np.arange(int(lengths.sum()))
+    selected = np.zeros(len(blocks), dtype=bool)
+    inside = blocks < len(mask)  # pages past the newest size are not restored
+    selected[inside] = mask[blocks[inside]]
+    pages = np.flatnonzero(selected)
+    if not pages.size:
+        return deque()
+    breaks = np.flatnonzero((np.diff(pages) != 1) | (np.diff(blocks[pages]) != 1))
+    first = pages[np.concatenate(([0], breaks + 1))]
+    last = pages[np.concatenate((breaks, [len(pages) - 1]))]
+    return deque(
+        zip(first.tolist(), blocks[first].tolist(), (last - first + 1).tolist(), strict=True)
+    )
 
 
 def _blocks(size: int) -> int:
