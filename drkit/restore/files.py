@@ -275,6 +275,7 @@ class FileWriter:
         with open(self._path(plan.entry), "rb", buffering=0) as f:
             while n := f.readinto(buffer):
                 digest.update(memoryview(buffer)[:n])
+            start_writeback(f.fileno(), 0, plan.entry.size)  # complete: on its way to disk
         if digest.hexdigest() != plan.entry.sha256:
             owners = ", ".join(layer.owner for layer in plan.layers)
             raise IntegrityError(
