@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -18,8 +20,10 @@ from rig.postgres import PgCluster, chown_to_server_user, database_checksums
 from rig.servers import S3Server
 
 from drkit.config.settings import load_settings
+from drkit.errors import IntegrityError
 from drkit.replicate.fanout import FanOut
 from drkit.repo.label import BackupLabel
+from drkit.repo.manifest import ObjectEntry
 from drkit.repo.open import open_repository
 
 
@@ -215,8 +219,10 @@ def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Pat
     manifest, _ = primary.load_manifest(BackupLabel(old))
     with FanOut(settings, primary) as fanout:
         fanout.start(int(manifest.system_identifier))
-        for obj in manifest.objects:
-            fanout.committed(obj)
+        for obj in manifest.objects:  # as a backup writing them would
+            copies = fanout.begin(obj.key)
+            copies.write(primary.storage.read_bytes(obj.key))
+            copies.committed(obj)
         [copy] = fanout.finish(BackupLabel(old)).repos
     assert copy.error is None and copy.copied_backups == [] and copy.streamed >= 1
     assert not [p for p in (second / "backup").rglob("*") if p.is_file() and old in str(p)]
@@ -343,3 +349,75 @@ def test_s3_down_during_the_backup_then_replicate_completes_the_copy(
     stored = [p for p in (dk.repo_path / "backup" / label).rglob("*") if p.is_file()]
     assert report["objects"] < len(stored)  # what was streamed before the outage stays
     assert dk.run("verify", "--repo", "s3-eu").exit_code == 0
+
+
+def _upload_to(
+    tmp: Path, key: str, chunks: list[bytes], expected: ObjectEntry
+) -> tuple[bool, Path]:
+    """Run one streamed copy (drkit/replicate/fanout.py) into a posix target, fed from this
+    thread the way the backup feeds it; returns what write_to said and the target root."""
+    import threading
+
+    from drkit.replicate.fanout import _Upload
+    from drkit.repo.repository import Repository
+    from drkit.storage.posix import PosixStorage
+
+    root = tmp / "target"
+    target = Repository(PosixStorage(root, "target"), keys=None)  # type: ignore[arg-type]
+    upload = _Upload(key)
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_try(upload.write_to, target)))
+    thread.start()
+    for chunk in chunks:
+        upload.put(chunk)
+    upload.finish(expected)
+    thread.join(30)
+    [result] = outcome
+    if isinstance(result, Exception):
+        raise result
+    return bool(result), root
+
+
+def _try(function: Any, *args: Any) -> object:
+    try:
+        return function(*args)
+    except Exception as exc:  # handed back to the test's thread
+        return exc
+
+
+def test_streamed_copy_is_committed_only_with_the_primarys_checksum(tmp_path: Path) -> None:
+    chunks = [os.urandom(100_000) for _ in range(5)]
+    data = b"".join(chunks)
+    good = ObjectEntry(
+        key="backup/x/data/0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    ok, root = _upload_to(tmp_path / "a", good.key, chunks, good)
+    assert ok and (root / good.key).read_bytes() == data
+
+    bad = good.model_copy(update={"sha256": hashlib.sha256(b"other").hexdigest()})
+    with pytest.raises(IntegrityError, match="differ from the primary"):
+        _upload_to(tmp_path / "b", good.key, chunks, bad)
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+
+
+def test_streamed_copy_that_falls_behind_is_dropped_without_a_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drkit.replicate import fanout
+
+    monkeypatch.setattr(fanout, "OBJECT_BUDGET", 150_000)
+    chunks = [os.urandom(100_000) for _ in range(5)]
+    data = b"".join(chunks)
+    entry = ObjectEntry(
+        key="backup/x/data/0", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    upload = fanout._Upload(entry.key)
+    for chunk in chunks:  # nobody writes yet: the queue passes its budget and the copy is dropped
+        upload.put(chunk)
+    upload.finish(entry)
+    from drkit.repo.repository import Repository
+    from drkit.storage.posix import PosixStorage
+
+    target = Repository(PosixStorage(tmp_path / "t", "t"), keys=None)  # type: ignore[arg-type]
+    assert upload.write_to(target) is False
+    assert not [p for p in (tmp_path / "t").rglob("*") if p.is_file()]

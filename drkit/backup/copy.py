@@ -109,7 +109,7 @@ class FileCopier:
         settings: BackupSettings,
         progress: Progress,
         page_check_lsn: int | None,
-        on_commit: Callable[[ObjectEntry], None] | None = None,
+        fanout: FanOutHook | None = None,
     ) -> None:
         self._repo = repo
         self._label = label
@@ -117,7 +117,7 @@ class FileCopier:
         self._settings = settings
         self._progress = progress
         self._page_check_lsn = page_check_lsn
-        self._on_commit = on_commit  # told of each committed object (the fan-out); must not block
+        self._fanout = fanout  # copies each object to the other repositories as it is written
         self._next_index = 0
         self._lock = threading.Lock()
         self._readers: ThreadPoolExecutor  # set by copy(): one read ahead per worker
@@ -149,26 +149,33 @@ class FileCopier:
         result = CopyResult()
         key = self._object_key()
         offset = 0
-        with self._repo.storage.open_write(key) as writer:
-            for src in group:
-                try:
-                    stream = src.open()
-                except FileNotFoundError:
-                    if src.required:
-                        raise
-                    continue  # dropped while we ran (a dropped table); WAL replay agrees
-                try:
-                    entry, warnings = self._store_file(src, stream, writer.write, key, offset)
-                finally:
-                    stream.close()
-                result.files.append(entry)
-                result.warnings += warnings
-                offset += entry.length
-            written = writer.commit()
+        copies = self._fanout.begin(key) if self._fanout is not None else None
+        try:
+            with self._repo.storage.open_write(key) as writer:
+                sink = writer.write if copies is None else _tee(writer.write, copies.write)
+                for src in group:
+                    try:
+                        stream = src.open()
+                    except FileNotFoundError:
+                        if src.required:
+                            raise
+                        continue  # dropped while we ran (a dropped table); WAL replay agrees
+                    try:
+                        entry, warnings = self._store_file(src, stream, sink, key, offset)
+                    finally:
+                        stream.close()
+                    result.files.append(entry)
+                    result.warnings += warnings
+                    offset += entry.length
+                written = writer.commit()
+        except BaseException:
+            if copies is not None:
+                copies.abandon()
+            raise
         stored = ObjectEntry(key=key, size=written.size, sha256=written.sha256)
         result.objects.append(stored)
-        if self._on_commit is not None:
-            self._on_commit(stored)
+        if copies is not None:
+            copies.committed(stored)
         return result
 
     def _store_file(
@@ -255,6 +262,30 @@ class FileCopier:
                 continue
             bad.append(failure.block % RELSEG_PAGES)
         return bad
+
+
+class ObjectCopy(Protocol):
+    """The copies of one data object, fed while the object is written (drkit/replicate/fanout)."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def committed(self, obj: ObjectEntry) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class FanOutHook(Protocol):
+    def begin(self, key: str) -> ObjectCopy: ...
+
+
+def _tee(
+    first: Callable[[bytes], object], second: Callable[[bytes], object]
+) -> Callable[[bytes], None]:
+    def both(data: bytes) -> None:
+        first(data)
+        second(data)
+
+    return both
 
 
 class _ReadAhead:

@@ -106,7 +106,7 @@ class BackupOperation:
                     self.settings.backup,
                     self.progress,
                     page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
-                    on_commit=fanout.committed,
+                    fanout=fanout,
                 )
 
                 # Copy PGDATA and tablespaces: whole files, changed pages, or references

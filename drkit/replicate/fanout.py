@@ -1,11 +1,11 @@
-"""Fan-out: copy a backup's data objects to the other repositories while the backup runs.
+"""Fan-out: write a backup's data objects to the other repositories while the backup writes them.
 
 Without it a backup is written whole to the primary repository and only then copied to the
-others, so each copy adds its whole duration to the backup's. The fan-out overlaps the two: the
-backup pipeline reports every data object it has committed in the primary (key, size, SHA-256),
-and a small pool of threads per other repository copies it at once, read back from the primary
-(a file just written, still in the page cache): the same encrypted bytes, checked like every copy
-(the SHA-256 read back must be the one the backup wrote, the target's written SHA-256 too).
+others, so each copy adds its whole duration to the backup's. The fan-out overlaps the two: while
+the backup pipeline writes a data object to the primary, the same encrypted bytes are queued for
+each other repository, where a small pool of threads writes them as they come; once the primary
+has committed the object, the copy is committed too if its SHA-256 is the one the primary
+recorded (and the target's written SHA-256 as well).
 
 What stays as it was:
 
@@ -15,9 +15,12 @@ What stays as it was:
 - **A target never fails the backup.** A target that is down or fails stops receiving objects
   (the error is recorded); the final copy tries once more and reports, and `drkit replicate`
   catches up later.
-- **Streaming is an optimisation.** Reporting an object never blocks the backup's workers: when a
-  target's queue is full, the object is left to the final copy. Memory per target: ``workers``
-  copies in flight, each a 1 MiB buffer (plus the S3 writer's parts).
+- **Streaming is an optimisation, and a slow target cannot hold the backup up.** Each copy
+  queues at most ``OBJECT_BUDGET`` bytes; when its queue is full the backup waits for the target,
+  but ``STALL_LIMIT`` seconds at most: then the copy is dropped, the target gets nothing more
+  streamed, and the final copy does the rest. An object that finds no free copy thread is left
+  to the final copy too. Memory per target: its ``workers`` copies' queues, plus each target
+  writer's buffers (S3: its parts in flight).
 - **Locks.** Each target's backup lock is held from the start of the backup to the end of its
   final copy, so a prune there never sees a half-copied backup. A target whose lock is busy is
   not streamed to; the final copy takes its lock as `drkit replicate` does.
@@ -30,14 +33,17 @@ What stays as it was:
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from types import TracebackType
 from typing import Self
 
 from drkit.config.settings import RepoSettings, Settings
-from drkit.errors import DrkitError, LockError, ObjectLocked
+from drkit.errors import DrkitError, IntegrityError, LockError, ObjectLocked
 from drkit.replicate.operation import ReplicateOperation, ReplicationReport, Replicator
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -45,14 +51,15 @@ from drkit.repo.manifest import ObjectEntry
 from drkit.repo.open import open_storage, repo_location
 from drkit.repo.repository import Repository
 
-QUEUE_PER_WORKER = 2  # objects queued or in flight per copy thread before the rest waits
+OBJECT_BUDGET = 32 * 1024 * 1024  # bytes a copy may fall behind the backup
+STALL_LIMIT = 2.0  # seconds, in all, a target that falls further behind may hold the backup up
 
 
 class FanOut:
     """Streams one backup's data objects from the primary to every other repository.
 
     Use as a context manager around the backup: ``start`` once the backup is about to write,
-    ``committed`` for every data object, ``finish`` once its manifest is written. Leaving the
+    ``begin`` for every data object, ``finish`` once its manifest is written. Leaving the
     block with an exception before ``finish`` takes back what was streamed; leaving it in any way
     releases the targets' locks.
     """
@@ -76,11 +83,10 @@ class FanOut:
                 continue  # a replicate or prune runs there: left to the final copy
             self._streams.append(_Stream(target, self.primary, system_identifier, workers))
 
-    def committed(self, obj: ObjectEntry) -> None:
-        """The backup committed the data object ``obj`` in the primary: queue its copies.
-        Never blocks (called from the backup's workers)."""
-        for stream in self._streams:
-            stream.offer(obj)
+    def begin(self, key: str) -> ObjectCopies:
+        """The backup starts writing the data object ``key`` in the primary: start its copies.
+        Called from the backup's workers; never blocks."""
+        return ObjectCopies([u for s in self._streams if (u := s.begin(key)) is not None])
 
     def finish(self, label: BackupLabel) -> ReplicationReport:
         """The backup is complete in the primary: wait for the copies in flight, then copy
@@ -130,7 +136,7 @@ class _Stream:
         self.copied: list[str] = []  # keys committed in the target
         self.removed_leftovers: list[str] = []
         self.error: str | None = None  # set once; no object is copied after it
-        self._limit = workers * QUEUE_PER_WORKER
+        self._limit = workers
         self._pending = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -141,12 +147,16 @@ class _Stream:
             self._prepare, target, primary, system_identifier, workers
         )
 
-    def offer(self, obj: ObjectEntry) -> None:
+    def begin(self, key: str) -> _Upload | None:
+        """A copy of ``key`` fed as the backup writes it; None when every copy thread is busy
+        (the object is left to the final copy)."""
         with self._lock:
             if self._closed or self.error is not None or self._pending >= self._limit:
-                return  # left to the final copy
+                return None
             self._pending += 1
-            self._pool.submit(self._copy, obj)
+        upload = _Upload(key)
+        self._pool.submit(self._upload, upload)
+        return upload
 
     def drain(self) -> None:
         """Wait for every queued and running copy: afterwards nothing is written to the target."""
@@ -193,14 +203,19 @@ class _Stream:
             self._fail(exc)
             return None
 
-    def _copy(self, obj: ObjectEntry) -> None:
+    def _upload(self, upload: _Upload) -> None:
         try:
             replicator = self._replicator.result()
-            if replicator is not None and self.error is None:
-                replicator.copy_object(obj.key, obj.sha256)
+            if replicator is None or self.error is not None:
+                upload.drop()
+            elif upload.write_to(replicator.target):
                 with self._lock:
-                    self.copied.append(obj.key)
+                    self.copied.append(upload.key)
+            elif upload.stalled:
+                with self._lock:
+                    self._closed = True  # too slow for the backup: the final copy does the rest
         except Exception as exc:  # streaming is an optimisation: the final copy reports
+            upload.drop()
             self._fail(exc)
         finally:
             with self._lock:
@@ -210,3 +225,115 @@ class _Stream:
         with self._lock:
             if self.error is None:
                 self.error = str(exc) if isinstance(exc, DrkitError) else f"unexpected: {exc!r}"
+
+
+class ObjectCopies:
+    """The copies of one data object the backup is writing, one per target being streamed to."""
+
+    def __init__(self, uploads: list[_Upload]) -> None:
+        self._uploads = uploads
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._uploads:
+            chunk = bytes(data)  # the caller may reuse its buffer
+            for upload in self._uploads:
+                upload.put(chunk)
+
+    def committed(self, obj: ObjectEntry) -> None:
+        """The primary committed the object: each copy commits once its SHA-256 agrees."""
+        for upload in self._uploads:
+            upload.finish(obj)
+
+    def abandon(self) -> None:
+        for upload in self._uploads:
+            upload.drop()
+
+
+class _Upload:
+    """One object on its way to one target: the backup ``put``s its bytes (never blocking),
+    a copy thread writes them to the target (``write_to``) and commits once the primary has."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._expected: ObjectEntry | None = None  # set when the primary committed
+        self._dropped = False
+        self._ready = threading.Condition()
+        self._patience = STALL_LIMIT  # seconds the backup may wait for this copy, in all
+        self.stalled = False  # dropped because the target could not keep up
+
+    def put(self, chunk: bytes) -> None:
+        """Queue ``chunk``; while the queue is full, wait for the target up to STALL_LIMIT
+        seconds in all, then drop the copy (the final copy does it)."""
+        with self._ready:
+            while not self._dropped and self._queued + len(chunk) > OBJECT_BUDGET:
+                waited = time.monotonic()
+                self._ready.wait(self._patience)
+                self._patience -= time.monotonic() - waited
+                if self._patience <= 0:
+                    self.stalled = True
+                    self._drop()
+            if self._dropped:
+                return
+            self._chunks.append(chunk)
+            self._queued += len(chunk)
+            self._ready.notify_all()
+
+    def finish(self, obj: ObjectEntry) -> None:
+        with self._ready:
+            self._expected = obj
+            self._ready.notify_all()
+
+    def drop(self) -> None:
+        with self._ready:
+            self._drop()
+
+    def _drop(self) -> None:
+        self._dropped = True
+        self._chunks.clear()
+        self._queued = 0
+        self._ready.notify_all()
+
+    def _next(self) -> bytes | None:
+        """The next chunk to write; None once the primary committed and all is written."""
+        with self._ready:
+            while not self._chunks and self._expected is None and not self._dropped:
+                self._ready.wait()
+            if self._dropped:
+                raise _Dropped
+            if not self._chunks:
+                return None
+            chunk = self._chunks.popleft()
+            self._queued -= len(chunk)
+            self._ready.notify_all()  # room for the backup's next chunk
+            return chunk
+
+    def write_to(self, target: Repository) -> bool:
+        """Write the object to ``target`` as it comes; True once committed there and checked,
+        False when dropped (nothing is left in the target)."""
+        digest, size = hashlib.sha256(), 0
+        with target.storage.open_write(self.key) as writer:
+            try:
+                while (chunk := self._next()) is not None:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    writer.write(chunk)
+            except _Dropped:
+                writer.abort()
+                return False
+            expected = self._expected
+            assert expected is not None
+            if (size, digest.hexdigest()) != (expected.size, expected.sha256):
+                writer.abort()
+                raise IntegrityError(f"bytes streamed for '{self.key}' differ from the primary's")
+            written = writer.commit()
+        if written.sha256 != expected.sha256:
+            with suppress(DrkitError):  # never leave a bad copy the final copy would skip
+                target.storage.delete(self.key)
+            raise IntegrityError(f"copy of '{self.key}' to '{target.name}' differs from the source")
+        return True
+
+
+class _Dropped(Exception):
+    """The copy was dropped (too far behind, or the backup failed)."""

@@ -1,7 +1,8 @@
 """Storage in an S3 bucket (AWS S3, MinIO, Ceph RGW, ...), below an optional key prefix.
 
 Object ``<key>`` lives at ``<prefix>/<key>`` in the bucket. Nothing is sent on construction; the
-boto3 client is made at the first call. Credentials come only from the standard AWS chain
+S3 client (botocore's, which boto3 wraps) is made at the first call, and shared by every
+`S3Storage` of the same configuration in the process. Credentials come only from the standard AWS chain
 (environment, shared profile, web identity / IRSA, container and instance metadata), never from
 drkit's configuration.
 
@@ -14,7 +15,8 @@ The design notes stand beside the code they describe:
 - checksums.py: the checksums drkit records and checks, and what the store keeps.
 - errors.py: retries, and the errors that name the repository, the endpoint and the key.
 
-Only this package imports boto3, which is heavy; drkit.repo.open imports the package for S3 only.
+Only this package imports botocore, which is heavy; drkit.repo.open imports the package for S3
+only.
 """
 
 # drkit.errors' class, so prune catches it without importing boto3

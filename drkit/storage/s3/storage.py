@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 
-import boto3
+import botocore.loaders
+import botocore.session
 import urllib3.exceptions
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
@@ -59,6 +61,18 @@ log = logging.getLogger(__name__)
 READ_BUFFER = 256 * 1024
 
 
+_CLIENTS_LOCK = threading.Lock()  # botocore: making clients is not thread-safe
+_CLIENTS: dict[str, Any] = {}
+_LOADER: Any = None
+
+
+def _loader() -> Any:
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = botocore.loaders.create_loader()
+    return _LOADER
+
+
 class S3Storage(BaseStorage):
     """Objects below `config.prefix` in `config.bucket`; see the package docstring."""
 
@@ -70,7 +84,6 @@ class S3Storage(BaseStorage):
             config.max_attempts, config.retry_base_delay, config.retry_max_delay
         )
         self._client = client
-        self._client_lock = threading.Lock()
         self._errors = S3Errors(name, config, lambda: self.endpoint)
         self._warned_unverifiable = False
 
@@ -78,17 +91,24 @@ class S3Storage(BaseStorage):
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client (thread-safe), made on first use."""
+        """The boto3 S3 client (thread-safe), made on first use; one per configuration and
+        AWS environment in the process (a fan-out opens the same repository several times)."""
         if self._client is None:
-            with self._client_lock:
+            key = (repr(self.config), sorted(kv for kv in os.environ.items() if "AWS" in kv[0]))
+            with _CLIENTS_LOCK:
                 if self._client is None:
-                    self._client = self._make_client()
+                    self._client = _CLIENTS.get(repr(key)) or self._make_client()
+                    _CLIENTS[repr(key)] = self._client
         return self._client
 
     def _make_client(self) -> Any:
         cfg = self.config
         try:
-            session = boto3.session.Session(profile_name=cfg.profile, region_name=cfg.region)
+            session = botocore.session.Session(profile=cfg.profile)
+            # One loader for the whole process: it reads botocore's service model (megabytes of
+            # JSON) once, not once for every repository opened.
+            session.register_component("data_loader", _loader())
+            session.get_scoped_config()  # an unknown profile fails here
         except ProfileNotFound:
             raise ConfigError(
                 f"AWS profile '{cfg.profile}' of S3 repository '{self.name}' does not exist",
@@ -105,7 +125,9 @@ class S3Storage(BaseStorage):
             user_agent_extra=f"drkit/{__version__}",
             **cfg.extra,
         )
-        return session.client("s3", endpoint_url=cfg.endpoint_url, config=botocore_config)
+        return session.create_client(
+            "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=botocore_config
+        )
 
     @property
     def endpoint(self) -> str:
