@@ -2,9 +2,9 @@
 
 Object ``<key>`` lives at ``<prefix>/<key>`` in the bucket. Nothing is sent on construction; the
 S3 client (botocore's, which boto3 wraps) is made at the first call, and shared by every
-`S3Storage` of the same configuration in the process. Credentials come only from the standard AWS chain
-(environment, shared profile, web identity / IRSA, container and instance metadata), never from
-drkit's configuration.
+`S3Storage` of the same configuration in the process. Credentials come only from the standard
+AWS chain (environment, shared profile, web identity / IRSA, container and instance metadata),
+never from drkit's configuration.
 
 The design notes stand beside the code they describe:
 
