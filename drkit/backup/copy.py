@@ -146,36 +146,39 @@ class FileCopier:
         return self._repo.data_key(self._label, index)
 
     def _store_object(self, group: list[Source]) -> CopyResult:
-        result = CopyResult()
         key = self._object_key()
-        offset = 0
         copies = self._fanout.begin(key) if self._fanout is not None else None
         try:
-            with self._repo.storage.open_write(key) as writer:
-                sink = writer.write if copies is None else _tee(writer.write, copies.write)
-                for src in group:
-                    try:
-                        stream = src.open()
-                    except FileNotFoundError:
-                        if src.required:
-                            raise
-                        continue  # dropped while we ran (a dropped table); WAL replay agrees
-                    try:
-                        entry, warnings = self._store_file(src, stream, sink, key, offset)
-                    finally:
-                        stream.close()
-                    result.files.append(entry)
-                    result.warnings += warnings
-                    offset += entry.length
-                written = writer.commit()
+            result = self._write_object(key, group, copies)
         except BaseException:
             if copies is not None:
                 copies.abandon()
             raise
-        stored = ObjectEntry(key=key, size=written.size, sha256=written.sha256)
-        result.objects.append(stored)
         if copies is not None:
-            copies.committed(stored)
+            copies.committed(result.objects[0])
+        return result
+
+    def _write_object(self, key: str, group: list[Source], copies: ObjectCopy | None) -> CopyResult:
+        result = CopyResult()
+        offset = 0
+        with self._repo.storage.open_write(key) as writer:
+            sink = writer.write if copies is None else _tee(writer.write, copies.write)
+            for src in group:
+                try:
+                    stream = src.open()
+                except FileNotFoundError:
+                    if src.required:
+                        raise
+                    continue  # dropped while we ran (a dropped table); WAL replay agrees
+                try:
+                    entry, warnings = self._store_file(src, stream, sink, key, offset)
+                finally:
+                    stream.close()
+                result.files.append(entry)
+                result.warnings += warnings
+                offset += entry.length
+            written = writer.commit()
+        result.objects.append(ObjectEntry(key=key, size=written.size, sha256=written.sha256))
         return result
 
     def _store_file(

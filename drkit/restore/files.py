@@ -68,7 +68,6 @@ class FileWriter:
         assembled = [p for p in plans if not p.simple]
         for plan in assembled:
             self._create(plan.entry)
-        for plan in assembled:
             chunked = [len(layer.entry.chunks or []) for layer in plan.layers]
             self._pending[plan.entry.path] = sum(n if n else 1 for n in chunked)
 
