@@ -199,7 +199,7 @@ class FileCopier:
             compress_level=self._settings.compress_level,
             segment_size=self._settings.segment_size,
             compress_threads=self._settings.process_max,
-            chunk_size=self._settings.chunk_size if big and src.delta is None else None,
+            chunk_size=self._settings.chunk_size if big else None,
         )
         check = src.page_check_segment is not None and self._page_check_lsn is not None
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES

@@ -41,8 +41,9 @@ class FileEntry(_Model):
     pages: list[tuple[int, int]] | None = None  # delta: [start, end) block ranges in the frame
     base: str | None = None  # delta: backup holding the older version of this file
     frame_sha256: str | None = None  # delta: sha256 of the frame's plaintext (the pages)
-    # A large whole file: its frame's payload is one zstd frame per chunk, each restorable on
-    # its own: (offset in the file, offset in the frame's payload, sha256 of the chunk)
+    # A large frame: its payload is one zstd frame per chunk, each restorable on its own:
+    # (offset in the frame's plaintext — for a whole entry, in the file; for a delta, in its
+    # concatenated pages —, offset in the frame's payload, sha256 of the chunk's plaintext)
     chunks: list[tuple[int, int, str]] | None = None
     bad_pages: list[int] = Field(default_factory=list)  # page checksum failures found at backup
 

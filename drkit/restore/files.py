@@ -58,7 +58,7 @@ class FileWriter:
             if plan.simple and plan.layers[0].entry.chunks:
                 self._create(plan.entry)
             for layer in plan.layers:
-                if layer.entry.chunks and layer.entry.pages is None:
+                if layer.entry.chunks:
                     tasks += self._chunk_tasks(plan, layer)
                 else:
                     key = (layer.owner, layer.entry.object)
@@ -129,7 +129,7 @@ class FileWriter:
 
     def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
-        ends = [c[0] for c in chunks[1:]] + [layer.entry.size]
+        ends = [c[0] for c in chunks[1:]] + [layer.entry.payload_size]
         return [
             (end - chunk[0], partial(self._restore_chunk, plan, layer, index))
             for index, (chunk, end) in enumerate(zip(chunks, ends, strict=True))
@@ -160,7 +160,7 @@ class FileWriter:
         chunks = entry.chunks or []
         plain_start, payload_start, sha256 = chunks[index]
         last = index + 1 == len(chunks)
-        plain_end = entry.size if last else chunks[index + 1][0]
+        plain_end = entry.payload_size if last else chunks[index + 1][0]
         header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
         payload_end = payload_length(header, entry.length) if last else chunks[index + 1][1]
         offset, length = chunk_span(header, entry.length, payload_start, payload_end)
@@ -188,8 +188,8 @@ class FileWriter:
                         self._progress.advance(len(piece))
                     start_writeback(fd, plain_start, position - plain_start)
                 else:
-                    first = plain_start // PAGE_SIZE
-                    pages = _PageWriter(fd, layer, [(first, _blocks(plain_end))], self._progress)
+                    spans = _frame_spans(entry, plain_start // PAGE_SIZE, _blocks(plain_end))
+                    pages = _PageWriter(fd, layer, spans, self._progress)
                     for piece in pieces():
                         pages.feed(piece)
                         position += len(piece)
@@ -261,7 +261,7 @@ class FileWriter:
         """Write the pages of ``layer``'s frame that its mask selects, at their block offsets."""
         fd = os.open(self._path(entry), os.O_WRONLY)
         try:
-            spans = layer.entry.pages or [(0, _blocks(layer.entry.size))]
+            spans = _frame_spans(layer.entry, 0, _blocks(layer.entry.payload_size))
             pages = _PageWriter(fd, layer, spans, self._progress)
             for chunk in chunks:
                 pages.feed(chunk)
@@ -338,6 +338,21 @@ def _selected_runs(mask: np.ndarray, spans: list[tuple[int, int]]) -> deque[tupl
     return deque(
         zip(first.tolist(), blocks[first].tolist(), (last - first + 1).tolist(), strict=True)
     )
+
+
+def _frame_spans(entry: FileEntry, first: int, end: int) -> list[tuple[int, int]]:
+    """The block ranges of the file that pages [first, end) of ``entry``'s frame hold, in frame
+    order (a whole frame holds the file's blocks in order; a delta, its ``pages`` ranges)."""
+    spans: list[tuple[int, int]] = []
+    position = 0  # frame page where the current range starts
+    for start, stop in entry.pages or [(0, _blocks(entry.size))]:
+        low, high = max(first, position), min(end, position + stop - start)
+        if low < high:
+            spans.append((start + low - position, start + high - position))
+        position += stop - start
+        if position >= end:
+            break
+    return spans
 
 
 def _blocks(size: int) -> int:
