@@ -58,7 +58,7 @@ class FileWriter:
             if plan.simple and plan.layers[0].entry.chunks:
                 self._create(plan.entry)
             for layer in plan.layers:
-                if layer.entry.chunks:
+                if _by_chunk(layer):
                     tasks += self._chunk_tasks(plan, layer)
                 else:
                     key = (layer.owner, layer.entry.object)
@@ -68,12 +68,16 @@ class FileWriter:
         assembled = [p for p in plans if not p.simple]
         for plan in assembled:
             self._create(plan.entry)
-            chunked = [len(layer.entry.chunks or []) for layer in plan.layers]
-            self._pending[plan.entry.path] = sum(n if n else 1 for n in chunked)
+            writes = [
+                len(layer.entry.chunks or []) if _by_chunk(layer) else 1 for layer in plan.layers
+            ]
+            self._pending[plan.entry.path] = sum(writes)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
             tasks.sort(key=lambda task: -task[0])
             list(pool.map(lambda task: task[1](), tasks))
+        if unchecked := [path for path, left in self._pending.items() if left]:
+            raise IntegrityError(f"'{unchecked[0]}' was not completely restored")  # never expected
         for plan in plans:
             path = self._path(plan.entry)
             os.chmod(path, plan.entry.mode)
@@ -188,7 +192,7 @@ class FileWriter:
                         self._progress.advance(len(piece))
                     start_writeback(fd, plain_start, position - plain_start)
                 else:
-                    spans = _frame_spans(entry, plain_start // PAGE_SIZE, _blocks(plain_end))
+                    spans = layer.spans(plain_start // PAGE_SIZE, _blocks(plain_end))
                     pages = _PageWriter(fd, layer, spans, self._progress)
                     for piece in pieces():
                         pages.feed(piece)
@@ -261,7 +265,7 @@ class FileWriter:
         """Write the pages of ``layer``'s frame that its mask selects, at their block offsets."""
         fd = os.open(self._path(entry), os.O_WRONLY)
         try:
-            spans = _frame_spans(layer.entry, 0, _blocks(layer.entry.payload_size))
+            spans = layer.spans(0, _blocks(layer.entry.payload_size))
             pages = _PageWriter(fd, layer, spans, self._progress)
             for chunk in chunks:
                 pages.feed(chunk)
@@ -340,19 +344,11 @@ def _selected_runs(mask: np.ndarray, spans: list[tuple[int, int]]) -> deque[tupl
     )
 
 
-def _frame_spans(entry: FileEntry, first: int, end: int) -> list[tuple[int, int]]:
-    """The block ranges of the file that pages [first, end) of ``entry``'s frame hold, in frame
-    order (a whole frame holds the file's blocks in order; a delta, its ``pages`` ranges)."""
-    spans: list[tuple[int, int]] = []
-    position = 0  # frame page where the current range starts
-    for start, stop in entry.pages or [(0, _blocks(entry.size))]:
-        low, high = max(first, position), min(end, position + stop - start)
-        if low < high:
-            spans.append((start + low - position, start + high - position))
-        position += stop - start
-        if position >= end:
-            break
-    return spans
+def _by_chunk(layer: Layer) -> bool:
+    """Whether a layer is restored chunk by chunk, in parallel: a large whole frame. (A large
+    delta's chunks are decoded in one go: its pages are scattered over the file, and writing them
+    from one thread measured faster than from all.)"""
+    return bool(layer.entry.chunks) and layer.entry.pages is None
 
 
 def _blocks(size: int) -> int:

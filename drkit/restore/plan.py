@@ -9,7 +9,9 @@ frames of different backups can be restored in parallel, in any order.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from drkit.errors import BackupNotFound, IntegrityError
@@ -27,6 +29,30 @@ class Layer:
     owner: str  # backup whose key and context decode the frame
     entry: FileEntry  # the frame's location and kind (whole or delta)
     mask: np.ndarray | None  # bool per block of the file: the pages this layer writes (None: all)
+
+    def spans(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The block ranges of the file that pages [first, end) of the frame hold, in frame
+        order (a whole frame holds the file's blocks in order; a delta, its ``pages`` ranges)."""
+        ranges = self.entry.pages or [(0, _blocks(self.entry.size))]
+        starts = self._frame_starts
+        found: list[tuple[int, int]] = []
+        for i in range(max(bisect_right(starts, first) - 1, 0), len(ranges)):
+            (start, stop), position = ranges[i], starts[i]
+            if position >= end:
+                break
+            low, high = max(first, position), min(end, position + stop - start)
+            if low < high:
+                found.append((start + low - position, start + high - position))
+        return found
+
+    @cached_property
+    def _frame_starts(self) -> list[int]:
+        """The frame page at which each block range of the frame starts."""
+        starts, position = [], 0
+        for start, stop in self.entry.pages or [(0, _blocks(self.entry.size))]:
+            starts.append(position)
+            position += stop - start
+        return starts
 
 
 @dataclass
