@@ -51,7 +51,7 @@ from drkit.repo.manifest import ObjectEntry
 from drkit.repo.open import open_storage, repo_location
 from drkit.repo.repository import Repository
 
-OBJECT_BUDGET = 32 * 1024 * 1024  # bytes a copy may fall behind the backup
+OBJECT_BUDGET = 16 * 1024 * 1024  # bytes a copy may fall behind the backup
 STALL_LIMIT = 2.0  # seconds, in all, a target that falls further behind may hold the backup up
 
 
