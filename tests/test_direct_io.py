@@ -7,6 +7,9 @@ import mmap
 import os
 from pathlib import Path
 
+from rig.drkit import Drkit
+from rig.postgres import PgCluster
+
 from drkit.fsutil import open_direct, pread_cached, read_into
 
 
@@ -46,3 +49,26 @@ def test_pread_cached_sees_a_write_made_after_opening(workdir: Path) -> None:
             other.write(b"new page")
         assert pread_cached(stream.fileno(), 8, 8192 * 3) == b"new page"
         assert stream.tell() == 0  # the direct descriptor's offset is untouched
+
+
+def test_backups_read_with_and_without_direct_io_store_the_same_files(
+    pg: PgCluster, workdir: Path
+) -> None:
+    from drkit.config.settings import load_settings
+    from drkit.repo.open import open_repository
+
+    pg.run_bin("pgbench", "-i", "-s", "1", "-q")
+    pg.psql("VACUUM ANALYZE")
+    pg.psql("CHECKPOINT")
+    sums = []
+    for direct in (True, False):
+        (workdir / f"direct-{direct}").mkdir()
+        dk = Drkit(pg, workdir / f"direct-{direct}", backup={"direct_io": direct})
+        dk.ok("init")
+        dk.ok("backup")
+        repo = open_repository(load_settings(dk.config))
+        manifest, _ = repo.load_manifest(repo.backups()[-1])
+        sums.append({f.path: f.sha256 for f in manifest.files if f.size >= 1024 * 1024})
+    big = [path for path in sums[0] if path.startswith("base/")]
+    assert big, "no relation file of 1 MiB or more"
+    assert {p: sums[0][p] for p in big} == {p: sums[1][p] for p in big}
