@@ -385,7 +385,7 @@ def _try(function: Any, *args: Any) -> object:
         return exc
 
 
-def test_streamed_copy_is_committed_only_with_the_primarys_checksum(tmp_path: Path) -> None:
+def test_streamed_copy_is_kept_only_with_the_primarys_checksum(tmp_path: Path) -> None:
     chunks = [os.urandom(100_000) for _ in range(5)]
     data = b"".join(chunks)
     good = ObjectEntry(
@@ -395,7 +395,7 @@ def test_streamed_copy_is_committed_only_with_the_primarys_checksum(tmp_path: Pa
     assert ok and (root / good.key).read_bytes() == data
 
     bad = good.model_copy(update={"sha256": hashlib.sha256(b"other").hexdigest()})
-    with pytest.raises(IntegrityError, match="differ from the primary"):
+    with pytest.raises(IntegrityError, match="differs from the source"):
         _upload_to(tmp_path / "b", good.key, chunks, bad)
     assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
 

@@ -33,7 +33,6 @@ What stays as it was:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import deque
@@ -310,13 +309,13 @@ class _Upload:
             return chunk
 
     def write_to(self, target: Repository) -> bool:
-        """Write the object to ``target`` as it comes; True once committed there and checked,
-        False when dropped (nothing is left in the target)."""
-        digest, size = hashlib.sha256(), 0
+        """Write the object to ``target`` as it comes; True once committed there and checked
+        (the writer hashes what it sends: it must be the primary's SHA-256), False when dropped
+        (nothing is left in the target)."""
+        size = 0
         with target.storage.open_write(self.key) as writer:
             try:
                 while (chunk := self._next()) is not None:
-                    digest.update(chunk)
                     size += len(chunk)
                     writer.write(chunk)
             except _Dropped:
@@ -324,7 +323,7 @@ class _Upload:
                 return False
             expected = self._expected
             assert expected is not None
-            if (size, digest.hexdigest()) != (expected.size, expected.sha256):
+            if size != expected.size:
                 writer.abort()
                 raise IntegrityError(f"bytes streamed for '{self.key}' differ from the primary's")
             written = writer.commit()

@@ -121,7 +121,13 @@ class S3Storage(BaseStorage):
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             max_pool_connections=max(16, 4 * cfg.max_concurrency),
-            s3={"addressing_style": "path" if cfg.path_style else "auto"},
+            s3={
+                "addressing_style": "path" if cfg.path_style else "auto",
+                # Every request with a body carries x-amz-checksum-sha256 (a signed header the
+                # store verifies), so SigV4 need not hash each body again (botocore otherwise
+                # does over plain http).
+                "payload_signing_enabled": False,
+            },
             user_agent_extra=f"drkit/{__version__}",
             **cfg.extra,
         )
