@@ -1,4 +1,5 @@
-"""Small filesystem helpers shared by the modules that write durably (storage, keys, spool)."""
+"""Small filesystem helpers: durable writes (storage, keys, spool), early writeback (restore),
+and reads past the page cache (backup)."""
 
 from __future__ import annotations
 

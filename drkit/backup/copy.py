@@ -121,6 +121,7 @@ class FileCopier:
         self._next_index = 0
         self._lock = threading.Lock()
         self._readers: ThreadPoolExecutor  # set by copy(): one read ahead per worker
+        self._local = threading.local()  # per worker: its read buffers
 
     def copy(self, sources: list[Source]) -> CopyResult:
         groups = plan_objects(sources, self._settings.bundle_limit, self._settings.bundle_size)
@@ -207,7 +208,7 @@ class FileCopier:
         pages = _PageRanges() if src.delta is not None else None
         whole = hashlib.sha256()
         position = 0
-        with _ReadAhead(stream, self._readers) as chunks:
+        with _ReadAhead(stream, self._readers, self._read_buffers()) as chunks:
             for chunk in chunks:
                 first = position // PAGE_SIZE
                 if src.delta is not None and pages is not None:
@@ -247,6 +248,13 @@ class FileCopier:
         )
         return entry, warnings
 
+    def _read_buffers(self) -> list[memoryview]:
+        """This worker's two page-aligned read buffers, reused for every file it reads."""
+        if not hasattr(self._local, "buffers"):
+            self._local.buffers = [memoryview(mmap.mmap(-1, READ_CHUNK)) for _ in range(2)]
+        buffers: list[memoryview] = self._local.buffers
+        return buffers
+
     def _check_pages(
         self,
         stream: SourceStream,
@@ -278,6 +286,8 @@ class ObjectCopy(Protocol):
 
 
 class FanOutHook(Protocol):
+    """Starts the copies of each data object as the backup starts writing it."""
+
     def begin(self, key: str) -> ObjectCopy: ...
 
 
@@ -296,10 +306,12 @@ class _ReadAhead:
     caller checks, hashes and compresses this one. The two buffers are page-aligned, as reads
     with O_DIRECT need (drkit.fsutil.open_direct)."""
 
-    def __init__(self, stream: SourceStream, readers: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, stream: SourceStream, readers: ThreadPoolExecutor, buffers: list[memoryview]
+    ) -> None:
         self._stream = stream
         self._readers = readers
-        self._buffers = [memoryview(mmap.mmap(-1, READ_CHUNK)) for _ in range(2)]
+        self._buffers = buffers
         self._pending: Future[int] | None = None
 
     def __enter__(self) -> Iterator[memoryview]:
