@@ -286,9 +286,9 @@ class ObjectCopy(Protocol):
 
 
 class FanOutHook(Protocol):
-    """Starts the copies of each data object as the backup starts writing it."""
+    """Starts the copies of each data object as the backup starts writing it (None: none)."""
 
-    def begin(self, key: str) -> ObjectCopy: ...
+    def begin(self, key: str) -> ObjectCopy | None: ...
 
 
 def _tee(

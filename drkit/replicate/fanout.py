@@ -82,10 +82,12 @@ class FanOut:
                 continue  # a replicate or prune runs there: left to the final copy
             self._streams.append(_Stream(target, self.primary, system_identifier, workers))
 
-    def begin(self, key: str) -> ObjectCopies:
-        """The backup starts writing the data object ``key`` in the primary: start its copies.
-        Called from the backup's workers; never blocks."""
-        return ObjectCopies([u for s in self._streams if (u := s.begin(key)) is not None])
+    def begin(self, key: str) -> ObjectCopies | None:
+        """The backup starts writing the data object ``key`` in the primary: start its copies
+        (None: no target takes it now, the final copy will). Called from the backup's workers;
+        never blocks."""
+        uploads = [u for s in self._streams if (u := s.begin(key)) is not None]
+        return ObjectCopies(uploads) if uploads else None
 
     def finish(self, label: BackupLabel) -> ReplicationReport:
         """The backup is complete in the primary: wait for the copies in flight, then copy
@@ -233,10 +235,9 @@ class ObjectCopies:
         self._uploads = uploads
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._uploads:
-            chunk = bytes(data)  # the caller may reuse its buffer
-            for upload in self._uploads:
-                upload.put(chunk)
+        chunk = bytes(data)  # the caller may reuse its buffer
+        for upload in self._uploads:
+            upload.put(chunk)
 
     def committed(self, obj: ObjectEntry) -> None:
         """The primary committed the object: each copy commits once its SHA-256 agrees."""

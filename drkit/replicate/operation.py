@@ -85,8 +85,8 @@ class Replicator:
         keys = [o for o in objects if "/key/" in o.key]
         rest = [o for o in objects if o not in data and o not in keys]  # the manifest
         with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
-            sizes = list(pool.map(lambda o: self.copy_object(o.key, expected.get(o.key)), data))
-        sizes += [self.copy_object(obj.key, None) for obj in keys + rest]
+            sizes = list(pool.map(lambda o: self._copy(o.key, expected.get(o.key)), data))
+        sizes += [self._copy(obj.key, None) for obj in keys + rest]
         self._record_copy(label)
         return len(sizes), sum(sizes)
 
@@ -102,7 +102,7 @@ class Replicator:
                 if o.key not in present and not _pruned(o.key, skip)
             ]
             with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
-                list(pool.map(lambda key: self.copy_object(key, None), todo))
+                list(pool.map(lambda key: self._copy(key, None), todo))
             copied += len(todo) if prefix == "wal/" else 0
         return copied
 
@@ -116,7 +116,7 @@ class Replicator:
                 lag[timeline] = lag.get(timeline, 0) + 1
         return lag
 
-    def copy_object(self, key: str, expected_sha256: str | None) -> int:
+    def _copy(self, key: str, expected_sha256: str | None) -> int:
         """Copy one object, the same bytes, checked: the SHA-256 read from the primary must be
         ``expected_sha256`` (when given) and the target's written SHA-256 the same; returns its
         size. Raises IntegrityError on a mismatch, leaving no copy behind."""

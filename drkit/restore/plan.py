@@ -33,8 +33,7 @@ class Layer:
     def spans(self, first: int, end: int) -> list[tuple[int, int]]:
         """The block ranges of the file that pages [first, end) of the frame hold, in frame
         order (a whole frame holds the file's blocks in order; a delta, its ``pages`` ranges)."""
-        ranges = self.entry.pages or [(0, _blocks(self.entry.size))]
-        starts = self._frame_starts
+        ranges, starts = self._ranges, self._frame_starts
         found: list[tuple[int, int]] = []
         for i in range(max(bisect_right(starts, first) - 1, 0), len(ranges)):
             (start, stop), position = ranges[i], starts[i]
@@ -46,10 +45,15 @@ class Layer:
         return found
 
     @cached_property
+    def _ranges(self) -> list[tuple[int, int]]:
+        """The block ranges the frame holds, in frame order."""
+        return self.entry.pages or [(0, _blocks(self.entry.size))]
+
+    @cached_property
     def _frame_starts(self) -> list[int]:
         """The frame page at which each block range of the frame starts."""
         starts, position = [], 0
-        for start, stop in self.entry.pages or [(0, _blocks(self.entry.size))]:
+        for start, stop in self._ranges:
             starts.append(position)
             position += stop - start
         return starts
