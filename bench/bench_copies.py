@@ -58,7 +58,7 @@ def s3_repo(server: MotoS3Server) -> dict[str, object]:
         "type": "s3",
         "bucket": bucket,
         "prefix": "bench",
-        "endpoint_url": server.endpoint_url,
+        "endpoint_url": server.direct_endpoint_url,
         "region": server.region,
         "offsite": True,
     }
@@ -150,6 +150,9 @@ def main() -> int:
     parser.add_argument("--backups", type=int, default=100, help="backups in (b)")
     parser.add_argument("--runs", type=int, default=3, help="timed replicate runs in (b)")
     parser.add_argument("--only", choices=("a", "b"))
+    parser.add_argument(
+        "--moto-in-memory", action="store_true", help="moto keeps objects in memory, not in files"
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--json", type=Path)
@@ -163,7 +166,11 @@ def main() -> int:
     bench = Bench(root, args.scale)
     print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
     print(f"page cache drop: {bench.cache_drop_works} (Cached {cached_mib():.0f} MiB)")
-    server = MotoS3Server(log_dir=root / "moto")
+    print(f"moto keeps objects {'in memory' if args.moto_in_memory else 'over 5 MiB in files'}")
+    # moto keeps objects over 5 MiB in temporary files by default: writing each multipart object
+    # twice (parts, then the whole) costs it ~1 s of CPU on the cores drkit uses.
+    moto_env = {"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(1 << 30)} if args.moto_in_memory else {}
+    server = MotoS3Server(log_dir=root / "moto", env=moto_env)
     report: dict[str, object] = {}
     saved_env = dict(os.environ)
     try:

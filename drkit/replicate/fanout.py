@@ -82,6 +82,10 @@ class FanOut:
                 continue  # a replicate or prune runs there: left to the final copy
             self._streams.append(_Stream(target, self.primary, system_identifier, workers))
 
+    @property
+    def streaming(self) -> bool:
+        return bool(self._streams)
+
     def begin(self, key: str) -> ObjectCopies | None:
         """The backup starts writing the data object ``key`` in the primary: start its copies
         (None: no target takes it now, the final copy will). Called from the backup's workers;
