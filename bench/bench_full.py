@@ -100,11 +100,12 @@ INSERT INTO pgbench_accounts (aid, bid, abalance, filler)
 class Bench:
     """One run: a scratch root, the PostgreSQL template, and where logs go."""
 
-    def __init__(self, root: Path, scale: int) -> None:
+    def __init__(self, root: Path, scale: int, version: int = PG_VERSION) -> None:
         self.root = root
         self.scale = scale
+        self.version = version
         self.log = root / "bench.log"
-        self.template = make_template(PG_VERSION, root)
+        self.template = make_template(version, root)
         self.cache_drop_works = drop_page_cache()
 
     def prepare_step(self) -> None:
@@ -120,7 +121,7 @@ class Bench:
 
 def build_source(bench: Bench, profile: str) -> PgCluster:
     """A started cluster holding a pgbench database in ``profile``, checkpointed."""
-    cluster = clone_cluster(bench.template, PG_VERSION, bench.root, SOURCE_CONF)
+    cluster = clone_cluster(bench.template, bench.version, bench.root, SOURCE_CONF)
     cluster.start()
     scale = str(bench.scale)
     started = time.monotonic()
@@ -155,7 +156,7 @@ def empty_target(bench: Bench, name: str) -> PgCluster:
     """An empty PGDATA directory (0700, owned by postgres) wrapped in a stopped PgCluster."""
     pgdata = bench.root / name
     pgdata.mkdir(mode=0o700)
-    return attach_cluster(pgdata, PG_VERSION, bench.root)
+    return attach_cluster(pgdata, bench.version, bench.root)
 
 
 def start_until_promoted(cluster: PgCluster) -> float:

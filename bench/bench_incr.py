@@ -36,6 +36,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the rig)
     DRKIT,
+    PG_VERSION,
     PROCESS_MAX,
     ZSTD_LEVEL,
     Bench,
@@ -130,6 +131,12 @@ class DrkitRepo:
                 stored += sum(end - start for start, end in f.pages)
         return stored, sum(-(-f.size // 8192) for f in files)
 
+    def changes_from(self, label: str) -> str:
+        """How the backup found its changed pages: WAL summaries (its deltas have no whole-file
+        checksum: they never read the whole file) or a scan of the changed files."""
+        deltas = [f for f in self._own_files(label)[1] if f.pages is not None]
+        return "WAL summaries" if any(f.sha256 is None for f in deltas) else "page-LSN scan"
+
     def pages_row(self, step: str, label: str) -> Row:
         stored, total = self.pages(label)
         return Row(
@@ -175,8 +182,14 @@ def pgbackrest_backup_bytes(pgbr: PgBackRest) -> int:
     return tree_size(pgbr.repo / "backup")
 
 
-def step_a(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -> str:
+def step_a(
+    bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row], compact: bool
+) -> str:
     print("(a) full, 1% change, incr", flush=True)
+    if compact:
+        # Without free space left in the table by the earlier traffic, the updated rows' new
+        # versions are appended instead of scattered over thousands of pages.
+        long_sql(source, "VACUUM FULL pgbench_accounts; CHECKPOINT")
     full, full_label = drkit.backup("full")
     print_m(full)
     idle, _ = drkit.backup("incr")  # nothing changed: the fixed cost of an incr
@@ -196,6 +209,7 @@ def step_a(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
             f"{idle.wall_s:.1f} s / {mib(idle.size_bytes)}"
             f" ({idle.wall_s / full.wall_s:.1%} of the full's wall)",
         ),
+        Row("(a) incr found its changes by", drkit.changes_from(label)),
         Row("(a) incr stored / full stored", f"{size:.1%}", "<= 5%", size <= 0.05),
         Row(
             "(a)   same, PGDATA files only (no pg_wal/)",
@@ -354,19 +368,30 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--segments", action="store_true", help="only step (d); use --scale 100")
     parser.add_argument("--churn", type=int, default=30, help="seconds of pgbench churn in (b)")
+    parser.add_argument(
+        "--pg", type=int, default=PG_VERSION, help="PostgreSQL major (18: summarize_wal = on)"
+    )
+    parser.add_argument("--steps", default="abc", help="which of (a), (b), (c) to run")
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="VACUUM FULL pgbench_accounts before (a), so the 1%% change touches ~3%% of pages",
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root")
+    if "b" in args.steps and args.pg != PG_VERSION:
+        parser.error(f"(b) compares with pgBackRest, which runs on PostgreSQL {PG_VERSION} here")
 
     global CHURN_SECONDS
     CHURN_SECONDS = args.churn
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     root = Path(tempfile.mkdtemp(prefix="drkit-bench-incr-", dir=args.workdir))
     root.chmod(0o755)
-    bench = Bench(root, args.scale)
+    bench = Bench(root, args.scale, args.pg)
     print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
     print(f"page cache drop: {bench.cache_drop_works} (Cached {cached_mib():.0f} MiB)")
     rows: list[Row] = []
@@ -376,10 +401,14 @@ def main() -> int:
             step_d(bench, source, rows)
         else:
             drkit = DrkitRepo(bench, source)
-            step_a(bench, source, drkit, rows)
-            step_b(bench, source, drkit, rows)
-            step_c(bench, source, drkit, rows)
-        print(f"\nscale {args.scale}, random profile")
+            if "a" in args.steps:
+                step_a(bench, source, drkit, rows, args.compact)
+            if "b" in args.steps:
+                step_b(bench, source, drkit, rows)
+            if "c" in args.steps:
+                step_c(bench, source, drkit, rows)
+        compact = ", pgbench_accounts compacted before (a)" if args.compact else ""
+        print(f"\nscale {args.scale}, random profile, PostgreSQL {args.pg}{compact}")
         print_table(rows)
     finally:
         if args.keep:

@@ -85,6 +85,18 @@ def read_into(stream: Readable, buffer: memoryview) -> int:
         return stream.readinto(buffer) or 0
 
 
+def pread_into(stream: Readable, buffer: memoryview, offset: int) -> int:
+    """Read into ``buffer`` from ``offset`` (the stream's position is not used), with
+    ``read_into``'s fallback when O_DIRECT refuses the read."""
+    fd = stream.fileno()
+    try:
+        return os.preadv(fd, [buffer], offset)
+    except OSError as err:
+        if err.errno != errno.EINVAL or not _drop_direct(fd):
+            raise
+        return os.preadv(fd, [buffer], offset)
+
+
 def _drop_direct(fd: int) -> bool:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not flags & os.O_DIRECT:

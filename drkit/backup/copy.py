@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,9 +25,10 @@ import numpy as np
 
 from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
-from drkit.fsutil import pread_cached, read_into
+from drkit.fsutil import pread_cached, pread_into, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import check_pages, page_ranges
+from drkit.pg.summaries import SegmentReads
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, ObjectEntry
@@ -36,6 +38,7 @@ READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whol
 # Cores one file compressed in chunks keeps busy: its chunks compress on every core, but one
 # thread reads, hashes and checks it, so a many-core host runs several such files at once.
 CORES_PER_CHUNKED_FILE = 4
+READ_GAP_PAGES = 8  # changed blocks closer than this are read in one go (WAL summaries)
 
 
 class SourceStream(Protocol):
@@ -55,6 +58,7 @@ class Delta:
     since_lsn: int  # the parent's start LSN: older pages are the parent's pages
     parent_size: int  # blocks at or past the parent's end are new, always stored
     base: str  # label of the backup holding the older version of the file
+    reads: SegmentReads | None = None  # only these blocks changed (WAL summaries); None: scan all
 
 
 @dataclass(frozen=True)
@@ -225,13 +229,20 @@ class FileCopier:
         bad_pages: list[int] = []
         pages = _PageRanges() if src.delta is not None else None
         whole = hashlib.sha256()
-        position = 0
-        with _ReadAhead(stream, self._readers, self._read_buffers()) as chunks:
-            for chunk in chunks:
-                first = position // PAGE_SIZE
+        size = 0  # of the file as read
+        pieces = None
+        if src.delta is not None and src.delta.reads is not None:
+            # WAL summaries say which blocks changed: read those (and new blocks) only
+            size = os.fstat(stream.fileno()).st_size
+            pieces = _read_pieces(src.delta.reads.spans(-(-size // PAGE_SIZE)))
+            self._progress.advance(src.size)
+        with _ReadAhead(stream, self._readers, self._read_buffers(), pieces) as chunks:
+            for at, chunk in chunks:
+                first = at // PAGE_SIZE
                 if src.delta is not None and pages is not None:
                     # Unchanged pages are the parent's, checked when the parent stored them.
-                    whole.update(chunk)
+                    if pieces is None:
+                        whole.update(chunk)
                     changed = changed_mask(chunk, first, src.delta)
                     if check:
                         bad_pages += self._check_pages(stream, chunk, first_block + first, changed)
@@ -242,17 +253,21 @@ class FileCopier:
                     if check:
                         bad_pages += self._check_pages(stream, chunk, first_block + first)
                     frame.write(chunk)
-                position += len(chunk)
-                self._progress.advance(len(chunk))
+                if pieces is None:
+                    size = at + len(chunk)
+                    self._progress.advance(len(chunk))
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
         delta = src.delta
         entry = FileEntry(
             path=src.path,
-            size=position if src.delta is not None else info.plain_size,
+            size=size if src.delta is not None else info.plain_size,
             mode=src.mode,
             mtime=src.mtime,
-            sha256=whole.hexdigest() if src.delta is not None else info.plain_sha256,
+            # A delta read from WAL summaries never saw the whole file: no whole-file checksum
+            sha256=info.plain_sha256
+            if src.delta is None
+            else (whole.hexdigest() if pieces is None else None),
             object=key,
             offset=offset,
             length=info.stored_size,
@@ -325,19 +340,25 @@ def _tee(
 
 
 class _ReadAhead:
-    """A stream's bytes, READ_CHUNK at a time, the next chunk read on a helper thread while the
-    caller checks, hashes and compresses this one. The two buffers are page-aligned, as reads
-    with O_DIRECT need (drkit.fsutil.open_direct)."""
+    """A stream's bytes as (offset, bytes) pieces of at most READ_CHUNK: the whole file in order,
+    or only the (offset, length) ``pieces`` given. The next piece is read on a helper thread
+    while the caller checks, hashes and compresses this one. The two buffers are page-aligned,
+    as reads with O_DIRECT need (drkit.fsutil.open_direct)."""
 
     def __init__(
-        self, stream: SourceStream, readers: ThreadPoolExecutor, buffers: list[memoryview]
+        self,
+        stream: SourceStream,
+        readers: ThreadPoolExecutor,
+        buffers: list[memoryview],
+        pieces: list[tuple[int, int]] | None = None,
     ) -> None:
         self._stream = stream
         self._readers = readers
         self._buffers = buffers
+        self._pieces = iter(pieces) if pieces is not None else None
         self._pending: Future[int] | None = None
 
-    def __enter__(self) -> Iterator[memoryview]:
+    def __enter__(self) -> Iterator[tuple[int, memoryview]]:
         return self._chunks()
 
     def __exit__(
@@ -346,14 +367,45 @@ class _ReadAhead:
         if self._pending is not None:
             wait([self._pending])  # the caller closes the stream next: no read may be in flight
 
-    def _chunks(self) -> Iterator[memoryview]:
+    def _chunks(self) -> Iterator[tuple[int, memoryview]]:
         turn = 0
-        self._pending = self._readers.submit(read_into, self._stream, self._buffers[turn])
-        while n := self._pending.result():
+        offset = self._submit(turn, 0)
+        while offset is not None and self._pending is not None and (n := self._pending.result()):
             current = self._buffers[turn][:n]
             turn ^= 1
-            self._pending = self._readers.submit(read_into, self._stream, self._buffers[turn])
-            yield current
+            at, offset = offset, self._submit(turn, offset + n)
+            yield at, current
+
+    def _submit(self, turn: int, offset: int) -> int | None:
+        """Start reading the next piece into buffer ``turn``; its offset (None: no more)."""
+        buffer = self._buffers[turn]
+        if self._pieces is None:
+            self._pending = self._readers.submit(read_into, self._stream, buffer)
+            return offset
+        piece = next(self._pieces, None)
+        if piece is None:
+            self._pending = None
+            return None
+        at, length = piece
+        self._pending = self._readers.submit(pread_into, self._stream, buffer[:length], at)
+        return at
+
+
+def _read_pieces(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) reads of at most READ_CHUNK covering the block ranges ``spans``; ranges
+    less than READ_GAP_PAGES apart are read as one (one larger read costs less than two)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start - merged[-1][1] < READ_GAP_PAGES:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    per_read = READ_CHUNK // PAGE_SIZE
+    return [
+        (block * PAGE_SIZE, min(per_read, end - block) * PAGE_SIZE)
+        for start, end in merged
+        for block in range(start, end, per_read)
+    ]
 
 
 class _PageRanges:

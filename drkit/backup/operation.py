@@ -24,8 +24,10 @@ from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import Settings
 from drkit.errors import IntegrityError, PostgresError
 from drkit.fsutil import open_direct
+from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
+from drkit.pg.summaries import ChangedBlocks, NoSummaries, relation_key
 from drkit.pg.wal import (
     check_segment_header,
     format_lsn,
@@ -99,6 +101,10 @@ class BackupOperation:
                     str(taken.label), self.settings.backup.start_fast, cluster.version_num
                 )
                 taken.tablespaces = session.tablespaces()
+                changed, summaries_notice = self._changed_blocks(
+                    session, cluster, parent, taken.start_lsn
+                )
+                notice = notice or summaries_notice
                 copier = FileCopier(
                     repo,
                     taken.label,
@@ -112,7 +118,7 @@ class BackupOperation:
                 # Copy PGDATA and tablespaces: whole files, changed pages, or references
                 taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
                 sources, unchanged = plan_sources(
-                    taken.listing, cluster, parent, self.settings.backup.direct_io
+                    taken.listing, cluster, parent, changed, self.settings.backup.direct_io
                 )
                 self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
                 taken.add(copier.copy(sources))
@@ -195,6 +201,25 @@ class BackupOperation:
         if reason:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
         return parent, None
+
+    def _changed_blocks(
+        self, session: PgSession, cluster: ClusterInfo, parent: Manifest | None, start_lsn: int
+    ) -> tuple[ChangedBlocks | None, str | None]:
+        """The blocks changed since the parent started, when the server's WAL summaries can
+        tell (None: changed files are read whole), and a notice when they cannot though kept."""
+        if parent is None or not self.settings.backup.wal_summaries:
+            return None, None
+        try:
+            changed = session.changed_blocks(
+                cluster.version_num,
+                cluster.timeline,
+                parse_lsn(parent.start_lsn),
+                start_lsn,
+                self.settings.backup.wal_summary_wait,
+            )
+        except NoSummaries as exc:
+            return None, f"{exc}: reading changed relation files whole"
+        return changed, None
 
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
@@ -314,15 +339,21 @@ def _tablespace_dir(cluster: ClusterInfo) -> str:
 
 
 def plan_sources(
-    listing: PgdataListing, cluster: ClusterInfo, parent: Manifest | None, direct_io: bool
+    listing: PgdataListing,
+    cluster: ClusterInfo,
+    parent: Manifest | None,
+    changed: ChangedBlocks | None,
+    direct_io: bool,
 ) -> tuple[list[Source], list[FileEntry]]:
     """What to read for each file: whole, only changed pages, or nothing (a reference).
 
     With a parent: a file whose size and mtime match the parent's, and whose mtime is safely
     before the parent started (a write in the same second as the parent's copy could leave the
     mtime unchanged), is referenced without being read. Main-fork relation files are stored as
-    deltas of the pages changed since the parent started. Everything else (fsm and vm forks,
-    which PostgreSQL may change without a new page LSN, and non-relation files) is stored whole.
+    deltas of the pages changed since the parent started: with ``changed`` (WAL summaries) only
+    the blocks it names and new blocks are read, else the whole file. Everything else (fsm and
+    vm forks, which PostgreSQL may change without a new page LSN, and non-relation files) is
+    stored whole.
     """
     previous = {f.path: f for f in parent.files} if parent else {}
     trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S if parent else 0.0
@@ -338,7 +369,10 @@ def plan_sources(
         segment = relation_segment(f.path)
         delta = None
         if old and parent and segment is not None and _is_main_fork(f.path):
-            delta = Delta(since_lsn=since_lsn, parent_size=old.size, base=parent.label)
+            reads = None
+            if changed is not None and (key := relation_key(f.path)) is not None:
+                reads = changed.segment_reads(key, segment, old.size // PAGE_SIZE)
+            delta = Delta(since_lsn, old.size, parent.label, reads)
         direct = direct_io and segment is not None and f.size >= READ_CHUNK
         opener = partial(open_direct if direct else _open_file, f.abspath)
         sources.append(

@@ -271,6 +271,14 @@ class BackupSettings(_Section):
         description="read relation files of 1 MiB or more with O_DIRECT: no copy through the page"
         " cache (less CPU) and no eviction of the database's cached pages",
     )
+    wal_summaries: bool = Field(
+        True,
+        description="diff/incr on PostgreSQL 17+ with summarize_wal = on: read only the blocks"
+        " the server's WAL summaries say changed, not whole changed files",
+    )
+    wal_summary_wait: float = Field(
+        60.0, ge=0, description="seconds to wait for the WAL summarizer to reach the backup's start"
+    )
 
 
 class ArchiveSettings(_Section):

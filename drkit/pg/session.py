@@ -9,6 +9,7 @@ depending on a WAL archive that may not exist.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,15 @@ import psycopg
 
 from drkit.config.settings import PostgresSettings
 from drkit.errors import PostgresError
-from drkit.pg.wal import parse_lsn
+from drkit.pg.summaries import (
+    CONTENTS_SQL,
+    SUMMARIES_SQL,
+    ChangedBlocks,
+    NoSummaries,
+    changed_blocks,
+    check_coverage,
+)
+from drkit.pg.wal import format_lsn, parse_lsn
 
 MIN_VERSION = 130000
 
@@ -163,6 +172,36 @@ class PgSession:
             else "SELECT pg_start_backup(%s, %s, false)"
         )
         return parse_lsn(str(self._one(sql, (label, fast))[0]))
+
+    def changed_blocks(
+        self, version_num: int, timeline: int, since: int, until: int, wait_s: float
+    ) -> ChangedBlocks | None:
+        """The main-fork blocks modified in [since, until) on ``timeline``, from the server's WAL
+        summaries; waits up to ``wait_s`` for the summarizer to reach ``until`` (this backup's
+        start). None when the server keeps none (before 17, or summarize_wal off); raises
+        NoSummaries saying why those it keeps cannot be used."""
+        if version_num < 170000 or self._one("SHOW summarize_wal")[0] != "on":
+            return None
+        deadline = time.monotonic() + wait_s
+        state = "SELECT summarized_tli, summarized_lsn FROM pg_get_wal_summarizer_state()"
+        while True:
+            tli, lsn = self._one(state)
+            if tli == timeline and parse_lsn(str(lsn)) >= until:
+                break
+            if time.monotonic() > deadline:
+                raise NoSummaries(
+                    f"the WAL summarizer did not reach the backup's start within {wait_s:g}s"
+                    f" (it is at {lsn} on timeline {tli})"
+                )
+            time.sleep(0.02)
+        args = {"tli": timeline, "since": format_lsn(since), "until": format_lsn(until)}
+        try:
+            summaries = self._conn.execute(SUMMARIES_SQL.encode(), args).fetchall()
+            ranges = [(parse_lsn(str(start)), parse_lsn(str(end))) for start, end in summaries]
+            check_coverage(ranges, since, until)
+            return changed_blocks(self._conn.execute(CONTENTS_SQL.encode(), args).fetchall())
+        except psycopg.Error as exc:
+            raise PostgresError(f"reading the WAL summaries failed: {_first_line(exc)}") from None
 
     def next_xid(self) -> int:
         """The next transaction ID to be assigned (64-bit, with epoch)."""

@@ -33,7 +33,9 @@ class FileEntry(_Model):
     size: int
     mode: int
     mtime: float
-    sha256: str  # of the whole file's plaintext
+    # Of the whole file's plaintext; None for a delta read from WAL summaries, which never read
+    # the whole file (its pages are checked by frame_sha256 and the frame's authentication).
+    sha256: str | None
     object: str  # repository key of the object holding the frame
     offset: int  # of the frame inside the object
     length: int  # stored length of the frame
@@ -63,7 +65,9 @@ class FileEntry(_Model):
 
     @property
     def payload_sha256(self) -> str:
-        return self.frame_sha256 if self.pages is not None and self.frame_sha256 else self.sha256
+        payload = self.frame_sha256 if self.pages is not None and self.frame_sha256 else self.sha256
+        assert payload is not None  # a whole entry has sha256, a delta frame_sha256
+        return payload
 
 
 class DirEntry(_Model):

@@ -377,7 +377,10 @@ def clone_cluster(
     cluster = _new_cluster(version, bin_dir, pgdata, base)
     if unique_sysid:
         _give_new_system_identifier(cluster)
-    cluster.set_conf({**BASE_SETTINGS, "port": cluster.port, **(conf or {})})
+    # 17+ keep WAL summaries: their diff/incr backups read only the changed blocks the summaries
+    # name (drkit's default), while 15's scan changed files whole; the suite covers both.
+    summaries = {"summarize_wal": True} if version >= 17 else {}
+    cluster.set_conf({**BASE_SETTINGS, **summaries, "port": cluster.port, **(conf or {})})
     return cluster
 
 

@@ -1,0 +1,168 @@
+"""diff/incr from PostgreSQL's WAL summaries (17+, summarize_wal = on): only changed blocks read.
+
+The rig turns summarize_wal on for PostgreSQL 18, so every diff/incr test on 18 (the DDL chain
+in test_incremental.py among them) takes this path; these tests check what is particular to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from rig.drkit import Drkit
+from rig.postgres import PgCluster, PgFactory, database_checksums
+from test_incremental import _restore_and_compare
+
+from drkit.backup.copy import READ_CHUNK, _read_pieces
+from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
+from drkit.pg.summaries import ChangedBlocks, NoSummaries, check_coverage, relation_key
+from drkit.repo.manifest import FileEntry
+
+
+def test_relation_key_of_main_fork_files_only() -> None:
+    assert relation_key("base/5/16384") == (1663, 5, 16384)
+    assert relation_key("base/5/16384.2") == (1663, 5, 16384)
+    assert relation_key("global/1262") == (1664, 0, 1262)
+    assert relation_key("pg_tblspc/16400/PG_18_202506291/5/16401.1") == (16400, 5, 16401)
+    for other in ("base/5/16384_fsm", "base/5/16384_vm", "base/5/PG_VERSION", "pg_xact/0000"):
+        assert relation_key(other) is None
+
+
+def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
+    rel, other, created = (1663, 5, 1), (1663, 5, 2), (1663, 5, 3)
+    changed = ChangedBlocks(
+        ranges={rel: [(3, 5), (RELSEG_PAGES - 1, RELSEG_PAGES + 2)], other: [(0, 1)]},
+        limits={other: RELSEG_PAGES + 10, created: 0},
+    )
+    first = changed.segment_reads(rel, 0, parent_blocks=RELSEG_PAGES)
+    assert first is not None
+    assert first.spans(RELSEG_PAGES) == [(3, 5), (RELSEG_PAGES - 1, RELSEG_PAGES)]
+    second = changed.segment_reads(rel, 1, parent_blocks=100)
+    assert second is not None
+    # blocks 0-1 of segment 1 changed; 100.. are past the parent's end; the file has 150 now
+    assert second.spans(150) == [(0, 2), (100, 150)]
+    # blocks past the parent's end that the summaries name only in part (a bulk extension
+    # writes no WAL for the empty pages): the whole tail is read all the same
+    grown = ChangedBlocks(ranges={rel: [(2, 3), (578, 590)]}, limits={})
+    tail = grown.segment_reads(rel, 0, parent_blocks=551)
+    assert tail is not None and tail.spans(590) == [(2, 3), (551, 590)]
+    # truncated to RELSEG_PAGES + 10 within the range: segment 1 is read from block 10 on
+    truncated = changed.segment_reads(other, 1, parent_blocks=500)
+    assert truncated is not None and truncated.spans(600) == [(10, 600)]
+    # created (limit 0) or truncated below this segment: the whole file is scanned
+    assert changed.segment_reads(created, 0, parent_blocks=7) is None
+    assert changed.segment_reads(other, 2, parent_blocks=7) is None
+    # untouched: nothing but growth
+    untouched = changed.segment_reads((1663, 5, 9), 0, parent_blocks=40)
+    assert untouched is not None and untouched.spans(40) == [] and untouched.spans(42) == [(40, 42)]
+
+
+def test_read_pieces_join_close_ranges_and_split_long_ones() -> None:
+    per_read = READ_CHUNK // PAGE_SIZE
+    pieces = _read_pieces([(0, 1), (5, 6), (100, 101), (200, 200 + per_read + 3)])
+    assert pieces == [
+        (0, 6 * PAGE_SIZE),  # 5 blocks apart: one read
+        (100 * PAGE_SIZE, PAGE_SIZE),
+        (200 * PAGE_SIZE, READ_CHUNK),
+        ((200 + per_read) * PAGE_SIZE, 3 * PAGE_SIZE),
+    ]
+
+
+def test_summaries_must_cover_the_whole_range() -> None:
+    check_coverage([(10, 50), (50, 90)], since=20, until=90)
+    check_coverage([(0, 200)], since=20, until=90)
+    with pytest.raises(NoSummaries, match=r"do not cover 0/1E\.\.0/5A"):
+        check_coverage([(10, 30), (40, 90)], since=20, until=90)  # a gap
+    with pytest.raises(NoSummaries):
+        check_coverage([(30, 90)], since=20, until=90)  # starts after the parent
+    with pytest.raises(NoSummaries):
+        check_coverage([(10, 80)], since=20, until=90)  # not up to this backup's start
+
+
+def _entries(dk: Drkit, label: str) -> dict[str, FileEntry]:
+    from drkit.config.settings import load_settings
+    from drkit.repo.label import BackupLabel
+    from drkit.repo.open import open_repository
+
+    manifest, _ = open_repository(load_settings(dk.config)).load_manifest(BackupLabel(label))
+    return {f.path: f for f in manifest.files}
+
+
+def _pages(entry: FileEntry) -> set[int]:
+    assert entry.pages is not None, entry
+    return {block for start, end in entry.pages for block in range(start, end)}
+
+
+def test_incr_reads_the_summarized_blocks_and_restores(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    pg = pg_factory(18)
+    pg.run_bin("pgbench", "-i", "-s", "3", "-q")
+    pg.psql(
+        "CREATE TABLE shrinks AS SELECT g AS id, repeat('s', 200) AS pad FROM "
+        " generate_series(1, 20000) g"
+    )
+    pg.psql("VACUUM ANALYZE")
+    accounts = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
+    shrinks = pg.psql("SELECT pg_relation_filepath('shrinks')")
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup")
+    time.sleep(2.1)  # past the mtime safety margin: files differ only by the changes below
+
+    pg.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN 1001 AND 3000")
+    pg.psql(
+        "INSERT INTO pgbench_accounts SELECT g, 1, 0, 'new' FROM generate_series(300001, 301000) g"
+    )
+    # shrinks is truncated by VACUUM (a limit block in the summary), then grows again
+    pg.psql("DELETE FROM shrinks WHERE id > 5000")
+    pg.psql("VACUUM shrinks")
+    pg.psql("INSERT INTO shrinks SELECT g, repeat('t', 200) FROM generate_series(5001, 9000) g")
+    expected = database_checksums(pg)
+    incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
+    assert incr["type"] == "incr" and incr["notice"] is None, incr
+
+    # The same changes seen by a page scan (a diff on the same full, without summaries)
+    dk.backup["wal_summaries"] = False
+    dk.write_config()
+    diff = json.loads(dk.ok("backup", "--type", "diff", "--json").stdout)["label"]
+    by_summary, by_scan = _entries(dk, incr["label"]), _entries(dk, diff)
+    for path in (accounts, shrinks):
+        summarized, scanned = by_summary[path], by_scan[path]
+        # read from the summaries: no whole-file checksum; read whole: one
+        assert summarized.sha256 is None and scanned.sha256 is not None
+        assert summarized.size == scanned.size
+        # every page the scan found changed, the summaries named (the scan ran later: it may
+        # find more, e.g. hint bits set by the checksums query, never fewer)
+        assert _pages(summarized) and _pages(summarized) <= _pages(scanned), path
+    assert len(_pages(by_summary[accounts])) < by_summary[accounts].size // PAGE_SIZE // 5
+    assert dk.run("verify").exit_code == 0
+    _restore_and_compare(dk, pg, workdir, incr["label"], expected)
+
+
+def test_summaries_that_miss_the_parent_fall_back_to_the_page_scan(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    pg: PgCluster = pg_factory(18, {"summarize_wal": False})
+    pg.run_bin("pgbench", "-i", "-s", "2", "-q")
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup")
+    # changed before the summarizer starts (at the latest checkpoint): no summary has these
+    pg.psql("UPDATE pgbench_accounts SET abalance = 4 WHERE aid > 190000")
+    pg.psql("CHECKPOINT")
+    pg.psql("ALTER SYSTEM SET summarize_wal = on")
+    pg.psql("SELECT pg_reload_conf()")
+    pg.psql("UPDATE pgbench_accounts SET abalance = 5 WHERE aid <= 3000")
+    expected = database_checksums(pg)
+    result = dk.run("backup", "--type", "incr", "--json")
+    assert result.exit_code == 0, result.output
+    incr = json.loads(result.stdout)
+    assert incr["type"] == "incr"
+    assert "WAL summaries do not cover" in incr["notice"], incr
+    assert "reading changed relation files whole" in result.stderr
+    accounts = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
+    assert _entries(dk, incr["label"])[accounts].sha256 is not None  # scanned whole
+    _restore_and_compare(dk, pg, workdir, incr["label"], expected)
