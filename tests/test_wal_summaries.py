@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, PgFactory, database_checksums
 from test_incremental import _restore_and_compare
 
-from drkit.backup.copy import READ_CHUNK, _read_pieces
+from drkit.backup.copy import READ_CHUNK, _read_batches, _ReadAhead
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
+from drkit.pg.pages import page_runs
 from drkit.pg.summaries import ChangedBlocks, NoSummaries, check_coverage, relation_key
 from drkit.repo.manifest import FileEntry
 
@@ -59,15 +62,34 @@ def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
     assert untouched is not None and untouched.spans(40) == [] and untouched.spans(42) == [(40, 42)]
 
 
-def test_read_pieces_join_close_ranges_and_split_long_ones() -> None:
+def test_read_batches_join_close_ranges_split_long_ones_and_fill_buffers() -> None:
     per_read = READ_CHUNK // PAGE_SIZE
-    pieces = _read_pieces([(0, 1), (5, 6), (100, 101), (200, 200 + per_read + 3)])
-    assert pieces == [
-        (0, 6 * PAGE_SIZE),  # 5 blocks apart: one read
-        (100 * PAGE_SIZE, PAGE_SIZE),
-        (200 * PAGE_SIZE, READ_CHUNK),
-        ((200 + per_read) * PAGE_SIZE, 3 * PAGE_SIZE),
+    batches = _read_batches([(0, 1), (5, 6), (100, 101), (200, 200 + per_read + 3)])
+    assert batches == [
+        [(0, 6 * PAGE_SIZE), (100 * PAGE_SIZE, PAGE_SIZE)],  # 0 and 5 are close: one read
+        [(200 * PAGE_SIZE, READ_CHUNK)],  # too long for the first buffer's room
+        [((200 + per_read) * PAGE_SIZE, 3 * PAGE_SIZE)],
     ]
+
+
+def test_gathered_pages_keep_their_block_numbers(workdir: Path) -> None:
+    """Pages read from several places of a file into one buffer: each keeps its block number,
+    and runs of pages to store never join pages that are not neighbours in the file."""
+    path = workdir / "relation"
+    path.write_bytes(b"".join(bytes([block]) * PAGE_SIZE for block in range(40)))
+    batches = _read_batches([(3, 5), (20, 21), (22, 24)])  # 20 and 22 are close: read 20-23
+    with (
+        path.open("rb", buffering=0) as stream,
+        ThreadPoolExecutor(1) as readers,
+        _ReadAhead(
+            stream, readers, [memoryview(bytearray(READ_CHUNK)) for _ in range(2)], batches
+        ) as chunks,
+    ):
+        [(blocks, chunk)] = [(b, bytes(c)) for b, c in chunks]
+    assert blocks.tolist() == [3, 4, 20, 21, 22, 23]
+    assert [chunk[i * PAGE_SIZE] for i in range(len(blocks))] == blocks.tolist()
+    wanted = np.array([True, True, True, False, True, True])
+    assert page_runs(wanted, blocks) == [(0, 3, 5), (2, 20, 21), (4, 22, 24)]
 
 
 def test_summaries_must_cover_the_whole_range() -> None:

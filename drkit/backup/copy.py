@@ -27,7 +27,7 @@ from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
 from drkit.fsutil import pread_cached, pread_into, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
-from drkit.pg.pages import check_pages, page_ranges
+from drkit.pg.pages import check_pages, page_runs
 from drkit.pg.summaries import SegmentReads
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
@@ -230,31 +230,30 @@ class FileCopier:
         pages = _PageRanges() if src.delta is not None else None
         whole = hashlib.sha256()
         size = 0  # of the file as read
-        pieces = None
+        batches = None
         if src.delta is not None and src.delta.reads is not None:
             # WAL summaries say which blocks changed: read those (and new blocks) only
             size = os.fstat(stream.fileno()).st_size
-            pieces = _read_pieces(src.delta.reads.spans(-(-size // PAGE_SIZE)))
+            batches = _read_batches(src.delta.reads.spans(-(-size // PAGE_SIZE)))
             self._progress.advance(src.size)
-        with _ReadAhead(stream, self._readers, self._read_buffers(), pieces) as chunks:
-            for at, chunk in chunks:
-                first = at // PAGE_SIZE
+        with _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
+            for blocks, chunk in chunks:
                 if src.delta is not None and pages is not None:
                     # Unchanged pages are the parent's, checked when the parent stored them.
-                    if pieces is None:
+                    if batches is None:
                         whole.update(chunk)
-                    changed = changed_mask(chunk, first, src.delta)
+                    changed = changed_mask(chunk, blocks, src.delta)
                     if check:
-                        bad_pages += self._check_pages(stream, chunk, first_block + first, changed)
-                    for start, end in page_ranges(changed, first):
-                        frame.write(chunk[(start - first) * PAGE_SIZE : (end - first) * PAGE_SIZE])
+                        bad_pages += self._check_pages(stream, chunk, first_block + blocks, changed)
+                    for index, start, end in page_runs(changed, blocks):
+                        frame.write(chunk[index * PAGE_SIZE : (index + end - start) * PAGE_SIZE])
                         pages.add(start, end)
                 else:
                     if check:
-                        bad_pages += self._check_pages(stream, chunk, first_block + first)
+                        bad_pages += self._check_pages(stream, chunk, first_block + blocks)
                     frame.write(chunk)
-                if pieces is None:
-                    size = at + len(chunk)
+                if batches is None:
+                    size = int(blocks[0]) * PAGE_SIZE + len(chunk)
                     self._progress.advance(len(chunk))
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
@@ -267,7 +266,7 @@ class FileCopier:
             # A delta read from WAL summaries never saw the whole file: no whole-file checksum
             sha256=info.plain_sha256
             if src.delta is None
-            else (whole.hexdigest() if pieces is None else None),
+            else (whole.hexdigest() if batches is None else None),
             object=key,
             offset=offset,
             length=info.stored_size,
@@ -292,11 +291,13 @@ class FileCopier:
         self,
         stream: SourceStream,
         chunk: memoryview,
-        first_block: int,
+        blocks: np.ndarray,
         only: np.ndarray | None = None,
     ) -> list[int]:
+        """Check the pages of ``chunk`` (relation block numbers ``blocks``); the blocks that
+        fail, re-read or not."""
         assert self._page_check_lsn is not None
-        failures = check_pages(chunk, first_block, self._page_check_lsn, only)
+        failures = check_pages(chunk, blocks, self._page_check_lsn, only)
         bad: list[int] = []
         for failure in failures:
             # A page being written while we read it can look torn: read it once more.
@@ -340,25 +341,26 @@ def _tee(
 
 
 class _ReadAhead:
-    """A stream's bytes as (offset, bytes) pieces of at most READ_CHUNK: the whole file in order,
-    or only the (offset, length) ``pieces`` given. The next piece is read on a helper thread
-    while the caller checks, hashes and compresses this one. The two buffers are page-aligned,
-    as reads with O_DIRECT need (drkit.fsutil.open_direct)."""
+    """A stream's pages as (block numbers, bytes) of at most READ_CHUNK: the whole file in
+    order, or the ``batches`` of (offset, length) pieces given, each batch gathered into one
+    buffer. The next is read on a helper thread while the caller checks, hashes and compresses
+    this one. The two buffers are page-aligned, as reads with O_DIRECT need
+    (drkit.fsutil.open_direct)."""
 
     def __init__(
         self,
         stream: SourceStream,
         readers: ThreadPoolExecutor,
         buffers: list[memoryview],
-        pieces: list[tuple[int, int]] | None = None,
+        batches: list[list[tuple[int, int]]] | None = None,
     ) -> None:
         self._stream = stream
         self._readers = readers
         self._buffers = buffers
-        self._pieces = iter(pieces) if pieces is not None else None
+        self._batches = iter(batches) if batches is not None else None
         self._pending: Future[int] | None = None
 
-    def __enter__(self) -> Iterator[tuple[int, memoryview]]:
+    def __enter__(self) -> Iterator[tuple[np.ndarray, memoryview]]:
         return self._chunks()
 
     def __exit__(
@@ -367,33 +369,58 @@ class _ReadAhead:
         if self._pending is not None:
             wait([self._pending])  # the caller closes the stream next: no read may be in flight
 
-    def _chunks(self) -> Iterator[tuple[int, memoryview]]:
-        turn = 0
-        offset = self._submit(turn, 0)
-        while offset is not None and self._pending is not None and (n := self._pending.result()):
+    def _chunks(self) -> Iterator[tuple[np.ndarray, memoryview]]:
+        turn, offset = 0, 0
+        batch = self._submit(turn)
+        while self._pending is not None and (n := self._pending.result()):
             current = self._buffers[turn][:n]
+            blocks = _blocks_of(batch, n) if batch is not None else _blocks_at(offset, n)
             turn ^= 1
-            at, offset = offset, self._submit(turn, offset + n)
-            yield at, current
+            offset += n
+            batch = self._submit(turn)
+            yield blocks, current
 
-    def _submit(self, turn: int, offset: int) -> int | None:
-        """Start reading the next piece into buffer ``turn``; its offset (None: no more)."""
+    def _submit(self, turn: int) -> list[tuple[int, int]] | None:
+        """Start the next read into buffer ``turn``; the batch it gathers (None: whole file)."""
         buffer = self._buffers[turn]
-        if self._pieces is None:
+        if self._batches is None:
             self._pending = self._readers.submit(read_into, self._stream, buffer)
-            return offset
-        piece = next(self._pieces, None)
-        if piece is None:
-            self._pending = None
             return None
-        at, length = piece
-        self._pending = self._readers.submit(pread_into, self._stream, buffer[:length], at)
-        return at
+        batch = next(self._batches, None)
+        self._pending = (
+            None if batch is None else self._readers.submit(_gather, self._stream, buffer, batch)
+        )
+        return batch
 
 
-def _read_pieces(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(offset, length) reads of at most READ_CHUNK covering the block ranges ``spans``; ranges
-    less than READ_GAP_PAGES apart are read as one (one larger read costs less than two)."""
+def _gather(stream: SourceStream, buffer: memoryview, batch: list[tuple[int, int]]) -> int:
+    """Read the (offset, length) pieces one after the other into ``buffer``; bytes read (a
+    short read, at the end of a file truncated meanwhile, ends the batch)."""
+    filled = 0
+    for offset, length in batch:
+        n = pread_into(stream, buffer[filled : filled + length], offset)
+        filled += n
+        if n < length:
+            break
+    return filled
+
+
+def _blocks_at(offset: int, n: int) -> np.ndarray:
+    """Block numbers of the pages of ``n`` bytes read from ``offset``."""
+    first = offset // PAGE_SIZE
+    return np.arange(first, first + -(-n // PAGE_SIZE), dtype=np.int64)
+
+
+def _blocks_of(batch: list[tuple[int, int]], n: int) -> np.ndarray:
+    """Block numbers of the pages of the first ``n`` bytes gathered from ``batch``."""
+    blocks = np.concatenate([_blocks_at(offset, length) for offset, length in batch])
+    return blocks[: -(-n // PAGE_SIZE)]
+
+
+def _read_batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Reads covering the block ranges ``spans``: (offset, length) pieces of at most READ_CHUNK,
+    grouped into batches of at most READ_CHUNK that fill one buffer. Ranges less than
+    READ_GAP_PAGES apart are read as one (one larger read costs less than two)."""
     merged: list[tuple[int, int]] = []
     for start, end in spans:
         if merged and start - merged[-1][1] < READ_GAP_PAGES:
@@ -401,11 +428,17 @@ def _read_pieces(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     per_read = READ_CHUNK // PAGE_SIZE
-    return [
-        (block * PAGE_SIZE, min(per_read, end - block) * PAGE_SIZE)
-        for start, end in merged
-        for block in range(start, end, per_read)
-    ]
+    batches: list[list[tuple[int, int]]] = []
+    room = 0
+    for start, end in merged:
+        for block in range(start, end, per_read):
+            piece = (block * PAGE_SIZE, min(per_read, end - block) * PAGE_SIZE)
+            if piece[1] > room:
+                batches.append([])
+                room = READ_CHUNK
+            batches[-1].append(piece)
+            room -= piece[1]
+    return batches
 
 
 class _PageRanges:
@@ -423,26 +456,24 @@ class _PageRanges:
 
 def changed_pages(chunk: memoryview, first: int, delta: Delta) -> list[tuple[int, int]]:
     """Block ranges of ``chunk`` (pages from block ``first``) a delta must store."""
-    return page_ranges(changed_mask(chunk, first, delta), first)
+    blocks = _blocks_at(first * PAGE_SIZE, len(chunk))
+    return [(start, end) for _, start, end in page_runs(changed_mask(chunk, blocks, delta), blocks)]
 
 
-def changed_mask(chunk: memoryview, first: int, delta: Delta) -> np.ndarray:
-    """Which pages of ``chunk`` (pages from block ``first``) a delta must store: pages written
+def changed_mask(chunk: memoryview, blocks: np.ndarray, delta: Delta) -> np.ndarray:
+    """Which pages of ``chunk`` (block numbers ``blocks``) a delta must store: pages written
     since the parent started (LSN at or after its start), new all-zero pages (PostgreSQL may
     have truncated and re-extended the file: never trust the parent's old page there), pages
     past the parent's end, and a trailing partial page."""
     whole = len(chunk) // PAGE_SIZE
-    changed = np.zeros(whole + (1 if len(chunk) % PAGE_SIZE else 0), dtype=bool)
+    changed = blocks[: -(-len(chunk) // PAGE_SIZE)] >= delta.parent_size // PAGE_SIZE
     if whole:
         header = np.frombuffer(chunk, dtype="<u4", count=whole * PAGE_SIZE // 4).reshape(
             whole, PAGE_SIZE // 4
         )[:, :4]
         lsn = (header[:, 0].astype(np.uint64) << np.uint64(32)) | header[:, 1].astype(np.uint64)
         upper = header[:, 3] >> np.uint32(16)
-        changed[:whole] = (lsn >= np.uint64(delta.since_lsn)) | (upper == 0)
+        changed[:whole] |= (lsn >= np.uint64(delta.since_lsn)) | (upper == 0)
     if len(changed) > whole:
         changed[whole] = True
-    parent_blocks = delta.parent_size // PAGE_SIZE
-    if first + len(changed) > parent_blocks:
-        changed[max(0, parent_blocks - first) :] = True
     return changed

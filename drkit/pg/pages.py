@@ -67,10 +67,14 @@ class PageFailure:
 
 
 def check_pages(
-    data: bytes | memoryview, first_block: int, skip_from_lsn: int, only: np.ndarray | None = None
+    data: bytes | memoryview,
+    first_block: int | np.ndarray,
+    skip_from_lsn: int,
+    only: np.ndarray | None = None,
 ) -> list[PageFailure]:
     """Validate every whole page in ``data`` (or those ``only`` selects, a boolean mask of its
-    pages); ``first_block`` is the relation block number.
+    pages); ``first_block`` is the relation block number of the first page, or an array of the
+    block number of every page (pages gathered from several places of a file).
 
     Pages that are new (pd_upper == 0 and all zero) are valid. Pages whose LSN is at or after
     ``skip_from_lsn`` (the backup start) are not checked: PostgreSQL may be writing them right now
@@ -81,6 +85,11 @@ def check_pages(
         return []
     raw = np.frombuffer(data, dtype=np.uint8, count=usable)
     pages = raw.reshape(-1, PAGE_SIZE)
+    blocks = (
+        np.arange(first_block, first_block + len(pages), dtype=np.int64)
+        if isinstance(first_block, int)
+        else first_block[: len(pages)]
+    )
     header = pages[:, :24].copy().view("<u4")  # 6 uint32 words of the page header per page
     lsn = (header[:, 0].astype(np.uint64) << np.uint64(32)) | header[:, 1].astype(np.uint64)
     stored = (header[:, 2] & np.uint32(0xFFFF)).astype(np.uint16)
@@ -93,22 +102,25 @@ def check_pages(
     failures: list[PageFailure] = []
     index = np.flatnonzero(candidates)
     if index.size:
-        computed = page_checksums(pages[index], first_block + index)
+        computed = page_checksums(pages[index], blocks[index])
         for i in np.flatnonzero(computed != stored[index]):
-            block = int(first_block + index[i])
+            block = int(blocks[index[i]])
             failures.append(PageFailure(block, int(computed[i]), int(stored[index[i]])))
     for i in bad_new:
-        failures.append(PageFailure(int(first_block + i), 0, int(stored[i])))
+        failures.append(PageFailure(int(blocks[i]), 0, int(stored[i])))
     return sorted(failures, key=lambda f: f.block)
 
 
-def page_ranges(mask: np.ndarray, first: int) -> list[tuple[int, int]]:
-    """The runs of consecutive True pages of ``mask`` as block ranges [start, end), where
-    ``mask[0]`` is block ``first``."""
+def page_runs(mask: np.ndarray, blocks: np.ndarray) -> list[tuple[int, int, int]]:
+    """The runs of selected pages that are consecutive both in the buffer and in the file, as
+    (index in the buffer, first block, end block); ``blocks[i]`` is page i's block number."""
     index = np.flatnonzero(mask)
     if not index.size:
         return []
-    breaks = np.flatnonzero(np.diff(index) != 1)
-    starts = np.concatenate(([index[0]], index[breaks + 1]))
-    ends = np.concatenate((index[breaks], [index[-1]])) + 1
-    return [(first + int(a), first + int(b)) for a, b in zip(starts, ends, strict=True)]
+    breaks = np.flatnonzero((np.diff(index) != 1) | (np.diff(blocks[index]) != 1))
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [index.size - 1]))
+    return [
+        (int(index[a]), int(blocks[index[a]]), int(blocks[index[b]]) + 1)
+        for a, b in zip(starts, ends, strict=True)
+    ]
