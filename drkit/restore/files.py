@@ -170,13 +170,14 @@ class FileWriter:
         offset, length = chunk_span(header, entry.length, payload_start, payload_end)
         context = file_context(layer.owner, entry.path)
         digest, position = hashlib.sha256(), plain_start
+        hashing = not _checked_whole(plan)
 
         def pieces() -> Iterator[bytes]:
             dek = self._chain.deks[layer.owner]
             for piece in decode_chunk(
                 header, stream.read, entry.length, dek, context, payload_start, payload_end
             ):
-                if plan.simple:  # an assembled file is checked whole once complete
+                if hashing:
                     digest.update(piece)
                 yield piece
 
@@ -199,7 +200,7 @@ class FileWriter:
                         position += len(piece)
         finally:
             os.close(fd)
-        if position != plain_end or (plan.simple and digest.hexdigest() != sha256):
+        if position != plain_end or (hashing and digest.hexdigest() != sha256):
             raise IntegrityError(f"checksum mismatch in chunk {index} of '{entry.path}'")
 
     def _undo(self, layers: dict[str, tuple[FilePlan, Layer]]) -> None:
@@ -229,7 +230,7 @@ class FileWriter:
             owner,
             consume,
             check_object=False,
-            checked_later=[path for path, (plan, _) in layers.items() if not plan.simple],
+            checked_later=[path for path, (plan, _) in layers.items() if _checked_whole(plan)],
         )
         for outcome in outcomes:
             if outcome.error is not None:
@@ -273,7 +274,7 @@ class FileWriter:
             os.close(fd)
 
     def _check_assembled(self, plan: FilePlan) -> None:
-        if plan.entry.sha256 is None:  # a delta from WAL summaries: only its pieces are checked
+        if plan.entry.sha256 is None:  # a delta from WAL summaries: its pieces were checked
             with open(self._path(plan.entry), "rb", buffering=0) as f:
                 start_writeback(f.fileno(), 0, plan.entry.size)
             return
@@ -288,6 +289,12 @@ class FileWriter:
             raise IntegrityError(
                 f"'{plan.entry.path}' assembled from backups {owners} does not match its checksum"
             )
+
+
+def _checked_whole(plan: FilePlan) -> bool:
+    """Whether the file is read back and checked whole once assembled, so its layers' plaintext
+    need not be hashed as they decode. (Not a delta from WAL summaries: no whole-file checksum.)"""
+    return not plan.simple and plan.entry.sha256 is not None
 
 
 class _PageWriter:
