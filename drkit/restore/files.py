@@ -2,8 +2,9 @@
 
 Files restored from one whole frame are written sequentially and checked as they stream. Files
 assembled from several layers (a chain of deltas) are created at their final size first, each
-layer writes its pages with pwrite, and once every layer is in, the file is read back and its
-checksum compared with the manifest: the restored file is proven, not just its pieces.
+layer writes its pages with pwrite, and the file is read back and hashed as its bytes become
+final, the checksum compared with the manifest's once every layer is in: the restored file is
+proven, not just its pieces.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ class FileWriter:
         self._progress = progress
         self.events: list[str] = []
         self._lock = threading.Lock()
-        # Files assembled from a chain: how many writes (layers, chunks) are still to come; the
-        # worker doing the last one checks the file at once, while the other workers go on.
-        self._pending: dict[str, int] = {}
+        # Files assembled from a chain, checked as they become final (see _Assembly)
+        self._assemblies: dict[str, _Assembly] = {}
 
     def write(self, plans: list[FilePlan], workers: int) -> None:
         # Which layers each (backup, object) feeds, so each object is read exactly once; a large
@@ -65,18 +65,15 @@ class FileWriter:
                     work.setdefault(key, {})[plan.entry.path] = (plan, layer)
         for key, layers in work.items():
             tasks.append((self._object(*key).size, partial(self._restore_object, key, layers)))
-        assembled = [p for p in plans if not p.simple]
-        for plan in assembled:
-            self._create(plan.entry)
-            writes = [
-                len(layer.entry.chunks or []) if _by_chunk(layer) else 1 for layer in plan.layers
-            ]
-            self._pending[plan.entry.path] = sum(writes)
+        for plan in plans:
+            if not plan.simple:
+                self._create(plan.entry)
+                self._assemblies[plan.entry.path] = _Assembly(plan)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
             tasks.sort(key=lambda task: -task[0])
             list(pool.map(lambda task: task[1](), tasks))
-        if unchecked := [path for path, left in self._pending.items() if left]:
+        if unchecked := [path for path, done in self._assemblies.items() if not done.checked]:
             raise IntegrityError(f"'{unchecked[0]}' was not completely restored")  # never expected
         for plan in plans:
             path = self._path(plan.entry)
@@ -118,18 +115,13 @@ class FileWriter:
             lambda repo: self._restore_object_from(repo, key, layers),
             lambda: self._undo(layers),
         )
-        for plan, _ in layers.values():
-            self._written(plan)
+        for plan, layer in layers.values():
+            self._written(plan, layer, None)
 
-    def _written(self, plan: FilePlan) -> None:
-        """One more layer (or chunk of one) of ``plan`` is in; check the file if it was the last."""
-        if plan.simple:
-            return
-        with self._lock:
-            self._pending[plan.entry.path] -= 1
-            complete = self._pending[plan.entry.path] == 0
-        if complete:
-            self._check_assembled(plan)
+    def _written(self, plan: FilePlan, layer: Layer, chunk: int | None) -> None:
+        """A layer (or chunk ``chunk`` of it) of ``plan`` is in: check what became final."""
+        if not plan.simple:
+            self._assemblies[plan.entry.path].written(layer, chunk, self._path(plan.entry))
 
     def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
@@ -145,7 +137,7 @@ class FileWriter:
             lambda repo: self._write_chunk(repo, plan, layer, index),
             lambda: None,  # a chunk is written in place again from the next copy
         )
-        self._written(plan)
+        self._written(plan, layer, index)
 
     def _write_chunk(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
         try:
@@ -273,22 +265,77 @@ class FileWriter:
         finally:
             os.close(fd)
 
-    def _check_assembled(self, plan: FilePlan) -> None:
-        if plan.entry.sha256 is None:  # a delta from WAL summaries: its pieces were checked
-            with open(self._path(plan.entry), "rb", buffering=0) as f:
-                start_writeback(f.fileno(), 0, plan.entry.size)
-            return
-        digest = hashlib.sha256()
-        buffer = bytearray(4 * 1024 * 1024)
-        with open(self._path(plan.entry), "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                digest.update(memoryview(buffer)[:n])
-            start_writeback(f.fileno(), 0, plan.entry.size)  # complete: on its way to disk
-        if digest.hexdigest() != plan.entry.sha256:
-            owners = ", ".join(layer.owner for layer in plan.layers)
+
+class _Assembly:
+    """The check of one file assembled from layers, made while it is written: each write still
+    to come (a layer, or a chunk of one) has a lowest block it may write, so every byte below
+    all of them is final. Whenever that frontier moves, the worker that moved it reads the new
+    final bytes back (from the page cache, just written), hashes them in order and starts their
+    writeback, while the other workers go on; when the last write is in, the digest is compared
+    with the manifest's. A big file thus needs no read-back after its last write but its tail.
+    (A delta from WAL summaries has no whole-file checksum: its bytes are only written back.)"""
+
+    def __init__(self, plan: FilePlan) -> None:
+        self.plan = plan
+        self.checked = False
+        self._pending = {
+            (id(layer), chunk): _lowest_byte(layer, chunk, plan.entry.size)
+            for layer in plan.layers
+            for chunk in (range(len(layer.entry.chunks or [])) if _by_chunk(layer) else [None])
+        }
+        self._digest = hashlib.sha256() if plan.entry.sha256 is not None else None
+        self._final = 0  # bytes read back (and hashed) so far
+        self._busy = False  # a worker is reading back
+        self._lock = threading.Lock()
+
+    def written(self, layer: Layer, chunk: int | None, path: Path) -> None:
+        with self._lock:
+            del self._pending[(id(layer), chunk)]
+            if self._busy:
+                return  # the worker reading back sees the new frontier when it looks again
+            self._busy = True
+        while True:
+            with self._lock:
+                frontier = min(self._pending.values(), default=self.plan.entry.size)
+                if frontier <= self._final:
+                    self._busy = False
+                    complete = not self._pending and not self.checked
+                    self.checked = self.checked or complete
+                    break
+            self._read_back(path, self._final, frontier)
+            self._final = frontier
+        digest = self._digest
+        if complete and digest is not None and digest.hexdigest() != self.plan.entry.sha256:
+            owners = ", ".join(each.owner for each in self.plan.layers)
             raise IntegrityError(
-                f"'{plan.entry.path}' assembled from backups {owners} does not match its checksum"
+                f"'{self.plan.entry.path}' assembled from backups {owners} does not match its"
+                " checksum"
             )
+
+    def _read_back(self, path: Path, start: int, end: int) -> None:
+        with open(path, "rb", buffering=0) as f:
+            if self._digest is not None:
+                buffer = memoryview(bytearray(min(end - start, 4 * 1024 * 1024)))
+                position = start
+                while position < end:
+                    n = os.preadv(f.fileno(), [buffer[: end - position]], position)
+                    if n == 0:
+                        raise IntegrityError(f"'{self.plan.entry.path}' is shorter than planned")
+                    self._digest.update(buffer[:n])
+                    position += n
+            start_writeback(f.fileno(), start, end - start)  # final: on its way to disk
+
+
+def _lowest_byte(layer: Layer, chunk: int | None, size: int) -> int:
+    """The lowest byte of the file that a layer (or chunk ``chunk`` of it) may write."""
+    assert layer.mask is not None  # every layer of an assembled file has one
+    if chunk is None:
+        selected = layer.mask.nonzero()[0]
+        return int(selected[0]) * PAGE_SIZE if selected.size else size
+    chunks = layer.entry.chunks or []
+    end = chunks[chunk + 1][0] if chunk + 1 < len(chunks) else layer.entry.payload_size
+    spans = layer.spans(chunks[chunk][0] // PAGE_SIZE, _blocks(end))
+    return min(start for start, _ in spans) * PAGE_SIZE if spans else size
 
 
 def _checked_whole(plan: FilePlan) -> bool:
