@@ -18,9 +18,16 @@ from rig.postgres import PgCluster, PgFactory, database_checksums
 from test_incremental import _restore_and_compare
 
 from drkit.backup.copy import READ_CHUNK, _read_batches, _ReadAhead
+from drkit.pg import summaries
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import page_runs
-from drkit.pg.summaries import ChangedBlocks, NoSummaries, check_coverage, relation_key
+from drkit.pg.summaries import (
+    ChangedBlocks,
+    NoSummaries,
+    changed_blocks,
+    check_coverage,
+    relation_key,
+)
 from drkit.repo.manifest import FileEntry
 
 
@@ -35,7 +42,7 @@ def test_relation_key_of_main_fork_files_only() -> None:
 
 def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
     rel, other, created = (1663, 5, 1), (1663, 5, 2), (1663, 5, 3)
-    changed = ChangedBlocks(
+    changed = ChangedBlocks.of(
         ranges={rel: [(3, 5), (RELSEG_PAGES - 1, RELSEG_PAGES + 2)], other: [(0, 1)]},
         limits={other: RELSEG_PAGES + 10, created: 0},
     )
@@ -48,7 +55,7 @@ def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
     assert second.spans(150) == [(0, 2), (100, 150)]
     # blocks past the parent's end that the summaries name only in part (a bulk extension
     # writes no WAL for the empty pages): the whole tail is read all the same
-    grown = ChangedBlocks(ranges={rel: [(2, 3), (578, 590)]}, limits={})
+    grown = ChangedBlocks.of(ranges={rel: [(2, 3), (578, 590)]}, limits={})
     tail = grown.segment_reads(rel, 0, parent_blocks=551)
     assert tail is not None and tail.spans(590) == [(2, 3), (551, 590)]
     # truncated to RELSEG_PAGES + 10 within the range: segment 1 is read from block 10 on
@@ -60,6 +67,23 @@ def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
     # untouched: nothing but growth
     untouched = changed.segment_reads((1663, 5, 9), 0, parent_blocks=40)
     assert untouched is not None and untouched.spans(40) == [] and untouched.spans(42) == [(40, 42)]
+
+
+def test_changed_blocks_are_compact_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [
+        (1663, 5, 1, False, 0, 2),
+        (1663, 5, 1, False, 10, 12),
+        (1663, 5, 1, True, 40, None),
+        (1663, 5, 2, False, 7, 8),
+    ]
+    changed = changed_blocks(rows)
+    assert changed.limits == {(1663, 5, 1): 40}
+    assert [list(a) for a in changed.ranges[(1663, 5, 1)]] == [[0, 10], [2, 12]]
+    reads = changed.segment_reads((1663, 5, 1), 0, parent_blocks=20)
+    assert reads is not None and reads.spans(30) == [(0, 2), (10, 12), (20, 30)]
+    monkeypatch.setattr(summaries, "MAX_RANGES", 2)  # memory stays bounded: past it, scan
+    with pytest.raises(NoSummaries, match="more than 2 changed block ranges"):
+        changed_blocks(rows)
 
 
 def test_read_batches_join_close_ranges_split_long_ones_and_fill_buffers() -> None:
@@ -186,6 +210,26 @@ def test_summaries_that_miss_the_parent_fall_back_to_the_page_scan(
     assert incr["type"] == "incr"
     assert "WAL summaries do not cover" in incr["notice"], incr
     assert "reading changed relation files whole" in result.stderr
+    accounts = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
+    assert _entries(dk, incr["label"])[accounts].sha256 is not None  # scanned whole
+    _restore_and_compare(dk, pg, workdir, incr["label"], expected)
+
+
+def test_too_many_changed_ranges_fall_back_to_the_page_scan(
+    pg_factory: PgFactory, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_RANGES the summaries are dropped half-read (the query is cancelled) and the
+    same session goes on to scan and finish the backup."""
+    pg = pg_factory(18)
+    pg.run_bin("pgbench", "-i", "-s", "1", "-q")
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup")
+    pg.psql("UPDATE pgbench_accounts SET abalance = 9 WHERE aid % 50 = 0")
+    expected = database_checksums(pg)
+    monkeypatch.setattr(summaries, "MAX_RANGES", 3)
+    incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
+    assert "more than 3 changed block ranges" in incr["notice"], incr
     accounts = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
     assert _entries(dk, incr["label"])[accounts].sha256 is not None  # scanned whole
     _restore_and_compare(dk, pg, workdir, incr["label"], expected)

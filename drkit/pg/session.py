@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 
@@ -199,7 +202,11 @@ class PgSession:
             summaries = self._conn.execute(SUMMARIES_SQL.encode(), args).fetchall()
             ranges = [(parse_lsn(str(start)), parse_lsn(str(end))) for start, end in summaries]
             check_coverage(ranges, since, until)
-            return changed_blocks(self._conn.execute(CONTENTS_SQL.encode(), args).fetchall())
+            # streamed row by row: only the compact ranges are kept (closing a stream that was
+            # not read to its end cancels the query, so the session stays usable)
+            stream = self._conn.cursor().stream(CONTENTS_SQL.encode(), args)
+            with closing(cast("Generator[tuple[Any, ...]]", stream)) as rows:
+                return changed_blocks(rows)
         except psycopg.Error as exc:
             raise PostgresError(f"reading the WAL summaries failed: {_first_line(exc)}") from None
 

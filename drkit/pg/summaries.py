@@ -14,7 +14,11 @@ one timeline; otherwise the backup reads changed files whole (page-LSN scan) and
 from __future__ import annotations
 
 import re
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Self
 
 from drkit.pg.constants import RELSEG_PAGES
 from drkit.pg.wal import format_lsn
@@ -70,10 +74,21 @@ class SegmentReads:
 
 @dataclass(frozen=True)
 class ChangedBlocks:
-    """Main-fork blocks modified in an LSN range, per relation, and the relations' limit blocks."""
+    """Main-fork blocks modified in an LSN range, per relation, and the relations' limit blocks.
+    The ranges are kept compact (two arrays of 32-bit block numbers per relation) and their
+    number capped (MAX_RANGES), so memory stays bounded whatever the database size."""
 
-    ranges: dict[RelKey, list[tuple[int, int]]]  # relation block ranges [start, end), ascending
+    ranges: dict[RelKey, tuple[array[int], array[int]]]  # starts and ends [start, end), ascending
     limits: dict[RelKey, int]
+
+    @classmethod
+    def of(cls, ranges: dict[RelKey, list[tuple[int, int]]], limits: dict[RelKey, int]) -> Self:
+        """From sorted, disjoint [start, end) block ranges per relation."""
+        packed = {
+            key: (array("I", (a for a, _ in spans)), array("I", (b for _, b in spans)))
+            for key, spans in ranges.items()
+        }
+        return cls(packed, limits)
 
     def segment_reads(self, key: RelKey, segment: int, parent_blocks: int) -> SegmentReads | None:
         """What a delta of segment ``segment`` of relation ``key`` must read, given the parent's
@@ -86,10 +101,11 @@ class ChangedBlocks:
             if limit <= first:
                 return None
             tail_from = min(tail_from, limit - first)
+        starts, ends = self.ranges.get(key, (array("I"), array("I")))
+        last = first + RELSEG_PAGES
         ranges = tuple(
-            (max(start, first) - first, min(end, first + RELSEG_PAGES) - first)
-            for start, end in self.ranges.get(key, ())
-            if start < first + RELSEG_PAGES and end > first
+            (max(starts[i], first) - first, min(ends[i], last) - first)
+            for i in range(bisect_right(ends, first), bisect_left(starts, last))
         )
         return SegmentReads(ranges, tail_from)
 
@@ -115,12 +131,17 @@ WITH s AS (
 ), b AS (
     SELECT DISTINCT ts, db, rel, blk FROM c WHERE NOT is_limit
 )
-SELECT ts, db, rel, false, min(blk), max(blk) + 1
-FROM (SELECT *, blk - row_number() OVER (PARTITION BY ts, db, rel ORDER BY blk) AS run FROM b) r
-GROUP BY ts, db, rel, run
-UNION ALL
-SELECT ts, db, rel, true, min(blk), NULL FROM c WHERE is_limit GROUP BY ts, db, rel
+SELECT * FROM (
+    SELECT ts, db, rel, false AS is_limit, min(blk) AS start, max(blk) + 1 AS stop
+    FROM (SELECT *, blk - row_number() OVER (PARTITION BY ts, db, rel ORDER BY blk) AS run
+          FROM b) r
+    GROUP BY ts, db, rel, run
+    UNION ALL
+    SELECT ts, db, rel, true, min(blk), NULL FROM c WHERE is_limit GROUP BY ts, db, rel
+) x ORDER BY ts, db, rel, is_limit, start
 """
+# At 8 bytes a range, 32 MiB; a change that scattered is read about as fast by scanning files.
+MAX_RANGES = 4_000_000
 
 
 def check_coverage(summaries: list[tuple[int, int]], since: int, until: int) -> None:
@@ -137,17 +158,23 @@ def check_coverage(summaries: list[tuple[int, int]], since: int, until: int) -> 
         )
 
 
-def changed_blocks(rows: list[tuple[int, int, int, bool, int, int | None]]) -> ChangedBlocks:
-    """Build ChangedBlocks from CONTENTS_SQL's rows."""
-    ranges: dict[RelKey, list[tuple[int, int]]] = {}
+def changed_blocks(rows: Iterable[tuple[int, int, int, bool, int, int | None]]) -> ChangedBlocks:
+    """Build ChangedBlocks from CONTENTS_SQL's rows (ordered by relation, then block); raises
+    NoSummaries past MAX_RANGES ranges: changes that scattered are read as fast whole."""
+    max_ranges = MAX_RANGES
+    ranges: dict[RelKey, tuple[array[int], array[int]]] = {}
     limits: dict[RelKey, int] = {}
+    count = 0
     for ts, db, rel, is_limit, start, end in rows:
         key = (int(ts), int(db), int(rel))
         if is_limit:
             limits[key] = int(start)
-        else:
-            assert end is not None
-            ranges.setdefault(key, []).append((int(start), int(end)))
-    for spans in ranges.values():
-        spans.sort()
+            continue
+        assert end is not None
+        count += 1
+        if count > max_ranges:
+            raise NoSummaries(f"the WAL summaries name more than {max_ranges} changed block ranges")
+        starts, ends = ranges.setdefault(key, (array("I"), array("I")))
+        starts.append(int(start))
+        ends.append(int(end))
     return ChangedBlocks(ranges, limits)
