@@ -20,13 +20,12 @@ from test_incremental import _restore_and_compare
 from drkit.backup.copy import READ_CHUNK, _read_batches, _ReadAhead
 from drkit.pg import summaries
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
-from drkit.pg.pages import page_runs
+from drkit.pg.pages import page_runs, relation_key
 from drkit.pg.summaries import (
     ChangedBlocks,
     NoSummaries,
     changed_blocks,
     check_coverage,
-    relation_key,
 )
 from drkit.repo.manifest import FileEntry
 

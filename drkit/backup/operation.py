@@ -25,9 +25,9 @@ from drkit.config.settings import Settings
 from drkit.errors import IntegrityError, PostgresError
 from drkit.fsutil import open_direct
 from drkit.pg.constants import PAGE_SIZE
-from drkit.pg.pages import relation_segment
+from drkit.pg.pages import relation_key, relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
-from drkit.pg.summaries import ChangedBlocks, NoSummaries, relation_key
+from drkit.pg.summaries import ChangedBlocks, NoSummaries
 from drkit.pg.wal import (
     check_segment_header,
     format_lsn,
@@ -368,9 +368,10 @@ def plan_sources(
             continue
         segment = relation_segment(f.path)
         delta = None
-        if old and parent and segment is not None and _is_main_fork(f.path):
+        key = relation_key(f.path)  # main-fork relation files only
+        if old and parent and segment is not None and key is not None:
             reads = None
-            if changed is not None and (key := relation_key(f.path)) is not None:
+            if changed is not None:
                 reads = changed.segment_reads(key, segment, old.size // PAGE_SIZE)
             delta = Delta(since_lsn, old.size, parent.label, reads)
         direct = direct_io and segment is not None and f.size >= READ_CHUNK
@@ -387,11 +388,6 @@ def plan_sources(
             )
         )
     return sources, unchanged
-
-
-def _is_main_fork(path: str) -> bool:
-    name = path.rpartition("/")[2]
-    return "_" not in name
 
 
 def _open_file(path: Path) -> io.FileIO:

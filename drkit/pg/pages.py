@@ -32,7 +32,13 @@ _BASE_OFFSETS = np.array(
 
 # A relation file: <relfilenode>[_fork][.segment], inside base/<db>/, global/ or a tablespace.
 _RELATION_FILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.(\d+))?$")
-_RELATION_DIR = re.compile(r"^(base/\d+|global|pg_tblspc/\d+/[^/]+/\d+)$")
+_RELATION_DIR = re.compile(
+    r"^(?:base/(?P<db>\d+)|global|pg_tblspc/(?P<ts>\d+)/[^/]+/(?P<tsdb>\d+))$"
+)
+
+DEFAULT_TABLESPACE = 1663  # pg_default: base/<database>/
+GLOBAL_TABLESPACE = 1664  # pg_global: global/
+RelKey = tuple[int, int, int]  # tablespace OID, database OID, relfilenode
 
 
 def relation_segment(path: str) -> int | None:
@@ -42,6 +48,21 @@ def relation_segment(path: str) -> int | None:
     if match is None or not _RELATION_DIR.match(directory):
         return None
     return int(match.group(5) or 0)
+
+
+def relation_key(path: str) -> RelKey | None:
+    """(tablespace, database, relfilenode) of a main-fork relation file at ``path``
+    (PGDATA-relative), as PostgreSQL names it in WAL; None if not one."""
+    directory, _, name = path.rpartition("/")
+    file, where = _RELATION_FILE.match(name), _RELATION_DIR.match(directory)
+    if file is None or where is None or file.group(2):
+        return None
+    rel = int(file.group(1))
+    if where["db"] is not None:
+        return (DEFAULT_TABLESPACE, int(where["db"]), rel)
+    if where["ts"] is not None:
+        return (int(where["ts"]), int(where["tsdb"]), rel)
+    return (GLOBAL_TABLESPACE, 0, rel)
 
 
 def page_checksums(pages: np.ndarray, blocks: np.ndarray) -> np.ndarray:

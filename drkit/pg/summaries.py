@@ -13,41 +13,21 @@ one timeline; otherwise the backup reads changed files whole (page-LSN scan) and
 
 from __future__ import annotations
 
-import re
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from drkit.pg.constants import RELSEG_PAGES
 from drkit.pg.wal import format_lsn
 
-DEFAULT_TABLESPACE = 1663  # pg_default: base/<database>/
-GLOBAL_TABLESPACE = 1664  # pg_global: global/
-
-RelKey = tuple[int, int, int]  # tablespace OID, database OID, relfilenode
-
-_MAIN_FORK = re.compile(
-    r"^(?:base/(?P<db>\d+)|global|pg_tblspc/(?P<ts>\d+)/[^/]+/(?P<tsdb>\d+))/(?P<rel>\d+)(?:\.\d+)?$"
-)
+if TYPE_CHECKING:
+    from drkit.pg.pages import RelKey
 
 
 class NoSummaries(Exception):
     """The WAL summaries cannot say what changed (the message says why)."""
-
-
-def relation_key(path: str) -> RelKey | None:
-    """(tablespace, database, relfilenode) of a main-fork relation file (PGDATA-relative)."""
-    m = _MAIN_FORK.match(path)
-    if m is None:
-        return None
-    rel = int(m["rel"])
-    if m["db"] is not None:
-        return (DEFAULT_TABLESPACE, int(m["db"]), rel)
-    if m["ts"] is not None:
-        return (int(m["ts"]), int(m["tsdb"]), rel)
-    return (GLOBAL_TABLESPACE, 0, rel)
 
 
 @dataclass(frozen=True)
