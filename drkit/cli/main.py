@@ -8,7 +8,11 @@ of ``app`` (``from drkit.cli.main import app`` still works: PEP 562 module ``__g
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import threading
 from typing import Any
 
 _FAST_COMMANDS = ("wal-push", "wal-fetch", "wal-pusher")
@@ -64,10 +68,32 @@ def __getattr__(name: str) -> Any:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in _FAST_COMMANDS:
-        from drkit.cli.wal import run_fast
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] in _FAST_COMMANDS:
+            from drkit.cli.wal import run_fast
 
-        code = run_fast(sys.argv[1:])
-        if code is not None:  # None: --help or a usage error, which typer explains
-            sys.exit(code)
-    __getattr__("app")()
+            code = run_fast(sys.argv[1:])
+            if code is not None:  # None: --help or a usage error, which typer explains
+                sys.exit(code)
+        __getattr__("app")()
+    except SystemExit as exc:
+        _exit(exc.code)
+    _exit(0)
+
+
+def _exit(code: object) -> None:
+    """End the process as Python would (threads joined, exit handlers run, output flushed) but
+    without tearing down every imported module one by one: that takes 50-100 ms, on every
+    backup and on every wal-push, for memory the kernel frees anyway. Files drkit writes are
+    closed (and synced where it matters) by the operations themselves."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit("message") prints
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code or 0)
