@@ -101,3 +101,24 @@ def test_version_and_module_entry_point() -> None:
         [sys.executable, "-m", "drkit", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.strip() == f"drkit {__version__}"
+
+
+def test_console_script_exit_codes_and_output_through_pipes(tmp_path: Path) -> None:
+    """The drkit command ends without interpreter teardown (os._exit): its exit codes and
+    everything it printed must still reach the caller through pipes."""
+    import subprocess
+    import sys
+
+    drkit = Path(sys.executable).parent / "drkit"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(drkit), *args], capture_output=True, text=True, timeout=60)
+
+    helped = run("restore", "--help")  # long output, fully flushed
+    assert helped.returncode == 0 and "--target-time" in helped.stdout
+    assert helped.stdout.rstrip().endswith("╯")  # the help box is closed: nothing cut off
+    usage = run("backup", "--type", "bogus")
+    assert usage.returncode == 2 and "'bogus' is not one of" in usage.stderr
+    missing = run("info", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 3 and "does not exist" in missing.stderr
+    assert run("--version").stdout.startswith("drkit ")
