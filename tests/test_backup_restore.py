@@ -73,11 +73,12 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
     info = dk.info()
     assert [b["label"] for b in info["backups"]] == [label]
     assert info["backups"][0]["stored"] < info["backups"][0]["size"]
-    # The same listing from the drkit command itself, through a pipe: the command ends with
-    # os._exit, so what it wrote must have been flushed first
+    # The same listing from the drkit command itself, through a pipe (block-buffered): the
+    # command ends with os._exit, so what it wrote must have been flushed first
     drkit = Path(sys.executable).parent / "drkit"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     piped = subprocess.run([str(drkit), "info", "--json", "--config", str(dk.config)],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+                           capture_output=True, text=True, timeout=120, env=buffered)  # fmt: skip
     assert [b["label"] for b in json.loads(piped.stdout)["backups"]] == [label]
 
     target = workdir / "restored"

@@ -106,13 +106,17 @@ def test_version_and_module_entry_point() -> None:
 def test_console_script_exit_codes_and_output_through_pipes(tmp_path: Path) -> None:
     """The drkit command ends without interpreter teardown (os._exit): its exit codes and
     everything it printed must still reach the caller through pipes."""
+    import os
     import subprocess
     import sys
 
     drkit = Path(sys.executable).parent / "drkit"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(drkit), *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [str(drkit), *args], capture_output=True, text=True, timeout=60, env=buffered
+        )
 
     helped = run("restore", "--help")  # long output, fully flushed
     assert helped.returncode == 0 and "--target-time" in helped.stdout
