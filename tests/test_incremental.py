@@ -273,9 +273,9 @@ def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir:
     import numpy as np
 
     from drkit.progress import NoProgress
+    from drkit.repo.chain import Layer
     from drkit.repo.manifest import FileEntry
     from drkit.restore.files import _PageWriter
-    from drkit.restore.plan import Layer
 
     size = 9 * PAGE_SIZE + 100  # a trailing partial page
     spans = [(1, 4), (6, 10)]  # the frame holds blocks 1-3 and 6-9 (9: the partial one)
@@ -302,51 +302,43 @@ def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir:
 
 
 def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> None:
-    """A file assembled from a chunked full and a delta is read back and hashed up to the lowest
-    byte any write still to come may touch, so a big file needs no read-back after its last
-    write but its tail; the digest is compared when the last write is in."""
+    """A file assembled from several writes (layers, or sections of the file) is read back and
+    hashed up to the lowest byte any write still to come may touch, so a big file needs no
+    read-back after its last write but its tail; the digest is compared when the last write is
+    in."""
     import hashlib
 
-    import numpy as np
-
     from drkit.errors import IntegrityError
+    from drkit.repo.chain import FilePlan
     from drkit.repo.manifest import FileEntry
     from drkit.restore.files import _Assembly
-    from drkit.restore.plan import FilePlan, Layer
 
     content = b"".join(bytes([block]) * PAGE_SIZE for block in range(8))
-
-    def assembly(path: Path) -> tuple[_Assembly, Layer, Layer]:
-        entry = {"path": "f", "size": len(content), "mode": 0o600, "mtime": 0, "object": "",
-                 "offset": 0, "length": 0}  # fmt: skip
-        sha = hashlib.sha256(content).hexdigest()
-        chunks = [(0, 0, ""), (4 * PAGE_SIZE, 0, "")]  # blocks 0-3 and 4-7
-        full = FileEntry(**entry, sha256=sha, chunks=chunks)
-        delta = FileEntry(**entry, sha256=sha, pages=[(2, 3), (6, 7)], frame_sha256="")
-        newer = np.zeros(8, dtype=bool)
-        newer[[2, 6]] = True
-        delta_layer, full_layer = Layer("i", delta, newer), Layer("f", full, ~newer)
-        path.write_bytes(content)
-        return _Assembly(FilePlan(delta, [delta_layer, full_layer])), delta_layer, full_layer
+    sha = hashlib.sha256(content).hexdigest()
+    entry = FileEntry(path="f", size=len(content), mode=0o600, mtime=0, object="", offset=0,
+                      length=0, sha256=sha, pages=[(2, 3), (6, 7)], frame_sha256="")  # fmt: skip
+    # three writes still to come, by the lowest byte each may touch
+    writes = {"low": 0, "middle": 2 * PAGE_SIZE, "high": 4 * PAGE_SIZE}
 
     path = workdir / "f"
-    done, delta, full = assembly(path)
-    done.written(full, 0, path)  # blocks 0-1 are final (the delta writes block 2 on)
+    path.write_bytes(content)
+    done = _Assembly(FilePlan(entry), writes)
+    done.written("low", path)  # blocks 0-1 are final
     assert (done._final, done.checked) == (2 * PAGE_SIZE, False)
-    done.written(delta, None, path)  # up to the second chunk's first block
+    done.written("middle", path)  # up to the lowest block of the last write
     assert (done._final, done.checked) == (4 * PAGE_SIZE, False)
-    done.written(full, 1, path)
+    done.written("high", path)
     assert (done._final, done.checked) == (8 * PAGE_SIZE, True)
 
-    damaged, delta, full = assembly(path)
-    damaged.written(delta, None, path)
+    damaged = _Assembly(FilePlan(entry), writes)
+    damaged.written("middle", path)
     with path.open("r+b") as f:  # a page the last write brings is wrong
         f.seek(5 * PAGE_SIZE)
         f.write(b"X")
-    damaged.written(full, 1, path)
+    damaged.written("high", path)
     assert damaged._final == 0  # block 0 is not final yet: nothing read back
     with pytest.raises(IntegrityError, match="does not match its checksum"):
-        damaged.written(full, 0, path)
+        damaged.written("low", path)
 
 
 def test_large_delta_is_chunked_and_restores(pg: PgCluster, workdir: Path) -> None:

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
+
+if TYPE_CHECKING:
+    from drkit.backup.base import BaseVersions
 
 READ_CHUNK = 1024 * 1024  # a multiple of the page size, so page checks see whole pages
 # Cores one file compressed in chunks keeps busy: its chunks compress on every core, but one
@@ -118,8 +122,10 @@ class FileCopier:
         progress: Progress,
         page_check_lsn: int | None,
         fanout: FanOutHook | None = None,
+        base_versions: BaseVersions | None = None,
     ) -> None:
         self._repo = repo
+        self._base_versions = base_versions  # the parent's pages, for XOR deltas
         self._label = label
         self._dek = dek
         self._settings = settings
@@ -236,6 +242,11 @@ class FileCopier:
             size = os.fstat(stream.fileno()).st_size
             batches = _read_batches(src.delta.reads.spans(-(-size // PAGE_SIZE)))
             self._progress.advance(src.size)
+        # A delta that reads the whole file (and so proves the restored file by its checksum)
+        # stores its pages XORed with the parent's versions
+        base = self._base_versions
+        if base is None or src.delta is None or batches is not None or src.delta.base != base.label:
+            base = None
         with _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
             for blocks, chunk in chunks:
                 if src.delta is not None and pages is not None:
@@ -245,8 +256,14 @@ class FileCopier:
                     changed = changed_mask(chunk, blocks, src.delta)
                     if check:
                         bad_pages += self._check_pages(stream, chunk, first_block + blocks, changed)
+                    if base is not None:
+                        older = partial(base.pages, src.path)
+                        frame.write(xor_changed(chunk, blocks, changed, older))
                     for index, start, end in page_runs(changed, blocks):
-                        frame.write(chunk[index * PAGE_SIZE : (index + end - start) * PAGE_SIZE])
+                        if base is None:
+                            frame.write(
+                                chunk[index * PAGE_SIZE : (index + end - start) * PAGE_SIZE]
+                            )
                         pages.add(start, end)
                 else:
                     if check:
@@ -255,6 +272,8 @@ class FileCopier:
                 if batches is None:
                     size = int(blocks[0]) * PAGE_SIZE + len(chunk)
                     self._progress.advance(len(chunk))
+        if base is not None:
+            base.finish(src.path)
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
         delta = src.delta
@@ -274,6 +293,7 @@ class FileCopier:
             pages=pages.ranges if pages is not None else None,
             base=delta.base if delta is not None else None,
             frame_sha256=info.plain_sha256 if delta is not None else None,
+            xor=base is not None,
             chunks=[(c.plain_offset, c.payload_offset, c.plain_sha256) for c in info.chunks]
             if len(info.chunks) > 1
             else None,
@@ -458,6 +478,30 @@ def changed_pages(chunk: memoryview, first: int, delta: Delta) -> list[tuple[int
     """Block ranges of ``chunk`` (pages from block ``first``) a delta must store."""
     blocks = _blocks_at(first * PAGE_SIZE, len(chunk))
     return [(start, end) for _, start, end in page_runs(changed_mask(chunk, blocks, delta), blocks)]
+
+
+def xor_changed(
+    chunk: memoryview,
+    blocks: np.ndarray,
+    changed: np.ndarray,
+    older: Callable[[np.ndarray], np.ndarray],
+) -> bytes:
+    """The pages of ``chunk`` (block numbers ``blocks``) that ``changed`` selects, in order, each
+    XORed with ``older``'s version of its block (a trailing partial page: its bytes only)."""
+    selected = np.flatnonzero(changed)
+    if not selected.size:
+        return b""
+    whole = len(chunk) // PAGE_SIZE
+    pages = np.zeros((len(selected), PAGE_SIZE), dtype=np.uint8)
+    inside = selected < whole
+    full = np.frombuffer(chunk, dtype=np.uint8, count=whole * PAGE_SIZE)
+    pages[inside] = full.reshape(whole, PAGE_SIZE)[selected[inside]]
+    tail = len(chunk) - whole * PAGE_SIZE
+    if not inside[-1]:  # the trailing partial page
+        pages[-1, :tail] = np.frombuffer(chunk, dtype=np.uint8, offset=whole * PAGE_SIZE)
+    pages ^= older(blocks[selected])
+    data = pages.reshape(-1)
+    return (data if inside[-1] else data[: len(data) - PAGE_SIZE + tail]).tobytes()
 
 
 def changed_mask(chunk: memoryview, blocks: np.ndarray, delta: Delta) -> np.ndarray:

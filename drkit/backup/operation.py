@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from drkit import __version__
+from drkit.backup.base import BaseVersions
 from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import Settings
 from drkit.errors import IntegrityError, PostgresError
@@ -113,6 +114,7 @@ class BackupOperation:
                     self.progress,
                     page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
                     fanout=fanout,
+                    base_versions=self._base_versions(repo, parent),
                 )
 
                 # Copy PGDATA and tablespaces: whole files, changed pages, or references
@@ -144,6 +146,12 @@ class BackupOperation:
                     f" {failed.error} (run 'drkit replicate' when it is back)"
                 )
         return BackupResult(manifest, warnings, [str(x) for x in removed], notice, copies)
+
+    def _base_versions(self, repo: Repository, parent: Manifest | None) -> BaseVersions | None:
+        """The parent's pages, for deltas stored as XOR differences (backup.xor_deltas)."""
+        if parent is None or not self.settings.backup.xor_deltas:
+            return None
+        return BaseVersions(repo, parent.label)
 
     def _check_cluster(self, session: PgSession) -> ClusterInfo:
         cluster = session.cluster_info()

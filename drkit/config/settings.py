@@ -279,6 +279,11 @@ class BackupSettings(_Section):
     wal_summary_wait: float = Field(
         60.0, ge=0, description="seconds to wait for the WAL summarizer to reach the backup's start"
     )
+    xor_deltas: bool = Field(
+        True,
+        description="diff/incr that scan changed files: store each changed page XORed with the"
+        " parent's version of it (rebuilt from the repository), which compresses to a fraction",
+    )
 
 
 class ArchiveSettings(_Section):

@@ -43,6 +43,8 @@ class FileEntry(_Model):
     pages: list[tuple[int, int]] | None = None  # delta: [start, end) block ranges in the frame
     base: str | None = None  # delta: backup holding the older version of this file
     frame_sha256: str | None = None  # delta: sha256 of the frame's plaintext (the pages)
+    # delta: its pages are stored XORed with base's version of each (zeros past base's end)
+    xor: bool = False
     # A large frame: its payload is one zstd frame per chunk, each restorable on its own:
     # (offset in the frame's plaintext — for a whole entry, in the file; for a delta, in its
     # concatenated pages —, offset in the frame's payload, sha256 of the chunk's plaintext)

@@ -96,7 +96,7 @@ def read_object(
                     file_context(label, entry.path),
                     zstd_frames=len(entry.chunks or [None]),
                 )
-                consume(entry, _checked(entry, chunks, entry.path not in checked_later))
+                consume(entry, checked(entry, chunks, entry.path not in checked_later))
             except DrkitError as exc:
                 error = exc
             try:
@@ -115,7 +115,9 @@ def read_object(
     return outcomes
 
 
-def _checked(entry: FileEntry, chunks: Iterator[bytes], hashing: bool) -> Iterator[bytes]:
+def checked(entry: FileEntry, chunks: Iterator[bytes], hashing: bool) -> Iterator[bytes]:
+    """``chunks`` of ``entry``'s frame, its payload size (and with ``hashing`` its sha256)
+    checked once they are all through."""
     digest = hashlib.sha256() if hashing else None
     size = 0
     for chunk in chunks:

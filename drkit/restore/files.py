@@ -4,7 +4,8 @@ Files restored from one whole frame are written sequentially and checked as they
 assembled from several layers (a chain of deltas) are created at their final size first, each
 layer writes its pages with pwrite, and the file is read back and hashed as its bytes become
 final, the checksum compared with the manifest's once every layer is in: the restored file is
-proven, not just its pieces.
+proven, not just its pieces. A file with a layer of XOR deltas is written in sections instead,
+window by window, every layer's pages XORed into one buffer (repo/layers.py), then one pwrite.
 """
 
 from __future__ import annotations
@@ -13,24 +14,30 @@ import hashlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from drkit.codec.frame import HEADER_SIZE, chunk_span, decode_chunk, payload_length
 from drkit.errors import DrkitError, IntegrityError
 from drkit.fsutil import start_writeback
 from drkit.pg.constants import PAGE_SIZE
 from drkit.progress import Progress
+from drkit.repo.chain import Chain, FilePlan, Layer
+from drkit.repo.layers import LayerPages, LayerReader
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
-from drkit.repo.repository import Repository, file_context
-from drkit.restore.plan import Chain, FilePlan, Layer
+from drkit.repo.repository import Repository
 
 if TYPE_CHECKING:
     import numpy as np
+
+# EXPERIMENT (slower, see docs/performance.md session 4): a large assembled file is written in
+# sections of SECTION_PAGES blocks (one task each), each in windows of WINDOW_PAGES blocks (one
+# buffer, one pwrite)
+SECTION_PAGES = 8192  # 64 MiB
+WINDOW_PAGES = 1024  # 8 MiB
 
 
 class FileWriter:
@@ -57,6 +64,9 @@ class FileWriter:
         for plan in plans:
             if plan.simple and plan.layers[0].entry.chunks:
                 self._create(plan.entry)
+            if _in_sections(plan):
+                tasks += self._section_tasks(plan)
+                continue
             for layer in plan.layers:
                 if _by_chunk(layer):
                     tasks += self._chunk_tasks(plan, layer)
@@ -68,7 +78,7 @@ class FileWriter:
         for plan in plans:
             if not plan.simple:
                 self._create(plan.entry)
-                self._assemblies[plan.entry.path] = _Assembly(plan)
+                self._assemblies[plan.entry.path] = _Assembly(plan, _writes(plan))
 
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
             tasks.sort(key=lambda task: -task[0])
@@ -116,12 +126,12 @@ class FileWriter:
             lambda: self._undo(layers),
         )
         for plan, layer in layers.values():
-            self._written(plan, layer, None)
+            self._written(plan, (id(layer), None))
 
-    def _written(self, plan: FilePlan, layer: Layer, chunk: int | None) -> None:
-        """A layer (or chunk ``chunk`` of it) of ``plan`` is in: check what became final."""
+    def _written(self, plan: FilePlan, write: Hashable) -> None:
+        """A write of ``plan`` (see _writes) is in: check what became final."""
         if not plan.simple:
-            self._assemblies[plan.entry.path].written(layer, chunk, self._path(plan.entry))
+            self._assemblies[plan.entry.path].written(write, self._path(plan.entry))
 
     def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
@@ -137,7 +147,7 @@ class FileWriter:
             lambda repo: self._write_chunk(repo, plan, layer, index),
             lambda: None,  # a chunk is written in place again from the next copy
         )
-        self._written(plan, layer, index)
+        self._written(plan, (id(layer), index))
 
     def _write_chunk(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
         try:
@@ -152,48 +162,73 @@ class FileWriter:
     def _write_chunk_from(self, repo: Repository, plan: FilePlan, layer: Layer, index: int) -> None:
         """Decode one chunk of a large file's frame and write it at its offset (only the pages
         its layer's mask selects, in a file assembled from a chain), checked."""
-        entry, storage = layer.entry, repo.storage
+        entry = layer.entry
         chunks = entry.chunks or []
-        plain_start, payload_start, sha256 = chunks[index]
-        last = index + 1 == len(chunks)
-        plain_end = entry.payload_size if last else chunks[index + 1][0]
-        header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
-        payload_end = payload_length(header, entry.length) if last else chunks[index + 1][1]
-        offset, length = chunk_span(header, entry.length, payload_start, payload_end)
-        context = file_context(layer.owner, entry.path)
-        digest, position = hashlib.sha256(), plain_start
-        hashing = not _checked_whole(plan)
-
-        def pieces() -> Iterator[bytes]:
-            dek = self._chain.deks[layer.owner]
-            for piece in decode_chunk(
-                header, stream.read, entry.length, dek, context, payload_start, payload_end
-            ):
-                if hashing:
-                    digest.update(piece)
-                yield piece
-
+        plain_start = chunks[index][0]
+        plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else entry.payload_size
+        pieces = LayerReader(repo, self._chain.deks).chunk_plaintext(
+            layer, index, hashing=not _checked_whole(plan)
+        )
+        position = plain_start
         fd = os.open(self._path(plan.entry), os.O_WRONLY)
         try:
-            with storage.open_read(entry.object, entry.offset + offset, length) as stream:
-                if plan.simple:
-                    for piece in pieces():
-                        view = memoryview(piece)
-                        while view:
-                            written = os.pwrite(fd, view, position)
-                            view, position = view[written:], position + written
-                        self._progress.advance(len(piece))
-                    start_writeback(fd, plain_start, position - plain_start)
-                else:
-                    spans = layer.spans(plain_start // PAGE_SIZE, _blocks(plain_end))
-                    pages = _PageWriter(fd, layer, spans, self._progress)
-                    for piece in pieces():
-                        pages.feed(piece)
-                        position += len(piece)
+            if plan.simple:
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        written = os.pwrite(fd, view, position)
+                        view, position = view[written:], position + written
+                    self._progress.advance(len(piece))
+                start_writeback(fd, plain_start, position - plain_start)
+            else:
+                spans = layer.spans(plain_start // PAGE_SIZE, _blocks(plain_end))
+                pages = _PageWriter(fd, layer, spans, self._progress)
+                for piece in pieces:
+                    pages.feed(piece)
         finally:
             os.close(fd)
-        if position != plain_end or (hashing and digest.hexdigest() != sha256):
-            raise IntegrityError(f"checksum mismatch in chunk {index} of '{entry.path}'")
+
+    def _section_tasks(self, plan: FilePlan) -> list[tuple[int, Callable[[], None]]]:
+        return [
+            ((end - first) * PAGE_SIZE, partial(self._restore_section, plan, first, end))
+            for first, end in _sections(plan)
+        ]
+
+    def _restore_section(self, plan: FilePlan, first: int, end: int) -> None:
+        objects = ", ".join(sorted({f"'{layer.entry.object}'" for layer in plan.layers}))
+        self._from_any_copy(
+            f"blocks {first}-{end - 1} of '{plan.entry.path}' (objects {objects})",
+            lambda repo: self._write_section(repo, plan, first, end),
+            lambda: None,  # a section is written in place again from the next copy
+        )
+        self._written(plan, (None, first))
+
+    def _write_section(self, repo: Repository, plan: FilePlan, first: int, end: int) -> None:
+        """Write blocks [first, end) of an assembled file window by window: every layer's pages
+        of the window XORed into one zeroed buffer (see layers.py), then one pwrite."""
+        import numpy as np  # only files assembled from a chain get here
+
+        reader, hashing = LayerReader(repo, self._chain.deks), not _checked_whole(plan)
+        feeds = [LayerPages(layer, first, end, reader, hashing) for layer in plan.layers]
+        window = np.empty((min(WINDOW_PAGES, end - first), PAGE_SIZE), dtype=np.uint8)
+        fd = os.open(self._path(plan.entry), os.O_WRONLY)
+        try:
+            for low in range(first, end, WINDOW_PAGES):
+                high = min(low + WINDOW_PAGES, end)
+                window[: high - low] = 0
+                for feed in feeds:
+                    feed.fill(window, low, high)
+                offset = low * PAGE_SIZE
+                size = min(high * PAGE_SIZE, plan.entry.size) - offset
+                data = window.reshape(-1).data[:size]
+                self._progress.advance(len(data))
+                while data:
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
+            for feed in feeds:
+                feed.finish()
+        finally:
+            os.close(fd)
 
     def _undo(self, layers: dict[str, tuple[FilePlan, Layer]]) -> None:
         """Forget a failed attempt: files written whole are created again from the next copy
@@ -275,22 +310,18 @@ class _Assembly:
     with the manifest's. A big file thus needs no read-back after its last write but its tail.
     (A delta from WAL summaries has no whole-file checksum: its bytes are only written back.)"""
 
-    def __init__(self, plan: FilePlan) -> None:
+    def __init__(self, plan: FilePlan, writes: dict[Hashable, int]) -> None:
         self.plan = plan
         self.checked = False
-        self._pending = {
-            (id(layer), chunk): _lowest_byte(layer, chunk, plan.entry.size)
-            for layer in plan.layers
-            for chunk in (range(len(layer.entry.chunks or [])) if _by_chunk(layer) else [None])
-        }
+        self._pending = dict(writes)  # the lowest byte each write still to come may touch
         self._digest = hashlib.sha256() if plan.entry.sha256 is not None else None
         self._final = 0  # bytes read back (and hashed) so far
         self._busy = False  # a worker is reading back
         self._lock = threading.Lock()
 
-    def written(self, layer: Layer, chunk: int | None, path: Path) -> None:
+    def written(self, write: Hashable, path: Path) -> None:
         with self._lock:
-            del self._pending[(id(layer), chunk)]
+            del self._pending[write]
             if self._busy:
                 return  # the worker reading back sees the new frontier when it looks again
             self._busy = True
@@ -326,6 +357,18 @@ class _Assembly:
             start_writeback(f.fileno(), start, end - start)  # final: on its way to disk
 
 
+def _writes(plan: FilePlan) -> dict[Hashable, int]:
+    """The writes an assembled file is made of, each with the lowest byte it may touch: its
+    sections, or its layers (a chunked whole layer, chunk by chunk)."""
+    if _in_sections(plan):
+        return {(None, first): first * PAGE_SIZE for first, _ in _sections(plan)}
+    return {
+        (id(layer), chunk): _lowest_byte(layer, chunk, plan.entry.size)
+        for layer in plan.layers
+        for chunk in (range(len(layer.entry.chunks or [])) if _by_chunk(layer) else [None])
+    }
+
+
 def _lowest_byte(layer: Layer, chunk: int | None, size: int) -> int:
     """The lowest byte of the file that a layer (or chunk ``chunk`` of it) may write."""
     assert layer.mask is not None  # every layer of an assembled file has one
@@ -336,6 +379,19 @@ def _lowest_byte(layer: Layer, chunk: int | None, size: int) -> int:
     end = chunks[chunk + 1][0] if chunk + 1 < len(chunks) else layer.entry.payload_size
     spans = layer.spans(chunks[chunk][0] // PAGE_SIZE, _blocks(end))
     return min(start for start, _ in spans) * PAGE_SIZE if spans else size
+
+
+def _in_sections(plan: FilePlan) -> bool:
+    """Whether an assembled file is written in sections: some layer holds XOR deltas (applied
+    to the older layers' pages in memory). Others are written layer by layer, each page where it
+    lies, as their objects (or chunks) are read: measured faster for plain layers."""
+    xor = any(layer.entry.xor for layer in plan.layers)
+    return xor and not plan.simple and plan.entry.size > 0
+
+
+def _sections(plan: FilePlan) -> list[tuple[int, int]]:
+    blocks = _blocks(plan.entry.size)
+    return [(low, min(low + SECTION_PAGES, blocks)) for low in range(0, blocks, SECTION_PAGES)]
 
 
 def _checked_whole(plan: FilePlan) -> bool:

@@ -20,11 +20,11 @@ from drkit.config.settings import Settings
 from drkit.errors import ConfigError, DrkitError, IntegrityError, RestoreTargetError
 from drkit.pg.recovery import RecoveryTarget, write_recovery_config
 from drkit.progress import NoProgress, Progress
+from drkit.repo.chain import Chain
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.restore.files import FileWriter
-from drkit.restore.plan import Chain
 from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
 
 

@@ -1,10 +1,13 @@
-"""Plan a restore from a backup chain (full -> diff -> incr ...): which frame writes which page.
+"""A backup chain (full -> diff -> incr ...) and, per file, the layers that rebuild it.
 
 For every file the newest backup's entry decides size and checksum. Its bytes come in *layers*,
 newest first: the entry's own frame (whole or delta), then, for a delta, the same path in the
 backup it is based on, and so on until a whole frame. Each page is taken from the newest layer
-that has it, so the masks of the layers are disjoint: every page is written exactly once and the
-frames of different backups can be restored in parallel, in any order.
+that stores it plainly, so the masks of plain layers are disjoint: every page is written once and
+the frames of different backups can be restored in parallel, in any order. A layer of XOR deltas
+(``FileEntry.xor``) stores differences from its base's version of each page: its pages stay for
+the older layers to lay too (the two are XORed), except past its base's end, where the base's
+version is zeros. Used by restore, and by a backup storing XOR deltas (its parent's version).
 """
 
 from __future__ import annotations
@@ -45,9 +48,25 @@ class Layer:
         return found
 
     @cached_property
+    def frame_blocks(self) -> np.ndarray:
+        """The block of the file that each page of the frame holds, in frame order."""
+        import numpy as np
+
+        starts = np.array([a for a, _ in self._ranges], dtype=np.int64)
+        lengths = np.array([b - a for a, b in self._ranges], dtype=np.int64)
+        blocks = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        blocks += np.arange(len(blocks), dtype=np.int64)
+        if np.any(np.diff(blocks) <= 0):
+            raise IntegrityError(f"the pages of '{self.entry.path}' in backup '{self.owner}'"
+                                 " are not in block order")  # fmt: skip
+        return blocks
+
+    @cached_property
     def _ranges(self) -> list[tuple[int, int]]:
         """The block ranges the frame holds, in frame order."""
-        return self.entry.pages or [(0, _blocks(self.entry.size))]
+        if self.entry.pages is not None:
+            return self.entry.pages  # a delta (perhaps of no page at all)
+        return [(0, _blocks(self.entry.size))]
 
     @cached_property
     def _frame_starts(self) -> list[int]:
@@ -94,8 +113,16 @@ class Chain:
         return cls(target, manifests, deks)
 
     def plan(self) -> list[FilePlan]:
-        by_path = {label: {f.path: f for f in m.files} for label, m in self.manifests.items()}
-        return [self._plan_file(entry, by_path) for entry in self.target.files]
+        return [self._plan_file(entry, self._by_path) for entry in self.target.files]
+
+    def plan_file(self, path: str) -> FilePlan | None:
+        """The plan of one file of the target backup (None: the backup has no such file)."""
+        entry = self._by_path[self.target.label].get(path)
+        return None if entry is None else self._plan_file(entry, self._by_path)
+
+    @cached_property
+    def _by_path(self) -> dict[str, dict[str, FileEntry]]:
+        return {label: {f.path: f for f in m.files} for label, m in self.manifests.items()}
 
     def _plan_file(self, entry: FileEntry, by_path: dict[str, dict[str, FileEntry]]) -> FilePlan:
         plan = FilePlan(entry)
@@ -115,7 +142,8 @@ class Chain:
                 for start, end in current.pages:
                     mask[start : min(end, nblocks)] = True
             mask &= ~covered
-            covered |= mask
+            if not current.xor:
+                covered |= mask
             plan.layers.append(Layer(current.owner(holder), current, mask))
             if current.pages is None or covered.all():
                 break
@@ -125,7 +153,14 @@ class Chain:
                     f"'{entry.path}' in backup '{self.target.label}' needs its older version"
                     f" from backup '{base}', which does not have it"
                 )
-            current, holder = by_path[base][entry.path], base
+            older = by_path[base][entry.path]
+            if current.xor:
+                # Its pages are differences from the older version (zeros past its end): the
+                # older layers still lay the pages they apply to
+                covered[_blocks(older.size) :] |= mask[_blocks(older.size) :]
+                if covered.all():
+                    break
+            current, holder = older, base
         if not covered.all():
             raise IntegrityError(f"the backup chain does not hold every page of '{entry.path}'")
         return plan
