@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rig.drkit import Drkit, check_indexes, start_restored
+from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
+from test_incremental import _restore_and_compare
 
 from drkit.backup.copy import xor_changed
 from drkit.pg.pages import PAGE_SIZE
@@ -95,14 +96,7 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
 
     dk.ok("verify")
     for label, checksums in expected.items():
-        target = workdir / f"restore-{label}"
-        dk.ok("restore", "--pgdata", str(target), "--backup", label)
-        restored = start_restored(target, pg.version, workdir)
-        try:
-            assert database_checksums(restored) == checksums, f"backup {label} restored wrong"
-            check_indexes(restored)
-        finally:
-            restored.stop()
+        _restore_and_compare(dk, pg, workdir, label, checksums)
 
 
 def test_damaged_parent_fails_an_xor_incr_clearly_and_lists_nothing(
