@@ -162,6 +162,12 @@ def test_chain_with_missing_member_is_refused(pg: PgCluster, workdir: Path) -> N
     assert f"depends on backup '{full}', which is missing" in result.stderr
     assert not target.exists()
 
+    # a new incr does not build on the broken chain: it falls back to full, saying why
+    after = dk.run("backup", "--type", "incr", "--json")
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout)["type"] == "full"
+    assert f"backup '{full}', which backup '{incr}' depends on, is missing" in after.stderr
+
 
 def test_diff_after_failed_verification_of_full_falls_back(pg: PgCluster, workdir: Path) -> None:
     pg.run_bin("pgbench", "-i", "-s", "1", "-q")

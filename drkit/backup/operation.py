@@ -206,6 +206,8 @@ class BackupOperation:
             )
         elif not repo.verified_ok(labels[-1]):
             reason = f"backup '{parent.label}' failed its last verification"
+        elif missing := [m for m in parent.chain if m not in {str(label) for label in labels}]:
+            reason = f"backup '{missing[0]}', which backup '{parent.label}' depends on, is missing"
         if reason:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
         return parent, None
