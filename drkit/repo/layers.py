@@ -1,4 +1,4 @@
-"""Read the pages of a file's layers (see plan.py) from a repository, a block range at a time.
+"""Read the pages of a file's layers (see chain.py) from a repository, a block range at a time.
 
 Used where a file is rebuilt in memory window by window: a restore writing a large file assembled
 from a chain, and a backup storing XOR deltas, which needs its base backup's version of every page
