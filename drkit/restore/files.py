@@ -33,9 +33,8 @@ from drkit.repo.repository import Repository
 if TYPE_CHECKING:
     import numpy as np
 
-# EXPERIMENT (slower, see docs/performance.md session 4): a large assembled file is written in
-# sections of SECTION_PAGES blocks (one task each), each in windows of WINDOW_PAGES blocks (one
-# buffer, one pwrite)
+# A file with XOR layers is written in sections of SECTION_PAGES blocks (one task each), each in
+# windows of WINDOW_PAGES blocks (one buffer, one pwrite)
 SECTION_PAGES = 8192  # 64 MiB
 WINDOW_PAGES = 1024  # 8 MiB
 
@@ -385,8 +384,7 @@ def _in_sections(plan: FilePlan) -> bool:
     """Whether an assembled file is written in sections: some layer holds XOR deltas (applied
     to the older layers' pages in memory). Others are written layer by layer, each page where it
     lies, as their objects (or chunks) are read: measured faster for plain layers."""
-    xor = any(layer.entry.xor for layer in plan.layers)
-    return xor and not plan.simple and plan.entry.size > 0
+    return plan.entry.size > 0 and any(layer.entry.xor for layer in plan.layers)
 
 
 def _sections(plan: FilePlan) -> list[tuple[int, int]]:
