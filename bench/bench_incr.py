@@ -264,8 +264,9 @@ def step_c(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
     members = len(drkit.dk.info()["backups"])  # full + the incr of (a) and (b)
     label = ""
     while members < 5:
-        churn(source, max(1, CHURN_SECONDS // 3))
-        m, label = drkit.backup("incr")
+        if members:
+            churn(source, max(1, CHURN_SECONDS // 3))
+        m, label = drkit.backup("incr" if members else "full")
         print_m(m)
         members += 1
     expected = summary(source)

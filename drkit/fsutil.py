@@ -60,6 +60,22 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+# Writes to files go to the kernel in pieces of at most this size. For a larger write the kernel
+# takes large folios (2 MiB and up) for the page cache, from the free blocks a virtual machine's
+# balloon reports back to its host: each of those pages then costs a fault in the host when first
+# touched. Measured on this project's 2-vCPU VM: a chain restore writing 8 MiB (or 2 MiB) at a
+# time spent 1.3-2 s more in the kernel than with 512 KiB writes (0.6-0.7 s).
+WRITE_PIECE = 512 * 1024
+
+
+def write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of the file, WRITE_PIECE bytes at a time."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view[:WRITE_PIECE], offset)
+        view, offset = view[written:], offset + written
+
+
 def open_direct(path: Path) -> io.FileIO:
     """Open a file for reading with O_DIRECT: the disk reads straight into the caller's buffer
     (which must be page-aligned, e.g. an ``mmap``), without the kernel copying every byte through

@@ -122,9 +122,8 @@ class LayerPages:
                 break
             blocks, pages = self._batch
             skip, cut = np.searchsorted(blocks, [low, high]).tolist()
-            mine = self._mask[blocks[skip:cut]]
-            window[blocks[skip:cut][mine] - row0] ^= pages[skip:cut][mine]
-            laid += int(np.count_nonzero(mine))
+            laid += _xor_rows(window, blocks[skip:cut] - row0, pages[skip:cut], self._mask,
+                              blocks[skip:cut])  # fmt: skip
             if cut < len(blocks):
                 self._batch = blocks[cut:], pages[cut:]
                 break
@@ -207,6 +206,28 @@ class LayerCursor:
         if self._pages is not None:
             self._pages.finish()
         self._pages, self._chunk = None, -1
+
+
+def _xor_rows(
+    window: np.ndarray, rows: np.ndarray, pages: np.ndarray, mask: np.ndarray, blocks: np.ndarray
+) -> int:
+    """XOR ``pages`` into rows ``rows`` (increasing) of ``window``, those whose block the mask
+    selects; how many. A run of consecutive rows, all selected (a whole layer's window, a run
+    of changed pages), is XORed in place, without the copies fancy indexing makes."""
+    import numpy as np
+
+    mine = mask[blocks]
+    if not mine.all():
+        rows, pages = rows[mine], pages[mine]
+    if not len(rows):
+        return 0
+    first = int(rows[0])
+    if int(rows[-1]) - first + 1 == len(rows):
+        target = window[first : first + len(rows)]
+        np.bitwise_xor(target, pages, out=target)
+    else:
+        window[rows] ^= pages
+    return len(rows)
 
 
 def _naming(layer: Layer, pieces: Iterator[bytes]) -> Iterator[bytes]:

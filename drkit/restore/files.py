@@ -5,7 +5,7 @@ assembled from several layers (a chain of deltas) are created at their final siz
 layer writes its pages with pwrite, and the file is read back and hashed as its bytes become
 final, the checksum compared with the manifest's once every layer is in: the restored file is
 proven, not just its pieces. A file with a layer of XOR deltas is written in sections instead,
-window by window, every layer's pages XORed into one buffer (repo/layers.py), then one pwrite.
+window by window, every layer's pages XORed into one buffer (repo/layers.py), then written.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError, IntegrityError
-from drkit.fsutil import start_writeback
+from drkit.fsutil import start_writeback, write_at
 from drkit.pg.constants import PAGE_SIZE
 from drkit.progress import Progress
 from drkit.repo.chain import Chain, FilePlan, Layer
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 # A file with XOR layers is written in sections of SECTION_PAGES blocks (one task each), each in
-# windows of WINDOW_PAGES blocks (one buffer, one pwrite)
+# windows of WINDOW_PAGES blocks (one buffer, then written)
 SECTION_PAGES = 8192  # 64 MiB
 WINDOW_PAGES = 1024  # 8 MiB
 
@@ -173,10 +173,8 @@ class FileWriter:
         try:
             if plan.simple:
                 for piece in pieces:
-                    view = memoryview(piece)
-                    while view:
-                        written = os.pwrite(fd, view, position)
-                        view, position = view[written:], position + written
+                    write_at(fd, piece, position)
+                    position += len(piece)
                     self._progress.advance(len(piece))
                 start_writeback(fd, plain_start, position - plain_start)
             else:
@@ -204,7 +202,7 @@ class FileWriter:
 
     def _write_section(self, repo: Repository, plan: FilePlan, first: int, end: int) -> None:
         """Write blocks [first, end) of an assembled file window by window: every layer's pages
-        of the window XORed into one zeroed buffer (see layers.py), then one pwrite."""
+        of the window XORed into one zeroed buffer (see layers.py), then written."""
         import numpy as np  # only files assembled from a chain get here
 
         reader, hashing = LayerReader(repo, self._chain.deks), not _checked_whole(plan)
@@ -219,11 +217,8 @@ class FileWriter:
                     feed.fill(window, low, high)
                 offset = low * PAGE_SIZE
                 size = min(high * PAGE_SIZE, plan.entry.size) - offset
-                data = window.reshape(-1).data[:size]
-                self._progress.advance(len(data))
-                while data:
-                    written = os.pwrite(fd, data, offset)
-                    data, offset = data[written:], offset + written
+                write_at(fd, window.reshape(-1).data[:size], offset)
+                self._progress.advance(size)
             for feed in feeds:
                 feed.finish()
         finally:
@@ -279,10 +274,10 @@ class FileWriter:
     def _write_whole(self, entry: FileEntry, chunks: Iterator[bytes]) -> None:
         fd = os.open(self._path(entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            position = 0
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_at(fd, chunk, position)
+                position += len(chunk)
                 self._progress.advance(len(chunk))
             start_writeback(fd, 0, entry.size)
         finally:
@@ -423,9 +418,7 @@ class _PageWriter:
             a, b = max(run_start, start), min(run_end, end)
             data, offset = view[a - start : b - start], block * PAGE_SIZE + a - run_start
             self._progress.advance(len(data))
-            while data:
-                written = os.pwrite(self._fd, data, offset)
-                data, offset = data[written:], offset + written
+            write_at(self._fd, data, offset)
             if b < run_end:
                 break  # the rest of this run comes with the next piece
             self._runs.popleft()
