@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
 from test_incremental import _restore_and_compare
@@ -97,6 +98,31 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
     dk.ok("verify")
     for label, checksums in expected.items():
         _restore_and_compare(dk, pg, workdir, label, checksums)
+    _restores_alike_in_small_pieces(dk, workdir, on_xor)
+
+
+def _restores_alike_in_small_pieces(dk: Drkit, workdir: Path, label: str) -> None:
+    """Restored in-process with sections, windows and writes a few pages long (sections end
+    inside the deltas' chunks and windows inside runs of changed pages), every file is
+    identical to a restore with the default sizes (as the caller's, compared with the
+    source)."""
+    from drkit import fsutil
+    from drkit.config.settings import load_settings
+    from drkit.restore import files
+    from drkit.restore.operation import RestoreOperation, RestoreRequest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "SECTION_PAGES", 37)
+        patch.setattr(files, "WINDOW_PAGES", 5)
+        patch.setattr(fsutil, "WRITE_PIECE", 3 * PAGE_SIZE + 100)
+        target = workdir / "small-pieces"
+        RestoreOperation(load_settings(dk.config), RestoreRequest(target, label)).run()
+    reference = workdir / "default-pieces"
+    dk.ok("restore", "--pgdata", str(reference), "--backup", label)
+    restored = sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
+    assert restored == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    for path in restored:
+        assert (target / path).read_bytes() == (reference / path).read_bytes(), path
 
 
 def test_damaged_parent_fails_an_xor_incr_clearly_and_lists_nothing(
