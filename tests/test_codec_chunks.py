@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 
+import numpy as np
 import pytest
 
 from drkit.codec.frame import (
@@ -14,17 +16,24 @@ from drkit.codec.frame import (
     chunk_span,
     decode_chunk,
     decode_frame,
+    is_sparse,
     payload_length,
 )
+from drkit.codec.sparse_pages import SparseStream, encode
 from drkit.errors import IntegrityError
+from drkit.pg.constants import PAGE_SIZE
 
 DEK = os.urandom(32)
 CONTEXT = b"file:test:base/1/1259"
 
 
-def chunked(data: bytes, chunk: int, segment: int = 4096) -> tuple[bytes, list]:  # type: ignore[type-arg]
+def chunked(
+    data: bytes, chunk: int, segment: int = 4096, sparse: bool = False
+) -> tuple[bytes, list]:  # type: ignore[type-arg]
     out = io.BytesIO()
-    writer = FrameWriter(out.write, DEK, CONTEXT, segment_size=segment, chunk_size=chunk)
+    writer = FrameWriter(
+        out.write, DEK, CONTEXT, segment_size=segment, chunk_size=chunk, sparse_pages=sparse
+    )
     for start in range(0, len(data), 7777):  # writes that straddle chunk boundaries
         writer.write(data[start : start + 7777])
     info = writer.close()
@@ -32,7 +41,7 @@ def chunked(data: bytes, chunk: int, segment: int = 4096) -> tuple[bytes, list]:
     return out.getvalue(), list(info.chunks)
 
 
-def decode_one(frame: bytes, chunks: list, i: int) -> bytes:  # type: ignore[type-arg]
+def decode_one(frame: bytes, chunks: list, i: int, raw: bool = False) -> bytes:  # type: ignore[type-arg]
     header = frame[:HEADER_SIZE]
     end = (
         chunks[i + 1].payload_offset if i + 1 < len(chunks) else payload_length(header, len(frame))
@@ -40,7 +49,9 @@ def decode_one(frame: bytes, chunks: list, i: int) -> bytes:  # type: ignore[typ
     offset, length = chunk_span(header, len(frame), chunks[i].payload_offset, end)
     stream = io.BytesIO(frame[offset : offset + length])
     return b"".join(
-        decode_chunk(header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end)
+        decode_chunk(
+            header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end, raw=raw
+        )
     )
 
 
@@ -90,3 +101,51 @@ def test_chunk_with_another_key_or_context_fails() -> None:
         stream = io.BytesIO(frame[offset : offset + length])
         with pytest.raises(IntegrityError, match="failed authentication"):
             list(decode_chunk(header, stream.read, len(frame), dek, context, 0, 10))
+
+
+def xor_like(pages: int, tail: int = 0) -> bytes:
+    """Pages that are mostly zeros, as an XOR delta's are: a few changed bytes each."""
+    data = np.zeros(pages * PAGE_SIZE + tail, dtype=np.uint8)
+    rng = np.random.default_rng(pages)
+    spots = rng.integers(0, len(data), size=len(data) // 300) if len(data) else []
+    data[spots] = rng.integers(1, 256, size=len(spots))
+    return data.tobytes()
+
+
+@pytest.mark.parametrize(("pages", "tail"), [(0, 0), (1, 0), (5, 100), (20, 0), (33, 8191)])
+def test_sparse_pages_decode_alone_and_together_as_written(pages: int, tail: int) -> None:
+    """A frame of sparse pages holds each chunk as a record of its non-zero words: decoded
+    whole or chunk by chunk it gives back exactly the pages written (a partial last page too),
+    or the records themselves; it stores far less than the pages' size."""
+    data = xor_like(pages, tail)
+    frame, chunks = chunked(data, chunk=8 * PAGE_SIZE, sparse=True)
+    assert is_sparse(frame[:HEADER_SIZE])
+    whole = b"".join(
+        decode_frame(io.BytesIO(frame).read, len(frame), DEK, CONTEXT, zstd_frames=len(chunks))
+    )
+    assert whole == data
+    for i, chunk in enumerate(chunks):
+        plain = decode_one(frame, chunks, i)
+        assert plain == data[chunk.plain_offset : chunk.plain_offset + 8 * PAGE_SIZE]
+        assert hashlib.sha256(plain).hexdigest() == chunk.plain_sha256
+        records = SparseStream()
+        (record,) = records.feed(decode_one(frame, chunks, i, raw=True))
+        records.finish()
+        assert record.size == len(plain) and record.dense() == plain
+    if pages >= 20:
+        assert len(frame) * 10 < len(data)
+
+
+def test_sparse_pages_need_compressed_chunks_and_damage_is_reported() -> None:
+    with pytest.raises(ValueError, match="compressed chunks"):
+        FrameWriter(io.BytesIO().write, DEK, CONTEXT, sparse_pages=True)
+    record = encode(xor_like(3, 10))
+    records = SparseStream()
+    assert list(records.feed(record[:-1])) == []  # a record ending early: not complete
+    with pytest.raises(IntegrityError, match="end inside a record"):
+        records.finish()
+    size = 3 * PAGE_SIZE - 100  # three pages, the last partial, and every word set
+    full = struct.pack("<Q", size) + bytes([255]) * 3 * 128 + bytes([1]) * 8 * 3 * 1024
+    (extended,) = SparseStream().feed(full)
+    with pytest.raises(IntegrityError, match="past their length"):
+        extended.dense()

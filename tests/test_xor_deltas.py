@@ -13,6 +13,7 @@ from rig.postgres import PgCluster, database_checksums
 from test_incremental import _restore_and_compare
 
 from drkit.backup.copy import xor_changed
+from drkit.codec.frame import HEADER_SIZE, is_sparse
 from drkit.pg.pages import PAGE_SIZE
 from drkit.repo.manifest import FileEntry
 
@@ -42,6 +43,13 @@ def _entry(dk: Drkit, label: str, path: str) -> FileEntry:
 
     manifest, _ = open_repository(load_settings(dk.config)).load_manifest(BackupLabel(label))
     return next(f for f in manifest.files if f.path == path)
+
+
+def _sparse(dk: Drkit, entry: FileEntry) -> bool:
+    """Whether the entry's frame holds sparse-page records (its header says so)."""
+    with (dk.repo_path / entry.object).open("rb") as f:
+        f.seek(entry.offset)
+        return is_sparse(f.read(HEADER_SIZE))
 
 
 def _backup(dk: Drkit, kind: str) -> str:
@@ -80,6 +88,7 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
     xor, raw = _entry(dk, incr, relpath), _entry(dk, plain, relpath)
     assert xor.xor and not raw.xor and xor.pages == raw.pages
     assert xor.length * 3 < raw.length, (xor.length, raw.length)
+    assert _sparse(dk, xor) and not _sparse(dk, raw)  # XOR pages are stored as sparse pages
 
     dk.backup["xor_deltas"] = True
     dk.write_config()

@@ -218,6 +218,18 @@ class FileCopier:
         key: str,
         offset: int,
     ) -> tuple[FileEntry, list[str]]:
+        size = 0  # of the file as read
+        batches = None
+        if src.delta is not None and src.delta.reads is not None:
+            # WAL summaries say which blocks changed: read those (and new blocks) only
+            size = os.fstat(stream.fileno()).st_size
+            batches = _read_batches(src.delta.reads.spans(-(-size // PAGE_SIZE)))
+            self._progress.advance(src.size)
+        # A delta that reads the whole file (and so proves the restored file by its checksum)
+        # stores its pages XORed with the parent's versions, as sparse pages
+        base = self._base_versions
+        if base is None or src.delta is None or batches is not None or src.delta.base != base.label:
+            base = None
         # A file larger than a chunk is compressed in chunks on every core, and restored so too:
         # a big table (often most of a database) never keeps one worker busy alone.
         big = src.size > self._settings.chunk_size
@@ -228,25 +240,14 @@ class FileCopier:
             compress_level=self._settings.compress_level,
             segment_size=self._settings.segment_size,
             compress_threads=self._settings.process_max,
-            chunk_size=self._settings.chunk_size if big else None,
+            chunk_size=self._settings.chunk_size if big or base is not None else None,
+            sparse_pages=base is not None,
         )
         check = src.page_check_segment is not None and self._page_check_lsn is not None
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES
         bad_pages: list[int] = []
         pages = _PageRanges() if src.delta is not None else None
         whole = hashlib.sha256()
-        size = 0  # of the file as read
-        batches = None
-        if src.delta is not None and src.delta.reads is not None:
-            # WAL summaries say which blocks changed: read those (and new blocks) only
-            size = os.fstat(stream.fileno()).st_size
-            batches = _read_batches(src.delta.reads.spans(-(-size // PAGE_SIZE)))
-            self._progress.advance(src.size)
-        # A delta that reads the whole file (and so proves the restored file by its checksum)
-        # stores its pages XORed with the parent's versions
-        base = self._base_versions
-        if base is None or src.delta is None or batches is not None or src.delta.base != base.label:
-            base = None
         with _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
             for blocks, chunk in chunks:
                 if src.delta is not None and pages is not None:

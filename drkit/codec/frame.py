@@ -9,7 +9,9 @@ Layout (big-endian)::
     off len field
     0   4   magic b"DKF1"
     4   1   version = 1
-    5   1   flags: bit0 = payload is zstd-compressed; other bits must be 0
+    5   1   flags: bit0 = payload is zstd-compressed; bit1 = sparse pages (with bit0: each zstd
+            frame of the payload holds its plaintext as sparse-page records, codec/sparse.py);
+            other bits must be 0
     6   2   reserved = 0
     8   4   segment_size S (plaintext bytes per segment, 1 KiB .. 16 MiB)
     12  32  salt (random per frame)
@@ -52,6 +54,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -64,6 +67,7 @@ from drkit.errors import IntegrityError
 MAGIC = b"DKF1"
 VERSION = 1
 FLAG_ZSTD = 0x01
+FLAG_SPARSE = 0x02
 HEADER_SIZE = 51
 TAG_SIZE = 16
 DEK_SIZE = 32
@@ -124,20 +128,25 @@ class FrameWriter:
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         compress_threads: int = 0,
         chunk_size: int | None = None,
+        sparse_pages: bool = False,
     ) -> None:
         """``chunk_size`` (with compression) compresses every ``chunk_size`` bytes of input as a
         zstd frame of its own, on ``compress_threads`` threads: the payload is then a series of
         zstd frames whose offsets FrameInfo.chunks records, so a reader can decode the chunks
         of one large file in parallel too (decode_chunk). The frame format is unchanged;
-        decode_frame reads it whole."""
+        decode_frame reads it whole. ``sparse_pages`` (XOR deltas: pages that are mostly zeros;
+        needs ``chunk_size``) stores each chunk as a sparse-page record (codec/sparse.py)."""
         _check_dek(dek)
+        if sparse_pages and (chunk_size is None or compress_level is None):
+            raise ValueError("sparse pages are stored in compressed chunks")
         if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
             raise ValueError(
                 f"segment size {segment_size} is outside {MIN_SEGMENT_SIZE}..{MAX_SEGMENT_SIZE}"
             )
         self._sink = sink
         self._segment_size = segment_size
-        flags = FLAG_ZSTD if compress_level is not None else 0
+        flags = (FLAG_ZSTD if compress_level is not None else 0) | (FLAG_SPARSE * sparse_pages)
+        self._sparse = sparse_pages
         salt = os.urandom(_SALT_SIZE)
         self._nonce_prefix = os.urandom(_NONCE_PREFIX_SIZE)
         self._header = _HEADER.pack(
@@ -156,11 +165,7 @@ class FrameWriter:
         self._chunked = 0  # plaintext bytes handed to the pool so far
         self._queued: deque[tuple[int, Future[tuple[bytes, str]]]] = deque()
         self._workers = max(1, compress_threads)
-        self._pool = (
-            ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
-            if self._chunk_size is not None
-            else None
-        )
+        self._pool: ThreadPoolExecutor | None = None  # started by a second chunk
         self._payload_size = 0
         self._sha256 = hashlib.sha256()
         self._plain_size = 0
@@ -196,11 +201,14 @@ class FrameWriter:
     def _submit_chunk(self) -> None:
         """Compress the gathered chunk on the pool; emit finished chunks in order, keeping at
         most one chunk per worker in flight (memory: workers + 1 chunks)."""
-        assert self._pool is not None and self._level is not None
+        assert self._level is not None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
         start = self._chunked
         data, self._buffer = bytes(self._buffer), bytearray()
         self._chunked += len(data)
-        self._queued.append((start, self._pool.submit(_compress_chunk, self._level, data)))
+        job = self._pool.submit(_compress_chunk, self._level, data, self._sparse)
+        self._queued.append((start, job))
         while len(self._queued) > self._workers:
             self._emit_chunk()
 
@@ -217,8 +225,14 @@ class FrameWriter:
         self._closed = True
         if self._compressor is not None:
             self._push(memoryview(self._compressor.flush()))
-        if self._pool is not None:
-            if self._buffer or (not self._chunks and not self._queued):
+        if self._chunk_size is not None and self._pool is None:
+            # one chunk in all (a file no larger than a chunk): compressed here, no pool
+            assert self._level is not None
+            compressed, sha256 = _compress_chunk(self._level, bytes(self._buffer), self._sparse)
+            self._chunks.append(Chunk(0, 0, sha256))
+            self._push(memoryview(compressed))
+        elif self._pool is not None:
+            if self._buffer:
                 self._submit_chunk()
             while self._queued:
                 self._emit_chunk()
@@ -272,6 +286,7 @@ def decode_frame(
     context: bytes,
     *,
     zstd_frames: int = 1,
+    raw: bool = False,
 ) -> Iterator[bytes]:
     """Reads exactly `length` stored bytes via read(n); yields authenticated, decompressed chunks.
 
@@ -280,7 +295,8 @@ def decode_frame(
     the caller adds it) when the frame is damaged, truncated, extended, reordered, spliced, not a
     drkit frame, or sealed under another data key or context. Output is provisional until the
     iterator is exhausted without an error (see the module docstring). A chunked payload
-    (FrameWriter with ``chunk_size``) holds ``zstd_frames`` zstd frames back to back.
+    (FrameWriter with ``chunk_size``) holds ``zstd_frames`` zstd frames back to back. A frame of
+    sparse pages yields its plaintext expanded, or with ``raw`` its records as stored.
     """
     _check_dek(dek)
     if length < HEADER_SIZE + TAG_SIZE:
@@ -289,8 +305,19 @@ def decode_frame(
             f"({HEADER_SIZE + TAG_SIZE} bytes)"
         )
     header = _read_exactly(read, HEADER_SIZE)
-    segment_size, compressed, nonce_prefix, salt = _parse_header(header)
+    pieces = _frame_payload(read, length, dek, context, zstd_frames, header)
+    yield from pieces if raw or not is_sparse(header) else _expanded(pieces)
 
+
+def _frame_payload(
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    zstd_frames: int,
+    header: bytes,
+) -> Iterator[bytes]:
+    segment_size, compressed, nonce_prefix, salt, _ = _parse_header(header)
     stored_segment = segment_size + TAG_SIZE
     body = length - HEADER_SIZE
     count = max(1, -(-body // stored_segment))
@@ -344,13 +371,44 @@ def decode_chunk(
     context: bytes,
     payload_start: int,
     payload_end: int,
+    *,
+    raw: bool = False,
 ) -> Iterator[bytes]:
     """Decodes one chunk of a chunked frame of ``length`` stored bytes: ``read`` returns the
     stored bytes from chunk_span()'s offset on. Every segment read is authenticated (the last
     segment of the frame with its last-segment flag), and the chunk's payload must be exactly
-    one complete zstd frame. The caller checks the chunk's plaintext checksum."""
+    one complete zstd frame. The caller checks the chunk's plaintext checksum. Sparse pages
+    are expanded unless ``raw``."""
+    pieces = _chunk_payload(header, read, length, dek, context, payload_start, payload_end)
+    yield from pieces if raw or not is_sparse(header) else _expanded(pieces)
+
+
+def is_sparse(header: bytes) -> bool:
+    """Whether the frame with this header holds sparse-page records (see FrameWriter)."""
+    return _parse_header(header).sparse
+
+
+def _expanded(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    from drkit.codec.sparse_pages import SparseStream  # numpy: not for wal-fetch
+
+    records = SparseStream()
+    for piece in pieces:
+        for record in records.feed(piece):
+            yield record.dense()
+    records.finish()
+
+
+def _chunk_payload(
+    header: bytes,
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    payload_start: int,
+    payload_end: int,
+) -> Iterator[bytes]:
     _check_dek(dek)
-    segment_size, compressed, nonce_prefix, salt = _parse_header(header)
+    segment_size, compressed, nonce_prefix, salt, _ = _parse_header(header)
     if not compressed:
         raise IntegrityError("frame is not compressed, so it has no chunks")
     stored_segment = segment_size + TAG_SIZE
@@ -409,9 +467,13 @@ def unseal(blob: bytes, dek: bytes, context: bytes) -> bytes:
     return b"".join(decode_frame(read, len(blob), dek, context))
 
 
-def _compress_chunk(level: int, data: bytes) -> tuple[bytes, str]:
-    """One chunk as one zstd frame, and its checksum (both release the GIL)."""
-    return zstandard.ZstdCompressor(level=level).compress(data), hashlib.sha256(data).hexdigest()
+def _compress_chunk(level: int, data: bytes, sparse: bool) -> tuple[bytes, str]:
+    """One chunk as one zstd frame (of its sparse-page record), and its checksum (both release
+    the GIL)."""
+    from drkit.codec import sparse_pages  # numpy: not for wal-push
+
+    payload = sparse_pages.encode(data) if sparse else data
+    return zstandard.ZstdCompressor(level=level).compress(payload), hashlib.sha256(data).hexdigest()
 
 
 def _check_dek(dek: bytes) -> None:
@@ -424,8 +486,17 @@ def _derive_subkey(dek: bytes, salt: bytes, context: bytes) -> bytes:
     return hkdf.derive(dek)
 
 
-def _parse_header(header: bytes) -> tuple[int, bool, bytes, bytes]:
-    """Checks the clear-text header; returns segment size, compressed, nonce prefix and salt.
+class _Header(NamedTuple):
+    segment_size: int
+    compressed: bool
+    nonce_prefix: bytes
+    salt: bytes
+    sparse: bool
+
+
+def _parse_header(header: bytes) -> _Header:
+    """Checks the clear-text header; returns segment size, compressed, nonce prefix, salt and
+    whether it holds sparse pages.
 
     The header is authenticated only with the first segment, so these checks exist to give a clear
     message for what is plainly not (or not yet) a frame this drkit reads.
@@ -440,7 +511,7 @@ def _parse_header(header: bytes) -> tuple[int, bool, bytes, bytes]:
             f"frame has unknown version {version} (this drkit reads version {VERSION}): "
             "it is damaged or was written by a newer drkit"
         )
-    if flags & ~FLAG_ZSTD:
+    if flags & ~(FLAG_ZSTD | FLAG_SPARSE) or flags == FLAG_SPARSE:
         raise IntegrityError(
             f"frame has unknown flags 0x{flags:02x}: it is damaged or was written by a newer drkit"
         )
@@ -451,7 +522,9 @@ def _parse_header(header: bytes) -> tuple[int, bool, bytes, bytes]:
             f"frame header has invalid segment size {segment_size} "
             f"(must be {MIN_SEGMENT_SIZE}..{MAX_SEGMENT_SIZE})"
         )
-    return segment_size, bool(flags & FLAG_ZSTD), nonce_prefix, salt
+    return _Header(
+        segment_size, bool(flags & FLAG_ZSTD), nonce_prefix, salt, bool(flags & FLAG_SPARSE)
+    )
 
 
 def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:

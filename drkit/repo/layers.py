@@ -13,9 +13,17 @@ import hashlib
 import itertools
 from bisect import bisect_right
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from drkit.codec.frame import HEADER_SIZE, chunk_span, decode_chunk, decode_frame, payload_length
+from drkit.codec.frame import (
+    HEADER_SIZE,
+    chunk_span,
+    decode_chunk,
+    decode_frame,
+    is_sparse,
+    payload_length,
+)
+from drkit.codec.sparse_pages import WORDS, SparsePages, SparseStream
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 from drkit.repo.chain import Layer
@@ -24,6 +32,8 @@ from drkit.repo.repository import Repository, file_context
 
 if TYPE_CHECKING:
     import numpy as np
+
+_Piece = TypeVar("_Piece")
 
 
 class LayerReader:
@@ -36,6 +46,37 @@ class LayerReader:
     def chunk_plaintext(self, layer: Layer, index: int, hashing: bool) -> Iterator[bytes]:
         """The plaintext of chunk ``index`` of ``layer``'s frame as it decodes; its size (and
         with ``hashing`` its checksum) checked at its end."""
+        _, pieces, size, sha256 = self._chunk(layer, index, raw=False)
+        yield from _checked(pieces, size, sha256 if hashing else None, layer, f"chunk {index} of ")
+
+    def chunk_pages(self, layer: Layer, index: int) -> Iterator[bytes | SparsePages]:
+        """Chunk ``index`` of ``layer``'s frame as it decodes, unhashed (for a file checked
+        whole): its sparse-page records as stored, or its plaintext; its size checked."""
+        header, pieces, size, _ = self._chunk(layer, index, raw=True)
+        yield from _pages(header, pieces, size, layer, f"chunk {index} of ")
+
+    def pieces(
+        self, layer: Layer, hashing: bool, start: int, end: int
+    ) -> tuple[Iterator[bytes | SparsePages], int]:
+        """The plaintext of ``layer``'s frame that holds bytes [start, end) of it: from the chunk
+        holding byte ``start`` through the one holding byte ``end - 1`` (the whole frame when it
+        is not chunked), with the frame byte it begins at. Without ``hashing`` (a file checked
+        whole), sparse pages come as their records."""
+        entry = layer.entry
+        if not entry.chunks:
+            return _naming(layer, self._frame_pieces(layer, hashing)), 0
+        starts = [chunk[0] for chunk in entry.chunks]
+        low, high = bisect_right(starts, start) - 1, bisect_right(starts, end - 1)
+        pieces = itertools.chain.from_iterable(
+            self.chunk_plaintext(layer, index, True) if hashing else self.chunk_pages(layer, index)
+            for index in range(low, high)
+        )
+        return _naming(layer, pieces), starts[low]
+
+    def _chunk(
+        self, layer: Layer, index: int, raw: bool
+    ) -> tuple[bytes, Iterator[bytes], int, str]:
+        """(frame header, the chunk's pieces as they decode, its plaintext size, its sha256)"""
         entry, storage = layer.entry, self.repo.storage
         chunks = entry.chunks or []
         plain_start, payload_start, sha256 = chunks[index]
@@ -45,40 +86,60 @@ class LayerReader:
         payload_end = payload_length(header, entry.length) if last else chunks[index + 1][1]
         offset, length = chunk_span(header, entry.length, payload_start, payload_end)
         dek, context = self._deks[layer.owner], file_context(layer.owner, entry.path)
-        digest, size = hashlib.sha256() if hashing else None, 0
-        with storage.open_read(entry.object, entry.offset + offset, length) as stream:
-            for piece in decode_chunk(
-                header, stream.read, entry.length, dek, context, payload_start, payload_end
-            ):
-                if digest is not None:
-                    digest.update(piece)
-                size += len(piece)
-                yield piece
-        if size != plain_end - plain_start or (digest is not None and digest.hexdigest() != sha256):
-            raise IntegrityError(f"checksum mismatch in chunk {index} of '{entry.path}'")
 
-    def plaintext(
-        self, layer: Layer, hashing: bool, start: int, end: int
-    ) -> tuple[Iterator[bytes], int]:
-        """The plaintext of ``layer``'s frame that holds bytes [start, end) of it: from the chunk
-        holding byte ``start`` through the one holding byte ``end - 1`` (the whole frame when it
-        is not chunked), with the frame byte it begins at."""
-        entry = layer.entry
-        if not entry.chunks:
-            return _naming(layer, self._frame_plaintext(layer, hashing)), 0
-        starts = [chunk[0] for chunk in entry.chunks]
-        low, high = bisect_right(starts, start) - 1, bisect_right(starts, end - 1)
-        pieces = itertools.chain.from_iterable(
-            self.chunk_plaintext(layer, index, hashing) for index in range(low, high)
-        )
-        return _naming(layer, pieces), starts[low]
+        def pieces() -> Iterator[bytes]:
+            with storage.open_read(entry.object, entry.offset + offset, length) as stream:
+                yield from decode_chunk(
+                    header, stream.read, entry.length, dek, context, payload_start, payload_end,
+                    raw=raw,
+                )  # fmt: skip
 
-    def _frame_plaintext(self, layer: Layer, hashing: bool) -> Iterator[bytes]:
-        entry, dek = layer.entry, self._deks[layer.owner]
-        with self.repo.storage.open_read(entry.object, entry.offset, entry.length) as stream:
+        return header, pieces(), plain_end - plain_start, sha256
+
+    def _frame_pieces(self, layer: Layer, hashing: bool) -> Iterator[bytes | SparsePages]:
+        entry, dek, storage = layer.entry, self._deks[layer.owner], self.repo.storage
+        raw = not hashing and is_sparse(storage.read_bytes(entry.object, entry.offset, HEADER_SIZE))
+        with storage.open_read(entry.object, entry.offset, entry.length) as stream:
             context = file_context(layer.owner, entry.path)
-            pieces = decode_frame(stream.read, entry.length, dek, context)
-            yield from checked(entry, pieces, hashing)
+            pieces = decode_frame(stream.read, entry.length, dek, context, raw=raw)
+            if raw:
+                yield from _records(pieces, entry.payload_size, layer, "")
+            else:
+                yield from checked(entry, pieces, hashing)
+
+
+def _checked(
+    pieces: Iterator[bytes], size: int, sha256: str | None, layer: Layer, where: str
+) -> Iterator[bytes]:
+    """``pieces``, their total ``size`` (and with ``sha256`` their checksum) checked at the end."""
+    digest, seen = hashlib.sha256() if sha256 is not None else None, 0
+    for piece in pieces:
+        if digest is not None:
+            digest.update(piece)
+        seen += len(piece)
+        yield piece
+    if seen != size or (digest is not None and digest.hexdigest() != sha256):
+        raise IntegrityError(f"checksum mismatch in {where}'{layer.entry.path}'")
+
+
+def _pages(
+    header: bytes, pieces: Iterator[bytes], size: int, layer: Layer, where: str
+) -> Iterator[bytes | SparsePages]:
+    if is_sparse(header):
+        return _records(pieces, size, layer, where)
+    return _checked(pieces, size, None, layer, where)
+
+
+def _records(pieces: Iterator[bytes], size: int, layer: Layer, where: str) -> Iterator[SparsePages]:
+    """The sparse-page records in ``pieces``, of ``size`` bytes of plaintext in all."""
+    records, seen = SparseStream(), 0
+    for piece in pieces:
+        for record in records.feed(piece):
+            seen += record.size
+            yield record
+    records.finish()
+    if seen != size:
+        raise IntegrityError(f"checksum mismatch in {where}'{layer.entry.path}'")
 
 
 class LayerPages:
@@ -98,14 +159,14 @@ class LayerPages:
         self._mask = layer.mask if layer.mask is not None else np.ones(len(blocks), dtype=bool)
         self._blocks = blocks[low:high]  # the block of each page to hand out
         self._given = 0  # pages of it handed out so far
-        self._pieces: Iterator[bytes] = iter(())
+        self._pieces: Iterator[bytes | SparsePages] = iter(())
         self._skip = 0  # plaintext bytes before the first page
         if low < high:
             start_byte, end_byte = low * PAGE_SIZE, high * PAGE_SIZE
-            self._pieces, start = reader.plaintext(layer, hashing, start_byte, end_byte)
+            self._pieces, start = reader.pieces(layer, hashing, start_byte, end_byte)
             self._skip = low * PAGE_SIZE - start
         self._carry = b""  # the start of a page that a piece cut
-        self._batch: tuple[np.ndarray, np.ndarray] | None = None  # (blocks, pages) not laid yet
+        self._batch: _Batch | None = None  # pages not laid yet
 
     def fill(self, window: np.ndarray, low: int, high: int, row0: int | None = None) -> None:
         """XOR this layer's pages of blocks [low, high) into ``window``, whose row 0 is block
@@ -116,18 +177,14 @@ class LayerPages:
         row0 = low if row0 is None else row0
         laid = 0
         while True:
-            if self._batch is None and (batch := self._next_batch()) is not None:
-                self._batch = batch
+            if self._batch is None:
+                self._batch = self._next_batch()
             if self._batch is None:
                 break
-            blocks, pages = self._batch
-            skip, cut = np.searchsorted(blocks, [low, high]).tolist()
-            laid += _xor_rows(window, blocks[skip:cut] - row0, pages[skip:cut], self._mask,
-                              blocks[skip:cut])  # fmt: skip
-            if cut < len(blocks):
-                self._batch = blocks[cut:], pages[cut:]
+            laid += self._batch.xor_into(window, low, high, row0, self._mask)
+            self._batch = self._batch.after(high)
+            if self._batch is not None:
                 break
-            self._batch = None
         if laid != int(np.count_nonzero(self._mask[low:high])):
             raise IntegrityError(
                 f"'{self._layer.entry.path}' in backup '{self._layer.owner}' does not hold the"
@@ -139,34 +196,136 @@ class LayerPages:
         for _ in self._pieces:
             pass
 
-    def _next_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _next_batch(self) -> _Batch | None:
         import numpy as np
 
         left = len(self._blocks) - self._given
         if not left:
             return None
         for piece in self._pieces:
+            if isinstance(piece, SparsePages):
+                return self._take_sparse(piece, left)
             view = memoryview(piece)[self._skip :]
             self._skip -= min(self._skip, len(piece))
             data = self._carry + view if self._carry else view
             count = min(len(data) // PAGE_SIZE, left)
             self._carry = bytes(data[count * PAGE_SIZE :]) if count < left else b""
             if count:
-                return self._take(np.frombuffer(data, np.uint8, count * PAGE_SIZE), count)
+                pages = np.frombuffer(data, np.uint8, count * PAGE_SIZE)
+                return _DenseBatch(self._take(count), pages.reshape(count, PAGE_SIZE))
         if not self._carry:
             raise IntegrityError(
                 f"'{self._layer.entry.path}' in backup '{self._layer.owner}' holds fewer pages"
                 " than its manifest lists"
             )
-        last = np.zeros(PAGE_SIZE, np.uint8)  # a file's partial last page
-        last[: len(self._carry)] = np.frombuffer(self._carry, np.uint8)
+        last = np.zeros((1, PAGE_SIZE), np.uint8)  # a file's partial last page
+        last[0, : len(self._carry)] = np.frombuffer(self._carry, np.uint8)
         self._carry = b""
-        return self._take(last, 1)
+        return _DenseBatch(self._take(1), last)
 
-    def _take(self, data: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def _take_sparse(self, record: SparsePages, left: int) -> _Batch | None:
+        """The pages of a record (a whole chunk) past the ones to skip."""
+        skip = self._skip // PAGE_SIZE
+        self._skip -= min(self._skip, record.pages * PAGE_SIZE)
+        count = min(max(record.pages - skip, 0), left)
+        if not count:
+            return self._next_batch()
+        return _SparseBatch.of(record, skip, count, self._take(count))
+
+    def _take(self, count: int) -> np.ndarray:
         blocks = self._blocks[self._given : self._given + count]
         self._given += count
-        return blocks, data.reshape(count, PAGE_SIZE)
+        return blocks
+
+
+class _Batch:
+    """Pages of a layer, in block order, not laid yet."""
+
+    blocks: np.ndarray
+
+    def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
+        """XOR the pages of blocks [low, high) that ``mask`` selects into ``window`` (row 0:
+        block ``row0``); how many."""
+        raise NotImplementedError
+
+    def after(self, high: int) -> _Batch | None:
+        """The pages of blocks from ``high`` on (None: none left)."""
+        raise NotImplementedError
+
+
+class _DenseBatch(_Batch):
+    def __init__(self, blocks: np.ndarray, pages: np.ndarray) -> None:
+        self.blocks, self.pages = blocks, pages
+
+    def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
+        import numpy as np
+
+        skip, cut = np.searchsorted(self.blocks, [low, high]).tolist()
+        rows, pages = self.blocks[skip:cut], self.pages[skip:cut]
+        mine = mask[rows]
+        if not mine.all():
+            rows, pages = rows[mine], pages[mine]
+        if not len(rows):
+            return 0
+        first = int(rows[0]) - row0
+        if int(rows[-1]) - int(rows[0]) + 1 == len(rows):  # consecutive: XORed in place
+            target = window[first : first + len(rows)]
+            np.bitwise_xor(target, pages, out=target)
+        else:
+            window[rows - row0] ^= pages
+        return len(rows)
+
+    def after(self, high: int) -> _Batch | None:
+        import numpy as np
+
+        cut = int(np.searchsorted(self.blocks, high))
+        return _DenseBatch(self.blocks[cut:], self.pages[cut:]) if cut < len(self.blocks) else None
+
+
+class _SparseBatch(_Batch):
+    """Pages as the non-zero words of a sparse-page record: XORing them in touches only those."""
+
+    def __init__(
+        self, blocks: np.ndarray, starts: np.ndarray, page: np.ndarray, word: np.ndarray,
+        values: np.ndarray,
+    ) -> None:  # fmt: skip
+        self.blocks = blocks  # of each page
+        self._starts = starts  # index of each page's first word in the arrays below, and the end
+        self._page, self._word, self._values = page, word, values  # of each non-zero word
+
+    @classmethod
+    def of(cls, record: SparsePages, skip: int, count: int, blocks: np.ndarray) -> _SparseBatch:
+        """Pages [skip, skip + count) of ``record``, holding ``blocks``."""
+        starts = record.starts[skip : skip + count + 1]
+        a, b = int(starts[0]), int(starts[-1])
+        page, word = record.positions
+        return cls(blocks, starts - a, page[a:b] - skip, word[a:b], record.values[a:b])
+
+    def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
+        import numpy as np
+
+        skip, cut = np.searchsorted(self.blocks, [low, high]).tolist()
+        mine = np.zeros(len(self.blocks), dtype=bool)
+        mine[skip:cut] = mask[self.blocks[skip:cut]]
+        a, b = int(self._starts[skip]), int(self._starts[cut])
+        page = self._page[a:b]
+        keep = mine[page]
+        rows = self.blocks[page[keep]] - row0
+        flat = window.view(np.uint64).reshape(-1)
+        flat[rows * WORDS + self._word[a:b][keep]] ^= self._values[a:b][keep]
+        return int(np.count_nonzero(mine))
+
+    def after(self, high: int) -> _Batch | None:
+        import numpy as np
+
+        cut = int(np.searchsorted(self.blocks, high))
+        if cut == len(self.blocks):
+            return None
+        a = int(self._starts[cut])
+        return _SparseBatch(
+            self.blocks[cut:], self._starts[cut:] - a, self._page[a:] - cut, self._word[a:],
+            self._values[a:],
+        )  # fmt: skip
 
 
 class LayerCursor:
@@ -208,29 +367,7 @@ class LayerCursor:
         self._pages, self._chunk = None, -1
 
 
-def _xor_rows(
-    window: np.ndarray, rows: np.ndarray, pages: np.ndarray, mask: np.ndarray, blocks: np.ndarray
-) -> int:
-    """XOR ``pages`` into rows ``rows`` (increasing) of ``window``, those whose block the mask
-    selects; how many. A run of consecutive rows, all selected (a whole layer's window, a run
-    of changed pages), is XORed in place, without the copies fancy indexing makes."""
-    import numpy as np
-
-    mine = mask[blocks]
-    if not mine.all():
-        rows, pages = rows[mine], pages[mine]
-    if not len(rows):
-        return 0
-    first = int(rows[0])
-    if int(rows[-1]) - first + 1 == len(rows):
-        target = window[first : first + len(rows)]
-        np.bitwise_xor(target, pages, out=target)
-    else:
-        window[rows] ^= pages
-    return len(rows)
-
-
-def _naming(layer: Layer, pieces: Iterator[bytes]) -> Iterator[bytes]:
+def _naming(layer: Layer, pieces: Iterator[_Piece]) -> Iterator[_Piece]:
     """``pieces``, with an error naming the file and the backup it failed in."""
     try:
         yield from pieces
