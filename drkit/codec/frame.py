@@ -394,7 +394,7 @@ def _expanded(pieces: Iterator[bytes]) -> Iterator[bytes]:
     records = SparseStream()
     for piece in pieces:
         for record in records.feed(piece):
-            yield record.dense()
+            yield from record.dense_pieces()
     records.finish()
 
 

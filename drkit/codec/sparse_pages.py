@@ -75,12 +75,19 @@ class SparsePages:
 
     def dense(self) -> bytes:
         """The plaintext."""
-        words = np.zeros(self.nonzero.shape, dtype="<u8")
-        words[self.nonzero] = self.values
-        data = words.view(np.uint8).reshape(-1)
-        if data[self.size :].any():
-            raise IntegrityError("sparse pages hold data past their length")
-        return data[: self.size].tobytes()
+        return b"".join(self.dense_pieces())
+
+    def dense_pieces(self, pages: int = 128) -> Iterator[bytes]:
+        """The plaintext, ``pages`` pages at a time (memory: one piece)."""
+        for first in range(0, self.pages, pages):
+            end = min(first + pages, self.pages)
+            words = np.zeros((end - first, WORDS), dtype="<u8")
+            words[self.nonzero[first:end]] = self.values[self.starts[first] : self.starts[end]]
+            data = words.view(np.uint8).reshape(-1)
+            cut = self.size - first * PAGE_SIZE
+            if data[cut:].any():
+                raise IntegrityError("sparse pages hold data past their length")
+            yield data[:cut].tobytes()
 
 
 class SparseStream:
