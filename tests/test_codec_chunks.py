@@ -145,7 +145,12 @@ def test_sparse_pages_need_compressed_chunks_and_damage_is_reported() -> None:
     with pytest.raises(IntegrityError, match="end inside a record"):
         records.finish()
     size = 3 * PAGE_SIZE - 100  # three pages, the last partial, and every word set
-    full = struct.pack("<Q", size) + bytes([255]) * 3 * 128 + bytes([1]) * 8 * 3 * 1024
-    (extended,) = SparseStream().feed(full)
+    index = np.tile(np.arange(1024, dtype="<u2"), 3)
+    full = struct.pack("<Q", size) + np.full(3, 1024, "<u2").tobytes() + index.tobytes()
+    (extended,) = SparseStream().feed(full + bytes([1]) * 8 * 3 * 1024)
     with pytest.raises(IntegrityError, match="past their length"):
         extended.dense()
+    index[5] = index[4]  # a word twice
+    twice = struct.pack("<Q", size) + np.full(3, 1024, "<u2").tobytes() + index.tobytes()
+    with pytest.raises(IntegrityError, match="out of order"):
+        list(SparseStream().feed(twice + bytes(8 * 3 * 1024)))

@@ -10,12 +10,12 @@ restore applies straight to the pages it assembles (repo/layers.py); other reade
 Record layout (little-endian)::
 
     u64        L: bytes of plaintext (n = ceil(L / 8192) pages)
-    n * 128    bitmap: bit j (least significant first) of page i's 128 bytes is set when word j
-               of the page (bytes 8j..8j+7) is not zero
-    8 * k      the k non-zero words, page by page, in word order
+    n * u16    how many of each page's 8-byte words are not zero
+    k * u16    which words they are (0-1023, increasing within a page), page by page
+    k * u64    their values, in the same order
 
 The record describes itself, so a stream of records is read without outside lengths; any length
-that does not add up, or a non-zero byte past L, is reported as damage.
+that does not add up, a word index out of order, or a non-zero byte past L is reported as damage.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 
 WORDS = PAGE_SIZE // 8  # 8-byte words per page
-BITMAP = WORDS // 8  # bitmap bytes per page
 _LENGTH = struct.Struct("<Q")
 
 
@@ -45,8 +44,9 @@ def encode(data: bytes | memoryview) -> bytes:
         padded.view(np.uint8)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
         words = padded.reshape(count, WORDS)
     nonzero = words != 0
-    bitmap = np.packbits(nonzero, axis=1, bitorder="little")
-    return _LENGTH.pack(len(data)) + bitmap.tobytes() + words[nonzero].tobytes()
+    counts = np.count_nonzero(nonzero, axis=1).astype("<u2")
+    index = np.nonzero(nonzero)[1].astype("<u2")
+    return _LENGTH.pack(len(data)) + counts.tobytes() + index.tobytes() + words[nonzero].tobytes()
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,18 @@ class SparsePages:
     """One decoded record: ``size`` bytes of plaintext, as the non-zero words of its pages."""
 
     size: int
-    nonzero: np.ndarray  # bool, (pages, WORDS)
-    values: np.ndarray  # "<u8", the non-zero words in page and word order
+    starts: np.ndarray  # index of each page's first word below, and the end (pages + 1 entries)
+    index: np.ndarray  # "<u2": of each non-zero word, its place in its page
+    values: np.ndarray  # "<u8": of each non-zero word, its value
 
     @property
     def pages(self) -> int:
-        return len(self.nonzero)
+        return len(self.starts) - 1
 
     @cached_property
-    def starts(self) -> np.ndarray:
-        """Index in ``values`` of each page's first word, and the end (pages + 1 entries)."""
-        counts = np.count_nonzero(self.nonzero, axis=1)
-        return np.concatenate(([0], np.cumsum(counts)))
-
-    @cached_property
-    def positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(page, word) of each value."""
-        pages, words = np.nonzero(self.nonzero)
-        return pages, words
+    def page(self) -> np.ndarray:
+        """Of each non-zero word, its page."""
+        return np.repeat(np.arange(self.pages), np.diff(self.starts))
 
     def dense(self) -> bytes:
         """The plaintext."""
@@ -81,9 +75,10 @@ class SparsePages:
         """The plaintext, ``pages`` pages at a time (memory: one piece)."""
         for first in range(0, self.pages, pages):
             end = min(first + pages, self.pages)
-            words = np.zeros((end - first, WORDS), dtype="<u8")
-            words[self.nonzero[first:end]] = self.values[self.starts[first] : self.starts[end]]
-            data = words.view(np.uint8).reshape(-1)
+            a, b = int(self.starts[first]), int(self.starts[end])
+            words = np.zeros((end - first) * WORDS, dtype="<u8")
+            words[(self.page[a:b] - first) * WORDS + self.index[a:b]] = self.values[a:b]
+            data = words.view(np.uint8)
             cut = self.size - first * PAGE_SIZE
             if data[cut:].any():
                 raise IntegrityError("sparse pages hold data past their length")
@@ -111,16 +106,28 @@ class SparseStream:
             return None
         (size,) = _LENGTH.unpack_from(buffer)
         pages = -(-size // PAGE_SIZE)
-        values_at = _LENGTH.size + pages * BITMAP
-        if len(buffer) < values_at:
+        index_at = _LENGTH.size + 2 * pages
+        if len(buffer) < index_at:
             return None
-        bitmap = np.frombuffer(buffer, dtype=np.uint8, count=pages * BITMAP, offset=_LENGTH.size)
-        nonzero = np.unpackbits(bitmap, bitorder="little").view(bool).reshape(pages, WORDS)
-        end = values_at + 8 * int(np.count_nonzero(nonzero))
+        counts = np.frombuffer(buffer, dtype="<u2", count=pages, offset=_LENGTH.size)
+        starts = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+        words = int(starts[-1])
+        end = index_at + 10 * words
         if len(buffer) < end:
             return None
-        values = np.frombuffer(buffer, dtype="<u8", count=(end - values_at) // 8, offset=values_at)
-        record = SparsePages(size, nonzero, values.copy())
-        del bitmap, values  # views of the buffer, which cannot shrink while they exist
+        index = np.frombuffer(buffer, dtype="<u2", count=words, offset=index_at).copy()
+        values = np.frombuffer(buffer, dtype="<u8", count=words, offset=index_at + 2 * words)
+        record = SparsePages(size, starts, index, values.copy())
+        del counts, values  # views of the buffer, which cannot shrink while they exist
         del buffer[:end]
+        _check(record)
         return record
+
+
+def _check(record: SparsePages) -> None:
+    """Word indexes below WORDS and increasing within each page (so no word is set twice)."""
+    index = record.index.astype(np.int32)
+    first = np.zeros(len(index), dtype=bool)  # the first word of a page
+    first[record.starts[:-1][np.diff(record.starts) > 0]] = True
+    if index.size and (index.max() >= WORDS or np.any((np.diff(index) <= 0) & ~first[1:])):
+        raise IntegrityError("sparse pages have word indexes out of order")

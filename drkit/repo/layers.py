@@ -286,33 +286,31 @@ class _SparseBatch(_Batch):
     """Pages as the non-zero words of a sparse-page record: XORing them in touches only those."""
 
     def __init__(
-        self, blocks: np.ndarray, starts: np.ndarray, page: np.ndarray, word: np.ndarray,
-        values: np.ndarray,
-    ) -> None:  # fmt: skip
+        self, blocks: np.ndarray, starts: np.ndarray, flat: np.ndarray, values: np.ndarray
+    ) -> None:
         self.blocks = blocks  # of each page
-        self._starts = starts  # index of each page's first word in the arrays below, and the end
-        self._page, self._word, self._values = page, word, values  # of each non-zero word
+        self._starts = starts  # index of each page's first word below, and the end
+        self._flat, self._values = flat, values  # of each non-zero word: block * WORDS + word
 
     @classmethod
     def of(cls, record: SparsePages, skip: int, count: int, blocks: np.ndarray) -> _SparseBatch:
         """Pages [skip, skip + count) of ``record``, holding ``blocks``."""
         starts = record.starts[skip : skip + count + 1]
         a, b = int(starts[0]), int(starts[-1])
-        page, word = record.positions
-        return cls(blocks, starts - a, page[a:b] - skip, word[a:b], record.values[a:b])
+        flat = blocks[record.page[a:b] - skip] * WORDS + record.index[a:b]
+        return cls(blocks, starts - a, flat, record.values[a:b])
 
     def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
         import numpy as np
 
         skip, cut = np.searchsorted(self.blocks, [low, high]).tolist()
-        mine = np.zeros(len(self.blocks), dtype=bool)
-        mine[skip:cut] = mask[self.blocks[skip:cut]]
         a, b = int(self._starts[skip]), int(self._starts[cut])
-        page = self._page[a:b]
-        keep = mine[page]
-        rows = self.blocks[page[keep]] - row0
-        flat = window.view(np.uint64).reshape(-1)
-        flat[rows * WORDS + self._word[a:b][keep]] ^= self._values[a:b][keep]
+        mine = mask[self.blocks[skip:cut]]
+        flat, values = self._flat[a:b], self._values[a:b]
+        if not mine.all():
+            keep = np.repeat(mine, np.diff(self._starts[skip : cut + 1]))
+            flat, values = flat[keep], values[keep]
+        window.view(np.uint64).reshape(-1)[flat - row0 * WORDS] ^= values
         return int(np.count_nonzero(mine))
 
     def after(self, high: int) -> _Batch | None:
@@ -323,9 +321,8 @@ class _SparseBatch(_Batch):
             return None
         a = int(self._starts[cut])
         return _SparseBatch(
-            self.blocks[cut:], self._starts[cut:] - a, self._page[a:] - cut, self._word[a:],
-            self._values[a:],
-        )  # fmt: skip
+            self.blocks[cut:], self._starts[cut:] - a, self._flat[a:], self._values[a:]
+        )
 
 
 class LayerCursor:
