@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,6 +109,34 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
     for label, checksums in expected.items():
         _restore_and_compare(dk, pg, workdir, label, checksums)
     _restores_alike_in_small_pieces(dk, workdir, on_xor)
+
+
+def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir: Path) -> None:
+    """Frames of XOR deltas written before sparse pages hold the XORed pages themselves (frame
+    flag clear): a chain with one restores exactly, with the default pieces and with tiny ones."""
+    from drkit.backup import copy
+    from drkit.backup.operation import BackupOperation
+    from drkit.codec.frame import FrameWriter
+    from drkit.config.settings import load_settings
+    from drkit.repo.label import BackupType
+
+    pg.run_bin("pgbench", "-i", "-s", "2", "-q")
+    dk = Drkit(pg, workdir, backup={"wal_summaries": False, "chunk_size": 1024 * 1024})
+    dk.ok("init")
+    dk.ok("backup")
+    _change(pg, "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 3 = 1")
+
+    def plain_pages(*args: Any, **kwargs: Any) -> FrameWriter:
+        return FrameWriter(*args, **{**kwargs, "sparse_pages": False})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(copy, "FrameWriter", plain_pages)
+        label = str(BackupOperation(load_settings(dk.config), BackupType.INCR).run().manifest.label)
+    relpath = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
+    entry = _entry(dk, label, relpath)
+    assert entry.xor and not _sparse(dk, entry)
+    _restore_and_compare(dk, pg, workdir, label, database_checksums(pg))
+    _restores_alike_in_small_pieces(dk, workdir, label)
 
 
 def _restores_alike_in_small_pieces(dk: Drkit, workdir: Path, label: str) -> None:
