@@ -19,7 +19,7 @@ from drkit.codec.frame import (
     is_sparse,
     payload_length,
 )
-from drkit.codec.sparse_pages import SparseStream, encode
+from drkit.codec.sparse_pages import SparseStream, encode, expand
 from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 
@@ -48,11 +48,10 @@ def decode_one(frame: bytes, chunks: list, i: int, raw: bool = False) -> bytes: 
     )
     offset, length = chunk_span(header, len(frame), chunks[i].payload_offset, end)
     stream = io.BytesIO(frame[offset : offset + length])
-    return b"".join(
-        decode_chunk(
-            header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end, raw=raw
-        )
+    payload = decode_chunk(
+        header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end
     )
+    return b"".join(payload if raw or not is_sparse(header) else expand(payload))
 
 
 @pytest.mark.parametrize("size", [0, 1, 50_000, 100_000, 100_001, 345_678])

@@ -306,7 +306,17 @@ def decode_frame(
         )
     header = _read_exactly(read, HEADER_SIZE)
     pieces = _frame_payload(read, length, dek, context, zstd_frames, header)
-    yield from pieces if raw or not is_sparse(header) else _expanded(pieces)
+    if raw or not is_sparse(header):
+        yield from pieces
+    else:
+        from drkit.codec.sparse_pages import expand  # numpy: not for wal-fetch
+
+        yield from expand(pieces)
+
+
+def is_sparse(header: bytes) -> bool:
+    """Whether the frame with this header holds sparse-page records (see FrameWriter)."""
+    return _parse_header(header).sparse
 
 
 def _frame_payload(
@@ -371,42 +381,12 @@ def decode_chunk(
     context: bytes,
     payload_start: int,
     payload_end: int,
-    *,
-    raw: bool = False,
 ) -> Iterator[bytes]:
     """Decodes one chunk of a chunked frame of ``length`` stored bytes: ``read`` returns the
     stored bytes from chunk_span()'s offset on. Every segment read is authenticated (the last
     segment of the frame with its last-segment flag), and the chunk's payload must be exactly
-    one complete zstd frame. The caller checks the chunk's plaintext checksum. Sparse pages
-    are expanded unless ``raw``."""
-    pieces = _chunk_payload(header, read, length, dek, context, payload_start, payload_end)
-    yield from pieces if raw or not is_sparse(header) else _expanded(pieces)
-
-
-def is_sparse(header: bytes) -> bool:
-    """Whether the frame with this header holds sparse-page records (see FrameWriter)."""
-    return _parse_header(header).sparse
-
-
-def _expanded(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    from drkit.codec.sparse_pages import SparseStream  # numpy: not for wal-fetch
-
-    records = SparseStream()
-    for piece in pieces:
-        for record in records.feed(piece):
-            yield from record.dense_pieces()
-    records.finish()
-
-
-def _chunk_payload(
-    header: bytes,
-    read: Callable[[int], bytes],
-    length: int,
-    dek: bytes,
-    context: bytes,
-    payload_start: int,
-    payload_end: int,
-) -> Iterator[bytes]:
+    one complete zstd frame. The caller checks the chunk's plaintext checksum, and expands a
+    frame of sparse pages (is_sparse): its chunk is yielded as the record stored."""
     _check_dek(dek)
     segment_size, compressed, nonce_prefix, salt, _ = _parse_header(header)
     if not compressed:

@@ -21,7 +21,7 @@ that does not add up, a word index out of order, or a non-zero byte past L is re
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -83,6 +83,15 @@ class SparsePages:
             if data[cut:].any():
                 raise IntegrityError("sparse pages hold data past their length")
             yield data[:cut].tobytes()
+
+
+def expand(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """The plaintext of the records in ``pieces``."""
+    records = SparseStream()
+    for piece in pieces:
+        for record in records.feed(piece):
+            yield from record.dense_pieces()
+    records.finish()
 
 
 class SparseStream:

@@ -4,13 +4,16 @@ Used where a file is rebuilt in memory window by window: a restore writing a lar
 from a chain, and a backup storing XOR deltas, which needs its base backup's version of every page
 it changed. Every layer's pages of a window are XORed into the window, zeroed first: a layer that
 stores pages plainly (the masks of plain layers are disjoint) thus lays them, and an XOR layer
-applies its difference to the older version the older layers lay, in any order.
+applies its difference to the older version the older layers lay, in any order. A restore reads
+XOR deltas stored as sparse pages (codec/sparse_pages.py) as records and XORs in only their
+non-zero words; everything else comes as plaintext.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -23,7 +26,7 @@ from drkit.codec.frame import (
     is_sparse,
     payload_length,
 )
-from drkit.codec.sparse_pages import WORDS, SparsePages, SparseStream
+from drkit.codec.sparse_pages import WORDS, SparsePages, SparseStream, expand
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 from drkit.repo.chain import Layer
@@ -46,13 +49,16 @@ class LayerReader:
     def chunk_plaintext(self, layer: Layer, index: int, hashing: bool) -> Iterator[bytes]:
         """The plaintext of chunk ``index`` of ``layer``'s frame as it decodes; its size (and
         with ``hashing`` its checksum) checked at its end."""
-        _, pieces, size, sha256 = self._chunk(layer, index, raw=False)
-        yield from _checked(pieces, size, sha256 if hashing else None, layer, f"chunk {index} of ")
+        header, pieces, size, sha256 = self._chunk(layer, index)
+        plaintext = expand(pieces) if is_sparse(header) else pieces
+        yield from _checked(
+            plaintext, size, sha256 if hashing else None, layer, f"chunk {index} of "
+        )
 
     def chunk_pages(self, layer: Layer, index: int) -> Iterator[bytes | SparsePages]:
         """Chunk ``index`` of ``layer``'s frame as it decodes, unhashed (for a file checked
         whole): its sparse-page records as stored, or its plaintext; its size checked."""
-        header, pieces, size, _ = self._chunk(layer, index, raw=True)
+        header, pieces, size, _ = self._chunk(layer, index)
         yield from _pages(header, pieces, size, layer, f"chunk {index} of ")
 
     def pieces(
@@ -73,10 +79,8 @@ class LayerReader:
         )
         return _naming(layer, pieces), starts[low]
 
-    def _chunk(
-        self, layer: Layer, index: int, raw: bool
-    ) -> tuple[bytes, Iterator[bytes], int, str]:
-        """(frame header, the chunk's pieces as they decode, its plaintext size, its sha256)"""
+    def _chunk(self, layer: Layer, index: int) -> tuple[bytes, Iterator[bytes], int, str]:
+        """(frame header, the chunk's payload as it decodes, its plaintext size, its sha256)"""
         entry, storage = layer.entry, self.repo.storage
         chunks = entry.chunks or []
         plain_start, payload_start, sha256 = chunks[index]
@@ -90,9 +94,8 @@ class LayerReader:
         def pieces() -> Iterator[bytes]:
             with storage.open_read(entry.object, entry.offset + offset, length) as stream:
                 yield from decode_chunk(
-                    header, stream.read, entry.length, dek, context, payload_start, payload_end,
-                    raw=raw,
-                )  # fmt: skip
+                    header, stream.read, entry.length, dek, context, payload_start, payload_end
+                )
 
         return header, pieces(), plain_end - plain_start, sha256
 
@@ -238,19 +241,19 @@ class LayerPages:
         return blocks
 
 
-class _Batch:
+class _Batch(ABC):
     """Pages of a layer, in block order, not laid yet."""
 
     blocks: np.ndarray
 
+    @abstractmethod
     def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
         """XOR the pages of blocks [low, high) that ``mask`` selects into ``window`` (row 0:
         block ``row0``); how many."""
-        raise NotImplementedError
 
+    @abstractmethod
     def after(self, high: int) -> _Batch | None:
         """The pages of blocks from ``high`` on (None: none left)."""
-        raise NotImplementedError
 
 
 class _DenseBatch(_Batch):
