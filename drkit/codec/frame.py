@@ -10,7 +10,7 @@ Layout (big-endian)::
     0   4   magic b"DKF1"
     4   1   version = 1
     5   1   flags: bit0 = payload is zstd-compressed; bit1 = sparse pages (with bit0: each zstd
-            frame of the payload holds its plaintext as sparse-page records, codec/sparse.py);
+            frame of the payload holds its plaintext as sparse-page records, sparse_pages.py);
             other bits must be 0
     6   2   reserved = 0
     8   4   segment_size S (plaintext bytes per segment, 1 KiB .. 16 MiB)
@@ -135,7 +135,7 @@ class FrameWriter:
         zstd frames whose offsets FrameInfo.chunks records, so a reader can decode the chunks
         of one large file in parallel too (decode_chunk). The frame format is unchanged;
         decode_frame reads it whole. ``sparse_pages`` (XOR deltas: pages that are mostly zeros;
-        needs ``chunk_size``) stores each chunk as a sparse-page record (codec/sparse.py)."""
+        needs ``chunk_size``) stores each chunk as a sparse-page record (codec/sparse_pages.py)."""
         _check_dek(dek)
         if sparse_pages and (chunk_size is None or compress_level is None):
             raise ValueError("sparse pages are stored in compressed chunks")
@@ -450,9 +450,11 @@ def unseal(blob: bytes, dek: bytes, context: bytes) -> bytes:
 def _compress_chunk(level: int, data: bytes, sparse: bool) -> tuple[bytes, str]:
     """One chunk as one zstd frame (of its sparse-page record), and its checksum (both release
     the GIL)."""
-    from drkit.codec import sparse_pages  # numpy: not for wal-push
+    payload = data
+    if sparse:
+        from drkit.codec.sparse_pages import encode  # numpy: only for XOR deltas
 
-    payload = sparse_pages.encode(data) if sparse else data
+        payload = encode(data)
     return zstandard.ZstdCompressor(level=level).compress(payload), hashlib.sha256(data).hexdigest()
 
 

@@ -113,18 +113,19 @@ class Chain:
         return cls(target, manifests, deks)
 
     def plan(self) -> list[FilePlan]:
-        return [self._plan_file(entry, self._by_path) for entry in self.target.files]
+        return [self._plan_file(entry) for entry in self.target.files]
 
     def plan_file(self, path: str) -> FilePlan | None:
         """The plan of one file of the target backup (None: the backup has no such file)."""
         entry = self._by_path[self.target.label].get(path)
-        return None if entry is None else self._plan_file(entry, self._by_path)
+        return None if entry is None else self._plan_file(entry)
 
     @cached_property
     def _by_path(self) -> dict[str, dict[str, FileEntry]]:
         return {label: {f.path: f for f in m.files} for label, m in self.manifests.items()}
 
-    def _plan_file(self, entry: FileEntry, by_path: dict[str, dict[str, FileEntry]]) -> FilePlan:
+    def _plan_file(self, entry: FileEntry) -> FilePlan:
+        by_path = self._by_path
         plan = FilePlan(entry)
         if entry.pages is None:  # one whole frame holds it all: no masks (and no numpy)
             plan.layers.append(Layer(entry.owner(self.target.label), entry, None))

@@ -11,7 +11,6 @@ non-zero words; everything else comes as plaintext.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from abc import ABC, abstractmethod
 from bisect import bisect_right
@@ -30,7 +29,7 @@ from drkit.codec.sparse_pages import WORDS, SparsePages, SparseStream, expand
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 from drkit.repo.chain import Layer
-from drkit.repo.reader import checked
+from drkit.repo.reader import checked, checked_pieces
 from drkit.repo.repository import Repository, file_context
 
 if TYPE_CHECKING:
@@ -51,15 +50,18 @@ class LayerReader:
         with ``hashing`` its checksum) checked at its end."""
         header, pieces, size, sha256 = self._chunk(layer, index)
         plaintext = expand(pieces) if is_sparse(header) else pieces
-        yield from _checked(
-            plaintext, size, sha256 if hashing else None, layer, f"chunk {index} of "
-        )
+        name = f"chunk {index} of '{layer.entry.path}'"
+        yield from checked_pieces(plaintext, size, sha256 if hashing else None, name)
 
     def chunk_pages(self, layer: Layer, index: int) -> Iterator[bytes | SparsePages]:
         """Chunk ``index`` of ``layer``'s frame as it decodes, unhashed (for a file checked
         whole): its sparse-page records as stored, or its plaintext; its size checked."""
         header, pieces, size, _ = self._chunk(layer, index)
-        yield from _pages(header, pieces, size, layer, f"chunk {index} of ")
+        name = f"chunk {index} of '{layer.entry.path}'"
+        if is_sparse(header):
+            yield from _records(pieces, size, name)
+        else:
+            yield from checked_pieces(pieces, size, None, name)
 
     def pieces(
         self, layer: Layer, hashing: bool, start: int, end: int
@@ -106,34 +108,12 @@ class LayerReader:
             context = file_context(layer.owner, entry.path)
             pieces = decode_frame(stream.read, entry.length, dek, context, raw=raw)
             if raw:
-                yield from _records(pieces, entry.payload_size, layer, "")
+                yield from _records(pieces, entry.payload_size, f"'{entry.path}'")
             else:
                 yield from checked(entry, pieces, hashing)
 
 
-def _checked(
-    pieces: Iterator[bytes], size: int, sha256: str | None, layer: Layer, where: str
-) -> Iterator[bytes]:
-    """``pieces``, their total ``size`` (and with ``sha256`` their checksum) checked at the end."""
-    digest, seen = hashlib.sha256() if sha256 is not None else None, 0
-    for piece in pieces:
-        if digest is not None:
-            digest.update(piece)
-        seen += len(piece)
-        yield piece
-    if seen != size or (digest is not None and digest.hexdigest() != sha256):
-        raise IntegrityError(f"checksum mismatch in {where}'{layer.entry.path}'")
-
-
-def _pages(
-    header: bytes, pieces: Iterator[bytes], size: int, layer: Layer, where: str
-) -> Iterator[bytes | SparsePages]:
-    if is_sparse(header):
-        return _records(pieces, size, layer, where)
-    return _checked(pieces, size, None, layer, where)
-
-
-def _records(pieces: Iterator[bytes], size: int, layer: Layer, where: str) -> Iterator[SparsePages]:
+def _records(pieces: Iterator[bytes], size: int, name: str) -> Iterator[SparsePages]:
     """The sparse-page records in ``pieces``, of ``size`` bytes of plaintext in all."""
     records, seen = SparseStream(), 0
     for piece in pieces:
@@ -142,7 +122,7 @@ def _records(pieces: Iterator[bytes], size: int, layer: Layer, where: str) -> It
             yield record
     records.finish()
     if seen != size:
-        raise IntegrityError(f"checksum mismatch in {where}'{layer.entry.path}'")
+        raise IntegrityError(f"checksum mismatch in {name}")
 
 
 class LayerPages:

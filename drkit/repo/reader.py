@@ -118,14 +118,21 @@ def read_object(
 def checked(entry: FileEntry, chunks: Iterator[bytes], hashing: bool) -> Iterator[bytes]:
     """``chunks`` of ``entry``'s frame, its payload size (and with ``hashing`` its sha256)
     checked once they are all through."""
-    digest = hashlib.sha256() if hashing else None
-    size = 0
-    for chunk in chunks:
+    sha256 = entry.payload_sha256 if hashing else None
+    return checked_pieces(chunks, entry.payload_size, sha256, f"'{entry.path}'")
+
+
+def checked_pieces(
+    pieces: Iterator[bytes], size: int, sha256: str | None, name: str
+) -> Iterator[bytes]:
+    """``pieces``, their total ``size`` (and with ``sha256`` their checksum) checked once they
+    are all through; ``name`` says what they are in the error."""
+    digest = hashlib.sha256() if sha256 is not None else None
+    seen = 0
+    for piece in pieces:
         if digest is not None:
-            digest.update(chunk)
-        size += len(chunk)
-        yield chunk
-    if size != entry.payload_size or (
-        digest is not None and digest.hexdigest() != entry.payload_sha256
-    ):
-        raise IntegrityError(f"checksum mismatch in '{entry.path}'")
+            digest.update(piece)
+        seen += len(piece)
+        yield piece
+    if seen != size or (digest is not None and digest.hexdigest() != sha256):
+        raise IntegrityError(f"checksum mismatch in {name}")
