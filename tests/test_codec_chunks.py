@@ -19,7 +19,7 @@ from drkit.codec.frame import (
     is_sparse,
     payload_length,
 )
-from drkit.codec.sparse_pages import SparseStream, encode, expand
+from drkit.codec.sparse_pages import SparsePages, SparseStream, encode, expand
 from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 
@@ -151,5 +151,27 @@ def test_sparse_pages_need_compressed_chunks_and_damage_is_reported() -> None:
         extended.dense()
     index[5] = index[4]  # a word twice
     twice = struct.pack("<Q", size) + np.full(3, 1024, "<u2").tobytes() + index.tobytes()
+    (record,) = SparseStream().feed(twice + bytes(8 * 3 * 1024))
     with pytest.raises(IntegrityError, match="out of order"):
-        list(SparseStream().feed(twice + bytes(8 * 3 * 1024)))
+        record.dense()
+
+
+def test_sparse_words_land_only_where_asked_and_bad_requests_are_refused() -> None:
+    """The C loop applying a record: pages go to the window rows asked for (-1: passed over,
+    yet checked), and a row outside the window, pages the record does not hold, or a record
+    whose lengths do not add up are refused instead of writing anywhere."""
+    data = xor_like(6)
+    (record,) = SparseStream().feed(encode(data))
+    window = np.zeros((4, PAGE_SIZE), dtype=np.uint8)
+    record.xor_into(window, 2, np.array([3, -1, 0]))  # pages 2, 3, 4 of the record
+    pages = np.frombuffer(data, dtype=np.uint8).reshape(6, PAGE_SIZE)
+    assert (window[3] == pages[2]).all() and (window[0] == pages[4]).all()
+    assert not window[1:3].any()
+    record.xor_into(window, 2, np.array([3]))  # XOR again: back to zero
+    assert not window[3].any()
+    for first, rows in [(0, [4]), (0, [-2]), (5, [0, 1]), (-1, [0])]:
+        with pytest.raises(IntegrityError):
+            record.xor_into(window, first, np.array(rows))
+    for damaged in (bytes(record.record)[:-1], bytes(record.record) + b"\0"):
+        with pytest.raises(IntegrityError, match="do not add up"):
+            SparsePages(record.size, damaged).xor_into(window, 0, np.array([0]))

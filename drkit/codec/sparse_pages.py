@@ -16,6 +16,8 @@ Record layout (little-endian)::
 
 The record describes itself, so a stream of records is read without outside lengths; any length
 that does not add up, a word index out of order, or a non-zero byte past L is reported as damage.
+Applying the words is the one loop written in C (_sparse.c, which checks each index as it goes):
+in numpy it took a dozen passes over index arrays, most of a chain restore's extra time.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
+from drkit.codec._sparse import xor_words
 from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 
@@ -51,21 +53,23 @@ def encode(data: bytes | memoryview) -> bytes:
 
 @dataclass(frozen=True)
 class SparsePages:
-    """One decoded record: ``size`` bytes of plaintext, as the non-zero words of its pages."""
+    """One record, checked to hold ``pages`` pages: ``size`` bytes of plaintext."""
 
     size: int
-    starts: np.ndarray  # index of each page's first word below, and the end (pages + 1 entries)
-    index: np.ndarray  # "<u2": of each non-zero word, its place in its page
-    values: np.ndarray  # "<u8": of each non-zero word, its value
+    record: bytes | memoryview
 
     @property
     def pages(self) -> int:
-        return len(self.starts) - 1
+        return -(-self.size // PAGE_SIZE)
 
-    @cached_property
-    def page(self) -> np.ndarray:
-        """Of each non-zero word, its page."""
-        return np.repeat(np.arange(self.pages), np.diff(self.starts))
+    def xor_into(self, window: np.ndarray, first: int, rows: np.ndarray) -> None:
+        """XOR the words of pages ``first``, ``first + 1``... into ``window`` (whole pages): page
+        ``first + i`` into window page ``rows[i]`` (-1: not at all). Word indexes are checked
+        (below 1024, increasing within a page) as they are applied."""
+        try:
+            xor_words(window, self.record, first, rows.astype(np.int64, copy=False))
+        except ValueError as exc:
+            raise IntegrityError(str(exc)) from None
 
     def dense(self) -> bytes:
         """The plaintext."""
@@ -73,16 +77,15 @@ class SparsePages:
 
     def dense_pieces(self, pages: int = 128) -> Iterator[bytes]:
         """The plaintext, ``pages`` pages at a time (memory: one piece)."""
+        rows = np.arange(pages, dtype=np.int64)
         for first in range(0, self.pages, pages):
-            end = min(first + pages, self.pages)
-            a, b = int(self.starts[first]), int(self.starts[end])
-            words = np.zeros((end - first) * WORDS, dtype="<u8")
-            words[(self.page[a:b] - first) * WORDS + self.index[a:b]] = self.values[a:b]
-            data = words.view(np.uint8)
+            count = min(pages, self.pages - first)
+            window = np.zeros(count * PAGE_SIZE, dtype=np.uint8)
+            self.xor_into(window, first, rows[:count])
             cut = self.size - first * PAGE_SIZE
-            if data[cut:].any():
+            if window[cut:].any():
                 raise IntegrityError("sparse pages hold data past their length")
-            yield data[:cut].tobytes()
+            yield window[:cut].tobytes()
 
 
 def expand(pieces: Iterable[bytes]) -> Iterator[bytes]:
@@ -95,48 +98,41 @@ def expand(pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 
 class SparseStream:
-    """Reads records from decompressed pieces of any size (one record held at a time)."""
+    """Reads records from decompressed pieces of any size (the pieces of one record held at a
+    time, joined once it is complete; its word indexes are checked where it is applied)."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._pieces: list[bytes | memoryview] = []
+        self._held = 0  # bytes in them
+        self._need = _LENGTH.size  # bytes held before the record being read can be complete
 
-    def feed(self, piece: bytes | memoryview) -> Iterator[SparsePages]:
-        self._buffer += piece
-        while (record := self._take()) is not None:
-            yield record
+    def feed(self, piece: bytes | memoryview) -> list[SparsePages]:
+        """The records that ``piece`` completes."""
+        self._pieces.append(piece)
+        self._held += len(piece)
+        if self._held < self._need:
+            return []
+        data = memoryview(b"".join(self._pieces) if len(self._pieces) > 1 else piece)
+        records = []
+        while len(data) >= (need := _needed(data)):
+            records.append(SparsePages(_LENGTH.unpack_from(data)[0], data[:need]))
+            data = data[need:]
+        self._pieces, self._held, self._need = [data] if data else [], len(data), need
+        return records
 
     def finish(self) -> None:
-        if self._buffer:
-            raise IntegrityError(f"sparse pages end inside a record ({len(self._buffer)} bytes)")
-
-    def _take(self) -> SparsePages | None:
-        buffer = self._buffer
-        if len(buffer) < _LENGTH.size:
-            return None
-        (size,) = _LENGTH.unpack_from(buffer)
-        pages = -(-size // PAGE_SIZE)
-        index_at = _LENGTH.size + 2 * pages
-        if len(buffer) < index_at:
-            return None
-        counts = np.frombuffer(buffer, dtype="<u2", count=pages, offset=_LENGTH.size)
-        starts = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
-        words = int(starts[-1])
-        end = index_at + 10 * words
-        if len(buffer) < end:
-            return None
-        index = np.frombuffer(buffer, dtype="<u2", count=words, offset=index_at).copy()
-        values = np.frombuffer(buffer, dtype="<u8", count=words, offset=index_at + 2 * words)
-        record = SparsePages(size, starts, index, values.copy())
-        del counts, values  # views of the buffer, which cannot shrink while they exist
-        del buffer[:end]
-        _check(record)
-        return record
+        if self._held:
+            raise IntegrityError(f"sparse pages end inside a record ({self._held} bytes)")
 
 
-def _check(record: SparsePages) -> None:
-    """Word indexes below WORDS and increasing within each page (so no word is set twice)."""
-    index = record.index.astype(np.int32)
-    first = np.zeros(len(index), dtype=bool)  # the first word of a page
-    first[record.starts[:-1][np.diff(record.starts) > 0]] = True
-    if index.size and (index.max() >= WORDS or np.any((np.diff(index) <= 0) & ~first[1:])):
-        raise IntegrityError("sparse pages have word indexes out of order")
+def _needed(data: memoryview) -> int:
+    """The length of the record at the start of ``data`` or, if ``data`` is too short to tell,
+    more than ``len(data)``: the bytes needed to tell more."""
+    if len(data) < _LENGTH.size:
+        return _LENGTH.size
+    (size,) = _LENGTH.unpack_from(data)
+    index_at = _LENGTH.size + 2 * -(-size // PAGE_SIZE)
+    if len(data) < index_at:
+        return index_at
+    counts = np.frombuffer(data, dtype="<u2", count=(index_at - _LENGTH.size) // 2, offset=8)
+    return index_at + 10 * int(counts.sum(dtype=np.int64))

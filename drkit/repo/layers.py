@@ -25,7 +25,7 @@ from drkit.codec.frame import (
     is_sparse,
     payload_length,
 )
-from drkit.codec.sparse_pages import WORDS, SparsePages, SparseStream, expand
+from drkit.codec.sparse_pages import SparsePages, SparseStream, expand
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.constants import PAGE_SIZE
 from drkit.repo.chain import Layer
@@ -213,7 +213,7 @@ class LayerPages:
         count = min(max(record.pages - skip, 0), left)
         if not count:
             return self._next_batch()
-        return _SparseBatch.of(record, skip, count, self._take(count))
+        return _SparseBatch(record, skip, self._take(count))
 
     def _take(self, count: int) -> np.ndarray:
         blocks = self._blocks[self._given : self._given + count]
@@ -266,45 +266,29 @@ class _DenseBatch(_Batch):
 
 
 class _SparseBatch(_Batch):
-    """Pages as the non-zero words of a sparse-page record: XORing them in touches only those."""
+    """Pages of a sparse-page record: XORing them in touches only their non-zero words."""
 
-    def __init__(
-        self, blocks: np.ndarray, starts: np.ndarray, flat: np.ndarray, values: np.ndarray
-    ) -> None:
-        self.blocks = blocks  # of each page
-        self._starts = starts  # index of each page's first word below, and the end
-        self._flat, self._values = flat, values  # of each non-zero word: block * WORDS + word
-
-    @classmethod
-    def of(cls, record: SparsePages, skip: int, count: int, blocks: np.ndarray) -> _SparseBatch:
-        """Pages [skip, skip + count) of ``record``, holding ``blocks``."""
-        starts = record.starts[skip : skip + count + 1]
-        a, b = int(starts[0]), int(starts[-1])
-        flat = blocks[record.page[a:b] - skip] * WORDS + record.index[a:b]
-        return cls(blocks, starts - a, flat, record.values[a:b])
+    def __init__(self, record: SparsePages, first: int, blocks: np.ndarray) -> None:
+        self.record, self.first = record, first  # its page that holds the first of ``blocks``
+        self.blocks = blocks
 
     def xor_into(self, window: np.ndarray, low: int, high: int, row0: int, mask: np.ndarray) -> int:
         import numpy as np
 
         skip, cut = np.searchsorted(self.blocks, [low, high]).tolist()
-        a, b = int(self._starts[skip]), int(self._starts[cut])
-        mine = mask[self.blocks[skip:cut]]
-        flat, values = self._flat[a:b], self._values[a:b]
-        if not mine.all():
-            keep = np.repeat(mine, np.diff(self._starts[skip : cut + 1]))
-            flat, values = flat[keep], values[keep]
-        window.view(np.uint64).reshape(-1)[flat - row0 * WORDS] ^= values
+        blocks = self.blocks[skip:cut]
+        mine = mask[blocks]
+        self.record.xor_into(window, self.first + skip, np.where(mine, blocks - row0, -1))
         return int(np.count_nonzero(mine))
 
     def after(self, high: int) -> _Batch | None:
         import numpy as np
 
         cut = int(np.searchsorted(self.blocks, high))
-        if cut == len(self.blocks):
-            return None
-        a = int(self._starts[cut])
-        return _SparseBatch(
-            self.blocks[cut:], self._starts[cut:] - a, self._flat[a:], self._values[a:]
+        return (
+            _SparseBatch(self.record, self.first + cut, self.blocks[cut:])
+            if cut < len(self.blocks)
+            else None
         )
 
 

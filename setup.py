@@ -1,0 +1,6 @@
+"""The one C extension (everything else is in pyproject.toml): applying the words of XOR deltas
+in a restore, drkit/codec/_sparse.c. Building drkit thus needs a C compiler and Python's headers."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("drkit.codec._sparse", ["drkit/codec/_sparse.c"])])
