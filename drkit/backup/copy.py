@@ -11,6 +11,7 @@ and numpy all release the GIL, which is why threads (not processes) scale here.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 import os
 import threading
@@ -32,6 +33,7 @@ from drkit.pg.pages import check_pages, page_runs
 from drkit.pg.summaries import SegmentReads
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
+from drkit.repo.layers import SECTION_PAGES
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
 
@@ -247,6 +249,7 @@ class FileCopier:
         first_block = (src.page_check_segment or 0) * RELSEG_PAGES
         bad_pages: list[int] = []
         pages = _PageRanges() if src.delta is not None else None
+        section = -1  # of the last XOR page written
         whole = hashlib.sha256()
         with _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
             for blocks, chunk in chunks:
@@ -259,7 +262,10 @@ class FileCopier:
                         bad_pages += self._check_pages(stream, chunk, first_block + blocks, changed)
                     if base is not None:
                         older = partial(base.pages, src.path)
-                        frame.write(xor_changed(chunk, blocks, changed, older))
+                        xored = xor_changed(chunk, blocks, changed, older)
+                        section = _write_by_section(
+                            frame, xored, blocks[np.flatnonzero(changed)], section
+                        )
                     for index, start, end in page_runs(changed, blocks):
                         if base is None:
                             frame.write(
@@ -503,6 +509,23 @@ def xor_changed(
     pages ^= older(blocks[selected])
     data = pages.reshape(-1)
     return (data if inside[-1] else data[: len(data) - PAGE_SIZE + tail]).tobytes()
+
+
+def _write_by_section(frame: FrameWriter, pages: bytes, blocks: np.ndarray, section: int) -> int:
+    """Write XOR ``pages`` (of ``blocks``, the last page possibly partial) so that no chunk of
+    the frame holds pages of two sections (SECTION_PAGES blocks): a restore rebuilds the file
+    section by section, and each section then decodes only its own chunks. ``section``: that of
+    the last page written before; returns that of the last page written now."""
+    if not len(blocks):
+        return section
+    bounds = np.flatnonzero(np.diff(blocks // SECTION_PAGES)) + 1
+    view = memoryview(pages)
+    for a, b in itertools.pairwise([0, *bounds.tolist(), len(blocks)]):
+        if int(blocks[a]) // SECTION_PAGES != section:
+            frame.cut()
+            section = int(blocks[a]) // SECTION_PAGES
+        frame.write(view[a * PAGE_SIZE : b * PAGE_SIZE])
+    return section
 
 
 def changed_mask(chunk: memoryview, blocks: np.ndarray, delta: Delta) -> np.ndarray:

@@ -198,6 +198,12 @@ class FrameWriter:
             if compressed:
                 self._push(memoryview(compressed))
 
+    def cut(self) -> None:
+        """End the chunk being gathered here (chunked frames; nothing if it is empty): what is
+        written next starts a new chunk."""
+        if self._chunk_size is not None and self._buffer:
+            self._submit_chunk()
+
     def _submit_chunk(self) -> None:
         """Compress the gathered chunk on the pool; emit finished chunks in order, keeping at
         most one chunk per worker in flight (memory: workers + 1 chunks)."""

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 _Piece = TypeVar("_Piece")
 
+# A restore rebuilds a file with XOR layers in sections of this many blocks (32 MiB), one task
+# each; a backup ends the chunks of an XOR delta at section boundaries, so that each section
+# decodes only its own chunks, not also those it shares with the sections beside it
+SECTION_PAGES = 4096
+
 
 class LayerReader:
     """Decodes the frames of one chain's layers from one repository."""

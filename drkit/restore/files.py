@@ -25,7 +25,7 @@ from drkit.fsutil import WRITE_PIECE, start_writeback, write_at
 from drkit.pg.constants import PAGE_SIZE
 from drkit.progress import Progress
 from drkit.repo.chain import Chain, FilePlan, Layer
-from drkit.repo.layers import LayerPages, LayerReader
+from drkit.repo.layers import SECTION_PAGES, LayerPages, LayerReader
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
 from drkit.repo.repository import Repository
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 # A file with XOR layers is written in sections of SECTION_PAGES blocks (one task each), each in
 # windows of WINDOW_PAGES blocks (one buffer, then written)
-SECTION_PAGES = 4096  # 32 MiB
 WINDOW_PAGES = 1024  # 8 MiB
 
 # Tasks run largest first, by bytes to write plus this much per file: creating a file costs about
