@@ -136,16 +136,18 @@ class Chain:
         covered = np.zeros(nblocks, dtype=bool)
         current, holder = entry, self.target.label
         while True:
+            layer = Layer(current.owner(holder), current, None)
             mask = np.zeros(nblocks, dtype=bool)
             if current.pages is None:
                 mask[: min(nblocks, _blocks(current.size))] = True
             else:
-                for start, end in current.pages:
-                    mask[start : min(end, nblocks)] = True
+                blocks = layer.frame_blocks
+                mask[blocks[blocks < nblocks]] = True
             mask &= ~covered
             if not current.xor:
                 covered |= mask
-            plan.layers.append(Layer(current.owner(holder), current, mask))
+            layer.mask = mask
+            plan.layers.append(layer)
             if current.pages is None or covered.all():
                 break
             base = current.base
