@@ -81,14 +81,19 @@ class Row:
 class DrkitRepo:
     """drkit with a local repository for the source; backups run as a measured subprocess."""
 
-    def __init__(self, bench: Bench, source: PgCluster) -> None:
+    def __init__(self, bench: Bench, source: PgCluster, wal_summaries: bool = True) -> None:
         self.bench = bench
         self.source = source
         self.dir = make_rig_dir(bench.root, "drkit-")
         self.dk = Drkit(
             source,
             self.dir,
-            backup={"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True},
+            backup={
+                "process_max": PROCESS_MAX,
+                "compress_level": ZSTD_LEVEL,
+                "start_fast": True,
+                "wal_summaries": wal_summaries,
+            },
         )
         self.dk.write_config(retention={"full": 100})  # nothing pruned during the benchmark
         self.dk.ok("init")
@@ -398,6 +403,11 @@ def main() -> int:
         action="store_true",
         help="no VACUUM FULL before (a): the 1%% change then touches ~8%% of the pages",
     )
+    parser.add_argument(
+        "--scan",
+        action="store_true",
+        help="backup.wal_summaries = false: on 17+ too, deltas scan their files (XOR deltas)",
+    )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--json", type=Path)
@@ -422,7 +432,7 @@ def main() -> int:
         if args.segments:
             step_d(bench, source, rows)
         else:
-            drkit = DrkitRepo(bench, source)
+            drkit = DrkitRepo(bench, source, wal_summaries=not args.scan)
             if "a" in args.steps:
                 step_a(bench, source, drkit, rows, compact=not args.as_built)
             if "b" in args.steps:
@@ -430,6 +440,7 @@ def main() -> int:
             if "c" in args.steps:
                 step_c(bench, source, drkit, rows)
         built = ", (a) on the table as built" if args.as_built else ""
+        built += ", backup.wal_summaries = false" if args.scan else ""
         print(f"\nscale {args.scale}, random profile, PostgreSQL {args.pg}{built}")
         print_table(rows)
     finally:

@@ -66,6 +66,12 @@ def test_segment_reads_clip_to_the_segment_and_honour_limit_blocks() -> None:
     # untouched: nothing but growth
     untouched = changed.segment_reads((1663, 5, 9), 0, parent_blocks=40)
     assert untouched is not None and untouched.spans(40) == [] and untouched.spans(42) == [(40, 42)]
+    # the share of the parent's blocks that changed (what decides to read a file whole anyway):
+    # growth past the parent's end does not count, truncation shrinks what does
+    assert first.rewritten(RELSEG_PAGES) == 3 / RELSEG_PAGES
+    assert tail.rewritten(590) == 1 / 551
+    assert truncated.rewritten(600) == 0 and untouched.rewritten(42) == 0
+    assert ChangedBlocks.of({rel: [(0, 4)]}, {}).segment_reads(rel, 0, 8).rewritten(8) == 0.5
 
 
 def test_changed_blocks_are_compact_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,9 +155,14 @@ def test_incr_reads_the_summarized_blocks_and_restores(
         "CREATE TABLE shrinks AS SELECT g AS id, repeat('s', 200) AS pad"
         " FROM generate_series(1, 20000) g"
     )
+    pg.psql(
+        "CREATE TABLE churned AS SELECT g AS id, 0 AS n, repeat('c', 100) AS pad"
+        " FROM generate_series(1, 20000) g"
+    )
     pg.psql("VACUUM ANALYZE")
     accounts = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
     shrinks = pg.psql("SELECT pg_relation_filepath('shrinks')")
+    churned = pg.psql("SELECT pg_relation_filepath('churned')")
     dk = Drkit(pg, workdir)
     dk.ok("init")
     dk.ok("backup")
@@ -165,6 +176,7 @@ def test_incr_reads_the_summarized_blocks_and_restores(
     pg.psql("DELETE FROM shrinks WHERE id > 5000")
     pg.psql("VACUUM shrinks")
     pg.psql("INSERT INTO shrinks SELECT g, repeat('t', 200) FROM generate_series(5001, 9000) g")
+    pg.psql("UPDATE churned SET n = n + 1 WHERE id % 3 = 0")  # every page of it
     expected = database_checksums(pg)
     incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
     assert incr["type"] == "incr" and incr["notice"] is None, incr
@@ -184,6 +196,9 @@ def test_incr_reads_the_summarized_blocks_and_restores(
         # below shows
         assert _pages(summarized) and _pages(summarized) <= _pages(scanned), path
     assert len(_pages(by_summary[accounts])) < by_summary[accounts].size // PAGE_SIZE // 5
+    # most of its blocks changed (backup.scan_fraction, 10%): read whole all the same, stored as
+    # XOR deltas with a whole-file checksum
+    assert by_summary[churned].sha256 is not None and by_summary[churned].xor
     assert dk.run("verify").exit_code == 0
     _restore_and_compare(dk, pg, workdir, incr["label"], expected)
 

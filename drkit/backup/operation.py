@@ -22,7 +22,7 @@ from pathlib import Path
 from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
-from drkit.config.settings import Settings
+from drkit.config.settings import BackupSettings, Settings
 from drkit.errors import IntegrityError, PostgresError
 from drkit.fsutil import open_direct
 from drkit.pg.constants import PAGE_SIZE
@@ -120,7 +120,7 @@ class BackupOperation:
                 # Copy PGDATA and tablespaces: whole files, changed pages, or references
                 taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
                 sources, unchanged = plan_sources(
-                    taken.listing, cluster, parent, changed, self.settings.backup.direct_io
+                    taken.listing, cluster, parent, changed, self.settings.backup
                 )
                 self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
                 taken.add(copier.copy(sources))
@@ -353,7 +353,7 @@ def plan_sources(
     cluster: ClusterInfo,
     parent: Manifest | None,
     changed: ChangedBlocks | None,
-    direct_io: bool,
+    settings: BackupSettings,
 ) -> tuple[list[Source], list[FileEntry]]:
     """What to read for each file: whole, only changed pages, or nothing (a reference).
 
@@ -361,9 +361,12 @@ def plan_sources(
     before the parent started (a write in the same second as the parent's copy could leave the
     mtime unchanged), is referenced without being read. Main-fork relation files are stored as
     deltas of the pages changed since the parent started: with ``changed`` (WAL summaries) only
-    the blocks it names and new blocks are read, else the whole file. Everything else (fsm and
-    vm forks, which PostgreSQL may change without a new page LSN, and non-relation files) is
-    stored whole.
+    the blocks it names and new blocks are read, else the whole file. A file in which they name
+    at least ``scan_fraction`` of the parent's blocks is read whole all the same: that many
+    scattered reads cost about what reading it all does, and a whole read stores XOR deltas
+    (several times smaller, restored faster) proven by a whole-file checksum. Everything else
+    (fsm and vm forks, which PostgreSQL may change without a new page LSN, and non-relation
+    files) is stored whole.
     """
     previous = {f.path: f for f in parent.files} if parent else {}
     trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S if parent else 0.0
@@ -383,8 +386,10 @@ def plan_sources(
             reads = None
             if changed is not None:
                 reads = changed.segment_reads(key, segment, old.size // PAGE_SIZE)
+            if reads is not None and reads.rewritten(f.size // PAGE_SIZE) >= settings.scan_fraction:
+                reads = None
             delta = Delta(since_lsn, old.size, parent.label, reads)
-        direct = direct_io and segment is not None and f.size >= READ_CHUNK
+        direct = settings.direct_io and segment is not None and f.size >= READ_CHUNK
         opener = partial(open_direct if direct else _open_file, f.abspath)
         sources.append(
             Source(

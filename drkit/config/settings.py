@@ -276,6 +276,13 @@ class BackupSettings(_Section):
         description="diff/incr on PostgreSQL 17+ with summarize_wal = on: read only the blocks"
         " the server's WAL summaries say changed, not whole changed files",
     )
+    scan_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="with WAL summaries, still read a relation file whole (XOR deltas, a whole-file"
+        " checksum) when they say at least this fraction of the parent's blocks of it changed",
+    )
     wal_summary_wait: float = Field(
         60.0, ge=0, description="seconds to wait for the WAL summarizer to reach the backup's start"
     )

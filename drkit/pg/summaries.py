@@ -38,6 +38,13 @@ class SegmentReads:
     ranges: tuple[tuple[int, int], ...]
     tail_from: int
 
+    def rewritten(self, blocks: int) -> float:
+        """The fraction of the blocks the parent had of it (of a file of ``blocks`` now) that
+        changed: new blocks past the parent's end are not counted."""
+        old = min(self.tail_from, blocks)
+        changed = sum(min(end, old) - start for start, end in self.ranges if start < old)
+        return changed / old if old else 0.0
+
     def spans(self, blocks: int) -> list[tuple[int, int]]:
         """The block ranges to read of a file of ``blocks`` blocks, merged."""
         merged: list[tuple[int, int]] = []
