@@ -362,7 +362,7 @@ def plan_sources(
     mtime unchanged), is referenced without being read. Main-fork relation files are stored as
     deltas of the pages changed since the parent started: with ``changed`` (WAL summaries) only
     the blocks it names and new blocks are read, else the whole file. A file in which they name
-    at least ``scan_fraction`` of the parent's blocks is read whole all the same: that many
+    more than ``scan_fraction`` of the parent's blocks is read whole all the same: that many
     scattered reads cost about what reading it all does, and a whole read stores XOR deltas
     (several times smaller, restored faster) proven by a whole-file checksum. Everything else
     (fsm and vm forks, which PostgreSQL may change without a new page LSN, and non-relation
@@ -386,7 +386,7 @@ def plan_sources(
             reads = None
             if changed is not None:
                 reads = changed.segment_reads(key, segment, old.size // PAGE_SIZE)
-            if reads is not None and reads.rewritten(f.size // PAGE_SIZE) >= settings.scan_fraction:
+            if reads is not None and reads.rewritten(f.size // PAGE_SIZE) > settings.scan_fraction:
                 reads = None
             delta = Delta(since_lsn, old.size, parent.label, reads)
         direct = settings.direct_io and segment is not None and f.size >= READ_CHUNK

@@ -281,7 +281,8 @@ class BackupSettings(_Section):
         ge=0,
         le=1,
         description="with WAL summaries, still read a relation file whole (XOR deltas, a whole-file"
-        " checksum) when they say at least this fraction of the parent's blocks of it changed",
+        " checksum) when they say more than this fraction of the parent's blocks of it changed"
+        " (0: any changed file; 1: never)",
     )
     wal_summary_wait: float = Field(
         60.0, ge=0, description="seconds to wait for the WAL summarizer to reach the backup's start"
