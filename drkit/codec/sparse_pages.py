@@ -25,12 +25,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from drkit.codec._sparse import xor_words
 from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WORDS = PAGE_SIZE // 8  # 8-byte words per page
 _LENGTH = struct.Struct("<Q")
@@ -38,6 +40,8 @@ _LENGTH = struct.Struct("<Q")
 
 def encode(data: bytes | memoryview) -> bytes:
     """The record of ``data`` (pages, the last possibly partial)."""
+    import numpy as np  # numpy only where pages are (a full restore never gets here)
+
     count = -(-len(data) // PAGE_SIZE)
     if len(data) == count * PAGE_SIZE:
         words = np.frombuffer(data, dtype="<u8").reshape(count, WORDS)
@@ -66,6 +70,8 @@ class SparsePages:
         """XOR the words of pages ``first``, ``first + 1``... into ``window`` (whole pages): page
         ``first + i`` into window page ``rows[i]`` (-1: not at all). Word indexes are checked
         (below 1024, increasing within a page) as they are applied."""
+        import numpy as np
+
         try:
             xor_words(window, self.record, first, rows.astype(np.int64, copy=False))
         except ValueError as exc:
@@ -77,6 +83,8 @@ class SparsePages:
 
     def dense_pieces(self, pages: int = 128) -> Iterator[bytes]:
         """The plaintext, ``pages`` pages at a time (memory: one piece)."""
+        import numpy as np
+
         rows = np.arange(pages, dtype=np.int64)
         for first in range(0, self.pages, pages):
             count = min(pages, self.pages - first)
@@ -134,5 +142,7 @@ def _needed(data: memoryview) -> int:
     index_at = _LENGTH.size + 2 * -(-size // PAGE_SIZE)
     if len(data) < index_at:
         return index_at
+    import numpy as np
+
     counts = np.frombuffer(data, dtype="<u2", count=(index_at - _LENGTH.size) // 2, offset=8)
     return index_at + 10 * int(counts.sum(dtype=np.int64))
