@@ -207,7 +207,9 @@ class FileWriter:
 
     def _write_section(self, repo: Repository, plan: FilePlan, first: int, end: int) -> None:
         """Write blocks [first, end) of an assembled file window by window: every layer's pages
-        of the window XORed into one zeroed buffer (see layers.py), then written."""
+        of the window XORed into one zeroed buffer (see layers.py), then written, and its
+        writeback started at once (a window is final as written; waiting for the read-back, in
+        file order, left more for the final sync: a 5-member chain restored 0.08 s slower)."""
         import numpy as np  # only files assembled from a chain get here
 
         reader, hashing = LayerReader(repo, self._chain.deks), not _checked_whole(plan)
@@ -223,6 +225,7 @@ class FileWriter:
                 offset = low * PAGE_SIZE
                 size = min(high * PAGE_SIZE, plan.entry.size) - offset
                 write_at(fd, window.reshape(-1).data[:size], offset)
+                start_writeback(fd, offset, size)
                 self._progress.advance(size)
             for feed in feeds:
                 feed.finish()
