@@ -107,7 +107,8 @@ def expand(pieces: Iterable[bytes]) -> Iterator[bytes]:
 
 class SparseStream:
     """Reads records from decompressed pieces of any size (the pieces of one record held at a
-    time, joined once it is complete; its word indexes are checked where it is applied)."""
+    time, joined once it is complete; its word indexes are checked where it is applied). The
+    pieces are kept, not copied: they must not change once fed (decoders yield new bytes)."""
 
     def __init__(self) -> None:
         self._pieces: list[bytes | memoryview] = []
