@@ -15,6 +15,7 @@ from drkit.codec.frame import (
     FrameWriter,
     chunk_span,
     decode_chunk,
+    decode_chunks,
     decode_frame,
     is_sparse,
     payload_length,
@@ -69,6 +70,37 @@ def test_chunks_decode_alone_and_together(size: int) -> None:
         plain = decode_one(frame, chunks, i)
         assert plain == data[chunk.plain_offset : chunk.plain_offset + len(plain)]
         assert hashlib.sha256(plain).hexdigest() == chunk.plain_sha256
+
+
+def test_a_run_of_chunks_decodes_in_one_pass_as_each_does_alone() -> None:
+    """decode_chunks reads and decrypts each segment of a run of chunks once (segments here are
+    smaller than chunks and not aligned to them) and marks each chunk's end; a run whose stored
+    bytes end early is reported, not returned short."""
+    data = (os.urandom(3000) + bytes(7000)) * 40
+    frame, chunks = chunked(data, chunk=50_000, segment=16_384)
+    header = frame[:HEADER_SIZE]
+    bounds = [c.payload_offset for c in chunks[1:4]] + [chunks[4].payload_offset]
+    offset, length = chunk_span(header, len(frame), bounds[0], bounds[-1])
+    stored = frame[offset : offset + length]
+    reads: list[int] = []
+
+    def read(n: int) -> bytes:
+        reads.append(n)
+        return stream.read(n)
+
+    stream = io.BytesIO(stored)
+    decoded = list(decode_chunks(header, read, len(frame), DEK, CONTEXT, bounds))
+    assert sum(reads) == len(stored)  # every stored byte read once
+    ends = [i for i, piece in enumerate(decoded) if piece is None]
+    assert len(ends) == 3 and ends[-1] == len(decoded) - 1
+    runs, start = [], 0
+    for end in ends:
+        runs.append(b"".join(p for p in decoded[start:end] if p is not None))
+        start = end + 1
+    assert runs == [decode_one(frame, chunks, i) for i in (1, 2, 3)]
+    stream = io.BytesIO(stored[:-20_000])
+    with pytest.raises(IntegrityError, match="truncated"):
+        list(decode_chunks(header, stream.read, len(frame), DEK, CONTEXT, bounds))
 
 
 def test_wrong_frame_count_is_detected() -> None:

@@ -393,6 +393,25 @@ def decode_chunk(
     segment of the frame with its last-segment flag), and the chunk's payload must be exactly
     one complete zstd frame. The caller checks the chunk's plaintext checksum, and expands a
     frame of sparse pages (is_sparse): its chunk is yielded as the record stored."""
+    bounds = [payload_start, payload_end]
+    for piece in decode_chunks(header, read, length, dek, context, bounds):
+        if piece is not None:
+            yield piece
+
+
+def decode_chunks(
+    header: bytes,
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    bounds: list[int],
+) -> Iterator[bytes | None]:
+    """Decodes consecutive chunks of a chunked frame in one pass, as decode_chunk does one:
+    chunk ``i`` is payload bytes [bounds[i], bounds[i + 1]), and ``read`` returns the stored
+    bytes from chunk_span(bounds[0], bounds[-1])'s offset on. Each segment is read and
+    decrypted once, also one that two chunks share. Yields each chunk's pieces, then None once
+    its zstd frame is checked complete."""
     _check_dek(dek)
     segment_size, compressed, nonce_prefix, salt, _ = _parse_header(header)
     if not compressed:
@@ -402,19 +421,28 @@ def decode_chunk(
     count = max(1, -(-body // stored_segment))
     last_size = body - (count - 1) * stored_segment
     aead = AESGCM(_derive_subkey(dek, salt, context))
-    stream = _ZstdStream()
-    first = payload_start // segment_size
-    last = max(payload_end - 1, payload_start) // segment_size
+    start, end = bounds[0], bounds[-1]
+    first, last = start // segment_size, max(end - 1, start) // segment_size
     if last >= count or last_size < TAG_SIZE:
         raise IntegrityError("frame chunk lies outside the frame (the frame was truncated)")
+    chunk, stream = 0, _ZstdStream()
     for index in range(first, last + 1):
         final = index == count - 1
         sealed = _read_exactly(read, last_size if final else stored_segment)
-        payload = _open_segment(aead, nonce_prefix, header, index, count, sealed)
+        payload = memoryview(_open_segment(aead, nonce_prefix, header, index, count, sealed))
         base = index * segment_size
-        low, high = max(payload_start - base, 0), min(payload_end - base, len(payload))
-        yield from stream.feed(memoryview(payload)[low:high])
-    stream.finish()
+        low, high = max(start, base), min(end, base + len(payload))
+        while low < high:  # this segment's part of each chunk in turn
+            cut = min(bounds[chunk + 1], high)
+            yield from stream.feed(payload[low - base : cut - base])
+            low = cut
+            if cut == bounds[chunk + 1]:
+                stream.finish()
+                yield None
+                chunk, stream = chunk + 1, _ZstdStream()
+    if chunk < len(bounds) - 1:  # the stored segments ended inside a chunk (or it is empty)
+        stream.finish()
+        raise IntegrityError("frame is truncated: a chunk ends past its stored segments")
 
 
 def _open_segment(

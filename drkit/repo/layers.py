@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from drkit.codec.frame import (
     HEADER_SIZE,
     chunk_span,
-    decode_chunk,
+    decode_chunks,
     decode_frame,
     is_sparse,
     payload_length,
@@ -53,20 +53,9 @@ class LayerReader:
     def chunk_plaintext(self, layer: Layer, index: int, hashing: bool) -> Iterator[bytes]:
         """The plaintext of chunk ``index`` of ``layer``'s frame as it decodes; its size (and
         with ``hashing`` its checksum) checked at its end."""
-        header, pieces, size, sha256 = self._chunk(layer, index)
-        plaintext = expand(pieces) if is_sparse(header) else pieces
-        name = f"chunk {index} of '{layer.entry.path}'"
-        yield from checked_pieces(plaintext, size, sha256 if hashing else None, name)
-
-    def chunk_pages(self, layer: Layer, index: int) -> Iterator[bytes | SparsePages]:
-        """Chunk ``index`` of ``layer``'s frame as it decodes, unhashed (for a file checked
-        whole): its sparse-page records as stored, or its plaintext; its size checked."""
-        header, pieces, size, _ = self._chunk(layer, index)
-        name = f"chunk {index} of '{layer.entry.path}'"
-        if is_sparse(header):
-            yield from _records(pieces, size, name)
-        else:
-            yield from checked_pieces(pieces, size, None, name)
+        for piece in self._chunks(layer, index, index + 1, hashing, records=False):
+            assert not isinstance(piece, SparsePages)
+            yield piece
 
     def pieces(
         self, layer: Layer, hashing: bool, start: int, end: int
@@ -80,31 +69,36 @@ class LayerReader:
             return _naming(layer, self._frame_pieces(layer, hashing)), 0
         starts = [chunk[0] for chunk in entry.chunks]
         low, high = bisect_right(starts, start) - 1, bisect_right(starts, end - 1)
-        pieces = itertools.chain.from_iterable(
-            self.chunk_plaintext(layer, index, True) if hashing else self.chunk_pages(layer, index)
-            for index in range(low, high)
-        )
+        pieces = self._chunks(layer, low, high, hashing, records=not hashing)
         return _naming(layer, pieces), starts[low]
 
-    def _chunk(self, layer: Layer, index: int) -> tuple[bytes, Iterator[bytes], int, str]:
-        """(frame header, the chunk's payload as it decodes, its plaintext size, its sha256)"""
+    def _chunks(
+        self, layer: Layer, low: int, high: int, hashing: bool, records: bool
+    ) -> Iterator[bytes | SparsePages]:
+        """Chunks [low, high) of ``layer``'s frame as they decode, read and decrypted in one
+        pass: their plaintext, or with ``records`` a sparse frame's records as stored; each
+        chunk's size (and with ``hashing`` its checksum) checked at its end."""
         entry, storage = layer.entry, self.repo.storage
         chunks = entry.chunks or []
-        plain_start, payload_start, sha256 = chunks[index]
-        last = index + 1 == len(chunks)
-        plain_end = entry.payload_size if last else chunks[index + 1][0]
         header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
-        payload_end = payload_length(header, entry.length) if last else chunks[index + 1][1]
-        offset, length = chunk_span(header, entry.length, payload_start, payload_end)
+        sparse = is_sparse(header)
+        payload_end = payload_length(header, entry.length)
+        bounds = [chunk[1] for chunk in chunks[low:high]]
+        bounds.append(chunks[high][1] if high < len(chunks) else payload_end)
+        offset, length = chunk_span(header, entry.length, bounds[0], bounds[-1])
         dek, context = self._deks[layer.owner], file_context(layer.owner, entry.path)
-
-        def pieces() -> Iterator[bytes]:
-            with storage.open_read(entry.object, entry.offset + offset, length) as stream:
-                yield from decode_chunk(
-                    header, stream.read, entry.length, dek, context, payload_start, payload_end
-                )
-
-        return header, pieces(), plain_end - plain_start, sha256
+        with storage.open_read(entry.object, entry.offset + offset, length) as stream:
+            decoded = decode_chunks(header, stream.read, entry.length, dek, context, bounds)
+            for index in range(low, high):
+                plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else entry.payload_size
+                size, sha256 = plain_end - chunks[index][0], chunks[index][2]
+                pieces = _one_chunk(decoded)
+                name = f"chunk {index} of '{entry.path}'"
+                if sparse and records:
+                    yield from _records(pieces, size, name)
+                else:
+                    plaintext = expand(pieces) if sparse else pieces
+                    yield from checked_pieces(plaintext, size, sha256 if hashing else None, name)
 
     def _frame_pieces(self, layer: Layer, hashing: bool) -> Iterator[bytes | SparsePages]:
         entry, dek, storage = layer.entry, self._deks[layer.owner], self.repo.storage
@@ -116,6 +110,14 @@ class LayerReader:
                 yield from _records(pieces, entry.payload_size, f"'{entry.path}'")
             else:
                 yield from checked(entry, pieces, hashing)
+
+
+def _one_chunk(decoded: Iterator[bytes | None]) -> Iterator[bytes]:
+    """The pieces of the next chunk of ``decoded`` (decode_chunks), up to its end marker."""
+    for piece in decoded:
+        if piece is None:
+            return
+        yield piece
 
 
 def _records(pieces: Iterator[bytes], size: int, name: str) -> Iterator[SparsePages]:
