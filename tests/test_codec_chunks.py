@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import struct
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ from drkit.codec.frame import (
     HEADER_SIZE,
     FrameWriter,
     chunk_span,
-    decode_chunk,
     decode_chunks,
     decode_frame,
     is_sparse,
@@ -49,10 +49,24 @@ def decode_one(frame: bytes, chunks: list, i: int, raw: bool = False) -> bytes: 
     )
     offset, length = chunk_span(header, len(frame), chunks[i].payload_offset, end)
     stream = io.BytesIO(frame[offset : offset + length])
-    payload = decode_chunk(
+    payload = one_chunk(
         header, stream.read, len(frame), DEK, CONTEXT, chunks[i].payload_offset, end
     )
     return b"".join(payload if raw or not is_sparse(header) else expand(payload))
+
+
+def one_chunk(
+    header: bytes,
+    read: Callable[[int], bytes],
+    length: int,
+    dek: bytes,
+    context: bytes,
+    start: int,
+    end: int,
+) -> Iterator[bytes]:
+    """The pieces of the one chunk [start, end) of a frame's payload."""
+    pieces = decode_chunks(header, read, length, dek, context, [start, end])
+    return (piece for piece in pieces if piece is not None)
 
 
 @pytest.mark.parametrize("size", [0, 1, 50_000, 100_000, 100_001, 345_678])
@@ -131,7 +145,7 @@ def test_chunk_with_another_key_or_context_fails() -> None:
     for dek, context in ((os.urandom(32), CONTEXT), (DEK, b"file:test:base/1/other")):
         stream = io.BytesIO(frame[offset : offset + length])
         with pytest.raises(IntegrityError, match="failed authentication"):
-            list(decode_chunk(header, stream.read, len(frame), dek, context, 0, 10))
+            list(one_chunk(header, stream.read, len(frame), dek, context, 0, 10))
 
 
 def xor_like(pages: int, tail: int = 0) -> bytes:

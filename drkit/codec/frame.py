@@ -133,7 +133,7 @@ class FrameWriter:
         """``chunk_size`` (with compression) compresses every ``chunk_size`` bytes of input as a
         zstd frame of its own, on ``compress_threads`` threads: the payload is then a series of
         zstd frames whose offsets FrameInfo.chunks records, so a reader can decode the chunks
-        of one large file in parallel too (decode_chunk). The frame format is unchanged;
+        of one large file in parallel too (decode_chunks). The frame format is unchanged;
         decode_frame reads it whole. ``sparse_pages`` (XOR deltas: pages that are mostly zeros;
         needs ``chunk_size``) stores each chunk as a sparse-page record (codec/sparse_pages.py)."""
         _check_dek(dek)
@@ -379,26 +379,6 @@ def chunk_span(header: bytes, length: int, payload_start: int, payload_end: int)
     return start, end - start
 
 
-def decode_chunk(
-    header: bytes,
-    read: Callable[[int], bytes],
-    length: int,
-    dek: bytes,
-    context: bytes,
-    payload_start: int,
-    payload_end: int,
-) -> Iterator[bytes]:
-    """Decodes one chunk of a chunked frame of ``length`` stored bytes: ``read`` returns the
-    stored bytes from chunk_span()'s offset on. Every segment read is authenticated (the last
-    segment of the frame with its last-segment flag), and the chunk's payload must be exactly
-    one complete zstd frame. The caller checks the chunk's plaintext checksum, and expands a
-    frame of sparse pages (is_sparse): its chunk is yielded as the record stored."""
-    bounds = [payload_start, payload_end]
-    for piece in decode_chunks(header, read, length, dek, context, bounds):
-        if piece is not None:
-            yield piece
-
-
 def decode_chunks(
     header: bytes,
     read: Callable[[int], bytes],
@@ -407,11 +387,14 @@ def decode_chunks(
     context: bytes,
     bounds: list[int],
 ) -> Iterator[bytes | None]:
-    """Decodes consecutive chunks of a chunked frame in one pass, as decode_chunk does one:
+    """Decodes consecutive chunks of a chunked frame of ``length`` stored bytes in one pass:
     chunk ``i`` is payload bytes [bounds[i], bounds[i + 1]), and ``read`` returns the stored
-    bytes from chunk_span(bounds[0], bounds[-1])'s offset on. Each segment is read and
-    decrypted once, also one that two chunks share. Yields each chunk's pieces, then None once
-    its zstd frame is checked complete."""
+    bytes from chunk_span(bounds[0], bounds[-1])'s offset on. Every segment read is
+    authenticated (the last segment of the frame with its last-segment flag) and decrypted once,
+    also one that two chunks share; each chunk's payload must be exactly one complete zstd
+    frame. Yields each chunk's pieces, then None once its zstd frame is checked complete. The
+    caller checks each chunk's plaintext checksum, and expands a frame of sparse pages
+    (is_sparse): its chunks are yielded as the records stored."""
     _check_dek(dek)
     segment_size, compressed, nonce_prefix, salt, _ = _parse_header(header)
     if not compressed:
