@@ -1,6 +1,12 @@
-"""The one C extension (everything else is in pyproject.toml): applying the words of XOR deltas
-in a restore, drkit/codec/_sparse.c. Building drkit thus needs a C compiler and Python's headers."""
+"""The C extensions (everything else is in pyproject.toml): applying the words of XOR deltas in a
+restore (drkit/codec/_sparse.c) and reading which blocks WAL records touch (drkit/pg/_walblocks.c).
+Building drkit thus needs a C compiler and Python's headers."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("drkit.codec._sparse", ["drkit/codec/_sparse.c"])])
+setup(
+    ext_modules=[
+        Extension("drkit.codec._sparse", ["drkit/codec/_sparse.c"]),
+        Extension("drkit.pg._walblocks", ["drkit/pg/_walblocks.c"]),
+    ]
+)

@@ -182,7 +182,7 @@ def test_incr_reads_the_summarized_blocks_and_restores(
     assert incr["type"] == "incr" and incr["notice"] is None, incr
 
     # The same changes seen by a page scan (a diff on the same full, without summaries)
-    dk.backup["wal_summaries"] = False
+    dk.backup.update(wal_summaries=False, wal_scan=False)
     dk.write_config()
     diff = json.loads(dk.ok("backup", "--type", "diff", "--json").stdout)["label"]
     by_summary, by_scan = _entries(dk, incr["label"]), _entries(dk, diff)

@@ -19,6 +19,9 @@ from drkit.codec.frame import HEADER_SIZE, is_sparse
 from drkit.pg.pages import PAGE_SIZE
 from drkit.repo.manifest import FileEntry
 
+# Changed files read whole (page-LSN scan): what XOR deltas are made of.
+SCAN = {"wal_summaries": False, "wal_scan": False}
+
 
 def test_xor_changed_takes_the_selected_pages_and_a_trailing_partial_page() -> None:
     chunk = memoryview(b"".join(bytes([i]) * PAGE_SIZE for i in (1, 2, 3)) + b"\x07" * 100)
@@ -75,7 +78,7 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     pg.psql("VACUUM ANALYZE")
     # scan deltas on every version (WAL summaries would skip the whole-file read XOR needs)
-    dk = Drkit(pg, workdir, backup={"wal_summaries": False, "chunk_size": 1024 * 1024})
+    dk = Drkit(pg, workdir, backup={**SCAN, "chunk_size": 1024 * 1024})
     dk.ok("init")
     dk.ok("backup")
     relpath = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
@@ -122,7 +125,7 @@ def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir:
     from drkit.repo.label import BackupType
 
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
-    dk = Drkit(pg, workdir, backup={"wal_summaries": False, "chunk_size": 1024 * 1024})
+    dk = Drkit(pg, workdir, backup={**SCAN, "chunk_size": 1024 * 1024})
     dk.ok("init")
     dk.ok("backup")
     _change(pg, "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 3 = 1")
@@ -149,7 +152,7 @@ def test_xor_delta_chunks_end_at_section_boundaries(pg: PgCluster, workdir: Path
     from drkit.repo.label import BackupType
 
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
-    dk = Drkit(pg, workdir, backup={"wal_summaries": False, "chunk_size": 1024 * 1024})
+    dk = Drkit(pg, workdir, backup={**SCAN, "chunk_size": 1024 * 1024})
     dk.ok("init")
     dk.ok("backup")
     _change(pg, "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 7 < 3")
@@ -199,7 +202,7 @@ def test_damaged_parent_fails_an_xor_incr_clearly_and_lists_nothing(
     nothing partial is listed as a backup; the next backup (a full) succeeds and removes what the
     failed one wrote."""
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
-    dk = Drkit(pg, workdir, backup={"wal_summaries": False})
+    dk = Drkit(pg, workdir, backup=SCAN)
     dk.ok("init")
     full = _backup(dk, "full")
     relpath = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
@@ -222,11 +225,11 @@ def test_damaged_parent_fails_an_xor_incr_clearly_and_lists_nothing(
     assert len(info["backups"]) == 2 and info["incomplete"] == []
 
 
-def test_xor_and_wal_summary_deltas_mix_in_one_chain(pg: PgCluster, workdir: Path) -> None:
-    """An incr read from WAL summaries (17+) stores plain pages — it has no whole-file checksum
-    to prove an XOR — so chains mix the two kinds: summaries, then XOR on top (its parent's
-    pages rebuilt through a summary delta), then summaries on top of XOR; each restores exactly.
-    (On 15 every delta is a scan, so all three are XOR.)"""
+def test_xor_and_wal_block_deltas_mix_in_one_chain(pg: PgCluster, workdir: Path) -> None:
+    """An incr of the blocks the WAL names (the server's summaries on 17+, drkit reading the
+    WAL on 15) stores plain pages — it has no whole-file checksum to prove an XOR — so chains
+    mix the two kinds: WAL blocks, then XOR on top (its parent's pages rebuilt through a WAL
+    delta), then WAL blocks on top of XOR; each restores exactly."""
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     pg.psql("VACUUM ANALYZE")
     dk = Drkit(pg, workdir, backup={"chunk_size": 1024 * 1024})
@@ -235,14 +238,14 @@ def test_xor_and_wal_summary_deltas_mix_in_one_chain(pg: PgCluster, workdir: Pat
     relpath = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
     expected: dict[str, dict[str, dict[str, str]]] = {}
     kinds = []
-    for step, summaries in enumerate([True, False, True]):
-        dk.backup["wal_summaries"] = summaries
+    for step, from_wal in enumerate([True, False, True]):
+        dk.backup.update(wal_summaries=from_wal, wal_scan=from_wal)
         dk.backup["scan_fraction"] = 1  # every page changes, yet only the summaries' blocks read
         dk.write_config()
         _change(pg, f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 6 = {step}")
         label = _backup(dk, "incr")
         expected[label] = database_checksums(pg)
         kinds.append(_entry(dk, label, relpath).xor)
-    assert kinds == ([False, True, False] if pg.version >= 17 else [True, True, True])
+    assert kinds == [False, True, False]
     for label, checksums in expected.items():
         _restore_and_compare(dk, pg, workdir, label, checksums)

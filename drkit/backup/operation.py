@@ -23,7 +23,7 @@ from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import BackupSettings, Settings
-from drkit.errors import IntegrityError, PostgresError
+from drkit.errors import DrkitError, IntegrityError, ObjectNotFound, PostgresError
 from drkit.fsutil import open_direct
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.pages import relation_key, relation_segment
@@ -36,6 +36,7 @@ from drkit.pg.wal import (
     parse_segment_name,
     segments_between,
 )
+from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
 from drkit.pg.walk import PgdataListing, walk_pgdata
 from drkit.progress import NoProgress, Progress
 from drkit.replicate.fanout import FanOut
@@ -52,6 +53,7 @@ from drkit.repo.manifest import (
 )
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
+from drkit.wal.archive import WalArchive
 
 MTIME_SAFETY_S = 2.0
 
@@ -103,7 +105,7 @@ class BackupOperation:
                 )
                 taken.tablespaces = session.tablespaces()
                 changed, summaries_notice = self._changed_blocks(
-                    session, cluster, parent, taken.start_lsn
+                    session, cluster, repo, parent, taken.start_lsn
                 )
                 notice = notice or summaries_notice
                 copier = FileCopier(
@@ -213,23 +215,45 @@ class BackupOperation:
         return parent, None
 
     def _changed_blocks(
-        self, session: PgSession, cluster: ClusterInfo, parent: Manifest | None, start_lsn: int
+        self,
+        session: PgSession,
+        cluster: ClusterInfo,
+        repo: Repository,
+        parent: Manifest | None,
+        start_lsn: int,
     ) -> tuple[ChangedBlocks | None, str | None]:
-        """The blocks changed since the parent started, when the server's WAL summaries can
-        tell (None: changed files are read whole), and a notice when they cannot though kept."""
-        if parent is None or not self.settings.backup.wal_summaries:
+        """The blocks changed since the parent started, from the server's WAL summaries (17+)
+        or else from the WAL itself (None: changed files are read whole), and a notice when
+        neither can tell though asked to."""
+        backup = self.settings.backup
+        if parent is None:
             return None, None
+        since = parse_lsn(parent.start_lsn)
         try:
-            changed = session.changed_blocks(
-                cluster.version_num,
-                cluster.timeline,
-                parse_lsn(parent.start_lsn),
-                start_lsn,
-                self.settings.backup.wal_summary_wait,
-            )
+            if backup.wal_summaries:
+                changed = session.changed_blocks(
+                    cluster.version_num, cluster.timeline, since, start_lsn, backup.wal_summary_wait
+                )
+                if changed is not None:
+                    return changed, None
+            if backup.wal_scan:
+                sources = [
+                    _pg_wal_segment(self.settings.postgres.pgdata / "pg_wal"),
+                    _archived_segment(WalArchive(repo)),
+                ]
+                changed = wal_changed_blocks(
+                    sources,
+                    cluster.major,
+                    cluster.system_identifier,
+                    cluster.timeline,
+                    since,
+                    start_lsn,
+                    cluster.wal_segment_size,
+                )
+                return changed, None
         except NoSummaries as exc:
             return None, f"{exc}: reading changed relation files whole"
-        return changed, None
+        return None, None
 
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
@@ -425,6 +449,37 @@ def _open_segment(path: Path, name: str, segment_size: int, system_identifier: i
         raise IntegrityError(f"WAL segment '{name}' in pg_wal {problem}")
     stream.seek(0)
     return stream
+
+
+def _pg_wal_segment(pg_wal: Path) -> SegmentSource:
+    """A WAL segment from pg_wal; None when it is not there, or was recycled (renamed to a
+    later segment's name, to be overwritten) while being read."""
+
+    def read(name: str) -> bytes | None:
+        path = pg_wal / name
+        try:
+            with open(path, "rb", buffering=0) as stream:
+                data = stream.readall()
+                inode = os.fstat(stream.fileno()).st_ino
+            return data if os.stat(path).st_ino == inode else None
+        except FileNotFoundError:
+            return None
+
+    return read
+
+
+def _archived_segment(archive: WalArchive) -> SegmentSource:
+    """A WAL segment from the repository's archive (authenticated); None when not archived."""
+
+    def read(name: str) -> bytes | None:
+        try:
+            return archive.read(name)
+        except ObjectNotFound:
+            return None
+        except DrkitError as exc:
+            raise NoSummaries(f"archived WAL segment {name} cannot be read: {exc}") from None
+
+    return read
 
 
 def _user_name(uid: int) -> str:

@@ -276,13 +276,19 @@ class BackupSettings(_Section):
         description="diff/incr on PostgreSQL 17+ with summarize_wal = on: read only the blocks"
         " the server's WAL summaries say changed, not whole changed files",
     )
+    wal_scan: bool = Field(
+        True,
+        description="diff/incr when the server keeps no WAL summaries (PostgreSQL 15-16, or"
+        " summarize_wal off): read the WAL since the parent started, from pg_wal or else the"
+        " archive, and read only the blocks it names, not whole changed files",
+    )
     scan_fraction: float = Field(
         0.1,
         ge=0,
         le=1,
-        description="with WAL summaries, still read a relation file whole (XOR deltas, a whole-file"
-        " checksum) when they say more than this fraction of the parent's blocks of it changed"
-        " (0: any changed file; 1: never)",
+        description="with WAL summaries or wal_scan, still read a relation file whole (XOR"
+        " deltas, a whole-file checksum) when they say more than this fraction of the parent's"
+        " blocks of it changed (0: any changed file; 1: never)",
     )
     wal_summary_wait: float = Field(
         60.0, ge=0, description="seconds to wait for the WAL summarizer to reach the backup's start"

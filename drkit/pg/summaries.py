@@ -2,13 +2,17 @@
 
 The WAL summarizer records, for every range of WAL, the blocks each WAL record touched and the
 *limit block* of each relation fork created or truncated in it (0 when created, otherwise the
-shortest length it was truncated to). That is what ``pg_basebackup --incremental`` builds on. A
+shortest length it was truncated to); relation 0 of a database and tablespace stands for all of
+its relations (a database created, copied or dropped: CREATE DATABASE, ALTER DATABASE SET
+TABLESPACE copy directories without logging their blocks). That is what ``pg_basebackup
+--incremental`` builds on, and what walblocks.py gathers from the WAL itself before 17. A
 diff/incr backup uses it the same way: for a relation file the parent stored, it reads only the
 blocks modified since the parent's start LSN, every block at or past the parent's end or a limit
 block, and nothing else; files the parent does not have are read whole, as without summaries.
 
 Summaries are used only when they cover the whole range, parent start to this backup's start, on
-one timeline; otherwise the backup reads changed files whole (page-LSN scan) and says why.
+one timeline; otherwise the backup reads the WAL itself (walblocks.py) or changed files whole
+(page-LSN scan), and says why.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class ChangedBlocks:
         below this segment's start within the range)."""
         first = segment * RELSEG_PAGES
         tail_from = parent_blocks
-        limit = self.limits.get(key)
+        limits = (self.limits.get(key), self.limits.get((key[0], key[1], 0)))  # rel 0: database
+        limit = min((x for x in limits if x is not None), default=None)
         if limit is not None:
             if limit <= first:
                 return None
