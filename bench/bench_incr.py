@@ -54,6 +54,7 @@ from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the ri
     summary,
 )
 from common import Measurement, MiB, cached_mib, run_measured, tree_size  # noqa: E402
+from rig.archive import drkit_command, enable_archiving  # noqa: E402
 from rig.drkit import Drkit  # noqa: E402
 from rig.postgres import PgCluster, make_rig_dir, stop_clusters_under  # noqa: E402
 
@@ -81,7 +82,7 @@ class Row:
 class DrkitRepo:
     """drkit with a local repository for the source; backups run as a measured subprocess."""
 
-    def __init__(self, bench: Bench, source: PgCluster, wal_summaries: bool = True) -> None:
+    def __init__(self, bench: Bench, source: PgCluster, from_wal: bool = True) -> None:
         self.bench = bench
         self.source = source
         self.dir = make_rig_dir(bench.root, "drkit-")
@@ -92,16 +93,21 @@ class DrkitRepo:
                 "process_max": PROCESS_MAX,
                 "compress_level": ZSTD_LEVEL,
                 "start_fast": True,
-                "wal_summaries": wal_summaries,
+                "wal_summaries": from_wal,
+                "wal_scan": from_wal,
             },
         )
-        self.dk.write_config(retention={"full": 100})  # nothing pruned during the benchmark
         self.dk.ok("init")
+        # archive_command = drkit wal-push, as drkit is run: on 15 an incr finds its changed
+        # blocks in that archive (or pg_wal); nothing pruned during the benchmark
+        enable_archiving(source, self.dk, sections={"retention": {"full": 100}})
+        self.archive_command = drkit_command(self.dk, "wal-push", "%p")
         self.config = ["--config", str(self.dk.config)]
 
     def backup(self, kind: str) -> tuple[Measurement, str]:
-        """A measured backup; size_bytes is what the repository grew by. Returns its label."""
-        before = tree_size(self.dk.repo_path)
+        """A measured backup; size_bytes is what the repository grew by, not counting the WAL
+        archive (which the server may push to meanwhile). Returns its label."""
+        before = self._stored()
         m = measure_backup(
             self.bench,
             "drkit",
@@ -109,11 +115,14 @@ class DrkitRepo:
             [str(DRKIT), "backup", "--type", kind, *self.config],
             self.dk.repo_path,
         )
-        m.size_bytes -= before
+        m.size_bytes = self._stored() - before
         m.step = f"backup {kind}"
         newest = self.dk.info()["backups"][-1]
         assert newest["type"] == kind, newest
         return m, newest["label"]
+
+    def _stored(self) -> int:
+        return tree_size(self.dk.repo_path) - tree_size(self.dk.repo_path / "wal")
 
     def _own_files(self, label: str) -> tuple[list, list]:  # type: ignore[type-arg]
         """(every file of the backup, the PGDATA files it stored itself, pg_wal/ left out)."""
@@ -142,10 +151,12 @@ class DrkitRepo:
         return stored, sum(-(-f.size // 8192) for f in files)
 
     def changes_from(self, label: str) -> str:
-        """How the backup found its changed pages: WAL summaries (its deltas have no whole-file
-        checksum: they never read the whole file) or a scan of the changed files."""
+        """How the backup found its changed pages: blocks the WAL names (its deltas have no
+        whole-file checksum: they never read the whole file) or a scan of the changed files."""
         deltas = [f for f in self._own_files(label)[1] if f.pages is not None]
-        return "WAL summaries" if any(f.sha256 is None for f in deltas) else "page-LSN scan"
+        if not any(f.sha256 is None for f in deltas):
+            return "page-LSN scan"
+        return "WAL summaries" if self.source.version >= 17 else "WAL read by drkit"
 
     def pages_row(self, step: str, label: str) -> Row:
         stored, total = self.pages(label)
@@ -260,7 +271,7 @@ def step_b(bench: Bench, source: PgCluster, drkit: DrkitRepo, rows: list[Row]) -
         Row("(b)   same, drkit PGDATA files only (no pg_wal/)", f"{data_ratio:.1%}"),
         drkit.pages_row("(b)", label),
     ]
-    source.set_conf({"archive_command": "/bin/true"})
+    source.set_conf({"archive_command": drkit.archive_command})
     source.reload()
     shutil.rmtree(pgbr.dir, ignore_errors=True)
     return label
@@ -406,7 +417,7 @@ def main() -> int:
     parser.add_argument(
         "--scan",
         action="store_true",
-        help="backup.wal_summaries = false: on 17+ too, deltas scan their files (XOR deltas)",
+        help="backup.wal_summaries = wal_scan = false: deltas scan their files (XOR deltas)",
     )
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
@@ -432,7 +443,7 @@ def main() -> int:
         if args.segments:
             step_d(bench, source, rows)
         else:
-            drkit = DrkitRepo(bench, source, wal_summaries=not args.scan)
+            drkit = DrkitRepo(bench, source, from_wal=not args.scan)
             if "a" in args.steps:
                 step_a(bench, source, drkit, rows, compact=not args.as_built)
             if "b" in args.steps:
@@ -440,7 +451,7 @@ def main() -> int:
             if "c" in args.steps:
                 step_c(bench, source, drkit, rows)
         built = ", (a) on the table as built" if args.as_built else ""
-        built += ", backup.wal_summaries = false" if args.scan else ""
+        built += ", backup.wal_summaries = wal_scan = false" if args.scan else ""
         print(f"\nscale {args.scale}, random profile, PostgreSQL {args.pg}{built}")
         print_table(rows)
     finally:

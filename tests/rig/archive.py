@@ -40,15 +40,21 @@ def grant_to_server_user(dk: Drkit) -> None:
 
 
 def enable_archiving(
-    cluster: PgCluster, dk: Drkit, *, async_: bool = False, **archive: Any
+    cluster: PgCluster,
+    dk: Drkit,
+    *,
+    async_: bool = False,
+    sections: dict[str, dict[str, Any]] | None = None,
+    **archive: Any,
 ) -> None:
     """archive_mode = on, archive_command = drkit wal-push, ``[archive]`` in drkit.toml; restart.
 
-    ``archive`` holds more ``[archive]`` settings (process_max, push_timeout...). The spool is
-    ``<workdir>/spool``.
+    ``archive`` holds more ``[archive]`` settings (process_max, push_timeout...), ``sections``
+    other sections for drkit.toml. The spool is ``<workdir>/spool``.
     """
     dk.write_config(
         archive={"async": async_, "spool_path": dk.workdir / "spool", **archive},
+        **(sections or {}),
     )
     grant_to_server_user(dk)
     check = subprocess.run(
