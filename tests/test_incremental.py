@@ -164,6 +164,29 @@ def test_incr_without_parent_falls_back_to_full(pg: PgCluster, workdir: Path) ->
     assert "no earlier backup to base a incr backup on" in result.stderr
 
 
+def test_incr_after_data_checksums_were_turned_on_falls_back_to_full(
+    pg: PgCluster, workdir: Path
+) -> None:
+    """pg_checksums --enable rewrites every page offline: no WAL, no new page LSN."""
+    pg.run_bin("pgbench", "-i", "-s", "1", "-q")
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    pg.stop()
+    pg.run_bin("pg_checksums", "--disable", "-D", str(pg.pgdata))
+    pg.start()
+    dk.ok("backup")
+    pg.stop()
+    pg.run_bin("pg_checksums", "--enable", "-D", str(pg.pgdata))
+    pg.start()
+    expected = database_checksums(pg)
+    result = dk.run("backup", "--type", "incr", "--json")
+    assert result.exit_code == 0, result.output
+    backup = json.loads(result.stdout)
+    assert backup["type"] == "full", backup
+    assert "data checksums were turned on since the parent" in backup["notice"]
+    _restore_and_compare(dk, pg, workdir, backup["label"], expected)
+
+
 def test_chain_with_missing_member_is_refused(pg: PgCluster, workdir: Path) -> None:
     pg.run_bin("pgbench", "-i", "-s", "1", "-q")
     dk = Drkit(pg, workdir)

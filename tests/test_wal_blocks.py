@@ -19,6 +19,7 @@ from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
 from test_incremental import _restore_and_compare
 
+from drkit.backup import operation
 from drkit.config.settings import load_settings
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.summaries import ChangedBlocks, NoSummaries
@@ -238,3 +239,31 @@ def test_incr_reads_the_archived_wal_pg_wal_no_longer_has(pg: PgCluster, workdir
     assert "reading changed relation files whole" in diff["notice"]
     assert _entries(dk, diff["label"])[accounts].sha256 is not None
     _restore_and_compare(dk, pg, workdir, diff["label"], database_checksums(pg))
+
+
+def test_wal_much_larger_than_the_changed_files_is_not_read(
+    pg: PgCluster, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanning the changed files costs less then (here past 0 bytes, not 1 GiB, of WAL)."""
+    monkeypatch.setattr(operation, "WAL_SCAN_FREE", 0)
+    pg.run_bin("pgbench", "-i", "-s", "1", "-q")
+    pg.psql("CHECKPOINT")
+    dk = Drkit(pg, workdir, backup={"wal_summaries": False})
+    dk.ok("init")
+    time.sleep(2.1)  # the full starts past the mtime safety margin of pgbench's files
+    dk.ok("backup")
+    time.sleep(2.1)
+    for _ in range(4):  # each copies template1 into the WAL (~8 MB), changing few files
+        pg.psql("CREATE DATABASE passing")
+        pg.psql("DROP DATABASE passing")
+    pg.psql("UPDATE pgbench_branches SET bbalance = 1")
+    expected = database_checksums(pg)
+    incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
+    assert re.search(
+        r"the WAL since the parent \(\d+ MiB\) outweighs the relation files that changed"
+        r" \(\d+ MiB\): reading those whole",
+        incr["notice"],
+    ), incr
+    branches = pg.psql("SELECT pg_relation_filepath('pgbench_branches')")
+    assert _entries(dk, incr["label"])[branches].sha256 is not None  # scanned whole
+    _restore_and_compare(dk, pg, workdir, incr["label"], expected)

@@ -206,7 +206,7 @@ def test_incr_reads_the_summarized_blocks_and_restores(
 def test_summaries_that_miss_the_parent_fall_back_to_the_page_scan(
     pg_factory: PgFactory, workdir: Path
 ) -> None:
-    pg: PgCluster = pg_factory(18, {"summarize_wal": False})
+    pg: PgCluster = pg_factory(18, {"summarize_wal": False, "wal_keep_size": 0})
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     dk = Drkit(pg, workdir)
     dk.ok("init")

@@ -37,7 +37,7 @@ from drkit.pg.wal import (
     segments_between,
 )
 from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
-from drkit.pg.walk import PgdataListing, walk_pgdata
+from drkit.pg.walk import PgdataListing, SourceFile, walk_pgdata
 from drkit.progress import NoProgress, Progress
 from drkit.replicate.fanout import FanOut
 from drkit.replicate.operation import ReplicationReport
@@ -56,6 +56,8 @@ from drkit.repo.repository import Repository
 from drkit.wal.archive import WalArchive
 
 MTIME_SAFETY_S = 2.0
+# WAL up to this size is read for the changed blocks whatever the changed files weigh (~1 s)
+WAL_SCAN_FREE = 1 << 30
 
 
 @dataclass
@@ -104,8 +106,9 @@ class BackupOperation:
                     str(taken.label), self.settings.backup.start_fast, cluster.version_num
                 )
                 taken.tablespaces = session.tablespaces()
+                taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
                 changed, summaries_notice = self._changed_blocks(
-                    session, cluster, repo, parent, taken.start_lsn
+                    session, cluster, repo, parent, taken.start_lsn, taken.listing
                 )
                 notice = notice or summaries_notice
                 copier = FileCopier(
@@ -120,7 +123,6 @@ class BackupOperation:
                 )
 
                 # Copy PGDATA and tablespaces: whole files, changed pages, or references
-                taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
                 sources, unchanged = plan_sources(
                     taken.listing, cluster, parent, changed, self.settings.backup
                 )
@@ -206,6 +208,9 @@ class BackupOperation:
                 f"the cluster is on timeline {cluster.timeline}, its last backup on timeline"
                 f" {parent.timeline} (a point-in-time recovery happened since)"
             )
+        elif parent.data_checksums != cluster.data_checksums:
+            turned = "on" if cluster.data_checksums else "off"
+            reason = f"data checksums were turned {turned} since the parent (pg_checksums)"
         elif not repo.verified_ok(labels[-1]):
             reason = f"backup '{parent.label}' failed its last verification"
         elif missing := [m for m in parent.chain if m not in {str(label) for label in labels}]:
@@ -221,10 +226,12 @@ class BackupOperation:
         repo: Repository,
         parent: Manifest | None,
         start_lsn: int,
+        listing: PgdataListing,
     ) -> tuple[ChangedBlocks | None, str | None]:
         """The blocks changed since the parent started, from the server's WAL summaries (17+)
         or else from the WAL itself (None: changed files are read whole), and a notice when
-        neither can tell though asked to."""
+        neither can tell though asked to. The WAL is not read when it is more than 1 GiB and
+        twice the size of the relation files that changed: a scan of those costs less then."""
         backup = self.settings.backup
         if parent is None:
             return None, None
@@ -237,6 +244,14 @@ class BackupOperation:
                 if changed is not None:
                     return changed, None
             if backup.wal_scan:
+                wal_bytes, file_bytes = start_lsn - since, _changed_relation_bytes(listing, parent)
+                if wal_bytes > max(2 * file_bytes, WAL_SCAN_FREE):
+                    return None, (
+                        f"the WAL since the parent ({wal_bytes >> 20} MiB) outweighs the relation"
+                        f" files that changed ({file_bytes >> 20} MiB): reading those whole"
+                        if file_bytes
+                        else None
+                    )
                 sources = [
                     _pg_wal_segment(self.settings.postgres.pgdata / "pg_wal"),
                     _archived_segment(WalArchive(repo)),
@@ -399,7 +414,7 @@ def plan_sources(
     unchanged: list[FileEntry] = []
     for f in listing.files:
         old = previous.get(f.path)
-        if old and old.size == f.size and old.mtime == f.mtime and f.mtime < trusted_before:
+        if old and _unchanged(old, f, trusted_before):
             assert parent is not None
             unchanged.append(old.model_copy(update={"backup": old.owner(parent.label)}))
             continue
@@ -427,6 +442,23 @@ def plan_sources(
             )
         )
     return sources, unchanged
+
+
+def _unchanged(old: FileEntry, f: SourceFile, trusted_before: float) -> bool:
+    return old.size == f.size and old.mtime == f.mtime and f.mtime < trusted_before
+
+
+def _changed_relation_bytes(listing: PgdataListing, parent: Manifest) -> int:
+    """Bytes of the relation files a diff/incr would read whole without the WAL's help."""
+    previous = {f.path: f for f in parent.files}
+    trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S
+    return sum(
+        f.size
+        for f in listing.files
+        if relation_key(f.path) is not None
+        and (old := previous.get(f.path)) is not None
+        and not _unchanged(old, f, trusted_before)
+    )
 
 
 def _open_file(path: Path) -> io.FileIO:
