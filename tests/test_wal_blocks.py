@@ -101,6 +101,9 @@ def _key(pg: PgCluster, table: str) -> tuple[int, int, int]:
 
 
 def test_blocks_and_limits_are_those_the_wal_records_name(pg: PgCluster) -> None:
+    """With compressed full-page images (wal_compression), which add a field to block headers."""
+    pg.set_conf({"wal_compression": "pglz"})
+    pg.reload()
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     pg.psql(
         "CREATE TABLE shrinks AS"
