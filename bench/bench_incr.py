@@ -354,6 +354,7 @@ def step_d(bench: Bench, source: PgCluster, rows: list[Row]) -> None:
         )
         rows.append(Row(f"(d)   incr's entry for {segment.name}", kind))
     rows += [
+        Row("(d) incr found its changes by", drkit.changes_from(label)),
         Row(
             "(d) pgbench_accounts segment files",
             f"{len(segments)} ({relpath}*)",

@@ -467,7 +467,7 @@ static int feed(Scanner *s, const unsigned char *seg, uint64_t lsn, uint64_t val
 
 /* ---- the Python type ----------------------------------------------------------------------- */
 
-static int Scanner_init(Scanner *s, PyObject *args, PyObject *kwds) {
+static int Scanner_init(Scanner *s, PyObject *args, PyObject *Py_UNUSED(kwds)) {
     unsigned int magic, mask, segment_size;
     unsigned long long sysid, max_blocks, since;
     if (!PyArg_ParseTuple(args, "IIKIKK", &magic, &mask, &sysid, &segment_size, &max_blocks,
