@@ -141,6 +141,10 @@ def test_new_timeline_after_pitr_backs_up_and_recovers_again(pg: PgCluster, work
     assert json.loads(result.stdout)["type"] == "full"
     assert "the cluster is on timeline 2" in result.stderr
     write_batch(promoted, 6)
+    # an incr on the new timeline (on 15 its blocks read from timeline 2's WAL): the PITR
+    # below starts from it
+    incr = json.loads(new.ok("backup", "--type", "incr", "--json").stdout)
+    assert incr["type"] == "incr" and incr["notice"] is None, incr
     after_batch_6 = database_checksums(promoted)
     between = now(promoted)
     write_batch(promoted, 7)
