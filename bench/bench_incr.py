@@ -124,15 +124,17 @@ class DrkitRepo:
     def _stored(self) -> int:
         return tree_size(self.dk.repo_path) - tree_size(self.dk.repo_path / "wal")
 
-    def _own_files(self, label: str) -> tuple[list, list]:  # type: ignore[type-arg]
-        """(every file of the backup, the PGDATA files it stored itself, pg_wal/ left out)."""
+    def _manifest(self, label: str):  # type: ignore[no-untyped-def]
         from drkit.config.settings import load_settings
         from drkit.repo.label import BackupLabel
         from drkit.repo.open import open_repository
 
         repo = open_repository(load_settings(self.dk.config))
-        manifest, _ = repo.load_manifest(BackupLabel(label))
-        files = [f for f in manifest.files if not f.path.startswith("pg_wal/")]
+        return repo.load_manifest(BackupLabel(label))[0]
+
+    def _own_files(self, label: str) -> tuple[list, list]:  # type: ignore[type-arg]
+        """(every file of the backup, the PGDATA files it stored itself, pg_wal/ left out)."""
+        files = [f for f in self._manifest(label).files if not f.path.startswith("pg_wal/")]
         return files, [f for f in files if f.backup is None]
 
     def data_bytes(self, label: str) -> int:
@@ -151,12 +153,10 @@ class DrkitRepo:
         return stored, sum(-(-f.size // 8192) for f in files)
 
     def changes_from(self, label: str) -> str:
-        """How the backup found its changed pages: blocks the WAL names (its deltas have no
-        whole-file checksum: they never read the whole file) or a scan of the changed files."""
-        deltas = [f for f in self._own_files(label)[1] if f.pages is not None]
-        if not any(f.sha256 is None for f in deltas):
-            return "page-LSN scan"
-        return "WAL summaries" if self.source.version >= 17 else "WAL read by drkit"
+        """How the backup found its changed pages (its manifest's stats.changes)."""
+        from drkit.repo.manifest import CHANGES_FROM
+
+        return CHANGES_FROM.get(self._manifest(label).stats.changes or "", "-")
 
     def pages_row(self, step: str, label: str) -> Row:
         stored, total = self.pages(label)

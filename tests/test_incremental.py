@@ -124,6 +124,7 @@ def test_chain_full_incr_incr_diff_incr_restores_each_member(
     pg.run_bin("pgbench", "-i", "-s", "3", "-q")
     pg.psql(f"CREATE TABLESPACE moved LOCATION '{pg.make_tablespace_dir('moved')}'")
     from_wal = changes == "wal"
+    found_by = ("summaries" if pg.version >= 17 else "wal") if from_wal else "scan"
     dk = Drkit(pg, workdir, backup={"wal_summaries": from_wal, "wal_scan": from_wal})
     dk.ok("init")
 
@@ -132,6 +133,7 @@ def test_chain_full_incr_incr_diff_incr_restores_each_member(
     for step, kind in enumerate(kinds):
         result = json.loads(dk.ok("backup", "--type", kind, "--json").stdout)
         assert result["type"] == kind and result["notice"] is None, result
+        assert result["stats"]["changes"] == (None if kind == "full" else found_by), result
         taken.append((result["label"], kind, database_checksums(pg)))
         if step == len(kinds) - 1:
             break

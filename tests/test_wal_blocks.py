@@ -225,7 +225,8 @@ def test_incr_reads_the_archived_wal_pg_wal_no_longer_has(pg: PgCluster, workdir
     assert not (pg.pgdata / "pg_wal" / first).exists()
     expected = database_checksums(pg)
     incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
-    assert incr["notice"] is None, incr
+    assert incr["notice"] is None and incr["stats"]["changes"] == "wal", incr
+    assert dk.info()["backups"][-1]["changes"] == "wal"
     delta = _entries(dk, incr["label"])[accounts]
     assert delta.sha256 is None  # the WAL's blocks, not a scan
     assert delta.pages is not None and 0 < len(delta.pages) < 100
@@ -240,6 +241,7 @@ def test_incr_reads_the_archived_wal_pg_wal_no_longer_has(pg: PgCluster, workdir
     diff = json.loads(dk.ok("backup", "--type", "diff", "--json").stdout)
     assert f"archived WAL segment {first} cannot be read" in diff["notice"], diff
     assert "reading changed relation files whole" in diff["notice"]
+    assert diff["stats"]["changes"] == "scan"
     assert _entries(dk, diff["label"])[accounts].sha256 is not None
     _restore_and_compare(dk, pg, workdir, diff["label"], database_checksums(pg))
 
@@ -264,7 +266,7 @@ def test_wal_much_larger_than_the_changed_files_is_not_read(
     incr = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
     assert re.search(
         r"the WAL since the parent \(\d+ MiB\) outweighs the relation files that changed"
-        r" \(\d+ MiB\): reading those whole",
+        r" \(\d+ MiB\): reading changed relation files whole",
         incr["notice"],
     ), incr
     branches = pg.psql("SELECT pg_relation_filepath('pgbench_branches')")

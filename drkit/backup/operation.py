@@ -107,10 +107,10 @@ class BackupOperation:
                 )
                 taken.tablespaces = session.tablespaces()
                 taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-                changed, summaries_notice = self._changed_blocks(
+                changed, taken.changes, changes_notice = self._changed_blocks(
                     session, cluster, repo, parent, taken.start_lsn, taken.listing
                 )
-                notice = notice or summaries_notice
+                notice = notice or changes_notice
                 copier = FileCopier(
                     repo,
                     taken.label,
@@ -227,14 +227,15 @@ class BackupOperation:
         parent: Manifest | None,
         start_lsn: int,
         listing: PgdataListing,
-    ) -> tuple[ChangedBlocks | None, str | None]:
+    ) -> tuple[ChangedBlocks | None, str | None, str | None]:
         """The blocks changed since the parent started, from the server's WAL summaries (17+)
-        or else from the WAL itself (None: changed files are read whole), and a notice when
-        neither can tell though asked to. The WAL is not read when it is more than 1 GiB and
-        twice the size of the relation files that changed: a scan of those costs less then."""
+        or else from the WAL itself (None: changed files are read whole); where they came from
+        (BackupStats.changes, None for a full); a notice when neither can tell though asked to. The
+        WAL is not read when it is more than 1 GiB and twice the size of the relation files
+        that changed: a scan of those costs less then."""
         backup = self.settings.backup
         if parent is None:
-            return None, None
+            return None, None, None
         since = parse_lsn(parent.start_lsn)
         try:
             if backup.wal_summaries:
@@ -242,15 +243,13 @@ class BackupOperation:
                     cluster.version_num, cluster.timeline, since, start_lsn, backup.wal_summary_wait
                 )
                 if changed is not None:
-                    return changed, None
+                    return changed, "summaries", None
             if backup.wal_scan:
                 wal_bytes, file_bytes = start_lsn - since, _changed_relation_bytes(listing, parent)
                 if wal_bytes > max(2 * file_bytes, WAL_SCAN_FREE):
-                    return None, (
+                    raise NoSummaries(
                         f"the WAL since the parent ({wal_bytes >> 20} MiB) outweighs the relation"
-                        f" files that changed ({file_bytes >> 20} MiB): reading those whole"
-                        if file_bytes
-                        else None
+                        f" files that changed ({file_bytes >> 20} MiB)"
                     )
                 sources = [
                     _pg_wal_segment(self.settings.postgres.pgdata / "pg_wal"),
@@ -265,10 +264,10 @@ class BackupOperation:
                     start_lsn,
                     cluster.wal_segment_size,
                 )
-                return changed, None
+                return changed, "wal", None
         except NoSummaries as exc:
-            return None, f"{exc}: reading changed relation files whole"
-        return None, None
+            return None, "scan", f"{exc}: reading changed relation files whole"
+        return None, "scan", None
 
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
@@ -358,6 +357,7 @@ class BackupOperation:
                 size=sum(f.size for f in files),
                 stored=sum(o.size for o in objects),
                 duration_s=round(time.monotonic() - taken.started, 3),
+                changes=taken.changes,
             ),
         )
 
@@ -374,6 +374,7 @@ class _Taken:
     start_lsn: int = 0
     tablespaces: list[Tablespace] = field(default_factory=list)
     listing: PgdataListing | None = None
+    changes: str | None = None  # how a diff/incr found its changed blocks (BackupStats.changes)
     stop: BackupStop | None = None
     copied: CopyResult = field(default_factory=CopyResult)
 

@@ -19,6 +19,7 @@ from drkit.cli.common import (
     warn,
 )
 from drkit.repo.label import BackupType
+from drkit.repo.manifest import CHANGES_FROM
 
 
 @handle_errors
@@ -76,6 +77,7 @@ def command(
             f"backup {m.label} ({m.type}) complete: {m.stats.files} files,"
             f" {human_size(m.stats.size)} stored as {human_size(m.stats.stored)}"
             f" in {m.stats.duration_s:.1f}s; WAL {m.start_wal}..{m.stop_wal}"
+            + (f"; changes found by {CHANGES_FROM[m.stats.changes]}" if m.stats.changes else "")
         )
     if result.warnings:
         raise typer.Exit(1)

@@ -44,7 +44,8 @@ def command(
         based = f" on {b.parent}" if b.parent else ""
         stdout.print(
             f"{b.label}  {b.type}{based}  stopped {b.stop_time}  {human_size(b.size)} stored as"
-            f" {human_size(b.stored)}  {b.files} files  {b.duration_s:.1f}s  WAL {b.wal}",
+            f" {human_size(b.stored)}  {b.files} files  {b.duration_s:.1f}s  WAL {b.wal}"
+            + (f"  changes from {b.changes}" if b.changes else ""),
             markup=False,
         )
         if b.copies is not None:

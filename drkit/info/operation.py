@@ -27,6 +27,7 @@ class BackupSummary:
     size: int
     stored: int
     duration_s: float
+    changes: str | None  # diff/incr: "summaries", "wal" or "scan" (BackupStats.changes)
     bad_pages: int
     copies: CopyStatus | None = None
 
@@ -100,6 +101,7 @@ class InfoOperation:
                     size=m.stats.size,
                     stored=m.stats.stored,
                     duration_s=m.stats.duration_s,
+                    changes=m.stats.changes,
                     bad_pages=sum(len(f.bad_pages) for f in m.files),
                     copies=copies.status(self.settings, m.label),
                 )

@@ -94,11 +94,22 @@ class ObjectEntry(_Model):
     sha256: str  # of the stored (encrypted) bytes, so copies can be checked without the key
 
 
+# BackupStats.changes, as the CLI says it
+CHANGES_FROM = {
+    "summaries": "the server's WAL summaries",
+    "wal": "reading the WAL",
+    "scan": "scanning changed files",
+}
+
+
 class BackupStats(_Model):
     files: int
     size: int  # plaintext bytes
     stored: int  # bytes in the repository
     duration_s: float
+    # diff/incr: where the changed blocks came from: "summaries" (the server's WAL summaries),
+    # "wal" (drkit read the WAL), "scan" (changed relation files read whole); None for a full
+    changes: str | None = None
 
 
 class Manifest(_Model):
