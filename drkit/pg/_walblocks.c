@@ -46,6 +46,7 @@
 #define RM_SMGR 2
 #define RM_DBASE 4
 
+/* WAL is written in the server's byte order, which is this machine's (drkit runs beside it) */
 static uint16_t u16(const unsigned char *p) {
     uint16_t v;
     memcpy(&v, p, 2);
