@@ -45,11 +45,7 @@ def _until(pg: PgCluster) -> int:
 
 
 def _pg_wal(pg: PgCluster) -> SegmentSource:
-    def read(name: str) -> bytes | None:
-        path = pg.pgdata / "pg_wal" / name
-        return path.read_bytes() if path.exists() else None
-
-    return read
+    return operation._pg_wal_segment(pg.pgdata / "pg_wal")
 
 
 def _scan(

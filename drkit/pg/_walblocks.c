@@ -567,14 +567,6 @@ error:
     return NULL;
 }
 
-static PyObject *crc32c(PyObject *Py_UNUSED(module), PyObject *args) {
-    Py_buffer data;
-    if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
-    uint32_t crc = crc_update(0xFFFFFFFFu, data.buf, (size_t)data.len) ^ 0xFFFFFFFFu;
-    PyBuffer_Release(&data);
-    return PyLong_FromUnsignedLong(crc);
-}
-
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)Scanner_feed, METH_VARARGS, "Read one WAL segment."},
     {"result", (PyCFunction)Scanner_result, METH_NOARGS, "The blocks, limits and flags."},
@@ -592,12 +584,7 @@ static PyTypeObject ScannerType = {
     .tp_methods = Scanner_methods,
 };
 
-static PyMethodDef methods[] = {
-    {"crc32c", crc32c, METH_VARARGS, "CRC-32C of a buffer, as PostgreSQL computes it."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_walblocks", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_walblocks", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__walblocks(void) {
     crc_init_table();
