@@ -31,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from drkit.config.drill import DrillSettings, HeartbeatSettings
 from drkit.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")
@@ -345,6 +346,8 @@ class Settings(BaseSettings):
     retention: RetentionSettings | None = Field(
         None, description="retention of every repository without its own (drkit prune)"
     )
+    drill: DrillSettings = DrillSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
 
     @field_validator("repo")
     @classmethod

@@ -1,0 +1,129 @@
+"""Drill records: what a restore drill did and achieved, as the repository keeps it.
+
+A drill writes one record into every writable repository under ``drills/<id>/`` (write-once,
+encrypted and authenticated like a manifest: a fresh data key wrapped by the key provider in
+``key/0001.json``, the record sealed with it in ``record``). Reports and ``drkit drill list`` read
+them back from any one repository, so the history survives the loss of the primary site.
+
+This module is the record's schema: the drill operation fills it, the repository stores it, the
+report and the metrics read it. Adding a field with a default keeps old records readable; changing
+the meaning of one needs a new ``version``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DRILL_PREFIX = "drills/"
+RECORD_VERSION = 1
+
+
+class DrillKind(StrEnum):
+    RESTORE_TEST = "restore-test"  # the routine check: newest backup + archive, default checks
+    PARTIAL = "partial"  # a scenario exercising part of the DR plan
+    FULL = "full"  # the whole DR plan: scenario, runbook, application switch-over recorded
+
+
+class DrillOutcome(StrEnum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+
+
+class FailureKind(StrEnum):
+    RESTORE_FAILED = "restore-failed"  # no usable copy: restore, WAL replay or start failed
+    CHECK_FAILED = "check-failed"  # the copy came up but a check failed
+    TARGET_MISSED = "target-missed"  # everything worked, but RTO or RPO exceeded its target
+
+
+def new_drill_id(now: datetime | None = None) -> str:
+    """Sortable by time and unique across hosts: ``20261207-131500Z-3f9a``."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%d-%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Phase(_Record):
+    """One timed step on the wall clock: plan, restore, wal-replay, start, checks, teardown."""
+
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+class RestorePoint(_Record):
+    backup: str  # the label restored
+    target_kind: str = "immediate"  # immediate | latest | time | lsn | xid | name
+    target_value: str = ""
+    reason: str = ""  # why this point: "newest backup", "random", "requested", "scenario ..."
+
+
+class Objective(_Record):
+    """A target next to what was achieved; ``met`` is None when nothing could be measured."""
+
+    target_seconds: float | None = None
+    achieved_seconds: float | None = None
+    met: bool | None = None
+
+
+class RpoDetail(_Record):
+    method: str = ""  # "heartbeat" | "last-commit" | "none"
+    disaster_time: datetime | None = None  # the instant losses are counted from
+    recovered_time: datetime | None = None  # newest commit (or heartbeat) in the restored copy
+    recovered_lsn: str | None = None
+    source_lsn: str | None = None  # the source's current LSN, when it was reachable
+    lost_bytes: int | None = None  # source_lsn - recovered_lsn
+
+
+class Exposure(_Record):
+    """A repository's state when the drill ran: how much would be lost if the site died now."""
+
+    repo: str
+    newest_backup: str | None = None
+    newest_backup_age_seconds: float | None = None
+    newest_wal: str | None = None
+    newest_wal_age_seconds: float | None = None
+
+
+class CheckResult(_Record):
+    name: str
+    kind: str  # amcheck | sql | heartbeat | readable | timing
+    ok: bool
+    seconds: float = 0.0
+    detail: str = ""
+
+
+class DrillRecord(_Record):
+    version: int = RECORD_VERSION
+    id: str
+    kind: DrillKind = DrillKind.RESTORE_TEST
+    scenario: str | None = None  # scenario name (None: the configured restore test)
+    scenario_digest: str | None = None  # sha256 of the scenario file as run
+    started_at: datetime
+    finished_at: datetime
+    started_by: str  # "scheduler" or "user:<login>"
+    host: str
+    drkit_version: str
+    pg_version: str | None = None  # server_version of the restored copy
+    system_identifier: int | None = None
+    repository: str | None = None  # the repository the backup was restored from
+    repositories_allowed: list[str] = Field(default_factory=list)
+    restore_point: RestorePoint | None = None
+    phases: list[Phase] = Field(default_factory=list)
+    rto: Objective = Objective()
+    rpo: Objective = Objective()
+    rpo_detail: RpoDetail = RpoDetail()
+    exposure: list[Exposure] = Field(default_factory=list)
+    checks: list[CheckResult] = Field(default_factory=list)
+    restored_bytes: int = 0
+    wal_segments: int = 0  # WAL segments fetched from the archive during recovery
+    predicted_seconds: float | None = None  # `restore --plan`'s prediction, for comparison
+    outcome: DrillOutcome
+    failure: FailureKind | None = None
+    reason: str = ""  # one line: why it failed (empty on PASS)
