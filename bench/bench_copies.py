@@ -6,7 +6,7 @@ Run as root (see bench/README.md for what is needed):
 
 (a) On a pgbench database (random-filler profile, bench_full.build_source) a full backup with only
     the local repository, then one with the local repository and an S3 repository (moto on
-    loopback, started here); the added wall time as a percentage (target of issue 5: <= 50%).
+    loopback, started here); the added wall time as a percentage (target: <= 50%).
     The two are measured alternately ``--repeat`` times; the medians are compared.
 (b) On a tiny cluster, ``--backups`` small full backups fanned out to local + S3 (taken in-process
     for speed), then ``drkit replicate`` (a fresh process, as an operator runs it) timed with

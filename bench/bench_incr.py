@@ -19,7 +19,7 @@ On one pgbench database (random-filler profile, built by bench_full.build_source
 (d) with --segments (use --scale 100 or more): pgbench_accounts spans 2+ segment files; a full,
     changes in the first and last segment, an incr, and the incr restored and checked.
 
-It prints a table with the ratios and PASS/FAIL per target of issue 3.
+It prints a table with the ratios and PASS/FAIL against drkit's targets (bench/README.md).
 """
 
 from __future__ import annotations
