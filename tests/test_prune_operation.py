@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from rig.faulty import FaultyStorage
 from typer.testing import CliRunner
 
 from drkit.cli.main import app
@@ -22,7 +23,6 @@ from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import BackupStats, FileEntry, Manifest, ObjectEntry
 from drkit.repo.repository import Repository
 from drkit.storage.base import Storage
-from drkit.storage.faulty import FaultyStorage
 from drkit.storage.posix import PosixStorage
 
 T0 = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)

@@ -15,13 +15,13 @@ from typing import Any
 
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit, start_restored
+from rig.faulty import FaultyStorage
 from rig.postgres import PgCluster, database_checksums
 
 from drkit.crypto.keyfile import KeyfileProvider
 from drkit.prune.operation import prune_repository
 from drkit.prune.policy import RetentionPolicy
 from drkit.repo.repository import Repository
-from drkit.storage.faulty import FaultyStorage
 from drkit.storage.posix import PosixStorage
 
 

@@ -1,8 +1,10 @@
 """The storage contract: a flat namespace of write-once byte objects.
 
 Storage is "bytes only": it knows nothing about backups, manifests, compression or keys. Every
-driver (posix.py, s3/) and every wrapper (faulty.py, retries) implements the same `Storage`
-protocol, and one conformance suite (tests/storage/conformance.py) runs against all of them.
+driver (posix.py, s3/) and every wrapper (the tests' fault injector) implements the same `Storage`
+protocol, and one conformance suite (tests/storage/conformance.py) runs against all of them. What a
+driver can do beyond the contract it declares in `Storage.capabilities`; callers ask, never guess
+from the driver's class.
 
 Keys are '/'-separated relative names such as ``backup/20261126-010000F/manifest``. A valid key is
 non-empty, at most 1024 bytes of UTF-8 (S3's limit), and made of non-empty components of at most
@@ -15,8 +17,9 @@ Errors, and whether retrying can help:
 - ValueError: the caller passed an invalid key or range. Permanent.
 - ObjectNotFound: the object does not exist. Permanent for that call.
 - ObjectExists: a write-once object is already there. Permanent: drkit never overwrites.
-- StorageError (any other): I/O failure, full disk, unreachable server. A retry wrapper may retry
-  it; the object being written is then not visible, so the write can start over.
+- StorageError (any other): I/O failure, full disk, unreachable server. Drivers of remote stores
+  have already retried transient failures (drkit.storage.retry wraps each request) when it is
+  raised; the object being written is then not visible, so the write can start over.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ class WrittenObject:
     key: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver guarantees beyond the required contract (pgBackRest's storage feature flags).
+
+    conditional_create: the store itself refuses a commit to a key that exists, so of two
+        concurrent writers of one key exactly one wins; without it only the check in
+        `open_write` stands between them.
+    ranged_read: `open_read` with an offset or length fetches only that range, so reading one
+        file of a bundle costs its bytes, not the bundle's.
+    object_lock: objects are written under a retention lock the store enforces; `delete` of one
+        whose retention has not passed raises ObjectLocked, and `open_write` / `write_bytes`
+        accept ``retain_until=`` for one object's date.
+    """
+
+    conditional_create: bool = False
+    ranged_read: bool = False
+    object_lock: bool = False
 
 
 @runtime_checkable
@@ -96,6 +118,9 @@ class Storage(Protocol):
 
     name: str
     """The repository's name, for messages."""
+
+    capabilities: Capabilities
+    """What this store can do beyond the contract; see `Capabilities`."""
 
     def open_write(self, key: str) -> ObjectWriter:
         """Start writing a new object; stream the bytes into the returned writer, then commit.
@@ -296,6 +321,7 @@ class BaseStorage(ABC):
     """Implements the convenience methods of `Storage` on top of a driver's primitives."""
 
     name: str
+    capabilities: Capabilities
 
     @abstractmethod
     def open_write(self, key: str) -> ObjectWriter: ...

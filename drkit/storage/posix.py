@@ -29,6 +29,7 @@ from drkit.fsutil import fsync_dir
 from drkit.storage.base import (
     BaseStorage,
     BaseWriter,
+    Capabilities,
     ObjectInfo,
     no_space_error,
     validate_key,
@@ -54,6 +55,10 @@ READ_BUFFER = 256 * 1024
 PUBLISH_ATTEMPTS = 3
 
 
+# link(2) refuses an existing name; pread serves any range.
+POSIX_CAPABILITIES = Capabilities(conditional_create=True, ranged_read=True)
+
+
 class PosixStorage(BaseStorage):
     """Objects as read-only files below `root`; see the module docstring for the write protocol.
 
@@ -64,6 +69,7 @@ class PosixStorage(BaseStorage):
     def __init__(self, root: Path, name: str = "local") -> None:
         self.root = Path(root)
         self.name = name
+        self.capabilities = POSIX_CAPABILITIES
         self._temp = self.root / TEMP_DIR
 
     def open_write(self, key: str) -> ObjectWriter:

@@ -5,8 +5,13 @@ a random time in [0, min(max_delay, base_delay * 2**(n-1))]. Randomising the who
 spreads the retries of many clients that failed together (a throttled bucket, a restarted
 endpoint), so they do not come back in lockstep.
 
-Which errors are worth retrying is the caller's decision (`retryable`): a driver knows that a
-throttling reply or a reset connection is transient and that "access denied" is not.
+This module is the one place drkit retries: `retry_call` wraps one request, `Backoff` paces an
+operation that resumes where it broke (a response body read from the byte it stopped at). Drivers
+of remote stores wrap each request in them and have no retry loop of their own; which errors are
+worth retrying is the driver's decision (`retryable`): it knows that a throttling reply or a reset
+connection is transient and that "access denied" is not. Retries wrap requests, not whole
+`Storage` calls, because a streamed write cannot be replayed from the start and a lost reply to a
+conditional commit must be told from a real conflict by the request that sent it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,33 @@ class Attempts:
 
     def __init__(self) -> None:
         self.count = 0
+
+
+class Backoff:
+    """Paces the retries of an operation that resumes where it broke: consecutive failures are
+    counted, a success starts the count again."""
+
+    def __init__(
+        self, policy: RetryPolicy, describe: str, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self._policy = policy
+        self._describe = describe
+        self._sleep = sleep
+        self.failures = 0
+
+    def failed(self, err: BaseException) -> bool:
+        """Count a failure; False if it was the last attempt allowed (the caller raises), else
+        True after sleeping the backoff delay (the caller resumes)."""
+        self.failures += 1
+        if self.failures >= self._policy.max_attempts:
+            return False
+        pause = self._policy.delay(self.failures)
+        log.debug("%s broke: %s; resuming in %.2fs", self._describe, err, pause)
+        self._sleep(pause)
+        return True
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
 
 def retry_call(

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from drkit.errors import ObjectExists, ObjectNotFound
-from drkit.storage.base import ObjectInfo, Storage, WrittenObject
+from drkit.storage.base import Capabilities, ObjectInfo, Storage, WrittenObject
 
 MiB = 1024 * 1024
 # Odd sizes so that no chunk lines up with a buffer, a page or a multipart part.
@@ -63,6 +63,7 @@ class StorageConformance:
         assert isinstance(storage, Storage)
         assert isinstance(storage.name, str)
         assert storage.name
+        assert isinstance(storage.capabilities, Capabilities)
 
     @pytest.mark.parametrize("size", [0, 1, 2, 4096, 65537])
     def test_write_bytes_round_trip(self, storage: Storage, size: int) -> None:
@@ -281,6 +282,7 @@ class StorageConformance:
         first.abort()  # idempotent after the failed commit
 
     def test_concurrent_writers_exactly_one_wins(self, storage: Storage) -> None:
+        assert storage.capabilities.conditional_create  # every driver has it: this proves it
         writers = 8
         barrier = threading.Barrier(writers)
         results: dict[int, WrittenObject | BaseException] = {}

@@ -6,10 +6,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from rig.faulty import FaultyStorage
 
 from drkit.errors import ObjectExists, ObjectNotFound, StorageError
 from drkit.storage import posix
-from drkit.storage.faulty import FaultyStorage
 from drkit.storage.posix import PosixStorage
 
 from .conformance import StorageConformance, payload

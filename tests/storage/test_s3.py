@@ -349,7 +349,7 @@ def test_composite_verifier(s3_server: S3Server, bucket: str) -> None:
     meta = {META_PART_SIZE: str(PART)}
 
     def check(stored: _StoredChecksum, blob: bytes) -> None:
-        verifier = _Verifier(storage, "k", "k", None, meta, len(blob), lambda: stored)
+        verifier = _Verifier(storage.bucket, "k", "k", None, meta, len(blob), lambda: stored)
         for i in range(0, len(blob), 777_777):
             verifier.update(memoryview(blob)[i : i + 777_777])
         verifier.finish()
@@ -575,6 +575,7 @@ def test_object_lock_compliance_until_an_explicit_date(
 
 def test_retain_until_needs_object_lock(s3_server: S3Server, bucket: str) -> None:
     storage = make_storage(s3_server, bucket)
+    assert not storage.capabilities.object_lock
     with pytest.raises(ValueError, match="object_lock"):
         storage.open_write("x", retain_until=datetime.now(UTC) + timedelta(days=1))
     locked = make_storage(s3_server, bucket, object_lock=ObjectLock("GOVERNANCE", 1))
@@ -671,6 +672,7 @@ def test_settings_build_an_s3_storage(tmp_path: Path) -> None:
     assert isinstance(storage, S3Storage)
     assert storage.name == "s3-eu"
     assert storage.config.object_lock == ObjectLock("COMPLIANCE", 35)
+    assert storage.capabilities.object_lock
     assert storage.config.path_style  # default with a custom endpoint
     assert storage.config.part_size == 16 * MiB
     assert repo_location(remote) == "s3:https://minio.internal:9000/acme-pg-backups/prod/main"
@@ -704,4 +706,4 @@ def test_retry_policy_backoff() -> None:
 
 def test_nothing_is_sent_on_construction() -> None:
     storage = S3Storage(S3Config(bucket="never-contacted", endpoint_url="http://127.0.0.1:9"))
-    assert storage._client is None
+    assert not storage.bucket.connected

@@ -10,6 +10,8 @@ The design notes stand beside the code they describe:
 
 - config.py: `S3Config` and `ObjectLock`, checked on construction, and S3's limits.
 - storage.py: `S3Storage`, the Storage protocol; deleting in a versioned bucket.
+- bucket.py: `S3Bucket`, the client and the requests (with retries) the storage, its writers
+  and its readers send.
 - writer.py: write once (conditional commits), streaming writes in bounded memory, Object Lock.
 - reader.py: ranged and parallel reads.
 - checksums.py: the checksums drkit records and checks, and what the store keeps.

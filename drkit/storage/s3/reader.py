@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,15 +23,14 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from drkit.errors import IntegrityError, StorageError
+from drkit.storage.retry import Backoff
 from drkit.storage.s3.checksums import META_PART_SIZE, META_SHA256, _composite, _StoredChecksum
 from drkit.storage.s3.errors import _PRECONDITION_FAILED, _code, is_transient
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-    from drkit.storage.s3.storage import S3Storage
-
-log = logging.getLogger(__name__)
+    from drkit.storage.s3.bucket import S3Bucket
 
 
 class _Source:
@@ -52,7 +49,7 @@ class _StreamSource(_Source):
 
     def __init__(
         self,
-        storage: S3Storage,
+        bucket: S3Bucket,
         key: str,
         s3key: str,
         etag: str | None,
@@ -60,14 +57,14 @@ class _StreamSource(_Source):
         end: int,
         body: Any = None,
     ) -> None:
-        self._storage = storage
+        self._bucket = bucket
         self._key = key
         self._s3key = s3key
         self._etag = etag
         self._pos = pos
         self._end = end
         self._body = body
-        self._failures = 0
+        self._backoff = Backoff(bucket.retry, f"reading '{key}'")
 
     def readinto(self, buffer: memoryview) -> int:
         while self._pos < self._end:
@@ -81,28 +78,25 @@ class _StreamSource(_Source):
             except Exception as err:
                 if not is_transient(err):
                     raise
-                self._failures += 1
                 self._close_body()
-                if self._failures >= self._storage.retry.max_attempts:
-                    raise self._storage._errors.failed(
-                        err, "reading", self._key, self._failures
+                if not self._backoff.failed(err):
+                    raise self._bucket.errors.failed(
+                        err, "reading", self._key, self._backoff.failures
                     ) from err
-                log.debug("reading '%s' broke at byte %d: %s; resuming", self._key, self._pos, err)
-                time.sleep(self._storage.retry.delay(self._failures))
                 continue
             if not count:
                 self._close_body()  # this response is done; the next GET continues
                 continue
             self._pos += count
-            self._failures = 0
+            self._backoff.succeeded()
             return count
         self._close_body()
         return 0
 
     def _open(self) -> Any:
-        storage = self._storage
+        bucket = self._bucket
         try:
-            resp = storage._get_range(
+            resp = bucket.get_range(
                 self._key,
                 self._s3key,
                 self._pos,
@@ -113,10 +107,10 @@ class _StreamSource(_Source):
         except ClientError as err:
             if _code(err) == "InvalidRange":
                 raise StorageError(
-                    f"object '{self._key}' in {storage._errors.where()} ended at byte {self._pos},"
+                    f"object '{self._key}' in {bucket.errors.where()} ended at byte {self._pos},"
                     f" before the {self._end} bytes it had when the read began"
                 ) from None
-            raise storage._errors.changed(self._key) from None
+            raise bucket.errors.changed(self._key) from None
         return resp["Body"]
 
     def _close_body(self) -> None:
@@ -135,7 +129,7 @@ class _ParallelSource(_Source):
 
     def __init__(
         self,
-        storage: S3Storage,
+        bucket: S3Bucket,
         key: str,
         s3key: str,
         etag: str | None,
@@ -144,18 +138,18 @@ class _ParallelSource(_Source):
         end: int,
         body: Any,
     ) -> None:
-        self._storage = storage
+        self._bucket = bucket
         self._key = key
         self._s3key = s3key
         self._etag = etag
-        chunk = storage.config.part_size
+        chunk = bucket.config.part_size
         self._ranges = deque((pos, min(pos + chunk, end)) for pos in range(first_end, end, chunk))
         self._executor = ThreadPoolExecutor(
-            storage.config.max_concurrency, thread_name_prefix="drkit-s3-get"
+            bucket.config.max_concurrency, thread_name_prefix="drkit-s3-get"
         )
         self._pending: deque[Future[bytearray]] = deque()
         self._pending.append(self._executor.submit(self._fetch, start, first_end, body))
-        while self._ranges and len(self._pending) < storage.config.max_concurrency:
+        while self._ranges and len(self._pending) < bucket.config.max_concurrency:
             self._schedule()
         self._current = memoryview(b"")
 
@@ -166,7 +160,7 @@ class _ParallelSource(_Source):
     def _fetch(self, begin: int, stop: int, body: Any) -> bytearray:
         data = bytearray(stop - begin)
         view = memoryview(data)
-        source = _StreamSource(self._storage, self._key, self._s3key, self._etag, begin, stop, body)
+        source = _StreamSource(self._bucket, self._key, self._s3key, self._etag, begin, stop, body)
         got = 0
         try:
             while got < len(data):
@@ -202,7 +196,7 @@ class _Verifier:
 
     def __init__(
         self,
-        storage: S3Storage,
+        bucket: S3Bucket,
         key: str,
         s3key: str,
         etag: str | None,
@@ -210,7 +204,7 @@ class _Verifier:
         total: int,
         stored_checksum: Callable[[], _StoredChecksum] | None = None,
     ) -> None:
-        self._storage = storage
+        self._bucket = bucket
         self._key = key
         self.total = total
         self.seen = 0
@@ -222,7 +216,7 @@ class _Verifier:
         self._part_fill = 0
         self._digests: list[bytes] = []
         self._stored_checksum = stored_checksum or (
-            lambda: storage._stored_checksum(key, s3key, etag)
+            lambda: bucket.stored_checksum(key, s3key, etag)
         )
         self._finished = False
 
@@ -250,18 +244,18 @@ class _Verifier:
             return
         self._finished = True
         if self.seen != self.total:
-            raise self._storage._errors.damaged(
+            raise self._bucket.errors.damaged(
                 self._key, f"read {self.seen} bytes but the object has {self.total}"
             )
         if self._whole is not None:
             actual = self._whole.hexdigest()
             if actual != self._expected:
-                raise self._storage._errors.damaged(
+                raise self._bucket.errors.damaged(
                     self._key, f"its SHA-256 is {actual} but drkit wrote {self._expected}"
                 )
             return
         if self._part_size is None:
-            raise self._storage._errors.damaged(
+            raise self._bucket.errors.damaged(
                 self._key,
                 f"it carries no drkit checksum (x-amz-meta-{META_SHA256} or"
                 f" x-amz-meta-{META_PART_SIZE}): it was not written by drkit, or was replaced",
@@ -273,19 +267,19 @@ class _Verifier:
         stored = self._stored_checksum()
         if stored.sha256 is None:
             if stored.others:  # the store checksums objects, but this one has no SHA-256 of ours
-                raise self._storage._errors.damaged(
+                raise self._bucket.errors.damaged(
                     self._key,
                     "the store keeps no SHA-256 checksum for it, so it is not the object drkit"
                     " wrote (drkit sends one with every part)",
                 )
-            self._storage._warn_unverifiable(self._key)
+            self._bucket.warn_unverifiable(self._key)
             return
         match = stored.matches(actual, parts)
         if match is None:
             # Copied by another tool with other part sizes: no longer comparable here.
-            self._storage._warn_unverifiable(self._key)
+            self._bucket.warn_unverifiable(self._key)
         elif not match:
-            raise self._storage._errors.damaged(
+            raise self._bucket.errors.damaged(
                 self._key,
                 f"its composite SHA-256 is {actual}-{parts} but the store recorded {stored.sha256}",
             )

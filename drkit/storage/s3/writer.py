@@ -56,7 +56,7 @@ from drkit.storage.s3.config import MAX_PARTS
 from drkit.storage.s3.errors import _PRECONDITION_FAILED, _code
 
 if TYPE_CHECKING:
-    from drkit.storage.s3.storage import S3Storage
+    from drkit.storage.s3.bucket import S3Bucket
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ class _S3Writer(BaseWriter):
     """Buffers one part; a single PUT up to the threshold, else a parallel multipart upload."""
 
     def __init__(
-        self, storage: S3Storage, key: str, s3key: str, retain_until: datetime | None
+        self, bucket: S3Bucket, key: str, s3key: str, retain_until: datetime | None
     ) -> None:
         super().__init__(key)
-        self._storage = storage
+        self._bucket = bucket
         self._s3key = s3key
         self._retain_until = retain_until
         self._write_id = secrets.token_hex(16)
@@ -78,14 +78,14 @@ class _S3Writer(BaseWriter):
         self._upload_id: str | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._futures: list[Future[tuple[dict[str, Any], bytes]]] = []
-        self._slots = threading.Semaphore(storage.config.max_concurrency)
+        self._slots = threading.Semaphore(bucket.config.max_concurrency)
         self._object_args: dict[str, Any] = {}
         self._next_part = 1
 
     # BaseWriter hooks
 
     def _write(self, data: bytes | memoryview) -> None:
-        cfg = self._storage.config
+        cfg = self._bucket.config
         view = memoryview(data).cast("B")
         # Feed at most one part at a time, so a huge write() never buffers more than a part.
         while view:
@@ -106,13 +106,13 @@ class _S3Writer(BaseWriter):
         self._buffer = bytearray()
         if upload_id is None:
             return
-        storage = self._storage
+        bucket = self._bucket
         with contextlib.suppress(ClientError):  # NoSuchUpload: already gone
-            storage._call(
+            bucket.call(
                 "discarding",
                 self.key,
-                lambda: storage.client.abort_multipart_upload(
-                    Bucket=storage.config.bucket, Key=self._s3key, UploadId=upload_id
+                lambda: bucket.client.abort_multipart_upload(
+                    Bucket=bucket.config.bucket, Key=self._s3key, UploadId=upload_id
                 ),
                 passthrough=frozenset({"NoSuchUpload"}),
             )
@@ -120,17 +120,17 @@ class _S3Writer(BaseWriter):
     # single PUT
 
     def _put(self) -> None:
-        storage = self._storage
+        bucket = self._bucket
         body, self._buffer = bytes(self._buffer), bytearray()
         digest = self._sha256.digest()
-        args = storage._object_args(self._retain_until)
+        args = bucket.object_args(self._retain_until)
         attempts = Attempts()
         try:
-            storage._call(
+            bucket.call(
                 "writing",
                 self.key,
-                lambda: storage.client.put_object(
-                    Bucket=storage.config.bucket,
+                lambda: bucket.client.put_object(
+                    Bucket=bucket.config.bucket,
                     Key=self._s3key,
                     Body=body,
                     IfNoneMatch="*",
@@ -145,12 +145,12 @@ class _S3Writer(BaseWriter):
         except ClientError:
             if attempts.count > 1 and self._is_ours():
                 return  # an earlier attempt succeeded; its reply was lost
-            raise storage._errors.exists(self.key) from None
+            raise bucket.errors.exists(self.key) from None
 
     # multipart
 
     def _flush_parts(self) -> None:
-        cfg = self._storage.config
+        cfg = self._bucket.config
         if self._upload_id is None:
             if len(self._buffer) <= cfg.multipart_threshold:
                 return
@@ -162,16 +162,16 @@ class _S3Writer(BaseWriter):
             self._submit(part)
 
     def _create_upload(self) -> None:
-        storage = self._storage
-        args = self._object_args = storage._object_args(self._retain_until)
-        resp = storage._call(
+        bucket = self._bucket
+        args = self._object_args = bucket.object_args(self._retain_until)
+        resp = bucket.call(
             "writing",
             self.key,
-            lambda: storage.client.create_multipart_upload(
-                Bucket=storage.config.bucket,
+            lambda: bucket.client.create_multipart_upload(
+                Bucket=bucket.config.bucket,
                 Key=self._s3key,
                 Metadata={
-                    META_PART_SIZE: str(storage.config.part_size),
+                    META_PART_SIZE: str(bucket.config.part_size),
                     META_WRITE_ID: self._write_id,
                 },
                 ChecksumAlgorithm="SHA256",
@@ -180,7 +180,7 @@ class _S3Writer(BaseWriter):
         )
         self._upload_id = resp["UploadId"]
         self._executor = ThreadPoolExecutor(
-            storage.config.max_concurrency, thread_name_prefix="drkit-s3-put"
+            bucket.config.max_concurrency, thread_name_prefix="drkit-s3-put"
         )
 
     def _submit(self, part: bytes) -> None:
@@ -188,8 +188,8 @@ class _S3Writer(BaseWriter):
         number = self._next_part
         if number > MAX_PARTS:
             raise StorageError(
-                f"object '{self.key}' is too large for S3 repository '{self._storage.name}':"
-                f" more than {MAX_PARTS} parts of {self._storage.config.part_size} bytes",
+                f"object '{self.key}' is too large for S3 repository '{self._bucket.name}':"
+                f" more than {MAX_PARTS} parts of {self._bucket.config.part_size} bytes",
                 hint="raise part_size of the repository",
             )
         # At most max_concurrency parts in flight: this bounds the writer's memory.
@@ -206,15 +206,15 @@ class _S3Writer(BaseWriter):
         self._futures.append(future)
 
     def _upload_part(self, number: int, part: bytes) -> tuple[dict[str, Any], bytes]:
-        storage = self._storage
+        bucket = self._bucket
         digest = hashlib.sha256(part).digest()
         checksum = _b64(digest)
         upload_id = self._upload_id
-        resp = storage._call(
+        resp = bucket.call(
             "writing",
             self.key,
-            lambda: storage.client.upload_part(
-                Bucket=storage.config.bucket,
+            lambda: bucket.client.upload_part(
+                Bucket=bucket.config.bucket,
                 Key=self._s3key,
                 UploadId=upload_id,
                 PartNumber=number,
@@ -233,7 +233,7 @@ class _S3Writer(BaseWriter):
                     raise error
 
     def _complete(self) -> None:
-        storage = self._storage
+        bucket = self._bucket
         if self._buffer or self._next_part == 1:
             part, self._buffer = bytes(self._buffer), bytearray()
             self._submit(part)
@@ -243,11 +243,11 @@ class _S3Writer(BaseWriter):
         upload_id = self._upload_id
         attempts = Attempts()
         try:
-            resp = storage._call(
+            resp = bucket.call(
                 "committing",
                 self.key,
-                lambda: storage.client.complete_multipart_upload(
-                    Bucket=storage.config.bucket,
+                lambda: bucket.client.complete_multipart_upload(
+                    Bucket=bucket.config.bucket,
                     Key=self._s3key,
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
@@ -260,25 +260,25 @@ class _S3Writer(BaseWriter):
             if attempts.count > 1 and self._is_ours():
                 resp = {}  # an earlier attempt completed it; its reply was lost
             elif _code(err) == "NoSuchUpload":
-                raise storage._errors.failed(err, "committing", self.key) from err
+                raise bucket.errors.failed(err, "committing", self.key) from err
             else:
-                raise storage._errors.exists(self.key) from None
+                raise bucket.errors.exists(self.key) from None
         self._upload_id = None  # completed: nothing left to abort
         self._stop_parts()
         stored = _StoredChecksum(resp.get("ChecksumSHA256"))
         head: dict[str, Any] | None = None
         if not stored.sha256 or "ObjectLockMode" in self._object_args:
-            head = storage._checked_head(self.key, self._s3key, resp.get("ETag"))
+            head = bucket.checked_head(self.key, self._s3key, resp.get("ETag"))
             stored = stored if stored.sha256 else _StoredChecksum.from_head(head)
         if head is not None and "ObjectLockMode" in self._object_args:
             self._ensure_retention(head)
         if stored.sha256 is None:
-            storage._warn_unverifiable(self.key)
+            bucket.warn_unverifiable(self.key)
         elif stored.matches(expected, len(parts)) is False:
             with contextlib.suppress(StorageError):
-                storage.delete(self.key)
+                bucket.delete(self.key)
             raise StorageError(
-                f"S3 repository '{storage.name}' stored '{self.key}' with checksum"
+                f"S3 repository '{bucket.name}' stored '{self.key}' with checksum"
                 f" {stored.sha256}, but drkit sent parts with checksum {expected}-{len(parts)}:"
                 " the upload was damaged",
                 hint="drkit removed the damaged object (unless Object Lock kept it); write it"
@@ -291,17 +291,17 @@ class _S3Writer(BaseWriter):
         visible without its lock: a crash here leaves it unlocked, never missing."""
         if head.get("ObjectLockMode"):
             return
-        storage = self._storage
-        args = storage._version_args(self._s3key, head)
+        bucket = self._bucket
+        args = bucket.version_args(self._s3key, head)
         retention = {
             "Mode": self._object_args["ObjectLockMode"],
             "RetainUntilDate": self._object_args["ObjectLockRetainUntilDate"],
         }
         log.debug("applying Object Lock retention to '%s' after its multipart upload", self.key)
-        storage._call(
+        bucket.call(
             "locking",
             self.key,
-            lambda: storage.client.put_object_retention(Retention=retention, **args),
+            lambda: bucket.client.put_object_retention(Retention=retention, **args),
         )
 
     def _stop_parts(self) -> None:
@@ -314,9 +314,9 @@ class _S3Writer(BaseWriter):
         self._executor = None
 
     def _is_ours(self) -> bool:
-        storage = self._storage
+        bucket = self._bucket
         with contextlib.suppress(StorageError):
-            head = storage._head(self._s3key, "committing", self.key)
+            head = bucket.head(self._s3key, "committing", self.key)
             return (
                 head is not None
                 and (head.get("Metadata") or {}).get(META_WRITE_ID) == self._write_id

@@ -26,6 +26,7 @@ from typing import BinaryIO, TypeVar, cast
 from drkit.storage.base import (
     BaseStorage,
     BaseWriter,
+    Capabilities,
     ObjectInfo,
     ObjectWriter,
     Storage,
@@ -89,6 +90,7 @@ class FaultyStorage(BaseStorage):
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.name = inner.name
+        self.capabilities: Capabilities = inner.capabilities
         self.calls: Counter[str] = Counter()
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
