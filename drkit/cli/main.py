@@ -23,7 +23,18 @@ def _build_app() -> Any:
     import typer
 
     from drkit import __version__
-    from drkit.cli import backup, info, init, keys, prune, replicate, restore, verify, wal
+    from drkit.cli import (
+        backup,
+        heartbeat,
+        info,
+        init,
+        keys,
+        prune,
+        replicate,
+        restore,
+        verify,
+        wal,
+    )
 
     app = typer.Typer(
         name="drkit",
@@ -53,6 +64,7 @@ def _build_app() -> Any:
     app.command("restore")(restore.command)
     app.command("replicate")(replicate.command)
     app.command("prune")(prune.command)
+    app.command("heartbeat")(heartbeat.command)
     app.add_typer(keys.app, name="keys")
     wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)
     return app

@@ -12,14 +12,22 @@ the meaning of one needs a new ``version``.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drkit.codec.frame import seal, unseal
+from drkit.crypto.base import KeyProvider
+from drkit.errors import IntegrityError
 
 DRILL_PREFIX = "drills/"
 RECORD_VERSION = 1
+_DRILL_ID = re.compile(r"^\d{8}-\d{6}Z-[0-9a-f]{4}$")
 
 
 class DrillKind(StrEnum):
@@ -43,6 +51,28 @@ def new_drill_id(now: datetime | None = None) -> str:
     """Sortable by time and unique across hosts: ``20261207-131500Z-3f9a``."""
     now = now or datetime.now(UTC)
     return now.strftime("%Y%m%d-%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def is_drill_id(value: str) -> bool:
+    return bool(_DRILL_ID.match(value))
+
+
+def drill_time(drill_id: str) -> datetime:
+    """When the drill started, from its id (UTC, to the second)."""
+    return datetime.strptime(drill_id[:16], "%Y%m%d-%H%M%SZ").replace(tzinfo=UTC)
+
+
+def drill_key_record_key(drill_id: str) -> str:
+    return f"{DRILL_PREFIX}{drill_id}/key/0001.json"
+
+
+def drill_record_key(drill_id: str) -> str:
+    return f"{DRILL_PREFIX}{drill_id}/record"
+
+
+def drill_context(drill_id: str) -> bytes:
+    """Binds a sealed record to its id: a record moved under another id fails authentication."""
+    return f"drill:{drill_id}".encode()
 
 
 class _Record(BaseModel):
@@ -127,3 +157,52 @@ class DrillRecord(_Record):
     outcome: DrillOutcome
     failure: FailureKind | None = None
     reason: str = ""  # one line: why it failed (empty on PASS)
+
+
+@dataclass(frozen=True)
+class SealedDrillRecord:
+    """A record as stored: its key record and its sealed bytes, the same in every repository
+    (like a backup's copies, which are the primary's bytes)."""
+
+    id: str
+    key_record: bytes  # JSON: the record's DEK wrapped by the key provider (escrow included)
+    sealed: bytes  # the record's JSON sealed with that DEK, bound to ``id``
+
+
+def seal_drill_record(record: DrillRecord, keys: KeyProvider) -> SealedDrillRecord:
+    """Seal ``record`` with a fresh data key from ``keys``."""
+    if not is_drill_id(record.id):
+        raise ValueError(f"'{record.id}' is not a drill id (new_drill_id() makes them)")
+    data_key = keys.new_data_key()
+    key_record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
+    sealed = seal(record.model_dump_json().encode(), data_key.plaintext, drill_context(record.id))
+    return SealedDrillRecord(record.id, key_record, sealed)
+
+
+def unseal_drill_record(drill_id: str, sealed: bytes, dek: bytes) -> DrillRecord:
+    """The record stored under ``drill_id``; IntegrityError when it fails authentication (damage,
+    another key, a record moved from another id) or does not parse."""
+    try:
+        plain = unseal(sealed, dek, drill_context(drill_id))
+    except IntegrityError as exc:
+        raise IntegrityError(f"drill record '{drill_id}' fails authentication: {exc}") from None
+    try:
+        record = DrillRecord.model_validate_json(plain)
+    except ValidationError as exc:
+        raise IntegrityError(f"drill record '{drill_id}' does not parse: {exc}") from None
+    if record.id != drill_id:  # authenticated, so only a writer with the key could do this
+        raise IntegrityError(f"drill record '{drill_id}' names another drill '{record.id}'")
+    return record
+
+
+@dataclass(frozen=True)
+class DrillEntry:
+    """One drill record as a repository holds it: the record, or why it could not be read."""
+
+    id: str
+    record: DrillRecord | None = None
+    error: str | None = None  # fails authentication, does not parse, key record missing, ...
+
+    @property
+    def authentic(self) -> bool:
+        return self.record is not None

@@ -6,6 +6,8 @@ Layout (keys are '/'-separated on every store)::
     backup/<label>/data/<nnnnnn>       data objects: bundles of small files or one large file
     backup/<label>/key/<nnnn>.json     key records: the backup's DEK wrapped by the key provider
     backup/<label>/manifest            the encrypted manifest, written last
+    drills/<id>/key/0001.json          a drill record's DEK, wrapped (drkit/repo/drills.py)
+    drills/<id>/record                 the drill record, sealed and bound to its id, written last
 
 Write order is data -> key record -> manifest; a backup is listed exactly when its manifest
 exists, so a backup killed at any instant is never listed. The catalog is derived by listing.
@@ -29,8 +31,21 @@ from drkit.errors import (
     BackupNotFound,
     DrkitError,
     IntegrityError,
+    ObjectExists,
     ObjectNotFound,
     RepositoryError,
+    WrongKey,
+)
+from drkit.repo.drills import (
+    DRILL_PREFIX,
+    DrillEntry,
+    DrillRecord,
+    SealedDrillRecord,
+    drill_key_record_key,
+    drill_record_key,
+    is_drill_id,
+    seal_drill_record,
+    unseal_drill_record,
 )
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
@@ -229,11 +244,14 @@ class Repository:
 
     def load_dek(self, label: BackupLabel) -> bytes:
         """Unwrap the backup's DEK from its newest key record that unwraps."""
-        records = sorted(
-            (o.key for o in self.storage.list(f"{BACKUP_PREFIX}{label}/key/")), reverse=True
-        )
+        return self._unwrap_newest(f"{BACKUP_PREFIX}{label}/key/", f"backup '{label}'")
+
+    def _unwrap_newest(self, prefix: str, owner: str) -> bytes:
+        """The DEK of the newest key record under ``prefix`` that unwraps (a rewrap adds newer
+        records of the same DEK); raises the last error when none does."""
+        records = sorted((o.key for o in self.storage.list(prefix)), reverse=True)
         if not records:
-            raise IntegrityError(f"backup '{label}' has no key record in repository '{self.name}'")
+            raise IntegrityError(f"{owner} has no key record in repository '{self.name}'")
         error: DrkitError | None = None
         for key in records:
             try:
@@ -264,3 +282,58 @@ class Repository:
                 return Manifest.model_validate_json(plain), dek
         except ValidationError as exc:
             raise IntegrityError(f"manifest of backup '{label}' does not parse: {exc}") from None
+
+    # -- drill records --------------------------------------------------------------------------
+
+    def write_drill_record(self, record: DrillRecord | SealedDrillRecord) -> None:
+        """Store a drill record under ``drills/<id>/``: its key record, then the sealed record
+        last, so a write killed midway leaves nothing listed. Write-once: raises ObjectExists
+        when the id holds anything already. A DrillRecord is sealed here with a fresh data key;
+        a SealedDrillRecord (the same bytes for every repository) is stored as it is."""
+        if isinstance(record, DrillRecord):
+            record = seal_drill_record(record, self.keys)
+        if self.storage.list(f"{DRILL_PREFIX}{record.id}/"):
+            raise ObjectExists(
+                f"drill record '{record.id}' already exists in repository '{self.name}'",
+                hint="a drill record is written once; every drill has its own id",
+            )
+        self.storage.write_bytes(drill_key_record_key(record.id), record.key_record)
+        self.storage.write_bytes(drill_record_key(record.id), record.sealed)
+
+    def drill_ids(self) -> list[str]:
+        """Ids under ``drills/`` that hold a written record, oldest first."""
+        ids = set()
+        for obj in self.storage.list(DRILL_PREFIX):
+            parts = obj.key.split("/")
+            if len(parts) == 3 and parts[2] == "record":
+                ids.add(parts[1])
+        return sorted(ids)
+
+    def drill_record(self, drill_id: str) -> DrillEntry:
+        """The record of one drill, or why it cannot be trusted (damaged, moved from another
+        id, sealed with another key, key record missing). A key provider that cannot be
+        reached at all raises: that says nothing about the record."""
+        if not is_drill_id(drill_id):
+            return DrillEntry(drill_id, error=f"'{drill_id}' is not a drill id")
+        try:
+            dek = self._unwrap_newest(
+                f"{DRILL_PREFIX}{drill_id}/key/", f"drill record '{drill_id}'"
+            )
+            sealed = self.storage.read_bytes(drill_record_key(drill_id))
+            return DrillEntry(drill_id, unseal_drill_record(drill_id, sealed, dek))
+        except (IntegrityError, WrongKey, ObjectNotFound) as exc:
+            return DrillEntry(drill_id, error=exc.message)
+
+    def last_drill(self) -> DrillEntry | None:
+        """The newest drill record that authenticates (read newest first: one unwrap when the
+        newest is sound); None when there is none."""
+        for drill_id in reversed(self.drill_ids()):
+            entry = self.drill_record(drill_id)
+            if entry.authentic:
+                return entry
+        return None
+
+    def drill_records(self) -> list[DrillEntry]:
+        """Every drill record, oldest first; one that fails authentication or parsing is listed
+        with its error, never dropped."""
+        return [self.drill_record(drill_id) for drill_id in self.drill_ids()]
