@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grp
 import io
+import logging
 import os
 import pwd
 import time
@@ -59,6 +60,8 @@ MTIME_SAFETY_S = 2.0
 # WAL up to this size is read for the changed blocks whatever the changed files weigh (~1 s)
 WAL_SCAN_FREE = 1 << 30
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class BackupResult:
@@ -94,6 +97,8 @@ class BackupOperation:
                 repo.check(cluster.system_identifier)
                 removed = self._remove_leftovers(repo)
                 parent, notice = self._choose_parent(repo, cluster)
+                if notice:
+                    log.info(notice)
                 taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
                 data_key = repo.keys.new_data_key()
 
@@ -110,6 +115,8 @@ class BackupOperation:
                 changed, taken.changes, changes_notice = self._changed_blocks(
                     session, cluster, repo, parent, taken.start_lsn, taken.listing
                 )
+                if changes_notice:
+                    log.info(changes_notice)
                 notice = notice or changes_notice
                 copier = FileCopier(
                     repo,

@@ -14,7 +14,6 @@ from drkit.cli.common import (
     print_json,
     progress,
     settings_from,
-    stderr,
     stdout,
     warn,
 )
@@ -52,8 +51,6 @@ def command(
     )
     result = BackupOperation(settings, type_, progress()).run()
     m = result.manifest
-    if result.notice:
-        stderr.print(f"notice: {result.notice}", markup=False)
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")
     for message in result.warnings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +22,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from drkit.config.settings import Settings, load_settings
+from drkit.config.settings import Settings, config_path, load_settings
 from drkit.errors import DrkitError
+from drkit.logs import add_log_file, redacted
 from drkit.progress import NoProgress
 from drkit.progress import Progress as ProgressProtocol
 
@@ -41,12 +43,26 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
+log = logging.getLogger(__name__)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def settings_from(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
-    return load_settings(config, overrides)
+    """Load the settings and start the log file they name ([log] path)."""
+    settings = load_settings(config, overrides)
+    if settings.log.path is not None:
+        add_log_file(settings.log.path, settings.log.level)
+    # every setting in effect; pydantic masks SecretStr values, redacted() passwords in strings
+    log.debug(
+        "settings loaded",
+        extra={
+            "config": str(config_path(config)),
+            "settings": redacted(settings.model_dump(mode="json")),
+        },
+    )
+    return settings
 
 
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -57,12 +73,16 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except DrkitError as exc:
-            stderr.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
-            if exc.hint:
-                stderr.print(f"HINT: {exc.hint}", markup=False)
+            render_error(exc)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+def render_error(exc: DrkitError) -> None:
+    stderr.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
+    if exc.hint:
+        stderr.print(f"HINT: {exc.hint}", markup=False)
 
 
 def print_json(data: Any) -> None:

@@ -35,6 +35,9 @@ def _build_app() -> Any:
         verify,
         wal,
     )
+    from drkit.cli.common import render_error
+    from drkit.errors import DrkitError
+    from drkit.logs import DEFAULT_LEVEL, LEVEL_ENV, LEVELS, setup_logging
 
     app = typer.Typer(
         name="drkit",
@@ -54,8 +57,19 @@ def _build_app() -> Any:
         version: bool = typer.Option(
             False, "--version", callback=_version, is_eager=True, help="show the version"
         ),
+        log_level: str = typer.Option(
+            DEFAULT_LEVEL,
+            "--log-level",
+            envvar=LEVEL_ENV,
+            help=f"least severe messages logged on stderr: {', '.join(LEVELS)}",
+        ),
     ) -> None:
         """Backup and disaster recovery for PostgreSQL."""
+        try:
+            setup_logging(log_level, "--log-level or " + LEVEL_ENV)
+        except DrkitError as exc:
+            render_error(exc)
+            raise typer.Exit(exc.exit_code) from None
 
     app.command("init")(init.command)
     app.command("backup")(backup.command)

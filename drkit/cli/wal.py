@@ -118,15 +118,19 @@ def wal_pusher(config: Path | None, idle: float) -> int:
 
 
 def _say(command: str, message: str) -> None:
-    sys.stderr.write(f"drkit {command}: {message}\n")
-    sys.stderr.flush()
+    import logging
+
+    logging.getLogger(__name__).info(message, extra={"command": command})
 
 
 def _fail(command: str, message: str, hint: str | None) -> None:
+    """The error that ends the command: one line on stderr, prefixed with the command, for
+    PostgreSQL's log (the command's error rendering, not a log record)."""
     line = " ".join(message.split())  # one line, whatever the message holds
     if hint:
         line += f" (hint: {' '.join(hint.split())})"
-    _say(command, f"error: {line}")
+    sys.stderr.write(f"drkit {command}: error: {line}\n")
+    sys.stderr.flush()
 
 
 # -- the fast path --------------------------------------------------------------------------------
@@ -137,6 +141,16 @@ _ARITY = {"wal-push": 1, "wal-fetch": 2, "wal-pusher": 0}
 def run_fast(argv: list[str]) -> int | None:
     """Runs ``argv`` (command first) without typer; None for --help or a usage error, which the
     caller hands to typer so that it prints the usage."""
+    import os
+
+    from drkit.errors import DrkitError
+    from drkit.logs import DEFAULT_LEVEL, LEVEL_ENV, setup_logging
+
+    try:
+        setup_logging(os.environ.get(LEVEL_ENV) or DEFAULT_LEVEL, LEVEL_ENV)
+    except DrkitError as exc:
+        _fail(argv[0], exc.message, exc.hint)
+        return exc.exit_code
     command, rest = argv[0], argv[1:]
     config: Path | None = None
     recovery_key: Path | None = None

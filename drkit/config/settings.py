@@ -332,6 +332,13 @@ class ArchiveSettings(_Section):
     )
 
 
+class LogSettings(_Section):
+    """An optional log file: JSON lines, appended, rotated by logrotate (docs/operations.md)."""
+
+    path: Path | None = Field(None, description="log file (created 0600, never through a symlink)")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DRKIT_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
@@ -348,6 +355,7 @@ class Settings(BaseSettings):
     )
     drill: DrillSettings = DrillSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    log: LogSettings = LogSettings()
 
     @field_validator("repo")
     @classmethod

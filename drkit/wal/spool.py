@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
 from drkit.fsutil import fsync_dir, os_reason
+from drkit.logs import open_log_file
 from drkit.wal.config import WalConfig
 from drkit.wal.errors import AsyncPushError, WalSourceError
 from drkit.wal.names import file_identity, is_wal_name
@@ -45,6 +47,8 @@ if TYPE_CHECKING:  # the archive_command side imports neither: it only waits
     from concurrent.futures import Future
 
     from drkit.wal.push import PushResult
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AsyncPushError", "Spool", "push_async", "run_pusher"]
 
@@ -214,7 +218,7 @@ def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
     with contextlib.suppress(FileNotFoundError):
         if log_path.stat().st_size > LOG_LIMIT:
             log_path.unlink()
-    with open(log_path, "ab") as log:
+    with open(open_log_file(log_path), "ab") as log:  # append-only, never through a symlink
         return subprocess.Popen(
             [
                 sys.executable,
@@ -368,10 +372,8 @@ def replicate_wal(config: WalConfig) -> None:
             return
         report = ReplicateOperation(settings, labels=[]).run()  # WAL only, no backups
     except DrkitError as exc:
-        sys.stderr.write(f"drkit wal-pusher: WAL not replicated: {exc.message}\n")
+        log.warning("WAL not replicated: %s", exc.message)
         return
     for repo in report.repos:
         if repo.error:
-            sys.stderr.write(
-                f"drkit wal-pusher: WAL not replicated to '{repo.repo}': {repo.error}\n"
-            )
+            log.warning("WAL not replicated to '%s': %s", repo.repo, repo.error)
