@@ -17,11 +17,11 @@ from drkit.cli.main import app
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.errors import IntegrityError, ObjectLocked
 from drkit.prune.operation import RepoPrune, prune_repository
-from drkit.prune.policy import RetentionPolicy, WalCut
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import BackupStats, FileEntry, Manifest, ObjectEntry
 from drkit.repo.repository import Repository
+from drkit.repo.retention import RetentionPolicy, WalCut
 from drkit.storage.base import Storage
 from drkit.storage.posix import PosixStorage
 

@@ -20,8 +20,8 @@ from rig.postgres import PgCluster, database_checksums
 
 from drkit.crypto.keyfile import KeyfileProvider
 from drkit.prune.operation import prune_repository
-from drkit.prune.policy import RetentionPolicy
 from drkit.repo.repository import Repository
+from drkit.repo.retention import RetentionPolicy
 from drkit.storage.posix import PosixStorage
 
 

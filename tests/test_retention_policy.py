@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from drkit.config.settings import PosixRepo, RetentionSettings
 from drkit.prune.operation import policy_from
-from drkit.prune.policy import (
+from drkit.repo.label import BackupLabel
+from drkit.repo.retention import (
     BackupFacts,
     Decision,
     RetentionPolicy,
@@ -19,7 +20,6 @@ from drkit.prune.policy import (
     stale_leftovers,
     wal_cuts,
 )
-from drkit.repo.label import BackupLabel
 
 T0 = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)  # a Thursday
 

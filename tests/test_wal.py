@@ -27,12 +27,12 @@ import pytest
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.errors import IntegrityError
 from drkit.repo.repository import FORMAT_KEY, FORMAT_VERSION, Repository
+from drkit.repo.wal_archive import WalArchive
+from drkit.repo.wal_names import parse_wal_name
+from drkit.repo.wal_objects import MAGIC, RepoLike, WalKeyring, period_of, read_header
 from drkit.storage.posix import PosixStorage
 from drkit.wal import push as push_module
-from drkit.wal.archive import WalArchive
 from drkit.wal.config import load_wal_config
-from drkit.wal.names import parse_wal_name
-from drkit.wal.objects import MAGIC, RepoLike, WalKeyring, period_of, read_header
 from drkit.wal.push import Pusher, PushOptions
 from drkit.wal.spool import Spool
 

@@ -28,7 +28,7 @@ from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry
 from drkit.repo.open import open_repository
-from drkit.wal.names import parse_wal_name
+from drkit.repo.wal_names import parse_wal_name
 
 SEGMENT = 16 * 1024 * 1024
 DEFAULT_TABLESPACE = 1663

@@ -20,8 +20,8 @@ from rig.drkit import Drkit
 from rig.postgres import PgCluster, PgError, attach_cluster, chown_to_server_user
 
 from drkit.config.settings import load_settings
+from drkit.repo.wal_archive import WalArchive
 from drkit.verify.operation import VerifyOperation
-from drkit.wal.archive import WalArchive
 from drkit.wal.config import load_wal_config
 from drkit.wal.spool import Spool
 

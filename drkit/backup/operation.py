@@ -54,7 +54,7 @@ from drkit.repo.manifest import (
 )
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
-from drkit.wal.archive import WalArchive
+from drkit.repo.wal_archive import WalArchive
 
 MTIME_SAFETY_S = 2.0
 # WAL up to this size is read for the changed blocks whatever the changed files weigh (~1 s)

@@ -45,7 +45,7 @@ def wal_push(path: str, config: Path | None) -> int:
 
             if push_async(settings, source):
                 return 0
-        from drkit.wal.objects import WalKeyring
+        from drkit.repo.wal_objects import WalKeyring
         from drkit.wal.push import Pusher, PushOptions
 
         repo = settings.open_repository()

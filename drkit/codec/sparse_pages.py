@@ -29,10 +29,13 @@ from typing import TYPE_CHECKING
 
 from drkit.codec._sparse import xor_words
 from drkit.errors import IntegrityError
-from drkit.pg.constants import PAGE_SIZE
 
 if TYPE_CHECKING:
     import numpy as np
+
+# The record format's page: fixed by the format (and _sparse.c), not read from a cluster. It is
+# PostgreSQL's block size, which drkit requires (drkit/pg/constants.py).
+PAGE_SIZE = 8192
 
 WORDS = PAGE_SIZE // 8  # 8-byte words per page
 _LENGTH = struct.Struct("<Q")

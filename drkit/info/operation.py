@@ -8,7 +8,7 @@ from typing import Any
 from drkit.config.settings import Settings
 from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.open import open_repository
-from drkit.wal.archive import TimelineSummary, WalArchive
+from drkit.repo.wal_archive import TimelineSummary, WalArchive
 
 
 @dataclass

@@ -16,7 +16,7 @@ from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient
 from drkit.crypto.transit import ciphertext_version
 from drkit.repo.label import BackupLabel
 from drkit.repo.repository import BACKUP_PREFIX, Repository
-from drkit.wal.objects import KEYS_PREFIX
+from drkit.repo.wal_objects import KEYS_PREFIX
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,11 @@ from typing import Any
 
 from drkit.config.settings import RepoSettings, RetentionSettings, Settings
 from drkit.errors import ConfigError, DrkitError, ObjectLocked
-from drkit.prune.policy import (
+from drkit.repo.label import BackupLabel
+from drkit.repo.lock import operation_lock
+from drkit.repo.open import open_repository, repo_location
+from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.repo.retention import (
     BackupFacts,
     RetentionPolicy,
     WalCut,
@@ -34,12 +38,8 @@ from drkit.prune.policy import (
     stale_leftovers,
     wal_cuts,
 )
-from drkit.repo.label import BackupLabel
-from drkit.repo.lock import operation_lock
-from drkit.repo.open import open_repository, repo_location
-from drkit.repo.repository import BACKUP_PREFIX, Repository
-from drkit.wal.archive import WalArchive
-from drkit.wal.names import parse_wal_name
+from drkit.repo.wal_archive import WalArchive
+from drkit.repo.wal_names import parse_wal_name
 
 COPY_PREFIX = "copies/"  # copy records of a backup (drkit/replicate): <label>/<repository>.json
 

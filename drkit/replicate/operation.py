@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError
 from drkit.prune.operation import backup_facts, policy_from
-from drkit.prune.policy import Decision, WalCut, decide
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.repo.retention import Decision, WalCut, decide
 
 WAL_PREFIXES = ("wal-keys/", "wal/")  # key records first: no segment without its key
 COPY_PREFIX = "copies/"

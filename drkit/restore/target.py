@@ -18,7 +18,7 @@ from drkit.repo.manifest import Manifest
 from drkit.repo.repository import Repository
 
 if TYPE_CHECKING:
-    from drkit.wal.archive import WalArchive
+    from drkit.repo.wal_archive import WalArchive
 
 
 class TargetUnreachable(DrkitError):
@@ -63,7 +63,7 @@ def check_reachable(repo: Repository, manifest: Manifest, target: RecoveryTarget
         return  # the backup carries every segment it needs
     if target.kind is TargetKind.TIME and target.time > datetime.now(UTC):
         raise TargetUnreachable(f"recovery target time '{target.value}' is in the future")
-    from drkit.wal.archive import WalArchive
+    from drkit.repo.wal_archive import WalArchive
 
     archive = WalArchive(repo)
     segment_size = manifest.wal_segment_size

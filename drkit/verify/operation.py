@@ -83,7 +83,7 @@ class VerifyOperation:
         return VerifyReport(repo.name, results, wal)
 
     def _verify_wal(self, repo: Repository) -> WalVerification:
-        from drkit.wal.archive import WalArchive
+        from drkit.repo.wal_archive import WalArchive
 
         archive = WalArchive(repo)
         result = WalVerification()

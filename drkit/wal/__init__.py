@@ -1,6 +1,7 @@
 """Continuous WAL archiving: ``wal-push`` (archive_command), ``wal-fetch`` (restore_command).
 
-Repository layout (beside ``backup/``, see drkit/repo/repository.py)::
+Repository layout (beside ``backup/``, see drkit/repo/repository.py; the archive's names, objects
+and reader are repository format, in drkit/repo/wal_names.py, wal_objects.py and wal_archive.py)::
 
     wal/<timeline>/<file name>        one write-once object per archived file
     wal-keys/<period>/<nnnn>.json     WAL key records: the period's DEK wrapped by the key provider
@@ -41,8 +42,8 @@ it separately because every segment says it: ``WalArchive.segment_size`` is take
 backup manifest when the repository has backups, else from the long page header of the oldest
 archived segment (decrypted), else 16 MiB.
 
-Modules: ``names`` (file names, object keys), ``objects`` (header, key periods, encode/decode),
-``push``, ``fetch``, ``archive`` (listing, gaps, history), ``spool`` (async mode), ``config``
-(the fast configuration loader of the WAL commands). This package never imports typer, rich,
-psycopg or pydantic on the push/fetch path.
+Modules: ``push``, ``fetch``, ``spool`` (async mode), ``config`` (the fast configuration loader
+of the WAL commands); in drkit/repo/: ``wal_names`` (file names, object keys), ``wal_objects``
+(header, key periods, encode/decode), ``wal_archive`` (listing, gaps, history). This package
+never imports typer, rich, psycopg or pydantic on the push/fetch path.
 """

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from drkit.errors import ConfigError
-from drkit.wal.names import KeyPeriod
+from drkit.repo.wal_names import KeyPeriod
 
 if TYPE_CHECKING:
     from drkit.crypto.base import KeyProvider
+    from drkit.repo.wal_objects import RepoLike
     from drkit.storage.base import Storage
-    from drkit.wal.objects import RepoLike
 
 DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")  # as drkit.config.settings
 DEFAULT_LOCK_PATH = Path("/tmp/drkit")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from drkit.errors import DrkitError, ObjectNotFound
 from drkit.fsutil import os_reason
-from drkit.wal.names import parse_wal_name
-from drkit.wal.objects import RepoLike, WalKeyring, read_object
+from drkit.repo.wal_names import parse_wal_name
+from drkit.repo.wal_objects import RepoLike, WalKeyring, read_object
 
 
 class WalFetchError(DrkitError):

@@ -22,9 +22,9 @@ from pathlib import Path
 from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
 from drkit.fsutil import os_reason
 from drkit.pg.wal import check_segment_header, parse_segment_name
+from drkit.repo.wal_names import KeyPeriod, WalName, file_identity, parse_wal_name
+from drkit.repo.wal_objects import RepoLike, WalKeyring, read_object, write_object
 from drkit.wal.errors import WalConflict, WalSourceError
-from drkit.wal.names import KeyPeriod, WalName, file_identity, parse_wal_name
-from drkit.wal.objects import RepoLike, WalKeyring, read_object, write_object
 
 __all__ = [
     "PushOptions",

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 from drkit.errors import DrkitError
 from drkit.fsutil import fsync_dir, os_reason
 from drkit.logs import open_log_file
+from drkit.repo.wal_names import file_identity, is_wal_name
 from drkit.wal.config import WalConfig
 from drkit.wal.errors import AsyncPushError, WalSourceError
-from drkit.wal.names import file_identity, is_wal_name
 
 if TYPE_CHECKING:  # the archive_command side imports neither: it only waits
     import subprocess
@@ -254,7 +254,7 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
     """The background pusher's main loop; returns when idle (or at once if one already runs)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from drkit.wal.objects import WalKeyring
+    from drkit.repo.wal_objects import WalKeyring
     from drkit.wal.push import Pusher, PushOptions
 
     spool = Spool(config.spool_path)

@@ -4,7 +4,7 @@
 timelines, segments per timeline, the last segment, gaps in a range, contiguous ranges. It reads
 and decrypts what it must: timeline history files, the push time of an object (a ranged read of
 its clear header only), and, when no backup manifest tells it, one segment's first page for the
-segment size. ``fetch`` (drkit/wal/fetch.py) is re-exported here.
+segment size.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import Any
 
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.wal import parse_lsn, parse_segment_name, segment_name
-from drkit.wal.fetch import fetch
-from drkit.wal.names import WAL_PREFIX, WalName, history_name, parse_wal_name
-from drkit.wal.objects import RepoLike, WalKeyring, read_header, read_object
+from drkit.repo.wal_names import WAL_PREFIX, WalName, history_name, parse_wal_name
+from drkit.repo.wal_objects import RepoLike, WalKeyring, read_header, read_object
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "TimelineSummary", "WalArchive", "fetch"]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "TimelineSummary", "WalArchive"]
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData; xlp_seg_size is field 6

@@ -18,8 +18,8 @@ from typing import Protocol
 from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
 from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, IntegrityError, ObjectExists
+from drkit.repo.wal_names import KeyPeriod, WalName
 from drkit.storage.base import Storage, WrittenObject
-from drkit.wal.names import KeyPeriod, WalName
 
 MAGIC = b"DKW1"
 VERSION = 1
