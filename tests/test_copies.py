@@ -21,7 +21,7 @@ from rig.servers import S3Server
 
 from drkit.config.settings import load_settings
 from drkit.errors import IntegrityError
-from drkit.replicate.fanout import FanOut
+from drkit.repo.fanout import FanOut
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import ObjectEntry
 from drkit.repo.open import open_repository
@@ -354,11 +354,11 @@ def test_s3_down_during_the_backup_then_replicate_completes_the_copy(
 def _upload_to(
     tmp: Path, key: str, chunks: list[bytes], expected: ObjectEntry
 ) -> tuple[bool, Path]:
-    """Run one streamed copy (drkit/replicate/fanout.py) into a posix target, fed from this
+    """Run one streamed copy (drkit/repo/fanout.py) into a posix target, fed from this
     thread the way the backup feeds it; returns what write_to said and the target root."""
     import threading
 
-    from drkit.replicate.fanout import _Upload
+    from drkit.repo.fanout import _Upload
     from drkit.repo.repository import Repository
     from drkit.storage.posix import PosixStorage
 
@@ -403,7 +403,7 @@ def test_streamed_copy_is_kept_only_with_the_primarys_checksum(tmp_path: Path) -
 def test_streamed_copy_that_falls_behind_is_dropped_without_a_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from drkit.replicate import fanout
+    from drkit.repo import fanout
 
     monkeypatch.setattr(fanout, "OBJECT_BUDGET", 150_000)
     chunks = [os.urandom(100_000) for _ in range(5)]

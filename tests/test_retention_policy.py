@@ -9,7 +9,6 @@ import pytest
 from pydantic import ValidationError
 
 from drkit.config.settings import PosixRepo, RetentionSettings
-from drkit.prune.operation import policy_from
 from drkit.repo.label import BackupLabel
 from drkit.repo.retention import (
     BackupFacts,
@@ -17,6 +16,7 @@ from drkit.repo.retention import (
     RetentionPolicy,
     WalCut,
     decide,
+    policy_from,
     stale_leftovers,
     wal_cuts,
 )

@@ -337,7 +337,7 @@ class FileCopier:
 
 
 class ObjectCopy(Protocol):
-    """The copies of one data object, fed while the object is written (drkit/replicate/fanout)."""
+    """The copies of one data object, fed while the object is written (drkit/repo/fanout.py)."""
 
     def write(self, data: bytes | memoryview) -> None: ...
 

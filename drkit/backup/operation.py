@@ -4,7 +4,7 @@ Order matters and is the repository's invariant: data objects, then the key reco
 manifest. Until the manifest is written nothing is listed, so a backup killed at any point leaves
 only unlisted leftovers, which the next backup removes under the same lock. The other
 repositories get the same order: each data object is streamed to them as soon as it is committed
-here (drkit/replicate/fanout.py), the key record and manifest only once the backup is complete.
+here (drkit/repo/fanout.py), the key record and manifest only once the backup is complete.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from drkit.pg.wal import (
 from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
 from drkit.pg.walk import PgdataListing, SourceFile, walk_pgdata
 from drkit.progress import NoProgress, Progress
-from drkit.replicate.fanout import FanOut
-from drkit.replicate.operation import ReplicationReport
+from drkit.repo.copies import ReplicationReport
+from drkit.repo.fanout import FanOut
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (

@@ -23,8 +23,12 @@ Exit codes (docs/wal-archiving.md):
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from drkit.config.settings import Settings
 
 FETCH_ERROR_BASE = 200
 FETCH_NOT_FOUND = 1
@@ -111,10 +115,20 @@ def wal_pusher(config: Path | None, idle: float) -> int:
         from drkit.wal.config import load_wal_config
         from drkit.wal.spool import run_pusher
 
-        return run_pusher(load_wal_config(config), idle=idle)
+        wal_config = load_wal_config(config)
+        return run_pusher(
+            wal_config, copy_settings=partial(_full_settings, wal_config.config_path), idle=idle
+        )
     except DrkitError as exc:
         _fail("wal-pusher", exc.message, exc.hint)
         return exc.exit_code
+
+
+def _full_settings(path: Path) -> Settings:
+    """The full loader, imported only when called (pydantic is slow to import)."""
+    from drkit.config.settings import load_settings
+
+    return load_settings(path)
 
 
 def _say(command: str, message: str) -> None:

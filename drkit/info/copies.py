@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from drkit.config.settings import Settings
 from drkit.errors import DrkitError
 from drkit.repo.open import open_repository
+from drkit.repo.wal_names import WAL_PREFIX
 
 LIVE_MEDIA = "disk"  # the running database's own copy
 
@@ -50,7 +51,7 @@ class CopyMap:
             try:
                 repo = open_repository(settings, repo_settings.name)
                 found.holdings[repo.name] = {str(label) for label in repo.backups()}
-                found.wal[repo.name] = {o.key for o in repo.storage.list("wal/")}
+                found.wal[repo.name] = {o.key for o in repo.storage.list(WAL_PREFIX)}
             except DrkitError as exc:
                 found.unreachable[repo_settings.name] = str(exc)
                 found.holdings[repo_settings.name] = set()

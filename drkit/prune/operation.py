@@ -24,24 +24,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from drkit.config.settings import RepoSettings, RetentionSettings, Settings
+from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import ConfigError, DrkitError, ObjectLocked
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import open_repository, repo_location
-from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.repo.repository import Repository
 from drkit.repo.retention import (
     BackupFacts,
     RetentionPolicy,
     WalCut,
+    backup_facts,
     decide,
+    policy_from,
     stale_leftovers,
     wal_cuts,
 )
 from drkit.repo.wal_archive import WalArchive
 from drkit.repo.wal_names import parse_wal_name
-
-COPY_PREFIX = "copies/"  # copy records of a backup (drkit/replicate): <label>/<repository>.json
 
 
 @dataclass
@@ -105,10 +105,6 @@ class PruneReport:
             if r.error is not None:
                 return r.error.exit_code
         return 1 if any(r.warning for r in self.repos) else 0
-
-
-def policy_from(retention: RetentionSettings) -> RetentionPolicy:
-    return RetentionPolicy(**retention.model_dump())
 
 
 class PruneOperation:
@@ -231,26 +227,6 @@ def prune_repository(
     return result
 
 
-def backup_facts(repo: Repository, label: BackupLabel) -> BackupFacts:
-    """The policy's view of one backup, from its manifest. Raises when the manifest cannot be
-    read: prune never decides about a repository it cannot fully read."""
-    manifest, _ = repo.load_manifest(label)
-    needs = set(manifest.chain)
-    needs.update(f.backup for f in manifest.files if f.backup)
-    needs.update(f.base for f in manifest.files if f.base)
-    if manifest.parent:
-        needs.add(manifest.parent)
-    needs.discard(str(label))
-    return BackupFacts(
-        label=label,
-        start_time=manifest.start_time,
-        stop_time=manifest.stop_time,
-        timeline=manifest.timeline,
-        start_wal=manifest.start_wal,
-        needs=frozenset(needs),
-    )
-
-
 def _hold(result: RepoPrune, facts: dict[str, BackupFacts], needs: frozenset[str], by: str) -> None:
     for needed in needs:
         if needed in facts and needed not in result.kept:
@@ -267,19 +243,15 @@ def _delete_backup(repo: Repository, label: str, result: RepoPrune) -> bool:
 
 
 def _delete_objects(repo: Repository, label: BackupLabel, result: RepoPrune) -> None:
-    """Every object of an unlisted backup: the copy and verification records written after its
-    manifest, then its key records, then its data. Data goes last so that until the very end the
-    backup's directory shows the leftover to the next run. Locked objects are skipped."""
-    keys = [o.key for o in repo.storage.list(f"{COPY_PREFIX}{label}/")]
-    backup = [o.key for o in repo.storage.list(f"{BACKUP_PREFIX}{label}/")]
-    keys += sorted(backup, key=lambda k: ("/data/" in k, "/key/" in k, k))
-    for key in keys:
+    """Every object of an unlisted backup, in ``Repository.deletion_order``; locked objects are
+    skipped."""
+    for key in repo.deletion_order(label):
         _delete(repo, key, result)
 
 
 def _delete(repo: Repository, key: str, result: RepoPrune) -> bool:
     try:
-        repo.storage.delete(key)
+        repo.delete(key)
     except ObjectLocked as exc:
         result.skipped.append(Skipped(key, exc.message, exc.until))
         return False

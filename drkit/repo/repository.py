@@ -6,6 +6,8 @@ Layout (keys are '/'-separated on every store)::
     backup/<label>/data/<nnnnnn>       data objects: bundles of small files or one large file
     backup/<label>/key/<nnnn>.json     key records: the backup's DEK wrapped by the key provider
     backup/<label>/manifest            the encrypted manifest, written last
+    copies/<label>/<repository>.json   copy records: the backup was copied to that repository
+                                       and verified (written in the primary, drkit/repo/copies.py)
     drills/<id>/key/0001.json          a drill record's DEK, wrapped (drkit/repo/drills.py)
     drills/<id>/record                 the drill record, sealed and bound to its id, written last
 
@@ -54,6 +56,7 @@ from drkit.storage.base import Storage
 FORMAT_KEY = "drkit-repository.json"
 FORMAT_VERSION = 1
 BACKUP_PREFIX = "backup/"
+COPY_PREFIX = "copies/"
 
 
 class RepositoryFormat(BaseModel):
@@ -207,6 +210,29 @@ class Repository:
         for key in keys:
             self.storage.delete(key)
         return len(keys)
+
+    def deletion_order(self, label: BackupLabel) -> list[str]:
+        """Every object of a backup that is no longer listed (its manifest gone), in the order
+        prune deletes them: the copy and verification records written after its manifest, then
+        its key records, then its data. Data goes last so that until the very end the backup's
+        directory shows the leftover to the next run."""
+        keys = [o.key for o in self.storage.list(f"{COPY_PREFIX}{label}/")]
+        backup = [o.key for o in self.storage.list(f"{BACKUP_PREFIX}{label}/")]
+        return keys + sorted(backup, key=lambda k: ("/data/" in k, "/key/" in k, k))
+
+    def delete(self, key: str) -> None:
+        """Delete one object (ObjectLocked while a retention lock protects it)."""
+        self.storage.delete(key)
+
+    # -- copy records ---------------------------------------------------------------------------
+
+    def write_copy_record(self, label: BackupLabel, target: str) -> None:
+        """Record (write-once, kept if there) that ``label`` was copied to repository ``target``
+        and verified."""
+        record = {"repo": target, "verified": True, "time": datetime.now(UTC).isoformat()}
+        key = f"{COPY_PREFIX}{label}/{target}.json"
+        if not self.storage.exists(key):
+            self.storage.write_bytes(key, json.dumps(record).encode())
 
     # -- verification records -------------------------------------------------------------------
 

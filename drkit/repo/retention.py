@@ -1,5 +1,6 @@
 """Retention policy: from a repository's history, exactly which backups stay, which go, and which
-archived WAL may go. Pure functions of their arguments (the time included): no I/O.
+archived WAL may go. Pure functions of their arguments (the time included): no I/O, except
+where the facts come from (``backup_facts`` reads a manifest; ``policy_from`` takes the settings).
 
 Rules (any combination; a backup is kept when *any* rule keeps it):
 
@@ -34,8 +35,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from drkit.repo.label import BackupLabel, BackupType
+
+if TYPE_CHECKING:
+    from drkit.config.settings import RetentionSettings
+    from drkit.repo.repository import Repository
 
 
 @dataclass(frozen=True)
@@ -227,3 +233,31 @@ def _duration(value: timedelta) -> str:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+# -- the facts, from a repository and the configuration -------------------------------------
+
+
+def policy_from(retention: RetentionSettings) -> RetentionPolicy:
+    """The policy a ``[retention]`` table configures."""
+    return RetentionPolicy(**retention.model_dump())
+
+
+def backup_facts(repo: Repository, label: BackupLabel) -> BackupFacts:
+    """The policy's view of one backup, from its manifest. Raises when the manifest cannot be
+    read: prune never decides about a repository it cannot fully read."""
+    manifest, _ = repo.load_manifest(label)
+    needs = set(manifest.chain)
+    needs.update(f.backup for f in manifest.files if f.backup)
+    needs.update(f.base for f in manifest.files if f.base)
+    if manifest.parent:
+        needs.add(manifest.parent)
+    needs.discard(str(label))
+    return BackupFacts(
+        label=label,
+        start_time=manifest.start_time,
+        stop_time=manifest.stop_time,
+        timeline=manifest.timeline,
+        start_wal=manifest.start_wal,
+        needs=frozenset(needs),
+    )

@@ -44,8 +44,10 @@ from drkit.wal.errors import AsyncPushError, WalSourceError
 
 if TYPE_CHECKING:  # the archive_command side imports neither: it only waits
     import subprocess
+    from collections.abc import Callable
     from concurrent.futures import Future
 
+    from drkit.config.settings import Settings
     from drkit.wal.push import PushResult
 
 log = logging.getLogger(__name__)
@@ -250,8 +252,12 @@ def ready_names(status_dir: Path) -> list[str]:
     )
 
 
-def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
-    """The background pusher's main loop; returns when idle (or at once if one already runs)."""
+def run_pusher(
+    config: WalConfig, *, copy_settings: Callable[[], Settings], idle: float = DEFAULT_IDLE
+) -> int:
+    """The background pusher's main loop; returns when idle (or at once if one already runs).
+    ``copy_settings`` gives the full settings the WAL copies to the other repositories need; it
+    is called once, when the pusher is idle, so the first push never waits for that loader."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from drkit.repo.wal_objects import WalKeyring
@@ -308,7 +314,7 @@ def run_pusher(config: WalConfig, *, idle: float = DEFAULT_IDLE) -> int:
                 if inflight or finished:
                     idle_since = time.monotonic()
                 elif draining or time.monotonic() - idle_since > idle:
-                    replicate_wal(config)
+                    replicate_wal(copy_settings)
                     return 0
                 if inflight:
                     wait(inflight.values(), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -358,19 +364,18 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def replicate_wal(config: WalConfig) -> None:
+def replicate_wal(copy_settings: Callable[[], Settings]) -> None:
     """Before the pusher exits (idle), copy the new WAL to the other repositories: the primary
     is written synchronously, the others follow within one pusher lifetime. Best effort: a
     repository that is down is caught up later (by the next pusher, a backup's fan-out or
     'drkit replicate'); 'drkit info' shows the lag."""
-    from drkit.config.settings import load_settings
-    from drkit.replicate.operation import ReplicateOperation
+    from drkit.repo.copies import CopyService
 
     try:
-        settings = load_settings(config.config_path)
+        settings = copy_settings()
         if len(settings.repo) < 2:
             return
-        report = ReplicateOperation(settings, labels=[]).run()  # WAL only, no backups
+        report = CopyService(settings, labels=[]).catch_up()  # WAL only, no backups
     except DrkitError as exc:
         log.warning("WAL not replicated: %s", exc.message)
         return

@@ -43,7 +43,7 @@ from typing import Self
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError, LockError, ObjectLocked
-from drkit.replicate.operation import ReplicateOperation, ReplicationReport, Replicator
+from drkit.repo.copies import CopyService, ReplicationReport, Replicator
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import ObjectEntry
@@ -101,7 +101,7 @@ class FanOut:
             stream.drain()
         self._finished = True  # from here a target may list the backup: never take it back
         streams = {stream.name: stream for stream in self._streams}
-        report = ReplicateOperation(self.settings, [label], held_locks=streams.keys()).run()
+        report = CopyService(self.settings, [label], held_locks=streams.keys()).catch_up()
         for result in report.repos:
             if (streamed := streams.get(result.repo)) is None:
                 continue  # its lock was busy: not streamed to
