@@ -8,22 +8,28 @@ VENV          ?= .venv
 PY            := $(VENV)/bin/python
 PYTEST_ARGS   ?= -n 2
 
-.PHONY: venv test lint demo
+.PHONY: venv test lint imports demo
 
 venv:
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install -e '.[test]'
 
-# pytest exits 5 when it collected no tests; a suite that silently ran nothing is a failure.
-test:
+# The layer contract (about a second) runs first, so CI checks it too. pytest exits 5 when it
+# collected no tests; a suite that silently ran nothing is a failure.
+test: imports
 	@$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 
-lint:
+lint: imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The import contract of docs/design.md's layers ([tool.importlinter] in pyproject.toml).
+imports:
+	@test -x $(VENV)/bin/lint-imports || { echo "make imports: import-linter is missing; run 'make venv'" >&2; exit 2; }
+	$(VENV)/bin/lint-imports
 
 demo:
 	@test -x $(PY) || $(MAKE) venv
