@@ -163,7 +163,8 @@ def test_structured_events_are_json_fields(capsys: pytest.CaptureFixture[str]) -
 
 def test_no_secret_reaches_a_log_at_debug(pg: PgCluster, workdir: Path) -> None:
     """A Vault token in the settings and the key file's content appear neither on stderr nor in
-    the log file, with every drkit logger at debug, through a backup and info."""
+    the log file, with every drkit logger at debug, through a backup and info; the backup's
+    notice is a log record."""
     token = "hvs.never-log-this-token-4e1f"
     log_path = workdir / "logs" / "drkit.log"
     log_path.parent.mkdir(mode=0o700)
@@ -172,7 +173,10 @@ def test_no_secret_reaches_a_log_at_debug(pg: PgCluster, workdir: Path) -> None:
     with dk.config.open("a") as file:
         file.write(f'[keys.vault]\naddr = "http://127.0.0.1:1"\ntoken = "{token}"\n')
     dk.ok("init")
-    dk.ok("backup", "--type", "full")
+    backup = dk.ok("backup", "--type", "incr")  # nothing to base it on: a full, with a notice
+    (notice,) = [r for r in json_lines(backup.stderr) if r["logger"] == "drkit.backup.operation"]
+    assert notice["level"] == "info"
+    assert notice["message"] == "no earlier backup to base a incr backup on: taking a full backup"
     assert dk.keyfile is not None
     key = dk.keyfile.read_bytes()
     result = drkit("--log-level", "debug", "info", "--json", "--config", str(dk.config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -12,10 +13,11 @@ from drkit.cli.common import (
     handle_errors,
     print_json,
     settings_from,
-    stderr,
     stdout,
 )
 from drkit.config.durations import parse_duration
+
+log = logging.getLogger(__name__)
 
 
 def _interval(value: str | None) -> str | None:
@@ -50,10 +52,11 @@ def command(
     operation = HeartbeatOperation(settings, once=once)
     if not once:
         hb = settings.heartbeat
-        stderr.print(
-            f"heartbeat into '{hb.database}.public.{hb.table}' every {operation.interval:g}s"
-            " (SIGTERM or Ctrl-C stops it)",
-            markup=False,
+        log.info(
+            "heartbeat into '%s.public.%s' every %gs (SIGTERM or Ctrl-C stops it)",
+            hb.database,
+            hb.table,
+            operation.interval,
         )
     result = operation.run()
     if json_:
