@@ -220,7 +220,7 @@ def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
     with contextlib.suppress(FileNotFoundError):
         if log_path.stat().st_size > LOG_LIMIT:
             log_path.unlink()
-    with open(open_log_file(log_path), "ab") as log:  # append-only, never through a symlink
+    with open(open_log_file(log_path), "ab") as output:  # append-only, never through a symlink
         return subprocess.Popen(
             [
                 sys.executable,
@@ -231,8 +231,8 @@ def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
                 str(config.config_path.absolute()),
             ],
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            stdout=output,
+            stderr=output,
             start_new_session=True,
             close_fds=True,
         )
