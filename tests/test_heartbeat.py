@@ -102,4 +102,10 @@ def test_running_heartbeat_survives_a_restart_and_stops_on_sigterm(
     result = json.loads(stdout)
     assert result["stopped_by"] == "SIGTERM"
     assert result["beats"] >= 3 and result["failures"] >= 1
-    assert "heartbeat failed: unable to" in stderr
+    logged = [json.loads(line) for line in stderr.splitlines()]
+    assert logged[0]["message"] == "heartbeat started"
+    assert logged[0]["interval_seconds"] == 0.2
+    failures = [r for r in logged if r["message"] == "heartbeat failed"]
+    assert failures and all(r["level"] == "warning" for r in failures)
+    assert any("unable to" in r["error"] for r in failures)
+    assert logged[-1]["message"] == "heartbeat written"  # after the restart

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
@@ -16,8 +15,6 @@ from drkit.cli.common import (
     stdout,
 )
 from drkit.config.durations import parse_duration
-
-log = logging.getLogger(__name__)
 
 
 def _interval(value: str | None) -> str | None:
@@ -49,16 +46,7 @@ def command(
     from drkit.heartbeat.operation import HeartbeatOperation
 
     settings = settings_from(config, {"heartbeat": {"interval": interval}} if interval else None)
-    operation = HeartbeatOperation(settings, once=once)
-    if not once:
-        hb = settings.heartbeat
-        log.info(
-            "heartbeat into '%s.public.%s' every %gs (SIGTERM or Ctrl-C stops it)",
-            hb.database,
-            hb.table,
-            operation.interval,
-        )
-    result = operation.run()
+    result = HeartbeatOperation(settings, once=once).run()
     if json_:
         print_json(result.as_dict())
     else:

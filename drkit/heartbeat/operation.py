@@ -31,6 +31,7 @@ from psycopg import sql
 
 from drkit.config.settings import Settings
 from drkit.errors import ConfigError, PostgresError
+from drkit.logs import event
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,13 @@ class HeartbeatOperation:
                 result.last_at = self._beat(conn)
             result.beats = 1
             return result
+        event(
+            log,
+            "heartbeat started",
+            database=hb.database,
+            table=result.table,
+            interval_seconds=self.interval,
+        )
         with _stopped_by_signals():
             try:
                 self._beat_until_stopped(result)
@@ -104,7 +112,7 @@ class HeartbeatOperation:
 
     def _beat_until_stopped(self, result: HeartbeatResult) -> None:
         conn: psycopg.Connection[Any] | None = None
-        retry = FIRST_RETRY
+        failing = 0  # failures since the last beat that worked
         try:
             while True:
                 started = time.monotonic()
@@ -113,11 +121,20 @@ class HeartbeatOperation:
                         conn = self._connect()
                     result.last_at = self._beat(conn)
                     result.beats += 1
-                    wait, retry = self.interval, FIRST_RETRY
+                    if failing or result.beats == 1:
+                        event(log, "heartbeat written", at=result.last_at.isoformat())
+                    wait, failing = self.interval, 0
                 except PostgresError as exc:
                     result.failures += 1
-                    wait, retry = min(retry, self.interval), min(retry * 2, self.interval)
-                    log.warning("heartbeat failed: %s; retrying in %.1fs", exc.message, wait)
+                    failing += 1
+                    wait = min(FIRST_RETRY * 2 ** min(failing - 1, 16), self.interval)
+                    event(
+                        log,
+                        "heartbeat failed",
+                        level=logging.WARNING,
+                        error=exc.message,
+                        retry_seconds=round(wait, 3),
+                    )
                     if conn is not None:
                         with suppress(psycopg.Error):
                             conn.close()
