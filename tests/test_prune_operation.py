@@ -363,7 +363,8 @@ def test_no_backups_prunes_nothing(tmp_path: Path, keyfile: Path) -> None:
     s.wal(1, range(1, 5))
     before = s.objects()
     result = prune_repository(s.repo, RetentionPolicy(full=1), NOW)
-    assert result == RepoPrune("local", False, policy="full = 1")
+    kept_since = NOW - timedelta(days=400)  # drill records: 400 days, whatever the policy
+    assert result == RepoPrune("local", False, policy="full = 1", drills_kept_since=kept_since)
     assert s.objects() == before
 
 

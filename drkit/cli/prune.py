@@ -71,6 +71,13 @@ def _render(r: RepoPrune) -> None:
                 f"  {verb} {len(names)} WAL file(s) of timeline {cut.timeline}:"
                 f" {names[0]} .. {names[-1]}"
             )
+    if r.drills_deleted:
+        assert r.drills_kept_since is not None
+        since = r.drills_kept_since.date().isoformat()
+        stdout.print(
+            f"  {verb} {len(r.drills_deleted)} drill record(s) of drills before {since}:"
+            f" {r.drills_deleted[0]} .. {r.drills_deleted[-1]}"
+        )
     for skipped in r.skipped:
         warn(f"skipped '{skipped.key}': {skipped.reason}")
     for label, why in r.held.items():

@@ -26,6 +26,7 @@ from typing import Any
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import ConfigError, DrkitError, ObjectLocked
+from drkit.repo.drills import drill_time, is_drill_id
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import open_repository, repo_location
@@ -36,6 +37,8 @@ from drkit.repo.retention import (
     WalCut,
     backup_facts,
     decide,
+    drill_records_kept_since,
+    newest_proven,
     policy_from,
     stale_leftovers,
     wal_cuts,
@@ -70,6 +73,8 @@ class RepoPrune:
     leftovers: list[str] = field(default_factory=list)  # incomplete backups removed
     wal_cuts: list[WalCut] = field(default_factory=list)
     wal_deleted: list[str] = field(default_factory=list)  # archived WAL files, oldest first
+    drills_kept_since: datetime | None = None  # drill records of drills started before go
+    drills_deleted: list[str] = field(default_factory=list)  # drill ids, oldest first
     skipped: list[Skipped] = field(default_factory=list)
     error: DrkitError | None = None
 
@@ -88,6 +93,10 @@ class RepoPrune:
             "leftovers": self.leftovers,
             "wal_cuts": [{"timeline": c.timeline, "below": c.below} for c in self.wal_cuts],
             "wal_deleted": self.wal_deleted,
+            "drills_kept_since": (
+                self.drills_kept_since.isoformat() if self.drills_kept_since else None
+            ),
+            "drills_deleted": self.drills_deleted,
             "skipped": [s.as_dict() for s in self.skipped],
             "error": self.error.message if self.error else None,
         }
@@ -187,9 +196,16 @@ def prune_repository(
     facts = {str(label): backup_facts(repo, label) for label in repo.backups()}
     archive = WalArchive(repo)
     timelines = archive.timelines()
+    proven = newest_proven(e.record for e in repo.drill_records() if e.record is not None)
 
     # Decide what stays
-    decision = decide(list(facts.values()), policy, now, timelines)
+    decision = decide(list(facts.values()), policy, now, timelines, proven)
+    result.drills_kept_since = drill_records_kept_since(policy, now)
+    drills = {
+        drill_id: keys
+        for drill_id, keys in repo.drill_objects().items()
+        if is_drill_id(drill_id) and drill_time(drill_id) < result.drills_kept_since
+    }
     result.kept = {label: decision.reasons[label] for label in decision.keep}
     newest = BackupLabel(decision.keep[-1]) if decision.keep else None
     leftovers = stale_leftovers(incomplete, newest)
@@ -198,6 +214,7 @@ def prune_repository(
         result.leftovers = leftovers
         result.wal_cuts = decision.wal
         result.wal_deleted = _covered(archive, decision.wal)
+        result.drills_deleted = list(drills)
         return result
 
     # Delete backups newest first, so no backup goes before one that needs it
@@ -224,6 +241,12 @@ def prune_repository(
     for name in _covered(archive, result.wal_cuts):
         if _delete(repo, parse_wal_name(name).key, result):
             result.wal_deleted.append(name)
+
+    # Delete the drill records retention no longer keeps: the record, then its key records
+    # (a locked record keeps its key, so it stays readable)
+    for drill_id, keys in drills.items():
+        if all(_delete(repo, key, result) for key in keys):  # stops at the first locked one
+            result.drills_deleted.append(drill_id)
     return result
 
 

@@ -326,6 +326,20 @@ class Repository:
         self.storage.write_bytes(drill_key_record_key(record.id), record.key_record)
         self.storage.write_bytes(drill_record_key(record.id), record.sealed)
 
+    def drill_objects(self) -> dict[str, list[str]]:
+        """Every object under ``drills/`` by drill id (records and leftovers of interrupted
+        writes alike), each id's objects in the order prune deletes them: the record first,
+        then its key records."""
+        found: dict[str, list[str]] = {}
+        for obj in self.storage.list(DRILL_PREFIX):
+            parts = obj.key.split("/")
+            if len(parts) >= 3:
+                found.setdefault(parts[1], []).append(obj.key)
+        return {
+            drill_id: sorted(keys, key=lambda k: (not k.endswith("/record"), k))
+            for drill_id, keys in sorted(found.items())
+        }
+
     def drill_ids(self) -> list[str]:
         """Ids under ``drills/`` that hold a written record, oldest first."""
         ids = set()

@@ -16,9 +16,13 @@ Rules (any combination; a backup is kept when *any* rule keeps it):
   for a while never make the policy drop everything older; periods are UTC, from the backup's
   start time (its label).
 
-Then, whatever the rules: the newest backup is always kept, and a kept backup keeps every backup
-it needs (its chain: parent, the parent's parent, ... the full; and any backup whose frames it
-references). A chain is never broken.
+Then, whatever the rules: the newest backup is always kept; so is the newest backup a passing
+drill restored (the last one proven to restore stays until a newer one is proven too); and a
+kept backup keeps every backup it needs (its chain: parent, the parent's parent, ... the full;
+and any backup whose frames it references). A chain is never broken.
+
+Drill records are kept at least 400 days (a year of quarterly reports and the audit after it),
+and longer when the window is longer: they go when older than both.
 
 WAL. A kept backup restores on its own (it stores the WAL from its start to its stop), and the
 archive adds point-in-time recovery from it forward: from its ``start_wal`` on its timeline and
@@ -37,7 +41,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from drkit.repo.drills import DrillOutcome, DrillRecord
 from drkit.repo.label import BackupLabel, BackupType
+
+DRILL_RECORDS_MIN_AGE = timedelta(days=400)
 
 if TYPE_CHECKING:
     from drkit.config.settings import RetentionSettings
@@ -111,9 +118,11 @@ def decide(
     policy: RetentionPolicy,
     now: datetime,
     wal_timelines: Iterable[int] = (),
+    proven: ProvenBackup | None = None,
 ) -> Decision:
     """Apply ``policy`` at time ``now`` to ``backups``; ``wal_timelines`` are the timelines the
-    WAL archive holds (for the WAL cuts)."""
+    WAL archive holds (for the WAL cuts); ``proven`` the newest backup a passing drill restored
+    (``newest_proven``)."""
     ordered = sorted(backups, key=lambda b: b.label)
     reasons: dict[str, list[str]] = {}
 
@@ -122,6 +131,8 @@ def decide(
 
     if ordered:
         keep(ordered[-1].label, "newest")
+    if proven is not None and any(str(b.label) == proven.label for b in ordered):
+        keep(proven.label, f"newest backup a passing drill restored (drill {proven.drill})")
     for rule in (_keep_full, _keep_window, _keep_gfs):
         rule(ordered, policy, now, keep)
     _keep_chains(ordered, reasons)
@@ -133,6 +144,28 @@ def decide(
         reasons=reasons,
         wal=wal_cuts(kept, wal_timelines),
     )
+
+
+@dataclass(frozen=True)
+class ProvenBackup:
+    label: str
+    drill: str  # the id of the newest passing drill that restored it
+
+
+def newest_proven(records: Iterable[DrillRecord]) -> ProvenBackup | None:
+    """The newest backup a passing drill restored, with the newest such drill."""
+    proven = [
+        (r.restore_point.backup, r.id)
+        for r in records
+        if r.outcome is DrillOutcome.PASS and r.restore_point is not None
+    ]
+    return ProvenBackup(*max(proven)) if proven else None
+
+
+def drill_records_kept_since(policy: RetentionPolicy, now: datetime) -> datetime:
+    """Drill records of drills started before this may go: older than 400 days and than the
+    window (the id's time counts: it is what the record is bound to)."""
+    return now - max(DRILL_RECORDS_MIN_AGE, policy.window or timedelta(0))
 
 
 def wal_cuts(kept: Iterable[BackupFacts], timelines: Iterable[int]) -> list[WalCut]:
