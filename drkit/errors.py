@@ -123,3 +123,19 @@ class VerifyFailed(DrkitError):
     """Verification found damaged files."""
 
     exit_code = 15
+
+
+class UnsafePathError(DrkitError):
+    """A directory or file drkit reuses between runs (locks, the WAL spool) is not private to it:
+    a symbolic link, owned by another user, or writable by group or others. Nothing was
+    written through it."""
+
+    exit_code = 17
+
+
+class UnsafeManifest(IntegrityError):
+    """A manifest asks for something no PostgreSQL backup holds (a path outside the data
+    directory or outside its layout, a link, a special mode, a tablespace outside the list):
+    verification reports it and restore refuses it before writing anything."""
+
+    exit_code = 18

@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
 from drkit.errors import ConfigError
+from drkit.private_dir import default_lock_path
 
 DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")
 
@@ -349,7 +350,11 @@ class Settings(BaseSettings):
     repo: list[RepoSettings] = Field(min_length=1)
     backup: BackupSettings = BackupSettings()
     archive: ArchiveSettings = Field(default_factory=lambda: ArchiveSettings.model_validate({}))
-    lock_path: Path = Field(Path("/tmp/drkit"), description="directory for host-local lock files")
+    lock_path: Path = Field(
+        default_factory=default_lock_path,
+        description="private directory for host-local lock files (default: /run/drkit for root,"
+        " ~/.drkit otherwise)",
+    )
     retention: RetentionSettings | None = Field(
         None, description="retention of every repository without its own (drkit prune)"
     )

@@ -2,6 +2,8 @@
 
 A backup runs where PGDATA is, so a kernel lock (flock) on a file in ``lock_path`` is exact: it
 is released when the process dies, however it dies, so a kill -9 never leaves a stale lock.
+``lock_path`` and the lock file are opened as drkit/private_dir.py describes: never through a
+link, never truncated, refused when another user could have planted them.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from drkit.errors import LockError
+from drkit.private_dir import open_lock_file, open_private_dir, write_pid
 
 
 @contextmanager
 def operation_lock(lock_path: Path, scope: str, operation: str) -> Iterator[None]:
     """Hold the ``operation`` lock for ``scope`` (e.g. the primary repository's location)."""
-    lock_path.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
-    path = lock_path / f"{operation}-{digest}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    name = f"{operation}-{digest}.lock"
+    path = lock_path / name
+    dir_fd = open_private_dir(lock_path)
+    try:
+        fd = open_lock_file(dir_fd, lock_path, name)
+    finally:
+        os.close(dir_fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -32,8 +39,7 @@ def operation_lock(lock_path: Path, scope: str, operation: str) -> Iterator[None
                 f"another {operation} is already running for '{scope}' (pid {holder})",
                 hint=f"wait for it to finish; the lock is '{path}'",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        write_pid(fd)
         yield
     finally:
         os.close(fd)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from drkit.errors import ConfigError
+from drkit.private_dir import default_lock_path
 from drkit.repo.wal_names import KeyPeriod
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from drkit.storage.base import Storage
 
 DEFAULT_CONFIG = Path("/etc/drkit/drkit.toml")  # as drkit.config.settings
-DEFAULT_LOCK_PATH = Path("/tmp/drkit")
 _REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _POSTGRES_KEYS = {"pgdata", "dsn", "host", "port", "user", "dbname"}
 _REPO_KEYS = {"name", "type", "path", "media", "offsite"}
@@ -171,7 +171,7 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
             raise _Unsupported
         if not isinstance(primary.get("offsite", False), bool):
             raise _Unsupported
-        lock_path = _path(data, "lock_path") or DEFAULT_LOCK_PATH
+        lock_path = _path(data, "lock_path") or default_lock_path()
         archive = _archive(_table(data, "archive", _ARCHIVE_KEYS))
     except _Unsupported:
         return None

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
-from drkit.fsutil import fsync_dir, os_reason
+from drkit.fsutil import fsync_dir
 from drkit.logs import open_log_file
+from drkit.private_dir import open_lock_file, open_private_dir, write_pid
 from drkit.repo.wal_names import file_identity, is_wal_name
 from drkit.wal.config import WalConfig
 from drkit.wal.errors import AsyncPushError, WalSourceError
@@ -71,13 +72,10 @@ class Spool:
         self.path = path
 
     def ensure(self) -> None:
-        try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DrkitError(
-                f"cannot create the WAL spool directory '{self.path}': {os_reason(exc)}",
-                hint="set [archive] spool_path to a directory the PostgreSQL user owns",
-            ) from None
+        """Create the spool (0700) or check it is private: this user's, written by no one else
+        and not a link (drkit/private_dir.py); every file in it is then opened without
+        following links."""
+        os.close(open_private_dir(self.path))
 
     def status_path(self, name: str, suffix: str) -> Path:
         return self.path / f"{name}{suffix}"
@@ -86,7 +84,8 @@ class Spool:
         """Atomically and durably publish ``<name><suffix>``."""
         final = self.status_path(name, suffix)
         temporary = self.path / f".{name}{suffix}.{os.getpid()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o600)
         try:
             os.write(fd, text.encode())
             os.fsync(fd)
@@ -118,14 +117,17 @@ class Spool:
 
     def try_lock(self) -> int | None:
         """The pusher lock's descriptor if this process got it, None if a pusher holds it."""
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        dir_fd = open_private_dir(self.path)
+        try:
+            fd = open_lock_file(dir_fd, self.path, LOCK_FILE)
+        finally:
+            os.close(dir_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        write_pid(fd)
         return fd
 
     def pusher_running(self) -> bool:
