@@ -128,7 +128,9 @@ def test_new_timeline_after_pitr_backs_up_and_recovers_again(pg: PgCluster, work
     archive_everything(pg)
     pg.stop()  # the old primary is gone; the PITR copy takes over, archiving into the repository
 
-    promoted = restore_to(dk, workdir, "promoted", "--target-time", between, conf=None)
+    promoted = restore_to(
+        dk, workdir, "promoted", "--target-time", between, "--archive-mode", "preserve", conf=None
+    )
     assert promoted.psql("SELECT max(batch) FROM ledger") == "2"
     assert promoted.psql("SELECT timeline_id FROM pg_control_checkpoint()") == "2"
     (workdir / "new").mkdir(mode=0o755)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,11 @@ from drkit.config.settings import config_path
 from drkit.errors import ConfigError
 from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
 from drkit.pg.wal import parse_lsn
+
+
+class ArchiveMode(StrEnum):
+    OFF = "off"
+    PRESERVE = "preserve"
 
 
 def wal_fetch_command(config: Path, recovery_key: Path | None) -> str:
@@ -72,6 +78,20 @@ def command(
             "--tablespace-map", help="restore a tablespace elsewhere: OID=DIR or NAME=DIR"
         ),
     ] = None,
+    tablespace_map_all: Annotated[
+        bool,
+        typer.Option(
+            "--tablespace-map-all",
+            help="restore tablespaces not in --tablespace-map where the backup says they were",
+        ),
+    ] = False,
+    archive_mode: Annotated[
+        ArchiveMode,
+        typer.Option(
+            help="'off': the copy never archives (default); 'preserve': keep the source's"
+            " archive_mode, for a real failover"
+        ),
+    ] = ArchiveMode.OFF,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
     recovery_key: RecoveryKeyOption = None,
     target_time: Annotated[
@@ -136,6 +156,8 @@ def command(
         tablespace_map=_parse_map(tablespace_map or []),
         target=target,
         restore_command=wal_fetch_command(config_path(config), recovery_key),
+        tablespace_map_all=tablespace_map_all,
+        archive_mode=archive_mode.value,
     )
     result = RestoreOperation(settings, request, progress()).run()
     for event in result.fallbacks:
@@ -165,6 +187,11 @@ def command(
         stdout.print(
             f"recovery target: {result.target.kind} {result.target.value}".rstrip()
             + f" (then {result.target.action}); WAL comes from 'drkit wal-fetch'"
+        )
+    if archive_mode is ArchiveMode.OFF:
+        stdout.print(
+            "archive_mode = off in postgresql.auto.conf: this copy never archives into the"
+            " repository (--archive-mode preserve keeps the source's setting, for a failover)"
         )
     stdout.print("next: start the restored cluster (it replays the backup's WAL, then opens):")
     stdout.print(f"  {result.start_command}", markup=False)

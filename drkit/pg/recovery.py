@@ -1,12 +1,17 @@
-"""Recovery settings for a restored cluster: targets, restore_command, recovery.signal."""
+"""Settings for a restored cluster: archive_mode, recovery targets, restore_command,
+recovery.signal."""
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
+
+from drkit.errors import UnsafeManifest
+
+AUTO_CONF = "postgresql.auto.conf"
 
 
 class TargetKind(StrEnum):
@@ -55,16 +60,37 @@ class RecoveryTarget:
         return values
 
 
-def write_recovery_config(pgdata: Path, restore_command: str, target: RecoveryTarget) -> None:
-    """Append the settings to postgresql.auto.conf (later lines win) and create recovery.signal,
-    which makes PostgreSQL run targeted archive recovery instead of plain crash recovery."""
-    settings = {"restore_command": restore_command, **target.settings()}
+def write_restore_settings(
+    pgdata_fd: int, *, archive_off: bool, restore_command: str, target: RecoveryTarget | None
+) -> None:
+    """Append a restored cluster's settings to its postgresql.auto.conf (read last, so they win
+    over postgresql.conf): ``archive_mode = off`` when ``archive_off`` (a copy must not archive
+    into its source's repository), and with a ``target`` the recovery settings, plus
+    recovery.signal, which makes PostgreSQL run targeted archive recovery instead of plain crash
+    recovery. Both files are opened in ``pgdata_fd`` without following links: a restored
+    postgresql.auto.conf that is a link is refused, never written through."""
+    settings = {"archive_mode": "off"} if archive_off else {}
+    if target is not None:
+        settings |= {"restore_command": restore_command, **target.settings()}
+    if not settings:
+        return
     lines = ["", "# added by drkit restore"]
     lines += [f"{name} = '{_quote(value)}'" for name, value in settings.items()]
-    with open(pgdata / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(AUTO_CONF, flags, 0o600, dir_fd=pgdata_fd)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafeManifest(
+            f"the restored '{AUTO_CONF}' is a symbolic link: drkit does not write through it",
+            hint="the backup holds a link where PostgreSQL keeps a file; restore another backup",
+        ) from None
+    with open(fd, "a", encoding="utf-8") as conf:
         conf.write("\n".join(lines) + "\n")
-    fd = os.open(pgdata / "recovery.signal", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
+    if target is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open("recovery.signal", flags, 0o600, dir_fd=pgdata_fd))
 
 
 def _quote(value: str) -> str:

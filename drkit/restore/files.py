@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError, IntegrityError
@@ -29,6 +28,7 @@ from drkit.repo.layers import SECTION_PAGES, LayerPages, LayerReader
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
 from drkit.repo.repository import Repository
+from drkit.restore.paths import TargetTree
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,14 +45,15 @@ FILE_WEIGHT = 128 * 1024
 
 class FileWriter:
     """Restores files from the first repository, falling back per object to the next copy when
-    an object is missing, unreadable or fails its checksums there."""
+    an object is missing, unreadable or fails its checksums there. Every file is opened in
+    ``tree``, never by a path from the target's root (restore/paths.py)."""
 
     def __init__(
-        self, repos: list[Repository], chain: Chain, pgdata: Path, progress: Progress
+        self, repos: list[Repository], chain: Chain, tree: TargetTree, progress: Progress
     ) -> None:
         self._repos = repos
         self._chain = chain
-        self._pgdata = pgdata
+        self._tree = tree
         self._progress = progress
         self.events: list[str] = []
         self._lock = threading.Lock()
@@ -90,9 +91,7 @@ class FileWriter:
         if unchecked := [path for path, done in self._assemblies.items() if not done.checked]:
             raise IntegrityError(f"'{unchecked[0]}' was not completely restored")  # never expected
         for plan in plans:
-            path = self._path(plan.entry)
-            os.chmod(path, plan.entry.mode)
-            os.utime(path, (plan.entry.mtime, plan.entry.mtime))
+            self._tree.finish_file(plan.entry.path, plan.entry.mode, plan.entry.mtime)
 
     def _object(self, owner: str, key: str) -> ObjectEntry:
         for obj in self._chain.manifests[owner].objects:
@@ -135,7 +134,7 @@ class FileWriter:
     def _written(self, plan: FilePlan, write: Hashable) -> None:
         """A write of ``plan`` (see _writes) is in: check what became final."""
         if not plan.simple:
-            self._assemblies[plan.entry.path].written(write, self._path(plan.entry))
+            self._assemblies[plan.entry.path].written(write, self._tree)
 
     def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
@@ -174,7 +173,7 @@ class FileWriter:
             layer, index, hashing=not _checked_whole(plan)
         )
         position = plain_start
-        fd = os.open(self._path(plan.entry), os.O_WRONLY)
+        fd = self._tree.open(plan.entry.path, os.O_WRONLY)
         try:
             if plan.simple:
                 for piece in pieces:
@@ -215,7 +214,7 @@ class FileWriter:
         reader, hashing = LayerReader(repo, self._chain.deks), not _checked_whole(plan)
         feeds = [LayerPages(layer, first, end, reader, hashing) for layer in plan.layers]
         window = np.empty((min(WINDOW_PAGES, end - first), PAGE_SIZE), dtype=np.uint8)
-        fd = os.open(self._path(plan.entry), os.O_WRONLY)
+        fd = self._tree.open(plan.entry.path, os.O_WRONLY)
         try:
             for low in range(first, end, WINDOW_PAGES):
                 high = min(low + WINDOW_PAGES, end)
@@ -237,7 +236,7 @@ class FileWriter:
         (pages of assembled files are simply written again)."""
         for plan, _ in layers.values():
             if plan.simple:
-                self._path(plan.entry).unlink(missing_ok=True)
+                self._tree.unlink(plan.entry.path)
 
     def _restore_object_from(
         self, repo: Repository, key: tuple[str, str], layers: dict[str, tuple[FilePlan, Layer]]
@@ -269,18 +268,15 @@ class FileWriter:
                     hint="run 'drkit verify' to list every damaged file",
                 )
 
-    def _path(self, entry: FileEntry) -> Path:
-        return self._pgdata / entry.path
-
     def _create(self, entry: FileEntry) -> None:
-        fd = os.open(self._path(entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self._tree.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.ftruncate(fd, entry.size)
         finally:
             os.close(fd)
 
     def _write_whole(self, entry: FileEntry, chunks: Iterator[bytes]) -> None:
-        fd = os.open(self._path(entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self._tree.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             position = 0
             for chunk in chunks:
@@ -294,7 +290,7 @@ class FileWriter:
 
     def _write_pages(self, entry: FileEntry, layer: Layer, chunks: Iterator[bytes]) -> None:
         """Write the pages of ``layer``'s frame that its mask selects, at their block offsets."""
-        fd = os.open(self._path(entry), os.O_WRONLY)
+        fd = self._tree.open(entry.path, os.O_WRONLY)
         try:
             spans = layer.spans(0, _blocks(layer.entry.payload_size))
             pages = _PageWriter(fd, layer, spans, self._progress)
@@ -322,7 +318,7 @@ class _Assembly:
         self._busy = False  # a worker is reading back
         self._lock = threading.Lock()
 
-    def written(self, write: Hashable, path: Path) -> None:
+    def written(self, write: Hashable, tree: TargetTree) -> None:
         with self._lock:
             del self._pending[write]
             if self._busy:
@@ -336,7 +332,7 @@ class _Assembly:
                     complete = not self._pending and not self.checked
                     self.checked = self.checked or complete
                     break
-            self._read_back(path, self._final, frontier)
+            self._read_back(tree, self._final, frontier)
             self._final = frontier
         digest = self._digest
         if complete and digest is not None and digest.hexdigest() != self.plan.entry.sha256:
@@ -346,8 +342,8 @@ class _Assembly:
                 " checksum"
             )
 
-    def _read_back(self, path: Path, start: int, end: int) -> None:
-        with open(path, "rb", buffering=0) as f:
+    def _read_back(self, tree: TargetTree, start: int, end: int) -> None:
+        with open(tree.open(self.plan.entry.path, os.O_RDONLY), "rb", buffering=0) as f:
             if self._digest is not None:
                 buffer = memoryview(bytearray(min(end - start, 4 * 1024 * 1024)))
                 position = start

@@ -4,27 +4,32 @@ The restored directory holds backup_label and the WAL from the backup's start to
 pg_wal, so PostgreSQL replays exactly that WAL at startup and comes up consistent without any
 archive. Tablespaces are restored as pg_tblspc symlinks to their (optionally remapped) directories,
 the way pg_basebackup's plain format does it, so no tablespace_map is needed.
+
+Every manifest of the chain is checked before anything is written (repo/safety.py), files are
+created only inside the target and the tablespace directories the operator confirmed
+(restore/paths.py), and the copy is configured with ``archive_mode = off`` unless asked to keep
+the source's archiving: a copy started beside production must not archive into its repository.
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from drkit.config.settings import Settings
-from drkit.errors import ConfigError, DrkitError, IntegrityError, RestoreTargetError
-from drkit.pg.recovery import RecoveryTarget, write_recovery_config
+from drkit.errors import ConfigError, DrkitError, RestoreTargetError, UnsafeManifest
+from drkit.pg.recovery import RecoveryTarget, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
+from drkit.repo.safety import check_manifest
 from drkit.restore.files import FileWriter
+from drkit.restore.paths import TargetTree, cluster_user
 from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
 
 
@@ -36,6 +41,8 @@ class RestoreRequest:
     tablespace_map: dict[str, Path] = field(default_factory=dict)  # oid or name -> directory
     target: RecoveryTarget | None = None  # None: stop where the backup is consistent
     restore_command: str = ""  # how the restored cluster fetches archived WAL (with a target)
+    tablespace_map_all: bool = False  # restore unmapped tablespaces where the backup says
+    archive_mode: str = "off"  # 'off': the copy never archives; 'preserve': the source's setting
 
 
 @dataclass
@@ -65,6 +72,8 @@ class RestoreOperation:
         repos, events = self._repositories()
         repo, chain = self._load_chain(repos, events)
         manifest, label = chain.target, chain.target.label
+        for member in chain.manifests.values():
+            check_manifest(member)
         plans = chain.plan()
         if target is not None:
             check_reachable(repo, manifest, target)
@@ -74,26 +83,30 @@ class RestoreOperation:
         tablespaces = self._tablespace_targets(manifest)
         for directory in [pgdata, *tablespaces.values()]:
             _require_empty(directory)
+        user = cluster_user(pgdata, tablespaces)
 
+        tree = TargetTree(pgdata, tablespaces, user)
         try:
             # Lay out directories and tablespace links, then write the files
-            self._make_directories(manifest, pgdata, tablespaces)
+            tree.make([(d.path, d.mode) for d in manifest.directories])
             self.progress.start(f"restore {label}", manifest.stats.size)
             writer = FileWriter(
-                [repo, *(r for r in repos if r is not repo)], chain, pgdata, self.progress
+                [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
             )
             writer.write(plans, self.settings.backup.process_max)
             events += writer.events
             self.progress.stop()
 
-            # Finish: links, WAL directories, ownership, and make it all durable
-            for link in manifest.links:
-                os.symlink(link.target, pgdata / _safe(link.path))
-            for sub in ("pg_wal/archive_status", "pg_wal/summaries"):
-                (pgdata / sub).mkdir(mode=0o700, exist_ok=True)
-            if target is not None:
-                write_recovery_config(pgdata, self.request.restore_command, target)
-            self._set_ownership(manifest, pgdata, tablespaces)
+            # Finish: WAL directories, settings, ownership, and make it all durable
+            for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
+                tree.ensure_dir(sub)
+            write_restore_settings(
+                tree.root,
+                archive_off=self.request.archive_mode == "off",
+                restore_command=self.request.restore_command,
+                target=target,
+            )
+            tree.set_ownership()
             os.sync()  # one call flushes every file written, far cheaper than an fsync per file
         except BaseException:
             # Never leave a half-restored cluster that someone could start: the targets were
@@ -102,13 +115,15 @@ class RestoreOperation:
             for directory in [pgdata, *tablespaces.values()]:
                 _empty(directory)
             raise
+        finally:
+            tree.close()
         return RestoreResult(
             label=str(label),
             pgdata=pgdata,
             files=len(manifest.files),
             size=manifest.stats.size,
             tablespaces=tablespaces,
-            start_command=_start_command(manifest, pgdata),
+            start_command=_start_command(manifest, pgdata, user.name),
             target=target,
             repo=repo.name,
             fallbacks=events,
@@ -140,49 +155,33 @@ class RestoreOperation:
         raise first_error
 
     def _tablespace_targets(self, manifest: Manifest) -> dict[int, Path]:
+        """Where each tablespace goes: only where the operator said (--tablespace-map), or where
+        the backup says when the operator confirmed that (--tablespace-map-all)."""
         wanted = dict(self.request.tablespace_map)
         targets: dict[int, Path] = {}
+        unconfirmed = []
         for ts in manifest.tablespaces:
             chosen = wanted.pop(str(ts.oid), None) or wanted.pop(ts.name, None)
-            targets[ts.oid] = (chosen or Path(ts.location)).absolute()
+            if chosen is None and self.request.tablespace_map_all:
+                chosen = _recorded_location(manifest, ts.location)
+            if chosen is None:
+                unconfirmed.append(f"{ts.oid} ({ts.name}) at '{ts.location}'")
+                continue
+            targets[ts.oid] = chosen.absolute()
+        known = ", ".join(f"{t.oid} ({t.name})" for t in manifest.tablespaces) or "none"
         if wanted:
-            known = ", ".join(f"{t.oid} ({t.name})" for t in manifest.tablespaces) or "none"
             raise ConfigError(
                 f"--tablespace-map names unknown tablespaces: {', '.join(sorted(wanted))}",
                 hint=f"tablespaces in backup '{manifest.label}': {known}",
             )
+        if unconfirmed:
+            raise ConfigError(
+                f"backup '{manifest.label}' has tablespaces with no confirmed location:"
+                f" {'; '.join(unconfirmed)}",
+                hint="give each one a directory with --tablespace-map OID=DIR (or NAME=DIR), or"
+                " pass --tablespace-map-all to restore them where the backup says",
+            )
         return targets
-
-    def _make_directories(
-        self, manifest: Manifest, pgdata: Path, tablespaces: dict[int, Path]
-    ) -> None:
-        pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(pgdata, 0o700)
-        (pgdata / "pg_tblspc").mkdir(mode=0o700, exist_ok=True)
-        for oid, target in tablespaces.items():
-            target.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.symlink(target, pgdata / "pg_tblspc" / str(oid))
-        for directory in manifest.directories:
-            path = pgdata / _safe(directory.path)
-            path.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(path, directory.mode)
-
-    def _set_ownership(
-        self, manifest: Manifest, pgdata: Path, tablespaces: dict[int, Path]
-    ) -> None:
-        """Running as root, give the files to the user that owned the source PGDATA."""
-        if os.geteuid() != 0:
-            return
-        try:
-            uid = pwd.getpwnam(manifest.owner).pw_uid
-            gid = grp.getgrnam(manifest.group).gr_gid
-        except KeyError:
-            return
-        for root in [pgdata, *tablespaces.values()]:
-            os.chown(root, uid, gid)
-            for dirpath, dirnames, filenames in os.walk(root):
-                for name in dirnames + filenames:
-                    os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
 def _require_empty(target: Path) -> None:
@@ -208,19 +207,22 @@ def _empty(target: Path) -> None:
             child.unlink(missing_ok=True)
 
 
-def _safe(path: str) -> str:
-    """Defence in depth: manifest paths are authenticated, still never leave the target."""
-    parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or ".." in parts:
-        raise IntegrityError(f"manifest holds an unsafe path '{path}'")
-    return path
+def _recorded_location(manifest: Manifest, location: str) -> Path:
+    path = PurePosixPath(location)
+    if not path.is_absolute() or ".." in path.parts or str(path) != location:
+        raise UnsafeManifest(
+            f"backup '{manifest.label}' records tablespace location '{location}', which is not a"
+            " normalised absolute path",
+            hint="give every tablespace a directory with --tablespace-map OID=DIR",
+        )
+    return Path(location)
 
 
-def _start_command(manifest: Manifest, pgdata: Path) -> str:
+def _start_command(manifest: Manifest, pgdata: Path, user: str) -> str:
     pg_ctl = Path(f"/usr/lib/postgresql/{manifest.pg_major}/bin/pg_ctl")
     binary = str(pg_ctl) if pg_ctl.exists() else "pg_ctl"
     log = shlex.quote(str(pgdata / "restore.log"))
     command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} start"
     if os.geteuid() == 0:
-        command = f"runuser -u {shlex.quote(manifest.owner)} -- {command}"
+        command = f"runuser -u {shlex.quote(user)} -- {command}"
     return command

@@ -1,0 +1,184 @@
+"""Where a restore writes: only inside the target directory and the tablespace directories the
+operator confirmed, never through a link, files owned by the target's owner.
+
+Every directory of the manifest is created by the restore itself (``mkdir`` relative to its
+parent's descriptor) and kept open; every file is created relative to its directory's descriptor
+with ``O_NOFOLLOW``. Nothing is ever resolved by name from the target's root, so neither a link in
+the backup (refused anyway, repo/safety.py) nor one someone slips into the target while the
+restore runs can redirect a write. The only links followed are the ``pg_tblspc/<oid>`` links the
+restore makes, and those are not followed either: their directories are opened directly.
+
+Ownership comes from the target, never from the manifest: the cluster runs as the user who owns
+the target directory (or, when it does not exist yet, its nearest existing parent), as
+PostgreSQL itself demands of a data directory. Run as root, the restore gives every file to that
+user; it refuses a target that root owns (PostgreSQL never runs as root). Run as anyone else, it
+refuses a target owned by another user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from drkit.errors import RestoreTargetError
+from drkit.pg.layout import restored_mode
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class ClusterUser:
+    """The user the restored cluster runs as, who owns every restored file."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def cluster_user(pgdata: Path, tablespaces: dict[int, Path]) -> ClusterUser:
+    """The owner of ``pgdata`` (or of its nearest existing parent); refuses root as owner when
+    run as root, another user than the caller otherwise, and tablespace directories that
+    already exist with another owner."""
+    existing = pgdata
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    st = os.stat(existing)
+    uid = st.st_uid
+    me = os.geteuid()
+    if me == 0 and uid == 0:
+        raise RestoreTargetError(
+            f"unable to restore to path '{pgdata}' because '{existing}' is owned by root, and"
+            " PostgreSQL does not run as root",
+            hint=f"give '{existing}' to the user the cluster will run as (e.g. chown postgres:"
+            f" '{existing}'), or restore into a directory that user owns",
+        )
+    if me != 0 and uid != me:
+        raise RestoreTargetError(
+            f"unable to restore to path '{pgdata}' because '{existing}' is owned by"
+            f" {_name(uid)}, not by {_name(me)} that runs the restore",
+            hint="restore as the user the cluster will run as, into a directory that user owns",
+        )
+    try:
+        entry = pwd.getpwuid(uid)
+        user = ClusterUser(entry.pw_name, uid, entry.pw_gid)
+    except KeyError:
+        user = ClusterUser(str(uid), uid, st.st_gid)
+    for directory in tablespaces.values():
+        if directory.exists() and directory.stat().st_uid != uid:
+            raise RestoreTargetError(
+                f"unable to restore a tablespace to '{directory}' because it is owned by"
+                f" {_name(directory.stat().st_uid)}, not by {_name(uid)} who owns '{existing}'",
+                hint="give the tablespace directory to the user the cluster will run as",
+            )
+    return user
+
+
+def _name(uid: int) -> str:
+    try:
+        return f"'{pwd.getpwuid(uid).pw_name}'"
+    except KeyError:
+        return f"uid {uid}"
+
+
+class TargetTree:
+    """The restored cluster's directories, each open, created by this restore."""
+
+    def __init__(self, pgdata: Path, tablespaces: dict[int, Path], user: ClusterUser) -> None:
+        self.pgdata = pgdata
+        self._tablespaces = tablespaces
+        self._user = user
+        self._fds: dict[str, int] = {}  # '' is PGDATA; 'pg_tblspc/<oid>' a tablespace directory
+
+    @property
+    def root(self) -> int:
+        return self._fds[""]
+
+    def make(self, directories: list[tuple[str, int]]) -> None:
+        """Create PGDATA (0700), the tablespace directories and their pg_tblspc links, then
+        ``directories`` ((path, recorded mode), parents first) with the modes PostgreSQL uses."""
+        self._fds[""] = _open_made(self.pgdata, 0o700)
+        tblspc = self._mkdir_at(self.root, "pg_tblspc", 0o700)
+        self._fds["pg_tblspc"] = tblspc
+        for oid, target in self._tablespaces.items():
+            self._fds[f"pg_tblspc/{oid}"] = _open_made(target, 0o700)
+            os.symlink(target, str(oid), dir_fd=tblspc)
+        for path, mode in sorted(directories):
+            if path in self._fds:
+                os.fchmod(self._fds[path], restored_mode(mode, True))
+                continue
+            parent, name = self._parent(path)
+            self._fds[path] = self._mkdir_at(parent, name, restored_mode(mode, True))
+
+    def ensure_dir(self, path: str) -> None:
+        """Create directory ``path`` (0700) unless the backup already made it."""
+        if path not in self._fds:
+            parent, name = self._parent(path)
+            self._fds[path] = self._mkdir_at(parent, name, 0o700)
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """A descriptor of file ``path``, opened in its directory without following a link."""
+        parent, name = self._parent(path)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+
+    def unlink(self, path: str) -> None:
+        parent, name = self._parent(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent)
+
+    def finish_file(self, path: str, mode: int, mtime: float) -> None:
+        """Give a written file the mode PostgreSQL uses and its recorded mtime."""
+        fd = self.open(path, os.O_RDONLY)
+        try:
+            os.fchmod(fd, restored_mode(mode, False))
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def set_ownership(self) -> None:
+        """Run as root, give everything restored to the cluster's user (links included, never
+        followed: fwalk stays on the descriptors it opened)."""
+        if os.geteuid() != 0:
+            return
+        uid, gid = self._user.uid, self._user.gid
+        roots = [self.root, *(self._fds[f"pg_tblspc/{oid}"] for oid in self._tablespaces)]
+        for root in roots:
+            os.fchown(root, uid, gid)
+            for _, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root):
+                for name in dirnames + filenames:
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        parent, _, name = path.rpartition("/")
+        return self._fds[parent], name
+
+    @staticmethod
+    def _mkdir_at(parent: int, name: str, mode: int) -> int:
+        # An existing entry is opened without following below: a link or a file is refused
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=parent)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        os.fchmod(fd, mode)
+        return fd
+
+
+def _open_made(path: Path, mode: int) -> int:
+    """Create ``path`` (and parents) unless it exists, then open it without following a final
+    link: the directories given by the operator are trusted up to their last component."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise RestoreTargetError(
+            f"unable to restore to '{path}': {(exc.strerror or str(exc)).lower()}",
+            hint="give a plain directory, not a symbolic link",
+        ) from None
+    os.fchmod(fd, mode)
+    return fd
