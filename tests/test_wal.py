@@ -357,6 +357,30 @@ def test_history_files_round_trip_and_parse(wal: WalRig, tmp_path: Path) -> None
     assert (tmp_path / "h").read_text() == text
 
 
+def test_verify_wal_reports_timelines_no_backup_leads_to(wal: WalRig) -> None:
+    """WAL pushed on a timeline without its history, or whose history leads from no timeline of
+    the repository (another cluster's copy promoted there), is reported, not counted as ok."""
+    for timeline, segno in ((1, 3), (1, 4), (2, 5), (3, 6), (4, 7)):
+        wal.segment(timeline, segno)
+        assert wal.push(seg_name(timeline, segno)).returncode == 0
+    histories = {
+        "00000002.history": "1\t0/500000\tno recovery target specified\n",
+        "00000003.history": "7\t0/600000\tno recovery target specified\n",
+    }
+    for name, text in histories.items():
+        wal.file(name, text.encode())
+        assert wal.push(name).returncode == 0
+
+    result = wal.run("verify", "--wal")
+    assert result.returncode == 15, result.stderr
+    assert "archived WAL: 7 files: DAMAGED" in result.stdout
+    assert "foreign WAL timeline 2" not in result.stderr  # descends from timeline 1
+    assert (
+        "foreign WAL timeline 3: its history (7 -> 3) leads from no timeline of this repository"
+    ) in result.stderr
+    assert "foreign WAL timeline 4: its history file 00000004.history is missing" in result.stderr
+
+
 def test_wal_push_refuses_what_it_must_not_archive(wal: WalRig) -> None:
     wal.file(seg_name(1, 3), wal_bytes(1, 3, sysid=SYSID + 1))
     other = wal.push(seg_name(1, 3))

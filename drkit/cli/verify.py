@@ -59,6 +59,9 @@ def command(
                     "files": report.wal.files,
                     "damaged": [{"name": n, "reason": r} for n, r in report.wal.damaged],
                     "gaps": [{"timeline": t, "first": a, "last": b} for t, a, b in report.wal.gaps],
+                    "foreign_timelines": [
+                        {"timeline": t, "reason": r} for t, r in report.wal.foreign
+                    ],
                 },
             }
         )
@@ -77,5 +80,7 @@ def command(
                 stderr.print(f"  damaged WAL file '{name}': {reason}", markup=False)
             for timeline, first, last in report.wal.gaps:
                 stderr.print(f"  WAL gap on timeline {timeline}: {first}..{last}", markup=False)
+            for timeline, reason in report.wal.foreign:
+                stderr.print(f"  foreign WAL timeline {timeline}: {reason}", markup=False)
     if not report.ok:
         raise typer.Exit(VerifyFailed.exit_code)

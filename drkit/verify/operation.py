@@ -9,15 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from drkit.config.settings import Settings
-from drkit.errors import DrkitError
+from drkit.errors import DrkitError, ObjectNotFound
 from drkit.progress import NoProgress, Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, Manifest, ObjectEntry
 from drkit.repo.open import open_repository
 from drkit.repo.reader import FileOutcome, read_object
 from drkit.repo.repository import Repository
+from drkit.repo.safety import manifest_problems
+from drkit.repo.wal_names import history_name
+
+if TYPE_CHECKING:
+    from drkit.repo.wal_archive import WalArchive
 
 
 @dataclass
@@ -39,10 +45,13 @@ class WalVerification:
     files: int = 0
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
     gaps: list[tuple[int, str, str]] = field(default_factory=list)  # (timeline, first, last)
+    # Timelines no backup of this repository leads to: (timeline, why); e.g. pushed by a
+    # restored copy of another cluster, or whose history file is missing
+    foreign: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.damaged and not self.gaps
+        return not self.damaged and not self.gaps and not self.foreign
 
 
 @dataclass
@@ -103,7 +112,38 @@ class VerifyOperation:
                     result.damaged.append((name, error))
         for summary in archive.summarize():
             result.gaps += [(summary.timeline, first, last) for first, last in summary.missing]
+        result.foreign = self._foreign_timelines(repo, archive)
         return result
+
+    def _foreign_timelines(self, repo: Repository, archive: WalArchive) -> list[tuple[int, str]]:
+        """Archived timelines that do not descend from timeline 1 or a backup's timeline: their
+        history file is missing or names none of them. Such WAL was not pushed by the cluster
+        these backups came from (or its history was lost), and a restore to the latest timeline
+        would follow it."""
+        known = {1}
+        for label in repo.backups():
+            try:
+                known.add(repo.load_manifest(label)[0].timeline)
+            except DrkitError:
+                continue  # reported with the backup
+        foreign = []
+        for timeline in archive.timelines():
+            if timeline in known:
+                continue
+            try:
+                ancestors = [parent for parent, _ in archive.history(timeline)]
+            except ObjectNotFound:
+                foreign.append((timeline, f"its history file {history_name(timeline)} is missing"))
+                continue
+            except DrkitError as exc:
+                foreign.append((timeline, str(exc)))
+                continue
+            if not known & set(ancestors):
+                path = " -> ".join(str(t) for t in [*ancestors, timeline])
+                foreign.append(
+                    (timeline, f"its history ({path}) leads from no timeline of this repository")
+                )
+        return foreign
 
     def _verify_backup(self, repo: Repository, label: BackupLabel) -> BackupVerification:
         result = BackupVerification(str(label))
@@ -113,6 +153,7 @@ class VerifyOperation:
             result.damaged.append(("manifest", str(exc)))
             return result
         by_object: dict[str, list[FileEntry]] = {}
+        result.damaged += [("manifest", f"unsafe entry {p}") for p in manifest_problems(manifest)]
         for entry in manifest.files:
             by_object.setdefault(entry.object, []).append(entry)
         self.progress.start(f"verify {label}", manifest.stats.size)
