@@ -174,9 +174,15 @@ def test_no_secret_reaches_a_log_at_debug(pg: PgCluster, workdir: Path) -> None:
         file.write(f'[keys.vault]\naddr = "http://127.0.0.1:1"\ntoken = "{token}"\n')
     dk.ok("init")
     backup = dk.ok("backup", "--type", "incr")  # nothing to base it on: a full, with a notice
-    (notice,) = [r for r in json_lines(backup.stderr) if r["logger"] == "drkit.backup.operation"]
+    records = json_lines(backup.stderr)
+    (notice,) = [r for r in records if r["logger"] == "drkit.backup.operation"]
     assert notice["level"] == "info"
     assert notice["message"] == "no earlier backup to base a incr backup on: taking a full backup"
+    # off a terminal, the progress bar is one record at the start and one at the end
+    started, ended = [r for r in records if r.get("task", "").startswith("backup ")]
+    assert started["message"].endswith(" started") and started["bytes_total"] > 0
+    assert ended["message"].endswith(" ended") and ended["bytes"] > 0
+    assert ended["seconds"] >= 0
     assert dk.keyfile is not None
     key = dk.keyfile.read_bytes()
     result = drkit("--log-level", "debug", "info", "--json", "--config", str(dk.config))

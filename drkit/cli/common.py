@@ -6,6 +6,8 @@ import functools
 import json
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -24,8 +26,7 @@ from rich.progress import (
 
 from drkit.config.settings import Settings, config_path, load_settings
 from drkit.errors import DrkitError
-from drkit.logs import add_log_file, redacted
-from drkit.progress import NoProgress
+from drkit.logs import add_log_file, event, redacted
 from drkit.progress import Progress as ProgressProtocol
 
 ConfigOption = Annotated[
@@ -120,8 +121,42 @@ class RichProgress:
         self._bar.stop()
 
 
+class LogProgress:
+    """Progress off a terminal (cron, systemd, a pod): one log record when a transfer starts
+    and one when it ends, with its size and duration as fields."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task: str | None = None
+        self._total = self._done = 0
+        self._started = 0.0
+
+    def start(self, description: str, total: int) -> None:
+        self._task, self._total, self._done = description, total, 0
+        self._started = time.monotonic()
+        event(log, f"{description} started", task=description, bytes_total=total)
+
+    def advance(self, amount: int) -> None:
+        with self._lock:
+            self._done += amount
+
+    def stop(self) -> None:
+        if self._task is None:  # stopped already (an operation stops it again on failure)
+            return
+        seconds = round(time.monotonic() - self._started, 3)
+        event(
+            log,
+            f"{self._task} ended",
+            task=self._task,
+            bytes=self._done,
+            bytes_total=self._total,
+            seconds=seconds,
+        )
+        self._task = None
+
+
 def progress() -> ProgressProtocol:
-    return RichProgress() if stderr.is_terminal else NoProgress()
+    return RichProgress() if stderr.is_terminal else LogProgress()
 
 
 def human_size(size: float) -> str:
