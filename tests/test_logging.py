@@ -16,7 +16,7 @@ import pytest
 from rig.drkit import DRKIT, Drkit
 from rig.postgres import PgCluster
 
-from drkit.logs import event, setup_logging
+from drkit.logs import add_log_file, event, setup_logging
 
 CONFIG = """
 [postgres]
@@ -151,6 +151,22 @@ def test_log_file_in_a_directory_everyone_may_write_is_refused(tmp_path: Path) -
     assert result.returncode == 3
     assert "its directory is writable by every user" in result.stderr
     assert not (shared / "drkit.log").exists()
+
+
+def test_log_file_moved_away_by_logrotate_is_reopened(tmp_path: Path) -> None:
+    """A long-running process (the heartbeat, the WAL pusher) keeps logging into the file at
+    the configured path after logrotate renamed the old one."""
+    path = tmp_path / "drkit.log"
+    setup_logging("error")
+    add_log_file(path, "info")
+    log = logging.getLogger("drkit.heartbeat")
+    log.info("before rotation")
+    path.rename(tmp_path / "drkit.log.1")
+    log.info("after rotation")
+    setup_logging("error")  # closes the file
+    assert json.loads((tmp_path / "drkit.log.1").read_text())["message"] == "before rotation"
+    assert json.loads(path.read_text())["message"] == "after rotation"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_structured_events_are_json_fields(capsys: pytest.CaptureFixture[str]) -> None:
