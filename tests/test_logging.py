@@ -77,15 +77,14 @@ def test_stderr_on_a_terminal_gets_human_lines(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     primary, secondary = pty.openpty()
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [*DRKIT, "--log-level", "debug", "info", "--config", str(cfg)],
             stdout=subprocess.DEVNULL,
             stderr=secondary,
-            timeout=60,
         )
         os.close(secondary)
         output = b""
-        while True:
+        while True:  # read while it writes: a full terminal buffer would block it
             try:
                 chunk = os.read(primary, 65536)
             except OSError:  # EIO: the terminal's other side is closed and drained
@@ -93,6 +92,7 @@ def test_stderr_on_a_terminal_gets_human_lines(tmp_path: Path) -> None:
             if not chunk:
                 break
             output += chunk
+        proc.wait(timeout=60)
     finally:
         os.close(primary)
     text = output.decode()
