@@ -15,10 +15,10 @@ from drkit.config.settings import Settings
 from drkit.crypto.escrow import RecoveryKey, create_recovery_keypair
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.errors import ConfigError, IntegrityError, ObjectExists
-from drkit.keys.records import describe
 from drkit.keys.rewrap import RewrapOperation
 from drkit.keys.rotate import RotateOperation
 from drkit.keys.status import KeyStatusOperation
+from drkit.repo.key_records import describe
 from drkit.repo.label import BackupLabel
 from drkit.repo.open import open_key_provider
 from drkit.repo.repository import Repository

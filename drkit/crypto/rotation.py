@@ -3,7 +3,7 @@
 A provider whose wrapping key has versions (Vault transit, Vault KV) implements
 ``VersionedKeyProvider`` on top of ``KeyProvider``: it says what the key's newest version is,
 makes a new version, and re-wraps a record under the newest version. Which key and version wrapped
-a record is read from the record itself (``drkit.keys.records.describe``), without the provider.
+a record is read from the record itself (``drkit.repo.key_records.describe``), without the provider.
 The key file provider has one version only and does not implement it.
 """
 
@@ -27,7 +27,7 @@ class KeyState:
 
 @runtime_checkable
 class VersionedKeyProvider(KeyProvider, Protocol):
-    name: str  # the key as KeyState.key and key records name it (drkit.keys.records.describe)
+    name: str  # the key as KeyState.key and key records name it (drkit.repo.key_records.describe)
 
     def key_state(self) -> KeyState:
         """The key's current versions. Raises VaultError when they cannot be read."""

@@ -10,7 +10,7 @@ from drkit.crypto.base import KeyProvider
 from drkit.crypto.escrow import EscrowRecipient
 from drkit.crypto.rotation import VersionedKeyProvider
 from drkit.errors import ConfigError
-from drkit.keys.records import configured_key, split_escrow
+from drkit.repo.key_records import configured_key, split_escrow
 from drkit.repo.open import open_key_provider, open_storage
 from drkit.repo.repository import Repository
 

@@ -24,7 +24,7 @@ from drkit.config.settings import Settings
 from drkit.crypto.rotation import KeyState
 from drkit.errors import IntegrityError
 from drkit.keys.common import ManagedKeys, open_managed_keys, repositories
-from drkit.keys.records import RecordSet, add_record, describe, record_sets
+from drkit.repo.key_records import RecordSet, add_record, describe, record_sets
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import repo_location

@@ -13,7 +13,7 @@ from typing import Any
 from drkit.config.settings import Settings
 from drkit.errors import IntegrityError
 from drkit.keys.common import open_managed_keys, repositories
-from drkit.keys.records import RecordSet, describe, record_sets
+from drkit.repo.key_records import RecordSet, describe, record_sets
 
 
 @dataclass
