@@ -258,7 +258,7 @@ def bench_basebackup(bench: Bench, source: PgCluster, expected: str) -> list[Mea
     # pg_basebackup refuses "-X stream" when the tar goes to stdout, so the WAL is fetched at the
     # end of the backup instead ("-X fetch"): the same segments, carried inside base.tar.
     archive = bench.root / "base.tar.zst"
-    pg_basebackup = source.bin_dir / "pg_basebackup"
+    pg_basebackup = source.bindir / "pg_basebackup"
     backup_cmd = (
         "set -o pipefail; "
         f"{pg_basebackup} -h {source.socket_dir} -p {source.port} -U postgres"

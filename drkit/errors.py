@@ -107,6 +107,23 @@ class WrongKey(KeyMaterialError):
     exit_code = 12
 
 
+class PostgresBinariesNotFound(PostgresError):
+    """No installed PostgreSQL server binaries of the needed major version were found."""
+
+    exit_code = 20
+
+
+class ServerControlError(PostgresError):
+    """A PostgreSQL server drkit runs itself (a sandbox) would not start, promote or stop;
+    ``log_tail`` holds the last lines of its server log."""
+
+    exit_code = 21
+
+    def __init__(self, message: str, hint: str | None = None, log_tail: str = "") -> None:
+        super().__init__(message, hint)
+        self.log_tail = log_tail
+
+
 class IntegrityError(DrkitError):
     """Stored data failed authentication or a checksum: it is damaged or was tampered with."""
 

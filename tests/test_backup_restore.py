@@ -108,7 +108,7 @@ def test_backup_during_writes_is_consistent(pg: PgCluster, workdir: Path) -> Non
     dk = Drkit(pg, workdir)
     dk.ok("init")
     bench = subprocess.Popen(
-        [str(pg.bin_dir / "pgbench"), "-c", "2", "-T", "20", "-n"],
+        [str(pg.bindir / "pgbench"), "-c", "2", "-T", "20", "-n"],
         env={**os.environ, **pg.client_env()},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -38,10 +38,7 @@ def restore_to(dk: Drkit, workdir: Path, name: str, *target: str, conf=NO_ARCHIV
     assert (target_dir / "recovery.signal").exists()
     restored = attach_cluster(target_dir, dk.cluster.version, workdir, conf)
     restored.start(timeout=120)
-    deadline = time.monotonic() + 60
-    while restored.psql("SELECT pg_is_in_recovery()") == "t":
-        assert time.monotonic() < deadline, restored.log_tail()
-        time.sleep(0.2)
+    restored.wait_promoted(timeout=60)
     return restored
 
 

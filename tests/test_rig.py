@@ -18,7 +18,6 @@ from rig.postgres import (
     PgFactory,
     attach_cluster,
     database_checksums,
-    find_pg_bin,
     table_checksums,
 )
 from rig.servers import OpenBaoServer, S3Server, VaultServer
@@ -130,11 +129,6 @@ def test_checksums_match_for_identical_copy_and_differ_after_update(
     assert changed["postgres"]["public.items"].startswith("500:")
     assert {k: v for k, v in changed.items() if k != "postgres"} == {"shop": source["shop"]}
     assert database_checksums(pg) == source
-
-
-def test_find_pg_bin_errors_clearly() -> None:
-    with pytest.raises(FileNotFoundError, match="postgresql-9"):
-        find_pg_bin(9)
 
 
 # -- environment ---------------------------------------------------------------------------------

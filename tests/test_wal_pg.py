@@ -18,9 +18,10 @@ from rig.archive import (
     wait_archived,
 )
 from rig.drkit import Drkit
-from rig.postgres import PgCluster, PgError, attach_cluster, chown_to_server_user
+from rig.postgres import PgCluster, attach_cluster, chown_to_server_user
 
 from drkit.config.settings import load_settings
+from drkit.errors import ServerControlError
 from drkit.repo.wal_archive import WalArchive
 from drkit.verify.operation import VerifyOperation
 from drkit.wal.config import load_wal_config
@@ -147,7 +148,8 @@ def test_recovery_fetches_wal_and_aborts_at_a_damaged_segment(pg: PgCluster, wor
     )
     (copy / "recovery.signal").touch()
     chown_to_server_user(copy / "recovery.signal")
-    with pytest.raises(PgError):  # recovery aborts: it does not take the damage for the end
+    # Recovery aborts: it does not take the damage for the end.
+    with pytest.raises(ServerControlError):
         restored.start(timeout=60)
     log = restored.log_tail(200)
     assert f"drkit wal-fetch: error: archived WAL file '{after}'" in log, log

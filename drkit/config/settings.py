@@ -49,6 +49,11 @@ class PostgresSettings(_Section):
     port: int = Field(5432, ge=1, le=65535)
     user: str = "postgres"
     dbname: str = "postgres"
+    bindir: Path | None = Field(
+        None,
+        description="directory of the PostgreSQL server binaries (pg_ctl, postgres); searched"
+        " before the usual places",
+    )
 
     def conninfo(self) -> str:
         if self.dsn:

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from drkit.config.settings import Settings
-from drkit.errors import ConfigError, DrkitError, RestoreTargetError, UnsafeManifest
+from drkit.errors import (
+    ConfigError,
+    DrkitError,
+    PostgresBinariesNotFound,
+    RestoreTargetError,
+    UnsafeManifest,
+)
+from drkit.pg.cluster import find_bindir
 from drkit.pg.recovery import RecoveryTarget, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
@@ -123,7 +130,9 @@ class RestoreOperation:
             files=len(manifest.files),
             size=manifest.stats.size,
             tablespaces=tablespaces,
-            start_command=_start_command(manifest, pgdata, user.name),
+            start_command=_start_command(
+                manifest, pgdata, user.name, self.settings.postgres.bindir
+            ),
             target=target,
             repo=repo.name,
             fallbacks=events,
@@ -218,9 +227,13 @@ def _recorded_location(manifest: Manifest, location: str) -> Path:
     return Path(location)
 
 
-def _start_command(manifest: Manifest, pgdata: Path, user: str) -> str:
-    pg_ctl = Path(f"/usr/lib/postgresql/{manifest.pg_major}/bin/pg_ctl")
-    binary = str(pg_ctl) if pg_ctl.exists() else "pg_ctl"
+def _start_command(manifest: Manifest, pgdata: Path, user: str, bindir: Path | None) -> str:
+    """How to start the restored cluster: a hint printed for the operator, so binaries that
+    cannot be found leave a bare ``pg_ctl`` for them to adjust rather than fail the restore."""
+    try:
+        binary = str(find_bindir(manifest.pg_major, bindir) / "pg_ctl")
+    except PostgresBinariesNotFound:
+        binary = "pg_ctl"
     log = shlex.quote(str(pgdata / "restore.log"))
     command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} start"
     if os.geteuid() == 0:

