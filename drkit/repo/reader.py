@@ -15,8 +15,7 @@ from typing import BinaryIO
 from drkit.codec.frame import decode_frame
 from drkit.errors import DrkitError, IntegrityError
 from drkit.repo.manifest import FileEntry, ObjectEntry
-from drkit.repo.repository import file_context
-from drkit.storage.base import Storage
+from drkit.repo.repository import Repository, file_context
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class _ObjectStream:
 
 
 def read_object(
-    storage: Storage,
+    repo: Repository,
     obj: ObjectEntry,
     entries: list[FileEntry],
     dek: bytes,
@@ -69,16 +68,16 @@ def read_object(
     check_object: bool = True,
     checked_later: Collection[str] = (),
 ) -> list[FileOutcome]:
-    """Decode every file of ``entries`` (all stored in ``obj``) and hand its plaintext chunks to
-    ``consume``, which must iterate them fully. Checks each file's size and sha256 (only the
-    size for the paths in ``checked_later``: a restore checks the whole file it assembles from
-    several frames once it is complete), and with ``check_object`` the object's own size and
-    sha256 (verify does; a restore need not: every byte it uses is in an authenticated frame).
-    Returns one outcome per file; an error reading the object itself (it is missing, shorter)
-    marks the remaining files failed."""
+    """Decode every file of ``entries`` (all stored in ``obj`` of ``repo``) and hand its
+    plaintext chunks to ``consume``, which must iterate them fully. Checks each file's size and
+    sha256 (only the size for the paths in ``checked_later``: a restore checks the whole file it
+    assembles from several frames once it is complete), and with ``check_object`` the object's
+    own size and sha256 (verify does; a restore need not: every byte it uses is in an
+    authenticated frame). Returns one outcome per file; an error reading the object itself (it
+    is missing, shorter) marks the remaining files failed."""
     outcomes: list[FileOutcome] = []
     pending = sorted(entries, key=lambda e: e.offset)
-    with storage.open_read(obj.key) as raw:
+    with repo.storage.open_read(obj.key) as raw:
         stream = _ObjectStream(raw, obj.key, hashing=check_object)
         for index, entry in enumerate(pending):
             try:

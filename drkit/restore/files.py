@@ -251,7 +251,7 @@ class FileWriter:
                 self._write_pages(plan.entry, layer, chunks)
 
         outcomes = read_object(
-            repo.storage,
+            repo,
             self._object(owner, object_key),
             [layer.entry for _, layer in layers.values()],
             self._chain.deks[owner],

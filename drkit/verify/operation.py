@@ -185,6 +185,6 @@ class VerifyOperation:
                 self.progress.advance(len(chunk))
 
         try:
-            return read_object(repo.storage, obj, entries, dek, manifest.label, discard)
+            return read_object(repo, obj, entries, dek, manifest.label, discard)
         except DrkitError as exc:  # the object is missing or unreadable as a whole
             return [FileOutcome(entry, exc) for entry in entries]
