@@ -8,11 +8,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from rig.servers import VaultServer
+from rig.vault import VaultSetup
+from test_keys import make_settings
 
 from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient, create_recovery_keypair
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.crypto.recovery import RecoveryProvider
 from drkit.errors import ObjectExists
+from drkit.keys.rewrap import RewrapOperation
+from drkit.keys.rotate import RotateOperation
+from drkit.keys.status import KeyStatusOperation
 from drkit.repo.drills import (
     CheckResult,
     DrillOutcome,
@@ -22,6 +28,7 @@ from drkit.repo.drills import (
     RestorePoint,
     new_drill_id,
 )
+from drkit.repo.open import open_key_provider
 from drkit.repo.repository import Repository
 from drkit.storage.posix import PosixStorage
 
@@ -155,3 +162,30 @@ def test_escrow_part_is_stored_and_the_recovery_key_reads_it(tmp_path: Path) -> 
     (tmp_path / "key").unlink()  # the primary key is gone: only the recovery key remains
     [entry] = Repository(storage, RecoveryProvider.from_file(private)).drill_records()
     assert entry.record == record
+
+
+def test_rotation_rewraps_drill_records_too(
+    vault_server: VaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = VaultSetup(vault_server, tmp_path)
+    monkeypatch.setenv("VAULT_TOKEN", vault_server.root_token)
+    vault = {
+        "addr": vault_server.addr,
+        "transit_mount": setup.transit_mount,
+        "transit_key": setup.transit_key,
+    }
+    settings = make_settings(tmp_path, {"provider": "vault-transit", "vault": vault})
+    repo = Repository(PosixStorage(tmp_path / "repo"), open_key_provider(settings.keys))
+    repo.initialize(42)
+    record = make_record()
+    repo.write_drill_record(record)
+    assert KeyStatusOperation(settings).run().versions_needed == {1: 1}
+
+    RotateOperation(settings).run()
+    [rewrapped] = RewrapOperation(settings).run().rewrapped
+    assert (rewrapped.kind, rewrapped.name) == ("drill", record.id)
+    assert rewrapped.new_record == f"drills/{record.id}/key/0002.json"
+    assert KeyStatusOperation(settings).run().versions_needed == {2: 1}
+    # Once v1 may no longer decrypt, the record still reads (through its v2 key record)
+    setup.set_min_decryption_version(2)
+    assert repo.drill_record(record.id).record == record

@@ -1,7 +1,7 @@
 """The key record sets of a repository, and what each record says about its wrapping key.
 
-A *set* is every record of one backup or one WAL key period: all wrap the same DEK, the newest is
-the one readers try first. Parsing a record needs no key and no Vault: the provider kind, key name
+A *set* is every record of one backup, one WAL key period or one drill record: all wrap the same
+DEK, the newest is the one readers try first. Parsing a record needs no key and no Vault: the provider kind, key name
 and version are in clear in the record (transit's version in its ``vault:v<N>:`` prefix).
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 from drkit.crypto.base import KeyProvider
 from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient
 from drkit.crypto.transit import ciphertext_version
+from drkit.repo.drills import DRILL_PREFIX
 from drkit.repo.label import BackupLabel
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_objects import KEYS_PREFIX
@@ -42,7 +43,8 @@ class StoredRecord:
 
 @dataclass
 class RecordSet:
-    """The records of one backup (``kind == "backup"``) or one WAL key period (``"wal"``)."""
+    """The records of one backup (``kind == "backup"``), one WAL key period (``"wal"``) or one
+    drill record (``"drill"``)."""
 
     kind: str
     name: str  # the backup label or the period
@@ -51,7 +53,8 @@ class RecordSet:
 
     @property
     def what(self) -> str:
-        return f"backup {self.name}" if self.kind == "backup" else f"WAL period {self.name}"
+        noun = {"backup": "backup", "wal": "WAL period", "drill": "drill record"}[self.kind]
+        return f"{noun} {self.name}"
 
     def newest(self) -> StoredRecord | None:
         """The newest record that parses (what readers try first, in effect)."""
@@ -88,17 +91,18 @@ def split_escrow(provider: KeyProvider) -> tuple[KeyProvider, EscrowRecipient | 
 
 
 def record_sets(repo: Repository) -> list[RecordSet]:
-    """The record sets of every complete backup and every WAL key period, in listing order."""
-    complete = {str(label) for label in repo.backups()}
+    """The record sets of every complete backup, every WAL key period and every written drill
+    record, in listing order."""
+    complete = {"backup": {str(label) for label in repo.backups()}, "drill": set(repo.drill_ids())}
     sets: dict[str, RecordSet] = {}
-    for prefix, kind in ((BACKUP_PREFIX, "backup"), (KEYS_PREFIX, "wal")):
+    for prefix, kind in ((BACKUP_PREFIX, "backup"), (KEYS_PREFIX, "wal"), (DRILL_PREFIX, "drill")):
         for obj in repo.storage.list(prefix):
             parts = obj.key[len(prefix) :].split("/")
-            if kind == "backup":
-                if len(parts) != 3 or parts[1] != "key" or parts[0] not in complete:
+            if kind in complete:
+                if len(parts) != 3 or parts[1] != "key" or parts[0] not in complete[kind]:
                     continue
                 name, file = parts[0], parts[2]
-                set_prefix = f"{BACKUP_PREFIX}{name}/key/"
+                set_prefix = f"{prefix}{name}/key/"
             else:
                 if len(parts) != 2:
                     continue
