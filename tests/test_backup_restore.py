@@ -166,7 +166,9 @@ def test_wrong_key_is_refused_and_writes_nothing(pg: PgCluster, workdir: Path) -
     assert result.exit_code == 12, result.output
     assert "wrapped by keyfile key" in result.stderr
     assert not target.exists()
-    assert wrong.run("verify").exit_code == 15
+    before = dk.repo_listing()
+    assert wrong.run("verify").exit_code == 12  # the key is wrong, the backup is fine
+    assert dk.repo_listing() == before
 
 
 def test_damaged_object_is_reported_and_never_restored(pg: PgCluster, workdir: Path) -> None:

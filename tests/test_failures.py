@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,63 @@ def test_backup_memory_is_bounded(pg: PgCluster, workdir: Path) -> None:
     assert result.returncode == 0, result.stderr
     peak = int(result.stderr.rsplit("peak-kib ", 1)[1].split()[0]) * 1024
     assert peak < 200 * 1024 * 1024, f"backup peak RSS {peak / 2**20:.0f} MiB"
+
+
+def _tmpfs(path: Path, size: str) -> None:
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def _finish(process: subprocess.Popen[str], what: str) -> tuple[int, str]:
+    """Wait for a drkit process; a hang fails the test (and the process is killed)."""
+    try:
+        _, stderr = process.communicate(timeout=HANG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack
+        _, stderr = process.communicate()
+        pytest.fail(f"drkit {what} hung for {HANG_TIMEOUT_S} s: {stderr}")
+    return process.returncode, stderr
+
+
+HANG_TIMEOUT_S = 120  # the backup takes seconds (a minute on a loaded machine); a hang never ends
+
+
+def test_full_disk_backup_exits_and_the_next_one_succeeds(
+    pg: PgCluster, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real command line (whose exit waits for every thread) on a real 20 MiB tmpfs: the
+    backup fails with the no-space error and exits, lists nothing, and once there is space
+    again the next backup succeeds. A restore onto a full file system fails cleanly too."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    repo = workdir / "repo"
+    _tmpfs(repo, "20m")
+    try:
+        pg.psql(
+            "CREATE TABLE noise AS SELECT g, md5(random()::text) || md5(random()::text) AS a,"
+            " md5(random()::text) AS b FROM generate_series(1, 600000) g"
+        )
+        dk = Drkit(pg, workdir)
+        dk.ok("init")
+        code, stderr = _finish(dk.spawn("backup"), "backup")
+        assert code == 8, stderr
+        assert "no space left on device" in stderr and "HINT:" in stderr
+        assert dk.info()["backups"] == []
+
+        subprocess.run(["mount", "-o", "remount,size=400m", str(repo)], check=True)
+        code, stderr = _finish(dk.spawn("backup"), "backup")
+        assert code == 0, stderr
+        info = dk.info()
+        assert [b["type"] for b in info["backups"]] == ["full"]
+        assert info["incomplete"] == []
+
+        target = workdir / "target"
+        _tmpfs(target, "8m")
+        try:
+            code, stderr = _finish(dk.spawn("restore", "--pgdata", str(target)), "restore")
+            assert code == 14 and "Traceback" not in stderr, stderr
+            assert "no space left on device" in stderr
+            assert list(target.iterdir()) == []  # nothing half-restored that could be started
+        finally:
+            subprocess.run(["umount", "-l", str(target)], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(repo)], check=False)

@@ -31,6 +31,7 @@ from drkit.fsutil import pread_cached, pread_into, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import check_pages, page_runs
 from drkit.pg.summaries import SegmentReads
+from drkit.pools import worker_pool
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
 from drkit.repo.layers import SECTION_PAGES
@@ -148,8 +149,8 @@ class FileCopier:
         result = CopyResult()
         workers = self._settings.process_max
         with (
-            ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool,
-            ThreadPoolExecutor(workers, thread_name_prefix="read") as readers,
+            worker_pool(workers, "backup") as pool,
+            worker_pool(workers, "read") as readers,
         ):
             self._readers = readers
             for partial in pool.map(self._store_object, groups):
@@ -251,7 +252,8 @@ class FileCopier:
         pages = _PageRanges() if src.delta is not None else None
         section = -1  # of the last XOR page written
         whole = hashlib.sha256()
-        with _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
+        # The frame aborts on an error here: its compression threads never outlive the backup
+        with frame, _ReadAhead(stream, self._readers, self._read_buffers(), batches) as chunks:
             for blocks, chunk in chunks:
                 if src.delta is not None and pages is not None:
                     # Unchanged pages are the parent's, checked when the parent stored them.
@@ -279,8 +281,8 @@ class FileCopier:
                 if batches is None:
                     size = int(blocks[0]) * PAGE_SIZE + len(chunk)
                     self._progress.advance(len(chunk))
-        if base is not None:
-            base.finish(src.path)
+            if base is not None:
+                base.finish(src.path)
         info = frame.close()
         warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
         delta = src.delta

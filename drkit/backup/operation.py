@@ -42,6 +42,7 @@ from drkit.pg.walk import PgdataListing, SourceFile, walk_pgdata
 from drkit.progress import NoProgress, Progress
 from drkit.repo.copies import ReplicationReport
 from drkit.repo.fanout import FanOut
+from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (
@@ -95,6 +96,7 @@ class BackupOperation:
                 # Check the cluster and the repository, find the parent of a diff/incr
                 cluster = self._check_cluster(session)
                 repo.check(cluster.system_identifier)
+                check_identity(repo.storage, repo.keys)
                 removed = self._remove_leftovers(repo)
                 parent, notice = self._choose_parent(repo, cluster)
                 if notice:
@@ -204,7 +206,10 @@ class BackupOperation:
             labels = [label for label in labels if label.type is BackupType.FULL]
         if not labels:
             return None, f"no earlier backup to base a {self.kind} backup on: taking a full backup"
-        parent, _ = repo.load_manifest(labels[-1])
+        try:
+            parent, _ = repo.load_manifest(labels[-1])
+        except IntegrityError as exc:  # damaged or unauthentic: nothing can be based on it
+            return None, f"{exc}: taking a full backup instead of {self.kind}"
         reason = None
         if parent.pg_major != cluster.major:
             reason = f"PostgreSQL was upgraded from {parent.pg_major} to {cluster.major}"

@@ -14,9 +14,11 @@ from drkit.cli.common import (
     human_size,
     print_json,
     settings_from,
+    stderr,
     stdout,
     warn,
 )
+from drkit.errors import IntegrityError
 
 
 @handle_errors
@@ -33,7 +35,7 @@ def command(
     info = InfoOperation(settings, repo).run()
     if json_:
         print_json(info.as_dict())
-        _exit(info.rule_3_2_1 or not info.backups)
+        _exit(info.rule_3_2_1 or not info.backups, bool(info.damaged))
         return
     stdout.print(
         f"repository '{info.name}' (system {info.system_identifier}, format {info.format})"
@@ -56,6 +58,12 @@ def command(
                 f" 3-2-1 {'PASS' if c.passes else 'FAIL'}",
                 markup=False,
             )
+    for label, reason in info.damaged.items():
+        stderr.print(
+            f"[red]error:[/red] backup '{label}' is DAMAGED and cannot be restored: {reason}",
+            markup=True,
+            highlight=False,
+        )
     for label in info.incomplete:
         warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")
     if not info.wal:
@@ -82,10 +90,13 @@ def command(
             stdout.print(f"WAL lag of repository '{name}': {lag} files behind (drkit replicate)")
     if info.backups and not info.rule_3_2_1:
         warn("the newest backup does not meet 3-2-1 (3 copies, 2 media, 1 offsite)")
-    _exit(info.rule_3_2_1 or not info.backups)
+    _exit(info.rule_3_2_1 or not info.backups, bool(info.damaged))
 
 
-def _exit(passes: bool) -> None:
-    """A failing 3-2-1 rule is a warning: exit code 1."""
+def _exit(passes: bool, damaged: bool) -> None:
+    """A damaged backup is an error (exit code 13, after listing everything else); a failing
+    3-2-1 rule is a warning: exit code 1."""
+    if damaged:
+        raise typer.Exit(IntegrityError.exit_code)
     if not passes:
         raise typer.Exit(1)

@@ -49,6 +49,7 @@ def command(
                         "files": b.files,
                         "size": b.size,
                         "damaged": [{"path": p, "reason": r} for p, r in b.damaged],
+                        "unrestorable": b.unrestorable,
                     }
                     for b in report.backups
                 ],
@@ -68,6 +69,8 @@ def command(
     else:
         for b in report.backups:
             status = "ok" if b.ok else f"DAMAGED ({len(b.damaged)} files)"
+            if not b.damaged and b.unrestorable is not None:
+                status = f"UNRESTORABLE: {b.unrestorable}"
             stdout.print(f"{b.label}: {b.files} files, {human_size(b.size)}: {status}")
             for path, reason in b.damaged:
                 stderr.print(f"  damaged '{path}': {reason}", markup=False)

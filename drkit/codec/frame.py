@@ -198,6 +198,23 @@ class FrameWriter:
             if compressed:
                 self._push(memoryview(compressed))
 
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """On an error inside the block, abort: the compression threads end with it."""
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        """Gives the frame up (an error happened while writing it): chunks not yet compressed
+        are dropped and the compression threads end. Nothing more reaches the sink; the frame
+        cannot be closed afterwards. Safe to call more than once."""
+        self._closed = True
+        self._queued.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
     def cut(self) -> None:
         """End the chunk being gathered here (chunked frames; nothing if it is empty): what is
         written next starts a new chunk."""
@@ -238,11 +255,13 @@ class FrameWriter:
             self._chunks.append(Chunk(0, 0, sha256))
             self._push(memoryview(compressed))
         elif self._pool is not None:
-            if self._buffer:
-                self._submit_chunk()
-            while self._queued:
-                self._emit_chunk()
-            self._pool.shutdown()
+            try:
+                if self._buffer:
+                    self._submit_chunk()
+                while self._queued:
+                    self._emit_chunk()
+            finally:
+                self.abort()  # nothing is queued any more on success: the threads just end
         self._seal(self._pending, last=True)
         self._pending = bytearray()
         return FrameInfo(

@@ -50,6 +50,19 @@ class KeyProvider(Protocol):
         """
         ...
 
+    def identity(self) -> dict[str, Any]:
+        """The non-secret fields that name the wrapping key in every record this provider
+        writes (provider kind and key id or key name; never a version, which rotation changes).
+
+        Raises ConfigError for a provider that cannot seal new data (a recovery key).
+        """
+        ...
+
+    def check_key(self, record: dict[str, Any]) -> None:
+        """Raises WrongKey, with the message ``unwrap`` gives, when ``record`` (a key record or
+        an ``identity()``) names another provider or key. Contacts no key service."""
+        ...
+
     def unwrap(self, record: dict[str, Any]) -> bytes:
         """Returns the 32-byte DEK a record wraps.
 

@@ -176,6 +176,12 @@ class EscrowingProvider:
         record = {**data_key.record, "escrow": self.recipient.wrap(data_key.plaintext)}
         return DataKey(plaintext=data_key.plaintext, record=record)
 
+    def identity(self) -> dict[str, Any]:
+        return self.inner.identity()
+
+    def check_key(self, record: dict[str, Any]) -> None:
+        self.inner.check_key(record)
+
     def unwrap(self, record: dict[str, Any]) -> bytes:
         return self.inner.unwrap(record)
 

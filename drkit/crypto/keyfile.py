@@ -98,7 +98,10 @@ class KeyfileProvider:
         }
         return DataKey(plaintext=dek, record=record)
 
-    def unwrap(self, record: dict[str, Any]) -> bytes:
+    def identity(self) -> dict[str, Any]:
+        return {"provider": PROVIDER, "key_id": self.key_id}
+
+    def check_key(self, record: dict[str, Any]) -> None:
         record = check_provider(
             record, PROVIDER, "configure the key provider this repository was written with"
         )
@@ -110,6 +113,10 @@ class KeyfileProvider:
                 hint=f"configure the key file whose key id is {key_id}; no other key can "
                 "decrypt this data",
             )
+
+    def unwrap(self, record: dict[str, Any]) -> bytes:
+        self.check_key(record)
+        key_id = record["key_id"]
         nonce = decode_field(record, "nonce")
         wrapped = decode_field(record, "wrapped")
         if len(nonce) != NONCE_SIZE:

@@ -153,7 +153,10 @@ class VaultTransitProvider:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _check_record(self, record: dict[str, Any]) -> str:
+    def identity(self) -> dict[str, Any]:
+        return {"provider": PROVIDER, "mount": self.mount, "key": self.key}
+
+    def check_key(self, record: dict[str, Any]) -> None:
         record = check_provider(record, PROVIDER, OTHER_PROVIDER_HINT)
         name = f"{record.get('mount')}/{record.get('key')}"
         if name != self.name:
@@ -163,6 +166,9 @@ class VaultTransitProvider:
                 hint="set keys.vault.transit_mount and transit_key to the key this repository "
                 "was written with",
             )
+
+    def _check_record(self, record: dict[str, Any]) -> str:
+        self.check_key(record)
         ciphertext = record.get("ciphertext")
         ciphertext_version(ciphertext)
         assert isinstance(ciphertext, str)

@@ -176,11 +176,11 @@ class VaultKvProvider:
             self._keks[read_version] = kek
         return read_version, kek
 
-    def _check_record(self, record: dict[str, Any]) -> int:
+    def identity(self) -> dict[str, Any]:
+        return {"provider": PROVIDER, "mount": self.mount, "path": self.path, "field": self.field}
+
+    def check_key(self, record: dict[str, Any]) -> None:
         record = check_provider(record, PROVIDER, OTHER_PROVIDER_HINT)
-        version = record.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise IntegrityError("key record is malformed: 'version' is not a KV version")
         name = f"{record.get('mount')}/{record.get('path')}#{record.get('field')}"
         if name != self.name:
             raise WrongKey(
@@ -189,6 +189,12 @@ class VaultKvProvider:
                 hint="set keys.vault.kv_mount, kv_path and kv_field to the secret this "
                 "repository was written with",
             )
+
+    def _check_record(self, record: dict[str, Any]) -> int:
+        self.check_key(record)
+        version = record.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise IntegrityError("key record is malformed: 'version' is not a KV version")
         return version
 
     def _call(

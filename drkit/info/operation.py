@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drkit.config.settings import Settings
+from drkit.errors import IntegrityError
 from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.open import open_repository
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
@@ -45,6 +46,7 @@ class RepositoryInfo:
     format: int
     backups: list[BackupSummary] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
+    damaged: dict[str, str] = field(default_factory=dict)  # label -> why its manifest is unusable
     wal: list[TimelineSummary] = field(default_factory=list)  # archived WAL per timeline
     wal_lag: dict[str, int] = field(default_factory=dict)  # other repository -> WAL files behind
     unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
@@ -62,6 +64,7 @@ class RepositoryInfo:
             "format": self.format,
             "backups": [b.as_dict() for b in self.backups],
             "incomplete": self.incomplete,
+            "damaged": [{"label": k, "reason": v} for k, v in self.damaged.items()],
             "wal": [t.as_dict() for t in self.wal],
             "wal_lag": self.wal_lag,
             "unreachable": self.unreachable,
@@ -83,7 +86,11 @@ class InfoOperation:
         info.wal_lag = copies.wal_lag(repo.name)
         segment_size: int | None = None  # of the newest backup, for the WAL archive's gaps
         for label in repo.backups():
-            m, _ = repo.load_manifest(label)
+            try:
+                m, _ = repo.load_manifest(label)
+            except IntegrityError as exc:  # damaged or unauthentic: list the others all the same
+                info.damaged[str(label)] = str(exc)
+                continue
             segment_size = m.wal_segment_size
             info.backups.append(
                 BackupSummary(

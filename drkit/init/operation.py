@@ -10,7 +10,9 @@ from drkit.codec.frame import seal, unseal
 from drkit.config.settings import Settings
 from drkit.errors import ConfigError, PostgresError
 from drkit.pg.session import ClusterInfo, PgSession
+from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
+from drkit.repo.repository import Repository
 
 
 @dataclass
@@ -46,12 +48,23 @@ class InitOperation:
         self._check_keys()
         report.checks.append(Check("ok", f"key provider '{self.settings.keys.provider}' works"))
 
-        # Create (or confirm) every repository
+        # Create (or confirm) every repository, and record (or compare) the key it is sealed with
         for repo_settings in self.settings.repo:
             repo = open_repository(self.settings, repo_settings.name)
             created = repo.initialize(cluster.system_identifier)
+            self._record_key(repo)
             report.repositories[repo.name] = "created" if created else "exists"
         return report
+
+    @staticmethod
+    def _record_key(repo: Repository) -> None:
+        """Refuse a key other than the repository's; record it where none is recorded yet (a
+        repository of an older drkit) once it has unwrapped the newest backup's key record."""
+        check_identity(repo.storage, repo.keys)
+        if read_identity(repo.storage) is None:
+            if backups := repo.backups():
+                repo.load_dek(backups[-1])  # WrongKey: this is not the key the backups need
+            record_identity(repo.storage, repo.keys)
 
     def _check_cluster(self, cluster: ClusterInfo) -> list[Check]:
         pgdata = self.settings.postgres.pgdata

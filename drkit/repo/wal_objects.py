@@ -18,6 +18,7 @@ from typing import Protocol
 from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
 from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, IntegrityError, ObjectExists
+from drkit.repo.identity import check_identity
 from drkit.repo.wal_names import KeyPeriod, WalName
 from drkit.storage.base import Storage, WrittenObject
 
@@ -161,6 +162,8 @@ class WalKeyring:
         raise error
 
     def _create(self, period: str) -> bytes:
+        # A new period is where a wrong key would start sealing WAL nobody can read back
+        check_identity(self.repo.storage, self.repo.keys)
         data_key = self.repo.keys.new_data_key()
         record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
         try:

@@ -15,13 +15,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError, IntegrityError
 from drkit.fsutil import WRITE_PIECE, start_writeback, write_at
 from drkit.pg.constants import PAGE_SIZE
+from drkit.pools import worker_pool
 from drkit.progress import Progress
 from drkit.repo.chain import Chain, FilePlan, Layer
 from drkit.repo.layers import SECTION_PAGES, LayerPages, LayerReader
@@ -85,7 +85,7 @@ class FileWriter:
                 self._create(plan.entry)
                 self._assemblies[plan.entry.path] = _Assembly(plan, _writes(plan))
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
+        with worker_pool(workers, "restore") as pool:
             tasks.sort(key=lambda task: -task[0])
             list(pool.map(lambda task: task[1](), tasks))
         if unchecked := [path for path, done in self._assemblies.items() if not done.checked]:

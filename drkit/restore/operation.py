@@ -23,14 +23,17 @@ from drkit.config.settings import Settings
 from drkit.errors import (
     ConfigError,
     DrkitError,
+    IntegrityError,
     PostgresBinariesNotFound,
     RestoreTargetError,
     UnsafeManifest,
 )
+from drkit.fsutil import os_reason
 from drkit.pg.cluster import find_bindir
 from drkit.pg.recovery import RecoveryTarget, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
+from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
@@ -115,12 +118,18 @@ class RestoreOperation:
             )
             tree.set_ownership()
             os.sync()  # one call flushes every file written, far cheaper than an fsync per file
-        except BaseException:
+        except BaseException as exc:
             # Never leave a half-restored cluster that someone could start: the targets were
             # empty when we began, so emptying them again loses nothing.
             self.progress.stop()
             for directory in [pgdata, *tablespaces.values()]:
                 _empty(directory)
+            if isinstance(exc, OSError):  # the target's file system refused (full, read-only)
+                raise RestoreTargetError(
+                    f"unable to restore to path '{pgdata}': {os_reason(exc)}",
+                    hint=f"the backup needs {manifest.stats.size} bytes: free space on the"
+                    " target's file system (or restore elsewhere), then run the restore again",
+                ) from None
             raise
         finally:
             tree.close()
@@ -145,6 +154,19 @@ class RestoreOperation:
         return [open_repository(self.settings, name) for name in names], []
 
     def _load_chain(self, repos: list[Repository], events: list[str]) -> tuple[Repository, Chain]:
+        """The chain to restore, from the first repository that has it intact. Without a backup
+        or target asked for, that is the newest backup; when no repository has it intact, the
+        newest backup that restores (a damaged newest one never hides the older ones)."""
+        try:
+            return self._find_chain(repos, events, skip_damaged=False)
+        except DrkitError:
+            if self.request.backup not in (None, "latest") or self.request.target is not None:
+                raise
+            return self._find_chain(repos, events, skip_damaged=True)
+
+    def _find_chain(
+        self, repos: list[Repository], events: list[str], *, skip_damaged: bool
+    ) -> tuple[Repository, Chain]:
         first_error: DrkitError | None = None
         for repo in repos:
             try:
@@ -152,9 +174,11 @@ class RestoreOperation:
                 target = self.request.target
                 if target is not None and self.request.backup is None:
                     label = choose_backup(repo, target)
+                elif skip_damaged:
+                    return repo, _newest_intact_chain(repo, events)
                 else:
                     label = repo.resolve(self.request.backup)
-                return repo, Chain.load(repo, label)
+                return repo, _load_named_chain(repo, label)
             except DrkitError as exc:
                 if isinstance(exc, TargetUnreachable | ConfigError):
                     raise
@@ -191,6 +215,50 @@ class RestoreOperation:
                 " pass --tablespace-map-all to restore them where the backup says",
             )
         return targets
+
+
+def _newest_intact_chain(repo: Repository, events: list[str]) -> Chain:
+    """The chain of the newest backup that restores: one whose manifest, or a manifest of a
+    backup it depends on, is damaged or unauthentic is skipped (and said so in ``events``)."""
+    first_error: IntegrityError | None = None
+    for label in reversed(repo.backups()):
+        try:
+            return Chain.load(repo, label)
+        except IntegrityError as exc:
+            first_error = first_error or exc
+            events.append(f"backup '{label}' skipped: {exc}")
+    if first_error is None:
+        repo.resolve(None)  # raises: no backups at all
+    raise IntegrityError(
+        f"no backup in repository '{repo.name}' can be restored: {first_error}",
+        hint="'drkit verify' reports what is damaged; restore from another repository's copy",
+    )
+
+
+def _load_named_chain(repo: Repository, label: BackupLabel) -> Chain:
+    """The chain of ``label``; when it is damaged, the error names the newest intact backup."""
+    try:
+        return Chain.load(repo, label)
+    except IntegrityError as exc:
+        intact = _newest_intact_label(repo, exclude=label)
+        hint = (
+            f"the newest intact backup is '{intact}': restore it with --backup {intact}"
+            if intact
+            else "no other backup in this repository can be restored"
+        )
+        raise IntegrityError(exc.message, hint=hint) from None
+
+
+def _newest_intact_label(repo: Repository, exclude: BackupLabel) -> BackupLabel | None:
+    for label in reversed(repo.backups()):
+        if label == exclude:
+            continue
+        try:
+            Chain.load(repo, label)
+        except IntegrityError:
+            continue
+        return label
+    return None
 
 
 def _require_empty(target: Path) -> None:

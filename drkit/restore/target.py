@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from drkit.errors import DrkitError
+from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.recovery import RecoveryTarget, TargetKind
 from drkit.pg.wal import parse_lsn, parse_segment_name, segment_name
 from drkit.repo.label import BackupLabel
@@ -35,7 +35,10 @@ def choose_backup(repo: Repository, target: RecoveryTarget) -> BackupLabel:
     if target.kind in (TargetKind.NAME, TargetKind.LATEST, TargetKind.IMMEDIATE):
         return labels[-1]
     for label in reversed(labels):
-        manifest, _ = repo.load_manifest(label)
+        try:
+            manifest, _ = repo.load_manifest(label)
+        except IntegrityError:
+            continue  # damaged or unauthentic: an older backup reaches the target as well
         if _ends_before(manifest, target):
             return label
     oldest, _ = repo.load_manifest(labels[0])

@@ -7,13 +7,14 @@ PostgreSQL, no lock. It reports each damaged file by path and never stops at the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from drkit.config.settings import Settings
-from drkit.errors import DrkitError, ObjectNotFound
+from drkit.errors import DrkitError, KeyMaterialError, ObjectNotFound
+from drkit.pools import worker_pool
 from drkit.progress import NoProgress, Progress
+from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry, Manifest, ObjectEntry
 from drkit.repo.open import open_repository
@@ -32,10 +33,12 @@ class BackupVerification:
     files: int = 0
     size: int = 0
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (path or object, reason)
+    depends_on: list[str] = field(default_factory=list)  # the backups its chain needs
+    unrestorable: str | None = None  # intact itself, but a backup it depends on is not
 
     @property
     def ok(self) -> bool:
-        return not self.damaged
+        return not self.damaged and self.unrestorable is None
 
 
 @dataclass
@@ -84,12 +87,35 @@ class VerifyOperation:
     def run(self) -> VerifyReport:
         repo = open_repository(self.settings, self.repo_name)
         repo.check()
+        check_identity(repo.storage, repo.keys)  # a wrong key is not damage: nothing recorded
         labels = [repo.resolve(self.backup)] if self.backup else repo.backups()
         results = [self._verify_backup(repo, label) for label in labels]
+        self._mark_broken_chains(repo, results)
         for label, result in zip(labels, results, strict=True):
             repo.write_verify_record(label, result.ok, len(result.damaged))
         wal = self._verify_wal(repo) if self.wal else None
         return VerifyReport(repo.name, results, wal)
+
+    @staticmethod
+    def _mark_broken_chains(repo: Repository, results: list[BackupVerification]) -> None:
+        """A diff or incr restores only with every backup it depends on: one that is damaged
+        (found here, or by the last verification of a backup not verified here) or missing
+        makes it unrestorable, however intact its own files are."""
+        damaged = {r.label for r in results if r.damaged}
+        verified = {r.label for r in results}
+        present = {str(label) for label in repo.backups()}
+        for result in results:
+            for member in result.depends_on:
+                if member in damaged:
+                    reason = "is damaged"
+                elif member not in present:
+                    reason = "is missing"
+                elif member not in verified and not repo.verified_ok(BackupLabel(member)):
+                    reason = "failed its last verification"
+                else:
+                    continue
+                result.unrestorable = f"backup '{member}', which it depends on, {reason}"
+                break
 
     def _verify_wal(self, repo: Repository) -> WalVerification:
         from drkit.repo.wal_archive import WalArchive
@@ -105,7 +131,7 @@ class VerifyOperation:
                 return str(exc)
             return None
 
-        with ThreadPoolExecutor(self.settings.backup.process_max) as pool:
+        with worker_pool(self.settings.backup.process_max, "verify") as pool:
             for name, error in zip(names, pool.map(check, names), strict=True):
                 result.files += 1
                 if error is not None:
@@ -149,9 +175,12 @@ class VerifyOperation:
         result = BackupVerification(str(label))
         try:
             manifest, dek = repo.load_manifest(label)
+        except KeyMaterialError:
+            raise  # the key cannot read it, which says nothing about the backup
         except DrkitError as exc:
             result.damaged.append(("manifest", str(exc)))
             return result
+        result.depends_on = list(manifest.chain[:-1])
         by_object: dict[str, list[FileEntry]] = {}
         result.damaged += [("manifest", f"unsafe entry {p}") for p in manifest_problems(manifest)]
         for entry in manifest.files:
@@ -161,7 +190,7 @@ class VerifyOperation:
         def check(obj: ObjectEntry) -> list[FileOutcome]:
             return self._check_object(repo, manifest, obj, by_object.get(obj.key, []), dek)
 
-        with ThreadPoolExecutor(self.settings.backup.process_max) as pool:
+        with worker_pool(self.settings.backup.process_max, "verify") as pool:
             for outcomes in pool.map(check, manifest.objects):
                 for outcome in outcomes:
                     result.files += 1
