@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from rig.drkit import DRKIT, Drkit
-from rig.postgres import PgCluster
+from rig.postgres import PgCluster, chown_to_server_user
 
 
 @pytest.fixture
@@ -112,6 +112,7 @@ def test_full_disk_backup_exits_and_the_next_one_succeeds(
 
         target = workdir / "target"
         _tmpfs(target, "8m")
+        chown_to_server_user(target)  # the restored cluster's user owns the target
         try:
             code, stderr = _finish(dk.spawn("restore", "--pgdata", str(target)), "restore")
             assert code == 14 and "Traceback" not in stderr, stderr
