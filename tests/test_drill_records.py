@@ -15,7 +15,7 @@ from test_keys import make_settings
 from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient, create_recovery_keypair
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.crypto.recovery import RecoveryProvider
-from drkit.errors import ObjectExists
+from drkit.errors import ObjectExists, WrongKey
 from drkit.keys.rewrap import RewrapOperation
 from drkit.keys.rotate import RotateOperation
 from drkit.keys.status import KeyStatusOperation
@@ -28,6 +28,7 @@ from drkit.repo.drills import (
     RestorePoint,
     new_drill_id,
 )
+from drkit.repo.identity import record_identity
 from drkit.repo.open import open_key_provider
 from drkit.repo.repository import Repository
 from drkit.storage.posix import PosixStorage
@@ -189,3 +190,15 @@ def test_rotation_rewraps_drill_records_too(
     # Once v1 may no longer decrypt, the record still reads (through its v2 key record)
     setup.set_min_decryption_version(2)
     assert repo.drill_record(record.id).record == record
+
+
+def test_a_repository_sealed_with_another_key_refuses_the_record(tmp_path: Path) -> None:
+    create_keyfile(tmp_path / "right")
+    create_keyfile(tmp_path / "wrong")
+    storage = PosixStorage(tmp_path / "repo", name="local")
+    record_identity(storage, KeyfileProvider(tmp_path / "right"))
+
+    with pytest.raises(WrongKey, match="repository 'local' is sealed with another key"):
+        Repository(storage, KeyfileProvider(tmp_path / "wrong")).write_drill_record(make_record())
+
+    assert not (tmp_path / "repo" / "drills").exists()

@@ -49,6 +49,7 @@ from drkit.repo.drills import (
     seal_drill_record,
     unseal_drill_record,
 )
+from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
 from drkit.storage.base import Storage
@@ -314,8 +315,10 @@ class Repository:
     def write_drill_record(self, record: DrillRecord | SealedDrillRecord) -> None:
         """Store a drill record under ``drills/<id>/``: its key record, then the sealed record
         last, so a write killed midway leaves nothing listed. Write-once: raises ObjectExists
-        when the id holds anything already. A DrillRecord is sealed here with a fresh data key;
+        when the id holds anything already, WrongKey when the repository was initialised with
+        another key than ``keys``. A DrillRecord is sealed here with a fresh data key;
         a SealedDrillRecord (the same bytes for every repository) is stored as it is."""
+        check_identity(self.storage, self.keys)  # never seal with a key the repository refuses
         if isinstance(record, DrillRecord):
             record = seal_drill_record(record, self.keys)
         if self.storage.list(f"{DRILL_PREFIX}{record.id}/"):
