@@ -49,7 +49,7 @@ def test_restore_and_verify_with_vault_gone(
 
     # The recovery key cannot read what was never escrowed; rewrap escrows it
     result = dk.run("verify", "--backup", before_escrow, "--recovery-key", str(recovery))
-    assert result.exit_code == 15
+    assert result.exit_code == 12  # a key that cannot read it, not a damaged backup
     assert "has no escrow part" in json.dumps(result.stdout + result.stderr)
     status = json.loads(dk.ok("keys", "status", "--json").stdout)
     assert status["without_escrow"] == 1

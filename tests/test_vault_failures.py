@@ -94,7 +94,9 @@ def test_vault_failures_change_nothing(
     # Wrong transit key name: a least-privilege token is denied the other key's path; a token
     # that may use any key of the mount learns that the key does not exist
     setup.configure(dk, transit_key="no-such-key")
-    result = run("backup")
+    # The repository knows its key: a backup with another is refused before Vault is asked
+    check_failure(dk, run("backup"), WrongKey.exit_code, "sealed with another key", before)
+    result = run("init")  # init proves the configured key works first
     check_failure(
         dk,
         result,
@@ -104,7 +106,7 @@ def test_vault_failures_change_nothing(
     )
     assert "key names in [keys.vault]" in result.stderr
     monkeypatch.setenv("VAULT_TOKEN", token_for("mount", f'path "{mount}/*" {update}'))
-    result = run("backup")
+    result = run("init")
     check_failure(
         dk, result, VaultError.exit_code, "transit key 'no-such-key' does not exist", before
     )
