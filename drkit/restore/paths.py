@@ -12,7 +12,7 @@ Ownership comes from the target, never from the manifest: the cluster runs as th
 the target directory (or, when it does not exist yet, its nearest existing parent), as
 PostgreSQL itself demands of a data directory. Run as root, the restore gives every file to that
 user; it refuses a target that root owns (PostgreSQL never runs as root). Run as anyone else, it
-refuses a target owned by another user.
+refuses an existing target owned by another user (and creates a new one as that caller).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class ClusterUser:
 
 
 def cluster_user(pgdata: Path, tablespaces: dict[int, Path]) -> ClusterUser:
-    """The owner of ``pgdata`` (or of its nearest existing parent); refuses root as owner when
-    run as root, another user than the caller otherwise, and tablespace directories that
-    already exist with another owner."""
+    """Run as root: the owner of ``pgdata`` (or of its nearest existing parent), refused when
+    that is root. Run as another user: that user, refusing an existing ``pgdata`` owned by
+    someone else. Tablespace directories that exist must belong to the same user."""
     existing = pgdata
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -55,12 +55,14 @@ def cluster_user(pgdata: Path, tablespaces: dict[int, Path]) -> ClusterUser:
             hint=f"give '{existing}' to the user the cluster will run as (e.g. chown postgres:"
             f" '{existing}'), or restore into a directory that user owns",
         )
-    if me != 0 and uid != me:
+    if me != 0 and existing == pgdata and uid != me:
         raise RestoreTargetError(
             f"unable to restore to path '{pgdata}' because '{existing}' is owned by"
             f" {_name(uid)}, not by {_name(me)} that runs the restore",
             hint="restore as the user the cluster will run as, into a directory that user owns",
         )
+    if me != 0:
+        uid = me  # the caller creates what does not exist yet, and owns it
     try:
         entry = pwd.getpwuid(uid)
         user = ClusterUser(entry.pw_name, uid, entry.pw_gid)
@@ -70,7 +72,7 @@ def cluster_user(pgdata: Path, tablespaces: dict[int, Path]) -> ClusterUser:
         if directory.exists() and directory.stat().st_uid != uid:
             raise RestoreTargetError(
                 f"unable to restore a tablespace to '{directory}' because it is owned by"
-                f" {_name(directory.stat().st_uid)}, not by {_name(uid)} who owns '{existing}'",
+                f" {_name(directory.stat().st_uid)}, not by {_name(uid)}, the cluster's user",
                 hint="give the tablespace directory to the user the cluster will run as",
             )
     return user
