@@ -360,6 +360,7 @@ def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> N
     from drkit.repo.chain import FilePlan
     from drkit.repo.manifest import FileEntry
     from drkit.restore.files import _Assembly
+    from drkit.restore.paths import ClusterUser, TargetTree
 
     content = b"".join(bytes([block]) * PAGE_SIZE for block in range(8))
     sha = hashlib.sha256(content).hexdigest()
@@ -368,25 +369,28 @@ def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> N
     # three writes still to come, by the lowest byte each may touch
     writes = {"low": 0, "middle": 2 * PAGE_SIZE, "high": 4 * PAGE_SIZE}
 
-    path = workdir / "f"
+    tree = TargetTree(workdir / "target", {}, ClusterUser("root", 0, 0))
+    tree.make([])
+    path = workdir / "target" / "f"
     path.write_bytes(content)
     done = _Assembly(FilePlan(entry), writes)
-    done.written("low", path)  # blocks 0-1 are final
+    done.written("low", tree)  # blocks 0-1 are final
     assert (done._final, done.checked) == (2 * PAGE_SIZE, False)
-    done.written("middle", path)  # up to the lowest block of the last write
+    done.written("middle", tree)  # up to the lowest block of the last write
     assert (done._final, done.checked) == (4 * PAGE_SIZE, False)
-    done.written("high", path)
+    done.written("high", tree)
     assert (done._final, done.checked) == (8 * PAGE_SIZE, True)
 
     damaged = _Assembly(FilePlan(entry), writes)
-    damaged.written("middle", path)
+    damaged.written("middle", tree)
     with path.open("r+b") as f:  # a page the last write brings is wrong
         f.seek(5 * PAGE_SIZE)
         f.write(b"X")
-    damaged.written("high", path)
+    damaged.written("high", tree)
     assert damaged._final == 0  # block 0 is not final yet: nothing read back
     with pytest.raises(IntegrityError, match="does not match its checksum"):
-        damaged.written("low", path)
+        damaged.written("low", tree)
+    tree.close()
 
 
 def test_large_delta_is_chunked_and_restores(pg: PgCluster, workdir: Path) -> None:
