@@ -1,0 +1,240 @@
+"""deploy/kubernetes/ and the Dockerfile: every manifest is valid Kubernetes (offline schemas of
+the oldest and newest supported release), the kustomization renders, the pieces agree with each
+other and with drkit's configuration, and the image's build steps pass hadolint."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from drkit.config.settings import load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KUBE = REPO_ROOT / "deploy" / "kubernetes"
+SIDECAR = KUBE / "sidecar" / "statefulset.yaml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+# The oldest and the newest Kubernetes release the project supports.
+KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
+BIN = Path(sys.executable).parent
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def render_kustomization() -> list[dict[str, Any]]:
+    """What `kubectl kustomize deploy/kubernetes` prints, for the features the kustomization
+    uses (resources, labels, images); anything else in it is refused, so this stays exact."""
+    spec = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    assert set(spec) <= {"apiVersion", "kind", "labels", "resources", "images"}, set(spec)
+    labels: dict[str, str] = {}
+    for entry in spec.get("labels", []):
+        assert set(entry) == {"pairs"}, entry  # no selectors or templates touched
+        labels.update(entry["pairs"])
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in spec.get("images", [])}
+    rendered = []
+    for name in spec["resources"]:
+        for doc in load_all(KUBE / name):
+            doc = copy.deepcopy(doc)
+            doc["metadata"].setdefault("labels", {}).update(labels)
+            for container in containers(doc):
+                container["image"] = images.get(container["image"], container["image"])
+            rendered.append(doc)
+    return rendered
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    if doc["kind"] == "CronJob":
+        spec: dict[str, Any] = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        return spec
+    if doc["kind"] in ("StatefulSet", "Deployment", "Job"):
+        spec = doc["spec"]["template"]["spec"]
+        return spec
+    return None
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(doc)
+    return [] if spec is None else spec["containers"]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def every_manifest() -> list[dict[str, Any]]:
+    return [*render_kustomization(), *load_all(SIDECAR)]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_is_valid_kubernetes(version: str) -> None:
+    docs = every_manifest()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises with the field's path
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "CronJob", "CronJob", "ServiceAccount", "StatefulSet"]
+
+
+def test_the_validation_rejects_what_kubernetes_would() -> None:
+    """Not vacuous: a misspelt field and a wrong type are both refused."""
+    cronjob = copy.deepcopy(by_kind(render_kustomization(), "CronJob")[0])
+    cronjob["spec"]["concurrencyPolicyy"] = "Forbid"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cronjob, KUBERNETES_VERSIONS[0], strict=True)
+    cronjob = copy.deepcopy(by_kind(render_kustomization(), "CronJob")[0])
+    cronjob["spec"]["startingDeadlineSeconds"] = "an hour"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cronjob, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def test_cronjobs_never_overlap_and_have_bounds() -> None:
+    cronjobs = by_kind(render_kustomization(), "CronJob")
+    assert sorted(c["metadata"]["name"] for c in cronjobs) == ["drkit-drill", "drkit-verify"]
+    for cronjob in cronjobs:
+        spec = cronjob["spec"]
+        assert spec["concurrencyPolicy"] == "Forbid"
+        assert spec["startingDeadlineSeconds"] > 0
+        assert spec["successfulJobsHistoryLimit"] > 0 and spec["failedJobsHistoryLimit"] > 0
+        assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] > 0
+        [container] = containers(cronjob)
+        assert container["image"] == "registry.example.com/drkit:0.1.0"
+        assert container["resources"]["requests"].keys() == {"cpu", "memory"}
+        assert "memory" in container["resources"]["limits"]
+
+
+def test_no_secret_is_shipped_and_secrets_are_referenced_by_name() -> None:
+    docs = every_manifest()
+    assert not by_kind(docs, "Secret")
+    for doc in docs:
+        for container in containers(doc):
+            refs = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
+            assert "drkit-s3" in refs, (doc["metadata"]["name"], container["name"])
+            assert not any("value" in e and "KEY" in e["name"] for e in container.get("env", []))
+
+
+def test_pods_run_as_postgres_without_privileges() -> None:
+    for doc in every_manifest():
+        spec = pod_spec(doc)
+        if spec is None:
+            continue
+        assert spec["serviceAccountName"] == "drkit"
+        context = spec["securityContext"]
+        assert context["runAsNonRoot"] and context["runAsUser"] == 999
+        for container in spec["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def config_in_the_configmap(tmp_path: Path) -> Path:
+    [configmap] = by_kind(render_kustomization(), "ConfigMap")
+    path = tmp_path / "drkit.toml"
+    path.write_text(configmap["data"]["drkit.toml"])
+    return path
+
+
+def test_the_configmap_holds_a_valid_drkit_configuration(tmp_path: Path) -> None:
+    settings = load_settings(config_in_the_configmap(tmp_path))
+    assert settings.keys.provider == "vault-transit"
+    assert settings.keys.vault is not None and settings.keys.vault.auth == "kubernetes"
+    assert [r.type for r in settings.repo] == ["s3", "s3"]
+
+
+def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container["volumeMounts"]}
+
+
+def test_the_sidecar_and_the_cronjobs_see_the_paths_the_configuration_names(
+    tmp_path: Path,
+) -> None:
+    config = tomllib.loads(config_in_the_configmap(tmp_path).read_text())
+    [statefulset] = load_all(SIDECAR)
+    pods = {c["name"]: c for c in containers(statefulset)}
+    drkit, postgres = pods["drkit"], pods["postgres"]
+    assert drkit["args"][:1] == ["schedule"]
+    data = mounts(drkit)["/var/lib/postgresql/data"]
+    assert data["readOnly"] is True and config["postgres"]["pgdata"].startswith(data["mountPath"])
+    assert {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"] == config["postgres"][
+        "pgdata"
+    ]
+    # Locks and the WAL spool, and the server's socket: one emptyDir each, in both containers.
+    for path in (config["lock_path"], config["postgres"]["host"]):
+        assert mounts(drkit)[path]["name"] == mounts(postgres)[path]["name"]
+    jobs = [containers(c)[0] for c in by_kind(render_kustomization(), "CronJob")]
+    for container in [drkit, *jobs]:
+        assert container["args"][-2:] == ["--config", "/etc/drkit/drkit.toml"]
+        assert "/etc/drkit/drkit.toml" in mounts(container)
+        assert config["lock_path"] in mounts(container)
+        token_dir = str(Path(config["keys"]["vault"]["jwt_file"]).parent)
+        assert token_dir in mounts(container)
+
+
+# -- the image -------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(BIN / "hadolint"), "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_image_runs_as_a_numeric_non_root_user_and_holds_no_secret() -> None:
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    assert [line for line in lines if line.startswith("USER ")] == ["USER 999:999"]
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases == ["python:3.11-slim-bookworm", "python:3.11-slim-bookworm"]
+    for word in ("SECRET", "PASSWORD", "TOKEN", "AWS_", "VAULT_"):
+        assert not any(word in line.upper() for line in lines if line.startswith(("ENV", "ARG")))
+
+
+def test_the_build_context_holds_everything_the_build_needs(tmp_path: Path) -> None:
+    """The Dockerfile's build step (`pip wheel .`) run on exactly what .dockerignore lets into
+    the context: the wheel builds, with both C extensions."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO_ROOT / name, context / name)
+    shutil.copytree(
+        REPO_ROOT / "drkit",
+        context / "drkit",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
+    ignore = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :] == [
+        "*",
+        "!pyproject.toml",
+        "!setup.py",
+        "!README.md",
+        "!drkit/",
+        "drkit/**/*.so",
+        "drkit/**/__pycache__",
+    ]
+    result = subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "wheel", "--no-deps",
+         "--wheel-dir", str(tmp_path / "wheels"), str(context)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [wheel] = (tmp_path / "wheels").glob("drkit-*.whl")
+    listing = subprocess.run(
+        [str(BIN / "python"), "-m", "zipfile", "-l", str(wheel)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "drkit/codec/_sparse" in listing and "drkit/pg/_walblocks" in listing
+    assert "drkit/cli/main.py" in listing
