@@ -3,6 +3,10 @@
 Exit-code bands (as BorgBackup): 0 ok, 1 warning, 2 generic error, 3-99 specific errors,
 100-127 specific warnings. Messages are lowercase, quote paths, and carry a hint where the user
 can do something about it. No error message may contain key material.
+
+Errors are raised; warnings (``DrkitWarning`` subclasses) are not: an operation that completes
+collects them on its result (drkit/result.py), whose exit code is the warning's own code, or 1
+when warnings of several kinds were collected.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ class DrkitWarning(DrkitError):
     """The operation completed, but something needs the operator's attention."""
 
     exit_code = 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "code": self.exit_code,
+            "warning": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+        }
 
 
 class ConfigError(DrkitError):
@@ -156,3 +168,60 @@ class UnsafeManifest(IntegrityError):
     verification reports it and restore refuses it before writing anything."""
 
     exit_code = 18
+
+
+# -- warnings: collected on an operation's result, never raised ------------------------------------
+
+
+class BackupNotCopied(DrkitWarning):
+    """A committed backup could not be copied to another repository yet (it is safe in the
+    primary; 'drkit replicate' copies it when the repository is back)."""
+
+    exit_code = 100
+
+
+class PageChecksumFailure(DrkitWarning):
+    """A data page failed its checksum while it was backed up: the backup holds the page as it
+    was read, and the data file on the server needs attention."""
+
+    exit_code = 101
+
+
+class Rule321Failed(DrkitWarning):
+    """The newest backup does not have 3 copies on 2 media with 1 offsite."""
+
+    exit_code = 102
+
+
+class RepositoryUnreachable(DrkitWarning):
+    """A configured repository could not be read; another one served instead, or it counts as
+    holding nothing."""
+
+    exit_code = 103
+
+
+class WalArchiveGap(DrkitWarning):
+    """WAL segments are missing from the archive: recovery cannot replay past the gap."""
+
+    exit_code = 104
+
+
+class IncompleteBackup(DrkitWarning):
+    """The repository holds the leftovers of a backup that never completed (never listed; the
+    next backup removes them)."""
+
+    exit_code = 105
+
+
+class CopyFallback(DrkitWarning):
+    """An object was missing or damaged in one repository and was read from another copy: the
+    operation succeeded, the first copy needs attention."""
+
+    exit_code = 106
+
+
+class BackupSkipped(DrkitWarning):
+    """The newest backup is damaged (its manifest, or one it depends on, fails authentication):
+    an older backup was restored instead."""
+
+    exit_code = 109

@@ -135,9 +135,10 @@ def test_backup_fans_out_and_restores_from_s3_alone(
     shutil.rmtree(dk.repo_path)  # the site is lost: only the S3 copy is left
     target = workdir / "restored"
     result = dk.run("restore", "--pgdata", str(target), "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 103, result.output  # RepositoryUnreachable: restored, from s3-eu
     restored = json.loads(result.stdout)
     assert restored["label"] == label and restored["repo"] == "s3-eu"
+    assert [w["warning"] for w in restored["warnings"]] == ["RepositoryUnreachable"]
     assert "repository 'local' could not be used" in result.stderr
     assert database_checksums(start_restored(target, pg.version, workdir)) == expected
 
@@ -157,7 +158,7 @@ def test_damaged_local_object_is_restored_from_the_s3_copy(two_repos: Drkit, wor
 
     target = workdir / "restored"
     result = dk.run("restore", "--pgdata", str(target), "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 106, result.output  # CopyFallback: restored, the local copy is bad
     events = json.loads(result.stdout)["fallbacks"]
     key = f"backup/{label}/data/{victim.name}"
     assert any(key in e and "unusable in 'local'" in e for e in events), events

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from drkit.config.settings import Settings, config_path, load_settings
-from drkit.errors import DrkitError
+from drkit.errors import DrkitError, DrkitWarning
 from drkit.logs import add_log_file, event, redacted
 from drkit.progress import Progress as ProgressProtocol
 
@@ -92,6 +92,14 @@ def print_json(data: Any) -> None:
 
 def warn(message: str) -> None:
     stderr.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+def warn_all(warnings: list[DrkitWarning]) -> None:
+    """One line per warning an operation collected (+ its hint) on stderr."""
+    for warning in warnings:
+        warn(warning.message)
+        if warning.hint:
+            stderr.print(f"HINT: {warning.hint}", markup=False)
 
 
 class RichProgress:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -20,50 +18,14 @@ from drkit.cli.common import (
     progress,
     settings_from,
     stdout,
-    warn,
+    warn_all,
 )
-from drkit.config.settings import config_path
-from drkit.errors import ConfigError
-from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
-from drkit.pg.wal import parse_lsn
+from drkit.pg.recovery import TargetAction
 
 
 class ArchiveMode(StrEnum):
     OFF = "off"
     PRESERVE = "preserve"
-
-
-def wal_fetch_command(config: Path, recovery_key: Path | None) -> str:
-    """The restore_command a restored cluster uses to fetch WAL from the repositories."""
-    drkit = Path(sys.executable).parent / "drkit"
-    command = f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))}"
-    if recovery_key is not None:
-        command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
-    return command + " %f %p"
-
-
-def _check_target(target: RecoveryTarget) -> None:
-    try:
-        if target.kind is TargetKind.TIME:
-            _ = target.time
-        elif target.kind is TargetKind.LSN:
-            parse_lsn(target.value)
-        elif target.kind is TargetKind.XID:
-            int(target.value)
-    except ValueError as exc:
-        raise ConfigError(
-            f"invalid recovery target {target.kind} '{target.value}': {exc}"
-        ) from None
-
-
-def _parse_map(values: list[str]) -> dict[str, Path]:
-    mapping: dict[str, Path] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep or not name or not directory:
-            raise ConfigError(f"--tablespace-map '{value}' is not OID=DIR or NAME=DIR")
-        mapping[name] = Path(directory)
-    return mapping
 
 
 @handle_errors
@@ -126,56 +88,37 @@ def command(
     'drkit wal-fetch') up to that point; without --backup the newest backup before the target is
     used.
     """
-    from drkit.restore.operation import RestoreOperation, RestoreRequest
+    from drkit.restore.operation import restore_backup
+    from drkit.restore.request import RestoreRequest, parse_tablespace_map, recovery_target
 
     settings = settings_from(
         config, {"backup": {"process_max": process_max}, "keys": {"recovery_key": recovery_key}}
     )
-    chosen = {
-        TargetKind.TIME: target_time,
-        TargetKind.LSN: target_lsn,
-        TargetKind.XID: target_xid,
-        TargetKind.NAME: target_name,
-        TargetKind.LATEST: "latest" if target_latest else None,
-        TargetKind.IMMEDIATE: "immediate" if target_immediate else None,
-    }
-    given = [(kind, value) for kind, value in chosen.items() if value is not None]
-    if len(given) > 1:
-        raise ConfigError("give at most one recovery target (--target-time, --target-lsn, ...)")
-    target = None
-    if given:
-        kind, value = given[0]
-        target = RecoveryTarget(
-            kind, value, target_action, target_timeline, inclusive=not target_exclusive
-        )
-        _check_target(target)
     request = RestoreRequest(
         pgdata=pgdata,
         backup=backup,
         repo=repo,
-        tablespace_map=_parse_map(tablespace_map or []),
-        target=target,
-        restore_command=wal_fetch_command(config_path(config), recovery_key),
+        tablespace_map=parse_tablespace_map(tablespace_map or []),
+        target=recovery_target(
+            time=target_time,
+            lsn=target_lsn,
+            xid=target_xid,
+            name=target_name,
+            latest=target_latest,
+            immediate=target_immediate,
+            action=target_action,
+            timeline=target_timeline,
+            exclusive=target_exclusive,
+        ),
+        config=config,
         tablespace_map_all=tablespace_map_all,
         archive_mode=archive_mode.value,
     )
-    result = RestoreOperation(settings, request, progress()).run()
-    for event in result.fallbacks:
-        warn(event)
+    result = restore_backup(settings, request, progress())
+    warn_all(result.warnings)
     if json_:
-        print_json(
-            {
-                "label": result.label,
-                "pgdata": str(result.pgdata),
-                "files": result.files,
-                "size": result.size,
-                "tablespaces": {str(k): str(v) for k, v in result.tablespaces.items()},
-                "start_command": result.start_command,
-                "repo": result.repo,
-                "fallbacks": result.fallbacks,
-            }
-        )
-        return
+        print_json(result.as_dict())
+        raise typer.Exit(result.exit_code)
     stdout.print(
         f"restored backup {result.label} from '{result.repo}' to '{result.pgdata}':"
         f" {result.files} files,"
@@ -195,3 +138,4 @@ def command(
         )
     stdout.print("next: start the restored cluster (it replays the backup's WAL, then opens):")
     stdout.print(f"  {result.start_command}", markup=False)
+    raise typer.Exit(result.exit_code)

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from drkit.config.settings import Settings
 
 FETCH_ERROR_BASE = 200
-FETCH_NOT_FOUND = 1
 _INTERNAL_ERROR = 2
 
 
@@ -76,29 +75,16 @@ def wal_fetch(name: str, dest: str, config: Path | None, recovery_key: Path | No
     from drkit.errors import DrkitError
 
     try:
-        from drkit.wal.config import load_wal_config, secondary_repositories
-        from drkit.wal.fetch import fetch
+        from drkit.wal.config import load_wal_config
+        from drkit.wal.operation import WalFetchRequest, fetch_wal
 
         settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True)
-        repo = settings.open_repository()
-        problem: DrkitError | None = None
-        try:
-            if fetch(repo, name, Path(dest)):
-                return 0
-        except DrkitError as exc:
-            problem = exc
-        for other in secondary_repositories(settings.config_path, recovery_key):
-            try:
-                if fetch(other, name, Path(dest)):
-                    why = f"unusable there: {problem.message}" if problem else "missing there"
-                    _say("wal-fetch", f"WAL file {name} fetched from '{other.name}' ({why})")
-                    return 0
-            except DrkitError:
-                continue
-        if problem is not None:
-            raise problem
-        _say("wal-fetch", f"WAL file {name} is not in repository '{repo.name}'")
-        return FETCH_NOT_FOUND
+        result = fetch_wal(settings, WalFetchRequest(name, Path(dest), recovery_key))
+        for warning in result.warnings:
+            _say("wal-fetch", warning.message)
+        if not result.fetched:
+            _say("wal-fetch", f"WAL file {name} is not in repository '{result.searched[0]}'")
+        return result.exit_code
     except DrkitError as exc:
         _fail("wal-fetch", exc.message, exc.hint)
         return FETCH_ERROR_BASE + exc.exit_code

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from drkit.errors import DrkitError, IntegrityError
+from drkit.errors import CopyFallback, DrkitError, DrkitWarning, IntegrityError
 from drkit.fsutil import WRITE_PIECE, start_writeback, write_at
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pools import worker_pool
@@ -55,7 +55,7 @@ class FileWriter:
         self._chain = chain
         self._tree = tree
         self._progress = progress
-        self.events: list[str] = []
+        self.warnings: list[DrkitWarning] = []  # objects read from another copy, and why
         self._lock = threading.Lock()
         # Files assembled from a chain, checked as they become final (see _Assembly)
         self._assemblies: dict[str, _Assembly] = {}
@@ -111,11 +111,11 @@ class FileWriter:
                 first_error = first_error or exc
                 undo()
                 with self._lock:
-                    self.events.append(f"{what} unusable in '{repo.name}': {exc}")
+                    self.warnings.append(CopyFallback(f"{what} unusable in '{repo.name}': {exc}"))
                 continue
             if first_error is not None:
                 with self._lock:
-                    self.events.append(f"{what} restored from '{repo.name}'")
+                    self.warnings.append(CopyFallback(f"{what} restored from '{repo.name}'"))
             return
         assert first_error is not None
         raise first_error

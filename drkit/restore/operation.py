@@ -16,15 +16,19 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from drkit.config.settings import Settings
+from drkit.config.settings import Settings, config_path
 from drkit.errors import (
+    BackupSkipped,
     ConfigError,
     DrkitError,
+    DrkitWarning,
     IntegrityError,
     PostgresBinariesNotFound,
+    RepositoryUnreachable,
     RestoreTargetError,
     UnsafeManifest,
 )
@@ -40,23 +44,19 @@ from drkit.repo.repository import Repository
 from drkit.repo.safety import check_manifest
 from drkit.restore.files import FileWriter
 from drkit.restore.paths import TargetTree, cluster_user
+from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
 from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
+from drkit.result import OperationResult
 
 
 @dataclass
-class RestoreRequest:
-    pgdata: Path
-    backup: str | None = None  # label or 'latest'
-    repo: str | None = None
-    tablespace_map: dict[str, Path] = field(default_factory=dict)  # oid or name -> directory
-    target: RecoveryTarget | None = None  # None: stop where the backup is consistent
-    restore_command: str = ""  # how the restored cluster fetches archived WAL (with a target)
-    tablespace_map_all: bool = False  # restore unmapped tablespaces where the backup says
-    archive_mode: str = "off"  # 'off': the copy never archives; 'preserve': the source's setting
+class RestoreResult(OperationResult):
+    """A completed restore. Warnings: CopyFallback (an object read from another repository),
+    RepositoryUnreachable (a repository that could not be used), BackupSkipped (a damaged
+    newest backup passed over). ``phases``: plan (find the backup, read and check its chain,
+    check the target and the directories), write (fetch, decrypt, decompress, write and check
+    every file, in parallel), finish (WAL directories, settings, ownership), sync."""
 
-
-@dataclass
-class RestoreResult:
     label: str
     pgdata: Path
     files: int
@@ -65,7 +65,33 @@ class RestoreResult:
     start_command: str
     target: RecoveryTarget | None = None
     repo: str = ""  # the repository the backup was found in
-    fallbacks: list[str] = field(default_factory=list)  # objects read from another copy, and why
+    archive_mode: str = "off"
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """What was read from elsewhere or passed over, and why (the warnings' messages)."""
+        return [w.message for w in self.warnings]
+
+    def _data(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "pgdata": str(self.pgdata),
+            "files": self.files,
+            "size": self.size,
+            "tablespaces": {str(k): str(v) for k, v in self.tablespaces.items()},
+            "start_command": self.start_command,
+            "repo": self.repo,
+            "target": None if self.target is None else _target_dict(self.target),
+            "archive_mode": self.archive_mode,
+            "fallbacks": self.fallbacks,
+        }
+
+
+def restore_backup(
+    settings: Settings, request: RestoreRequest, progress: Progress | None = None
+) -> RestoreResult:
+    """Restore ``request``'s backup (or the one its target needs) into ``request.pgdata``."""
+    return RestoreOperation(settings, request, progress).run()
 
 
 class RestoreOperation:
@@ -77,47 +103,62 @@ class RestoreOperation:
         self.progress = progress or NoProgress()
 
     def run(self) -> RestoreResult:
-        # Find the backup and read its chain, from the first repository that has it
-        target = self.request.target
-        repos, events = self._repositories()
-        repo, chain = self._load_chain(repos, events)
-        manifest, label = chain.target, chain.target.label
-        for member in chain.manifests.values():
-            check_manifest(member)
-        plans = chain.plan()
-        if target is not None:
-            check_reachable(repo, manifest, target)
+        timing = OperationResult()
+        warnings: list[DrkitWarning] = []
+        with timing.phase("plan"):
+            # Check the target, find the backup and read its chain from the first repository
+            # that has it, check every manifest, and prove the archive reaches the target
+            target = self.request.target
+            if target is not None:
+                check_target(target)
+            if self.request.archive_mode not in ("off", "preserve"):
+                raise ConfigError(
+                    f"invalid archive mode '{self.request.archive_mode}'",
+                    hint="'off' or 'preserve'",
+                )
+            repos = self._repositories()
+            repo, chain = self._load_chain(repos, warnings)
+            manifest, label = chain.target, chain.target.label
+            for member in chain.manifests.values():
+                check_manifest(member)
+            plans = chain.plan()
+            if target is not None:
+                check_reachable(repo, manifest, target)
 
-        # Check every target before writing anything
-        pgdata = self.request.pgdata.absolute()
-        tablespaces = self._tablespace_targets(manifest)
-        for directory in [pgdata, *tablespaces.values()]:
-            _require_empty(directory)
-        user = cluster_user(pgdata, tablespaces)
+            # Check every directory before writing anything
+            pgdata = self.request.pgdata.absolute()
+            tablespaces = self._tablespace_targets(manifest)
+            for directory in [pgdata, *tablespaces.values()]:
+                _require_empty(directory)
+            user = cluster_user(pgdata, tablespaces)
 
         tree = TargetTree(pgdata, tablespaces, user)
         try:
-            # Lay out directories and tablespace links, then write the files
-            tree.make([(d.path, d.mode) for d in manifest.directories])
-            self.progress.start(f"restore {label}", manifest.stats.size)
-            writer = FileWriter(
-                [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
-            )
-            writer.write(plans, self.settings.backup.process_max)
-            events += writer.events
-            self.progress.stop()
+            with timing.phase("write"):
+                # Lay out directories and tablespace links, then write the files
+                tree.make([(d.path, d.mode) for d in manifest.directories])
+                self.progress.start(f"restore {label}", manifest.stats.size)
+                writer = FileWriter(
+                    [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
+                )
+                writer.write(plans, self.settings.backup.process_max)
+                warnings += writer.warnings
+                self.progress.stop()
 
-            # Finish: WAL directories, settings, ownership, and make it all durable
-            for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
-                tree.ensure_dir(sub)
-            write_restore_settings(
-                tree.root,
-                archive_off=self.request.archive_mode == "off",
-                restore_command=self.request.restore_command,
-                target=target,
-            )
-            tree.set_ownership()
-            os.sync()  # one call flushes every file written, far cheaper than an fsync per file
+            with timing.phase("finish"):
+                # WAL directories, settings, ownership
+                for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
+                    tree.ensure_dir(sub)
+                write_restore_settings(
+                    tree.root,
+                    archive_off=self.request.archive_mode == "off",
+                    restore_command=self._restore_command() if target is not None else "",
+                    target=target,
+                )
+                tree.set_ownership()
+
+            with timing.phase("sync"):
+                os.sync()  # one call flushes every file written, far cheaper than an fsync each
         except BaseException as exc:
             # Never leave a half-restored cluster that someone could start: the targets were
             # empty when we began, so emptying them again loses nothing.
@@ -144,16 +185,25 @@ class RestoreOperation:
             ),
             target=target,
             repo=repo.name,
-            fallbacks=events,
+            archive_mode=self.request.archive_mode,
+            warnings=warnings,
+            phases=timing.phases,
         )
 
-    def _repositories(self) -> tuple[list[Repository], list[str]]:
+    def _restore_command(self) -> str:
+        if self.request.restore_command is not None:
+            return self.request.restore_command
+        return wal_fetch_command(config_path(self.request.config), self.settings.keys.recovery_key)
+
+    def _repositories(self) -> list[Repository]:
         """The requested (or primary) repository first, then the others in configured order."""
         names = [self.request.repo] if self.request.repo else []
         names += [r.name for r in self.settings.repo if r.name not in names]
-        return [open_repository(self.settings, name) for name in names], []
+        return [open_repository(self.settings, name) for name in names]
 
-    def _load_chain(self, repos: list[Repository], events: list[str]) -> tuple[Repository, Chain]:
+    def _load_chain(
+        self, repos: list[Repository], events: list[DrkitWarning]
+    ) -> tuple[Repository, Chain]:
         """The chain to restore, from the first repository that has it intact. Without a backup
         or target asked for, that is the newest backup; when no repository has it intact, the
         newest backup that restores (a damaged newest one never hides the older ones)."""
@@ -165,7 +215,7 @@ class RestoreOperation:
             return self._find_chain(repos, events, skip_damaged=True)
 
     def _find_chain(
-        self, repos: list[Repository], events: list[str], *, skip_damaged: bool
+        self, repos: list[Repository], events: list[DrkitWarning], *, skip_damaged: bool
     ) -> tuple[Repository, Chain]:
         first_error: DrkitError | None = None
         for repo in repos:
@@ -183,7 +233,9 @@ class RestoreOperation:
                 if isinstance(exc, TargetUnreachable | ConfigError):
                     raise
                 first_error = first_error or exc
-                events.append(f"repository '{repo.name}' could not be used: {exc}")
+                events.append(
+                    RepositoryUnreachable(f"repository '{repo.name}' could not be used: {exc}")
+                )
         assert first_error is not None
         raise first_error
 
@@ -217,7 +269,7 @@ class RestoreOperation:
         return targets
 
 
-def _newest_intact_chain(repo: Repository, events: list[str]) -> Chain:
+def _newest_intact_chain(repo: Repository, events: list[DrkitWarning]) -> Chain:
     """The chain of the newest backup that restores: one whose manifest, or a manifest of a
     backup it depends on, is damaged or unauthentic is skipped (and said so in ``events``)."""
     first_error: IntegrityError | None = None
@@ -226,7 +278,7 @@ def _newest_intact_chain(repo: Repository, events: list[str]) -> Chain:
             return Chain.load(repo, label)
         except IntegrityError as exc:
             first_error = first_error or exc
-            events.append(f"backup '{label}' skipped: {exc}")
+            events.append(BackupSkipped(f"backup '{label}' skipped: {exc}"))
     if first_error is None:
         repo.resolve(None)  # raises: no backups at all
     raise IntegrityError(
@@ -307,3 +359,13 @@ def _start_command(manifest: Manifest, pgdata: Path, user: str, bindir: Path | N
     if os.geteuid() == 0:
         command = f"runuser -u {shlex.quote(user)} -- {command}"
     return command
+
+
+def _target_dict(target: RecoveryTarget) -> dict[str, Any]:
+    return {
+        "kind": target.kind.value,
+        "value": target.value,
+        "action": target.action.value,
+        "timeline": target.timeline,
+        "inclusive": target.inclusive,
+    }

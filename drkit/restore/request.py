@@ -1,0 +1,106 @@
+"""What a restore is asked to do: the typed request, and the recovery target read from text.
+
+The CLI and a drill fill the same ``RestoreRequest``; a target given as text (``--target-time``,
+a runbook's value) is turned into a checked ``RecoveryTarget`` by ``recovery_target()``, so a bad
+time, LSN or XID is refused before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drkit.errors import ConfigError
+from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
+from drkit.pg.wal import parse_lsn
+
+
+@dataclass
+class RestoreRequest:
+    pgdata: Path
+    backup: str | None = None  # label or 'latest'; None: the latest, or the newest before target
+    repo: str | None = None  # tried first; the others follow in configured order
+    tablespace_map: dict[str, Path] = field(default_factory=dict)  # oid or name -> directory
+    target: RecoveryTarget | None = None  # None: stop where the backup is consistent
+    # The drkit.toml the restored cluster's restore_command reads (None: $DRKIT_CONFIG or the
+    # default), and the restore_command itself when a caller wants another (None: drkit wal-fetch)
+    config: Path | None = None
+    restore_command: str | None = None
+    tablespace_map_all: bool = False  # restore unmapped tablespaces where the backup says
+    archive_mode: str = "off"  # 'off': the copy never archives; 'preserve': the source's setting
+
+
+def recovery_target(
+    *,
+    time: str | None = None,
+    lsn: str | None = None,
+    xid: str | None = None,
+    name: str | None = None,
+    latest: bool = False,
+    immediate: bool = False,
+    action: TargetAction = TargetAction.PROMOTE,
+    timeline: str = "latest",
+    exclusive: bool = False,
+) -> RecoveryTarget | None:
+    """The one target given (None for none), checked; ConfigError for several or a bad value."""
+    chosen = {
+        TargetKind.TIME: time,
+        TargetKind.LSN: lsn,
+        TargetKind.XID: xid,
+        TargetKind.NAME: name,
+        TargetKind.LATEST: "latest" if latest else None,
+        TargetKind.IMMEDIATE: "immediate" if immediate else None,
+    }
+    given = [(kind, value) for kind, value in chosen.items() if value is not None]
+    if len(given) > 1:
+        raise ConfigError("give at most one recovery target (--target-time, --target-lsn, ...)")
+    if not given:
+        return None
+    kind, value = given[0]
+    target = RecoveryTarget(kind, value, action, timeline, inclusive=not exclusive)
+    check_target(target)
+    return target
+
+
+def check_target(target: RecoveryTarget) -> None:
+    """ConfigError when the target's value is not a time with a zone, an LSN or an XID as its
+    kind says, or its timeline is not 'latest', 'current' or a number."""
+    try:
+        if target.kind is TargetKind.TIME:
+            _ = target.time
+        elif target.kind is TargetKind.LSN:
+            parse_lsn(target.value)
+        elif target.kind is TargetKind.XID:
+            int(target.value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid recovery target {target.kind} '{target.value}': {exc}"
+        ) from None
+    if target.timeline not in ("latest", "current") and not target.timeline.isdigit():
+        raise ConfigError(
+            f"invalid recovery target timeline '{target.timeline}'",
+            hint="give 'latest', 'current' or a timeline number",
+        )
+
+
+def parse_tablespace_map(values: list[str]) -> dict[str, Path]:
+    """``OID=DIR`` / ``NAME=DIR`` pairs as a mapping; ConfigError for anything else."""
+    mapping: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--tablespace-map '{value}' is not OID=DIR or NAME=DIR")
+        mapping[name] = Path(directory)
+    return mapping
+
+
+def wal_fetch_command(config: Path, recovery_key: Path | None) -> str:
+    """The restore_command a restored cluster uses to fetch WAL from the repositories: this
+    installation's drkit, with the configuration (and escrow key) the restore used."""
+    drkit = Path(sys.executable).parent / "drkit"
+    command = f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))}"
+    if recovery_key is not None:
+        command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
+    return command + " %f %p"
