@@ -58,3 +58,17 @@ class OperationResult:
             yield
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - start
+
+
+class Stopwatch:
+    """Times consecutive steps without nesting them in ``with`` blocks: ``lap(name)`` adds the
+    time since the previous lap (or since the stopwatch was made) to ``phases[name]``."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now

@@ -295,7 +295,7 @@ def test_page_checksum_failure_is_reported(pg: PgCluster, workdir: Path) -> None
     dk = Drkit(pg, workdir)
     dk.ok("init")
     result = dk.run("backup")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 101, result.output  # PageChecksumFailure
     assert f"page checksum failure in '{relpath}' block 3" in result.stderr
     info = dk.info()
     assert info["backups"][0]["bad_pages"] == 1

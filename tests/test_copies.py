@@ -171,12 +171,12 @@ def test_s3_down_backup_succeeds_locally_then_replicate_catches_up(two_repos: Dr
     dk = two_repos
     s3.stop()
     result = dk.run("backup", "--json")
-    assert result.exit_code == 1, result.output  # the warning code: committed, not copied
+    assert result.exit_code == 100, result.output  # BackupNotCopied: committed, not copied
     label = json.loads(result.stdout)["label"]
     assert f"backup {label} is not yet copied to repository 's3-eu'" in result.stderr
     assert "drkit replicate" in result.stderr
     info = dk.run("info", "--json")
-    assert info.exit_code == 1
+    assert info.exit_code == 1  # warnings of two kinds: RepositoryUnreachable, Rule321Failed
     data = json.loads(info.stdout)
     assert data["rule_3_2_1"] == "FAIL" and "s3-eu" in data["unreachable"]
     assert data["backups"][0]["copies"]["repos"] == ["local"]
@@ -201,7 +201,7 @@ def test_replicate_skips_what_the_target_would_prune(pg: PgCluster, workdir: Pat
     dk.ok("init")
     second.rename(workdir / "unmounted")  # the second repository is offline for a while
     result = dk.run("backup", "--json")
-    assert result.exit_code == 1 and "repository 'vault-room' is not initialized" in result.stderr
+    assert result.exit_code == 100 and "repository 'vault-room' is not initialized" in result.stderr
     old = json.loads(result.stdout)["label"]
     assert not second.exists()  # a missing repository is never created behind the operator
     (workdir / "unmounted").rename(second)
@@ -336,7 +336,7 @@ def test_s3_down_during_the_backup_then_replicate_completes_the_copy(
     label = streamed_while_running(proc, keys, dk)
     s3.stop()
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 1, stderr  # the warning code: committed, not copied
+    assert proc.returncode == 100, stderr  # BackupNotCopied: committed, not copied
     assert f"backup {label} is not yet copied to repository 's3-eu'" in stderr
     [copy] = json.loads(stdout)["copies"]
     assert "unable to reach S3 repository 's3-eu'" in copy["error"]

@@ -312,7 +312,7 @@ def test_incr_checks_the_pages_it_stores(pg: PgCluster, workdir: Path) -> None:
         f.write(b"\xde\xad\xbe\xef")
     pg.start()
     result = dk.run("backup", "--type", "incr")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 101, result.output  # PageChecksumFailure
     assert f"page checksum failure in '{relpath}' block 3" in result.stderr
     assert dk.info()["backups"][-1]["bad_pages"] == 1
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from drkit.codec.frame import FrameWriter
 from drkit.config.settings import BackupSettings
+from drkit.errors import DrkitWarning, PageChecksumFailure
 from drkit.fsutil import pread_cached, pread_into, read_into
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import check_pages, page_runs
@@ -86,7 +87,7 @@ class Source:
 class CopyResult:
     files: list[FileEntry] = field(default_factory=list)
     objects: list[ObjectEntry] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[DrkitWarning] = field(default_factory=list)
 
 
 def plan_objects(
@@ -220,7 +221,7 @@ class FileCopier:
         sink: Callable[[bytes], object],
         key: str,
         offset: int,
-    ) -> tuple[FileEntry, list[str]]:
+    ) -> tuple[FileEntry, list[DrkitWarning]]:
         size = 0  # of the file as read
         batches = None
         if src.delta is not None and src.delta.reads is not None:
@@ -284,7 +285,10 @@ class FileCopier:
             if base is not None:
                 base.finish(src.path)
         info = frame.close()
-        warnings = [f"page checksum failure in '{src.path}' block {block}" for block in bad_pages]
+        warnings: list[DrkitWarning] = [
+            PageChecksumFailure(f"page checksum failure in '{src.path}' block {block}")
+            for block in bad_pages
+        ]
         delta = src.delta
         entry = FileEntry(
             path=src.path,

@@ -19,12 +19,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
 from drkit.config.settings import BackupSettings, Settings
-from drkit.errors import DrkitError, IntegrityError, ObjectNotFound, PostgresError
+from drkit.errors import (
+    BackupNotCopied,
+    DrkitError,
+    IntegrityError,
+    ObjectNotFound,
+    PostgresError,
+)
 from drkit.fsutil import open_direct
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.pages import relation_key, relation_segment
@@ -56,6 +63,7 @@ from drkit.repo.manifest import (
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
 from drkit.repo.wal_archive import WalArchive
+from drkit.result import OperationResult, Stopwatch
 
 MTIME_SAFETY_S = 2.0
 # WAL up to this size is read for the changed blocks whatever the changed files weigh (~1 s)
@@ -65,12 +73,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BackupResult:
+class BackupResult(OperationResult):
+    """A committed backup. Warnings: PageChecksumFailure, BackupNotCopied. ``phases``: check
+    (cluster, repository, leftovers, parent), start (pg_backup_start), plan (list PGDATA, find
+    the changed blocks), copy (PGDATA and tablespaces), stop (pg_backup_stop), wal (the WAL the
+    backup needs), complete (key record and manifest), fanout (the other repositories)."""
+
     manifest: Manifest
-    warnings: list[str] = field(default_factory=list)
     removed_leftovers: list[str] = field(default_factory=list)
     notice: str | None = None  # e.g. why a diff/incr became a full backup
     copies: ReplicationReport | None = None
+
+    def _data(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "label": m.label,
+            "type": m.type,
+            "parent": m.parent,
+            "stats": m.stats.model_dump(),
+            "notice": self.notice,
+            "start_lsn": m.start_lsn,
+            "stop_lsn": m.stop_lsn,
+            "removed_leftovers": self.removed_leftovers,
+            "copies": [r.__dict__ for r in self.copies.repos] if self.copies else [],
+        }
+
+
+def take_backup(
+    settings: Settings, kind: BackupType = BackupType.FULL, progress: Progress | None = None
+) -> BackupResult:
+    """Take a backup of ``kind`` into the primary repository and copy it to the others."""
+    return BackupOperation(settings, kind, progress).run()
 
 
 class BackupOperation:
@@ -85,6 +118,8 @@ class BackupOperation:
         self.progress = progress or NoProgress()
 
     def run(self) -> BackupResult:
+        phases: dict[str, float] = {}
+        clock = Stopwatch(phases)
         repo = open_repository(self.settings)
         with FanOut(self.settings, repo) as fanout:  # the other repositories, while we run
             with (
@@ -103,6 +138,7 @@ class BackupOperation:
                     log.info(notice)
                 taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
                 data_key = repo.keys.new_data_key()
+                clock.lap("check")
 
                 # Stream each data object to the other repositories once it is committed here
                 fanout.start(cluster.system_identifier)
@@ -112,6 +148,7 @@ class BackupOperation:
                 taken.start_lsn = session.start_backup(
                     str(taken.label), self.settings.backup.start_fast, cluster.version_num
                 )
+                clock.lap("start")
                 taken.tablespaces = session.tablespaces()
                 taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
                 changed, taken.changes, changes_notice = self._changed_blocks(
@@ -135,30 +172,45 @@ class BackupOperation:
                 sources, unchanged = plan_sources(
                     taken.listing, cluster, parent, changed, self.settings.backup
                 )
+                clock.lap("plan")
                 self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
                 taken.add(copier.copy(sources))
                 taken.copied.files += unchanged
+                clock.lap("copy")
 
                 # Stop the backup and copy the WAL that makes it consistent
                 taken.stop = session.stop_backup(cluster.version_num)
+                clock.lap("stop")
                 taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
                 self.progress.stop()
+                clock.lap("wal")
 
                 # Complete the backup: key record, then the manifest (which makes it visible)
                 key_record = repo.write_key_record(taken.label, data_key.record)
                 manifest = self._manifest(taken, key_record)
                 repo.write_manifest(manifest, data_key.plaintext)
+                clock.lap("complete")
 
             # Fan out the rest: data objects not streamed yet, key records, the manifest last
             copies = fanout.finish(taken.label)
+        clock.lap("fanout")
         warnings = taken.copied.warnings
         for failed in copies.repos:
             if failed.error is not None:
                 warnings.append(
-                    f"backup {taken.label} is not yet copied to repository '{failed.repo}':"
-                    f" {failed.error} (run 'drkit replicate' when it is back)"
+                    BackupNotCopied(
+                        f"backup {taken.label} is not yet copied to repository '{failed.repo}':"
+                        f" {failed.error} (run 'drkit replicate' when it is back)"
+                    )
                 )
-        return BackupResult(manifest, warnings, [str(x) for x in removed], notice, copies)
+        return BackupResult(
+            manifest=manifest,
+            removed_leftovers=[str(x) for x in removed],
+            notice=notice,
+            copies=copies,
+            warnings=warnings,
+            phases=phases,
+        )
 
     def _base_versions(self, repo: Repository, parent: Manifest | None) -> BaseVersions | None:
         """The parent's pages, for deltas stored as XOR differences (backup.xor_deltas)."""

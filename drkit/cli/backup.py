@@ -16,6 +16,7 @@ from drkit.cli.common import (
     settings_from,
     stdout,
     warn,
+    warn_all,
 )
 from drkit.repo.label import BackupType
 from drkit.repo.manifest import CHANGES_FROM
@@ -37,7 +38,7 @@ def command(
 ) -> None:
     """Take a physical backup: full, diff (pages changed since the last full) or incr (since the
     last backup of any type)."""
-    from drkit.backup.operation import BackupOperation
+    from drkit.backup.operation import take_backup
 
     settings = settings_from(
         config,
@@ -49,26 +50,13 @@ def command(
             }
         },
     )
-    result = BackupOperation(settings, type_, progress()).run()
+    result = take_backup(settings, type_, progress())
     m = result.manifest
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")
-    for message in result.warnings:
-        warn(message)
+    warn_all(result.warnings)
     if json_:
-        print_json(
-            {
-                "label": m.label,
-                "type": m.type,
-                "parent": m.parent,
-                "stats": m.stats.model_dump(),
-                "notice": result.notice,
-                "start_lsn": m.start_lsn,
-                "stop_lsn": m.stop_lsn,
-                "warnings": result.warnings,
-                "copies": [r.__dict__ for r in result.copies.repos] if result.copies else [],
-            }
-        )
+        print_json(result.as_dict())
     else:
         stdout.print(
             f"backup {m.label} ({m.type}) complete: {m.stats.files} files,"
@@ -76,5 +64,4 @@ def command(
             f" in {m.stats.duration_s:.1f}s; WAL {m.start_wal}..{m.stop_wal}"
             + (f"; changes found by {CHANGES_FROM[m.stats.changes]}" if m.stats.changes else "")
         )
-    if result.warnings:
-        raise typer.Exit(1)
+    raise typer.Exit(result.exit_code)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,9 +16,11 @@ from drkit.cli.common import (
     settings_from,
     stderr,
     stdout,
-    warn,
+    warn_all,
 )
-from drkit.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from drkit.info.operation import RepositoryInfo
 
 
 @handle_errors
@@ -28,15 +30,20 @@ def command(
     recovery_key: RecoveryKeyOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """List the backups in the repository."""
-    from drkit.info.operation import InfoOperation
+    """List the backups in the repository, its archived WAL and its copies (3-2-1)."""
+    from drkit.info.operation import describe_repository
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
-    info = InfoOperation(settings, repo).run()
+    info = describe_repository(settings, repo)
     if json_:
         print_json(info.as_dict())
-        _exit(info.rule_3_2_1 or not info.backups, bool(info.damaged))
-        return
+    else:
+        _render(info)
+        warn_all(info.warnings)
+    raise typer.Exit(info.exit_code)
+
+
+def _render(info: RepositoryInfo) -> None:
     stdout.print(
         f"repository '{info.name}' (system {info.system_identifier}, format {info.format})"
     )
@@ -64,8 +71,6 @@ def command(
             markup=True,
             highlight=False,
         )
-    for label in info.incomplete:
-        warn(f"incomplete backup '{label}' (never listed; removed by the next backup)")
     if not info.wal:
         stdout.print("no WAL archived")
     for t in info.wal:
@@ -80,23 +85,6 @@ def command(
             f" ({t.segments} segments{extra})",
             markup=False,
         )
-        for first, last in t.missing:
-            span = first if first == last else f"{first}..{last}"
-            warn(f"WAL archive gap on timeline {t.timeline}: {span} missing")
-    for name, error in info.unreachable.items():
-        warn(f"repository '{name}' is unreachable: {error}")
     for name, lag in info.wal_lag.items():
         if lag:
             stdout.print(f"WAL lag of repository '{name}': {lag} files behind (drkit replicate)")
-    if info.backups and not info.rule_3_2_1:
-        warn("the newest backup does not meet 3-2-1 (3 copies, 2 media, 1 offsite)")
-    _exit(info.rule_3_2_1 or not info.backups, bool(info.damaged))
-
-
-def _exit(passes: bool, damaged: bool) -> None:
-    """A damaged backup is an error (exit code 13, after listing everything else); a failing
-    3-2-1 rule is a warning: exit code 1."""
-    if damaged:
-        raise typer.Exit(IntegrityError.exit_code)
-    if not passes:
-        raise typer.Exit(1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,7 +18,9 @@ from drkit.cli.common import (
     stderr,
     stdout,
 )
-from drkit.errors import VerifyFailed
+
+if TYPE_CHECKING:
+    from drkit.verify.operation import VerifyReport
 
 
 @handle_errors
@@ -33,57 +35,33 @@ def command(
     json_: JsonOption = False,
 ) -> None:
     """Verify backups: every object read, every frame authenticated, every checksum checked."""
-    from drkit.verify.operation import VerifyOperation
+    from drkit.verify.operation import verify_backups
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
-    report = VerifyOperation(settings, backup, repo, progress(), wal=wal).run()
+    report = verify_backups(settings, backup, repo, progress(), wal=wal)
     if json_:
-        print_json(
-            {
-                "repo": report.repo,
-                "ok": report.ok,
-                "backups": [
-                    {
-                        "label": b.label,
-                        "ok": b.ok,
-                        "files": b.files,
-                        "size": b.size,
-                        "damaged": [{"path": p, "reason": r} for p, r in b.damaged],
-                        "unrestorable": b.unrestorable,
-                    }
-                    for b in report.backups
-                ],
-                "wal": None
-                if report.wal is None
-                else {
-                    "ok": report.wal.ok,
-                    "files": report.wal.files,
-                    "damaged": [{"name": n, "reason": r} for n, r in report.wal.damaged],
-                    "gaps": [{"timeline": t, "first": a, "last": b} for t, a, b in report.wal.gaps],
-                    "foreign_timelines": [
-                        {"timeline": t, "reason": r} for t, r in report.wal.foreign
-                    ],
-                },
-            }
-        )
+        print_json(report.as_dict())
     else:
-        for b in report.backups:
-            status = "ok" if b.ok else f"DAMAGED ({len(b.damaged)} files)"
-            if not b.damaged and b.unrestorable is not None:
-                status = f"UNRESTORABLE: {b.unrestorable}"
-            stdout.print(f"{b.label}: {b.files} files, {human_size(b.size)}: {status}")
-            for path, reason in b.damaged:
-                stderr.print(f"  damaged '{path}': {reason}", markup=False)
-        if not report.backups:
-            stdout.print(f"repository '{report.repo}' holds no backups")
-        if report.wal is not None:
-            status = "ok" if report.wal.ok else "DAMAGED"
-            stdout.print(f"archived WAL: {report.wal.files} files: {status}")
-            for name, reason in report.wal.damaged:
-                stderr.print(f"  damaged WAL file '{name}': {reason}", markup=False)
-            for timeline, first, last in report.wal.gaps:
-                stderr.print(f"  WAL gap on timeline {timeline}: {first}..{last}", markup=False)
-            for timeline, reason in report.wal.foreign:
-                stderr.print(f"  foreign WAL timeline {timeline}: {reason}", markup=False)
-    if not report.ok:
-        raise typer.Exit(VerifyFailed.exit_code)
+        _render(report)
+    raise typer.Exit(report.exit_code)
+
+
+def _render(report: VerifyReport) -> None:
+    for b in report.backups:
+        status = "ok" if b.ok else f"DAMAGED ({len(b.damaged)} files)"
+        if not b.damaged and b.unrestorable is not None:
+            status = f"UNRESTORABLE: {b.unrestorable}"
+        stdout.print(f"{b.label}: {b.files} files, {human_size(b.size)}: {status}")
+        for path, reason in b.damaged:
+            stderr.print(f"  damaged '{path}': {reason}", markup=False)
+    if not report.backups:
+        stdout.print(f"repository '{report.repo}' holds no backups")
+    if report.wal is not None:
+        status = "ok" if report.wal.ok else "DAMAGED"
+        stdout.print(f"archived WAL: {report.wal.files} files: {status}")
+        for name, reason in report.wal.damaged:
+            stderr.print(f"  damaged WAL file '{name}': {reason}", markup=False)
+        for timeline, first, last in report.wal.gaps:
+            stderr.print(f"  WAL gap on timeline {timeline}: {first}..{last}", markup=False)
+        for timeline, reason in report.wal.foreign:
+            stderr.print(f"  foreign WAL timeline {timeline}: {reason}", markup=False)

@@ -6,10 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drkit.config.settings import Settings
-from drkit.errors import IntegrityError
+from drkit.errors import (
+    DrkitWarning,
+    IncompleteBackup,
+    IntegrityError,
+    RepositoryUnreachable,
+    Rule321Failed,
+    WalArchiveGap,
+)
 from drkit.info.copies import CopyMap, CopyStatus
+from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
+from drkit.result import OperationResult
 
 
 @dataclass
@@ -40,7 +49,11 @@ class BackupSummary:
 
 
 @dataclass
-class RepositoryInfo:
+class RepositoryInfo(OperationResult):
+    """What ``info`` found. Warnings: Rule321Failed (the newest backup lacks copies),
+    RepositoryUnreachable, WalArchiveGap, IncompleteBackup. ``phases``: backups (read every
+    manifest), copies (list every repository), wal (summarize the archive)."""
+
     name: str
     system_identifier: str
     format: int
@@ -52,12 +65,18 @@ class RepositoryInfo:
     unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
 
     @property
+    def exit_code(self) -> int:
+        """A damaged backup is an error (13, reported after everything else was listed);
+        otherwise the warnings' code."""
+        return IntegrityError.exit_code if self.damaged else super().exit_code
+
+    @property
     def rule_3_2_1(self) -> bool:
         """The cluster passes 3-2-1 when its newest backup does."""
         newest = self.backups[-1] if self.backups else None
         return bool(newest and newest.copies and newest.copies.passes)
 
-    def as_dict(self) -> dict[str, Any]:
+    def _data(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "system_identifier": self.system_identifier,
@@ -72,6 +91,11 @@ class RepositoryInfo:
         }
 
 
+def describe_repository(settings: Settings, repo: str | None = None) -> RepositoryInfo:
+    """The backups, archived WAL and copies of ``repo`` (default: the primary repository)."""
+    return InfoOperation(settings, repo).run()
+
+
 class InfoOperation:
     def __init__(self, settings: Settings, repo: str | None = None) -> None:
         self.settings = settings
@@ -80,39 +104,78 @@ class InfoOperation:
     def run(self) -> RepositoryInfo:
         repo = open_repository(self.settings, self.repo_name)
         fmt = repo.check()
-        info = RepositoryInfo(repo.name, fmt.system_identifier, fmt.format)
-        copies = CopyMap.scan(self.settings)
-        info.unreachable = copies.unreachable
-        info.wal_lag = copies.wal_lag(repo.name)
-        segment_size: int | None = None  # of the newest backup, for the WAL archive's gaps
-        for label in repo.backups():
-            try:
-                m, _ = repo.load_manifest(label)
-            except IntegrityError as exc:  # damaged or unauthentic: list the others all the same
-                info.damaged[str(label)] = str(exc)
-                continue
-            segment_size = m.wal_segment_size
-            info.backups.append(
-                BackupSummary(
-                    label=m.label,
-                    type=m.type,
-                    parent=m.parent,
-                    start_time=m.start_time.isoformat(timespec="seconds"),
-                    stop_time=m.stop_time.isoformat(timespec="seconds"),
-                    start_lsn=m.start_lsn,
-                    stop_lsn=m.stop_lsn,
-                    timeline=m.timeline,
-                    wal=f"{m.start_wal}..{m.stop_wal}",
-                    pg_version_num=m.pg_version_num,
-                    files=m.stats.files,
-                    size=m.stats.size,
-                    stored=m.stats.stored,
-                    duration_s=m.stats.duration_s,
-                    changes=m.stats.changes,
-                    bad_pages=sum(len(f.bad_pages) for f in m.files),
-                    copies=copies.status(self.settings, m.label),
+        info = RepositoryInfo(
+            name=repo.name, system_identifier=fmt.system_identifier, format=fmt.format
+        )
+
+        # Which repository holds which backup and WAL file (3-2-1, lag)
+        with info.phase("copies"):
+            copies = CopyMap.scan(self.settings)
+            info.unreachable = copies.unreachable
+            info.wal_lag = copies.wal_lag(repo.name)
+
+        # The backups, from their manifests, and the leftovers of incomplete ones
+        with info.phase("backups"):
+            manifests = []
+            for label in repo.backups():
+                try:
+                    manifests.append(repo.load_manifest(label)[0])
+                except IntegrityError as exc:  # damaged or unauthentic: list the others anyway
+                    info.damaged[str(label)] = str(exc)
+            info.backups = [_summary(m, copies.status(self.settings, m.label)) for m in manifests]
+            info.incomplete = [str(label) for label in repo.incomplete()]
+
+        # The archived WAL per timeline, with its gaps
+        with info.phase("wal"):
+            segment_size = manifests[-1].wal_segment_size if manifests else None
+            info.wal = WalArchive(repo, segment_size=segment_size).summarize()
+
+        info.warnings = _warnings(info)
+        return info
+
+
+def _summary(m: Manifest, copies: CopyStatus) -> BackupSummary:
+    return BackupSummary(
+        label=m.label,
+        type=m.type,
+        parent=m.parent,
+        start_time=m.start_time.isoformat(timespec="seconds"),
+        stop_time=m.stop_time.isoformat(timespec="seconds"),
+        start_lsn=m.start_lsn,
+        stop_lsn=m.stop_lsn,
+        timeline=m.timeline,
+        wal=f"{m.start_wal}..{m.stop_wal}",
+        pg_version_num=m.pg_version_num,
+        files=m.stats.files,
+        size=m.stats.size,
+        stored=m.stats.stored,
+        duration_s=m.stats.duration_s,
+        changes=m.stats.changes,
+        bad_pages=sum(len(f.bad_pages) for f in m.files),
+        copies=copies,
+    )
+
+
+def _warnings(info: RepositoryInfo) -> list[DrkitWarning]:
+    warnings: list[DrkitWarning] = [
+        IncompleteBackup(f"incomplete backup '{label}' (never listed; removed by the next backup)")
+        for label in info.incomplete
+    ]
+    for t in info.wal:
+        for first, last in t.missing:
+            span = first if first == last else f"{first}..{last}"
+            warnings.append(
+                WalArchiveGap(
+                    f"WAL archive gap on timeline {t.timeline}: {span} missing",
+                    hint="recovery cannot replay past it: take a new backup",
                 )
             )
-        info.incomplete = [str(label) for label in repo.incomplete()]
-        info.wal = WalArchive(repo, segment_size=segment_size).summarize()
-        return info
+    warnings += [
+        RepositoryUnreachable(f"repository '{name}' is unreachable: {error}")
+        for name, error in info.unreachable.items()
+    ]
+    if info.backups and not info.rule_3_2_1:
+        warnings.append(
+            Rule321Failed("the newest backup does not meet 3-2-1 (3 copies, 2 media, 1 offsite)")
+        )
+    return warnings

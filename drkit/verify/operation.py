@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from drkit.config.settings import Settings
-from drkit.errors import DrkitError, KeyMaterialError, ObjectNotFound
+from drkit.errors import DrkitError, KeyMaterialError, ObjectNotFound, VerifyFailed
 from drkit.pools import worker_pool
 from drkit.progress import NoProgress, Progress
 from drkit.repo.identity import check_identity
@@ -22,6 +22,7 @@ from drkit.repo.reader import FileOutcome, read_object
 from drkit.repo.repository import Repository
 from drkit.repo.safety import manifest_problems
 from drkit.repo.wal_names import history_name
+from drkit.result import OperationResult
 
 if TYPE_CHECKING:
     from drkit.repo.wal_archive import WalArchive
@@ -58,7 +59,11 @@ class WalVerification:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(OperationResult):
+    """What verify read back. ``exit_code`` is VerifyFailed's (15) when anything is damaged or
+    unrestorable, or a WAL gap or foreign timeline was found. ``phases``: backups (every object
+    of every backup read back), wal."""
+
     repo: str
     backups: list[BackupVerification]
     wal: WalVerification | None = None  # when asked for (VerifyOperation(wal=True))
@@ -66,6 +71,50 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return all(b.ok for b in self.backups) and (self.wal is None or self.wal.ok)
+
+    @property
+    def exit_code(self) -> int:
+        return super().exit_code if self.ok else VerifyFailed.exit_code
+
+    def _data(self) -> dict[str, Any]:
+        wal = self.wal
+        return {
+            "repo": self.repo,
+            "ok": self.ok,
+            "backups": [
+                {
+                    "label": b.label,
+                    "ok": b.ok,
+                    "files": b.files,
+                    "size": b.size,
+                    "damaged": [{"path": p, "reason": r} for p, r in b.damaged],
+                    "unrestorable": b.unrestorable,
+                }
+                for b in self.backups
+            ],
+            "wal": None
+            if wal is None
+            else {
+                "ok": wal.ok,
+                "files": wal.files,
+                "damaged": [{"name": n, "reason": r} for n, r in wal.damaged],
+                "gaps": [{"timeline": t, "first": a, "last": b} for t, a, b in wal.gaps],
+                "foreign_timelines": [{"timeline": t, "reason": r} for t, r in wal.foreign],
+            },
+        }
+
+
+def verify_backups(
+    settings: Settings,
+    backup: str | None = None,
+    repo: str | None = None,
+    progress: Progress | None = None,
+    *,
+    wal: bool = False,
+) -> VerifyReport:
+    """Read back ``backup`` (default: every backup) of ``repo`` (default: the primary), and with
+    ``wal`` every archived WAL file; damage is reported, never raised."""
+    return VerifyOperation(settings, backup, repo, progress, wal=wal).run()
 
 
 class VerifyOperation:
@@ -88,13 +137,17 @@ class VerifyOperation:
         repo = open_repository(self.settings, self.repo_name)
         repo.check()
         check_identity(repo.storage, repo.keys)  # a wrong key is not damage: nothing recorded
-        labels = [repo.resolve(self.backup)] if self.backup else repo.backups()
-        results = [self._verify_backup(repo, label) for label in labels]
-        self._mark_broken_chains(repo, results)
-        for label, result in zip(labels, results, strict=True):
-            repo.write_verify_record(label, result.ok, len(result.damaged))
-        wal = self._verify_wal(repo) if self.wal else None
-        return VerifyReport(repo.name, results, wal)
+        report = VerifyReport(repo=repo.name, backups=[])
+        with report.phase("backups"):
+            labels = [repo.resolve(self.backup)] if self.backup else repo.backups()
+            report.backups = [self._verify_backup(repo, label) for label in labels]
+            self._mark_broken_chains(repo, report.backups)
+            for label, result in zip(labels, report.backups, strict=True):
+                repo.write_verify_record(label, result.ok, len(result.damaged))
+        if self.wal:
+            with report.phase("wal"):
+                report.wal = self._verify_wal(repo)
+        return report
 
     @staticmethod
     def _mark_broken_chains(repo: Repository, results: list[BackupVerification]) -> None:

@@ -100,11 +100,15 @@ class Drkit:
         return result
 
     def info(self) -> dict[str, Any]:
-        """``drkit info --json``, parsed. Exit 1 is the 3-2-1 warning, and only that."""
+        """``drkit info --json``, parsed. Its exit code is the code of the one kind of warning it
+        found, 1 for several kinds, 0 for none; a failing 3-2-1 rule is one of them."""
         result = self.run("info", "--json")
         data: dict[str, Any] = json.loads(result.stdout)
-        expected = 1 if data["backups"] and data["rule_3_2_1"] == "FAIL" else 0
-        assert result.exit_code == expected, result.output
+        codes = {w["code"] for w in data["warnings"]}
+        expected = 0 if not codes else codes.pop() if len(codes) == 1 else 1
+        assert result.exit_code == expected == data["exit_code"], result.output
+        failing = bool(data["backups"]) and data["rule_3_2_1"] == "FAIL"
+        assert failing == any(w["warning"] == "Rule321Failed" for w in data["warnings"])
         return data
 
     def spawn(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
