@@ -207,12 +207,16 @@ class RestoreOperation:
         """The chain to restore, from the first repository that has it intact. Without a backup
         or target asked for, that is the newest backup; when no repository has it intact, the
         newest backup that restores (a damaged newest one never hides the older ones)."""
+        first_pass: list[DrkitWarning] = []
         try:
-            return self._find_chain(repos, events, skip_damaged=False)
+            found = self._find_chain(repos, first_pass, skip_damaged=False)
         except DrkitError:
             if self.request.backup not in (None, "latest") or self.request.target is not None:
                 raise
+            # The second pass says again what is unusable, and which backups it passed over
             return self._find_chain(repos, events, skip_damaged=True)
+        events += first_pass
+        return found
 
     def _find_chain(
         self, repos: list[Repository], events: list[DrkitWarning], *, skip_damaged: bool
