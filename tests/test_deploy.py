@@ -116,6 +116,26 @@ def test_systemd_analyze_verify_catches_a_missing_binary(tmp_path: Path) -> None
     assert "/nonexistent/drkit is not executable" in result.stderr
 
 
+@pytest.mark.parametrize("name", SERVICE_UNITS)
+def test_every_service_is_rated_ok_by_systemd_analyze_security(tmp_path: Path, name: str) -> None:
+    """systemd's own exposure score (0 = locked down, 10 = unprotected) stays in its "OK" band:
+    removing a protection from a unit fails here."""
+    install_units(tmp_path / "units")
+    instance = name.replace("@.", f"@{INSTANCE}.")
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path / 'units'}:"}
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=35", "--no-pager", instance],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path / "units",
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    [verdict] = [line for line in result.stdout.splitlines() if "Overall exposure" in line]
+    assert " OK " in verdict, verdict
+
+
 def test_every_timer_starts_its_service_persistently_with_a_random_delay() -> None:
     for timer in JOB_UNITS:
         service = timer.replace(".timer", ".service")
