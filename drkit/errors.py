@@ -225,3 +225,13 @@ class BackupSkipped(DrkitWarning):
     an older backup was restored instead."""
 
     exit_code = 109
+
+
+class DrillRecordNotWritten(DrkitWarning):
+    """A drill's record could not be written to one repository; the others have it, and
+    'drkit replicate' copies it there later."""
+
+
+class DrillRecordUnauthentic(DrkitWarning):
+    """A repository's copy of a drill record fails authentication or does not parse: it was
+    damaged or tampered with."""

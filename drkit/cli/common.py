@@ -173,3 +173,13 @@ def human_size(size: float) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def objective_text(
+    achieved_seconds: float | None, target_seconds: float | None, **_: object
+) -> str:
+    """An RTO or RPO as achieved/target, e.g. ``38.2s/4h``; ``-`` for what is unknown."""
+    from drkit.config.durations import format_duration
+
+    values = (achieved_seconds, target_seconds)
+    return "/".join(format_duration(v) if v is not None else "-" for v in values)

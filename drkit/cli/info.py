@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +13,7 @@ from drkit.cli.common import (
     RecoveryKeyOption,
     handle_errors,
     human_size,
+    objective_text,
     print_json,
     settings_from,
     stderr,
@@ -88,3 +90,17 @@ def _render(info: RepositoryInfo) -> None:
     for name, lag in info.wal_lag.items():
         if lag:
             stdout.print(f"WAL lag of repository '{name}': {lag} files behind (drkit replicate)")
+    for name, drill in info.last_drill.items():
+        stdout.print(f"last drill in '{name}': {_drill(drill)}", markup=False)
+
+
+def _drill(drill: dict[str, Any] | None) -> str:
+    if drill is None:
+        return "none recorded"
+    outcome = drill["outcome"] + (f" ({drill['failure']})" if drill["failure"] else "")
+    started = datetime.fromisoformat(drill["started_at"])
+    return (
+        f"{drill['id']} started {started.isoformat(timespec='seconds')} {outcome},"
+        f" RTO {objective_text(**drill['rto'])}, RPO {objective_text(**drill['rpo'])},"
+        f" backup {drill['backup'] or '-'}"
+    )

@@ -25,6 +25,7 @@ def _build_app() -> Any:
     from drkit import __version__
     from drkit.cli import (
         backup,
+        drill,
         heartbeat,
         info,
         init,
@@ -80,6 +81,7 @@ def _build_app() -> Any:
     app.command("prune")(prune.command)
     app.command("heartbeat")(heartbeat.command)
     app.add_typer(keys.app, name="keys")
+    app.add_typer(drill.app, name="drill")
     wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)
     return app
 

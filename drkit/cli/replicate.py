@@ -23,7 +23,13 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
 
     report = ReplicateOperation(settings_from(config)).run()
     if json_:
-        print_json({"ok": report.ok, "repos": [r.__dict__ for r in report.repos]})
+        print_json(
+            {
+                "ok": report.ok,
+                "repos": [r.__dict__ for r in report.repos],
+                "drills": report.drills.__dict__,
+            }
+        )
     else:
         if not report.repos:
             stdout.print("only one repository is configured: nothing to replicate")
@@ -38,5 +44,9 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
                 f" WAL lag {lag} files",
                 markup=False,
             )
+        for name, ids in report.drills.copied.items():
+            stdout.print(f"repository '{name}': {len(ids)} drill records copied and verified")
+        for name, error in report.drills.errors.items():
+            warn(f"repository '{name}': drill records not caught up: {error}")
     if not report.ok:
         raise typer.Exit(1)

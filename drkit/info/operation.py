@@ -7,6 +7,7 @@ from typing import Any
 
 from drkit.config.settings import Settings
 from drkit.errors import (
+    DrkitError,
     DrkitWarning,
     IncompleteBackup,
     IntegrityError,
@@ -15,6 +16,7 @@ from drkit.errors import (
     WalArchiveGap,
 )
 from drkit.info.copies import CopyMap, CopyStatus
+from drkit.repo.drills import DrillRecord
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
@@ -48,11 +50,25 @@ class BackupSummary:
         return data
 
 
+def drill_summary(record: DrillRecord) -> dict[str, Any]:
+    """The last drill as ``info`` shows it: when, the result, RTO and RPO against targets."""
+    return {
+        "id": record.id,
+        "started_at": record.started_at.isoformat(),
+        "outcome": str(record.outcome),
+        "failure": str(record.failure) if record.failure else None,
+        "backup": record.restore_point.backup if record.restore_point else None,
+        "rto": record.rto.model_dump(),
+        "rpo": record.rpo.model_dump(),
+    }
+
+
 @dataclass
 class RepositoryInfo(OperationResult):
     """What ``info`` found. Warnings: Rule321Failed (the newest backup lacks copies),
     RepositoryUnreachable, WalArchiveGap, IncompleteBackup. ``phases``: backups (read every
-    manifest), copies (list every repository), wal (summarize the archive)."""
+    manifest), copies (list every repository), wal (summarize the archive), drills (the newest
+    drill record of each repository)."""
 
     name: str
     system_identifier: str
@@ -63,6 +79,8 @@ class RepositoryInfo(OperationResult):
     wal: list[TimelineSummary] = field(default_factory=list)  # archived WAL per timeline
     wal_lag: dict[str, int] = field(default_factory=dict)  # other repository -> WAL files behind
     unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
+    # repository -> its newest drill record that authenticates (drill_summary); None: none
+    last_drill: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -87,6 +105,7 @@ class RepositoryInfo(OperationResult):
             "wal": [t.as_dict() for t in self.wal],
             "wal_lag": self.wal_lag,
             "unreachable": self.unreachable,
+            "last_drill": self.last_drill,
             "rule_3_2_1": "PASS" if self.rule_3_2_1 else "FAIL",
         }
 
@@ -130,8 +149,28 @@ class InfoOperation:
             segment_size = manifests[-1].wal_segment_size if manifests else None
             info.wal = WalArchive(repo, segment_size=segment_size).summarize()
 
+        # The newest drill record of each repository
+        with info.phase("drills"):
+            info.last_drill = self._last_drills(info.unreachable)
+
         info.warnings = _warnings(info)
         return info
+
+    def _last_drills(self, unreachable: dict[str, str]) -> dict[str, dict[str, Any] | None]:
+        """Per reachable repository, its newest drill record that authenticates."""
+        last: dict[str, dict[str, Any] | None] = {}
+        for repo_settings in self.settings.repo:
+            if repo_settings.name in unreachable:
+                continue
+            try:
+                entry = open_repository(self.settings, repo_settings.name).last_drill()
+            except DrkitError as exc:
+                unreachable[repo_settings.name] = exc.message
+                continue
+            last[repo_settings.name] = (
+                drill_summary(entry.record) if entry and entry.record else None
+            )
+        return last
 
 
 def _summary(m: Manifest, copies: CopyStatus) -> BackupSummary:

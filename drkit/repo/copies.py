@@ -25,11 +25,19 @@ from datetime import UTC, datetime
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError
+from drkit.repo.drill_copies import DrillRecordSync
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import BACKUP_PREFIX, Repository
-from drkit.repo.retention import Decision, WalCut, backup_facts, decide, policy_from
+from drkit.repo.retention import (
+    Decision,
+    WalCut,
+    backup_facts,
+    decide,
+    newest_proven,
+    policy_from,
+)
 from drkit.repo.wal_names import WAL_PREFIX
 from drkit.repo.wal_objects import KEYS_PREFIX
 
@@ -53,10 +61,11 @@ class RepoReplication:
 @dataclass
 class ReplicationReport:
     repos: list[RepoReplication]
+    drills: DrillRecordSync = field(default_factory=DrillRecordSync)  # by `drkit replicate`
 
     @property
     def ok(self) -> bool:
-        return all(r.error is None for r in self.repos)
+        return all(r.error is None for r in self.repos) and not self.drills.errors
 
 
 class Replicator:
@@ -224,4 +233,5 @@ class CopyService:
             return None
         facts = [backup_facts(primary, label) for label in primary.backups()]
         timelines = sorted({f.timeline for f in facts})
-        return decide(facts, policy_from(retention), datetime.now(UTC), timelines)
+        proven = newest_proven(e.record for e in primary.drill_records() if e.record is not None)
+        return decide(facts, policy_from(retention), datetime.now(UTC), timelines, proven)
