@@ -4,17 +4,25 @@ one is proved too; drill records stay at least 400 days and at least the retenti
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
+from rig.servers import S3Server
 from test_drill_records import make_record
 
 from drkit.config.settings import load_settings
+from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
+from drkit.prune.operation import prune_repository
 from drkit.repo.drills import DrillOutcome, DrillRecord
 from drkit.repo.open import open_repository
+from drkit.repo.repository import Repository
+from drkit.repo.retention import RetentionPolicy
+from drkit.storage.s3 import S3Config, S3Storage
 
 
 def take(dk: Drkit) -> str:
@@ -89,3 +97,35 @@ def test_drill_records_stay_400_days_and_the_window(pg: PgCluster, workdir: Path
     assert prune_json(dk)["drills_deleted"] == [old]
     assert drill_ids(dk) == [recent]
     assert prune_json(dk)["drills_deleted"] == []
+
+
+def test_a_locked_drill_record_is_skipped_and_stays_readable(
+    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"drkit-drills-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    storage = S3Storage(
+        S3Config(bucket=bucket, endpoint_url=s3.endpoint_url, region=s3.region, max_attempts=2),
+        name="s3-eu",
+    )
+    create_keyfile(tmp_path / "key")
+    repo = Repository(storage, KeyfileProvider(tmp_path / "key"))
+    repo.initialize(42)
+    now = datetime.now(UTC)
+    locked, free = (make_record(now - timedelta(days=days)) for days in (450, 420))
+    repo.write_drill_record(locked)
+    repo.write_drill_record(free)
+    s3.client().put_object_retention(
+        Bucket=bucket,
+        Key=f"drills/{locked.id}/record",
+        Retention={"Mode": "GOVERNANCE", "RetainUntilDate": now + timedelta(hours=1)},
+    )
+
+    result = prune_repository(repo, RetentionPolicy(full=1), now)
+
+    assert result.drills_deleted == [free.id]
+    assert [s.key for s in result.skipped] == [f"drills/{locked.id}/record"]
+    assert repo.drill_ids() == [locked.id]
+    assert repo.drill_record(locked.id).record == locked  # its key record was kept with it
