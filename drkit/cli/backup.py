@@ -39,6 +39,8 @@ def command(
     """Take a physical backup: full, diff (pages changed since the last full) or incr (since the
     last backup of any type)."""
     from drkit.backup.operation import take_backup
+    from drkit.repo.events import recorded
+    from drkit.repo.open import open_storage
 
     settings = settings_from(
         config,
@@ -50,7 +52,9 @@ def command(
             }
         },
     )
-    result = take_backup(settings, type_, progress())
+    # one event per run in the repository: a timer's runs are remembered for metrics and reports
+    with recorded(open_storage(settings.repo[0]), str(type_)):
+        result = take_backup(settings, type_, progress())
     m = result.manifest
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")

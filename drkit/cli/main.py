@@ -30,9 +30,11 @@ def _build_app() -> Any:
         info,
         init,
         keys,
+        metrics,
         prune,
         replicate,
         restore,
+        schedule,
         verify,
         wal,
     )
@@ -80,6 +82,8 @@ def _build_app() -> Any:
     app.command("replicate")(replicate.command)
     app.command("prune")(prune.command)
     app.command("heartbeat")(heartbeat.command)
+    app.command("schedule")(schedule.command)
+    app.command("metrics")(metrics.command)
     app.add_typer(keys.app, name="keys")
     app.add_typer(drill.app, name="drill")
     wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)

@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
+from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
 from drkit.errors import ConfigError
 from drkit.private_dir import default_lock_path
 
@@ -366,6 +367,9 @@ class Settings(BaseSettings):
     drill: DrillSettings = DrillSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     log: LogSettings = LogSettings()
+    schedule: ScheduleSettings = Field(default_factory=lambda: ScheduleSettings.model_validate({}))
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings.model_validate({}))
+    notify: NotifySettings = Field(default_factory=lambda: NotifySettings.model_validate({}))
 
     @field_validator("repo")
     @classmethod

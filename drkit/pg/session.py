@@ -143,6 +143,10 @@ class PgSession:
             catalog_version=int(str(catversion)),
         )
 
+    def current_wal_file(self) -> str:
+        """The WAL segment the server is writing now (not complete, so not archived yet)."""
+        return str(self._one("SELECT pg_walfile_name(pg_current_wal_lsn())")[0])
+
     def in_recovery(self) -> bool:
         return bool(self._one("SELECT pg_is_in_recovery()")[0])
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from drkit.config.settings import RepoSettings, Settings
-from drkit.errors import DrkitError, IntegrityError
+from drkit.errors import DrkitError, IntegrityError, LockError
 from drkit.repo.drill_copies import DrillRecordSync
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -56,6 +56,7 @@ class RepoReplication:
     removed_leftovers: list[str] = field(default_factory=list)  # by a backup's fan-out
     wal_lag: dict[int, int] = field(default_factory=dict)  # timeline -> segments behind
     error: str | None = None  # the repository could not be brought up to date
+    locked: bool = False  # because another operation held its lock (retrying later may work)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class CopyService:
                     self._replicate(primary, target, repo_settings, result)
             except DrkitError as exc:
                 result.error = str(exc)
+                result.locked = isinstance(exc, LockError)
         return report
 
     def _lock(self, target: RepoSettings) -> AbstractContextManager[object]:
