@@ -92,6 +92,12 @@ class Scheduler:
             self.notifier.start()
             health = HealthServer(self.settings, self.state, keys)
             health.start()
+            if not self.settings.schedule.jobs():
+                event(
+                    log,
+                    "no job is scheduled: add cron expressions to [schedule]",
+                    level=logging.WARNING,
+                )
             for job, trigger in triggers(self.settings).items():
                 self._scheduler.add_job(self._run_job, trigger, args=[job], id=job, name=job)
             self._scheduler.add_job(self._watch, "interval", seconds=WATCH_INTERVAL, id="-watch")
