@@ -34,7 +34,7 @@ INSTANCE = "main"
 JOB_UNITS = sorted(p.name for p in UNITS.glob("drkit-*@.timer"))
 SERVICE_UNITS = sorted(p.name for p in UNITS.glob("drkit-*@.service"))
 # Units whose drkit command is not part of drkit yet: systemd accepts them, nothing runs them.
-NOT_RUNNABLE_YET = {"drkit-drill@.service": "drill", "drkit-scheduler@.service": "schedule"}
+NOT_RUNNABLE_YET = {"drkit-drill@.service": "drill"}
 HARDENING = {
     "User": "postgres",
     "NoNewPrivileges": "yes",
@@ -299,6 +299,32 @@ def test_heartbeat_unit_keeps_its_row_and_stops_on_systemds_signal(
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "beats" in out
+
+
+def test_scheduler_unit_runs_its_jobs_and_stops_on_systemds_signal(
+    instance: tuple[Drkit, Path],
+) -> None:
+    dk, config_dir = instance
+    name = "drkit-scheduler@.service"
+    config = config_dir / "drkit" / f"{INSTANCE}.toml"
+    config.write_text(
+        config.read_text()
+        + '[schedule]\nfull = "*/2 * * * * *"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    proc = subprocess.Popen(
+        **unit_process(name, config_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not dk.info()["backups"]:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no backup from the scheduler after 60 s"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # systemd's KillSignal=
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert all(p.owner() == "postgres" for p in dk.repo_path.rglob("*"))
 
 
 @pytest.mark.parametrize("name", sorted(NOT_RUNNABLE_YET))
