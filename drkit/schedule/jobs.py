@@ -14,6 +14,7 @@ cleans its sandbox up itself, which a thread cannot be made to do.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -21,14 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from drkit.backup.operation import BackupOperation
+from drkit.backup.operation import take_backup
 from drkit.config.settings import Settings
 from drkit.errors import DrkitError, LockError
 from drkit.heartbeat.operation import HeartbeatOperation
+from drkit.logs import event
 from drkit.prune.operation import PruneOperation
 from drkit.replicate.operation import ReplicateOperation
 from drkit.repo.label import BackupType
 from drkit.verify.operation import VerifyOperation
+
+log = logging.getLogger(__name__)
 
 DRILL_FAILED_CODES = frozenset({30, 31, 32})  # drkit drill: restore, check, target missed
 CHILD_STOP_TIMEOUT = 20.0  # seconds a drill or report gets to clean up after SIGTERM
@@ -54,7 +58,15 @@ class JobContext:
 
 def _backup(kind: BackupType) -> Callable[[JobContext], str]:
     def run(ctx: JobContext) -> str:
-        result = BackupOperation(ctx.settings, kind).run()
+        result = take_backup(ctx.settings, kind)
+        for warning in result.warnings:  # the backup is committed: a success to look at
+            event(
+                log,
+                "backup warning",
+                level=logging.WARNING,
+                code=warning.exit_code,
+                warning=warning.message,
+            )
         return f"backup {result.manifest.label}"
 
     return run
