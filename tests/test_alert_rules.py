@@ -12,31 +12,14 @@ from typing import Any
 
 import yaml
 
+from drkit.schedule.metrics import FAMILIES
+
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = RULES_DIR / "drkit-rules.yml"
 RULE_TESTS = RULES_DIR / "drkit-rules.test.yml"
 
 # The metric families drkit exports (docs/monitoring.md); the rules may use no other.
-DRKIT_METRICS = {
-    "drkit_job_last_success_timestamp_seconds",
-    "drkit_job_last_failure_timestamp_seconds",
-    "drkit_backup_last_duration_seconds",
-    "drkit_backup_last_size_bytes",
-    "drkit_repository_size_bytes",
-    "drkit_backup_newest_age_seconds",
-    "drkit_wal_archive_lag_seconds",
-    "drkit_wal_archive_lag_segments",
-    "drkit_copies_321_compliant",
-    "drkit_verify_last_ok",
-    "drkit_verify_last_timestamp_seconds",
-    "drkit_drill_last_ok",
-    "drkit_drill_last_timestamp_seconds",
-    "drkit_drill_rto_seconds",
-    "drkit_drill_rto_target_seconds",
-    "drkit_drill_rpo_seconds",
-    "drkit_drill_rpo_target_seconds",
-    "drkit_key_version",
-}
+DRKIT_METRICS = set(FAMILIES)
 PROMQL_OPERATORS = {"and", "or", "unless", "bool"}
 # What an operator must be told about, by the alert that tells them.
 REQUIRED_ALERTS = {

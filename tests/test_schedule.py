@@ -284,3 +284,8 @@ def test_schedule_configuration_errors_name_the_field(workdir: Path) -> None:
     assert "schedule.timezone" in out.stderr and "unknown time zone 'Mars/Olympus'" in out.stderr
     assert "never written in drkit.toml" in out.stderr
     assert "SECRET" not in out.output
+
+
+def test_every_metric_family_is_documented() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
+    assert [name for name in FAMILIES if f"`{name}`" not in docs] == []
