@@ -11,7 +11,8 @@ import pytest
 from rig.drkit import Drkit, check_indexes, start_restored
 from rig.postgres import PgCluster, database_checksums
 
-from drkit.backup.copy import Delta, changed_pages
+from drkit.backup.file_writers import changed_pages
+from drkit.backup.plan import Delta
 from drkit.pg.pages import PAGE_SIZE
 
 

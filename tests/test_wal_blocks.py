@@ -19,7 +19,7 @@ from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
 from test_incremental import _restore_and_compare
 
-from drkit.backup import operation
+from drkit.backup import plan
 from drkit.config.settings import load_settings
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.summaries import ChangedBlocks, NoSummaries
@@ -45,7 +45,7 @@ def _until(pg: PgCluster) -> int:
 
 
 def _pg_wal(pg: PgCluster) -> SegmentSource:
-    return operation._pg_wal_segment(pg.pgdata / "pg_wal")
+    return plan._pg_wal_segment(pg.pgdata / "pg_wal")
 
 
 def _scan(
@@ -246,7 +246,7 @@ def test_wal_much_larger_than_the_changed_files_is_not_read(
     pg: PgCluster, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scanning the changed files costs less then (here past 0 bytes, not 1 GiB, of WAL)."""
-    monkeypatch.setattr(operation, "WAL_SCAN_FREE", 0)
+    monkeypatch.setattr(plan, "WAL_SCAN_FREE", 0)
     pg.run_bin("pgbench", "-i", "-s", "1", "-q")
     pg.psql("CHECKPOINT")
     dk = Drkit(pg, workdir, backup={"wal_summaries": False})

@@ -17,7 +17,8 @@ from rig.drkit import Drkit
 from rig.postgres import PgCluster, PgFactory, database_checksums
 from test_incremental import _restore_and_compare
 
-from drkit.backup.copy import READ_CHUNK, _read_batches, _ReadAhead
+from drkit.backup.copy import _ReadAhead
+from drkit.backup.plan import READ_CHUNK, read_batches
 from drkit.pg import summaries
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
 from drkit.pg.pages import page_runs, relation_key
@@ -93,7 +94,7 @@ def test_changed_blocks_are_compact_and_capped(monkeypatch: pytest.MonkeyPatch) 
 
 def test_read_batches_join_close_ranges_split_long_ones_and_fill_buffers() -> None:
     per_read = READ_CHUNK // PAGE_SIZE
-    batches = _read_batches([(0, 1), (5, 6), (100, 101), (200, 200 + per_read + 3)])
+    batches = read_batches([(0, 1), (5, 6), (100, 101), (200, 200 + per_read + 3)])
     assert batches == [
         [(0, 6 * PAGE_SIZE), (100 * PAGE_SIZE, PAGE_SIZE)],  # 0 and 5 are close: one read
         [(200 * PAGE_SIZE, READ_CHUNK)],  # too long for the first buffer's room
@@ -106,7 +107,7 @@ def test_gathered_pages_keep_their_block_numbers(workdir: Path) -> None:
     and runs of pages to store never join pages that are not neighbours in the file."""
     path = workdir / "relation"
     path.write_bytes(b"".join(bytes([block]) * PAGE_SIZE for block in range(40)))
-    batches = _read_batches([(3, 5), (20, 21), (22, 24)])  # 20 and 22 are close: read 20-23
+    batches = read_batches([(3, 5), (20, 21), (22, 24)])  # 20 and 22 are close: read 20-23
     with (
         path.open("rb", buffering=0) as stream,
         ThreadPoolExecutor(1) as readers,

@@ -14,7 +14,7 @@ from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
 from test_incremental import _restore_and_compare
 
-from drkit.backup.copy import xor_changed
+from drkit.backup.file_writers import xor_changed
 from drkit.codec.frame import HEADER_SIZE, is_sparse
 from drkit.pg.pages import PAGE_SIZE
 from drkit.repo.manifest import FileEntry
@@ -118,7 +118,7 @@ def test_xor_deltas_are_small_and_every_chain_restores_exactly(
 def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir: Path) -> None:
     """Frames of XOR deltas written before sparse pages hold the XORed pages themselves (frame
     flag clear): a chain with one restores exactly, with the default pieces and with tiny ones."""
-    from drkit.backup import copy
+    from drkit.backup import file_writers
     from drkit.backup.operation import BackupOperation
     from drkit.codec.frame import FrameWriter
     from drkit.config.settings import load_settings
@@ -134,7 +134,7 @@ def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir:
         return FrameWriter(*args, **{**kwargs, "sparse_pages": False})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(copy, "FrameWriter", plain_pages)
+        patch.setattr(file_writers, "FrameWriter", plain_pages)
         label = str(BackupOperation(load_settings(dk.config), BackupType.INCR).run().manifest.label)
     relpath = pg.psql("SELECT pg_relation_filepath('pgbench_accounts')")
     entry = _entry(dk, label, relpath)
@@ -146,7 +146,7 @@ def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir:
 def test_xor_delta_chunks_end_at_section_boundaries(pg: PgCluster, workdir: Path) -> None:
     """No chunk of an XOR delta holds pages of two restore sections (so a restore decodes each
     chunk for one section only), however the changed pages fall; the chain restores exactly."""
-    from drkit.backup import copy
+    from drkit.backup import file_writers
     from drkit.backup.operation import BackupOperation
     from drkit.config.settings import load_settings
     from drkit.repo.label import BackupType
@@ -158,7 +158,7 @@ def test_xor_delta_chunks_end_at_section_boundaries(pg: PgCluster, workdir: Path
     _change(pg, "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 7 < 3")
     section = 400  # blocks; a chunk holds 128 pages
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(copy, "SECTION_PAGES", section)
+        patch.setattr(file_writers, "SECTION_PAGES", section)
         label = str(BackupOperation(load_settings(dk.config), BackupType.INCR).run().manifest.label)
     entry = _entry(dk, label, pg.psql("SELECT pg_relation_filepath('pgbench_accounts')"))
     assert entry.xor and entry.chunks and entry.pages

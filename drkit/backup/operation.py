@@ -23,29 +23,22 @@ from typing import Any
 
 from drkit import __version__
 from drkit.backup.base import BaseVersions
-from drkit.backup.copy import READ_CHUNK, CopyResult, Delta, FileCopier, Source
-from drkit.config.settings import BackupSettings, Settings
+from drkit.backup.copy import CopyResult, FileCopier
+from drkit.backup.plan import Source, changed_blocks, open_file, plan_sources
+from drkit.config.settings import Settings
 from drkit.errors import (
     BackupNotCopied,
-    DrkitError,
     IntegrityError,
-    ObjectNotFound,
     PostgresError,
 )
-from drkit.fsutil import open_direct
-from drkit.pg.constants import PAGE_SIZE
-from drkit.pg.pages import relation_key, relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
-from drkit.pg.summaries import ChangedBlocks, NoSummaries
 from drkit.pg.wal import (
     check_segment_header,
     format_lsn,
-    parse_lsn,
     parse_segment_name,
     segments_between,
 )
-from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
-from drkit.pg.walk import PgdataListing, SourceFile, walk_pgdata
+from drkit.pg.walk import PgdataListing, walk_pgdata
 from drkit.progress import NoProgress, Progress
 from drkit.repo.copies import ReplicationReport
 from drkit.repo.fanout import FanOut
@@ -55,19 +48,13 @@ from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import (
     BackupStats,
     DirEntry,
-    FileEntry,
     LinkEntry,
     Manifest,
     TablespaceEntry,
 )
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
-from drkit.repo.wal_archive import WalArchive
 from drkit.result import OperationResult, Stopwatch
-
-MTIME_SAFETY_S = 2.0
-# WAL up to this size is read for the changed blocks whatever the changed files weigh (~1 s)
-WAL_SCAN_FREE = 1 << 30
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +138,20 @@ class BackupOperation:
                 clock.lap("start")
                 taken.tablespaces = session.tablespaces()
                 taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-                changed, taken.changes, changes_notice = self._changed_blocks(
-                    session, cluster, repo, parent, taken.start_lsn, taken.listing
+                found = changed_blocks(
+                    session,
+                    cluster,
+                    repo,
+                    parent,
+                    taken.start_lsn,
+                    taken.listing,
+                    self.settings.backup,
+                    self.settings.postgres.pgdata,
                 )
-                if changes_notice:
-                    log.info(changes_notice)
-                notice = notice or changes_notice
+                changed, taken.changes = found.changed, found.source
+                if found.notice:
+                    log.info(found.notice)
+                notice = notice or found.notice
                 copier = FileCopier(
                     repo,
                     taken.label,
@@ -283,56 +278,6 @@ class BackupOperation:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
         return parent, None
 
-    def _changed_blocks(
-        self,
-        session: PgSession,
-        cluster: ClusterInfo,
-        repo: Repository,
-        parent: Manifest | None,
-        start_lsn: int,
-        listing: PgdataListing,
-    ) -> tuple[ChangedBlocks | None, str | None, str | None]:
-        """The blocks changed since the parent started, from the server's WAL summaries (17+)
-        or else from the WAL itself (None: changed files are read whole); where they came from
-        (BackupStats.changes, None for a full); a notice when neither can tell though asked to. The
-        WAL is not read when it is more than 1 GiB and twice the size of the relation files
-        that changed: a scan of those costs less then."""
-        backup = self.settings.backup
-        if parent is None:
-            return None, None, None
-        since = parse_lsn(parent.start_lsn)
-        try:
-            if backup.wal_summaries:
-                changed = session.changed_blocks(
-                    cluster.version_num, cluster.timeline, since, start_lsn, backup.wal_summary_wait
-                )
-                if changed is not None:
-                    return changed, "summaries", None
-            if backup.wal_scan:
-                wal_bytes, file_bytes = start_lsn - since, _changed_relation_bytes(listing, parent)
-                if wal_bytes > max(2 * file_bytes, WAL_SCAN_FREE):
-                    raise NoSummaries(
-                        f"the WAL since the parent ({wal_bytes >> 20} MiB) outweighs the relation"
-                        f" files that changed ({file_bytes >> 20} MiB)"
-                    )
-                sources = [
-                    _pg_wal_segment(self.settings.postgres.pgdata / "pg_wal"),
-                    _archived_segment(WalArchive(repo)),
-                ]
-                changed = wal_changed_blocks(
-                    sources,
-                    cluster.major,
-                    cluster.system_identifier,
-                    cluster.timeline,
-                    since,
-                    start_lsn,
-                    cluster.wal_segment_size,
-                )
-                return changed, "wal", None
-        except NoSummaries as exc:
-            return None, "scan", f"{exc}: reading changed relation files whole"
-        return None, "scan", None
-
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
     ) -> BackupLabel:
@@ -373,7 +318,7 @@ class BackupOperation:
                     history.stat().st_size,
                     0o600,
                     now,
-                    partial(_open_file, history),
+                    partial(open_file, history),
                     required=True,
                 )
             )
@@ -452,84 +397,6 @@ def _tablespace_dir(cluster: ClusterInfo) -> str:
     return f"PG_{cluster.major}_{cluster.catalog_version}"
 
 
-def plan_sources(
-    listing: PgdataListing,
-    cluster: ClusterInfo,
-    parent: Manifest | None,
-    changed: ChangedBlocks | None,
-    settings: BackupSettings,
-) -> tuple[list[Source], list[FileEntry]]:
-    """What to read for each file: whole, only changed pages, or nothing (a reference).
-
-    With a parent: a file whose size and mtime match the parent's, and whose mtime is safely
-    before the parent started (a write in the same second as the parent's copy could leave the
-    mtime unchanged), is referenced without being read. Main-fork relation files are stored as
-    deltas of the pages changed since the parent started: with ``changed`` (WAL summaries) only
-    the blocks it names and new blocks are read, else the whole file. A file in which they name
-    more than ``scan_fraction`` of the parent's blocks is read whole all the same: that many
-    scattered reads cost about what reading it all does, and a whole read stores XOR deltas
-    (several times smaller, restored faster) proven by a whole-file checksum. Everything else
-    (fsm and vm forks, which PostgreSQL may change without a new page LSN, and non-relation
-    files) is stored whole.
-    """
-    previous = {f.path: f for f in parent.files} if parent else {}
-    trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S if parent else 0.0
-    since_lsn = parse_lsn(parent.start_lsn) if parent else 0
-    sources: list[Source] = []
-    unchanged: list[FileEntry] = []
-    for f in listing.files:
-        old = previous.get(f.path)
-        if old and _unchanged(old, f, trusted_before):
-            assert parent is not None
-            unchanged.append(old.model_copy(update={"backup": old.owner(parent.label)}))
-            continue
-        segment = relation_segment(f.path)
-        delta = None
-        key = relation_key(f.path)  # main-fork relation files only
-        if old and parent and segment is not None and key is not None:
-            reads = None
-            if changed is not None:
-                reads = changed.segment_reads(key, segment, old.size // PAGE_SIZE)
-            if reads is not None and reads.rewritten(f.size // PAGE_SIZE) > settings.scan_fraction:
-                reads = None
-            delta = Delta(since_lsn, old.size, parent.label, reads)
-        direct = settings.direct_io and segment is not None and f.size >= READ_CHUNK
-        opener = partial(open_direct if direct else _open_file, f.abspath)
-        sources.append(
-            Source(
-                f.path,
-                f.size,
-                f.mode,
-                f.mtime,
-                opener,
-                page_check_segment=segment if cluster.data_checksums else None,
-                delta=delta,
-            )
-        )
-    return sources, unchanged
-
-
-def _unchanged(old: FileEntry, f: SourceFile, trusted_before: float) -> bool:
-    return old.size == f.size and old.mtime == f.mtime and f.mtime < trusted_before
-
-
-def _changed_relation_bytes(listing: PgdataListing, parent: Manifest) -> int:
-    """Bytes of the relation files a diff/incr would read whole without the WAL's help."""
-    previous = {f.path: f for f in parent.files}
-    trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S
-    return sum(
-        f.size
-        for f in listing.files
-        if relation_key(f.path) is not None
-        and (old := previous.get(f.path)) is not None
-        and not _unchanged(old, f, trusted_before)
-    )
-
-
-def _open_file(path: Path) -> io.FileIO:
-    return open(path, "rb", buffering=0)  # the copier closes it
-
-
 def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> io.FileIO:
     """Open a WAL segment in pg_wal, refusing one that is not the segment its name says."""
     _, segno = parse_segment_name(name, segment_size)
@@ -546,37 +413,6 @@ def _open_segment(path: Path, name: str, segment_size: int, system_identifier: i
         raise IntegrityError(f"WAL segment '{name}' in pg_wal {problem}")
     stream.seek(0)
     return stream
-
-
-def _pg_wal_segment(pg_wal: Path) -> SegmentSource:
-    """A WAL segment from pg_wal; None when it is not there, or was recycled (renamed to a
-    later segment's name, to be overwritten) while being read."""
-
-    def read(name: str) -> bytes | None:
-        path = pg_wal / name
-        try:
-            with open(path, "rb", buffering=0) as stream:
-                data = stream.readall()
-                inode = os.fstat(stream.fileno()).st_ino
-            return data if os.stat(path).st_ino == inode else None
-        except FileNotFoundError:
-            return None
-
-    return read
-
-
-def _archived_segment(archive: WalArchive) -> SegmentSource:
-    """A WAL segment from the repository's archive (authenticated); None when not archived."""
-
-    def read(name: str) -> bytes | None:
-        try:
-            return archive.read(name)
-        except ObjectNotFound:
-            return None
-        except DrkitError as exc:
-            raise NoSummaries(f"archived WAL segment {name} cannot be read: {exc}") from None
-
-    return read
 
 
 def _user_name(uid: int) -> str:
