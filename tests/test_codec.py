@@ -15,16 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from drkit.codec.frame import (
-    DEFAULT_SEGMENT_SIZE,
-    HEADER_SIZE,
-    TAG_SIZE,
-    FrameInfo,
-    FrameWriter,
-    decode_frame,
-    seal,
-    unseal,
-)
+from drkit.codec.frame import DEFAULT_SEGMENT_SIZE, HEADER_SIZE, TAG_SIZE, FrameInfo
+from drkit.codec.frame_reader import decode_frame, unseal
+from drkit.codec.frame_writer import FrameWriter, seal
 from drkit.errors import IntegrityError
 
 S = 1024  # the smallest segment size, so multi-segment frames stay small

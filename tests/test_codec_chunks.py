@@ -11,15 +11,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from drkit.codec.frame import (
-    HEADER_SIZE,
-    FrameWriter,
-    chunk_span,
-    decode_chunks,
-    decode_frame,
-    is_sparse,
-    payload_length,
-)
+from drkit.codec.frame import HEADER_SIZE, chunk_span, is_sparse, payload_length
+from drkit.codec.frame_reader import decode_chunks, decode_frame
+from drkit.codec.frame_writer import FrameWriter
 from drkit.codec.sparse_pages import SparsePages, SparseStream, encode, expand
 from drkit.errors import IntegrityError
 from drkit.pg.constants import PAGE_SIZE

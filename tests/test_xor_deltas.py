@@ -120,7 +120,7 @@ def test_xor_deltas_written_as_plain_pages_still_restore(pg: PgCluster, workdir:
     flag clear): a chain with one restores exactly, with the default pieces and with tiny ones."""
     from drkit.backup import file_writers
     from drkit.backup.operation import BackupOperation
-    from drkit.codec.frame import FrameWriter
+    from drkit.codec.frame_writer import FrameWriter
     from drkit.config.settings import load_settings
     from drkit.repo.label import BackupType
 

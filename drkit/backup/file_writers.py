@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from drkit.backup.plan import Delta, Source, SourceStream, read_batches
-from drkit.codec.frame import FrameInfo, FrameWriter
+from drkit.codec.frame import FrameInfo
+from drkit.codec.frame_writer import FrameWriter
 from drkit.config.settings import BackupSettings
 from drkit.errors import DrkitWarning, PageChecksumFailure
 from drkit.fsutil import pread_cached
@@ -70,7 +70,7 @@ def file_writer(
     return PageDelta(job, src, stream, delta)
 
 
-class FileWriter(ABC):
+class FileWriter:
     """Stores one source as one frame: `open_frame`, `take` each chunk, `finish`, then `entry`
     of the closed frame."""
 
@@ -109,15 +109,15 @@ class FileWriter(ABC):
             self.size = int(blocks[0]) * PAGE_SIZE + len(chunk)
             self.job.progress.advance(len(chunk))
 
-    @abstractmethod
-    def _take(self, frame: FrameWriter, blocks: np.ndarray, chunk: memoryview) -> None: ...
+    def _take(self, frame: FrameWriter, blocks: np.ndarray, chunk: memoryview) -> None:
+        raise NotImplementedError
 
     def finish(self) -> None:
         """Called once every chunk was taken, before the frame is closed."""
 
-    @abstractmethod
     def entry(self, info: FrameInfo, key: str, offset: int) -> FileEntry:
         """The manifest's record of the file, stored at `offset` of object `key`."""
+        raise NotImplementedError
 
     def warnings(self) -> list[DrkitWarning]:
         return [

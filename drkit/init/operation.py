@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from drkit.codec.frame import seal, unseal
+from drkit.codec.frame_reader import unseal
+from drkit.codec.frame_writer import seal
 from drkit.config.settings import Settings
 from drkit.errors import ConfigError, PostgresError
 from drkit.pg.session import ClusterInfo, PgSession

@@ -21,7 +21,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from drkit.codec.frame import seal, unseal
+from drkit.codec.frame_reader import unseal
+from drkit.codec.frame_writer import seal
 from drkit.crypto.base import KeyProvider
 from drkit.errors import IntegrityError
 

@@ -17,14 +17,8 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from drkit.codec.frame import (
-    HEADER_SIZE,
-    chunk_span,
-    decode_chunks,
-    decode_frame,
-    is_sparse,
-    payload_length,
-)
+from drkit.codec.frame import HEADER_SIZE, chunk_span, is_sparse, payload_length
+from drkit.codec.frame_reader import decode_chunks, decode_frame
 from drkit.codec.sparse_pages import SparsePages, SparseStream, expand
 from drkit.errors import DrkitError, IntegrityError
 from drkit.pg.constants import PAGE_SIZE

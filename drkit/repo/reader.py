@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from drkit.codec.frame import decode_frame
+from drkit.codec.frame_reader import decode_frame
 from drkit.errors import DrkitError, IntegrityError
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context

@@ -28,7 +28,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from drkit import __version__
-from drkit.codec.frame import seal, unseal
+from drkit.codec.frame_reader import unseal
+from drkit.codec.frame_writer import seal
 from drkit.crypto.base import KeyProvider
 from drkit.errors import (
     BackupNotFound,

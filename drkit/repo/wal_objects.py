@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from drkit.codec.frame import FrameInfo, FrameWriter, decode_frame
+from drkit.codec.frame import FrameInfo
+from drkit.codec.frame_reader import decode_frame
+from drkit.codec.frame_writer import FrameWriter
 from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, IntegrityError, ObjectExists
 from drkit.repo.identity import check_identity
