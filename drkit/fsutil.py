@@ -3,14 +3,15 @@ and reads past the page cache (backup)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 
 class Readable(Protocol):
@@ -31,6 +32,40 @@ def fsync_dir(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def write_new(
+    path: Path, mode: int = 0o600, *, replace: bool = False, sync: bool = True
+) -> Iterator[BinaryIO]:
+    """Write the file ``path`` so that it appears whole or not at all; yields the file to write.
+
+    The bytes go to a temporary file created exclusively beside ``path`` (the same filesystem),
+    with ``mode`` set explicitly (the umask can only remove bits). When the block ends without an
+    error the file is fsynced (with ``sync``) and published: hard-linked to ``path``, which raises
+    FileExistsError if ``path`` exists (write-once), or with ``replace`` renamed over it; then the
+    directory is fsynced (with ``sync``). An error in the block or in publishing removes the
+    temporary file and leaves ``path`` as it was. OSErrors are raised as they are: the caller
+    words them for its own file.
+    """
+    temporary = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            yield file
+            file.flush()
+            if sync:
+                os.fsync(file.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def os_reason(exc: OSError) -> str:

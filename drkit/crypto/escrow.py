@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import os
 import re
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from drkit.crypto.base import DEK_SIZE, DataKey, KeyProvider, decode_field
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
+from drkit.fsutil import os_reason, write_new
 
 _PART = "escrow part of the key record"
 ALGORITHM = "x25519-hkdf-sha256-aes256gcm"
@@ -260,32 +260,17 @@ def _check_private_mode(path: Path) -> None:
 
 
 def _write_once(path: Path, content: bytes, mode: int) -> None:
-    """Atomic and write-once, as create_keyfile: temporary file, fsync, hard link."""
-    temporary = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    """Atomic and write-once (drkit.fsutil.write_new)."""
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                os.fchmod(file.fileno(), mode)
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
-            os.link(temporary, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        with write_new(path, mode) as file:
+            file.write(content)
     except FileExistsError:
         raise ConfigError(
             f"'{path}' already exists; drkit never overwrites a recovery key"
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"unable to write '{path}': {(exc.strerror or str(exc)).lower()}",
+            f"unable to write '{path}': {os_reason(exc)}",
             hint="check that the directory exists and is writable",
         ) from None
 

@@ -10,7 +10,6 @@ so "this is the wrong key file" is told apart from "this record was tampered wit
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import stat
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from drkit.crypto.base import DEK_SIZE, DataKey, check_provider, decode_field
 from drkit.errors import ConfigError, IntegrityError, KeyMaterialError, WrongKey
-from drkit.fsutil import fsync_dir, os_reason
+from drkit.fsutil import os_reason, write_new
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -44,20 +43,9 @@ def create_keyfile(path: Path) -> str:
     no key file or a complete one.
     """
     kek = os.urandom(KEY_SIZE)
-    temporary = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                os.fchmod(file.fileno(), 0o600)  # the umask can only remove bits; be explicit
-                file.write(kek)
-                file.flush()
-                os.fsync(file.fileno())
-            os.link(temporary, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        fsync_dir(path.parent)
+        with write_new(path, 0o600) as file:
+            file.write(kek)
     except FileExistsError:
         raise ConfigError(
             f"key file '{path}' already exists; drkit never overwrites a key file",

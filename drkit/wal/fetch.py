@@ -7,12 +7,10 @@ either gets the exact bytes that were archived, or nothing.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from drkit.errors import DrkitError, ObjectNotFound
-from drkit.fsutil import os_reason
+from drkit.fsutil import os_reason, write_new
 from drkit.repo.wal_names import parse_wal_name
 from drkit.repo.wal_objects import RepoLike, WalKeyring, read_object
 
@@ -38,23 +36,12 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
     except ObjectNotFound:
         return False
     keyring = keyring or WalKeyring(repo, cache=False)
-    temporary = dest.parent / f".{dest.name}.drkit-{os.getpid()}-{os.urandom(4).hex()}.tmp"
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise WalFetchError(
-            f"cannot create '{temporary}' to fetch WAL file {name}: {os_reason(exc)}"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                read_object(repo, keyring, wal, out.write, size=size)
-            except ObjectNotFound:  # deleted between stat and read
-                return False
-        os.replace(temporary, dest)
+        # Not synced: PostgreSQL replays the file at once and it is in the archive anyway.
+        with write_new(dest, replace=True, sync=False) as out:
+            read_object(repo, keyring, wal, out.write, size=size)
+    except ObjectNotFound:  # deleted between stat and read
+        return False
     except OSError as exc:
         raise WalFetchError(f"cannot write WAL file {name} to '{dest}': {os_reason(exc)}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
     return True
