@@ -66,6 +66,27 @@ class RepositoryError(DrkitError):
     exit_code = 6
 
 
+class RepositoryMissing(RepositoryError):
+    """No repository where the configuration points: no format object there (a file system that
+    is not mounted, a moved directory, a missing bucket or a wrong prefix, or one never
+    initialized). Commands that read treat it as an error, never as "nothing archived"."""
+
+    exit_code = 22
+
+
+def repository_missing(name: str, location: str, *, reading: bool) -> RepositoryMissing:
+    """The error for a repository without its format object. ``reading``: the command reads an
+    existing repository (restore, wal-fetch, verify), where creating one is never the fix."""
+    message = f"repository '{name}' is not initialized: no format object in {location}"
+    if reading:
+        return RepositoryMissing(
+            message,
+            hint="is its file system mounted and readable, its bucket there, its path or prefix"
+            " right? a repository that was never created holds nothing to read",
+        )
+    return RepositoryMissing(message, hint="run 'drkit init' first to create it")
+
+
 class BackupNotFound(RepositoryError):
     """The requested backup label does not exist in the repository."""
 

@@ -397,7 +397,7 @@ def test_wal_push_refuses_what_it_must_not_archive(wal: WalRig) -> None:
     (wal.repo_path / FORMAT_KEY).unlink()
     wal.segment(1, 3)
     uninitialized = wal.push(seg_name(1, 3))
-    assert uninitialized.returncode == 6 and "not initialized" in uninitialized.stderr
+    assert uninitialized.returncode == 22 and "not initialized" in uninitialized.stderr
 
 
 def test_errors_are_one_line_and_fetch_errors_abort_recovery(wal: WalRig, tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ Exit codes (docs/wal-archiving.md):
 - wal-push: 0 once the file is durably archived (or was already, with identical content);
   otherwise the drkit error's code (2..15, e.g. 10 for a conflicting archived copy), all below
   126 so that PostgreSQL's archiver simply retries later.
-- wal-fetch: 0 with the file written; 1 when it is not archived (PostgreSQL then ends recovery or
-  keeps waiting, as with a missing file); 200 + the drkit error's code for every real error
-  (damage, wrong key, unreachable repository, bad configuration). PostgreSQL treats a
+- wal-fetch: 0 with the file written; 1 when no repository has it and every repository is there
+  (PostgreSQL then ends recovery or keeps waiting, as with a missing file); 200 + the drkit
+  error's code for every real error in any repository asked (damage, wrong key, a repository
+  that is unreachable or not there, bad configuration). PostgreSQL treats a
   restore_command exit status above 125 as fatal and aborts recovery, instead of taking the
   failure for the end of the archive and opening the database at the wrong point.
 """

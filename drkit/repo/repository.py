@@ -39,6 +39,7 @@ from drkit.errors import (
     ObjectNotFound,
     RepositoryError,
     WrongKey,
+    repository_missing,
 )
 from drkit.repo.drills import (
     DRILL_PREFIX,
@@ -135,15 +136,16 @@ class Repository:
         self.storage.write_bytes(FORMAT_KEY, fmt.model_dump_json(indent=2).encode())
         return True
 
-    def check(self, system_identifier: int | None = None) -> RepositoryFormat:
-        """Read the format object; refuse unknown formats and other clusters' repositories."""
+    def check(
+        self, system_identifier: int | None = None, *, reading: bool = False
+    ) -> RepositoryFormat:
+        """Read the format object; refuse unknown formats and other clusters' repositories, and
+        a repository that is not there (RepositoryMissing; ``reading``: the caller only reads,
+        so the hint does not suggest creating one)."""
         try:
             raw = self.storage.read_bytes(FORMAT_KEY)
         except ObjectNotFound:
-            raise RepositoryError(
-                f"repository '{self.name}' is not initialized",
-                hint="run 'drkit init' first",
-            ) from None
+            raise repository_missing(self.name, self.storage.location, reading=reading) from None
         try:
             fmt = RepositoryFormat.model_validate_json(raw)
         except ValidationError:

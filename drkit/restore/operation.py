@@ -224,7 +224,7 @@ class RestoreOperation:
         first_error: DrkitError | None = None
         for repo in repos:
             try:
-                repo.check()
+                repo.check(reading=True)
                 target = self.request.target
                 if target is not None and self.request.backup is None:
                     label = choose_backup(repo, target)

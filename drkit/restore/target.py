@@ -60,10 +60,26 @@ def _ends_before(manifest: Manifest, target: RecoveryTarget) -> bool:
     return True
 
 
+def _ends_after(manifest: Manifest, target: RecoveryTarget) -> bool:
+    """Whether the backup ends after a time or LSN ``target``. Not for XIDs: a transaction that
+    began before the backup ended may commit after it, so its target can still be reachable."""
+    return target.kind in (TargetKind.TIME, TargetKind.LSN) and not _ends_before(manifest, target)
+
+
 def check_reachable(repo: Repository, manifest: Manifest, target: RecoveryTarget) -> None:
-    """Refuse a target past the end of the archived WAL, or behind a gap in it."""
+    """Refuse a target before the end of the backup (recovery cannot stop before the backup is
+    consistent: the copy would open later than asked), past the end of the archived WAL, or
+    behind a gap in it."""
     if target.kind is TargetKind.IMMEDIATE:
         return  # the backup carries every segment it needs
+    if _ends_after(manifest, target):
+        raise TargetUnreachable(
+            f"recovery target {target.kind} '{target.value}' is before the end of backup"
+            f" '{manifest.label}' (it ends at {manifest.stop_time.isoformat(timespec='seconds')},"
+            f" LSN {manifest.stop_lsn}): the restored copy cannot stop earlier",
+            hint="choose an older backup ('drkit info' lists them), or leave --backup out and"
+            " drkit picks the newest one that ends before the target",
+        )
     if target.kind is TargetKind.TIME and target.time > datetime.now(UTC):
         raise TargetUnreachable(f"recovery target time '{target.value}' is in the future")
     from drkit.repo.wal_archive import WalArchive

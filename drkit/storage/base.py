@@ -122,6 +122,11 @@ class Storage(Protocol):
     capabilities: Capabilities
     """What this store can do beyond the contract; see `Capabilities`."""
 
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: a directory, or a bucket and prefix at an endpoint."""
+        ...
+
     def open_write(self, key: str) -> ObjectWriter:
         """Start writing a new object; stream the bytes into the returned writer, then commit.
 
@@ -322,6 +327,10 @@ class BaseStorage(ABC):
 
     name: str
     capabilities: Capabilities
+
+    @property
+    def location(self) -> str:
+        return f"repository '{self.name}'"
 
     @abstractmethod
     def open_write(self, key: str) -> ObjectWriter: ...

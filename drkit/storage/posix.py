@@ -72,6 +72,10 @@ class PosixStorage(BaseStorage):
         self.capabilities = POSIX_CAPABILITIES
         self._temp = self.root / TEMP_DIR
 
+    @property
+    def location(self) -> str:
+        return f"directory '{self.root}'"
+
     def open_write(self, key: str) -> ObjectWriter:
         path = self._path(key)
         if self._is_object(path):

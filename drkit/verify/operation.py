@@ -135,7 +135,7 @@ class VerifyOperation:
 
     def run(self) -> VerifyReport:
         repo = open_repository(self.settings, self.repo_name)
-        repo.check()
+        repo.check(reading=True)
         check_identity(repo.storage, repo.keys)  # a wrong key is not damage: nothing recorded
         report = VerifyReport(repo=repo.name, backups=[])
         with report.phase("backups"):

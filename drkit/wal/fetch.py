@@ -3,16 +3,22 @@
 The file is decoded into a temporary file beside ``dest`` and renamed to ``dest`` only after the
 whole frame authenticated, so PostgreSQL never sees a damaged, truncated or foreign file: it
 either gets the exact bytes that were archived, or nothing.
+
+"Not archived" is an answer only a repository that is there can give: PostgreSQL takes it for the
+end of the archive and opens the database there. So before saying it, the repository's format
+object is looked up; without it (an unmounted file system, a moved directory, a missing bucket)
+the answer is an error, which aborts recovery instead of losing every later change.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from drkit.errors import DrkitError, ObjectNotFound
+from drkit.errors import DrkitError, ObjectNotFound, repository_missing
 from drkit.fsutil import os_reason, write_new
 from drkit.repo.wal_names import parse_wal_name
 from drkit.repo.wal_objects import RepoLike, WalKeyring, read_object
+from drkit.wal.push import FORMAT_KEY
 
 
 class WalFetchError(DrkitError):
@@ -24,7 +30,8 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
 
     Raises IntegrityError when the archived object is damaged or tampered with (``dest`` is then
     left untouched), a key error when its key cannot be had, StorageError when the repository
-    cannot be read, WalFetchError for an invalid name or an unwritable ``dest``.
+    cannot be read, RepositoryMissing when the file is not there because the repository is not
+    there, WalFetchError for an invalid name or an unwritable ``dest``.
     """
     try:
         wal = parse_wal_name(name)
@@ -34,14 +41,21 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
     try:
         size = repo.storage.stat(wal.key).size
     except ObjectNotFound:
-        return False
+        return _repository_present(repo)
     keyring = keyring or WalKeyring(repo, cache=False)
     try:
         # Not synced: PostgreSQL replays the file at once and it is in the archive anyway.
         with write_new(dest, replace=True, sync=False) as out:
             read_object(repo, keyring, wal, out.write, size=size)
     except ObjectNotFound:  # deleted between stat and read
-        return False
+        return _repository_present(repo)
     except OSError as exc:
         raise WalFetchError(f"cannot write WAL file {name} to '{dest}': {os_reason(exc)}") from None
     return True
+
+
+def _repository_present(repo: RepoLike) -> bool:
+    """False (not archived) when the repository is there; RepositoryMissing otherwise."""
+    if not repo.storage.exists(FORMAT_KEY):
+        raise repository_missing(repo.name, repo.storage.location, reading=True)
+    return False

@@ -2,8 +2,9 @@
 
 The primary repository is asked first; a file missing there, or unreadable or damaged there, is
 fetched from the next configured repository that has it intact (a ``CopyFallback`` warning says
-which and why). Only when no repository has it is it "not archived"; when the primary failed
-with an error and no other copy exists, that error is raised, so that PostgreSQL aborts recovery
+which and why). Only when no repository has it and every one answered cleanly is it "not
+archived"; when any repository failed with an error (a damaged copy, a repository that is not
+there) and no intact copy exists, that error is raised, so that PostgreSQL aborts recovery
 instead of taking damage for the end of the archive. This module stays light: it runs once per
 segment on PostgreSQL's critical path (secondaries load the full settings only when needed).
 """
@@ -55,8 +56,9 @@ class WalFetchResult(OperationResult):
 
 def fetch_wal(config: WalConfig, request: WalFetchRequest) -> WalFetchResult:
     """Write archived WAL file ``request.name`` to ``request.dest`` from the first repository
-    that serves it intact. Raises the primary's error when it failed and no other copy exists,
-    and WalFetchError for an invalid name or an unwritable destination."""
+    that serves it intact. When none does and any repository failed (damaged, unreadable, not
+    there), raises the first such error (the primary's first); WalFetchError for an invalid name
+    or an unwritable destination."""
     result = WalFetchResult(name=request.name, fetched=False)
     with result.phase("fetch"):
         repo = config.open_repository()
@@ -78,8 +80,10 @@ def fetch_wal(config: WalConfig, request: WalFetchRequest) -> WalFetchResult:
                     )
                     result.fetched, result.repo = True, other.name
                     return result
-            except DrkitError:
-                continue
+            except DrkitError as exc:
+                # A copy that is damaged, unreadable or not there is never "not archived": the
+                # file may well exist, and PostgreSQL would end recovery too early.
+                problem = problem or exc
         if problem is not None:
             raise problem
     return result

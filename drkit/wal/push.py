@@ -19,7 +19,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, RepositoryError
+from drkit.errors import (
+    IntegrityError,
+    ObjectExists,
+    ObjectNotFound,
+    RepositoryError,
+    repository_missing,
+)
 from drkit.fsutil import os_reason
 from drkit.pg.wal import check_segment_header, parse_segment_name
 from drkit.repo.wal_names import KeyPeriod, WalName, file_identity, parse_wal_name
@@ -66,9 +72,7 @@ def repository_system_identifier(repo: RepoLike) -> int:
     try:
         raw = repo.storage.read_bytes(FORMAT_KEY)
     except ObjectNotFound:
-        raise RepositoryError(
-            f"repository '{repo.name}' is not initialized", hint="run 'drkit init' first"
-        ) from None
+        raise repository_missing(repo.name, repo.storage.location, reading=False) from None
     try:
         fmt = json.loads(raw)
         version, system_identifier = fmt["format"], int(fmt["system_identifier"])

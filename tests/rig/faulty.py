@@ -95,6 +95,10 @@ class FaultyStorage(BaseStorage):
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
 
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
     def add_fault(
         self,
         method: str,

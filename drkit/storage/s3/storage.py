@@ -62,6 +62,11 @@ class S3Storage(BaseStorage):
         """The endpoint URL requests go to, for messages."""
         return self.bucket.endpoint
 
+    @property
+    def location(self) -> str:
+        prefix = f" prefix '{self.config.prefix}'" if self.config.prefix else ""
+        return f"bucket '{self.config.bucket}'{prefix} at {self.endpoint}"
+
     # -- the Storage protocol ---------------------------------------------------------------------
 
     def open_write(self, key: str, *, retain_until: datetime | None = None) -> _S3Writer:
