@@ -234,6 +234,13 @@ class IncompleteBackup(DrkitWarning):
     exit_code = 105
 
 
+class ObjectsLockedSkipped(DrkitWarning):
+    """Prune left objects (and the backups they belong to) that are under a retention lock (S3
+    Object Lock, legal hold); a later prune deletes them once the lock ends."""
+
+    exit_code = 107
+
+
 class CopyFallback(DrkitWarning):
     """An object was missing or damaged in one repository and was read from another copy: the
     operation succeeded, the first copy needs attention."""

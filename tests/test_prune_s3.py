@@ -86,7 +86,7 @@ def test_prune_on_s3_respects_object_lock(
         Retention={"Mode": "GOVERNANCE", "RetainUntilDate": until},
     )
     locked = dk.run("prune", "--json")
-    assert locked.exit_code == 1, locked.output
+    assert locked.exit_code == 107, locked.output  # ObjectsLockedSkipped
     [report] = json.loads(locked.stdout)["repos"]
     assert [s["key"] for s in report["skipped"]] == [manifest]
     assert "Object Lock (GOVERNANCE)" in report["skipped"][0]["reason"]
@@ -102,7 +102,7 @@ def test_prune_on_s3_respects_object_lock(
 
     # The plain output says so too, with a warning exit code
     plain = dk.run("prune")
-    assert plain.exit_code == 1
+    assert plain.exit_code == 107
     assert f"warning: skipped '{manifest}': object '{manifest}'" in plain.stderr
     assert f"warning: backup '{f1}' was not deleted: needed by {i1}, which stays" in plain.stderr
 

@@ -14,7 +14,7 @@ from drkit.cli.common import (
     settings_from,
     stderr,
     stdout,
-    warn,
+    warn_all,
 )
 
 if TYPE_CHECKING:
@@ -34,16 +34,16 @@ def command(
 ) -> None:
     """Apply the retention policy: delete backups it no longer keeps (never a backup a kept one
     needs), leftovers of failed backups, and WAL no kept backup needs. Objects under Object Lock
-    are skipped and reported (exit code 1)."""
-    from drkit.prune.operation import PruneOperation
+    are skipped and reported (exit code 107)."""
+    from drkit.prune.operation import prune_repositories
 
-    settings = settings_from(config)
-    report = PruneOperation(settings, repo, dry_run).run()
+    report = prune_repositories(settings_from(config), repo, dry_run)
     if json_:
-        print_json({"dry_run": report.dry_run, "repos": [r.as_dict() for r in report.repos]})
+        print_json(report.as_dict())
     else:
         for result in report.repos:
             _render(result)
+        warn_all(report.warnings)
     raise typer.Exit(report.exit_code)
 
 
@@ -78,10 +78,6 @@ def _render(r: RepoPrune) -> None:
             f"  {verb} {len(r.drills_deleted)} drill record(s) of drills before {since}:"
             f" {r.drills_deleted[0]} .. {r.drills_deleted[-1]}"
         )
-    for skipped in r.skipped:
-        warn(f"skipped '{skipped.key}': {skipped.reason}")
-    for label, why in r.held.items():
-        warn(f"backup '{label}' was not deleted: {why}")
     note = " (dry run: nothing was deleted)" if r.dry_run else ""
     stdout.print(
         f"{verb} {len(r.deleted)} backup(s), {len(r.leftovers)} leftover(s),"

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from drkit.config.settings import RepoSettings, Settings
-from drkit.errors import ConfigError, DrkitError, ObjectLocked
+from drkit.errors import ConfigError, DrkitError, ObjectLocked, ObjectsLockedSkipped
 from drkit.repo.drills import drill_time, is_drill_id
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -45,6 +45,7 @@ from drkit.repo.retention import (
 )
 from drkit.repo.wal_archive import WalArchive
 from drkit.repo.wal_names import parse_wal_name
+from drkit.result import OperationResult, Stopwatch
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RepoPrune:
 
     @property
     def warning(self) -> bool:
+        """Something the policy dropped stays (retention locks): ObjectsLockedSkipped."""
         return bool(self.skipped or self.held)
 
     def as_dict(self) -> dict[str, Any]:
@@ -103,17 +105,31 @@ class RepoPrune:
 
 
 @dataclass
-class PruneReport:
+class PruneReport(OperationResult):
+    """What prune did per repository. A repository that fails does not stop the others: its
+    error is kept in its entry and is the exit code. Warnings: ObjectsLockedSkipped.
+    ``phases``: prune (every selected repository)."""
+
     dry_run: bool
     repos: list[RepoPrune] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """The first failed repository's error code, else 1 if anything was skipped, else 0."""
+        """The first failed repository's error code, else the warnings' code, else 0."""
         for r in self.repos:
             if r.error is not None:
                 return r.error.exit_code
-        return 1 if any(r.warning for r in self.repos) else 0
+        return super().exit_code
+
+    def _data(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "repos": [r.as_dict() for r in self.repos]}
+
+
+def prune_repositories(
+    settings: Settings, repo: str | None = None, dry_run: bool = False
+) -> PruneReport:
+    """Apply each selected repository's retention policy (``repo``: only that one)."""
+    return PruneOperation(settings, repo, dry_run).run()
 
 
 class PruneOperation:
@@ -141,7 +157,8 @@ class PruneOperation:
                 " repository; docs/retention.md",
             )
         now = self.now or datetime.now(UTC)
-        report = PruneReport(self.dry_run)
+        report = PruneReport(dry_run=self.dry_run)
+        clock = Stopwatch(report.phases)
         for repo_settings in selected:
             result = RepoPrune(repo_settings.name, self.dry_run)
             report.repos.append(result)
@@ -156,6 +173,15 @@ class PruneOperation:
                     prune_repository(repo, policy, now, self.dry_run, result)
             except DrkitError as exc:
                 result.error = exc
+        clock.lap("prune")
+        for r in report.repos:
+            report.warnings += [
+                ObjectsLockedSkipped(f"skipped '{s.key}': {s.reason}") for s in r.skipped
+            ]
+            report.warnings += [
+                ObjectsLockedSkipped(f"backup '{label}' was not deleted: {why}")
+                for label, why in r.held.items()
+            ]
         return report
 
     def _selected(self) -> list[RepoSettings]:
