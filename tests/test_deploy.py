@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from rig.drkit import Drkit
 from rig.postgres import PgFactory, chown_to_server_user
 
@@ -41,8 +42,9 @@ HARDENING = {
     "ProtectSystem": "strict",
     "ProtectHome": "yes",
     "PrivateTmp": "yes",
-    "ReadWritePaths": "-/var/lib/postgresql -/var/lib/drkit",
 }
+# Writable under ProtectSystem=strict: PGDATA's parent and ~postgres/.drkit; repository, sandboxes.
+WRITABLE = {"-/var/lib/postgresql", "-/var/lib/drkit"}
 
 
 def unit_entries(name: str) -> dict[str, dict[str, list[str]]]:
@@ -101,7 +103,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
 
     # Unknown keys and bad values are only warnings for systemd: any output is a finding.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
-    assert len(instances) == 17
+    assert len(instances) == 19
 
 
 def test_systemd_analyze_verify_catches_a_missing_binary(tmp_path: Path) -> None:
@@ -151,6 +153,7 @@ def test_every_timer_starts_its_service_persistently_with_a_random_delay() -> No
 def test_every_drkit_unit_is_hardened_runs_as_postgres_and_reports_failure(name: str) -> None:
     for key, value in HARDENING.items():
         assert one(name, "Service", key) == value, f"{name}: {key}"
+    assert set(one(name, "Service", "ReadWritePaths").split()) >= WRITABLE
     assert one(name, "Unit", "OnFailure") == "drkit-notify@%n.service"
     argv = shlex.split(one(name, "Service", "ExecStart"))
     assert argv[0] == INSTALLED_DRKIT and argv[-2:] == ["--config", "%E/drkit/%i.toml"]
@@ -182,9 +185,11 @@ def test_calendar_expressions_parse_and_backups_do_not_collide() -> None:
 
 
 def exec_start(name: str, config_dir: Path) -> list[str]:
-    """The unit's ExecStart as systemd would run it: specifiers %E and %i expanded, the drkit
-    binary of this checkout in place of the installed one. Nothing else is changed."""
+    """The unit's ExecStart as systemd would run it: specifiers expanded (%E, /etc, is
+    ``config_dir``; %S, /var/lib, is ``var/lib`` next to it), the drkit binary of this checkout
+    in place of the installed one. Nothing else is changed."""
     line = one(name, "Service", "ExecStart").replace("%E", str(config_dir))
+    line = line.replace("%S", str(config_dir.parent / "var" / "lib"))
     argv = shlex.split(line.replace("%i", INSTANCE))
     assert argv[0] == INSTALLED_DRKIT
     return [str(DRKIT_BIN), *argv[1:]]
@@ -276,6 +281,27 @@ def test_replicate_verify_and_prune_units_do_their_job(instance: tuple[Drkit, Pa
 
     ran(run_unit("drkit-prune@.service", config_dir), "prune")  # [retention] full = 1
     assert [b["label"] for b in dk.info()["backups"]] == [newest]
+
+
+def test_metrics_unit_writes_the_textfile_node_exporter_reads(
+    instance: tuple[Drkit, Path],
+) -> None:
+    _, config_dir = instance
+    ran(run_unit("drkit-backup-full@.service", config_dir), "full")
+    collector = config_dir.parent / "var" / "lib" / "prometheus" / "node-exporter"
+    collector.mkdir(parents=True)
+    chown_to_server_user(collector)
+
+    ran(run_unit("drkit-metrics@.service", config_dir), "metrics")
+
+    textfile = collector / f"drkit-{INSTANCE}.prom"
+    families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
+    ages = {s.labels["repo"]: s.value for s in families["drkit_backup_newest_age_seconds"].samples}
+    assert 0 <= ages["local"] < 300
+    jobs = {s.labels["job"] for s in families["drkit_job_last_success_timestamp_seconds"].samples}
+    assert "full" in jobs
+    assert textfile.stat().st_mode & 0o777 == 0o644  # node_exporter runs as another user
+    assert [p.name for p in collector.iterdir()] == [textfile.name]  # no temporary file left
 
 
 def test_heartbeat_unit_keeps_its_row_and_stops_on_systemds_signal(
