@@ -191,6 +191,25 @@ class UnsafeManifest(IntegrityError):
     exit_code = 18
 
 
+class DrillRestoreFailed(DrkitError):
+    """A restore drill got no usable copy: the restore, the WAL replay or the start of the
+    restored copy failed. The drill's record says where and why."""
+
+    exit_code = 30
+
+
+class DrillCheckFailed(DrkitError):
+    """A restore drill brought the copy up, but one of its checks failed."""
+
+    exit_code = 31
+
+
+class DrillTargetMissed(DrkitError):
+    """A restore drill worked, but the achieved RTO or RPO exceeded its target."""
+
+    exit_code = 32
+
+
 # -- warnings: collected on an operation's result, never raised ------------------------------------
 
 

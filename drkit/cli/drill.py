@@ -1,7 +1,12 @@
-"""drkit drill: restore drills; ``drkit drill list`` shows the recorded ones."""
+"""drkit drill: restore drills; ``drkit drill list`` shows the recorded ones.
+
+``drkit drill [options]`` runs a drill (the sub-app's callback, run when no subcommand is given);
+``drkit drill list`` lists the recorded ones.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -13,20 +18,173 @@ from drkit.cli.common import (
     handle_errors,
     objective_text,
     print_json,
+    progress,
     settings_from,
     stdout,
+    warn,
     warn_all,
 )
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from drkit.drill.records import ListedDrill
+    from drkit.repo.drills import DrillRecord
 
 app = typer.Typer(
     help="Restore drills: prove a backup restores, measure RTO and RPO, keep the record.",
-    no_args_is_help=True,
 )
 
 COLUMNS = ("ID", "STARTED", "KIND", "SCENARIO", "BACKUP", "REPOSITORY", "RTO", "RPO", "RESULT")
+
+
+def _duration(value: str | None) -> timedelta | None:
+    from drkit.config.durations import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.callback(invoke_without_command=True)
+@handle_errors
+def command(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    scenario: Annotated[
+        Path | None, typer.Option(help="a scenario file (runbooks/*.toml)", show_default=False)
+    ] = None,
+    backup: Annotated[
+        str | None, typer.Option(help="restore this backup (label or 'latest') to its end")
+    ] = None,
+    target_time: Annotated[
+        str | None, typer.Option(help="recover to this time (with a time zone)")
+    ] = None,
+    target_name: Annotated[str | None, typer.Option(help="recover to this restore point")] = None,
+    target_lsn: Annotated[str | None, typer.Option(help="recover to this LSN")] = None,
+    target_xid: Annotated[str | None, typer.Option(help="recover to this transaction")] = None,
+    random: Annotated[
+        bool, typer.Option("--random", help="restore a randomly chosen backup")
+    ] = False,
+    rto: Annotated[
+        str | None, typer.Option(help="RTO target, e.g. '4h' (default: [drill] rto)")
+    ] = None,
+    rpo: Annotated[
+        str | None, typer.Option(help="RPO target, e.g. '1h' (default: [drill] rpo)")
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="keep the sandbox for inspection (server stopped)")
+    ] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Run a restore drill: exit 0 PASS, 30 restore failed, 31 check failed, 32 RTO/RPO missed.
+
+    Without options: the newest backup and every archived WAL segment, the checks and targets
+    of [drill] in drkit.toml.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from drkit.config.settings import config_path
+    from drkit.drill.operation import DrillOperation, DrillRequest
+    from drkit.drill.sandbox import Interrupted
+    from drkit.drill.scenario import load_scenario
+
+    settings = settings_from(config)
+    request = DrillRequest(
+        scenario=load_scenario(scenario) if scenario is not None else None,
+        backup=backup,
+        target_time=target_time,
+        target_name=target_name,
+        target_lsn=target_lsn,
+        target_xid=target_xid,
+        random=random,
+        rto=_duration(rto),
+        rpo=_duration(rpo),
+        keep=keep,
+        config=config_path(config),
+    )
+    try:
+        result = DrillOperation(settings, request, progress()).run()
+    except Interrupted as exc:
+        warn(f"drill interrupted by {exc.signal}: server stopped, sandbox removed")
+        raise typer.Exit(128 + exc.signum) from None
+    warn_all(result.warnings)
+    if json_:
+        print_json(result.as_dict())
+    else:
+        _render(result.record, result.sandbox, result.written)
+    raise typer.Exit(result.exit_code)
+
+
+def _render(record: DrillRecord, sandbox: Path | None, written: list[str]) -> None:
+    from drkit.config.durations import format_duration
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else format_duration(value)
+
+    say = stdout.print
+    what = f"scenario '{record.scenario}' ({record.kind})" if record.scenario else str(record.kind)
+    say(f"drill {record.id}: {what}", markup=False)
+    point = record.restore_point
+    if point is not None:
+        target = point.target_kind + (f" '{point.target_value}'" if point.target_value else "")
+        say(f"restore point: backup {point.backup}, target {target}", markup=False)
+        say(f"  why: {point.reason}", markup=False)
+    if record.repositories_allowed:
+        used = f", restored from '{record.repository}'" if record.repository else ""
+        say(f"repositories: {', '.join(record.repositories_allowed)}{used}", markup=False)
+    say("phases:", markup=False)
+    for phase in record.phases:
+        note = " (not part of the RTO)" if phase.name == "teardown" else ""
+        detail = f"  {phase.detail}" if phase.detail else ""
+        say(f"  {phase.name:<18} {phase.seconds:8.2f}s{detail}{note}", markup=False)
+    for name, objective in (("RTO", record.rto), ("RPO", record.rpo)):
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[objective.met]
+        say(
+            f"{name} {secs(objective.achieved_seconds)} (target"
+            f" {secs(objective.target_seconds)}): {verdict}",
+            markup=False,
+        )
+    rpo = record.rpo_detail
+    if rpo.recovered_time is not None:
+        line = f"  recovered point {rpo.recovered_time.isoformat()} ({rpo.method})"
+        if rpo.recovered_lsn:
+            line += f", LSN {rpo.recovered_lsn}"
+        if rpo.source_lsn is not None:
+            line += f"; source at {rpo.source_lsn}, {rpo.lost_bytes} bytes of WAL behind"
+        else:
+            line += "; source not reachable"
+        say(line, markup=False)
+    for exp in record.exposure:
+        if exp.error:
+            say(f"  exposure '{exp.repo}': unknown ({exp.error})", markup=False)
+            continue
+        backup = f"{exp.newest_backup} ({secs(exp.newest_backup_age_seconds)} old)"
+        wal = (
+            f"{exp.newest_wal} ({secs(exp.newest_wal_age_seconds)} old)"
+            if exp.newest_wal
+            else "none"
+        )
+        say(f"  exposure '{exp.repo}': newest backup {backup}, newest WAL {wal}", markup=False)
+    if record.checks:
+        say("checks:", markup=False)
+    for check in record.checks:
+        state = "ok  " if check.ok else "FAIL"
+        say(
+            f"  {state} {check.name} ({check.kind}, {check.seconds:.2f}s): {check.detail}",
+            markup=False,
+        )
+    if sandbox is not None:
+        say(f"sandbox kept: {sandbox}", markup=False)
+    if written:
+        say(f"record written to: {', '.join(written)}", markup=False)
+    if record.failure is None:
+        say("PASS", markup=False)
+    else:
+        say(f"FAIL ({record.failure}): {record.reason}", markup=False)
 
 
 @app.command("list")

@@ -70,17 +70,24 @@ def wal_push(path: str, config: Path | None) -> int:
         return _INTERNAL_ERROR
 
 
-def wal_fetch(name: str, dest: str, config: Path | None, recovery_key: Path | None = None) -> int:
+def wal_fetch(
+    name: str,
+    dest: str,
+    config: Path | None,
+    recovery_key: Path | None = None,
+    repos: list[str] | None = None,
+) -> int:
     """restore_command: fetch one WAL file to ``dest``; returns the exit code. A file missing,
-    unreadable or damaged in the primary repository is fetched from the next one that has it."""
+    unreadable or damaged in the primary repository is fetched from the next one that has it.
+    ``repos``: only these repositories, in this order."""
     from drkit.errors import DrkitError
 
     try:
         from drkit.wal.config import load_wal_config
         from drkit.wal.operation import WalFetchRequest, fetch_wal
 
-        settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True)
-        result = fetch_wal(settings, WalFetchRequest(name, Path(dest), recovery_key))
+        settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True, repos=repos)
+        result = fetch_wal(settings, WalFetchRequest(name, Path(dest), recovery_key, repos))
         for warning in result.warnings:
             _say("wal-fetch", warning.message)
         if not result.fetched:
@@ -155,6 +162,7 @@ def run_fast(argv: list[str]) -> int | None:
     command, rest = argv[0], argv[1:]
     config: Path | None = None
     recovery_key: Path | None = None
+    repos: list[str] = []
     idle: float | None = None
     positional: list[str] = []
     i = 0
@@ -172,6 +180,10 @@ def run_fast(argv: list[str]) -> int | None:
         if command == "wal-fetch" and arg == "--recovery-key" and i + 1 < len(rest):
             recovery_key, i = Path(rest[i + 1]), i + 2
             continue
+        if command == "wal-fetch" and arg == "--repo" and i + 1 < len(rest):
+            repos.append(rest[i + 1])
+            i += 2
+            continue
         if command == "wal-pusher" and arg == "--idle" and i + 1 < len(rest):
             try:
                 idle = float(rest[i + 1])
@@ -188,7 +200,7 @@ def run_fast(argv: list[str]) -> int | None:
     if command == "wal-push":
         return wal_push(positional[0], config)
     if command == "wal-fetch":
-        return wal_fetch(positional[0], positional[1], config, recovery_key)
+        return wal_fetch(positional[0], positional[1], config, recovery_key, repos or None)
     from drkit.wal.spool import DEFAULT_IDLE
 
     return wal_pusher(config, DEFAULT_IDLE if idle is None else idle)
@@ -220,12 +232,16 @@ def register(app: Any) -> None:
         recovery_key: Path | None = typer.Option(
             None, help="unwrap keys with this escrow recovery key; never contacts Vault"
         ),
+        repo: list[str] | None = typer.Option(
+            None,
+            help="read only this repository (repeat for several, tried in the order given)",
+        ),
     ) -> None:
         """Fetch one archived WAL file (restore_command = 'drkit wal-fetch %f %p').
 
         Exit 0: written; 1: not archived; above 125: a real error (PostgreSQL aborts recovery).
         """
-        raise typer.Exit(wal_fetch(name, dest, config, recovery_key))
+        raise typer.Exit(wal_fetch(name, dest, config, recovery_key, repo or None))
 
     @app.command("wal-pusher", hidden=True)
     def pusher_command(

@@ -190,6 +190,13 @@ class Cluster:
                 ).returncode
             except subprocess.TimeoutExpired:
                 code = None
+            except BaseException:
+                # Interrupted while pg_ctl waited (Ctrl-C, or SIGTERM turned into an exception):
+                # the postmaster may be up already, started by this object, so stop it too.
+                self._pid = self._live_postmaster()
+                with contextlib.suppress(ServerControlError):
+                    self.stop("immediate")
+                raise
             out.seek(0)
             output = out.read().strip()
         self._pid = self._live_postmaster()

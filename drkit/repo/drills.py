@@ -120,6 +120,7 @@ class Exposure(_Record):
     newest_backup_age_seconds: float | None = None
     newest_wal: str | None = None
     newest_wal_age_seconds: float | None = None
+    error: str | None = None  # why the repository could not be read (nothing above is known)
 
 
 class CheckResult(_Record):

@@ -96,11 +96,16 @@ def parse_tablespace_map(values: list[str]) -> dict[str, Path]:
     return mapping
 
 
-def wal_fetch_command(config: Path, recovery_key: Path | None) -> str:
+def wal_fetch_command(
+    config: Path, recovery_key: Path | None, repos: list[str] | None = None
+) -> str:
     """The restore_command a restored cluster uses to fetch WAL from the repositories: this
-    installation's drkit, with the configuration (and escrow key) the restore used."""
+    installation's drkit, with the configuration (and escrow key) the restore used, reading only
+    ``repos`` (in that order) when given."""
     drkit = Path(sys.executable).parent / "drkit"
     command = f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))}"
     if recovery_key is not None:
         command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
+    for name in repos or []:
+        command += f" --repo {shlex.quote(name)}"
     return command + " %f %p"

@@ -25,6 +25,7 @@ from drkit.private_dir import default_lock_path
 from drkit.repo.wal_names import KeyPeriod
 
 if TYPE_CHECKING:
+    from drkit.config.settings import Settings
     from drkit.crypto.base import KeyProvider
     from drkit.repo.wal_objects import RepoLike
     from drkit.storage.base import Storage
@@ -112,14 +113,17 @@ def load_wal_config(
     fast: bool = True,
     recovery_key: Path | None = None,
     one_shot: bool = False,
+    repos: list[str] | None = None,
 ) -> WalConfig:
     """The WAL commands' configuration; with ``recovery_key``, keys come from the escrow
     recovery key (never from Vault), through the full loader. ``one_shot``: the process makes
     one key request and exits (a synchronous wal-push, a wal-fetch), so a Vault session skips
-    the token lookup and renewal that a long-running pusher needs."""
+    the token lookup and renewal that a long-running pusher needs. ``repos``: only these
+    repositories, in this order (wal-fetch --repo: a drill reading only the copies its scenario
+    leaves); the first is then the primary."""
     path = config_file(config)
-    if recovery_key is not None or not fast:
-        return _from_settings(path, recovery_key, one_shot)
+    if recovery_key is not None or not fast or repos:
+        return _from_settings(path, recovery_key, one_shot, repos)
     if not any(k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ):
         try:
             with open(path, "rb") as f:
@@ -129,7 +133,7 @@ def load_wal_config(
         loaded = _from_toml(data, path) if data is not None else None
         if loaded is not None:
             return loaded
-    return _from_settings(path, None, one_shot)
+    return _from_settings(path, None, one_shot, None)
 
 
 class _Unsupported(Exception):
@@ -232,23 +236,43 @@ def _int_in(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def secondary_repositories(path: Path, recovery_key: Path | None = None) -> list[RepoLike]:
-    """The repositories after the primary, in configured order (wal-fetch's fallbacks). Loaded
-    with the full loader: this runs only when the primary cannot serve a file."""
-    from drkit.config.settings import load_settings
+def secondary_repositories(
+    path: Path, recovery_key: Path | None = None, repos: list[str] | None = None
+) -> list[RepoLike]:
+    """The repositories after the primary, in configured order (or in the order of ``repos``,
+    only those): wal-fetch's fallbacks. Loaded with the full loader: this runs only when the
+    primary cannot serve a file."""
     from drkit.repo.open import open_repository
 
-    settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
+    settings = _settings(path, recovery_key, repos)
     return [open_repository(settings, repo.name) for repo in settings.repo[1:]]
 
 
-def _from_settings(path: Path, recovery_key: Path | None, one_shot: bool) -> WalConfig:
+def _settings(path: Path, recovery_key: Path | None, repos: list[str] | None) -> Settings:
+    """The full settings, with only the repositories ``repos`` names (in that order)."""
     from drkit.config.settings import load_settings
+
+    settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
+    if not repos:
+        return settings
+    by_name = {r.name: r for r in settings.repo}
+    unknown = [name for name in repos if name not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"no repository named {', '.join(repr(n) for n in unknown)}",
+            hint=f"configured repositories: {', '.join(by_name)}",
+        )
+    return settings.model_copy(update={"repo": [by_name[name] for name in dict.fromkeys(repos)]})
+
+
+def _from_settings(
+    path: Path, recovery_key: Path | None, one_shot: bool, repos: list[str] | None
+) -> WalConfig:
     from drkit.crypto.providers import open_provider
     from drkit.repo.open import open_storage
     from drkit.repo.repository import Repository
 
-    settings = load_settings(path, {"keys": {"recovery_key": recovery_key}})
+    settings = _settings(path, recovery_key, repos)
     a = settings.archive
     archive = ArchiveConfig(
         a.async_, a.spool_path, a.process_max, a.compress_level, a.key_period, float(a.push_timeout)

@@ -28,6 +28,7 @@ class WalFetchRequest:
     name: str  # the WAL file PostgreSQL asks for (restore_command's %f)
     dest: Path  # where to write it (%p)
     recovery_key: Path | None = None  # unwrap keys with the escrow key (never Vault)
+    repos: list[str] | None = None  # only these repositories, in this order (None: every one)
 
 
 @dataclass
@@ -70,7 +71,9 @@ def fetch_wal(config: WalConfig, request: WalFetchRequest) -> WalFetchResult:
                 return result
         except DrkitError as exc:
             problem = exc
-        for other in secondary_repositories(config.config_path, request.recovery_key):
+        for other in secondary_repositories(
+            config.config_path, request.recovery_key, request.repos
+        ):
             result.searched.append(other.name)
             try:
                 if fetch(other, request.name, request.dest):

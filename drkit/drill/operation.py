@@ -1,0 +1,507 @@
+"""`drkit drill`: prove a backup restores, measure the RTO and RPO, record the result.
+
+A drill runs the path a disaster restore runs, nothing shorter: the restore operation fetches,
+decrypts, decompresses and checks every file from the repositories the scenario leaves, into a
+sandbox; a throwaway PostgreSQL starts on it, fetches WAL with ``drkit wal-fetch`` from those
+same repositories, replays to the target and is promoted; then the checks run. The clock starts
+when the drill starts and stops when the checks are done: that is the achieved RTO, split into
+phases. The achieved RPO is the disaster instant minus the newest commit the copy holds.
+
+Every outcome is a record, written into every repository: PASS, or FAIL with the kind of failure
+(restore failed, a check failed, a target missed) and the reason. Nothing fails with a traceback,
+and the sandbox is removed whatever happens (unless ``keep``): the server is stopped and the
+directory deleted in a ``finally``, and SIGTERM/SIGINT are turned into an exception so that the
+``finally`` runs then too.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from drkit import __version__
+from drkit.config.drill import Checks
+from drkit.config.settings import Settings, config_path
+from drkit.drill.checks import run_checks
+from drkit.drill.plan import (
+    RestorePlan,
+    choose_restore_point,
+    planned_manifest,
+    source_places,
+    spec_from,
+    surviving_settings,
+)
+from drkit.drill.rpo import Recovered, exposure, measure_recovered
+from drkit.drill.sandbox import Sandbox, create_sandbox, interruptible
+from drkit.drill.scenario import RestorePointSpec, Scenario, Survivors
+from drkit.errors import (
+    ConfigError,
+    DrillCheckFailed,
+    DrillRecordNotWritten,
+    DrillRestoreFailed,
+    DrillTargetMissed,
+    DrkitError,
+)
+from drkit.logs import event
+from drkit.pg.cluster import Cluster, find_bindir
+from drkit.progress import Progress
+from drkit.repo.drill_copies import write_drill_record_everywhere
+from drkit.repo.drills import (
+    CheckResult,
+    DrillKind,
+    DrillOutcome,
+    DrillRecord,
+    FailureKind,
+    Objective,
+    Phase,
+    RestorePoint,
+    RpoDetail,
+    new_drill_id,
+)
+from drkit.repo.manifest import Manifest
+from drkit.repo.open import open_repository
+from drkit.restore.operation import RestoreOperation, RestoreResult
+from drkit.restore.request import RestoreRequest, wal_fetch_command
+from drkit.result import OperationResult
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {
+    FailureKind.RESTORE_FAILED: DrillRestoreFailed.exit_code,
+    FailureKind.CHECK_FAILED: DrillCheckFailed.exit_code,
+    FailureKind.TARGET_MISSED: DrillTargetMissed.exit_code,
+}
+_RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
+
+
+@dataclass
+class DrillRequest:
+    """What to drill. Command-line choices (backup, target, random, rto, rpo) win over the
+    scenario's, which win over ``[drill]`` in drkit.toml."""
+
+    scenario: Scenario | None = None
+    backup: str | None = None
+    target_time: str | None = None
+    target_name: str | None = None
+    target_lsn: str | None = None
+    target_xid: str | None = None
+    random: bool = False
+    rto: timedelta | None = None
+    rpo: timedelta | None = None
+    keep: bool = False  # keep the sandbox (the server is stopped all the same)
+    started_by: str = field(default_factory=lambda: f"user:{getpass.getuser()}")
+    config: Path | None = None  # the drkit.toml the sandbox's restore_command reads
+
+
+@dataclass(kw_only=True)
+class DrillResult(OperationResult):
+    """A finished drill, PASS or FAIL. ``exit_code``: 0 on PASS (or the warnings' code), 30
+    restore failed, 31 check failed, 32 target missed. Warnings: RepositoryUnreachable for a
+    repository the record could not be written to. ``phases``: the record's phases."""
+
+    record: DrillRecord
+    sandbox: Path | None = None  # kept for inspection (--keep)
+    written: list[str] = field(default_factory=list)  # repositories holding the record
+
+    @property
+    def exit_code(self) -> int:
+        if self.record.failure is not None:
+            return EXIT_CODES[self.record.failure]
+        return super().exit_code
+
+    def _data(self) -> dict[str, Any]:
+        return {
+            "record": self.record.model_dump(mode="json"),
+            "sandbox": str(self.sandbox) if self.sandbox else None,
+            "written": self.written,
+        }
+
+
+class _Failed(Exception):
+    """Ends the drill's steps early with a FAIL of ``kind``."""
+
+    def __init__(self, kind: FailureKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def run_drill(
+    settings: Settings, request: DrillRequest, progress: Progress | None = None
+) -> DrillResult:
+    return DrillOperation(settings, request, progress).run()
+
+
+class DrillOperation:
+    def __init__(
+        self, settings: Settings, request: DrillRequest, progress: Progress | None = None
+    ) -> None:
+        self.settings = settings
+        self.request = request
+        self.progress = progress
+        scenario = request.scenario
+        self.survivors = scenario.survivors if scenario else Survivors()
+        self.checks: Checks = (scenario.checks if scenario else None) or settings.drill.checks
+        targets = scenario.targets if scenario else None
+        self.rto_target = request.rto or (targets.rto if targets else None) or settings.drill.rto
+        self.rpo_target = request.rpo or (targets.rpo if targets else None) or settings.drill.rpo
+        # filled in by the steps
+        self.phases: list[Phase] = []
+        self.plan: RestorePlan | None = None
+        self.manifest: Manifest | None = None
+        self.allowed: Settings | None = None
+        self.sandbox: Sandbox | None = None
+        self.cluster: Cluster | None = None
+        self.restored: RestoreResult | None = None
+        self.recovered: Recovered | None = None
+        self.check_results: list[CheckResult] = []
+        self.pg_version: str | None = None
+        self.segments = 0
+
+    def run(self) -> DrillResult:
+        started_at = datetime.now(UTC)
+        drill_id = new_drill_id(started_at)
+        disaster = (
+            self.request.scenario.disaster_time if self.request.scenario else None
+        ) or started_at
+        clock = time.monotonic()
+        failure: _Failed | None = None
+        rto_seconds: float | None = None
+        event(log, f"drill {drill_id} started", drill=drill_id)
+        with interruptible():
+            try:
+                try:
+                    # Plan: the surviving repositories, the restore point and its backup
+                    with self._phase("plan"):
+                        self._plan()
+
+                    # Sandbox: a fresh private directory outside the source, with room enough
+                    self._make_sandbox(drill_id)
+
+                    # Restore: the real restore operation, into the sandbox
+                    with self._phase("restore"):
+                        self._restore()
+
+                    # Start the copy: replay WAL from the surviving repositories, promote
+                    with self._phase("wal-replay+start"):
+                        self._start()
+
+                    # Checks: the recovered point, then every configured check
+                    with self._phase("checks"):
+                        self._measure_rpo(disaster)
+                        self.check_results = run_checks(
+                            self._running(),
+                            self.checks,
+                            heartbeat_at=self.recovered.heartbeat_at if self.recovered else None,
+                            disaster_time=disaster,
+                            rpo_target=self.rpo_target,
+                        )
+                    rto_seconds = time.monotonic() - clock
+                except _Failed as exc:
+                    failure = exc
+            finally:
+                # Teardown: stop the server, remove the sandbox (not part of the RTO)
+                with self._phase("teardown"):
+                    self._teardown()
+
+        # Judge against the targets, then record the drill in every repository
+        record = self._record(drill_id, started_at, disaster, rto_seconds, failure)
+        result = DrillResult(
+            record=record,
+            sandbox=self.sandbox.root if self.sandbox and self.request.keep else None,
+            phases={p.name: p.seconds for p in self.phases},
+        )
+        try:
+            copies = write_drill_record_everywhere(self.settings, record)
+            result.written, result.warnings = copies.written, copies.warnings
+        except DrkitError as exc:  # no data key to seal it with: no repository can have it
+            result.warnings.append(
+                DrillRecordNotWritten(f"drill record '{drill_id}' was not written: {exc.message}")
+            )
+        event(
+            log,
+            f"drill {drill_id} ended: {record.outcome}",
+            drill=drill_id,
+            outcome=str(record.outcome),
+            failure=str(record.failure) if record.failure else None,
+        )
+        return result
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        try:
+            self.allowed = surviving_settings(self.settings, self.survivors)
+            spec, origin = self._spec()
+            repo = open_repository(self.allowed, self.allowed.repo[0].name)
+            repo.check()
+            self.plan = choose_restore_point(repo, spec, origin)
+            self.manifest = planned_manifest(repo, self.plan)
+        except ConfigError:
+            raise  # a bad request or scenario: an error to fix, not a drill that failed
+        except DrkitError as exc:
+            raise _Failed(FailureKind.RESTORE_FAILED, f"plan: {exc.message}") from None
+
+    def _spec(self) -> tuple[RestorePointSpec, str]:
+        r = self.request
+        try:
+            given = spec_from(
+                backup=r.backup,
+                time=r.target_time,
+                name=r.target_name,
+                lsn=r.target_lsn,
+                xid=r.target_xid,
+                random_point=r.random,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid restore point: {_first_error(exc)}") from None
+        if given is not None:
+            return given, "requested"
+        if r.scenario is not None:
+            return r.scenario.restore, f"scenario '{r.scenario.name}'"
+        return RestorePointSpec(), "default"
+
+    def _make_sandbox(self, drill_id: str) -> None:
+        assert self.manifest is not None
+        manifest = self.manifest
+        forbidden = source_places(self.settings)
+        forbidden += [Path(ts.location) for ts in manifest.tablespaces if ts.location]
+        # The restored files, and WAL: the backup's own plus room for a few segments in flight
+        needed = manifest.stats.size + 8 * manifest.wal_segment_size
+        try:
+            self.sandbox = create_sandbox(
+                self.settings.drill.sandbox,
+                f"drill-{drill_id}",
+                forbidden=forbidden,
+                needed_bytes=needed,
+                server_user=manifest.owner or None,
+            )
+        except (DrkitError, OSError) as exc:
+            raise _Failed(FailureKind.RESTORE_FAILED, f"sandbox: {_message(exc)}") from None
+
+    def _restore(self) -> None:
+        assert self.plan is not None and self.sandbox is not None and self.allowed is not None
+        assert self.manifest is not None
+        sandbox, allowed = self.sandbox, self.allowed
+        request = RestoreRequest(
+            pgdata=sandbox.pgdata,
+            backup=self.plan.backup,
+            repo=allowed.repo[0].name,
+            tablespace_map={
+                str(ts.oid): sandbox.tablespace(ts.oid) for ts in self.manifest.tablespaces
+            },
+            target=self.plan.target,
+            config=self.request.config,
+            restore_command=wal_fetch_command(
+                config_path(self.request.config),
+                allowed.keys.recovery_key,
+                repos=[r.name for r in allowed.repo],
+            ),
+            archive_mode="off",
+        )
+        try:
+            self.restored = RestoreOperation(allowed, request, self.progress).run()
+        except DrkitError as exc:
+            raise _Failed(FailureKind.RESTORE_FAILED, f"restore: {exc.message}") from None
+
+    def _start(self) -> None:
+        assert self.sandbox is not None and self.manifest is not None
+        sandbox = self.sandbox
+        timeout = self.settings.drill.timeout.total_seconds()
+        try:
+            sandbox.prepare_server_files()
+            self.cluster = Cluster(
+                pgdata=sandbox.pgdata,
+                bindir=find_bindir(self.manifest.pg_major, self.settings.postgres.bindir),
+                socket_dir=sandbox.socket_dir,
+                log_file=sandbox.log_file,
+                settings=sandbox.server_settings(),
+                listen_addresses="",
+                dbuser=self.settings.postgres.user,
+            )
+            started = time.monotonic()
+            self.cluster.start(timeout=timeout)
+            self.cluster.wait_promoted(timeout=max(1.0, timeout - (time.monotonic() - started)))
+        except (DrkitError, OSError) as exc:
+            reason = _first_line(_message(exc))
+            said = _server_said(sandbox.log_file)
+            raise _Failed(
+                FailureKind.RESTORE_FAILED, f"start: {reason}" + (f": {said}" if said else "")
+            ) from None
+        finally:
+            self.segments = _segments_restored(sandbox.log_file)
+
+    def _measure_rpo(self, disaster: datetime) -> None:
+        assert self.manifest is not None
+        cluster = self._running()
+        try:
+            self.recovered = measure_recovered(
+                cluster, self.settings, disaster, self.manifest.stop_time
+            )
+            with cluster.connect() as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+                self.pg_version = str(row[0]) if row else None
+        except psycopg.Error as exc:
+            raise _Failed(
+                FailureKind.CHECK_FAILED, f"the restored copy cannot be queried: {exc}"
+            ) from None
+
+    def _teardown(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.stop("fast" if self.request.keep else "immediate")
+            except DrkitError as exc:
+                log.error("drill: the sandbox server did not stop: %s", exc.message)
+        if self.sandbox is not None and not self.request.keep:
+            self.sandbox.remove()
+
+    # -- judging and recording ---------------------------------------------------------------
+
+    def _record(
+        self,
+        drill_id: str,
+        started_at: datetime,
+        disaster: datetime,
+        rto_seconds: float | None,
+        failure: _Failed | None,
+    ) -> DrillRecord:
+        rto = _objective(self.rto_target, rto_seconds)
+        rpo_seconds = None
+        detail = self.recovered.detail if self.recovered else RpoDetail(disaster_time=disaster)
+        if detail.recovered_time is not None:
+            rpo_seconds = max(0.0, (disaster - detail.recovered_time).total_seconds())
+        rpo = _objective(self.rpo_target, rpo_seconds)
+        if failure is None:
+            failed = [c for c in self.check_results if not c.ok]
+            missed = [
+                f"{name} {_seconds(o.achieved_seconds)} > target {_seconds(o.target_seconds)}"
+                for name, o in (("RTO", rto), ("RPO", rpo))
+                if o.met is False
+            ]
+            if failed:
+                failure = _Failed(
+                    FailureKind.CHECK_FAILED,
+                    "; ".join(f"check '{c.name}' failed: {c.detail}" for c in failed),
+                )
+            elif missed:
+                failure = _Failed(FailureKind.TARGET_MISSED, "; ".join(missed))
+        scenario = self.request.scenario
+        plan, manifest = self.plan, self.manifest
+        return DrillRecord(
+            id=drill_id,
+            kind=scenario.kind if scenario else DrillKind.RESTORE_TEST,
+            scenario=scenario.name if scenario else None,
+            scenario_digest=scenario.digest or None if scenario else None,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            started_by=self.request.started_by,
+            host=socket.gethostname(),
+            drkit_version=__version__,
+            pg_version=self.pg_version,
+            system_identifier=int(manifest.system_identifier) if manifest else None,
+            repository=self.restored.repo if self.restored else None,
+            repositories_allowed=[r.name for r in self.allowed.repo] if self.allowed else [],
+            restore_point=RestorePoint(
+                backup=self.restored.label
+                if self.restored
+                else (manifest.label if manifest else "-"),
+                target_kind=plan.target.kind.value,
+                target_value=plan.target.value,
+                reason=plan.reason,
+            )
+            if plan
+            else None,
+            phases=self.phases,
+            rto=rto,
+            rpo=rpo,
+            rpo_detail=detail,
+            exposure=exposure(self.settings, datetime.now(UTC)),
+            checks=self.check_results,
+            restored_bytes=self.restored.size if self.restored else 0,
+            wal_segments=self.segments,
+            outcome=DrillOutcome.FAIL if failure else DrillOutcome.PASS,
+            failure=failure.kind if failure else None,
+            reason=failure.reason if failure else "",
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            detail = ""
+            if name == "restore" and self.restored is not None:
+                detail = ", ".join(f"{k} {v:.1f}s" for k, v in self.restored.phases.items())
+            elif name == "wal-replay+start":
+                detail = f"{self.segments} WAL segments fetched from the archive"
+            self.phases.append(Phase(name=name, seconds=time.monotonic() - started, detail=detail))
+
+    def _running(self) -> Cluster:
+        assert self.cluster is not None
+        return self.cluster
+
+
+def _objective(target: timedelta | None, achieved: float | None) -> Objective:
+    target_seconds = target.total_seconds() if target is not None else None
+    met = None
+    if target_seconds is not None and achieved is not None:
+        met = achieved <= target_seconds
+    return Objective(target_seconds=target_seconds, achieved_seconds=achieved, met=met)
+
+
+def _segments_restored(log_file: Path) -> int:
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return 0
+    return len(set(_RESTORED_SEGMENT.findall(text)))
+
+
+def _server_said(log_file: Path) -> str:
+    """The server's last FATAL or PANIC message (why it stopped), or ''."""
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        for level in ("PANIC:", "FATAL:"):
+            if level in line:
+                return line[line.index(level) :].strip()
+    return ""
+
+
+def _seconds(value: float | None) -> str:
+    from drkit.config.durations import format_duration
+
+    return "-" if value is None else format_duration(value)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, DrkitError):
+        return exc.message
+    return str(exc)
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else text
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", e)) for e in errors())
+    return str(exc)

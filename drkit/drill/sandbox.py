@@ -1,0 +1,208 @@
+"""The drill's sandbox: a fresh private directory the restored copy lives and dies in.
+
+Everything a drill writes goes under one directory, ``<[drill] sandbox>/drill-<id>`` (mode 0700,
+owned by the user the restored server runs as): the data directory, every tablespace (mapped
+into the sandbox, never to the locations the backup records, which are production's), the unix
+socket, the server log and the access rules. Removing that directory undoes the drill.
+
+The sandbox is refused inside the source's data directory or any of its tablespaces (a drill
+must never write where production lives) and on a file system without room for the restored
+size plus the WAL to replay. The throwaway server gets settings that keep it from reaching
+anything: no TCP (``listen_addresses = ''``), a socket only in the sandbox, trust only on that
+socket, no archiving, no replication connection, no logical replication workers, no synchronous
+standby to wait for. They are ``-c`` options, which outrank the restored configuration files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from drkit.errors import DrillRestoreFailed
+
+# Head room on top of the estimate: PostgreSQL's own files at start-up, the log, a checkpoint.
+_SPARE_BYTES = 256 * 1024 * 1024
+_HBA = "# drkit drill sandbox: only this socket, no TCP\nlocal all all trust\n"
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT during a drill: a BaseException so that no error handling swallows it
+    and every ``finally`` (stop the server, remove the sandbox) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signal = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into ``Interrupted`` for the duration (main thread only; elsewhere
+    the handlers stay as they are)."""
+    try:
+        previous = {
+            signum: signal.signal(signum, _raise_interrupted)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+    except ValueError:  # not the main thread: the caller's handlers stay in charge
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """One drill's directory and the paths in it."""
+
+    root: Path
+    uid: int
+    gid: int
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "pgdata"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "server.log"
+
+    @property
+    def hba_file(self) -> Path:
+        return self.root / "pg_hba.conf"
+
+    def tablespace(self, oid: int) -> Path:
+        return self.root / "tablespaces" / str(oid)
+
+    def server_settings(self) -> dict[str, object]:
+        """The throwaway server's ``-c`` settings (port and socket directory come separately)."""
+        return {
+            "listen_addresses": "",
+            "hba_file": str(self.hba_file),
+            "archive_mode": "off",
+            "primary_conninfo": "",
+            "primary_slot_name": "",
+            "synchronous_standby_names": "",
+            "max_logical_replication_workers": 0,
+            "hot_standby": "on",
+        }
+
+    def prepare_server_files(self) -> None:
+        """The access rules, and an empty postgresql.conf when the backup has none (Debian keeps
+        it in /etc): the settings that matter are passed on the command line."""
+        _write_owned(self.hba_file, _HBA, self.uid, self.gid)
+        conf = self.pgdata / "postgresql.conf"
+        if self.pgdata.is_dir() and not conf.exists():
+            _write_owned(
+                conf,
+                "# drkit drill: the source kept its configuration elsewhere\n",
+                self.uid,
+                self.gid,
+            )
+
+    def remove(self) -> None:
+        """Delete the sandbox and everything in it (links are removed, never followed)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            shutil.rmtree(self.root)  # a second try that says why it fails
+
+
+def create_sandbox(
+    parent: Path, name: str, *, forbidden: list[Path], needed_bytes: int, server_user: str | None
+) -> Sandbox:
+    """Make ``parent/name`` (0700, owned by the server user) after checking that it is not
+    inside any of ``forbidden`` (the source's data directory and tablespaces) and that the file
+    system has room for ``needed_bytes``. Raises DrillRestoreFailed saying why not."""
+    parent = parent.absolute()
+    resolved = _resolve_existing(parent)
+    for place in forbidden:
+        place_resolved = _resolve_existing(place.absolute())
+        if resolved == place_resolved or place_resolved in resolved.parents:
+            raise DrillRestoreFailed(
+                f"refusing the drill sandbox '{parent}': it is inside '{place}', which belongs"
+                " to the source cluster",
+                hint="set [drill] sandbox to a directory outside PGDATA and its tablespaces",
+            )
+    try:
+        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DrillRestoreFailed(
+            f"cannot create the drill sandbox directory '{parent}': {exc.strerror}",
+            hint="set [drill] sandbox to a directory drkit may create",
+        ) from None
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes + _SPARE_BYTES:
+        raise DrillRestoreFailed(
+            f"not enough space for the drill sandbox in '{parent}': the restored copy needs"
+            f" about {_mib(needed_bytes + _SPARE_BYTES)} MiB, {_mib(free)} MiB are free",
+            hint="free space there or set [drill] sandbox to a larger file system",
+        )
+    uid, gid = _owner(parent, server_user)
+    root = parent / name
+    root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
+    if os.geteuid() == 0:
+        os.chown(root, uid, gid)
+    return Sandbox(root, uid, gid)
+
+
+def _owner(parent: Path, server_user: str | None) -> tuple[int, int]:
+    """Who the restored server runs as: the caller, or when that is root, the source's owner
+    (``server_user``), else the owner of the sandbox's parent, else 'postgres'."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    for name in (server_user, _name(parent.stat().st_uid), "postgres"):
+        if name and name != "root":
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(name)
+                return entry.pw_uid, entry.pw_gid
+    raise DrillRestoreFailed(
+        "no user to run the drill's PostgreSQL as: PostgreSQL does not run as root",
+        hint="give [drill] sandbox's directory to the user PostgreSQL runs as",
+    )
+
+
+def _name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _resolve_existing(path: Path) -> Path:
+    """``path`` with every link of its existing part resolved (the rest appended as given)."""
+    existing, rest = path, []
+    while not existing.exists() and existing != existing.parent:
+        rest.append(existing.name)
+        existing = existing.parent
+    return existing.resolve().joinpath(*reversed(rest))
+
+
+def _write_owned(path: Path, text: str, uid: int, gid: int) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    with open(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+        if os.geteuid() == 0:
+            os.fchown(out.fileno(), uid, gid)
+
+
+def _mib(size: int) -> int:
+    return size // (1024 * 1024)

@@ -1,0 +1,327 @@
+"""Restore drills against real PostgreSQL: PASS and every kind of FAIL, RPO against the truth,
+the sandbox's safety and its teardown (also on SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.drkit import Drkit
+from rig.postgres import PgCluster, attach_cluster, chown_to_server_user, database_checksums
+
+from drkit.config.settings import load_settings
+from drkit.repo.drills import DrillRecord
+from drkit.repo.open import open_repository
+
+
+def drill_setup(
+    pg: PgCluster, workdir: Path, extra_repos: list[dict[str, Any]] | None = None, **drill: Any
+) -> Drkit:
+    """A cluster archiving into a repository, a full backup, rows after it, all archived."""
+    dk = Drkit(pg, workdir, extra_repos=extra_repos or [])
+    dk.ok("init")
+    sections = {"drill": {"sandbox": workdir / "sandboxes", **drill}}
+    enable_archiving(pg, dk, sections=sections)
+    pg.psql(
+        "CREATE TABLE orders (id int PRIMARY KEY, note text);"
+        " INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 2000) g"
+    )
+    dk.ok("backup")
+    pg.psql("INSERT INTO orders SELECT g, 'after' FROM generate_series(2001, 2500) g")
+    wait_archived(pg, switch_wal(pg))
+    return dk
+
+
+def run_drill(dk: Drkit, *args: str) -> tuple[int, dict[str, Any], str]:
+    result = dk.run("drill", "--json", *args)
+    assert result.stdout.startswith("{"), result.output
+    return result.exit_code, json.loads(result.stdout), result.stderr
+
+
+def records(dk: Drkit) -> list[DrillRecord]:
+    repo = open_repository(load_settings(dk.config))
+    return [e.record for e in repo.drill_records() if e.record is not None]
+
+
+def postgres_under(root: Path) -> list[int]:
+    """Pids of processes whose working directory is under ``root`` (a postmaster's is its
+    data directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root)):
+                found.append(int(entry.name))
+    return found
+
+
+def assert_cleaned_up(workdir: Path) -> None:
+    sandboxes = workdir / "sandboxes"
+    assert not sandboxes.exists() or not any(sandboxes.iterdir()), list(sandboxes.iterdir())
+    left = postgres_under(sandboxes)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+def write_scenario(workdir: Path, text: str) -> Path:
+    path = workdir / "scenario.toml"
+    path.write_text(text)
+    return path
+
+
+def test_drill_passes_and_restores_exactly_the_source(pg: PgCluster, workdir: Path) -> None:
+    dk = drill_setup(pg, workdir)
+    source = database_checksums(pg)
+
+    code, out, _ = run_drill(dk, "--keep")
+
+    record = out["record"]
+    assert code == 0, record
+    assert record["outcome"] == "PASS" and record["failure"] is None
+    assert record["restore_point"]["target_kind"] == "latest"
+    assert "newest backup" in record["restore_point"]["reason"]
+    assert record["repository"] == "local" and out["written"] == ["local"]
+    assert [p["name"] for p in record["phases"]] == [
+        "plan",
+        "restore",
+        "wal-replay+start",
+        "checks",
+        "teardown",
+    ]
+    assert record["wal_segments"] >= 1
+    assert record["pg_version"].startswith(str(pg.version))
+    rto = sum(p["seconds"] for p in record["phases"] if p["name"] != "teardown")
+    assert abs(record["rto"]["achieved_seconds"] - rto) < 0.5
+    assert record["rto"]["met"] and record["rpo"]["met"]
+    assert record["rpo_detail"]["source_lsn"] is not None
+    assert {c["name"]: c["ok"] for c in record["checks"]} == {"amcheck": True}
+    assert "intact" in record["checks"][0]["detail"]
+
+    # The kept copy holds exactly the source's rows, table by table
+    sandbox = Path(out["sandbox"])
+    assert sandbox.stat().st_mode & 0o777 == 0o700
+    assert postgres_under(sandbox) == []
+    copy = attach_cluster(sandbox / "pgdata", pg.version, workdir)
+    copy.start()
+    assert database_checksums(copy) == source
+    copy.stop()
+
+    listed = json.loads(dk.ok("drill", "list", "--json").stdout)["drills"]
+    assert [(d["id"], d["record"]["outcome"], d["repositories"]) for d in listed] == [
+        (record["id"], "PASS", ["local"])
+    ]
+    assert listed[0]["record"] == record
+
+
+def test_text_output_names_the_point_phases_targets_and_checks(
+    pg_factory: Any, workdir: Path
+) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    result = dk.run("drill", "--rpo", "2h")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for expected in (
+        "restore point: backup ",
+        "why: the newest backup and every archived WAL segment after it (default)",
+        "wal-replay+start",
+        "(not part of the RTO)",
+        "(target 4h): met",
+        "(target 2h): met",
+        "ok   amcheck",
+        "record written to: local",
+    ):
+        assert expected in out, out
+    assert out.rstrip().endswith("PASS")
+    assert_cleaned_up(workdir)
+
+
+def test_rto_target_missed_fails_with_32(pg_factory: Any, workdir: Path) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    code, out, _ = run_drill(dk, "--rto", "1s")
+    record = out["record"]
+    assert code == 32
+    assert record["outcome"] == "FAIL" and record["failure"] == "target-missed"
+    assert record["reason"].startswith("RTO ") and "> target 1.0s" in record["reason"]
+    assert record["rto"]["met"] is False and record["rpo"]["met"] is True
+    assert [r.failure for r in records(dk)] == ["target-missed"]
+    assert_cleaned_up(workdir)
+
+
+def test_failing_sql_check_fails_with_31(pg_factory: Any, workdir: Path) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    scenario = write_scenario(
+        workdir,
+        """
+name = "orders-check"
+[checks]
+amcheck = false
+readable = true
+[[checks.sql]]
+name = "all orders"
+query = "SELECT count(*) FROM orders"
+expect = "2500"
+[[checks.sql]]
+name = "too many orders"
+query = "SELECT count(*) FROM orders"
+max = 100
+""",
+    )
+    code, out, _ = run_drill(dk, "--scenario", str(scenario))
+    record = out["record"]
+    assert code == 31, record
+    assert record["failure"] == "check-failed" and record["scenario"] == "orders-check"
+    checks = {c["name"]: c for c in record["checks"]}
+    assert checks["all orders"]["ok"] and checks["all orders"]["detail"] == "got '2500'"
+    assert not checks["too many orders"]["ok"]
+    assert checks["too many orders"]["detail"] == "got '2500': above the maximum 100"
+    assert checks["readable"]["ok"] and "tables read" in checks["readable"]["detail"]
+    assert record["reason"] == ("check 'too many orders' failed: got '2500': above the maximum 100")
+    assert_cleaned_up(workdir)
+
+
+def test_damaged_object_fails_with_30(pg_factory: Any, workdir: Path) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    data = sorted((dk.repo_path / "backup").rglob("data/*"), key=lambda p: p.stat().st_size)
+    victim = data[-1]
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    victim.write_bytes(bytes(blob))
+
+    code, out, _ = run_drill(dk)
+    record = out["record"]
+    assert code == 30
+    assert record["failure"] == "restore-failed"
+    assert record["reason"].startswith("restore: ")
+    assert "damaged" in record["reason"] or "authentication" in record["reason"]
+    assert record["checks"] == [] and record["rto"]["achieved_seconds"] is None
+    assert [r.failure for r in records(dk)] == ["restore-failed"]
+    assert_cleaned_up(workdir)
+
+
+def test_missing_wal_segment_fails_with_30(pg_factory: Any, workdir: Path) -> None:
+    pg = pg_factory(15)
+    dk = drill_setup(pg, workdir)
+    names = [switch_wal(pg) for _ in range(3)]
+    wait_archived(pg, names[-1])
+    (dk.repo_path / "wal" / names[1][:8] / names[1]).unlink()
+
+    code, out, _ = run_drill(dk)
+    assert code == 30
+    assert f"WAL segment '{names[1]}' is missing from the archive" in out["record"]["reason"]
+    assert_cleaned_up(workdir)
+
+
+def test_sandbox_inside_pgdata_is_refused(pg_factory: Any, workdir: Path) -> None:
+    pg = pg_factory(15)
+    dk = drill_setup(pg, workdir, sandbox=pg.pgdata / "drills")
+    code, out, _ = run_drill(dk)
+    assert code == 30
+    assert out["record"]["reason"] == (
+        f"sandbox: refusing the drill sandbox '{pg.pgdata / 'drills'}': it is inside"
+        f" '{pg.pgdata}', which belongs to the source cluster"
+    )
+    assert not (pg.pgdata / "drills").exists()
+
+
+def test_sigterm_stops_the_server_and_removes_the_sandbox(pg_factory: Any, workdir: Path) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    scenario = write_scenario(
+        workdir,
+        """
+name = "slow"
+[checks]
+amcheck = false
+[[checks.sql]]
+name = "slow"
+query = "SELECT pg_sleep(60)"
+""",
+    )
+    proc = dk.spawn("drill", "--scenario", str(scenario))
+    try:
+        sandboxes = workdir / "sandboxes"
+        deadline = time.monotonic() + 60
+        while not any(
+            (p / "pgdata" / "postmaster.pid").exists() for p in sandboxes.glob("drill-*")
+        ) or not postgres_under(sandboxes):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the drill's server never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "drill interrupted by SIGTERM" in stderr
+    assert_cleaned_up(workdir)
+
+
+def test_rpo_is_the_time_since_the_last_archived_commit(pg_factory: Any, workdir: Path) -> None:
+    pg = pg_factory(15)
+    dk = drill_setup(pg, workdir)
+    dk.ok("heartbeat", "--once")
+    last_archived = float(pg.psql("SELECT extract(epoch FROM at) FROM drkit_heartbeat"))
+    wait_archived(pg, switch_wal(pg))
+
+    # Archiving stops: what is written from now on would be lost
+    pg.set_conf({"archive_command": "false"})
+    pg.reload()
+    pg.psql("INSERT INTO orders SELECT g, 'lost' FROM generate_series(3001, 3100) g")
+    dk.ok("heartbeat", "--once")
+
+    code, out, _ = run_drill(dk)
+    record = out["record"]
+    assert code == 0, record
+    started = datetime.fromisoformat(record["started_at"]).timestamp()
+    truth = started - last_archived
+    assert abs(record["rpo"]["achieved_seconds"] - truth) <= 2, (record["rpo"], truth)
+    detail = record["rpo_detail"]
+    assert detail["method"] == "heartbeat"
+    recovered = datetime.fromisoformat(detail["recovered_time"]).timestamp()
+    assert abs(recovered - last_archived) < 1
+    assert detail["lost_bytes"] > 0 and detail["source_lsn"] != detail["recovered_lsn"]
+    assert {c["name"]: c["ok"] for c in record["checks"]} == {"amcheck": True, "heartbeat": True}
+    exposure = {e["repo"]: e for e in record["exposure"]}
+    assert exposure["local"]["newest_wal"] is not None
+
+
+def test_site_loss_restores_from_the_offsite_copy_alone(pg_factory: Any, workdir: Path) -> None:
+    offsite = workdir / "offsite"
+    dk = drill_setup(
+        pg_factory(15),
+        workdir,
+        extra_repos=[{"name": "offsite", "path": offsite, "offsite": True}],
+    )
+    dk.ok("replicate")
+    chown_to_server_user(offsite, recursive=True)  # wal-fetch runs as the server user
+    shutil.rmtree(dk.repo_path)  # the site is lost
+    scenario = write_scenario(workdir, 'name = "site-loss"\n[survivors]\noffsite_only = true\n')
+
+    code, out, stderr = run_drill(dk, "--scenario", str(scenario))
+
+    record = out["record"]
+    assert record["outcome"] == "PASS", record
+    assert record["repository"] == "offsite" and record["repositories_allowed"] == ["offsite"]
+    assert record["wal_segments"] >= 1
+    assert out["written"] == ["offsite"]
+    assert "was not written to repository 'local'" in stderr
+    assert code == 1  # the record is missing from one repository: a warning
+    assert_cleaned_up(workdir)
+
+
+def test_scenario_naming_an_unknown_repository_is_an_error(pg_factory: Any, workdir: Path) -> None:
+    dk = drill_setup(pg_factory(15), workdir)
+    scenario = write_scenario(workdir, 'name = "x"\n[survivors]\nrepos = ["nope"]\n')
+    result = dk.run("drill", "--scenario", str(scenario))
+    assert result.exit_code == 3, result.output
+    assert "the scenario names repositories that are not configured: nope" in result.stderr
+    assert records(dk) == []
