@@ -5,6 +5,7 @@ other and with drkit's configuration, and the image's build steps pass hadolint.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,26 @@ def test_the_configmap_holds_a_valid_drkit_configuration(tmp_path: Path) -> None
     assert settings.keys.provider == "vault-transit"
     assert settings.keys.vault is not None and settings.keys.vault.auth == "kubernetes"
     assert [r.type for r in settings.repo] == ["s3", "s3"]
+    # The sidecar schedules what writes to the repositories; the CronJobs do the rest.
+    scheduled = set(tomllib.loads(config_in_the_configmap(tmp_path).read_text())["schedule"])
+    assert scheduled - {"timezone"} == {"full", "diff", "incr", "replicate", "prune", "heartbeat"}
+    cronjobs = {c["metadata"]["name"] for c in by_kind(render_kustomization(), "CronJob")}
+    assert not {f"drkit-{job}" for job in scheduled} & cronjobs
+
+
+def test_schedule_list_reads_the_configmaps_schedule(tmp_path: Path) -> None:
+    """`drkit schedule --list` with the ConfigMap's configuration: every job has a next run."""
+    result = subprocess.run(
+        [str(BIN / "drkit"), "schedule", "--list", "--json", "--config",
+         str(config_in_the_configmap(tmp_path))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = {job["job"]: job["next_run"] for job in json.loads(result.stdout)}
+    assert set(jobs) == {"full", "diff", "incr", "replicate", "prune", "heartbeat"}
+    assert all(jobs.values())
 
 
 def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -160,6 +181,10 @@ def test_the_sidecar_and_the_cronjobs_see_the_paths_the_configuration_names(
     pods = {c["name"]: c for c in containers(statefulset)}
     drkit, postgres = pods["drkit"], pods["postgres"]
     assert drkit["args"][:1] == ["schedule"]
+    port = int(config["metrics"]["listen"].rpartition(":")[2])
+    assert [p["containerPort"] for p in drkit["ports"]] == [port]
+    assert drkit["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert "readinessProbe" not in drkit  # a late backup must not take the database offline
     data = mounts(drkit)["/var/lib/postgresql/data"]
     assert data["readOnly"] is True and config["postgres"]["pgdata"].startswith(data["mountPath"])
     assert {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"] == config["postgres"][
