@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -22,6 +22,10 @@ from drkit.cli.common import (
 )
 from drkit.pg.recovery import TargetAction
 
+if TYPE_CHECKING:
+    from drkit.config.settings import Settings
+    from drkit.restore.request import RestoreRequest
+
 
 class ArchiveMode(StrEnum):
     OFF = "off"
@@ -30,7 +34,17 @@ class ArchiveMode(StrEnum):
 
 @handle_errors
 def command(
-    pgdata: Annotated[Path, typer.Option(help="empty directory to restore into")],
+    pgdata: Annotated[
+        Path | None, typer.Option(help="empty directory to restore into", show_default=False)
+    ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="write nothing: print the chain, the WAL range, the bytes to fetch and the"
+            " expected duration (from past drills)",
+        ),
+    ] = False,
     config: ConfigOption = None,
     backup: Annotated[str | None, typer.Option(help="backup label, or 'latest'")] = None,
     repo: Annotated[str | None, typer.Option(help="repository to restore from")] = None,
@@ -91,11 +105,13 @@ def command(
     from drkit.restore.operation import restore_backup
     from drkit.restore.request import RestoreRequest, parse_tablespace_map, recovery_target
 
+    if pgdata is None and not plan:
+        raise typer.BadParameter("give --pgdata DIR (or --plan to only plan the restore)")
     settings = settings_from(
         config, {"backup": {"process_max": process_max}, "keys": {"recovery_key": recovery_key}}
     )
     request = RestoreRequest(
-        pgdata=pgdata,
+        pgdata=pgdata or Path(),
         backup=backup,
         repo=repo,
         tablespace_map=parse_tablespace_map(tablespace_map or []),
@@ -114,6 +130,8 @@ def command(
         tablespace_map_all=tablespace_map_all,
         archive_mode=archive_mode.value,
     )
+    if plan:
+        _render_plan(settings, request, json_)
     result = restore_backup(settings, request, progress())
     warn_all(result.warnings)
     if json_:
@@ -139,3 +157,54 @@ def command(
     stdout.print("next: start the restored cluster (it replays the backup's WAL, then opens):")
     stdout.print(f"  {result.start_command}", markup=False)
     raise typer.Exit(result.exit_code)
+
+
+def _render_plan(settings: Settings, request: RestoreRequest, json_: bool) -> NoReturn:
+    from drkit.config.durations import format_duration
+    from drkit.restore.plan import plan_restore
+
+    plan = plan_restore(settings, request)
+    warn_all(plan.warnings)
+    if json_:
+        print_json(plan.as_dict())
+        raise typer.Exit(plan.exit_code)
+    say = stdout.print
+    say(f"restore plan: backup {plan.label} from '{plan.repo}' (nothing written)", markup=False)
+    say(f"  chain: {' -> '.join(plan.chain)}", markup=False)
+    if plan.target is not None:
+        say(f"  target: {plan.target.kind} {plan.target.value}".rstrip(), markup=False)
+    wal = plan.wal
+    source = (
+        f"{wal.fetched} segments fetched from the archive"
+        + (" at most (the target may be reached sooner)" if wal.upper_bound else "")
+        if wal.fetched
+        else "stored with the backup, nothing from the archive"
+    )
+    say(f"  WAL: {wal.first} .. {wal.last} ({source})", markup=False)
+    say(
+        f"  fetch: {human_size(plan.fetch_bytes)} ({plan.fetch_bytes} bytes stored);"
+        f" write: {human_size(plan.restore_bytes)} in {plan.files} files",
+        markup=False,
+    )
+    prediction = plan.prediction
+    if prediction is None:
+        say(
+            "  expected duration: unknown, no drill has restored a copy yet (run 'drkit drill')",
+            markup=False,
+        )
+    else:
+        rates = prediction.rates
+        where = f" from '{rates.repository}'" if rates.repository else ""
+        say(
+            f"  expected duration: {format_duration(prediction.seconds)} (restore"
+            f" {format_duration(prediction.restore_seconds)}, start and WAL replay"
+            f" {format_duration(prediction.replay_seconds)}), based on {rates.drills}"
+            f" drill{'s' if rates.drills != 1 else ''}{where}:"
+            f" {human_size(rates.bytes_per_second)}/s,"
+            f" {rates.start_seconds:.2f}s start + {rates.seconds_per_segment:.2f}s per WAL"
+            " segment",
+            markup=False,
+        )
+    if plan.unreadable_drills:
+        say(f"  {plan.unreadable_drills} drill records fail authentication: not used", markup=False)
+    raise typer.Exit(plan.exit_code)

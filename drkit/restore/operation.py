@@ -116,8 +116,7 @@ class RestoreOperation:
                     f"invalid archive mode '{self.request.archive_mode}'",
                     hint="'off' or 'preserve'",
                 )
-            repos = self._repositories()
-            repo, chain = self._load_chain(repos, warnings)
+            repo, chain, repos = self.locate(warnings)
             manifest, label = chain.target, chain.target.label
             for member in chain.manifests.values():
                 check_manifest(member)
@@ -194,6 +193,14 @@ class RestoreOperation:
         if self.request.restore_command is not None:
             return self.request.restore_command
         return wal_fetch_command(config_path(self.request.config), self.settings.keys.recovery_key)
+
+    def locate(self, warnings: list[DrkitWarning]) -> tuple[Repository, Chain, list[Repository]]:
+        """The repository the restore reads first, the chain it restores, and every repository
+        in the order they are tried; ``warnings`` gets the repositories and backups passed over.
+        Reads nothing but manifests and key records (``restore --plan`` stops here)."""
+        repos = self._repositories()
+        repo, chain = self._load_chain(repos, warnings)
+        return repo, chain, repos
 
     def _repositories(self) -> list[Repository]:
         """The requested (or primary) repository first, then the others in configured order."""
