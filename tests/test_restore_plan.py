@@ -159,3 +159,33 @@ def test_rates_prefer_the_repository_and_the_newest_drills() -> None:
     assert rates.bytes_per_second == pytest.approx(4 * MB)  # the newest ten only
     other = restore_rates([*old_local, *s3], "nowhere")
     assert other is not None and other.repository is None and other.drills == MAX_DRILLS
+
+
+def test_a_drill_records_the_plans_prediction(pg_factory: PgFactory, workdir: Path) -> None:
+    pg = pg_factory(15)
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    enable_archiving(pg, dk, sections={"drill": {"sandbox": workdir / "sandboxes"}})
+    pg.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")
+    dk.ok("backup")
+    wait_archived(pg, switch_wal(pg))
+
+    first = json.loads(dk.run("drill", "--json").stdout)["record"]
+    assert first["outcome"] == "PASS" and first["predicted_seconds"] is None
+
+    plan = json.loads(dk.ok("restore", "--plan", "--target-latest", "--json").stdout)
+    prediction = plan["prediction"]
+    assert prediction["based_on_drills"] == 1
+    phases = {p["name"]: p["seconds"] for p in first["phases"]}
+    assert prediction["restore_seconds"] == pytest.approx(phases["restore"], rel=0.01)
+    assert plan["wal"]["fetched_segments"] == first["wal_segments"]
+    assert prediction["replay_seconds"] == pytest.approx(phases["wal-replay+start"], rel=0.01)
+
+    second = dk.run("drill")
+    assert second.exit_code == 0, second.output
+    assert f"predicted by 'restore --plan': {prediction['seconds']:.1f}s until promoted" in (
+        second.stdout
+    )
+    records = open_repository(load_settings(dk.config)).drill_records()
+    predicted = [e.record.predicted_seconds for e in records if e.record is not None]
+    assert predicted[0] is None and predicted[1] == pytest.approx(prediction["seconds"], abs=1e-3)

@@ -148,6 +148,15 @@ def _render(record: DrillRecord, sandbox: Path | None, written: list[str]) -> No
             f" {secs(objective.target_seconds)}): {verdict}",
             markup=False,
         )
+    if record.predicted_seconds is not None:
+        restored = sum(
+            p.seconds for p in record.phases if p.name in ("restore", "wal-replay+start")
+        )
+        say(
+            f"  predicted by 'restore --plan': {secs(record.predicted_seconds)} until promoted;"
+            f" took {secs(restored)}",
+            markup=False,
+        )
     rpo = record.rpo_detail
     if rpo.recovered_time is not None:
         line = f"  recovered point {rpo.recovered_time.isoformat()} ({rpo.method})"

@@ -52,6 +52,7 @@ from drkit.errors import (
     DrillRestoreFailed,
     DrillTargetMissed,
     DrkitError,
+    DrkitWarning,
 )
 from drkit.logs import event
 from drkit.pg.cluster import Cluster, find_bindir
@@ -71,7 +72,9 @@ from drkit.repo.drills import (
 )
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
+from drkit.repo.repository import Repository
 from drkit.restore.operation import RestoreOperation, RestoreResult
+from drkit.restore.plan import predict_restore, wal_range
 from drkit.restore.request import RestoreRequest, wal_fetch_command
 from drkit.result import OperationResult
 
@@ -168,6 +171,7 @@ class DrillOperation:
         self.check_results: list[CheckResult] = []
         self.pg_version: str | None = None
         self.segments = 0
+        self.predicted: float | None = None
 
     def run(self) -> DrillResult:
         started_at = datetime.now(UTC)
@@ -248,10 +252,23 @@ class DrillOperation:
             repo.check()
             self.plan = choose_restore_point(repo, spec, origin)
             self.manifest = planned_manifest(repo, self.plan)
+            self.predicted = self._predict(repo)
         except ConfigError:
             raise  # a bad request or scenario: an error to fix, not a drill that failed
         except DrkitError as exc:
             raise _Failed(FailureKind.RESTORE_FAILED, f"plan: {exc.message}") from None
+
+    def _predict(self, repo: Repository) -> float | None:
+        """`restore --plan`'s expected seconds until the copy is promoted, from the drills
+        before this one, recorded to compare with what this one achieves."""
+        assert self.allowed is not None and self.plan is not None and self.manifest is not None
+        repos = [repo, *(open_repository(self.allowed, r.name) for r in self.allowed.repo[1:])]
+        warnings: list[DrkitWarning] = []
+        wal = wal_range(repo, self.manifest, self.plan.target)
+        prediction, _ = predict_restore(repos, repo.name, self.manifest, wal, warnings)
+        for warning in warnings:
+            log.warning("drill: no prediction from it: %s", warning.message)
+        return prediction.seconds if prediction else None
 
     def _spec(self) -> tuple[RestorePointSpec, str]:
         r = self.request
@@ -430,6 +447,7 @@ class DrillOperation:
             checks=self.check_results,
             restored_bytes=self.restored.size if self.restored else 0,
             wal_segments=self.segments,
+            predicted_seconds=self.predicted,
             outcome=DrillOutcome.FAIL if failure else DrillOutcome.PASS,
             failure=failure.kind if failure else None,
             reason=failure.reason if failure else "",

@@ -23,13 +23,16 @@ from drkit.repo.drills import DrillRecord
 from drkit.repo.manifest import Manifest
 from drkit.repo.repository import Repository
 from drkit.restore.operation import RestoreOperation
-from drkit.restore.prediction import Prediction, restore_rates
+from drkit.restore.prediction import MAX_DRILLS, Prediction, restore_rates
 from drkit.restore.request import RestoreRequest, check_target
 from drkit.restore.target import check_reachable
 from drkit.result import OperationResult
 
 if TYPE_CHECKING:
     from drkit.repo.wal_archive import WalArchive
+
+# Records read per repository: enough for MAX_DRILLS usable ones among failed drills
+READ_DRILLS = 3 * MAX_DRILLS
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,11 @@ def plan_restore(settings: Settings, request: RestoreRequest) -> RestorePlanResu
 
         # What it would read, write and replay
         fetch_bytes = _fetch_bytes(chain)
-        wal = _wal_range(repo, manifest, target)
+        wal = wal_range(repo, manifest, target)
 
     with timing.phase("predict"):
         # The drills recorded in the repositories say how fast this installation restores
-        records, unreadable = _drill_records(repos, warnings)
-        rates = restore_rates(records, repo.name)
-        prediction = rates.predict(manifest.stats.size, wal.fetched) if rates else None
+        prediction, unreadable = predict_restore(repos, repo.name, manifest, wal, warnings)
 
     return RestorePlanResult(
         label=manifest.label,
@@ -125,6 +126,22 @@ def plan_restore(settings: Settings, request: RestoreRequest) -> RestorePlanResu
     )
 
 
+def predict_restore(
+    repos: list[Repository],
+    restore_from: str,
+    manifest: Manifest,
+    wal: WalRange,
+    warnings: list[DrkitWarning],
+) -> tuple[Prediction | None, int]:
+    """The expected duration of restoring ``manifest`` from repository ``restore_from`` and
+    replaying ``wal``, from the newest drill records in ``repos`` (None: no drill can tell);
+    and how many of those records failed authentication. A drill calls this in its plan step
+    and records the prediction next to what it then achieves."""
+    records, unreadable = _drill_records(repos, warnings)
+    rates = restore_rates(records, restore_from)
+    return (rates.predict(manifest.stats.size, wal.fetched) if rates else None), unreadable
+
+
 def _fetch_bytes(chain: Chain) -> int:
     """Stored bytes of every frame the restore reads, each frame counted once."""
     frames = {
@@ -135,7 +152,8 @@ def _fetch_bytes(chain: Chain) -> int:
     return sum(frames.values())
 
 
-def _wal_range(repo: Repository, manifest: Manifest, target: RecoveryTarget | None) -> WalRange:
+def wal_range(repo: Repository, manifest: Manifest, target: RecoveryTarget | None) -> WalRange:
+    """The WAL a copy of ``manifest`` replays to reach ``target`` with the archive of ``repo``."""
     own = WalRange(manifest.start_wal, manifest.stop_wal, fetched=0)
     if target is None or target.kind is TargetKind.IMMEDIATE:
         return own  # the backup carries its WAL: nothing comes from the archive
@@ -196,13 +214,15 @@ class _LazyPushed:
 def _drill_records(
     repos: list[Repository], warnings: list[DrkitWarning]
 ) -> tuple[list[DrillRecord], int]:
-    """Every authentic drill record in ``repos``, once per drill; and how many drills had no
-    authentic copy anywhere."""
+    """The newest authentic drill records in ``repos``, once per drill (each record costs a key
+    unwrap, a Vault request with Vault, so only the newest few are read); and how many of those
+    read had no authentic copy."""
     found: dict[str, DrillRecord] = {}
     unreadable: set[str] = set()
     for repo in repos:
         try:
-            entries = repo.drill_records()
+            ids = [i for i in reversed(repo.drill_ids()) if i not in found][:READ_DRILLS]
+            entries = [repo.drill_record(drill_id) for drill_id in ids]
         except DrkitError as exc:
             warnings.append(
                 RepositoryUnreachable(
@@ -212,7 +232,7 @@ def _drill_records(
             continue
         for entry in entries:
             if entry.record is not None:
-                found.setdefault(entry.id, entry.record)
+                found[entry.id] = entry.record
             else:
                 unreadable.add(entry.id)
     return list(found.values()), len(unreadable - found.keys())
