@@ -33,6 +33,7 @@ def _build_app() -> Any:
         metrics,
         prune,
         replicate,
+        report,
         restore,
         schedule,
         verify,
@@ -84,6 +85,7 @@ def _build_app() -> Any:
     app.command("heartbeat")(heartbeat.command)
     app.command("schedule")(schedule.command)
     app.command("metrics")(metrics.command)
+    app.command("report")(report.command)
     app.add_typer(keys.app, name="keys")
     app.add_typer(drill.app, name="drill")
     wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)

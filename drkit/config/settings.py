@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
 from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
+from drkit.config.report import ReportSettings
 from drkit.errors import ConfigError
 from drkit.private_dir import default_lock_path
 
@@ -366,6 +367,7 @@ class Settings(BaseSettings):
     )
     drill: DrillSettings = DrillSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    report: ReportSettings = Field(default_factory=ReportSettings)
     log: LogSettings = LogSettings()
     schedule: ScheduleSettings = Field(default_factory=lambda: ScheduleSettings.model_validate({}))
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings.model_validate({}))

@@ -277,6 +277,11 @@ class Repository:
         """Unwrap the backup's DEK from its newest key record that unwraps."""
         return self._unwrap_newest(f"{BACKUP_PREFIX}{label}/key/", f"backup '{label}'")
 
+    def record_dek(self, prefix: str, owner: str) -> bytes:
+        """The DEK of a sealed record (drill record, note) whose key records are under
+        ``prefix``; ``owner`` names the record in errors."""
+        return self._unwrap_newest(prefix, owner)
+
     def _unwrap_newest(self, prefix: str, owner: str) -> bytes:
         """The DEK of the newest key record under ``prefix`` that unwraps (a rewrap adds newer
         records of the same DEK); raises the last error when none does."""

@@ -1,0 +1,498 @@
+"""Build the report from the facts: a pure function of what the repositories hold, the period,
+the policy and the clock (``now`` decides only whether a period has ended: a cadence period
+still running is "due", not "missing")."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Literal
+
+from drkit.config.durations import format_duration
+from drkit.repo.drills import DrillEntry, DrillRecord, drill_time, is_drill_id
+from drkit.repo.label import BackupLabel
+from drkit.repo.notes import Finding, NoteEntry, Signoff
+from drkit.report.facts import BackupFact, Facts, VerifyFact
+from drkit.report.model import (
+    AgePoint,
+    BackupRow,
+    Backups,
+    CadenceItem,
+    CheckRow,
+    Copies,
+    DrillRow,
+    ExposurePoint,
+    FindingRow,
+    Integrity,
+    Keys,
+    KeyVersion,
+    ObjectiveRow,
+    ObjectiveSummary,
+    PhaseRow,
+    Report,
+    RepositoryCopies,
+    SignoffRow,
+    Source,
+    Span,
+    Stat,
+    Summary,
+    VerifyRun,
+    WeekRow,
+)
+from drkit.report.period import Period, cadence_periods
+
+# Drill kinds from the lightest to the most thorough; a drill counts for its kind and lighter.
+KINDS = ("restore-test", "partial", "full")
+_KIND_NAMES = {"restore-test": "restore test", "partial": "partial drill", "full": "full drill"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the report is made with besides the facts."""
+
+    period: Period
+    now: datetime
+    rto_seconds: float
+    rpo_seconds: float
+    cadence: dict[str, str]  # drill kind -> monthly | quarterly | half-yearly | yearly | never
+    drkit_version: str
+    config_digest: str
+    host: str
+
+
+def build_report(facts: Facts, ctx: Context) -> Report:
+    period = ctx.period
+    in_period = [e for e in facts.drills if (at := _drill_start(e)) is None or at in period]
+    findings = _findings(facts.notes)
+    drills = [_drill_row(e, findings) for e in in_period]
+    cadence = _cadence(facts.drills, ctx)
+    backups = _backups(facts, ctx)
+    copies = _copies(facts, ctx, {b.label for b in backups.items})
+    integrity = _integrity(facts.verify, [b.label for b in backups.items], period)
+    report = Report(
+        title=f"DR exercise report {period.label}",
+        period=Span(label=period.label, start=period.start, end=period.end),
+        generated_at=ctx.now,
+        source=Source(
+            repository=facts.source,
+            repositories=facts.repositories,
+            system_identifier=facts.system_identifier,
+            drkit_version=ctx.drkit_version,
+            config_digest=ctx.config_digest,
+            host=ctx.host,
+        ),
+        targets={"rto_seconds": ctx.rto_seconds, "rpo_seconds": ctx.rpo_seconds},
+        policy=dict(ctx.cadence),
+        summary=_summary(drills, cadence, backups, ctx),
+        drills=drills,
+        cadence=cadence,
+        backups=backups,
+        copies=copies,
+        integrity=integrity,
+        keys=_keys(facts, period),
+        findings=[f for f in findings.values() if f.drill in {d.id for d in drills}],
+        signoffs=_signoffs(facts.notes, period),
+    )
+    return report
+
+
+# -- drills ---------------------------------------------------------------------------------------
+
+
+def _drill_start(entry: DrillEntry) -> datetime | None:
+    """When the drill started; for a record that cannot be read, from its id (the id is not
+    authenticated, but a record that fails is listed either way)."""
+    if entry.record is not None:
+        return entry.record.started_at
+    return drill_time(entry.id) if is_drill_id(entry.id) else None
+
+
+def _drill_row(entry: DrillEntry, findings: dict[str, FindingRow]) -> DrillRow:
+    record = entry.record
+    if record is None:
+        return DrillRow(
+            id=entry.id, authentic=False, error=entry.error, started_at=_drill_start(entry)
+        )
+    point = record.restore_point
+    target = None
+    if point is not None:
+        target = point.target_kind + (f" {point.target_value}" if point.target_value else "")
+    return DrillRow(
+        id=record.id,
+        authentic=True,
+        started_at=record.started_at,
+        kind=str(record.kind),
+        scenario=record.scenario,
+        started_by=record.started_by,
+        host=record.host,
+        backup=point.backup if point else None,
+        target=target,
+        point_reason=point.reason if point else None,
+        repository=record.repository,
+        phases=[PhaseRow(name=p.name, seconds=p.seconds, detail=p.detail) for p in record.phases],
+        rto=ObjectiveRow(**record.rto.model_dump()),
+        rpo=ObjectiveRow(**record.rpo.model_dump()),
+        rpo_method=record.rpo_detail.method or None,
+        recovered_time=record.rpo_detail.recovered_time,
+        checks=[
+            CheckRow(name=c.name, kind=c.kind, ok=c.ok, seconds=c.seconds, detail=c.detail)
+            for c in record.checks
+        ],
+        outcome=record.outcome.value,
+        failure=str(record.failure) if record.failure else None,
+        reason=record.reason,
+        findings=[f.id for f in findings.values() if f.drill == record.id],
+    )
+
+
+def _objective(rows: list[DrillRow], which: str, target: float) -> ObjectiveSummary:
+    measured = [
+        (objective.achieved_seconds, row.id)
+        for row in rows
+        if (objective := getattr(row, which)) is not None and objective.achieved_seconds is not None
+    ]
+    met = sum(1 for row in rows if getattr(row, which) and getattr(row, which).met is True)
+    missed = sum(1 for row in rows if getattr(row, which) and getattr(row, which).met is False)
+    summary = ObjectiveSummary(
+        target_seconds=target, measured=len(measured), met=met, missed=missed
+    )
+    if measured:
+        ordered = sorted(measured)
+        median = statistics.median_low(ordered)  # a value one drill achieved, with its id
+        summary.best = Stat(seconds=ordered[0][0], drill=ordered[0][1])
+        summary.median = Stat(seconds=median[0], drill=median[1])
+        summary.worst = Stat(seconds=ordered[-1][0], drill=ordered[-1][1])
+    return summary
+
+
+# -- cadence --------------------------------------------------------------------------------------
+
+
+def _cadence(entries: list[DrillEntry], ctx: Context) -> list[CadenceItem]:
+    records = [
+        e.record for e in entries if e.record is not None and e.record.started_at < ctx.period.end
+    ]
+    items = []
+    for kind in KINDS:
+        cadence = ctx.cadence.get(kind, "never")
+        if cadence == "never":
+            continue
+        counting = KINDS[KINDS.index(kind) :]
+        for due in cadence_periods(cadence, ctx.period):
+            ran = [r for r in records if str(r.kind) in counting and r.started_at in due]
+            items.append(
+                CadenceItem(
+                    kind=kind,
+                    period=due.label,
+                    start=due.start,
+                    end=due.end,
+                    status=_status(ran, due, ctx.now),
+                    drills=[r.id for r in ran],
+                )
+            )
+    return items
+
+
+def _status(ran: list[DrillRecord], due: Period, now: datetime) -> str:
+    if any(r.outcome == "PASS" for r in ran):
+        return "passed"
+    if ran:
+        return "failed"
+    return "missing" if due.end <= now else "due"
+
+
+# -- backups --------------------------------------------------------------------------------------
+
+
+def _backups(facts: Facts, ctx: Context) -> Backups:
+    period = ctx.period
+    ordered = sorted(facts.backups, key=lambda b: b.stop)
+    items = [b for b in ordered if b.start in period]
+    rows = [_backup_row(b, facts) for b in items]
+    weeks: dict[str, WeekRow] = {}
+    for b in items:
+        year, week, _ = b.start.isocalendar()
+        key = f"{year}-W{week:02d}"
+        if key not in weeks:
+            monday = b.start.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
+                days=b.start.weekday()
+            )
+            weeks[key] = WeekRow(
+                week=key,
+                start=monday,
+                full=0,
+                diff=0,
+                incr=0,
+                failed=None,
+                size=0,
+                stored=0,
+                labels=[],
+            )
+        row = weeks[key]
+        setattr(row, b.type, getattr(row, b.type) + 1)
+        row.size += b.size
+        row.stored += b.stored
+        row.labels.append(b.label)
+    ages = _newest_age(ordered, period, ctx.now)
+    return Backups(
+        items=rows,
+        weeks=list(weeks.values()),
+        failures_recorded=False,
+        damaged=[{"label": k, "reason": v} for k, v in sorted(facts.damaged.items())],
+        newest_age=ages,
+        worst_age=max(ages, key=lambda a: a.age_seconds) if ages else None,
+        rpo_target_seconds=ctx.rpo_seconds,
+    )
+
+
+def _backup_row(b: BackupFact, facts: Facts) -> BackupRow:
+    holders = [r for r in facts.repositories if b.label in facts.holdings.get(r.name, set())]
+    media = {"disk", *(r.media for r in holders)}  # the live database is one copy, on disk
+    offsite = sum(1 for r in holders if r.offsite)
+    copies = 1 + len(holders)
+    return BackupRow(
+        label=b.label,
+        type=b.type,
+        start=b.start,
+        stop=b.stop,
+        duration_seconds=b.duration_s,
+        size=b.size,
+        stored=b.stored,
+        copies=copies,
+        media=len(media),
+        offsite=offsite,
+        rule_3_2_1=copies >= 3 and len(media) >= 2 and offsite >= 1,
+        repos=[r.name for r in holders],
+    )
+
+
+def _newest_age(ordered: list[BackupFact], period: Period, now: datetime) -> list[AgePoint]:
+    """The newest backup's age just before each backup of the period completed, and at the
+    period's end (or now): the peaks of the exposure curve, each naming the backup it counts
+    from."""
+    points = []
+    for previous, b in pairwise(ordered):
+        if b.stop in period:
+            age = (b.stop - previous.stop).total_seconds()
+            points.append(AgePoint(at=b.stop, age_seconds=age, backup=previous.label))
+    end = min(period.end, now)
+    if ordered and period.start <= ordered[-1].stop < end:
+        age = (end - ordered[-1].stop).total_seconds()
+        points.append(AgePoint(at=end, age_seconds=age, backup=ordered[-1].label))
+    return points
+
+
+# -- copies, integrity, keys ----------------------------------------------------------------------
+
+
+def _copies(facts: Facts, ctx: Context, labels: set[str]) -> Copies:
+    rows = [_backup_row(b, facts) for b in facts.backups if b.label in labels]
+    wal = {w.repo: w for w in facts.wal}
+    repos = []
+    for r in facts.repositories:
+        w = wal.get(r.name)
+        repos.append(
+            RepositoryCopies(
+                name=r.name,
+                media=r.media,
+                offsite=r.offsite,
+                object_lock=r.object_lock,
+                backups=len(labels & facts.holdings.get(r.name, set())),
+                wal_segments=w.segments if w else 0,
+                newest_wal=w.newest if w else None,
+                newest_wal_at=w.newest_at if w else None,
+                wal_lag=w.lag if w else None,
+            )
+        )
+    exposure = [
+        ExposurePoint(
+            drill=e.record.id,
+            at=e.record.started_at,
+            repo=x.repo,
+            wal_age_seconds=x.newest_wal_age_seconds,
+            backup_age_seconds=x.newest_backup_age_seconds,
+        )
+        for e in facts.drills
+        if e.record is not None and e.record.started_at in ctx.period
+        for x in e.record.exposure
+    ]
+    return Copies(
+        passing=sum(1 for r in rows if r.rule_3_2_1),
+        failing=sum(1 for r in rows if not r.rule_3_2_1),
+        repositories=repos,
+        exposure=exposure,
+    )
+
+
+def _integrity(runs: list[VerifyFact], labels: list[str], period: Period) -> Integrity:
+    by_copy: dict[tuple[str, str], list[VerifyFact]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: r.time):
+        by_copy[(run.repo, run.label)].append(run)
+    failed, passed, verified = [], 0, set()
+    for (_, label), history in by_copy.items():
+        for i, run in enumerate(history):
+            if run.time not in period:
+                continue
+            verified.add(label)
+            if run.ok:
+                passed += 1
+                continue
+            repaired = any(later.ok for later in history[i + 1 :])
+            failed.append(
+                VerifyRun(
+                    repo=run.repo,
+                    backup=run.label,
+                    time=run.time,
+                    ok=False,
+                    damaged_files=run.damaged,
+                    repaired=repaired,
+                    record=run.key,
+                )
+            )
+    return Integrity(
+        runs=passed + len(failed),
+        failed_runs=sorted(failed, key=lambda r: r.time),
+        passed_runs=passed,
+        verified_backups=len(verified & set(labels)),
+        unverified=[label for label in labels if label not in verified],
+    )
+
+
+def _set_time(kind: str, name: str) -> datetime | None:
+    """When a key record set was made, from its name (label, drill id, WAL key period)."""
+    if kind == "backup" and BackupLabel.is_label(name):
+        return BackupLabel(name).time
+    if kind == "drill" and is_drill_id(name):
+        return drill_time(name)
+    if kind == "wal" and name.isdigit() and len(name) in (8, 10):
+        return datetime.strptime(name.ljust(10, "0"), "%Y%m%d%H").replace(tzinfo=UTC)
+    return None
+
+
+def _keys(facts: Facts, period: Period) -> Keys:
+    first: dict[tuple[str, str, int | None], tuple[datetime | None, str]] = {}
+    count: dict[tuple[str, str, int | None], int] = defaultdict(int)
+    for s in facts.key_sets:
+        ident = (s.provider, s.key, s.version)
+        count[ident] += 1
+        when = _set_time(s.kind, s.name)
+        known = first.get(ident)
+        if known is None or (when is not None and (known[0] is None or when < known[0])):
+            first[ident] = (when, f"{s.kind} {s.name}")
+    versions = [
+        KeyVersion(
+            provider=ident[0],
+            key=ident[1],
+            version=ident[2],
+            sets=count[ident],
+            first_used_by=first[ident][1],
+            first_used_at=first[ident][0],
+            rotated_in_period=(at := first[ident][0]) is not None and at in period,
+        )
+        for ident in sorted(count, key=lambda i: (i[0], i[1], i[2] or 0))
+    ]
+    return Keys(
+        versions=versions,
+        sets=len(facts.key_sets),
+        escrowed=sum(1 for s in facts.key_sets if s.escrowed),
+        escrow_missing=[f"{s.kind} {s.name}" for s in facts.key_sets if not s.escrowed],
+    )
+
+
+# -- notes ----------------------------------------------------------------------------------------
+
+
+def _findings(notes: list[NoteEntry]) -> dict[str, FindingRow]:
+    found = {}
+    for entry in notes:
+        note = entry.note
+        if note is None:
+            found[entry.id] = FindingRow(id=entry.id, authentic=False, error=entry.error)
+        elif isinstance(note, Finding):
+            found[entry.id] = FindingRow(
+                id=note.id,
+                authentic=True,
+                drill=note.drill,
+                finding=note.finding,
+                action=note.action,
+                owner=note.owner,
+                written_at=note.written_at,
+                written_by=note.written_by,
+            )
+    return found
+
+
+def _signoffs(notes: list[NoteEntry], period: Period) -> list[SignoffRow]:
+    rows = []
+    for entry in notes:
+        note = entry.note
+        if isinstance(note, Signoff) and note.period == period.label:
+            rows.append(
+                SignoffRow(
+                    id=note.id,
+                    authentic=True,
+                    period=note.period,
+                    by=note.by,
+                    statement=note.statement,
+                    written_at=note.written_at,
+                )
+            )
+    return rows
+
+
+# -- summary --------------------------------------------------------------------------------------
+
+
+def _summary(
+    drills: list[DrillRow], cadence: list[CadenceItem], backups: Backups, ctx: Context
+) -> Summary:
+    authentic = [d for d in drills if d.authentic]
+    passed = sum(1 for d in authentic if d.outcome == "PASS")
+    failed = len(authentic) - passed
+    unauthentic = len(drills) - len(authentic)
+    missing = [c for c in cadence if c.status == "missing"]
+    due = [c for c in cadence if c.status == "due"]
+    rto = _objective(authentic, "rto", ctx.rto_seconds)
+    rpo = _objective(authentic, "rpo", ctx.rpo_seconds)
+    problems = []
+    if not drills:
+        problems.append("no drill this period")
+    if failed:
+        problems.append(f"{failed} drill{'s' * (failed != 1)} failed")
+    if unauthentic:
+        problems.append(
+            f"{unauthentic} drill record{'s' * (unauthentic != 1)} fail{'s' * (unauthentic == 1)}"
+            " authentication"
+        )
+    for c in missing:
+        problems.append(f"{_KIND_NAMES[c.kind]} for {c.period} missing")
+    verdict: Literal["PASS", "FAIL"] = "FAIL" if problems else "PASS"
+    if problems:
+        line = "FAIL: " + "; ".join(problems)
+    else:
+        line = f"PASS: {passed} drill{'s' * (passed != 1)}, all passed; every required drill ran"
+        if rto.worst is not None:
+            line += f"; worst RTO {format_duration(rto.worst.seconds)}"
+            line += f" (target {format_duration(ctx.rto_seconds)})"
+        if rpo.worst is not None:
+            line += f"; worst RPO {format_duration(rpo.worst.seconds)}"
+            line += f" (target {format_duration(ctx.rpo_seconds)})"
+    if due:
+        line += "; still due: " + ", ".join(f"{_KIND_NAMES[c.kind]} {c.period}" for c in due)
+    return Summary(
+        verdict=verdict,
+        verdict_line=line,
+        drills=len(drills),
+        passed=passed,
+        failed=failed,
+        unauthentic=unauthentic,
+        rto=rto,
+        rpo=rpo,
+        cadence_missing=len(missing),
+        cadence_due=len(due),
+        backups=len(backups.items),
+        backups_failed=None,
+    )
