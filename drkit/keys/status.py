@@ -19,7 +19,7 @@ from drkit.repo.key_records import RecordSet, describe, record_sets
 @dataclass
 class SetStatus:
     repo: str
-    kind: str  # "backup", "wal" or "drill"
+    kind: str  # "backup", "wal", "drill" or "note"
     name: str
     record: str | None  # object key of the newest record
     records: int

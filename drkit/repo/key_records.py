@@ -1,7 +1,7 @@
 """The key record sets of a repository, and what each record says about its wrapping key.
 
-A *set* is every record of one backup, one WAL key period or one drill record: all wrap the same
-DEK, the newest is the one readers try first. Parsing a record needs no key and no Vault: the
+A *set* is every record of one backup, one WAL key period, one drill record or one note: all
+wrap the same DEK, the newest is the one readers try first. Parsing a record needs no key and no Vault: the
 provider kind, key name and version are in clear in the record (transit's version in its
 ``vault:v<N>:`` prefix).
 """
@@ -17,6 +17,7 @@ from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient
 from drkit.crypto.transit import ciphertext_version
 from drkit.repo.drills import DRILL_PREFIX
 from drkit.repo.label import BackupLabel
+from drkit.repo.notes import NOTE_PREFIX, note_ids
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_objects import KEYS_PREFIX
 
@@ -44,8 +45,8 @@ class StoredRecord:
 
 @dataclass
 class RecordSet:
-    """The records of one backup (``kind == "backup"``), one WAL key period (``"wal"``) or one
-    drill record (``"drill"``)."""
+    """The records of one backup (``kind == "backup"``), one WAL key period (``"wal"``), one
+    drill record (``"drill"``) or one note (``"note"``)."""
 
     kind: str
     name: str  # the backup label or the period
@@ -54,8 +55,8 @@ class RecordSet:
 
     @property
     def what(self) -> str:
-        noun = {"backup": "backup", "wal": "WAL period", "drill": "drill record"}[self.kind]
-        return f"{noun} {self.name}"
+        noun = {"backup": "backup", "wal": "WAL period", "drill": "drill record", "note": "note"}
+        return f"{noun[self.kind]} {self.name}"
 
     def newest(self) -> StoredRecord | None:
         """The newest record that parses (what readers try first, in effect)."""
@@ -94,9 +95,19 @@ def split_escrow(provider: KeyProvider) -> tuple[KeyProvider, EscrowRecipient | 
 def record_sets(repo: Repository) -> list[RecordSet]:
     """The record sets of every complete backup, every WAL key period and every written drill
     record, in listing order."""
-    complete = {"backup": {str(label) for label in repo.backups()}, "drill": set(repo.drill_ids())}
+    complete = {
+        "backup": {str(label) for label in repo.backups()},
+        "drill": set(repo.drill_ids()),
+        "note": set(note_ids(repo)),
+    }
     sets: dict[str, RecordSet] = {}
-    for prefix, kind in ((BACKUP_PREFIX, "backup"), (KEYS_PREFIX, "wal"), (DRILL_PREFIX, "drill")):
+    kinds = (
+        (BACKUP_PREFIX, "backup"),
+        (KEYS_PREFIX, "wal"),
+        (DRILL_PREFIX, "drill"),
+        (NOTE_PREFIX, "note"),
+    )
+    for prefix, kind in kinds:
         for obj in repo.storage.list(prefix):
             parts = obj.key[len(prefix) :].split("/")
             if kind in complete:
