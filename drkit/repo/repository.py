@@ -11,6 +11,8 @@ Layout (keys are '/'-separated on every store)::
     drills/<id>/key/0001.json          a drill record's DEK, wrapped (drkit/repo/drills.py)
     drills/<id>/record                 the drill record, sealed and bound to its id, written last
     events/<job>/<time>-ok|fail.json   job records: one run of a job (drkit/repo/events.py)
+    notes/<id>/key/0001.json           a finding's or sign-off's DEK, wrapped (drkit/repo/notes.py)
+    notes/<id>/record                  the note, sealed and bound to its id, written last
 
 Write order is data -> key record -> manifest; a backup is listed exactly when its manifest
 exists, so a backup killed at any instant is never listed. The catalog is derived by listing.

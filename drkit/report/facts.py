@@ -57,7 +57,7 @@ class WalFact:
     segments: int
     newest: str | None
     newest_at: datetime | None
-    lag: int | None  # WAL files the source holds and this repository lacks (None: the source)
+    lag: int | None  # WAL files the primary holds and this one lacks (None: the primary)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     source = _open_source(settings, repo_name)
     fmt = source.check()
     copies = CopyMap.scan(settings)
+    for name, error in _unreadable(settings).items():  # e.g. a directory that is gone
+        copies.unreachable.setdefault(name, error)
+        copies.holdings[name], copies.wal[name] = set(), set()
     facts = Facts(
         source=source.name,
         system_identifier=fmt.system_identifier,
@@ -100,7 +103,7 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     facts.drills = source.drill_records()
     facts.notes = read_notes(source)
     facts.verify = _read_verify_runs(settings, copies.unreachable)
-    facts.wal = _read_wal(settings, source.name, copies)
+    facts.wal = _read_wal(settings, copies)
     facts.key_sets = _read_key_sets(source)
     return facts
 
@@ -121,6 +124,17 @@ def _open_source(settings: Settings, wanted: str | None) -> Repository:
         "no configured repository can be read: " + "; ".join(errors),
         hint="name a readable one with --repo",
     )
+
+
+def _unreadable(settings: Settings) -> dict[str, str]:
+    """Repositories whose format object cannot be read, with the reason."""
+    found = {}
+    for repo_settings in settings.repo:
+        try:
+            open_repository(settings, repo_settings.name).check()
+        except DrkitError as exc:
+            found[repo_settings.name] = exc.message
+    return found
 
 
 def _repositories(settings: Settings, unreachable: dict[str, str]) -> list[RepositoryFacts]:
@@ -198,8 +212,11 @@ def _verify_fact(repo: Repository, key: str) -> VerifyFact:
     return VerifyFact(repo.name, label, when, ok, damaged, key)
 
 
-def _read_wal(settings: Settings, source: str, copies: CopyMap) -> list[WalFact]:
-    lag = copies.wal_lag(source)
+def _read_wal(settings: Settings, copies: CopyMap) -> list[WalFact]:
+    """Each reachable repository's WAL, and how far it is behind the primary (the first
+    configured repository, where WAL is archived first; no lag is known without it)."""
+    primary = settings.repo[0].name
+    lag = {} if primary in copies.unreachable else copies.wal_lag(primary)
     found = []
     for repo_settings in settings.repo:
         name = repo_settings.name

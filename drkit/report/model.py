@@ -196,7 +196,9 @@ class RepositoryCopies(_Part):
     wal_segments: int
     newest_wal: str | None
     newest_wal_at: datetime | None
-    wal_lag: int | None = Field(None, description="WAL files the source holds and it lacks")
+    wal_lag: int | None = Field(
+        None, description="WAL files the primary (first configured) repository holds and it lacks"
+    )
 
 
 class ExposurePoint(_Part):
@@ -290,3 +292,13 @@ class Report(_Part):
     keys: Keys
     findings: list[FindingRow]
     signoffs: list[SignoffRow]
+
+
+def json_schema() -> dict[str, object]:
+    """The JSON Schema (draft 2020-12) of ``--format json`` (docs/report.schema.json)."""
+    schema: dict[str, object] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": "drkit report --format json; written by drkit.report.model.json_schema()",
+    }
+    schema.update(Report.model_json_schema())
+    return schema

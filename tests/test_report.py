@@ -1,0 +1,333 @@
+"""drkit report: a quarter of history (two real backups of PostgreSQL 15, copied to S3, and
+drill records seeded with chosen times) turned into the report an auditor reads."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from rig.drkit import Drkit
+from rig.history import drill_record
+from rig.postgres import PgFactory
+from rig.servers import S3Server
+
+from drkit.config.settings import Settings, load_settings
+from drkit.repo.drills import DrillKind, DrillRecord, seal_drill_record
+from drkit.repo.label import BackupLabel
+from drkit.repo.open import open_key_provider, open_repository
+from drkit.report.model import json_schema
+from drkit.report.notes import add_finding, add_signoff
+from drkit.report.operation import ReportOperation, ReportRequest, ReportResult
+from drkit.report.period import Period, quarter_of
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = REPO_ROOT / "docs" / "report.schema.json"
+CHROMIUM = shutil.which("chromium")
+
+
+@dataclass
+class Quarter:
+    dk: Drkit
+    settings: Settings
+    period: Period
+    now: datetime  # the report's clock: after the quarter ended
+    backups: list[str]  # the real backups' labels
+    drills: dict[str, DrillRecord]  # by name: d1 .. d4
+
+    def report(self, out: Path, *formats: str, repo: str | None = None) -> ReportResult:
+        request = ReportRequest(
+            period=self.period, formats=formats or ("json",), out=out, repo=repo, now=self.now
+        )
+        return ReportOperation(self.settings, request).run()
+
+
+def _month(period: Period, index: int, day: int) -> datetime:
+    start = period.start
+    month = start.month - 1 + index
+    return start.replace(year=start.year + month // 12, month=month % 12 + 1, day=day, hour=3)
+
+
+@pytest.fixture
+def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> Quarter:  # type: ignore[no-untyped-def]
+    """PostgreSQL 15 with a full and an incremental backup in a local repository and an offsite
+    S3 one, and four drills of the backups' quarter written into both: a restore test and a
+    partial drill in its first month, none in the second, a failed restore test (RTO missed)
+    and a full drill in the third."""
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket)
+    cluster = pg_factory(15)
+    cluster.run_bin("pgbench", "-i", "-s", "1", "-q")
+    s3_repo = {
+        "name": "s3-eu",
+        "type": "s3",
+        "bucket": bucket,
+        "prefix": "prod/main",
+        "endpoint_url": s3.endpoint_url,
+        "region": "us-east-1",
+        "offsite": True,
+        "max_attempts": 2,
+    }
+    dk = Drkit(cluster, workdir, extra_repos=[s3_repo])
+    dk.ok("init")
+    dk.ok("backup", "--type", "full")
+    cluster.psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid < 500")
+    dk.ok("backup", "--type", "incr")
+    settings = load_settings(dk.config)
+    local = open_repository(settings, "local")
+    backups = [str(label) for label in local.backups()]
+    period = quarter_of(BackupLabel(backups[0]).time)
+    full = backups[0]
+    drills = {
+        "d1": drill_record(_month(period, 0, 6), backup=full, rto=900, rpo=300),
+        "d2": drill_record(
+            _month(period, 0, 21),
+            kind=DrillKind.PARTIAL,
+            scenario="site-loss",
+            repository="s3-eu",
+            backup=full,
+            rto=1800,
+            rpo=90,
+        ),
+        "d3": drill_record(_month(period, 2, 2), backup=full, rto=20000, rpo=200),
+        "d4": drill_record(
+            _month(period, 2, 15), kind=DrillKind.FULL, scenario="site-loss", rto=3000, rpo=60
+        ),
+    }
+    keys = open_key_provider(settings.keys)
+    for record in drills.values():
+        sealed = seal_drill_record(record, keys)
+        for name in ("local", "s3-eu"):
+            open_repository(settings, name).write_drill_record(sealed)
+    return Quarter(dk, settings, period, period.end + timedelta(days=5), backups, drills)
+
+
+def _json(result: ReportResult) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(result.paths["json"].read_text())
+    return data
+
+
+def test_the_report_lists_each_drill_with_its_numbers_and_flags_the_missing_month(
+    quarter: Quarter, workdir: Path
+) -> None:
+    d = quarter.drills
+    add_finding(
+        quarter.settings,
+        d["d3"].id,
+        "WAL fetch from S3 was 40% of the RTO",
+        action="enable async prefetch",
+        owner="dba",
+    )
+    add_signoff(quarter.settings, quarter.period.label, "J. Doe, DBA lead")
+
+    result = quarter.report(workdir / "out", "json", "md", "html")
+
+    assert result.exit_code == 0
+    data = _json(result)
+    jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    rows = {row["id"]: row for row in data["drills"]}
+    assert list(rows) == [d[n].id for n in ("d1", "d2", "d3", "d4")]
+    assert rows[d["d2"].id]["kind"] == "partial"
+    assert rows[d["d2"].id]["scenario"] == "site-loss"
+    assert rows[d["d2"].id]["repository"] == "s3-eu"
+    assert rows[d["d1"].id]["backup"] == quarter.backups[0]
+    assert rows[d["d3"].id]["rto"] == {
+        "target_seconds": 14400.0,
+        "achieved_seconds": 20000.0,
+        "met": False,
+    }
+    assert rows[d["d3"].id]["outcome"] == "FAIL"
+    assert rows[d["d3"].id]["failure"] == "target-missed"
+    assert [c["name"] for c in rows[d["d1"].id]["checks"]] == ["amcheck", "orders"]
+    summary = data["summary"]
+    assert (summary["drills"], summary["passed"], summary["failed"]) == (4, 3, 1)
+    # best, lower median and worst, each with the drill it comes from
+    assert summary["rto"]["best"] == {"seconds": 900.0, "drill": d["d1"].id}
+    assert summary["rto"]["median"] == {"seconds": 1800.0, "drill": d["d2"].id}
+    assert summary["rto"]["worst"] == {"seconds": 20000.0, "drill": d["d3"].id}
+    assert summary["rpo"]["best"] == {"seconds": 60.0, "drill": d["d4"].id}
+    assert summary["rpo"]["worst"] == {"seconds": 300.0, "drill": d["d1"].id}
+    second_month = _month(quarter.period, 1, 1).strftime("%Y-%m")
+    assert summary["verdict"] == "FAIL"
+    assert summary["verdict_line"] == (
+        f"FAIL: 1 drill failed; restore test for {second_month} missing"
+    )
+    cadence = {(c["kind"], c["period"]): (c["status"], c["drills"]) for c in data["cadence"]}
+    months = [_month(quarter.period, i, 1).strftime("%Y-%m") for i in range(3)]
+    assert cadence[("restore-test", months[0])] == ("passed", [d["d1"].id, d["d2"].id])
+    assert cadence[("restore-test", months[1])] == ("missing", [])
+    assert cadence[("restore-test", months[2])] == ("passed", [d["d3"].id, d["d4"].id])
+    assert cadence[("partial", quarter.period.label)] == ("passed", [d["d2"].id, d["d4"].id])
+    assert [c["status"] for c in data["cadence"] if c["kind"] == "full"] == ["passed"]
+    # the real backups, both copied offsite: 3 copies, 2 media, 1 offsite each
+    assert [b["label"] for b in data["backups"]["items"]] == quarter.backups
+    assert [b["type"] for b in data["backups"]["items"]] == ["full", "incr"]
+    assert all(
+        b["rule_3_2_1"] and b["repos"] == ["local", "s3-eu"] for b in data["backups"]["items"]
+    )
+    assert sum(w["full"] + w["incr"] for w in data["backups"]["weeks"]) == 2
+    assert data["copies"]["passing"] == 2
+    assert data["backups"]["failures_recorded"] is False
+    assert data["keys"]["sets"] >= 2 and data["keys"]["escrowed"] == 0
+    # findings and the sign-off, from their write-once records
+    [finding] = data["findings"]
+    assert (finding["drill"], finding["action"], finding["owner"]) == (
+        d["d3"].id,
+        "enable async prefetch",
+        "dba",
+    )
+    assert rows[d["d3"].id]["findings"] == [finding["id"]]
+    assert [s["by"] for s in data["signoffs"]] == ["J. Doe, DBA lead"]
+    assert data["source"]["repository"] == "local"
+    assert data["source"]["drkit_version"]
+    assert re.fullmatch(r"[0-9a-f]{64}", data["source"]["config_digest"])
+    # the same facts in the Markdown and the HTML
+    md = result.paths["md"].read_text()
+    assert f"| {months[1]} | **MISSING** |" in md.replace("restore-test | ", "")
+    assert "WAL fetch from S3 was 40% of the RTO" in md
+    html = result.paths["html"].read_text()
+    assert f'id="drill-{d["d3"].id}"' in html
+    assert "J. Doe, DBA lead" in html
+
+
+def test_the_html_renders_offline_in_chromium_and_the_pdf_has_pages(
+    quarter: Quarter, workdir: Path
+) -> None:
+    assert CHROMIUM is not None, "Debian's chromium package is needed (.ci/run installs it)"
+    result = quarter.report(workdir / "out", "html", "pdf")
+
+    html = result.paths["html"].read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
+    assert "<script" not in html and "<link" not in html and "@import" not in html
+    shot = workdir / "shot.png"
+    browser = _chromium(workdir, f"--screenshot={shot}", "--window-size=1100,2400", result)
+    assert "CONSOLE" not in browser.stderr, browser.stderr
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50  # text, tables and charts, not a blank page
+    dom = _chromium(workdir, "--dump-dom", "", result).stdout
+    for chart in ("chart-rto", "chart-rpo", "chart-duration", "chart-size", "chart-exposure"):
+        svg = re.search(rf'<svg[^>]*id="{chart}".*?</svg>', dom, re.DOTALL)
+        assert svg is not None, f"{chart} is not in the rendered page"
+        assert svg.group(0).count('<circle class="point"') >= 2, chart
+    rto = re.search(r'<svg[^>]*id="chart-rto".*?</svg>', dom, re.DOTALL)
+    assert rto is not None
+    assert all(f'data-ref="{r.id}"' in rto.group(0) for r in quarter.drills.values())
+    assert dom.count('class="cell missing"') == 1
+
+    info = subprocess.run(
+        ["pdfinfo", str(result.paths["pdf"])], capture_output=True, text=True, check=True
+    ).stdout
+    pages = int(re.search(r"^Pages:\s+(\d+)", info, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert pages >= 3
+    text = subprocess.run(
+        ["pdftotext", str(result.paths["pdf"]), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "MISSING" in text and quarter.drills["d3"].id in text
+
+
+def test_a_report_from_the_s3_copy_alone_equals_the_one_from_the_primary(
+    quarter: Quarter, workdir: Path
+) -> None:
+    primary = _json(quarter.report(workdir / "primary", repo="local"))
+    offsite = _json(quarter.report(workdir / "offsite", repo="s3-eu"))
+
+    assert primary["source"].pop("repository") == "local"
+    assert offsite["source"].pop("repository") == "s3-eu"
+    assert offsite == primary
+
+    # the primary site is gone: the offsite copy still tells the whole story of the drills
+    shutil.rmtree(quarter.dk.repo_path)
+    alone = _json(quarter.report(workdir / "alone"))
+    assert alone["source"]["repository"] == "s3-eu"
+    for section in ("drills", "cadence", "summary", "findings", "signoffs"):
+        assert alone[section] == primary[section], section
+    assert [b["label"] for b in alone["backups"]["items"]] == quarter.backups
+    local = next(r for r in alone["source"]["repositories"] if r["name"] == "local")
+    assert local["reachable"] is False and "not initialized" in local["error"]
+    assert alone["copies"]["failing"] == 2  # the live database and S3 only: 2 copies
+
+
+def test_a_tampered_drill_record_is_reported_as_failing_authentication(
+    quarter: Quarter, workdir: Path
+) -> None:
+    tampered = quarter.drills["d2"]
+    path = quarter.dk.repo_path / f"drills/{tampered.id}/record"
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.chmod(0o600)
+    path.write_bytes(bytes(blob))
+
+    result = quarter.report(workdir / "out", "json", "html", repo="local")
+
+    data = _json(result)
+    row = next(r for r in data["drills"] if r["id"] == tampered.id)
+    assert row["authentic"] is False
+    assert f"drill record '{tampered.id}' fails authentication" in row["error"]
+    assert row["kind"] is None and row["rto"] is None  # nothing of it is believed
+    assert data["summary"]["unauthentic"] == 1
+    assert "1 drill record fails authentication" in data["summary"]["verdict_line"]
+    assert len(data["drills"]) == 4  # listed, not dropped
+    html = result.paths["html"].read_text()
+    assert (
+        f'<span class="id">{tampered.id}</span> <span class="unauthentic">FAILS AUTHENTICATION'
+        in html
+    )
+    # the partial drill no longer counts: its record cannot be trusted
+    cadence = {(c["kind"], c["period"]): c for c in data["cadence"]}
+    assert cadence[("partial", quarter.period.label)]["drills"] == [quarter.drills["d4"].id]
+
+
+def test_no_drill_in_a_quarter_is_said_in_red(quarter: Quarter, workdir: Path) -> None:
+    empty = quarter_of(quarter.period.end + timedelta(days=1))
+    request = ReportRequest(
+        period=empty, formats=("json", "html"), out=workdir, now=empty.end + timedelta(days=1)
+    )
+    result = ReportOperation(quarter.settings, request).run()
+
+    data = _json(result)
+    assert data["drills"] == []
+    assert data["summary"]["verdict_line"].startswith("FAIL: no drill this period")
+    html = result.paths["html"].read_text()
+    assert '<p class="alert" id="no-drill">No drill this period.</p>' in html
+
+
+def test_the_schema_in_the_docs_is_the_models() -> None:
+    assert json.loads(SCHEMA.read_text()) == json_schema()
+
+
+def _chromium(
+    workdir: Path, action: str, extra: str, result: ReportResult
+) -> subprocess.CompletedProcess[str]:
+    profile = workdir / f"chromium-{uuid.uuid4().hex[:8]}"
+    args = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--user-data-dir={profile}",
+        action,
+        *([extra] if extra else []),
+        result.paths["html"].as_uri(),
+    ]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
