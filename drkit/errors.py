@@ -282,6 +282,8 @@ class DrillRecordNotWritten(DrkitWarning):
 class DrillRecordUnauthentic(DrkitWarning):
     """A repository's copy of a drill record fails authentication or does not parse: it was
     damaged or tampered with."""
+
+
 class ReportPdfUnavailable(DrkitError):
     """A PDF report was asked for, but WeasyPrint (or the Pango library it needs) is missing.
     The other formats are written all the same."""

@@ -22,10 +22,10 @@ from rig.servers import S3Server
 
 from drkit.config.settings import Settings, load_settings
 from drkit.repo.drills import DrillKind, DrillRecord, seal_drill_record
+from drkit.repo.events import JobEvent, write_event
 from drkit.repo.label import BackupLabel
 from drkit.repo.open import open_key_provider, open_repository
 from drkit.report.model import json_schema
-from drkit.report.notes import add_finding, add_signoff
 from drkit.report.operation import ReportOperation, ReportRequest, ReportResult
 from drkit.report.period import Period, quarter_of
 
@@ -61,7 +61,7 @@ def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> 
     """PostgreSQL 15 with a full and an incremental backup in a local repository and an offsite
     S3 one, and four drills of the backups' quarter written into both: a restore test and a
     partial drill in its first month, none in the second, a failed restore test (RTO missed)
-    and a full drill in the third."""
+    and a full drill in the third; a failed incremental backup run in the second month."""
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     bucket = f"drkit-{uuid.uuid4().hex[:12]}"
@@ -104,6 +104,8 @@ def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> 
             _month(period, 2, 15), kind=DrillKind.FULL, scenario="site-loss", rto=3000, rpo=60
         ),
     }
+    failed = JobEvent("incr", False, _month(period, 1, 10), 3.2, 4, "cannot connect to PostgreSQL")
+    write_event(open_repository(settings, "local").storage, failed)
     keys = open_key_provider(settings.keys)
     for record in drills.values():
         sealed = seal_drill_record(record, keys)
@@ -121,14 +123,28 @@ def test_the_report_lists_each_drill_with_its_numbers_and_flags_the_missing_mont
     quarter: Quarter, workdir: Path
 ) -> None:
     d = quarter.drills
-    add_finding(
-        quarter.settings,
+    note = quarter.dk.run(
+        "drill",
+        "note",
         d["d3"].id,
+        "--finding",
         "WAL fetch from S3 was 40% of the RTO",
-        action="enable async prefetch",
-        owner="dba",
+        "--action",
+        "enable async prefetch",
+        "--owner",
+        "dba",
     )
-    add_signoff(quarter.settings, quarter.period.label, "J. Doe, DBA lead")
+    assert note.exit_code == 0, note.output
+    assert "written to: local, s3-eu" in note.stdout
+    signoff = quarter.dk.run(
+        "drill", "signoff", "--quarter", quarter.period.label, "--by", "J. Doe, DBA lead"
+    )
+    assert signoff.exit_code == 0, signoff.output
+    unknown = quarter.dk.run("drill", "note", "20200101-000000Z-0000", "--finding", "x")
+    assert unknown.exit_code == 44
+    assert (
+        "no repository holds a readable record of drill '20200101-000000Z-0000'" in unknown.stderr
+    )
 
     result = quarter.report(workdir / "out", "json", "md", "html")
 
@@ -160,8 +176,13 @@ def test_the_report_lists_each_drill_with_its_numbers_and_flags_the_missing_mont
     second_month = _month(quarter.period, 1, 1).strftime("%Y-%m")
     assert summary["verdict"] == "FAIL"
     assert summary["verdict_line"] == (
-        f"FAIL: 1 drill failed; restore test for {second_month} missing"
+        f"FAIL: 1 drill failed; 1 backup run failed; restore test for {second_month} missing"
     )
+    assert summary["backups_failed"] == 1
+    [failure] = data["backups"]["failures"]
+    assert (failure["job"], failure["exit_code"]) == ("incr", 4)
+    assert failure["error"] == "cannot connect to PostgreSQL"
+    assert sum(w["failed"] for w in data["backups"]["weeks"]) == 1
     cadence = {(c["kind"], c["period"]): (c["status"], c["drills"]) for c in data["cadence"]}
     months = [_month(quarter.period, i, 1).strftime("%Y-%m") for i in range(3)]
     assert cadence[("restore-test", months[0])] == ("passed", [d["d1"].id, d["d2"].id])
@@ -177,7 +198,7 @@ def test_the_report_lists_each_drill_with_its_numbers_and_flags_the_missing_mont
     )
     assert sum(w["full"] + w["incr"] for w in data["backups"]["weeks"]) == 2
     assert data["copies"]["passing"] == 2
-    assert data["backups"]["failures_recorded"] is False
+    assert data["backups"]["failures_recorded"] is True
     assert data["keys"]["sets"] >= 2 and data["keys"]["escrowed"] == 0
     # findings and the sign-off, from their write-once records
     [finding] = data["findings"]
@@ -254,8 +275,13 @@ def test_a_report_from_the_s3_copy_alone_equals_the_one_from_the_primary(
     shutil.rmtree(quarter.dk.repo_path)
     alone = _json(quarter.report(workdir / "alone"))
     assert alone["source"]["repository"] == "s3-eu"
-    for section in ("drills", "cadence", "summary", "findings", "signoffs"):
+    for section in ("drills", "cadence", "findings", "signoffs"):
         assert alone[section] == primary[section], section
+    for key in ("drills", "passed", "failed", "unauthentic", "rto", "rpo", "cadence_missing"):
+        assert alone["summary"][key] == primary["summary"][key], key
+    # failed runs are recorded in the primary only: now unknown, and said so
+    assert alone["summary"]["backups_failed"] is None
+    assert "failed backup runs unknown" in alone["summary"]["verdict_line"]
     assert [b["label"] for b in alone["backups"]["items"]] == quarter.backups
     local = next(r for r in alone["source"]["repositories"] if r["name"] == "local")
     assert local["reachable"] is False and "not initialized" in local["error"]

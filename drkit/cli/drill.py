@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from drkit.cli import drill_notes
 from drkit.cli.common import (
     ConfigOption,
     JsonOption,
@@ -245,3 +246,6 @@ def _row(drill: ListedDrill) -> tuple[str, ...]:
         objective_text(**record.rpo.model_dump()),
         outcome,
     )
+
+
+drill_notes.register(app)  # drkit drill note / drkit drill signoff

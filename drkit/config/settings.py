@@ -32,8 +32,8 @@ from pydantic_settings import (
 )
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
-from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
 from drkit.config.report import ReportSettings
+from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
 from drkit.errors import ConfigError
 from drkit.private_dir import default_lock_path
 

@@ -1,9 +1,9 @@
 """The key record sets of a repository, and what each record says about its wrapping key.
 
 A *set* is every record of one backup, one WAL key period, one drill record or one note: all
-wrap the same DEK, the newest is the one readers try first. Parsing a record needs no key and no Vault: the
-provider kind, key name and version are in clear in the record (transit's version in its
-``vault:v<N>:`` prefix).
+wrap the same DEK, the newest is the one readers try first. Parsing a record needs no key and no
+Vault: the provider kind, key name and version are in clear in the record (transit's version in
+its ``vault:v<N>:`` prefix).
 """
 
 from __future__ import annotations

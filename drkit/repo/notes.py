@@ -16,7 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from drkit.codec.frame import seal, unseal
+from drkit.codec.frame_reader import unseal
+from drkit.codec.frame_writer import seal
 from drkit.crypto.base import KeyProvider
 from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, WrongKey
 from drkit.repo.drills import SealedDrillRecord, is_drill_id, new_drill_id

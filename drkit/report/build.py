@@ -18,6 +18,7 @@ from drkit.repo.notes import Finding, NoteEntry, Signoff
 from drkit.report.facts import BackupFact, Facts, VerifyFact
 from drkit.report.model import (
     AgePoint,
+    BackupFailure,
     BackupRow,
     Backups,
     CadenceItem,
@@ -214,37 +215,53 @@ def _backups(facts: Facts, ctx: Context) -> Backups:
     rows = [_backup_row(b, facts) for b in items]
     weeks: dict[str, WeekRow] = {}
     for b in items:
-        year, week, _ = b.start.isocalendar()
-        key = f"{year}-W{week:02d}"
+        key = _week(b.start)
         if key not in weeks:
-            monday = b.start.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
-                days=b.start.weekday()
-            )
-            weeks[key] = WeekRow(
-                week=key,
-                start=monday,
-                full=0,
-                diff=0,
-                incr=0,
-                failed=None,
-                size=0,
-                stored=0,
-                labels=[],
-            )
+            weeks[key] = _week_row(key, b.start)
         row = weeks[key]
         setattr(row, b.type, getattr(row, b.type) + 1)
         row.size += b.size
         row.stored += b.stored
         row.labels.append(b.label)
+    failures = facts.failures or []
+    for f in failures:
+        key = _week(f.time)
+        if key not in weeks:
+            weeks[key] = _week_row(key, f.time)
+        row = weeks[key]
+        row.failed = (row.failed or 0) + 1
+    if facts.failures is not None:
+        for row in weeks.values():
+            row.failed = row.failed or 0
     ages = _newest_age(ordered, period, ctx.now)
     return Backups(
         items=rows,
-        weeks=list(weeks.values()),
-        failures_recorded=False,
+        weeks=[weeks[k] for k in sorted(weeks)],
+        failures_recorded=facts.failures is not None,
+        failures=[
+            BackupFailure(
+                job=f.job, time=f.time, exit_code=f.exit_code, error=f.error, record=f.key
+            )
+            for f in failures
+        ],
         damaged=[{"label": k, "reason": v} for k, v in sorted(facts.damaged.items())],
         newest_age=ages,
         worst_age=max(ages, key=lambda a: a.age_seconds) if ages else None,
         rpo_target_seconds=ctx.rpo_seconds,
+    )
+
+
+def _week(moment: datetime) -> str:
+    year, week, _ = moment.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def _week_row(key: str, moment: datetime) -> WeekRow:
+    monday = moment.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
+        days=moment.weekday()
+    )
+    return WeekRow(
+        week=key, start=monday, full=0, diff=0, incr=0, failed=None, size=0, stored=0, labels=[]
     )
 
 
@@ -462,6 +479,9 @@ def _summary(
         problems.append("no drill this period")
     if failed:
         problems.append(f"{failed} drill{'s' * (failed != 1)} failed")
+    if backups.failures:
+        count = len(backups.failures)
+        problems.append(f"{count} backup run{'s' * (count != 1)} failed")
     if unauthentic:
         problems.append(
             f"{unauthentic} drill record{'s' * (unauthentic != 1)} fail{'s' * (unauthentic == 1)}"
@@ -480,6 +500,8 @@ def _summary(
         if rpo.worst is not None:
             line += f"; worst RPO {format_duration(rpo.worst.seconds)}"
             line += f" (target {format_duration(ctx.rpo_seconds)})"
+    if not backups.failures_recorded:
+        line += "; failed backup runs unknown (the primary repository cannot be read)"
     if due:
         line += "; still due: " + ", ".join(f"{_KIND_NAMES[c.kind]} {c.period}" for c in due)
     return Summary(
@@ -494,5 +516,5 @@ def _summary(
         cadence_missing=len(missing),
         cadence_due=len(due),
         backups=len(backups.items),
-        backups_failed=None,
+        backups_failed=None if not backups.failures_recorded else len(backups.failures),
     )

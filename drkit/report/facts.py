@@ -18,6 +18,7 @@ from drkit.config.settings import S3Repo, Settings
 from drkit.errors import DrkitError, IntegrityError, RepositoryError
 from drkit.info.copies import CopyMap
 from drkit.repo.drills import DrillEntry
+from drkit.repo.events import EVENT_PREFIX
 from drkit.repo.key_records import describe, record_sets
 from drkit.repo.label import BackupLabel
 from drkit.repo.notes import NoteEntry, read_notes
@@ -27,7 +28,7 @@ from drkit.repo.wal_archive import WalArchive
 from drkit.report.model import RepositoryFacts
 from drkit.report.period import Period
 
-_VERIFY_STAMP = "%Y%m%dT%H%M%S.%fZ"
+_STAMP = "%Y%m%dT%H%M%S.%fZ"  # of verification and job records
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,20 @@ class KeySetFact:
     escrowed: bool
 
 
+@dataclass(frozen=True)
+class FailureFact:
+    """A backup run that failed, from the primary's job records."""
+
+    job: str  # full | diff | incr
+    time: datetime
+    exit_code: int
+    error: str
+    key: str  # the job record's object key
+
+
+BACKUP_JOBS = ("full", "diff", "incr")
+
+
 @dataclass
 class Facts:
     source: str
@@ -83,6 +98,7 @@ class Facts:
     verify: list[VerifyFact] = field(default_factory=list)
     wal: list[WalFact] = field(default_factory=list)
     key_sets: list[KeySetFact] = field(default_factory=list)
+    failures: list[FailureFact] | None = None  # None: the primary's job records cannot be read
 
 
 def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
@@ -105,6 +121,7 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     facts.verify = _read_verify_runs(settings, copies.unreachable)
     facts.wal = _read_wal(settings, copies)
     facts.key_sets = _read_key_sets(source)
+    facts.failures = _read_failures(settings, period, copies.unreachable)
     return facts
 
 
@@ -201,7 +218,7 @@ def _read_verify_runs(settings: Settings, unreachable: dict[str, str]) -> list[V
 def _verify_fact(repo: Repository, key: str) -> VerifyFact:
     label, _, name = key[len(BACKUP_PREFIX) :].partition("/verify/")
     try:
-        when = datetime.strptime(name.removesuffix(".json"), _VERIFY_STAMP).replace(tzinfo=UTC)
+        when = datetime.strptime(name.removesuffix(".json"), _STAMP).replace(tzinfo=UTC)
     except ValueError:
         when = BackupLabel(label).time
     try:
@@ -238,6 +255,41 @@ def _read_wal(settings: Settings, copies: CopyMap) -> list[WalFact]:
             continue
         found.append(WalFact(name, segments, newest, newest_at, lag.get(name)))
     return found
+
+
+def _read_failures(
+    settings: Settings, period: Period, unreachable: dict[str, str]
+) -> list[FailureFact] | None:
+    """Failed backup runs of the period: ``drkit backup`` and the scheduler record each run in
+    the primary (first configured) repository only, so without it failures are unknown."""
+    primary = settings.repo[0].name
+    if primary in unreachable:
+        return None
+    try:
+        repo = open_repository(settings, primary)
+        found = []
+        for job in BACKUP_JOBS:
+            for obj in repo.storage.list(f"{EVENT_PREFIX}{job}/"):
+                if not obj.key.endswith("-fail.json"):
+                    continue
+                name = obj.key.rsplit("/", 1)[-1].removesuffix("-fail.json")
+                try:
+                    when = datetime.strptime(name, _STAMP).replace(tzinfo=UTC)
+                except ValueError:
+                    continue
+                if when in period:
+                    found.append(_failure(repo, job, when, obj.key))
+    except DrkitError:
+        return None
+    return sorted(found, key=lambda f: f.time)
+
+
+def _failure(repo: Repository, job: str, when: datetime, key: str) -> FailureFact:
+    try:
+        record = json.loads(repo.storage.read_bytes(key))
+        return FailureFact(job, when, int(record["exit_code"]), str(record["error"]), key)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return FailureFact(job, when, 2, "(the job record does not parse)", key)
 
 
 def _read_key_sets(repo: Repository) -> list[KeySetFact]:

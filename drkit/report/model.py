@@ -73,7 +73,10 @@ class Summary(_Part):
     cadence_missing: int
     cadence_due: int
     backups: int
-    backups_failed: int | None = Field(description="None: failures are not recorded")
+    backups_failed: int | None = Field(
+        description="failed backup runs; None: unknown (the primary repository, which keeps the"
+        " job records, cannot be read)"
+    )
 
 
 class PhaseRow(_Part):
@@ -179,7 +182,7 @@ class BackupFailure(_Part):
 class Backups(_Part):
     items: list[BackupRow]
     weeks: list[WeekRow]
-    failures_recorded: bool
+    failures_recorded: bool = Field(description="false: the primary's job records were unreadable")
     failures: list[BackupFailure] = Field(default_factory=list)
     damaged: list[dict[str, str]] = Field(default_factory=list, description="label, reason")
     newest_age: list[AgePoint]
