@@ -231,10 +231,14 @@ def _wal_lag(
 ) -> None:
     """Completed WAL files behind the server's current one (not complete, so never archived
     yet), and for how long: since the newest archived file was pushed."""
-    segments = sorted(name for key in keys if _SEGMENT.fullmatch(name := key.rsplit("/", 1)[-1]))
-    if not segments or server_wal is None:
+    # Keys come sorted, and a segment name sorts by timeline, then position: the newest segment
+    # is the last key that is one (found without looking at the other 100,000)
+    newest = next(
+        (name for key in reversed(keys) if _SEGMENT.fullmatch(name := key.rsplit("/", 1)[-1])),
+        None,
+    )
+    if newest is None or server_wal is None:
         return
-    newest = segments[-1]
     _, archived = parse_segment_name(newest, segment_size)
     _, current = parse_segment_name(server_wal, segment_size)
     behind = max(0, current - archived - 1)
