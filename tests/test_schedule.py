@@ -248,19 +248,36 @@ def test_webhook_receives_the_failure_of_a_job(
         dk = Drkit(pg, workdir)
         dk.ok("init")
         subprocess.run(["mount", "-o", "remount,ro", str(repo)], check=True)
-        dk.write_config(schedule={"full": "*/2 * * * * *"}, metrics={"listen": "127.0.0.1:0"})
+        dk.write_config(
+            schedule={"full": "*/2 * * * * *", "overdue_grace": "2s"},
+            metrics={"listen": "127.0.0.1:0"},
+        )
         with dk.config.open("a") as config:
             config.write(f'[[notify.webhooks]]\nname = "ops"\nurl_file = "{url_file}"\n')
         daemon = Daemon(dk)
         daemons.append(daemon)
         daemon.wait_for("a failed full", lambda line: bool(daemon.finished("full", ok=False)))
+
+        # the failure is posted; with no backup for longer than the schedule allows (2 s + 2 s),
+        # so is the overdue backup, once, and the scheduler is no longer ready
+        def events() -> list[str]:
+            return [got["event"] for got in hooks.received]
+
         deadline = time.monotonic() + 30
-        while not hooks.received and time.monotonic() < deadline:
+        while "backup-overdue" not in events() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert hooks.received, "".join(daemon.raw)
-        got = hooks.received[0]
-        assert got["event"] == "job-failed" and got["job"] == "full"
-        assert "read-only file system" in got["summary"]
+        assert "job-failed" in events() and "backup-overdue" in events(), "".join(daemon.raw)
+        failed = next(got for got in hooks.received if got["event"] == "job-failed")
+        assert failed["job"] == "full" and "read-only file system" in failed["summary"]
+        status, body = get(f"{daemon.url}/health/ready")
+        assert status == 503, body
+        assert (
+            json.loads(body)["checks"]["newest backup"] == "none yet, and the schedule allowed one"
+        )
+        daemon.wait_for(
+            "two more failures", lambda line: len(daemon.finished("full", ok=False)) >= 3
+        )
+        assert events().count("backup-overdue") == 1
         assert str(server.server_address[1]) not in "".join(daemon.raw)  # the URL is never logged
     finally:
         server.shutdown()

@@ -50,7 +50,7 @@ from drkit.schedule.triggers import allowed_age, triggers
 log = logging.getLogger(__name__)
 
 LOCK_POLL = 1.0  # seconds between attempts at a held repository lock
-WATCH_INTERVAL = 60  # seconds between overdue checks
+WATCH_INTERVAL = 60  # seconds between overdue checks, at most
 
 
 @dataclass
@@ -100,7 +100,9 @@ class Scheduler:
                 )
             for job, trigger in triggers(self.settings).items():
                 self._scheduler.add_job(self._run_job, trigger, args=[job], id=job, name=job)
-            self._scheduler.add_job(self._watch, "interval", seconds=WATCH_INTERVAL, id="-watch")
+            self._scheduler.add_job(
+                self._watch, "interval", seconds=self._watch_interval(), id="-watch"
+            )
             self._scheduler.add_listener(self._missed, EVENT_JOB_MISSED)
             previous = {
                 s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)
@@ -190,6 +192,13 @@ class Scheduler:
         event(log, "job run missed", level=logging.WARNING, job=ev.job_id)
 
     # -- overdue ----------------------------------------------------------------------------------
+
+    def _watch_interval(self) -> int:
+        """A minute, or a quarter of the shortest allowed age when that is shorter."""
+        now = datetime.now(UTC)
+        ages = [allowed_age(self.settings, jobs, now) for jobs in (BACKUP_JOBS, ("drill",))]
+        seconds = [age.total_seconds() / 4 for age in ages if age is not None]
+        return max(1, int(min([WATCH_INTERVAL, *seconds])))
 
     def _watch(self) -> None:
         """Notify once when a backup or the drill is older than its schedule allows."""
