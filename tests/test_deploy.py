@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
 from rig.postgres import PgFactory, chown_to_server_user
 
@@ -34,8 +35,6 @@ INSTANCE = "main"
 
 JOB_UNITS = sorted(p.name for p in UNITS.glob("drkit-*@.timer"))
 SERVICE_UNITS = sorted(p.name for p in UNITS.glob("drkit-*@.service"))
-# Units whose drkit command is not part of drkit yet: systemd accepts them, nothing runs them.
-NOT_RUNNABLE_YET = {"drkit-drill@.service": "drill"}
 HARDENING = {
     "User": "postgres",
     "NoNewPrivileges": "yes",
@@ -243,11 +242,17 @@ def instance(pg_factory: PgFactory, workdir: Path) -> Iterator[tuple[Drkit, Path
     dk = Drkit(cluster, workdir, extra_repos=[second])
     dk.write_config(retention={"full": 1})
     dk.ok("init")
-    config_dir = workdir / "etc"
+    yield dk, install_instance(dk)
+
+
+def install_instance(dk: Drkit) -> Path:
+    """Install ``dk``'s configuration as instance ``main`` of a file system rooted in its
+    workdir, all of it the postgres user's; returns the stand-in for /etc."""
+    config_dir = dk.workdir / "etc"
     (config_dir / "drkit").mkdir(parents=True)
     shutil.copy(dk.config, config_dir / "drkit" / f"{INSTANCE}.toml")
-    chown_to_server_user(workdir, recursive=True)
-    yield dk, config_dir
+    chown_to_server_user(dk.workdir, recursive=True)
+    return config_dir
 
 
 def ran(result: subprocess.CompletedProcess[str], name: str) -> None:
@@ -304,6 +309,27 @@ def test_metrics_unit_writes_the_textfile_node_exporter_reads(
     assert [p.name for p in collector.iterdir()] == [textfile.name]  # no temporary file left
 
 
+def test_drill_unit_proves_the_newest_backup_restores(pg_factory: PgFactory, workdir: Path) -> None:
+    cluster = pg_factory(15)
+    dk = Drkit(cluster, workdir)
+    dk.ok("init")
+    enable_archiving(cluster, dk, sections={"drill": {"sandbox": workdir / "sandboxes"}})
+    cluster.psql("CREATE TABLE orders AS SELECT g AS id FROM generate_series(1, 1000) g")
+    dk.ok("backup")
+    wait_archived(cluster, switch_wal(cluster))
+    config_dir = install_instance(dk)
+
+    result = run_unit("drkit-drill@.service", config_dir)
+
+    ran(result, "drill")
+    [drill] = json.loads(dk.ok("drill", "list", "--json").stdout)["drills"]
+    record = drill["record"]
+    assert drill["authentic"] and record["outcome"] == "PASS", record
+    assert record["started_by"] == "user:postgres"
+    assert record["restore_point"]["backup"] == dk.info()["backups"][0]["label"]
+    assert not any((workdir / "sandboxes").iterdir())  # the sandbox is gone
+
+
 def test_heartbeat_unit_keeps_its_row_and_stops_on_systemds_signal(
     instance: tuple[Drkit, Path],
 ) -> None:
@@ -351,14 +377,6 @@ def test_scheduler_unit_runs_its_jobs_and_stops_on_systemds_signal(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert all(p.owner() == "postgres" for p in dk.repo_path.rglob("*"))
-
-
-@pytest.mark.parametrize("name", sorted(NOT_RUNNABLE_YET))
-def test_units_of_commands_drkit_lacks_are_marked_in_the_docs(name: str) -> None:
-    command = NOT_RUNNABLE_YET[name]
-    assert exec_start(name, Path("/etc"))[1] == command
-    docs = (REPO_ROOT / "docs" / "scheduling.md").read_text()
-    assert f"`{name}` needs `drkit {command}`" in docs
 
 
 # -- the failure hook ------------------------------------------------------------------------------
