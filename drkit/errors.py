@@ -87,6 +87,13 @@ def repository_missing(name: str, location: str, *, reading: bool) -> Repository
     return RepositoryMissing(message, hint="run 'drkit init' first to create it")
 
 
+class ArchiveCheckFailed(DrkitError):
+    """'drkit check' found WAL archiving broken: archiving is off, or the segment it switched to
+    did not reach the primary repository (intact) within the timeout."""
+
+    exit_code = 23
+
+
 class BackupNotFound(RepositoryError):
     """The requested backup label does not exist in the repository."""
 
@@ -295,3 +302,14 @@ class DrillNotFound(DrkitError):
     """A note names a drill that no repository has a record of."""
 
     exit_code = 44
+
+
+class ArchivingFailing(DrkitWarning):
+    """PostgreSQL's archive_command is failing (pg_stat_archiver: the last failure is newer than
+    the last success, or failures were counted meanwhile): point-in-time recovery past the
+    last archived segment is impossible until it works again."""
+
+
+class WalNotCopied(DrkitWarning):
+    """An archived WAL segment has not reached a secondary repository yet (the async pusher or
+    'drkit replicate' copies it there)."""

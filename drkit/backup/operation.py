@@ -27,10 +27,12 @@ from drkit.backup.copy import CopyResult, FileCopier
 from drkit.backup.plan import Source, changed_blocks, open_file, plan_sources
 from drkit.config.settings import Settings
 from drkit.errors import (
+    ArchivingFailing,
     BackupNotCopied,
     IntegrityError,
     PostgresError,
 )
+from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
     check_segment_header,
@@ -55,13 +57,19 @@ from drkit.repo.manifest import (
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
 from drkit.result import OperationResult, Stopwatch
+from drkit.storage.posix import PosixStorage
 
 log = logging.getLogger(__name__)
+
+# Temporary files in a posix repository older than this belong to killed writers; younger ones
+# may be another process's write in progress (a wal-push, a copy), so they stay.
+STALE_TEMPORARY_SECONDS = 3600
 
 
 @dataclass
 class BackupResult(OperationResult):
-    """A committed backup. Warnings: PageChecksumFailure, BackupNotCopied. ``phases``: check
+    """A committed backup. Warnings: PageChecksumFailure, BackupNotCopied, ArchivingFailing.
+    ``phases``: check
     (cluster, repository, leftovers, parent), start (pg_backup_start), plan (list PGDATA, find
     the changed blocks), copy (PGDATA and tablespaces), stop (pg_backup_stop), wal (the WAL the
     backup needs), complete (key record and manifest), fanout (the other repositories)."""
@@ -117,6 +125,7 @@ class BackupOperation:
             ):
                 # Check the cluster and the repository, find the parent of a diff/incr
                 cluster = self._check_cluster(session)
+                archiver_before = session.archiver_stats()
                 repo.check(cluster.system_identifier)
                 check_identity(repo.storage, repo.keys)
                 removed = self._remove_leftovers(repo)
@@ -175,6 +184,7 @@ class BackupOperation:
 
                 # Stop the backup and copy the WAL that makes it consistent
                 taken.stop = session.stop_backup(cluster.version_num)
+                archiving = _archiving_warning(cluster, archiver_before, session.archiver_stats())
                 clock.lap("stop")
                 taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
                 self.progress.stop()
@@ -189,7 +199,7 @@ class BackupOperation:
             # Fan out the rest: data objects not streamed yet, key records, the manifest last
             copies = fanout.finish(taken.label)
         clock.lap("fanout")
-        warnings = taken.copied.warnings
+        warnings = taken.copied.warnings + ([archiving] if archiving else [])
         for failed in copies.repos:
             if failed.error is not None:
                 warnings.append(
@@ -235,7 +245,13 @@ class BackupOperation:
         return cluster
 
     def _remove_leftovers(self, repo: Repository) -> list[BackupLabel]:
-        """Remove objects of backups that never completed (killed, failed); we hold the lock."""
+        """Remove objects of backups that never completed (killed, failed) and temporary files
+        of killed writers; we hold the lock."""
+        if isinstance(repo.storage, PosixStorage):
+            # Only old ones: a wal-push or another repository's copy may be writing right now.
+            removed = repo.storage.cleanup_temp(STALE_TEMPORARY_SECONDS)
+            if removed:
+                log.info(f"removed {removed} stale temporary file(s) of killed writers")
         leftovers = repo.incomplete()
         for label in leftovers:
             repo.delete_objects(label)
@@ -391,6 +407,17 @@ class _Taken:
         self.copied.files += result.files
         self.copied.objects += result.objects
         self.copied.warnings += result.warnings
+
+
+def _archiving_warning(
+    cluster: ClusterInfo, before: ArchiverStats, after: ArchiverStats
+) -> ArchivingFailing | None:
+    """The backup restores on its own, but PITR from it needs the archive: say when
+    archive_command is failing (or failed while the backup ran)."""
+    if cluster.archive_mode == "off" or not cluster.archive_command:
+        return None
+    problem = archiving_problem(after, before)
+    return ArchivingFailing(problem, hint=ARCHIVING_HINT) if problem else None
 
 
 def _tablespace_dir(cluster: ClusterInfo) -> str:

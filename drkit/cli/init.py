@@ -12,6 +12,7 @@ from drkit.cli.common import (
     settings_from,
     stdout,
     warn,
+    warn_all,
 )
 
 
@@ -28,6 +29,7 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
                 "pg_version_num": report.pg_version_num,
                 "checks": [c.__dict__ for c in report.checks],
                 "repositories": report.repositories,
+                "warnings": [w.as_dict() for w in report.problems],
             }
         )
     else:
@@ -38,5 +40,6 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
                 stdout.print(f"{check.level}: {check.message}")
         for name, state in report.repositories.items():
             stdout.print(f"repository '{name}': {state}")
-    if report.warnings:
+        warn_all(report.problems)
+    if report.warnings or report.problems:
         raise typer.Exit(1)

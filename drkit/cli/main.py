@@ -25,6 +25,7 @@ def _build_app() -> Any:
     from drkit import __version__
     from drkit.cli import (
         backup,
+        check,
         drill,
         heartbeat,
         info,
@@ -79,6 +80,7 @@ def _build_app() -> Any:
     app.command("backup")(backup.command)
     app.command("info")(info.command)
     app.command("verify")(verify.command)
+    app.command("check")(check.command)
     app.command("restore")(restore.command)
     app.command("replicate")(replicate.command)
     app.command("prune")(prune.command)

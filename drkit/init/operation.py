@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from drkit.codec.frame_reader import unseal
 from drkit.codec.frame_writer import seal
 from drkit.config.settings import Settings
-from drkit.errors import ConfigError, PostgresError
+from drkit.errors import ArchivingFailing, ConfigError, DrkitWarning, PostgresError
+from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
@@ -28,6 +29,7 @@ class InitReport:
     pg_version_num: int
     checks: list[Check] = field(default_factory=list)
     repositories: dict[str, str] = field(default_factory=dict)  # name -> "created" | "exists"
+    problems: list[DrkitWarning] = field(default_factory=list)  # typed: ArchivingFailing
 
     @property
     def warnings(self) -> list[Check]:
@@ -42,8 +44,10 @@ class InitOperation:
         # Check the cluster's settings
         with PgSession(self.settings.postgres) as session:
             cluster = session.cluster_info()
+            archiver = session.archiver_stats()
         report = InitReport(cluster.system_identifier, cluster.version_num)
         report.checks = self._check_cluster(cluster)
+        report.problems = _archiving_warnings(cluster, archiver)
 
         # Prove the key provider can wrap and unwrap a data key
         self._check_keys()
@@ -118,3 +122,11 @@ class InitOperation:
         probe = seal(b"drkit", data_key.plaintext, b"init-probe")
         if unseal(probe, provider.unwrap(data_key.record), b"init-probe") != b"drkit":
             raise ConfigError("the key provider returned a different data key than it wrapped")
+
+
+def _archiving_warnings(cluster: ClusterInfo, archiver: ArchiverStats) -> list[DrkitWarning]:
+    """An archive_command that is configured but failing is worth more than an 'ok' line."""
+    if cluster.archive_mode == "off" or not cluster.archive_command:
+        return []
+    problem = archiving_problem(archiver)
+    return [ArchivingFailing(problem, hint=ARCHIVING_HINT)] if problem else []

@@ -13,6 +13,7 @@ import time
 from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +21,7 @@ import psycopg
 
 from drkit.config.settings import PostgresSettings
 from drkit.errors import PostgresError
+from drkit.pg.archiver import ArchiverStats
 from drkit.pg.summaries import (
     CONTENTS_SQL,
     SUMMARIES_SQL,
@@ -146,6 +148,29 @@ class PgSession:
     def current_wal_file(self) -> str:
         """The WAL segment the server is writing now (not complete, so not archived yet)."""
         return str(self._one("SELECT pg_walfile_name(pg_current_wal_lsn())")[0])
+
+    def archiver_stats(self) -> ArchiverStats:
+        """The archiver's counters (``pg_stat_archiver``)."""
+        row = self._one(
+            "SELECT archived_count, last_archived_wal, last_archived_time, failed_count,"
+            " last_failed_wal, last_failed_time FROM pg_stat_archiver"
+        )
+        archived, archived_wal, archived_at, failed, failed_wal, failed_at = row
+        return ArchiverStats(
+            archived_count=int(str(archived)),
+            last_archived_wal=str(archived_wal) if archived_wal is not None else None,
+            last_archived_time=cast(datetime | None, archived_at),
+            failed_count=int(str(failed)),
+            last_failed_wal=str(failed_wal) if failed_wal is not None else None,
+            last_failed_time=cast(datetime | None, failed_at),
+        )
+
+    def switch_wal(self, marker: str) -> str:
+        """Write a restore point named ``marker`` (so there is WAL to switch away from, as
+        pgBackRest's check does), close the current segment and return its name: the segment
+        archive_command is asked to archive next."""
+        self._one("SELECT pg_create_restore_point(%s)", (marker,))
+        return str(self._one("SELECT pg_walfile_name(pg_switch_wal())")[0])
 
     def in_recovery(self) -> bool:
         return bool(self._one("SELECT pg_is_in_recovery()")[0])

@@ -325,11 +325,21 @@ def _newest_intact_label(repo: Repository, exclude: BackupLabel) -> BackupLabel 
 
 
 def _require_empty(target: Path) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise RestoreTargetError(f"unable to restore to '{target}' because it is not a directory")
-    if any(target.iterdir()):
+    try:
+        if not target.exists():
+            return
+        if not target.is_dir():
+            raise RestoreTargetError(
+                f"unable to restore to '{target}' because it is not a directory"
+            )
+        occupied = any(target.iterdir())
+    except OSError as exc:  # a parent this user cannot search, an unreadable target
+        raise RestoreTargetError(
+            f"unable to restore to path '{target}': {os_reason(exc)}",
+            hint="restore as a user who can enter every directory above it and write in its"
+            " parent (the user the restored server will run as)",
+        ) from None
+    if occupied:
         raise RestoreTargetError(
             f"unable to restore to path '{target}' because it contains files",
             hint="restore into an empty or new directory (or remap tablespaces with"

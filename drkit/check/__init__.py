@@ -1,0 +1,1 @@
+"""drkit check: prove WAL archiving works end to end (switch, wait, read back)."""
