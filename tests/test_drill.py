@@ -15,19 +15,28 @@ from typing import Any
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, attach_cluster, chown_to_server_user, database_checksums
+from typer.testing import CliRunner
 
+from drkit.cli.main import app
 from drkit.config.settings import load_settings
 from drkit.repo.drills import DrillRecord
 from drkit.repo.open import open_repository
 
 
 def drill_setup(
-    pg: PgCluster, workdir: Path, extra_repos: list[dict[str, Any]] | None = None, **drill: Any
+    pg: PgCluster,
+    workdir: Path,
+    extra_repos: list[dict[str, Any]] | None = None,
+    escrow: Path | None = None,
+    **drill: Any,
 ) -> Drkit:
     """A cluster archiving into a repository, a full backup, rows after it, all archived."""
     dk = Drkit(pg, workdir, extra_repos=extra_repos or [])
     dk.ok("init")
-    sections = {"drill": {"sandbox": workdir / "sandboxes", **drill}}
+    sections: dict[str, Any] = {"drill": {"sandbox": workdir / "sandboxes", **drill}}
+    if escrow is not None:
+        keys = {"provider": "keyfile", "keyfile": dk.keyfile}
+        sections["keys"] = {**keys, "escrow": {"public_key_file": escrow}}
     enable_archiving(pg, dk, sections=sections)
     pg.psql(
         "CREATE TABLE orders (id int PRIMARY KEY, note text);"
@@ -325,3 +334,30 @@ def test_scenario_naming_an_unknown_repository_is_an_error(pg_factory: Any, work
     assert result.exit_code == 3, result.output
     assert "the scenario names repositories that are not configured: nope" in result.stderr
     assert records(dk) == []
+
+
+def test_key_loss_restores_with_the_escrow_key_alone(pg_factory: Any, workdir: Path) -> None:
+    offline = workdir / "offline"
+    offline.mkdir()
+    made = CliRunner().invoke(app, ["keys", "escrow-init", "--out", str(offline / "recovery")])
+    assert made.exit_code == 0, made.output
+    recovery = offline / "recovery.key"
+    chown_to_server_user(recovery)  # the sandbox's wal-fetch reads it as the server user
+    dk = drill_setup(pg_factory(15), workdir, escrow=offline / "recovery.pub")
+    assert dk.keyfile is not None
+    dk.keyfile.rename(workdir / "lost.key")  # the key provider is gone
+    scenario = write_scenario(
+        workdir,
+        f'name = "key-loss"\n[survivors]\nvault = false\nrecovery_key = "{recovery}"\n',
+    )
+
+    code, out, stderr = run_drill(dk, "--scenario", str(scenario))
+
+    record = out["record"]
+    assert record["outcome"] == "PASS", record
+    assert record["wal_segments"] >= 1
+    assert {c["name"]: c["ok"] for c in record["checks"]} == {"amcheck": True}
+    # The record is sealed with the configured provider afterwards, which is gone too
+    assert out["written"] == [] and code == 1
+    assert "was not written" in stderr and "lost.key" not in stderr
+    assert_cleaned_up(workdir)

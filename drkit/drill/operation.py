@@ -443,7 +443,7 @@ class DrillOperation:
             rto=rto,
             rpo=rpo,
             rpo_detail=detail,
-            exposure=exposure(self.settings, datetime.now(UTC)),
+            exposure=exposure(self._reading_settings(), datetime.now(UTC)),
             checks=self.check_results,
             restored_bytes=self.restored.size if self.restored else 0,
             wal_segments=self.segments,
@@ -467,6 +467,13 @@ class DrillOperation:
             elif name == "wal-replay+start":
                 detail = f"{self.segments} WAL segments fetched from the archive"
             self.phases.append(Phase(name=name, seconds=time.monotonic() - started, detail=detail))
+
+    def _reading_settings(self) -> Settings:
+        """Every configured repository, read with the drill's keys (the recovery key alone when
+        the scenario loses the key provider, which is then never contacted)."""
+        if self.allowed is None:
+            return self.settings
+        return self.settings.model_copy(update={"keys": self.allowed.keys})
 
     def _running(self) -> Cluster:
         assert self.cluster is not None
