@@ -28,6 +28,7 @@ def drill_setup(
     workdir: Path,
     extra_repos: list[dict[str, Any]] | None = None,
     escrow: Path | None = None,
+    tablespace: bool = False,
     **drill: Any,
 ) -> Drkit:
     """A cluster archiving into a repository, a full backup, rows after it, all archived."""
@@ -42,6 +43,13 @@ def drill_setup(
         "CREATE TABLE orders (id int PRIMARY KEY, note text);"
         " INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 2000) g"
     )
+    if tablespace:
+        location = pg.make_tablespace_dir("archive")
+        pg.psql(f"CREATE TABLESPACE archive LOCATION '{location}'")
+        pg.psql(
+            "CREATE TABLE old_orders TABLESPACE archive AS"
+            " SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 500) g"
+        )
     dk.ok("backup")
     pg.psql("INSERT INTO orders SELECT g, 'after' FROM generate_series(2001, 2500) g")
     wait_archived(pg, switch_wal(pg))
@@ -88,8 +96,12 @@ def write_scenario(workdir: Path, text: str) -> Path:
 
 
 def test_drill_passes_and_restores_exactly_the_source(pg: PgCluster, workdir: Path) -> None:
-    dk = drill_setup(pg, workdir)
+    dk = drill_setup(pg, workdir, tablespace=True)
     source = database_checksums(pg)
+    location = Path(
+        pg.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'archive'")
+    )
+    production = sorted(str(p) for p in location.rglob("*"))
 
     code, out, _ = run_drill(dk, "--keep")
 
@@ -119,6 +131,11 @@ def test_drill_passes_and_restores_exactly_the_source(pg: PgCluster, workdir: Pa
     sandbox = Path(out["sandbox"])
     assert sandbox.stat().st_mode & 0o777 == 0o700
     assert postgres_under(sandbox) == []
+    # The tablespace was restored into the sandbox, production's location left alone
+    (link,) = (sandbox / "pgdata" / "pg_tblspc").iterdir()
+    assert link.readlink() == sandbox / "tablespaces" / link.name
+    assert any((sandbox / "tablespaces" / link.name).rglob("PG_*"))
+    assert sorted(str(p) for p in location.rglob("*")) == production
     copy = attach_cluster(sandbox / "pgdata", pg.version, workdir)
     copy.start()
     assert database_checksums(copy) == source
@@ -135,7 +152,7 @@ def test_text_output_names_the_point_phases_targets_and_checks(
     pg_factory: Any, workdir: Path
 ) -> None:
     dk = drill_setup(pg_factory(15), workdir)
-    result = dk.run("drill", "--rpo", "2h")
+    result = dk.run("drill", "--rpo", "2h", "--started-by", "scheduler")
     assert result.exit_code == 0, result.output
     out = result.stdout
     for expected in (
@@ -150,6 +167,7 @@ def test_text_output_names_the_point_phases_targets_and_checks(
     ):
         assert expected in out, out
     assert out.rstrip().endswith("PASS")
+    assert [r.started_by for r in records(dk)] == ["scheduler"]
     assert_cleaned_up(workdir)
 
 

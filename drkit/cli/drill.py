@@ -79,6 +79,13 @@ def command(
     keep: Annotated[
         bool, typer.Option("--keep", help="keep the sandbox for inspection (server stopped)")
     ] = False,
+    started_by: Annotated[
+        str | None,
+        typer.Option(
+            help="who started it, for the record: 'scheduler' from a timer or a CronJob"
+            " (default: user:<login>)"
+        ),
+    ] = None,
     json_: JsonOption = False,
 ) -> None:
     """Run a restore drill: exit 0 PASS, 30 restore failed, 31 check failed, 32 RTO/RPO missed.
@@ -107,6 +114,8 @@ def command(
         keep=keep,
         config=config_path(config),
     )
+    if started_by:
+        request.started_by = started_by
     try:
         result = DrillOperation(settings, request, progress()).run()
     except Interrupted as exc:
