@@ -176,6 +176,11 @@ def test_rto_target_missed_fails_with_32(pg_factory: Any, workdir: Path) -> None
     code, out, _ = run_drill(dk, "--rto", "1s")
     record = out["record"]
     assert code == 32
+    assert (out["outcome"], out["failure"], out["reason"]) == (
+        "FAIL",
+        "target-missed",
+        record["reason"],
+    )
     assert record["outcome"] == "FAIL" and record["failure"] == "target-missed"
     assert record["reason"].startswith("RTO ") and "> target 1.0s" in record["reason"]
     assert record["rto"]["met"] is False and record["rpo"]["met"] is True

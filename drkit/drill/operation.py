@@ -125,6 +125,9 @@ class DrillResult(OperationResult):
 
     def _data(self) -> dict[str, Any]:
         return {
+            "outcome": str(self.record.outcome),
+            "failure": str(self.record.failure) if self.record.failure else None,
+            "reason": self.record.reason,
             "record": self.record.model_dump(mode="json"),
             "sandbox": str(self.sandbox) if self.sandbox else None,
             "written": self.written,

@@ -140,7 +140,7 @@ JOBS: dict[str, Callable[[JobContext], str]] = {
     "replicate": _replicate,
     "verify": _verify,
     "prune": _prune,
-    "drill": _command("drill", "--json"),
+    "drill": _command("drill", "--json", "--started-by", "scheduler"),
     "heartbeat": _heartbeat,
     "report": _command("report"),
 }
