@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
 
     # Unknown keys and bad values are only warnings for systemd: any output is a finding.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
-    assert len(instances) == 19
+    assert len(instances) == 21
 
 
 def test_systemd_analyze_verify_catches_a_missing_binary(tmp_path: Path) -> None:
@@ -328,6 +329,25 @@ def test_drill_unit_proves_the_newest_backup_restores(pg_factory: PgFactory, wor
     assert record["started_by"] == "user:postgres"
     assert record["restore_point"]["backup"] == dk.info()["backups"][0]["label"]
     assert not any((workdir / "sandboxes").iterdir())  # the sandbox is gone
+
+
+def test_report_unit_writes_the_quarters_report(instance: tuple[Drkit, Path]) -> None:
+    dk, config_dir = instance
+    ran(run_unit("drkit-backup-full@.service", config_dir), "full")
+
+    result = run_unit("drkit-report@.service", config_dir)
+
+    ran(result, "report")
+    reports = config_dir.parent / "var" / "lib" / "drkit" / "reports" / INSTANCE
+    now = datetime.now(UTC)
+    quarter = f"{now.year}Q{(now.month - 1) // 3 + 1}"
+    assert sorted(p.name for p in reports.iterdir()) == [
+        f"drkit-report-{quarter}.html",
+        f"drkit-report-{quarter}.json",
+    ]
+    report = json.loads((reports / f"drkit-report-{quarter}.json").read_text())
+    assert dk.info()["backups"][0]["label"] in json.dumps(report)
+    assert all(p.owner() == "postgres" for p in reports.iterdir())
 
 
 def test_heartbeat_unit_keeps_its_row_and_stops_on_systemds_signal(

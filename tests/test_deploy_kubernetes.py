@@ -82,7 +82,15 @@ def test_every_manifest_is_valid_kubernetes(version: str) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)  # raises with the field's path
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "CronJob", "CronJob", "ServiceAccount", "StatefulSet"]
+    assert kinds == [
+        "ConfigMap",
+        "CronJob",
+        "CronJob",
+        "CronJob",
+        "PersistentVolumeClaim",
+        "ServiceAccount",
+        "StatefulSet",
+    ]
 
 
 def test_the_validation_rejects_what_kubernetes_would() -> None:
@@ -99,7 +107,8 @@ def test_the_validation_rejects_what_kubernetes_would() -> None:
 
 def test_cronjobs_never_overlap_and_have_bounds() -> None:
     cronjobs = by_kind(render_kustomization(), "CronJob")
-    assert sorted(c["metadata"]["name"] for c in cronjobs) == ["drkit-drill", "drkit-verify"]
+    names = sorted(c["metadata"]["name"] for c in cronjobs)
+    assert names == ["drkit-drill", "drkit-report", "drkit-verify"]
     for cronjob in cronjobs:
         spec = cronjob["spec"]
         assert spec["concurrencyPolicy"] == "Forbid"
@@ -110,6 +119,19 @@ def test_cronjobs_never_overlap_and_have_bounds() -> None:
         assert container["image"] == "registry.example.com/drkit:0.1.0"
         assert container["resources"]["requests"].keys() == {"cpu", "memory"}
         assert "memory" in container["resources"]["limits"]
+
+
+def test_reports_are_kept_on_their_claim() -> None:
+    docs = render_kustomization()
+    [claim] = by_kind(docs, "PersistentVolumeClaim")
+    [report] = [c for c in by_kind(docs, "CronJob") if c["metadata"]["name"] == "drkit-report"]
+    [container] = containers(report)
+    out = container["args"][container["args"].index("--out") + 1]
+    volumes = {
+        v["name"]: v for v in report["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    }
+    volume = volumes[mounts(container)[out]["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
 def test_no_secret_is_shipped_and_secrets_are_referenced_by_name() -> None:
