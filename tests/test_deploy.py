@@ -326,7 +326,7 @@ def test_drill_unit_proves_the_newest_backup_restores(pg_factory: PgFactory, wor
     [drill] = json.loads(dk.ok("drill", "list", "--json").stdout)["drills"]
     record = drill["record"]
     assert drill["authentic"] and record["outcome"] == "PASS", record
-    assert record["started_by"] == "user:postgres"
+    assert record["started_by"] == "scheduler"
     assert record["restore_point"]["backup"] == dk.info()["backups"][0]["label"]
     assert not any((workdir / "sandboxes").iterdir())  # the sandbox is gone
 
