@@ -285,3 +285,4 @@ def test_the_build_context_holds_everything_the_build_needs(tmp_path: Path) -> N
     ).stdout
     assert "drkit/codec/_sparse" in listing and "drkit/pg/_walblocks" in listing
     assert "drkit/cli/main.py" in listing
+    assert "drkit/report/templates/" in listing  # package data: the report's templates
