@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rig.archive import enable_archiving
-from rig.drkit import Drkit
-from rig.postgres import PgCluster
+from rig.drkit import DRKIT, Drkit
+from rig.postgres import PgCluster, chown_to_server_user
 
 from drkit.schedule.metrics import FAMILIES
 
@@ -32,8 +32,8 @@ STOP_BOUND_S = 15  # SIGTERM to exit, with a stop_timeout of 2 s, on a loaded 2-
 class Daemon:
     """``drkit schedule`` as a process, its JSON log lines collected as they arrive."""
 
-    def __init__(self, dk: Drkit) -> None:
-        self.process = dk.spawn("schedule")
+    def __init__(self, dk: Drkit, user: str | None = None) -> None:
+        self.process = spawn(dk, user)
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -81,6 +81,21 @@ class Daemon:
         self.process.wait()
 
 
+def spawn(dk: Drkit, user: str | None) -> subprocess.Popen[str]:
+    """``drkit schedule`` as root, or as ``user`` as its systemd unit runs it."""
+    if user is None:
+        return dk.spawn("schedule")
+    return subprocess.Popen(
+        [*DRKIT, "schedule", "--config", str(dk.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        user=user,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONUNBUFFERED": "1"},
+        cwd="/",
+    )
+
+
 @pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
@@ -125,23 +140,35 @@ def test_schedule_runs_the_jobs_serves_metrics_and_stops_cleanly(
         "replicate": "*/7 * * * * *",
         "verify": "*/11 * * * * *",
         "heartbeat": "*/3 * * * * *",
+        "drill": "*/15 * * * * *",
+        "report": "*/30 * * * * *",
+        "report_dir": workdir / "reports",
         "stop_timeout": "2s",
         "lock_wait": "2m",
     }
-    enable_archiving(pg, dk, sections={"schedule": schedule, "metrics": {"listen": "127.0.0.1:0"}})
+    sections = {
+        "schedule": schedule,
+        "metrics": {"listen": "127.0.0.1:0"},
+        "drill": {"sandbox": workdir / "sandboxes"},
+    }
+    enable_archiving(pg, dk, sections=sections)
     pg.psql("SELECT pg_switch_wal()")
 
     # --list shows the next run of every job from the same configuration
     listed = json.loads(dk.ok("schedule", "--list", "--json").stdout)
-    assert [j["job"] for j in listed] == ["full", "incr", "replicate", "verify", "heartbeat"]
+    jobs = ["full", "incr", "replicate", "verify", "drill", "heartbeat", "report"]
+    assert [j["job"] for j in listed] == jobs
 
-    daemon = Daemon(dk)
+    # As the PostgreSQL user, like its systemd unit: the drill's restore_command (run by the
+    # sandbox server as that user) reads every repository, copies included
+    chown_to_server_user(workdir, recursive=True)
+    daemon = Daemon(dk, "postgres")
     daemons.append(daemon)
     base = daemon.url
     assert get(f"{base}/health/live")[0] == 200
 
     # A second scheduler on the same cluster refuses to start, and says why
-    second = dk.spawn("schedule")
+    second = spawn(dk, "postgres")
     _, err = second.communicate(timeout=60)
     assert second.returncode == 5, err
     assert "another scheduler is already running" in err and "HINT:" in err
@@ -154,6 +181,10 @@ def test_schedule_runs_the_jobs_serves_metrics_and_stops_cleanly(
     since = daemon.lines.index(full)
     for job in ("incr", "replicate", "verify", "heartbeat"):
         daemon.wait_for(f"{job} after the full", finished(job), 60, since=since)
+    drill = daemon.wait_for("a drill after the full", finished("drill"), 90, since=since)
+    assert drill["ok"], "".join(daemon.raw)
+    report = daemon.wait_for("a report", finished("report"), 90)
+    assert report["ok"] and any((workdir / "reports").iterdir()), "".join(daemon.raw)
     daemon.wait_for("two incrementals", lambda line: len(daemon.finished("incr")) >= 2, 60)
     assert all(not daemon.finished(job, ok=False) for job in ("full", "incr", "replicate")), (
         "".join(daemon.raw)
@@ -175,8 +206,12 @@ def test_schedule_runs_the_jobs_serves_metrics_and_stops_cleanly(
     assert status == 200
     found = families(text)
     assert set(FAMILIES) <= set(found), set(FAMILIES) - set(found)
-    for job in ("full", "incr", "replicate", "verify"):
+    for job in ("full", "incr", "replicate", "verify", "drill", "report"):
         assert sample(found, "drkit_job_last_success_timestamp_seconds", job=job, repo="local") > 0
+    assert sample(found, "drkit_drill_last_ok") == 1
+    assert sample(found, "drkit_drill_rto_seconds") < sample(
+        found, "drkit_drill_rto_target_seconds"
+    )
     assert sample(found, "drkit_backup_last_size_bytes", type="full", repo="local") > 0
     assert sample(found, "drkit_verify_last_ok", repo="local") == 1
     assert sample(found, "drkit_copies_321_compliant") == 1

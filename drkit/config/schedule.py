@@ -77,6 +77,10 @@ class ScheduleSettings(_Section):
     drill: str | None = None
     heartbeat: str | None = None
     report: str | None = None
+    report_dir: Path = Field(
+        Path("/var/lib/drkit/reports"),
+        description="where the report job writes the previous quarter's report",
+    )
     timezone: str = Field("UTC", description="time zone the expressions are read in")
     jitter: Duration = Field(
         timedelta(0), description="each run starts up to this much later, at random"

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from drkit.backup.operation import take_backup
@@ -102,9 +103,25 @@ def _heartbeat(ctx: JobContext) -> str:
     return "heartbeat written"
 
 
-def _command(*args: str) -> Callable[[JobContext], str]:
+def previous_quarter(today: date) -> str:
+    """'2027Q1' -> the quarter before today's: '2026Q4'."""
+    index = today.year * 4 + (today.month - 1) // 3 - 1
+    return f"{index // 4}Q{index % 4 + 1}"
+
+
+def _report_args(ctx: JobContext) -> list[str]:
+    """The DR report of the quarter that ended last (the job runs early in a quarter)."""
+    out = ctx.settings.schedule.report_dir
+    out.mkdir(mode=0o750, parents=True, exist_ok=True)
+    return ["--quarter", previous_quarter(datetime.now(UTC).date()), "--out", str(out)]
+
+
+def _command(
+    *args: str, extra: Callable[[JobContext], list[str]] | None = None
+) -> Callable[[JobContext], str]:
     def run(ctx: JobContext) -> str:
-        argv = [sys.executable, "-m", "drkit", *args, "--config", str(ctx.config)]
+        argv = [sys.executable, "-m", "drkit", *args, *(extra(ctx) if extra else [])]
+        argv += ["--config", str(ctx.config)]
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         with ctx.children_lock:
             ctx.children.add(child)
@@ -130,7 +147,9 @@ def _reason(out: str) -> str:
         data = json.loads(out)
     except ValueError:
         return "see the drill's log"
-    return str(data.get("reason") or data.get("outcome") or "see the drill's log")
+    record = data.get("record") if isinstance(data, dict) else None
+    reason = record.get("reason") if isinstance(record, dict) else None
+    return str(reason or "see the drill's log")
 
 
 JOBS: dict[str, Callable[[JobContext], str]] = {
@@ -142,5 +161,5 @@ JOBS: dict[str, Callable[[JobContext], str]] = {
     "prune": _prune,
     "drill": _command("drill", "--json", "--started-by", "scheduler"),
     "heartbeat": _heartbeat,
-    "report": _command("report"),
+    "report": _command("report", extra=_report_args),
 }
