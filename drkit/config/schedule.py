@@ -79,7 +79,7 @@ class ScheduleSettings(_Section):
     report: str | None = None
     report_dir: Path = Field(
         Path("/var/lib/drkit/reports"),
-        description="where the report job writes the previous quarter's report",
+        description="where the report job writes its report (HTML and JSON)",
     )
     timezone: str = Field("UTC", description="time zone the expressions are read in")
     jitter: Duration = Field(

@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from drkit.backup.operation import take_backup
@@ -103,17 +103,18 @@ def _heartbeat(ctx: JobContext) -> str:
     return "heartbeat written"
 
 
-def previous_quarter(today: date) -> str:
-    """'2027Q1' -> the quarter before today's: '2026Q4'."""
-    index = today.year * 4 + (today.month - 1) // 3 - 1
-    return f"{index // 4}Q{index % 4 + 1}"
+def report_quarter(today: date) -> str:
+    """The quarter of the day before ``today``: run on a quarter's first day, the quarter that
+    just ended; on any other day, the current one so far ('2027-01-01' -> '2026Q4')."""
+    day = today - timedelta(days=1)
+    return f"{day.year}Q{(day.month - 1) // 3 + 1}"
 
 
 def _report_args(ctx: JobContext) -> list[str]:
-    """The DR report of the quarter that ended last (the job runs early in a quarter)."""
+    """The DR report of ``report_quarter`` into ``[schedule] report_dir``."""
     out = ctx.settings.schedule.report_dir
     out.mkdir(mode=0o750, parents=True, exist_ok=True)
-    return ["--quarter", previous_quarter(datetime.now(UTC).date()), "--out", str(out)]
+    return ["--quarter", report_quarter(datetime.now(UTC).date()), "--out", str(out)]
 
 
 def _command(
@@ -147,8 +148,7 @@ def _reason(out: str) -> str:
         data = json.loads(out)
     except ValueError:
         return "see the drill's log"
-    record = data.get("record") if isinstance(data, dict) else None
-    reason = record.get("reason") if isinstance(record, dict) else None
+    reason = data.get("reason") if isinstance(data, dict) else None
     return str(reason or "see the drill's log")
 
 
