@@ -313,3 +313,8 @@ class ArchivingFailing(DrkitWarning):
 class WalNotCopied(DrkitWarning):
     """An archived WAL segment has not reached a secondary repository yet (the async pusher or
     'drkit replicate' copies it there)."""
+
+
+class NoRetention(DrkitWarning):
+    """No retention is configured for a repository: prune keeps every backup, and the
+    repository grows until its storage is full."""

@@ -49,6 +49,10 @@ def _render(info: RepositoryInfo) -> None:
     stdout.print(
         f"repository '{info.name}' (system {info.system_identifier}, format {info.format})"
     )
+    stdout.print(f"status: {info.status}", markup=False)
+    if info.running is not None:
+        since = info.running.since.isoformat(timespec="seconds")
+        stdout.print(f"backup running since {since} (pid {info.running.pid})", markup=False)
     if not info.backups:
         stdout.print("no backups yet")
     for b in info.backups:
@@ -64,7 +68,8 @@ def _render(info: RepositoryInfo) -> None:
             stdout.print(
                 f"    copies {c.copies} ({', '.join(['live', *c.repos])}), media"
                 f" {len(c.media)} ({', '.join(c.media)}), offsite {c.offsite}:"
-                f" 3-2-1 {'PASS' if c.passes else 'FAIL'}",
+                f" 3-2-1 {'PASS' if c.passes else 'FAIL'}"
+                + ("" if info.require_321 else " (not required)"),
                 markup=False,
             )
     for label, reason in info.damaged.items():

@@ -163,6 +163,16 @@ class RetentionSettings(_Section):
         return self
 
 
+class CopiesSettings(_Section):
+    """What ``info`` expects of the copies (docs/operations.md, Copies)."""
+
+    require_321: bool | None = Field(
+        None,
+        description="warn (info exit 102) when the newest backup lacks 3 copies on 2 media with"
+        " 1 offsite; default: true when more than one repository is configured",
+    )
+
+
 class _RepoBase(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     media: str = "disk"
@@ -365,6 +375,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings | None = Field(
         None, description="retention of every repository without its own (drkit prune)"
     )
+    copies: CopiesSettings = CopiesSettings()
     drill: DrillSettings = DrillSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     report: ReportSettings = Field(default_factory=ReportSettings)
@@ -372,6 +383,14 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = Field(default_factory=lambda: ScheduleSettings.model_validate({}))
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings.model_validate({}))
     notify: NotifySettings = Field(default_factory=lambda: NotifySettings.model_validate({}))
+
+    @property
+    def require_321(self) -> bool:
+        """Whether 3-2-1 is expected: as configured, else when there is more than one
+        repository (a single repository is a choice, not a permanent warning)."""
+        if self.copies.require_321 is not None:
+            return self.copies.require_321
+        return len(self.repo) > 1
 
     @field_validator("repo")
     @classmethod

@@ -11,14 +11,16 @@ from drkit.errors import (
     DrkitWarning,
     IncompleteBackup,
     IntegrityError,
+    NoRetention,
     RepositoryUnreachable,
     Rule321Failed,
     WalArchiveGap,
 )
 from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.drills import DrillRecord
+from drkit.repo.lock import LockHolder, lock_holder
 from drkit.repo.manifest import Manifest
-from drkit.repo.open import open_repository
+from drkit.repo.open import open_repository, repo_location
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
 from drkit.result import OperationResult
 
@@ -65,10 +67,10 @@ def drill_summary(record: DrillRecord) -> dict[str, Any]:
 
 @dataclass
 class RepositoryInfo(OperationResult):
-    """What ``info`` found. Warnings: Rule321Failed (the newest backup lacks copies),
-    RepositoryUnreachable, WalArchiveGap, IncompleteBackup. ``phases``: backups (read every
-    manifest), copies (list every repository), wal (summarize the archive), drills (the newest
-    drill record of each repository)."""
+    """What ``info`` found. Warnings: Rule321Failed (the newest backup lacks copies, when
+    3-2-1 is required), NoRetention, RepositoryUnreachable, WalArchiveGap, IncompleteBackup.
+    ``phases``: backups (read every manifest), copies (list every repository), wal (summarize
+    the archive), drills (the newest drill record of each repository)."""
 
     name: str
     system_identifier: str
@@ -81,6 +83,17 @@ class RepositoryInfo(OperationResult):
     unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
     # repository -> its newest drill record that authenticates (drill_summary); None: none
     last_drill: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    require_321: bool = True  # whether a newest backup failing 3-2-1 is a warning
+    running: LockHolder | None = None  # a backup of this cluster running on this host
+
+    @property
+    def status(self) -> str:
+        """One line for people and monitoring: 'ok', or the problems, most severe first."""
+        if self.damaged:
+            return f"error: {len(self.damaged)} backup(s) DAMAGED ({', '.join(self.damaged)})"
+        if self.warnings:
+            return "warning: " + "; ".join(w.message for w in self.warnings)
+        return "ok"
 
     @property
     def exit_code(self) -> int:
@@ -107,6 +120,9 @@ class RepositoryInfo(OperationResult):
             "unreachable": self.unreachable,
             "last_drill": self.last_drill,
             "rule_3_2_1": "PASS" if self.rule_3_2_1 else "FAIL",
+            "require_321": self.require_321,
+            "running": _running(self.running),
+            "status": self.status,
         }
 
 
@@ -124,7 +140,15 @@ class InfoOperation:
         repo = open_repository(self.settings, self.repo_name)
         fmt = repo.check()
         info = RepositoryInfo(
-            name=repo.name, system_identifier=fmt.system_identifier, format=fmt.format
+            name=repo.name,
+            system_identifier=fmt.system_identifier,
+            format=fmt.format,
+            require_321=self.settings.require_321,
+        )
+
+        # A backup of this cluster running on this host (it holds the lock on the primary)
+        info.running = lock_holder(
+            self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"
         )
 
         # Which repository holds which backup and WAL file (3-2-1, lag)
@@ -153,7 +177,7 @@ class InfoOperation:
         with info.phase("drills"):
             info.last_drill = self._last_drills(info.unreachable)
 
-        info.warnings = _warnings(info)
+        info.warnings = _warnings(info) + _retention_warnings(self.settings)
         return info
 
     def _last_drills(self, unreachable: dict[str, str]) -> dict[str, dict[str, Any] | None]:
@@ -213,8 +237,30 @@ def _warnings(info: RepositoryInfo) -> list[DrkitWarning]:
         RepositoryUnreachable(f"repository '{name}' is unreachable: {error}")
         for name, error in info.unreachable.items()
     ]
-    if info.backups and not info.rule_3_2_1:
+    if info.backups and info.require_321 and not info.rule_3_2_1:
         warnings.append(
             Rule321Failed("the newest backup does not meet 3-2-1 (3 copies, 2 media, 1 offsite)")
         )
     return warnings
+
+
+def _retention_warnings(settings: Settings) -> list[DrkitWarning]:
+    """Without retention, prune keeps everything and the repository grows until it is full."""
+    bare = [r.name for r in settings.repo if r.retention is None and settings.retention is None]
+    if not bare:
+        return []
+    names = ", ".join(f"'{name}'" for name in bare)
+    return [
+        NoRetention(
+            f"no retention is configured for repository {names}: 'drkit prune' keeps every"
+            " backup and the repository grows until it is full",
+            hint="set [retention] (e.g. full = 2 or window = '30d'), or per repository;"
+            " docs/retention.md",
+        )
+    ]
+
+
+def _running(holder: LockHolder | None) -> dict[str, Any] | None:
+    if holder is None:
+        return None
+    return {"operation": holder.operation, "pid": holder.pid, "since": holder.since.isoformat()}

@@ -11,19 +11,63 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from drkit.errors import LockError
 from drkit.private_dir import open_lock_file, open_private_dir, write_pid
 
 
+@dataclass(frozen=True)
+class LockHolder:
+    """A process holding an operation lock: its pid and when it took the lock."""
+
+    operation: str
+    pid: int
+    since: datetime
+
+
+def _lock_name(scope: str, operation: str) -> str:
+    digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
+    return f"{operation}-{digest}.lock"
+
+
+def lock_holder(lock_path: Path, scope: str, operation: str) -> LockHolder | None:
+    """Who holds the ``operation`` lock for ``scope`` on this host, or None. Asks the kernel's
+    lock table (/proc/locks) instead of trying the lock, so that it never makes an operation
+    starting at that instant fail; creates nothing, follows no link."""
+    try:
+        fd = os.open(lock_path / _lock_name(scope, operation), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None  # never taken here, or not ours to read
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF" (blocked waiters are "->" lines)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            since = datetime.fromtimestamp(st.st_mtime, UTC)  # write_pid's write when taken
+            return LockHolder(operation, int(fields[4]), since)
+    return None
+
+
 @contextmanager
 def operation_lock(lock_path: Path, scope: str, operation: str) -> Iterator[None]:
     """Hold the ``operation`` lock for ``scope`` (e.g. the primary repository's location)."""
-    digest = hashlib.sha256(scope.encode()).hexdigest()[:16]
-    name = f"{operation}-{digest}.lock"
+    name = _lock_name(scope, operation)
     path = lock_path / name
     dir_fd = open_private_dir(lock_path)
     try:

@@ -101,13 +101,14 @@ class Drkit:
 
     def info(self) -> dict[str, Any]:
         """``drkit info --json``, parsed. Its exit code is the code of the one kind of warning it
-        found, 1 for several kinds, 0 for none; a failing 3-2-1 rule is one of them."""
+        found, 1 for several kinds, 0 for none; a failing 3-2-1 rule is one of them where 3-2-1 is
+        required (more than one repository, or [copies] require_321)."""
         result = self.run("info", "--json")
         data: dict[str, Any] = json.loads(result.stdout)
         codes = {w["code"] for w in data["warnings"]}
         expected = 0 if not codes else codes.pop() if len(codes) == 1 else 1
         assert result.exit_code == expected == data["exit_code"], result.output
-        failing = bool(data["backups"]) and data["rule_3_2_1"] == "FAIL"
+        failing = bool(data["backups"]) and data["rule_3_2_1"] == "FAIL" and data["require_321"]
         assert failing == any(w["warning"] == "Rule321Failed" for w in data["warnings"])
         return data
 

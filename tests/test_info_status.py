@@ -1,0 +1,78 @@
+"""info for monitoring: a status line, an exit code that means something (a single repository is
+a choice, no retention is a warning), and a backup running on this host. Real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rig.drkit import Drkit
+from rig.postgres import PgCluster
+
+from drkit.errors import Rule321Failed
+
+
+def test_info_status_and_exit_codes(pg: PgCluster, workdir: Path) -> None:
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup")
+
+    # One repository, no retention: the one warning is the missing retention
+    result = dk.run("info")
+    assert result.exit_code == 1, result.output
+    assert (
+        "status: warning: no retention is configured for repository 'local': 'drkit prune'"
+        " keeps every backup" in result.stdout
+    )
+    assert "3-2-1 FAIL (not required)" in result.stdout
+    data = dk.info()
+    assert [w["warning"] for w in data["warnings"]] == ["NoRetention"]
+    assert data["require_321"] is False and data["running"] is None
+
+    # With a retention: ok, exit 0
+    dk.write_config(retention={"full": 2})
+    result = dk.run("info")
+    assert result.exit_code == 0, result.output
+    assert "status: ok" in result.stdout
+    assert dk.info()["status"] == "ok"
+
+    # 3-2-1 asked for explicitly: a single repository fails it
+    dk.write_config(retention={"full": 2}, copies={"require_321": True})
+    result = dk.run("info")
+    assert result.exit_code == Rule321Failed.exit_code, result.output
+    assert "status: warning: the newest backup does not meet 3-2-1" in result.stdout
+
+
+def test_info_shows_a_running_backup(pg: PgCluster, workdir: Path) -> None:
+    dk = Drkit(pg, workdir)
+    dk.write_config(retention={"full": 2})
+    dk.ok("init")
+    lock_dir, scope = str(workdir / "locks"), f"posix:{dk.repo_path}"
+    holder = subprocess.Popen(  # holds the lock as a running backup does
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from pathlib import Path\n"
+            "from drkit.repo.lock import operation_lock\n"
+            f"with operation_lock(Path({lock_dir!r}), {scope!r}, 'backup'):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        result = dk.run("info")
+        assert result.exit_code == 0, result.output
+        assert "backup running since 20" in result.stdout
+        assert f"(pid {holder.pid})" in result.stdout
+        running = json.loads(dk.run("info", "--json").stdout)["running"]
+        assert running["operation"] == "backup" and running["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert dk.info()["running"] is None  # released with its process
