@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from drkit.cli.main import app
 from drkit.config.settings import load_settings
-from drkit.repo.drills import DrillRecord
+from drkit.drill.judge import judge, objective, rpo_seconds
+from drkit.repo.drills import CheckResult, DrillRecord, FailureKind
 from drkit.repo.open import open_repository
 
 
@@ -263,6 +264,21 @@ def test_sandbox_inside_pgdata_is_refused(pg_factory: Any, workdir: Path) -> Non
     )
     assert not (pg.pgdata / "drills").exists()
 
+    # A parent the server user cannot pass through is refused before anything is restored
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    sandboxes = private / "sandboxes"
+    dk.write_config(
+        archive={"async": False, "spool_path": workdir / "spool"}, drill={"sandbox": sandboxes}
+    )
+    code, out, _ = run_drill(dk)
+    assert code == 30
+    assert out["record"]["reason"].startswith(
+        f"sandbox: the drill's server user (postgres) cannot reach the sandbox in '{sandboxes}':"
+        f" '{private}' does not let it pass (mode 700, owner root)"
+    )
+    assert list(sandboxes.iterdir()) == []
+
 
 def test_sigterm_stops_the_server_and_removes_the_sandbox(pg_factory: Any, workdir: Path) -> None:
     dk = drill_setup(pg_factory(15), workdir)
@@ -309,6 +325,8 @@ def test_rpo_is_the_time_since_the_last_archived_commit(pg_factory: Any, workdir
     pg.reload()
     pg.psql("INSERT INTO orders SELECT g, 'lost' FROM generate_series(3001, 3100) g")
     dk.ok("heartbeat", "--once")
+    # a beat an hour ahead, never archived: a drill that counted it would report no loss at all
+    pg.psql("UPDATE drkit_heartbeat SET at = at + interval '1 hour'")
 
     code, out, _ = run_drill(dk)
     record = out["record"]
@@ -384,3 +402,32 @@ def test_key_loss_restores_with_the_escrow_key_alone(pg_factory: Any, workdir: P
     assert out["written"] == [] and code == 1
     assert "was not written" in stderr and "lost.key" not in stderr
     assert_cleaned_up(workdir)
+
+
+def test_judge_orders_failures_restore_then_checks_then_targets() -> None:
+    rto, rpo = objective(timedelta(seconds=1), 5.0), objective(timedelta(hours=1), 10.0)
+    bad = CheckResult(name="orders", kind="sql", ok=False, detail="got '0'")
+    good = CheckResult(name="amcheck", kind="amcheck", ok=True)
+
+    restore = judge(
+        restore_failure=(FailureKind.RESTORE_FAILED, "restore: damaged"),
+        checks=[bad],
+        rto=rto,
+        rpo=rpo,
+    )
+    assert (restore.failure, restore.reason) == (FailureKind.RESTORE_FAILED, "restore: damaged")
+    check = judge(restore_failure=None, checks=[good, bad], rto=rto, rpo=rpo)
+    assert (check.failure, check.reason) == (
+        FailureKind.CHECK_FAILED,
+        "check 'orders' failed: got '0'",
+    )
+    target = judge(restore_failure=None, checks=[good], rto=rto, rpo=rpo)
+    assert (target.failure, target.reason) == (FailureKind.TARGET_MISSED, "RTO 5.0s > target 1.0s")
+    passed = judge(
+        restore_failure=None, checks=[good], rto=objective(None, 5.0), rpo=objective(None, None)
+    )
+    assert (passed.failure, passed.reason, passed.rto.met, passed.rpo.met) == (None, "", None, None)
+    now = datetime.now(UTC)
+    assert rpo_seconds(now, now + timedelta(seconds=3)) == 0.0
+    assert rpo_seconds(now, now - timedelta(seconds=3)) == 3.0
+    assert rpo_seconds(now, None) is None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from drkit import __version__
 from drkit.config.drill import Checks
 from drkit.config.settings import Settings, config_path
 from drkit.drill.checks import run_checks
+from drkit.drill.judge import judge, objective, rpo_seconds
 from drkit.drill.plan import (
     RestorePlan,
     choose_restore_point,
@@ -64,7 +64,6 @@ from drkit.repo.drills import (
     DrillOutcome,
     DrillRecord,
     FailureKind,
-    Objective,
     Phase,
     RestorePoint,
     RpoDetail,
@@ -85,7 +84,6 @@ EXIT_CODES = {
     FailureKind.CHECK_FAILED: DrillCheckFailed.exit_code,
     FailureKind.TARGET_MISSED: DrillTargetMissed.exit_code,
 }
-_RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 
 
 @dataclass
@@ -174,6 +172,7 @@ class DrillOperation:
         self.check_results: list[CheckResult] = []
         self.pg_version: str | None = None
         self.segments = 0
+        self.teardown_problems: list[str] = []
         self.predicted: float | None = None
 
     def run(self) -> DrillResult:
@@ -355,12 +354,12 @@ class DrillOperation:
             self.cluster.wait_promoted(timeout=max(1.0, timeout - (time.monotonic() - started)))
         except (DrkitError, OSError) as exc:
             reason = _first_line(_message(exc))
-            said = _server_said(sandbox.log_file)
+            said = sandbox.server_said()
             raise _Failed(
                 FailureKind.RESTORE_FAILED, f"start: {reason}" + (f": {said}" if said else "")
             ) from None
         finally:
-            self.segments = _segments_restored(sandbox.log_file)
+            self.segments = sandbox.segments_restored()
 
     def _measure_rpo(self, disaster: datetime) -> None:
         assert self.manifest is not None
@@ -378,13 +377,20 @@ class DrillOperation:
             ) from None
 
     def _teardown(self) -> None:
+        """Stop the server and remove the sandbox; what fails is logged and noted in the
+        teardown phase (the drill's verdict stands: the copy was measured already)."""
         if self.cluster is not None:
             try:
                 self.cluster.stop("fast" if self.request.keep else "immediate")
             except DrkitError as exc:
-                log.error("drill: the sandbox server did not stop: %s", exc.message)
+                self.teardown_problems.append(f"server not stopped: {_first_line(exc.message)}")
         if self.sandbox is not None and not self.request.keep:
-            self.sandbox.remove()
+            try:
+                self.sandbox.remove()
+            except OSError as exc:
+                self.teardown_problems.append(f"sandbox '{self.sandbox.root}' not removed: {exc}")
+        for problem in self.teardown_problems:
+            log.error("drill teardown: %s", problem)
 
     # -- judging and recording ---------------------------------------------------------------
 
@@ -396,26 +402,13 @@ class DrillOperation:
         rto_seconds: float | None,
         failure: _Failed | None,
     ) -> DrillRecord:
-        rto = _objective(self.rto_target, rto_seconds)
-        rpo_seconds = None
         detail = self.recovered.detail if self.recovered else RpoDetail(disaster_time=disaster)
-        if detail.recovered_time is not None:
-            rpo_seconds = max(0.0, (disaster - detail.recovered_time).total_seconds())
-        rpo = _objective(self.rpo_target, rpo_seconds)
-        if failure is None:
-            failed = [c for c in self.check_results if not c.ok]
-            missed = [
-                f"{name} {_seconds(o.achieved_seconds)} > target {_seconds(o.target_seconds)}"
-                for name, o in (("RTO", rto), ("RPO", rpo))
-                if o.met is False
-            ]
-            if failed:
-                failure = _Failed(
-                    FailureKind.CHECK_FAILED,
-                    "; ".join(f"check '{c.name}' failed: {c.detail}" for c in failed),
-                )
-            elif missed:
-                failure = _Failed(FailureKind.TARGET_MISSED, "; ".join(missed))
+        verdict = judge(
+            restore_failure=(failure.kind, failure.reason) if failure else None,
+            checks=self.check_results,
+            rto=objective(self.rto_target, rto_seconds),
+            rpo=objective(self.rpo_target, rpo_seconds(disaster, detail.recovered_time)),
+        )
         scenario = self.request.scenario
         plan, manifest = self.plan, self.manifest
         return DrillRecord(
@@ -443,17 +436,17 @@ class DrillOperation:
             if plan
             else None,
             phases=self.phases,
-            rto=rto,
-            rpo=rpo,
+            rto=verdict.rto,
+            rpo=verdict.rpo,
             rpo_detail=detail,
             exposure=exposure(self._reading_settings(), datetime.now(UTC)),
             checks=self.check_results,
             restored_bytes=self.restored.size if self.restored else 0,
             wal_segments=self.segments,
             predicted_seconds=self.predicted,
-            outcome=DrillOutcome.FAIL if failure else DrillOutcome.PASS,
-            failure=failure.kind if failure else None,
-            reason=failure.reason if failure else "",
+            outcome=DrillOutcome.FAIL if verdict.failure else DrillOutcome.PASS,
+            failure=verdict.failure,
+            reason=verdict.reason,
         )
 
     # -- helpers -----------------------------------------------------------------------------
@@ -469,6 +462,8 @@ class DrillOperation:
                 detail = ", ".join(f"{k} {v:.1f}s" for k, v in self.restored.phases.items())
             elif name == "wal-replay+start":
                 detail = f"{self.segments} WAL segments fetched from the archive"
+            elif name == "teardown":
+                detail = "; ".join(self.teardown_problems)
             self.phases.append(Phase(name=name, seconds=time.monotonic() - started, detail=detail))
 
     def _reading_settings(self) -> Settings:
@@ -481,41 +476,6 @@ class DrillOperation:
     def _running(self) -> Cluster:
         assert self.cluster is not None
         return self.cluster
-
-
-def _objective(target: timedelta | None, achieved: float | None) -> Objective:
-    target_seconds = target.total_seconds() if target is not None else None
-    met = None
-    if target_seconds is not None and achieved is not None:
-        met = achieved <= target_seconds
-    return Objective(target_seconds=target_seconds, achieved_seconds=achieved, met=met)
-
-
-def _segments_restored(log_file: Path) -> int:
-    try:
-        text = log_file.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return 0
-    return len(set(_RESTORED_SEGMENT.findall(text)))
-
-
-def _server_said(log_file: Path) -> str:
-    """The server's last FATAL or PANIC message (why it stopped), or ''."""
-    try:
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        for level in ("PANIC:", "FATAL:"):
-            if level in line:
-                return line[line.index(level) :].strip()
-    return ""
-
-
-def _seconds(value: float | None) -> str:
-    from drkit.config.durations import format_duration
-
-    return "-" if value is None else format_duration(value)
 
 
 def _message(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from drkit.errors import DrillRestoreFailed
 
 # Head room on top of the estimate: PostgreSQL's own files at start-up, the log, a checkpoint.
 _SPARE_BYTES = 256 * 1024 * 1024
+_RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 _HBA = "# drkit drill sandbox: only this socket, no TCP\nlocal all all trust\n"
 
 
@@ -118,6 +120,24 @@ class Sandbox:
                 self.gid,
             )
 
+    def segments_restored(self) -> int:
+        """How many WAL segments the server fetched from the archive, from its log."""
+        return len(set(_RESTORED_SEGMENT.findall(self._log())))
+
+    def server_said(self) -> str:
+        """The server's last FATAL or PANIC message (why it stopped), or ''."""
+        for line in reversed(self._log().splitlines()):
+            for level in ("PANIC:", "FATAL:"):
+                if level in line:
+                    return line[line.index(level) :].strip()
+        return ""
+
+    def _log(self) -> str:
+        try:
+            return self.log_file.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
     def remove(self) -> None:
         """Delete the sandbox and everything in it (links are removed, never followed)."""
         shutil.rmtree(self.root, ignore_errors=True)
@@ -156,6 +176,7 @@ def create_sandbox(
             hint="free space there or set [drill] sandbox to a larger file system",
         )
     uid, gid = _owner(parent, server_user)
+    _require_traversable(parent, uid, gid)
     root = parent / name
     root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
     if os.geteuid() == 0:
@@ -177,6 +198,27 @@ def _owner(parent: Path, server_user: str | None) -> tuple[int, int]:
         "no user to run the drill's PostgreSQL as: PostgreSQL does not run as root",
         hint="give [drill] sandbox's directory to the user PostgreSQL runs as",
     )
+
+
+def _require_traversable(parent: Path, uid: int, gid: int) -> None:
+    """The server user must reach its data directory: every directory above the sandbox must
+    let it pass (PostgreSQL would otherwise fail at start with a less helpful message)."""
+    for directory in [parent, *parent.parents]:
+        st = directory.stat()
+        if st.st_uid == uid:
+            ok = bool(st.st_mode & 0o100)
+        elif st.st_gid == gid:
+            ok = bool(st.st_mode & 0o010)
+        else:
+            ok = bool(st.st_mode & 0o001)
+        if not ok:
+            raise DrillRestoreFailed(
+                f"the drill's server user ({_name(uid) or uid}) cannot reach the sandbox in"
+                f" '{parent}': '{directory}' does not let it pass (mode"
+                f" {st.st_mode & 0o777:o}, owner {_name(st.st_uid) or st.st_uid})",
+                hint=f"let that user traverse '{directory}' (chmod o+x or chown), or set"
+                " [drill] sandbox elsewhere",
+            )
 
 
 def _name(uid: int) -> str | None:
