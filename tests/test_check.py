@@ -4,9 +4,16 @@ lags, a broken archive_command (check fails, init and backup warn); --nagios's l
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from rig.archive import DRKIT_BIN, enable_archiving
+from rig.archive import (
+    DRKIT_BIN,
+    archiver_status,
+    enable_archiving,
+    grant_to_server_user,
+    switch_wal,
+)
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
 
@@ -88,3 +95,24 @@ def test_a_broken_archive_command_fails_the_check_and_warns_init_and_backup(
     pg.reload()
     off = dk.run("check", "--nagios")
     assert off.exit_code == 2 and off.stdout.startswith("DRKIT CRITICAL - WAL archiving is off")
+
+
+def test_init_after_archiving_was_turned_on_says_why_it_may_have_failed(
+    pg: PgCluster, workdir: Path
+) -> None:
+    dk = Drkit(pg, workdir)
+    enable_archiving(pg, dk)  # archive_command set before the repository exists
+    failed = archiver_status(pg)[2]
+    switch_wal(pg)
+    deadline = time.monotonic() + 30
+    while archiver_status(pg)[2] == failed:  # PostgreSQL tries at once, and fails
+        assert time.monotonic() < deadline, "archive_command was never tried"
+        time.sleep(0.1)
+
+    init = dk.run("init")
+    assert init.exit_code == 1, init.output
+    assert "warning: WAL archiving is failing" in init.stderr
+    assert "if it failed only because the repository did not exist yet" in init.stderr
+    grant_to_server_user(dk)  # what init created, to the server user
+    result = dk.ok("check")  # the next attempt archives, the backlog first
+    assert "status: ok" in result.stdout

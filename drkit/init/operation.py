@@ -47,7 +47,6 @@ class InitOperation:
             archiver = session.archiver_stats()
         report = InitReport(cluster.system_identifier, cluster.version_num)
         report.checks = self._check_cluster(cluster)
-        report.problems = _archiving_warnings(cluster, archiver)
 
         # Prove the key provider can wrap and unwrap a data key
         self._check_keys()
@@ -59,6 +58,10 @@ class InitOperation:
             created = repo.initialize(cluster.system_identifier)
             self._record_key(repo)
             report.repositories[repo.name] = "created" if created else "exists"
+
+        # Say whether archive_command works (it may have failed only for want of a repository)
+        created = "created" in report.repositories.values()
+        report.problems = _archiving_warnings(cluster, archiver, created)
         return report
 
     @staticmethod
@@ -124,9 +127,20 @@ class InitOperation:
             raise ConfigError("the key provider returned a different data key than it wrapped")
 
 
-def _archiving_warnings(cluster: ClusterInfo, archiver: ArchiverStats) -> list[DrkitWarning]:
-    """An archive_command that is configured but failing is worth more than an 'ok' line."""
+def _archiving_warnings(
+    cluster: ClusterInfo, archiver: ArchiverStats, created: bool
+) -> list[DrkitWarning]:
+    """An archive_command that is configured but failing is worth more than an 'ok' line.
+    ``created``: a repository was created just now, which may be all archiving lacked."""
     if cluster.archive_mode == "off" or not cluster.archive_command:
         return []
     problem = archiving_problem(archiver)
-    return [ArchivingFailing(problem, hint=ARCHIVING_HINT)] if problem else []
+    if not problem:
+        return []
+    hint = ARCHIVING_HINT
+    if created:
+        hint = (
+            "if it failed only because the repository did not exist yet, PostgreSQL's next"
+            " attempt (within a minute) succeeds; 'drkit check' proves it"
+        )
+    return [ArchivingFailing(problem, hint=hint)]
