@@ -15,10 +15,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from rig.archive import DRKIT_BIN
+from rig.postgres import server_user
 from rig.servers import S3Server
 
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
-from drkit.errors import IntegrityError, RepositoryMissing
+from drkit.errors import IntegrityError, RepositoryMissing, StorageError
 from drkit.repo.repository import FORMAT_KEY, Repository
 from drkit.repo.wal_names import parse_wal_name
 from drkit.storage.posix import PosixStorage
@@ -166,3 +168,18 @@ def test_a_secondary_that_is_not_there_is_an_error(rig: Rig) -> None:
     rig.secondary.rename(rig.root / "unmounted")
     rig.secondary.mkdir()  # the empty mount point
     assert_aborts(rig.fetch(), RepositoryMissing.exit_code, "'secondary'")
+
+
+def test_a_repository_the_server_user_cannot_read_is_an_error(workdir: Path) -> None:
+    rig = Rig(workdir)  # a directory the server user can traverse
+    rig.primary.chmod(0o700)  # root's, as a mount point with the wrong owner or mode
+    dest = workdir / "RECOVERYXLOG"
+    result = subprocess.run(
+        ["runuser", "-u", server_user(), "--", str(DRKIT_BIN), "wal-fetch", NAME, str(dest)]
+        + ["--config", str(rig.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_aborts(result, StorageError.exit_code, "permission denied")
+    assert not dest.exists()
