@@ -175,8 +175,10 @@ def test_a_repository_the_server_user_cannot_read_is_an_error(workdir: Path) -> 
     rig.primary.chmod(0o700)  # root's, as a mount point with the wrong owner or mode
     dest = workdir / "RECOVERYXLOG"
     result = subprocess.run(
-        ["runuser", "-u", server_user(), "--", str(DRKIT_BIN), "wal-fetch", NAME, str(dest)]
-        + ["--config", str(rig.config)],
+        [
+            *("runuser", "-u", server_user(), "--", str(DRKIT_BIN), "wal-fetch", NAME),
+            *(str(dest), "--config", str(rig.config)),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
