@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from rig.servers import VaultServer
-from rig.vault import VaultSetup
+from rig.vault import VaultSetup, insecure_http
 from test_keys import make_settings
 
 from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient, create_recovery_keypair
@@ -172,6 +172,7 @@ def test_rotation_rewraps_drill_records_too(
     monkeypatch.setenv("VAULT_TOKEN", vault_server.root_token)
     vault = {
         "addr": vault_server.addr,
+        **insecure_http(vault_server),
         "transit_mount": setup.transit_mount,
         "transit_key": setup.transit_key,
     }

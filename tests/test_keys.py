@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from rig.servers import VaultServer
-from rig.vault import VaultSetup
+from rig.vault import VaultSetup, insecure_http
 
 from drkit.config.settings import Settings
 from drkit.crypto.escrow import RecoveryKey, create_recovery_keypair
@@ -91,6 +91,7 @@ def test_status_and_rewrap_cover_wal_key_periods(
     public, private, recovery_id = create_recovery_keypair(tmp_path / "recovery")
     vault = {
         "addr": vault_server.addr,
+        **insecure_http(vault_server),
         "transit_mount": setup.transit_mount,
         "transit_key": setup.transit_key,
     }

@@ -187,7 +187,11 @@ def test_no_secret_reaches_a_log_at_debug(pg: PgCluster, workdir: Path) -> None:
     dk = Drkit(pg, workdir)
     dk.write_config(log={"path": str(log_path), "level": "debug"})
     with dk.config.open("a") as file:
-        file.write(f'[keys.vault]\naddr = "http://127.0.0.1:1"\ntoken = "{token}"\n')
+        file.write(
+            f'[keys.vault]\naddr = "http://127.0.0.1:1"\nallow_insecure_http = true\n'
+            f'token = "{token}"\n'
+        )
+    dk.config.chmod(0o600)  # a file holding a token must be private
     dk.ok("init")
     backup = dk.ok("backup", "--type", "incr")  # nothing to base it on: a full, with a notice
     records = json_lines(backup.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from rig.servers import LOOPBACK, OpenBaoServer, VaultServer, _Process, find_bao, free_port
-from rig.vault import TokenReviewStub, VaultSetup, away_message
+from rig.vault import TokenReviewStub, VaultSetup, away_message, insecure_http
 
 from drkit.config.settings import VaultSettings
 from drkit.crypto.transit import VaultTransitProvider, ciphertext_version
@@ -33,6 +33,7 @@ def setup(vault_server: VaultServer, tmp_path: Path) -> VaultSetup:
 def settings(setup: VaultSetup, **values: Any) -> VaultSettings:
     base: dict[str, Any] = {
         "addr": setup.server.addr,
+        **insecure_http(setup.server),
         "token": setup.server.root_token,
         "timeout": 5,
     }
@@ -178,6 +179,7 @@ def test_token_from_file_and_least_privilege_policy(setup: VaultSetup, tmp_path:
     token = setup.token(setup.policy())
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     provider = transit(setup, token=None, token_file=token_file)
     data_key = provider.new_data_key()
     assert provider.unwrap(data_key.record) == data_key.plaintext
@@ -476,15 +478,17 @@ def write_config(tmp_path: Path, keys: str) -> Path:
     [
         ('[keys]\nprovider = "vault-transit"', "needs a [keys.vault] section"),
         (
-            '[keys]\nprovider = "vault-kv"\n[keys.vault]\naddr = "http://x"',
+            '[keys]\nprovider = "vault-kv"\n[keys.vault]\naddr = "https://x"',
             "needs keys.vault.kv_path",
         ),
         (
-            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "http://x"\nauth = "approle"',
+            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "https://x"\n'
+            'auth = "approle"',
             "needs keys.vault.role_id and secret_id_file",
         ),
         (
-            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "x"\nauth = "kubernetes"',
+            '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "https://x"\n'
+            'auth = "kubernetes"',
             "needs keys.vault.role",
         ),
     ],
@@ -502,7 +506,9 @@ def test_token_comes_from_the_environment_and_stays_hidden(
 ) -> None:
     from drkit.config.settings import load_settings
 
-    config = write_config(tmp_path, '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "x"')
+    config = write_config(
+        tmp_path, '[keys]\nprovider = "vault-transit"\n[keys.vault]\naddr = "https://x"'
+    )
     assert load_settings(config).keys.vault.token is None  # type: ignore[union-attr]
     monkeypatch.setenv("VAULT_TOKEN", "hvs.from-vault-token")
     vault = load_settings(config).keys.vault

@@ -109,6 +109,7 @@ def test_transit_round_trip_with_every_auth_method(
         # Each backup restored with another auth method: one transit key serves all of them
         token_file = workdir / "vault-token"
         token_file.write_text(setup.token(policy))
+        token_file.chmod(0o600)
         readers = [{"token_file": token_file}, kubernetes or approle, approle]
         for number, (label, reader) in enumerate(zip(labels, readers, strict=False)):
             setup.configure(dk, **reader)
@@ -136,6 +137,7 @@ def test_kv_round_trip_after_the_secret_changes(
     setup.enable_kv()
     token_file = workdir / "vault-token"
     token_file.write_text(setup.token(setup.policy(kv=True)))
+    token_file.chmod(0o600)
     populate(pg)
     dk = Drkit(pg, workdir)
     setup.configure(dk, "vault-kv", token_file=token_file)

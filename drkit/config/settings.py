@@ -7,11 +7,15 @@ configured in the file (``[[repo]]``) or as JSON in ``DRKIT_REPO``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
+import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -67,6 +71,11 @@ class VaultSettings(_Section):
     """Where Vault is, how drkit logs in, and which key it uses (docs/vault.md)."""
 
     addr: str = Field(description="Vault address, e.g. https://vault.internal:8200")
+    allow_insecure_http: bool = Field(
+        False,
+        description="accept an http:// address on a loopback interface (a local agent or a test"
+        " server); tokens and data keys would otherwise cross the network in clear",
+    )
     ca_cert: Path | None = Field(None, description="CA bundle that signed Vault's certificate")
     namespace: str | None = None
     timeout: float = Field(30, gt=0, description="seconds per Vault request")
@@ -91,7 +100,37 @@ class VaultSettings(_Section):
             raise ValueError("auth 'approle' needs keys.vault.role_id and secret_id_file")
         if self.auth == "kubernetes" and self.role is None:
             raise ValueError("auth 'kubernetes' needs keys.vault.role")
+        _check_vault_addr(self.addr, self.allow_insecure_http)
         return self
+
+
+def _check_vault_addr(addr: str, allow_insecure_http: bool) -> None:
+    """Refuses an address over which a token or a plaintext data key would travel unencrypted:
+    only https, or http to a loopback address when explicitly allowed."""
+    parts = urlsplit(addr)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"addr '{addr}' is not an https:// address, e.g. https://vault:8200")
+    if not allow_insecure_http:
+        raise ValueError(
+            f"addr '{addr}' would send Vault tokens and data keys unencrypted; use https://"
+            " (for a local agent or test server on a loopback address: allow_insecure_http = true)"
+        )
+    if not _is_loopback(parts.hostname):
+        raise ValueError(
+            f"addr '{addr}' is plain http to a host that is not loopback; use https://"
+            " (allow_insecure_http covers only 127.0.0.0/8, ::1 and localhost)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class EscrowSettings(_Section):
@@ -438,6 +477,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
             hint="pass --config PATH or set DRKIT_CONFIG; docs/configuration.md has an example",
         )
     flags = _drop_none(overrides or {})
+    _refuse_shared_inline_token(path)
     _config_file = path
     try:
         return Settings(**flags)  # pydantic-settings deep-merges nested sections across sources
@@ -449,6 +489,25 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
         raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
     finally:
         _config_file = None
+
+
+def _refuse_shared_inline_token(path: Path) -> None:
+    """A configuration file that holds a Vault token must be private to its owner, as the key
+    file and token_file are: any local user who reads it could act as drkit."""
+    try:
+        with path.open("rb") as file:
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # reported with its reason when the settings are loaded
+    vault = data.get("keys", {}).get("vault", {})
+    if isinstance(vault, dict) and vault.get("token") and mode & 0o077:
+        raise ConfigError(
+            f"configuration file '{path}' holds a Vault token and can be accessed by group or"
+            f" others (mode {mode:04o})",
+            hint=f"chmod 600 {path}, or move the token to keys.vault.token_file (mode 0600)"
+            " or the VAULT_TOKEN environment variable",
+        )
 
 
 def _env_secret(name: str) -> SecretStr | None:

@@ -26,6 +26,8 @@ text as well.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 import weakref
@@ -159,7 +161,8 @@ class _KubernetesCredentials:
         self._seen: list[str] = []
 
     def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
-        jwt = _read_secret_file(self._file, "Kubernetes service account token")
+        # kubelet mounts the projected token 0644 inside the pod: its mode says nothing here
+        jwt = _read_secret_file(self._file, "Kubernetes service account token", private=False)
         self._seen.append(jwt)
         auth = client.auth.kubernetes.login(self._role, jwt, mount_point=self._mount)["auth"]
         return _token_from_auth(auth, self._seen)
@@ -439,10 +442,20 @@ def _start_renewer(session: VaultSession) -> None:
     threading.Thread(target=run, name="drkit-vault-renewer", daemon=True).start()
 
 
-def _read_secret_file(path: Path | None, what: str) -> str:
+def _read_secret_file(path: Path | None, what: str, *, private: bool = True) -> str:
+    """The secret in ``path``, stripped. With ``private``, a file that group or others may
+    access is refused, as for the key file: its secret would let any local user act as drkit."""
     assert path is not None
     try:
-        value = path.read_text().strip()
+        with path.open("rb") as file:
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)  # of what is read
+            if private and mode & 0o077:
+                raise ConfigError(
+                    f"the {what} file '{path}' can be accessed by group or others"
+                    f" (mode {mode:04o})",
+                    hint=f"chmod 600 {path} (owned by the user drkit runs as)",
+                )
+            value = file.read().decode("utf-8", "replace").strip()
     except OSError as exc:
         raise ConfigError(
             f"unable to read the {what} from '{path}': {_reason(exc)}",

@@ -154,7 +154,11 @@ class VaultSetup:
         **vault: Any,
     ) -> None:
         """Rewrites ``dk``'s drkit.toml for ``provider`` with this setup's key."""
-        section: dict[str, Any] = {"addr": self.server.addr, "timeout": 5}
+        section: dict[str, Any] = {
+            "addr": self.server.addr,
+            "timeout": 5,
+            **insecure_http(self.server),
+        }
         if provider == "vault-transit":
             section |= {"transit_mount": self.transit_mount, "transit_key": self.transit_key}
         else:
@@ -164,6 +168,12 @@ class VaultSetup:
         if escrow is not None:
             extra["keys.escrow"] = {"public_key_file": escrow}
         dk.write_config(keys={"provider": provider}, **extra)
+
+
+def insecure_http(server: VaultServer) -> dict[str, bool]:
+    """The setting that lets drkit talk plain http to the test server on 127.0.0.1 (a real
+    deployment uses https: drkit refuses http without it)."""
+    return {"allow_insecure_http": True} if server.addr.startswith("http://") else {}
 
 
 def away_message(server: VaultServer) -> str:
