@@ -102,6 +102,7 @@ class Repository:
     def __init__(self, storage: Storage, keys: KeyProvider) -> None:
         self.storage = storage
         self.keys = keys
+        self._system_identifier: str | None = None  # of the format object, read once
 
     @property
     def name(self) -> str:
@@ -317,9 +318,25 @@ class Repository:
             raise IntegrityError(f"manifest of backup '{label}' is damaged: {exc}") from None
         try:
             with _collector_paused():  # a tree of many small objects, without one cycle
-                return Manifest.model_validate_json(plain), dek
+                manifest = Manifest.model_validate_json(plain)
         except ValidationError as exc:
             raise IntegrityError(f"manifest of backup '{label}' does not parse: {exc}") from None
+        self._check_cluster(label, manifest)
+        return manifest, dek
+
+    def _check_cluster(self, label: BackupLabel, manifest: Manifest) -> None:
+        """A backup of another cluster never passes for one of this repository's: with a key
+        shared between clusters, its host could otherwise plant backups here."""
+        if self._system_identifier is None:
+            self._system_identifier = self.check(reading=True).system_identifier
+        if manifest.system_identifier != self._system_identifier:
+            raise IntegrityError(
+                f"backup '{label}' in repository '{self.name}' is of database system"
+                f" {manifest.system_identifier}, but the repository belongs to database system"
+                f" {self._system_identifier}",
+                hint="a backup of another cluster was put into this repository; it is never"
+                " restored: remove it, and give each cluster its own key (docs/vault.md)",
+            )
 
     # -- drill records --------------------------------------------------------------------------
 
