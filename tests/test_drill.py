@@ -8,10 +8,12 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, attach_cluster, chown_to_server_user, database_checksums
@@ -431,3 +433,40 @@ def test_judge_orders_failures_restore_then_checks_then_targets() -> None:
     assert rpo_seconds(now, now + timedelta(seconds=3)) == 0.0
     assert rpo_seconds(now, now - timedelta(seconds=3)) == 3.0
     assert rpo_seconds(now, None) is None
+
+
+def test_ransomware_restores_from_the_locked_copy_alone(
+    pg_factory: Any, workdir: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)  # the sandbox's wal-fetch inherits them too
+    bucket = f"drkit-drill-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    locked = {
+        "name": "s3-locked",
+        "type": "s3",
+        "bucket": bucket,
+        "endpoint_url": s3.endpoint_url,
+        "region": "us-east-1",
+        "offsite": True,
+        "object_lock": {"mode": "GOVERNANCE", "days": 1},
+    }
+    dk = drill_setup(pg_factory(15), workdir, extra_repos=[locked])
+    dk.ok("replicate")
+    # The attacker encrypted the local repository's data and deleted its WAL
+    for data in (dk.repo_path / "backup").rglob("data/*"):
+        data.write_bytes(b"encrypted by ransomware")
+    shutil.rmtree(dk.repo_path / "wal")
+    scenario = write_scenario(
+        workdir, 'name = "ransomware"\n[survivors]\nobject_lock_only = true\n'
+    )
+
+    code, out, _ = run_drill(dk, "--scenario", str(scenario))
+
+    record = out["record"]
+    assert code == 0, record
+    assert record["repository"] == "s3-locked"
+    assert record["repositories_allowed"] == ["s3-locked"]
+    assert record["wal_segments"] >= 1
+    assert out["written"] == ["local", "s3-locked"]
+    assert_cleaned_up(workdir)
