@@ -332,6 +332,13 @@ def test_no_drill_in_a_quarter_is_said_in_red(quarter: Quarter, workdir: Path) -
     assert '<p class="alert" id="no-drill">No drill this period.</p>' in html
 
 
+def test_the_sample_in_the_docs_is_one_self_contained_file() -> None:
+    html = (REPO_ROOT / "docs" / "sample-report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
+    assert "FAIL: 1 drill failed; 1 backup run failed; restore test for 2026-11 missing" in html
+    assert (REPO_ROOT / "docs" / "sample-report.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_the_schema_in_the_docs_is_the_models() -> None:
     assert json.loads(SCHEMA.read_text()) == json_schema()
 

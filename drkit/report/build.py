@@ -71,7 +71,7 @@ def build_report(facts: Facts, ctx: Context) -> Report:
     drills = [_drill_row(e, findings) for e in in_period]
     cadence = _cadence(facts.drills, ctx)
     backups = _backups(facts, ctx)
-    copies = _copies(facts, ctx, {b.label for b in backups.items})
+    copies = _copies(facts, ctx, backups.items)
     integrity = _integrity(facts.verify, [b.label for b in backups.items], period)
     report = Report(
         title=f"DR exercise report {period.label}",
@@ -305,8 +305,8 @@ def _newest_age(ordered: list[BackupFact], period: Period, now: datetime) -> lis
 # -- copies, integrity, keys ----------------------------------------------------------------------
 
 
-def _copies(facts: Facts, ctx: Context, labels: set[str]) -> Copies:
-    rows = [_backup_row(b, facts) for b in facts.backups if b.label in labels]
+def _copies(facts: Facts, ctx: Context, rows: list[BackupRow]) -> Copies:
+    labels = {row.label for row in rows}
     wal = {w.repo: w for w in facts.wal}
     repos = []
     for r in facts.repositories:
@@ -379,14 +379,21 @@ def _integrity(runs: list[VerifyFact], labels: list[str], period: Period) -> Int
 
 
 def _set_time(kind: str, name: str) -> datetime | None:
-    """When a key record set was made, from its name (label, drill id, WAL key period)."""
+    """When a key record set was made, from its name (label, drill id, WAL key period); read
+    by slicing, not strptime: there is one per backup."""
     if kind == "backup" and BackupLabel.is_label(name):
-        return BackupLabel(name).time
-    if kind == "drill" and is_drill_id(name):
-        return drill_time(name)
-    if kind == "wal" and name.isdigit() and len(name) in (8, 10):
-        return datetime.strptime(name.ljust(10, "0"), "%Y%m%d%H").replace(tzinfo=UTC)
-    return None
+        digits = name.rpartition("_")[2][:15].replace("-", "")
+    elif kind in ("drill", "note") and is_drill_id(name):
+        digits = name[:15].replace("-", "")
+    elif kind == "wal" and name.isdigit() and len(name) in (8, 10):
+        digits = name.ljust(14, "0")
+    else:
+        return None
+    y, mo, d, h, mi, sec = (int(digits[i:j]) for i, j in _STAMP_FIELDS)
+    return datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
+
+
+_STAMP_FIELDS = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
 
 
 def _keys(facts: Facts, period: Period) -> Keys:

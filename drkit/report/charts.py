@@ -10,6 +10,7 @@ plotting-library import, and lets every point carry the id of the record it show
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,6 +30,11 @@ COLORS = {
     "age": "#1f5fa8",
     "wal": "#e08a00",
 }
+
+
+# Past this many points a chart's dots carry their record's id (data-ref) but no tooltip text:
+# thousands of tooltips would double the file for dots too small to hover.
+_MAX_TOOLTIPS = 2000
 
 
 @dataclass
@@ -71,7 +77,8 @@ def time_chart(
 ) -> str:
     """Points over ``[start, end)``, one color per series, a dashed target line if given."""
     values = [p.value for s in series for p in s.points]
-    top = max([*values, target or 0.0, 1e-9]) * 1.1
+    step = _tick_step(max([*values, target or 0.0, 1.0]) * 1.05, fmt is bytes_label)
+    top = step * math.ceil(max([*values, target or 0.0, 1.0]) * 1.05 / step)
     span = max((end - start).total_seconds(), 1.0)
     plot_w, plot_h = WIDTH - _LEFT - _RIGHT, HEIGHT - _TOP - _BOTTOM
 
@@ -82,7 +89,7 @@ def time_chart(
         return _TOP + plot_h * (1 - value / top)
 
     out = [_open(title, chart_id)]
-    out += _axes(start, end, top, fmt, x, y)
+    out += _axes(start, end, top, step, fmt, x, y)
     if target is not None:
         out.append(
             f'<line class="target" x1="{_LEFT}" x2="{WIDTH - _RIGHT}" y1="{y(target):.1f}"'
@@ -91,12 +98,14 @@ def time_chart(
             f' fill="{COLORS["target"]}">{escape(target_label)} {escape(fmt(target))}</text>'
         )
     radius = 3.5 if len(values) < 400 else 1.6
+    tooltips = len(values) <= _MAX_TOOLTIPS
     for s in series:
         for p in s.points:
+            ref = escape(p.ref)
+            tip = f"<title>{ref}: {escape(fmt(p.value))}</title>" if tooltips else ""
             out.append(
-                f'<circle class="point" data-ref="{escape(p.ref)}" cx="{x(p.at):.1f}"'
-                f' cy="{y(p.value):.1f}" r="{radius}" fill="{p.color or s.color}">'
-                f"<title>{escape(p.ref)}: {escape(fmt(p.value))}</title></circle>"
+                f'<circle class="point" data-ref="{ref}" cx="{x(p.at):.1f}"'
+                f' cy="{y(p.value):.1f}" r="{radius}" fill="{p.color or s.color}">{tip}</circle>'
             )
     out.append(_legend(series))
     out.append("</svg>")
@@ -150,6 +159,7 @@ def _axes(
     start: datetime,
     end: datetime,
     top: float,
+    step: float,
     fmt: Callable[[float], str],
     x: Callable[[datetime], float],
     y: Callable[[float], float],
@@ -159,8 +169,8 @@ def _axes(
         f'<line x1="{_LEFT}" x2="{WIDTH - _RIGHT}" y1="{HEIGHT - _BOTTOM}"'
         f' y2="{HEIGHT - _BOTTOM}" stroke="#555"/>',
     ]
-    for i in range(5):
-        value = top / 1.1 * i / 4
+    for i in range(round(top / step) + 1):
+        value = step * i
         out.append(
             f'<line x1="{_LEFT - 3}" x2="{WIDTH - _RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}"'
             f' stroke="#ddd"/><text x="{_LEFT - 6}" y="{y(value) + 4:.1f}"'
@@ -174,6 +184,20 @@ def _axes(
             f' y="{HEIGHT - _BOTTOM + 16}">{tick.strftime("%b %d")}</text>'
         )
     return out
+
+
+# Gridline steps a reader takes in at a glance: seconds to days, and 1-2-5 byte multiples.
+_SECONDS_STEPS: tuple[int, ...] = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
+_SECONDS_STEPS += (7200, 10800, 14400, 21600, 43200, 86400, 172800, 432000, 864000)
+_BYTE_STEPS = tuple(m * 1024**e for e in range(6) for m in (1, 2, 5, 10, 20, 50, 100, 200, 500))
+
+
+def _tick_step(top: float, in_bytes: bool) -> float:
+    """The smallest readable step that draws at most five gridlines above zero."""
+    for step in _BYTE_STEPS if in_bytes else _SECONDS_STEPS:
+        if top / step <= 5:
+            return float(step)
+    return top / 5
 
 
 def _month_ticks(start: datetime, end: datetime) -> list[datetime]:

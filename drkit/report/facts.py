@@ -11,20 +11,22 @@ cannot is listed with its error, never silently left out.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from drkit.config.settings import S3Repo, Settings
-from drkit.errors import DrkitError, IntegrityError, RepositoryError
+from drkit.errors import DrkitError, IntegrityError, ObjectNotFound, RepositoryError, WrongKey
 from drkit.info.copies import CopyMap
 from drkit.repo.drills import DrillEntry
 from drkit.repo.events import EVENT_PREFIX
-from drkit.repo.key_records import describe, record_sets
 from drkit.repo.label import BackupLabel
 from drkit.repo.notes import NoteEntry, read_notes
 from drkit.repo.open import open_repository
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import WalArchive
+from drkit.repo.wal_names import WAL_PREFIX, parse_wal_name
+from drkit.report.keysets import KeySetFact, key_sets, unwrap_newest
 from drkit.report.model import RepositoryFacts
 from drkit.report.period import Period
 
@@ -62,16 +64,6 @@ class WalFact:
 
 
 @dataclass(frozen=True)
-class KeySetFact:
-    kind: str  # backup | wal | drill
-    name: str  # label, WAL key period, drill id
-    provider: str
-    key: str
-    version: int | None
-    escrowed: bool
-
-
-@dataclass(frozen=True)
 class FailureFact:
     """A backup run that failed, from the primary's job records."""
 
@@ -102,27 +94,71 @@ class Facts:
 
 
 def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
-    """Everything the report of ``period`` shows, read from the repositories."""
+    """Everything the report of ``period`` shows, read from the repositories. Each repository's
+    ``backup/`` is listed once: on a repository of thousands of backups, listing is most of
+    the cost."""
     source = _open_source(settings, repo_name)
     fmt = source.check()
-    copies = CopyMap.scan(settings)
-    for name, error in _unreadable(settings).items():  # e.g. a directory that is gone
-        copies.unreachable.setdefault(name, error)
-        copies.holdings[name], copies.wal[name] = set(), set()
+    unreachable = _unreadable(settings)  # e.g. a directory that is gone
+    listings = _list_repositories(settings, unreachable)
+    copies = CopyMap(
+        holdings={name: listing.manifests for name, listing in listings.items()},
+        wal={name: listing.wal for name, listing in listings.items()},
+        unreachable=unreachable,
+    )
     facts = Facts(
         source=source.name,
         system_identifier=fmt.system_identifier,
-        repositories=_repositories(settings, copies.unreachable),
+        repositories=_repositories(settings, unreachable),
         holdings=copies.holdings,
     )
-    _read_backups(source, period, facts)
+    source_listing = listings.get(source.name) or _Listing.of(source)
+    _read_backups(source, source_listing, period, facts)
     facts.drills = source.drill_records()
     facts.notes = read_notes(source)
-    facts.verify = _read_verify_runs(settings, copies.unreachable)
+    facts.verify = _read_verify_runs(settings, listings)
     facts.wal = _read_wal(settings, copies)
-    facts.key_sets = _read_key_sets(source)
-    facts.failures = _read_failures(settings, period, copies.unreachable)
+    facts.key_sets += key_sets(source, period)
+    facts.failures = _read_failures(settings, period, unreachable)
     return facts
+
+
+@dataclass
+class _Listing:
+    """What one listing of a repository's ``backup/`` and ``wal/`` says."""
+
+    manifests: set[str]  # labels with a manifest: the backups it holds
+    key_records: dict[str, list[str]]  # label -> its key records' object keys, oldest first
+    verify: list[str]  # verification records' object keys
+    wal: set[str]  # WAL object keys
+
+    @classmethod
+    def of(cls, repo: Repository) -> _Listing:
+        listing = cls(set(), {}, [], {o.key for o in repo.storage.list(WAL_PREFIX)})
+        for obj in repo.storage.list(BACKUP_PREFIX):
+            parts = obj.key.split("/")
+            if len(parts) < 3 or not BackupLabel.is_label(parts[1]):
+                continue
+            if parts[2] == "manifest":
+                listing.manifests.add(parts[1])
+            elif parts[2] == "key" and len(parts) == 4:
+                listing.key_records.setdefault(parts[1], []).append(obj.key)
+            elif parts[2] == "verify":
+                listing.verify.append(obj.key)
+        return listing
+
+
+def _list_repositories(settings: Settings, unreachable: dict[str, str]) -> dict[str, _Listing]:
+    found = {}
+    for repo_settings in settings.repo:
+        name = repo_settings.name
+        if name in unreachable:
+            continue
+        try:
+            found[name] = _Listing.of(open_repository(settings, name))
+        except DrkitError as exc:
+            unreachable[name] = exc.message
+    return found
 
 
 def _open_source(settings: Settings, wanted: str | None) -> Repository:
@@ -174,44 +210,67 @@ def _repositories(settings: Settings, unreachable: dict[str, str]) -> list[Repos
     return found
 
 
-def _read_backups(repo: Repository, period: Period, facts: Facts) -> None:
+def _read_backups(repo: Repository, listing: _Listing, period: Period, facts: Facts) -> None:
     """The manifests of the backups started in the period, and of the newest one before it
-    (the exposure at the period's start is counted from it)."""
-    labels = [label for label in repo.backups() if label.time < period.end]
-    before = [label for label in labels if label.time < period.start]
-    wanted = before[-1:] + [label for label in labels if label.time >= period.start]
-    for label in wanted:
-        try:
-            manifest, _ = repo.load_manifest(label)
-        except IntegrityError as exc:
-            facts.damaged[str(label)] = exc.message
+    (the exposure at the period's start is counted from it), with their key record sets."""
+    # Labels sort by time, and so do their stamps: compare text, parse only what is read.
+    start, end = _stamp(period.start), _stamp(period.end)
+    labels = sorted(text for text in listing.manifests if _label_stamp(text) < end)
+    before = [text for text in labels if _label_stamp(text) < start]
+    wanted = [BackupLabel(t) for t in before[-1:] + labels[len(before) :]]
+    # Reading and decrypting is mostly I/O and C (AES-GCM, zstd): threads overlap it.
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        loaded = list(pool.map(lambda label: _load(repo, listing, label), wanted))
+    for label, outcome in zip(wanted, loaded, strict=True):
+        if isinstance(outcome, str):
+            facts.damaged[str(label)] = outcome
             continue
-        facts.backups.append(
-            BackupFact(
-                label=manifest.label,
-                type=manifest.type,
-                start=manifest.start_time,
-                stop=manifest.stop_time,
-                duration_s=manifest.stats.duration_s,
-                size=manifest.stats.size,
-                stored=manifest.stats.stored,
-            )
-        )
+        manifest, key_set = outcome
+        if key_set is not None:
+            facts.key_sets.append(key_set)
+        facts.backups.append(manifest)
 
 
-def _read_verify_runs(settings: Settings, unreachable: dict[str, str]) -> list[VerifyFact]:
+_READERS = 8
+
+
+def _load(
+    repo: Repository, listing: _Listing, label: BackupLabel
+) -> tuple[BackupFact, KeySetFact | None] | str:
+    """One backup's facts and key set, or why its manifest cannot be read."""
+    records = listing.key_records.get(str(label), [])
+    try:
+        dek, key_set = unwrap_newest(repo, "backup", str(label), records)
+        manifest, _ = repo.load_manifest(label, dek)
+    except (IntegrityError, WrongKey, ObjectNotFound) as exc:
+        return exc.message
+    fact = BackupFact(
+        label=manifest.label,
+        type=manifest.type,
+        start=manifest.start_time,
+        stop=manifest.stop_time,
+        duration_s=manifest.stats.duration_s,
+        size=manifest.stats.size,
+        stored=manifest.stats.stored,
+    )
+    return fact, key_set
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def _label_stamp(label: str) -> str:
+    """When a backup started, as its label writes it (the last stamp of ``F_..D``/``F_..I``)."""
+    return label.rpartition("_")[2][:15]
+
+
+def _read_verify_runs(settings: Settings, listings: dict[str, _Listing]) -> list[VerifyFact]:
     """Every verification record of every reachable repository (``backup/<label>/verify/``)."""
     runs = []
-    for repo_settings in settings.repo:
-        if repo_settings.name in unreachable:
-            continue
-        try:
-            repo = open_repository(settings, repo_settings.name)
-            keys = [o.key for o in repo.storage.list(BACKUP_PREFIX) if "/verify/" in o.key]
-            for key in keys:
-                runs.append(_verify_fact(repo, key))
-        except DrkitError as exc:
-            unreachable[repo_settings.name] = exc.message
+    for name, listing in listings.items():
+        repo = open_repository(settings, name)
+        runs += [_verify_fact(repo, key) for key in listing.verify]
     return runs
 
 
@@ -230,30 +289,31 @@ def _verify_fact(repo: Repository, key: str) -> VerifyFact:
 
 
 def _read_wal(settings: Settings, copies: CopyMap) -> list[WalFact]:
-    """Each reachable repository's WAL, and how far it is behind the primary (the first
-    configured repository, where WAL is archived first; no lag is known without it)."""
+    """Each reachable repository's WAL (from the listing), and how far it is behind the primary
+    (the first configured repository, where WAL is archived first; no lag without it)."""
     primary = settings.repo[0].name
     lag = {} if primary in copies.unreachable else copies.wal_lag(primary)
     found = []
-    for repo_settings in settings.repo:
-        name = repo_settings.name
+    for name, keys in copies.wal.items():
         if name in copies.unreachable:
             continue
-        newest = newest_at = None
-        segments = 0
-        try:
-            archive = WalArchive(open_repository(settings, name))
-            for timeline in archive.timelines():
-                names = archive.segments(timeline)
-                segments += len(names)
-                if names:
-                    newest = names[-1]  # the highest timeline's newest segment comes last
-            if newest is not None:
-                newest_at = archive.pushed_at(newest)
-        except DrkitError as exc:
-            copies.unreachable[name] = exc.message
-            continue
-        found.append(WalFact(name, segments, newest, newest_at, lag.get(name)))
+        segments = []
+        for key in keys:
+            try:
+                wal = parse_wal_name(key.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            if wal.kind == "segment" and wal.key == key:
+                segments.append((wal.timeline, wal.name))
+        newest = max(segments)[1] if segments else None
+        newest_at = None
+        if newest is not None:
+            try:
+                newest_at = WalArchive(open_repository(settings, name)).pushed_at(newest)
+            except DrkitError as exc:
+                copies.unreachable[name] = exc.message
+                continue
+        found.append(WalFact(name, len(segments), newest, newest_at, lag.get(name)))
     return found
 
 
@@ -290,26 +350,3 @@ def _failure(repo: Repository, job: str, when: datetime, key: str) -> FailureFac
         return FailureFact(job, when, int(record["exit_code"]), str(record["error"]), key)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return FailureFact(job, when, 2, "(the job record does not parse)", key)
-
-
-def _read_key_sets(repo: Repository) -> list[KeySetFact]:
-    found = []
-    for record_set in record_sets(repo):
-        newest = record_set.newest()
-        if newest is None or newest.record is None:
-            continue
-        try:
-            key = describe(newest.record)
-        except IntegrityError:
-            continue
-        found.append(
-            KeySetFact(
-                record_set.kind,
-                record_set.name,
-                key.provider,
-                key.key,
-                key.version,
-                newest.escrow_recipient is not None,
-            )
-        )
-    return found

@@ -123,8 +123,10 @@ class PosixStorage(BaseStorage):
         found: list[ObjectInfo] = []
         while stack:
             directory, key_prefix, name_filter = stack.pop()
-            with self._os_errors("listing", prefix, Path(directory)):
+            try:
                 _scan_dir(directory, key_prefix, name_filter, stack, found)
+            except OSError as err:  # a Path only for the message: a listing walks many dirs
+                raise self._error(err, "listing", prefix, Path(directory)) from err
         found.sort(key=lambda info: info.key)
         return found
 

@@ -9,6 +9,8 @@ backup`` as usual and sit beside these.
 
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -181,3 +183,54 @@ def drill_record(
 def at(text: str) -> datetime:
     """'2026-10-05 03:00' -> that instant in UTC."""
     return datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+
+
+def seed_backups(
+    repos: list[Repository],
+    start: datetime,
+    end: datetime,
+    *,
+    every: timedelta = timedelta(hours=1),
+    full_every: timedelta = timedelta(days=7),
+    seed: int = 7,
+) -> list[SeededBackup]:
+    """A backup every ``every`` from ``start`` to ``end``: a full every ``full_every``,
+    incrementals between, with sizes and durations that vary a little (deterministically), each
+    written into every repository of ``repos`` (as if replicated). One data key for all: cheap."""
+    rng = random.Random(seed)
+    data_key = repos[0].keys.new_data_key()
+    made: list[SeededBackup] = []
+    full: BackupLabel | None = None
+    last_full = start - full_every
+    at_ = start
+    while at_ < end:
+        if full is None or at_ - last_full >= full_every:
+            kind, base, seconds, size = BackupType.FULL, None, 540 + rng.random() * 240, 2 << 30
+        else:
+            kind, base, seconds, size = BackupType.INCR, full, 20 + rng.random() * 40, 0
+            size = int((40 + rng.random() * 80) * (1 << 20))
+        stored = int(size * (0.22 + rng.random() * 0.06))
+        for repo in repos:
+            backup = seed_backup(
+                repo,
+                kind,
+                at_,
+                full=base,
+                seconds=seconds,
+                size=size,
+                stored=stored,
+                key_record=data_key.record,
+                dek=data_key.plaintext,
+            )
+        made.append(backup)
+        if kind is BackupType.FULL:
+            full, last_full = BackupLabel(backup.label), at_
+        at_ += every
+    return made
+
+
+def seed_verify(repo: Repository, label: str, when: datetime, ok: bool, damaged: int = 0) -> None:
+    """A verification record of ``label`` as ``drkit verify`` at ``when`` would write it."""
+    key = f"backup/{label}/verify/{when.strftime('%Y%m%dT%H%M%S.%fZ')}.json"
+    record = {"ok": ok, "damaged_files": damaged, "time": when.isoformat()}
+    repo.storage.write_bytes(key, json.dumps(record).encode())

@@ -1,0 +1,110 @@
+"""The key record sets a report shows: which key version wraps each backup, WAL key period,
+drill record and note of the period, and of the backup and WAL period in effect when it began.
+
+Only these are read (not every set of the repository): a version none of them uses is not in use
+in the period, and one no set before the period used was rotated in during it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from drkit.errors import DrkitError, IntegrityError
+from drkit.repo.drills import DRILL_PREFIX, drill_time, is_drill_id
+from drkit.repo.key_records import describe
+from drkit.repo.notes import NOTE_PREFIX
+from drkit.repo.repository import Repository
+from drkit.repo.wal_objects import KEYS_PREFIX
+from drkit.report.period import Period
+
+
+@dataclass(frozen=True)
+class KeySetFact:
+    kind: str  # backup | wal | drill | note
+    name: str  # label, WAL key period, drill or note id
+    provider: str
+    key: str
+    version: int | None
+    escrowed: bool
+
+
+def unwrap_newest(
+    repo: Repository, kind: str, name: str, records: list[str]
+) -> tuple[bytes, KeySetFact | None]:
+    """The DEK of the newest of ``records`` (object keys, oldest first) that unwraps, and the
+    key that wraps it; raises the last error when none does."""
+    if not records:
+        raise IntegrityError(f"{kind} '{name}' has no key record in repository '{repo.name}'")
+    error: DrkitError | None = None
+    for key in reversed(records):
+        try:
+            record = json.loads(repo.storage.read_bytes(key))
+            return repo.keys.unwrap(record), _fact(kind, name, record)
+        except json.JSONDecodeError:
+            error = IntegrityError(f"key record '{key}' is not valid JSON")
+        except DrkitError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+def key_sets(repo: Repository, period: Period) -> list[KeySetFact]:
+    """The sets of WAL key periods, drill records and notes of ``period`` (and the WAL period in
+    effect when it began); backups' sets come with their manifests."""
+    found = []
+    wal = _grouped(repo, KEYS_PREFIX, 2)
+    times = {name: _wal_time(name) for name in wal}
+    earlier = [n for n, t in times.items() if t is not None and t < period.start]
+    wanted = sorted(earlier)[-1:] + [n for n, t in times.items() if t is not None and t in period]
+    sets = [("wal", n, wal[n]) for n in sorted(wanted)]
+    for kind, prefix in (("drill", DRILL_PREFIX), ("note", NOTE_PREFIX)):
+        for name, records in sorted(_grouped(repo, prefix, 3).items()):
+            if is_drill_id(name) and drill_time(name) in period:
+                sets.append((kind, name, records))
+    for kind, name, records in sets:
+        newest = _newest(repo, records)
+        if newest is not None and (fact := _fact(kind, name, newest)) is not None:
+            found.append(fact)
+    return found
+
+
+def _grouped(repo: Repository, prefix: str, depth: int) -> dict[str, list[str]]:
+    """Key record object keys by set name: ``wal-keys/<period>/<n>.json`` (depth 2) or
+    ``drills/<id>/key/<n>.json`` (depth 3)."""
+    found: dict[str, list[str]] = {}
+    for obj in repo.storage.list(prefix):
+        parts = obj.key[len(prefix) :].split("/")
+        if (
+            len(parts) == depth
+            and parts[-1].endswith(".json")
+            and (depth == 2 or parts[1] == "key")
+        ):
+            found.setdefault(parts[0], []).append(obj.key)
+    return found
+
+
+def _newest(repo: Repository, records: list[str]) -> dict[str, object] | None:
+    for key in sorted(records, reverse=True):
+        try:
+            record = json.loads(repo.storage.read_bytes(key))
+        except (json.JSONDecodeError, UnicodeDecodeError, DrkitError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def _fact(kind: str, name: str, record: dict[str, object]) -> KeySetFact | None:
+    try:
+        key = describe(record)
+    except IntegrityError:
+        return None
+    return KeySetFact(kind, name, key.provider, key.key, key.version, "escrow" in record)
+
+
+def _wal_time(name: str) -> datetime | None:
+    if not (name.isdigit() and len(name) in (8, 10)):
+        return None
+    return datetime.strptime(name.ljust(10, "0"), "%Y%m%d%H").replace(tzinfo=UTC)
