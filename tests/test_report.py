@@ -313,9 +313,46 @@ def test_a_tampered_drill_record_is_reported_as_failing_authentication(
         f'<span class="id">{tampered.id}</span> <span class="unauthentic">FAILS AUTHENTICATION'
         in html
     )
+    # a damaged note is listed as such too, not dropped
+    assert quarter.dk.run("drill", "note", tampered.id, "--finding", "slow").exit_code == 0
+    [note] = [p for p in (quarter.dk.repo_path / "notes").glob("*/record")]
+    note.chmod(0o600)
+    note.write_bytes(note.read_bytes()[:-1] + b"\x00")
+    data = _json(quarter.report(workdir / "again", "json", repo="local"))
+    [finding] = data["findings"]
+    assert finding["authentic"] is False and "fails authentication" in finding["error"]
     # the partial drill no longer counts: its record cannot be trusted
     cadence = {(c["kind"], c["period"]): c for c in data["cadence"]}
     assert cadence[("partial", quarter.period.label)]["drills"] == [quarter.drills["d4"].id]
+
+
+def test_the_command_writes_a_span_of_days_where_the_configuration_says(
+    quarter: Quarter, workdir: Path
+) -> None:
+    reports = workdir / "reports"
+    quarter.dk.write_config(report={"out": reports})
+    first, last = quarter.period.start.date(), quarter.period.last_day
+
+    result = quarter.dk.run(
+        "report", "--from", first.isoformat(), "--to", last.isoformat(), "--format", "md"
+    )
+
+    assert result.exit_code == 0, result.output
+    name = f"drkit-report-{first.isoformat()}_{last.isoformat()}.md"
+    verdict, written = result.stdout.splitlines()
+    # the real clock: whether the quarter's months have ended varies, the failed drill does not
+    assert verdict.startswith("FAIL: 1 drill failed; 1 backup run failed")
+    assert written == f"md: {reports / name}"
+    assert (
+        f"# DR exercise report {first.isoformat()}..{last.isoformat()}"
+        in (reports / name).read_text()
+    )
+    both = quarter.dk.run(
+        "report", "--quarter", "2026Q4", "--from", "2026-10-01", "--to", "2026-10-02"
+    )
+    assert both.exit_code == 2 and "give --quarter or --from/--to, not both" in both.output
+    bad = quarter.dk.run("report", "--quarter", "2026Q5")
+    assert bad.exit_code == 2 and "'2026Q5' is not a quarter such as '2026Q4'" in bad.output
 
 
 def test_no_drill_in_a_quarter_is_said_in_red(quarter: Quarter, workdir: Path) -> None:

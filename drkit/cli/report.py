@@ -37,7 +37,14 @@ def command(
         list[str] | None,
         typer.Option("--format", "-f", help="html, pdf, md or json; repeat for several"),
     ] = None,
-    out: Annotated[Path, typer.Option(help="directory to write the report files into")] = Path("."),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="directory to write the report files into (default: [report] out, else the"
+            " current directory)",
+            show_default=False,
+        ),
+    ] = None,
     repo: Annotated[
         str | None,
         typer.Option(help="read from this repository (default: the first that can be read)"),
@@ -65,7 +72,10 @@ def command(
         raise typer.BadParameter(str(exc)) from None
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
     request = ReportRequest(
-        period=period, formats=tuple(format_ or ("html", "json")), out=out, repo=repo
+        period=period,
+        formats=tuple(format_ or ("html", "json")),
+        out=out or settings.report.out or Path("."),
+        repo=repo,
     )
     result = ReportOperation(settings, request).run()
     for warning in result.warnings:

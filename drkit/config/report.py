@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,11 @@ class CadencePolicy(BaseModel):
 class ReportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    out: Path | None = Field(
+        None,
+        description="directory drkit report writes into when --out is not given (default: the"
+        " current directory); the scheduler's report job uses it",
+    )
     cadence: CadencePolicy = Field(
         default_factory=lambda: CadencePolicy.model_validate({}),
         description="how often each kind of drill is due: monthly, quarterly, half-yearly,"

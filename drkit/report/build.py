@@ -94,7 +94,11 @@ def build_report(facts: Facts, ctx: Context) -> Report:
         copies=copies,
         integrity=integrity,
         keys=_keys(facts, period),
-        findings=[f for f in findings.values() if f.drill in {d.id for d in drills}],
+        findings=[
+            f
+            for f in findings.values()
+            if f.drill in {d.id for d in drills} or (not f.authentic and _note_in(f.id, period))
+        ],
         signoffs=_signoffs(facts.notes, period),
     )
     return report
@@ -447,6 +451,12 @@ def _findings(notes: list[NoteEntry]) -> dict[str, FindingRow]:
                 written_by=note.written_by,
             )
     return found
+
+
+def _note_in(note_id: str, period: Period) -> bool:
+    """Whether a note that cannot be read was written in ``period``, from its id (not
+    authenticated, but a note that fails is listed either way rather than dropped)."""
+    return is_drill_id(note_id) and drill_time(note_id) in period
 
 
 def _signoffs(notes: list[NoteEntry], period: Period) -> list[SignoffRow]:
