@@ -78,12 +78,14 @@ def test_info_as_a_library_and_its_typed_warning_through_the_cli(
     pg: PgCluster, workdir: Path
 ) -> None:
     dk = Drkit(pg, workdir)
+    dk.write_config(retention={"full": 2}, copies={"require_321": True})
     dk.ok("init")
     label = json.loads(dk.ok("backup", "--json").stdout)["label"]
 
     info = describe_repository(load_settings(dk.config))
     assert [b.label for b in info.backups] == [label] and info.name == "local"
-    # One repository: the live database and one copy, on one medium, none offsite
+    # One repository, 3-2-1 required: the live database and one copy, on one medium, none
+    # offsite
     assert [type(w) for w in info.warnings] == [Rule321Failed]
     assert info.exit_code == Rule321Failed.exit_code == 102
     assert set(info.phases) == {"copies", "backups", "wal", "drills"}
