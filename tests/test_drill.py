@@ -369,6 +369,17 @@ def test_site_loss_restores_from_the_offsite_copy_alone(pg_factory: Any, workdir
     assert code == 1  # the record is missing from one repository: a warning
     assert_cleaned_up(workdir)
 
+    # Without the scenario the restore reads from the offsite copy, but the copy's
+    # restore_command asks the lost primary too, and wal-fetch never takes a repository that is
+    # not there for "not archived": the drill shows that this restore needs the scenario
+    code, out, _ = run_drill(dk)
+    record = out["record"]
+    assert code == 30 and record["repository"] == "offsite"
+    assert record["repositories_allowed"] == ["local", "offsite"]
+    assert record["reason"].startswith("start: ")
+    assert "could not restore file" in record["reason"] and "exit code 222" in record["reason"]
+    assert_cleaned_up(workdir)
+
 
 def test_scenario_naming_an_unknown_repository_is_an_error(pg_factory: Any, workdir: Path) -> None:
     dk = drill_setup(pg_factory(15), workdir)

@@ -174,6 +174,7 @@ class DrillOperation:
         self.segments = 0
         self.teardown_problems: list[str] = []
         self.predicted: float | None = None
+        self.planned_repo: str | None = None
 
     def run(self) -> DrillResult:
         started_at = datetime.now(UTC)
@@ -247,18 +248,29 @@ class DrillOperation:
     # -- steps -------------------------------------------------------------------------------
 
     def _plan(self) -> None:
+        """The surviving repositories, then the restore point and its manifest from the first
+        of them that can serve it (the restore falls back across them the same way)."""
         try:
             self.allowed = surviving_settings(self.settings, self.survivors)
-            spec, origin = self._spec()
-            repo = open_repository(self.allowed, self.allowed.repo[0].name)
-            repo.check()
-            self.plan = choose_restore_point(repo, spec, origin)
-            self.manifest = planned_manifest(repo, self.plan)
-            self.predicted = self._predict(repo)
-        except ConfigError:
-            raise  # a bad request or scenario: an error to fix, not a drill that failed
-        except DrkitError as exc:
+        except DrillRestoreFailed as exc:
             raise _Failed(FailureKind.RESTORE_FAILED, f"plan: {exc.message}") from None
+        spec, origin = self._spec()
+        problems = []
+        for repo_settings in self.allowed.repo:
+            try:
+                repo = open_repository(self.allowed, repo_settings.name)
+                repo.check()
+                self.plan = choose_restore_point(repo, spec, origin)
+                self.manifest = planned_manifest(repo, self.plan)
+            except ConfigError:
+                raise  # a bad request or scenario: an error to fix, not a drill that failed
+            except DrkitError as exc:
+                problems.append(f"repository '{repo_settings.name}': {exc.message}")
+                continue
+            self.planned_repo = repo.name
+            self.predicted = self._predict(repo)
+            return
+        raise _Failed(FailureKind.RESTORE_FAILED, "plan: " + "; ".join(problems))
 
     def _predict(self, repo: Repository) -> float | None:
         """`restore --plan`'s expected seconds until the copy is promoted, from the drills
@@ -266,8 +278,12 @@ class DrillOperation:
         assert self.allowed is not None and self.plan is not None and self.manifest is not None
         repos = [repo, *(open_repository(self.allowed, r.name) for r in self.allowed.repo[1:])]
         warnings: list[DrkitWarning] = []
-        wal = wal_range(repo, self.manifest, self.plan.target)
-        prediction, _ = predict_restore(repos, repo.name, self.manifest, wal, warnings)
+        try:
+            wal = wal_range(repo, self.manifest, self.plan.target)
+            prediction, _ = predict_restore(repos, repo.name, self.manifest, wal, warnings)
+        except DrkitError as exc:  # no prediction is no reason to stop the drill
+            log.warning("drill: no prediction: %s", exc.message)
+            return None
         for warning in warnings:
             log.warning("drill: no prediction from it: %s", warning.message)
         return prediction.seconds if prediction else None
@@ -316,7 +332,7 @@ class DrillOperation:
         request = RestoreRequest(
             pgdata=sandbox.pgdata,
             backup=self.plan.backup,
-            repo=allowed.repo[0].name,
+            repo=self.planned_repo,
             tablespace_map={
                 str(ts.oid): sandbox.tablespace(ts.oid) for ts in self.manifest.tablespaces
             },
