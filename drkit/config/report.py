@@ -29,7 +29,7 @@ class ReportSettings(BaseModel):
     out: Path | None = Field(
         None,
         description="directory drkit report writes into when --out is not given (default: the"
-        " current directory); the scheduler's report job uses it",
+        " current directory); the scheduler's report job writes into [schedule] report_dir",
     )
     cadence: CadencePolicy = Field(
         default_factory=lambda: CadencePolicy.model_validate({}),
