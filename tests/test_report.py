@@ -4,9 +4,11 @@ drill records seeded with chosen times) turned into the report an auditor reads.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,18 +18,21 @@ from typing import Any
 import jsonschema
 import pytest
 from rig.drkit import Drkit
-from rig.history import drill_record
+from rig.history import at, drill_record
 from rig.postgres import PgFactory
 from rig.servers import S3Server
 
 from drkit.config.settings import Settings, load_settings
+from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.repo.drills import DrillKind, DrillRecord, seal_drill_record
 from drkit.repo.events import JobEvent, write_event
 from drkit.repo.label import BackupLabel
 from drkit.repo.open import open_key_provider, open_repository
+from drkit.repo.repository import Repository
 from drkit.report.model import json_schema
 from drkit.report.operation import ReportOperation, ReportRequest, ReportResult
 from drkit.report.period import Period, quarter_of
+from drkit.storage.posix import PosixStorage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = REPO_ROOT / "docs" / "report.schema.json"
@@ -401,3 +406,55 @@ def _chromium(
         result.paths["html"].as_uri(),
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_a_pdf_without_weasyprint_exits_43_and_writes_the_other_formats(tmp_path: Path) -> None:
+    """No PostgreSQL needed: a seeded repository; WeasyPrint made unloadable the way a missing
+    Pango library makes it (OSError at import), in a real drkit process."""
+    create_keyfile(tmp_path / "backup.key")
+    repo = Repository(
+        PosixStorage(tmp_path / "repo", name="local"), KeyfileProvider(tmp_path / "backup.key")
+    )
+    repo.initialize(7000000000000000001)
+    repo.write_drill_record(drill_record(at("2026-10-05 03:00")))
+    config = tmp_path / "drkit.toml"
+    config.write_text(
+        f'lock_path = "{tmp_path / "locks"}"\n[postgres]\npgdata = "{tmp_path / "pgdata"}"\n'
+        f'[keys]\nprovider = "keyfile"\nkeyfile = "{tmp_path / "backup.key"}"\n'
+        f'[[repo]]\nname = "local"\npath = "{tmp_path / "repo"}"\n'
+    )
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "weasyprint.py").write_text("raise OSError(\"cannot load library 'libpango-1.0-0'\")\n")
+    env = {**os.environ, "PYTHONPATH": str(stub)}
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "drkit",
+            "report",
+            "--quarter",
+            "2026Q4",
+            "--format",
+            "pdf",
+            "--format",
+            "json",
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+    assert done.returncode == 43, done.stderr
+    assert (
+        "cannot render PDF: WeasyPrint is not usable (cannot load library 'libpango-1.0-0')"
+        in done.stderr
+    )
+    assert "HINT: pip install 'drkit[pdf]'" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["drkit-report-2026Q4.json"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from drkit.cli.common import (
     ConfigOption,
@@ -67,7 +68,7 @@ def signoff(
 
 def _render(data: dict[str, Any], warnings: list[DrkitError], json_: bool, what: str) -> None:
     for warning in warnings:
-        warn(warning.message)
+        warn(escape(warning.message))
     if json_:
         print_json(data)
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from drkit.cli.common import (
     ConfigOption,
@@ -78,8 +79,8 @@ def command(
         repo=repo,
     )
     result = ReportOperation(settings, request).run()
-    for warning in result.warnings:
-        warn(warning.message + (f"\nHINT: {warning.hint}" if warning.hint else ""))
+    for warning in result.warnings:  # escaped: a hint like "drkit[pdf]" is not rich markup
+        warn(escape(warning.message + (f"\nHINT: {warning.hint}" if warning.hint else "")))
     if json_:
         print_json(result.as_dict())
     else:
