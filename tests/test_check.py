@@ -15,7 +15,7 @@ from rig.archive import (
     switch_wal,
 )
 from rig.drkit import Drkit
-from rig.postgres import PgCluster
+from rig.postgres import PgCluster, chown_to_server_user
 
 from drkit.errors import ArchiveCheckFailed
 from drkit.repo.wal_names import parse_wal_name
@@ -40,6 +40,22 @@ def test_check_archives_a_fresh_segment_into_the_repository(pg: PgCluster, workd
     assert nagios.exit_code == 0, nagios.output
     assert nagios.stdout.startswith("DRKIT OK - WAL segment ")
     assert len(nagios.stdout.splitlines()) == 1
+
+
+def test_the_async_pusher_brings_the_segment_to_every_repository(
+    pg: PgCluster, workdir: Path
+) -> None:
+    second = {"name": "second", "type": "posix", "path": workdir / "second"}
+    dk = Drkit(pg, workdir, extra_repos=[second])
+    dk.ok("init")
+    chown_to_server_user(workdir / "second", recursive=True)
+    enable_archiving(pg, dk, async_=True)  # the pusher copies WAL to 'second' when idle
+
+    data = json.loads(dk.ok("check", "--json", "--timeout", "60").stdout)
+    assert set(data["repositories"]) == {"local", "second"}
+    assert all(seconds is not None for seconds in data["repositories"].values()), data
+    key = parse_wal_name(data["segment"]).key
+    assert (workdir / "second" / key).is_file()
 
 
 def test_a_secondary_that_has_not_caught_up_is_a_warning(pg: PgCluster, workdir: Path) -> None:
