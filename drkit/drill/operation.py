@@ -189,12 +189,11 @@ class DrillOperation:
         with interruptible():
             try:
                 try:
-                    # Plan: the surviving repositories, the restore point and its backup
+                    # Plan: the surviving repositories, the restore point and its backup, and
+                    # the sandbox: a fresh private directory outside the source, with room
                     with self._phase("plan"):
                         self._plan()
-
-                    # Sandbox: a fresh private directory outside the source, with room enough
-                    self._make_sandbox(drill_id)
+                        self._make_sandbox(drill_id)
 
                     # Restore: the real restore operation, into the sandbox
                     with self._phase("restore"):
@@ -217,6 +216,11 @@ class DrillOperation:
                     rto_seconds = time.monotonic() - clock
                 except _Failed as exc:
                     failure = exc
+                except Exception as exc:  # a FAIL with its reason, never a traceback
+                    log.debug("drill: unexpected error", exc_info=True)
+                    came_up = self.cluster is not None and self.cluster.is_running()
+                    kind = FailureKind.CHECK_FAILED if came_up else FailureKind.RESTORE_FAILED
+                    failure = _Failed(kind, f"unexpected error: {exc!r}")
             finally:
                 # Teardown: stop the server, remove the sandbox (not part of the RTO)
                 with self._phase("teardown"):
