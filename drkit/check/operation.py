@@ -33,6 +33,7 @@ from drkit.result import OperationResult
 
 RESTORE_POINT = "drkit check"
 POLL_SECONDS = 0.2
+STATS_GRACE_SECONDS = 5.0  # for archive_command to return once its object is stored
 
 
 @dataclass
@@ -100,7 +101,7 @@ def check_archiving(settings: Settings, request: CheckRequest) -> CheckResult:
             result.segment = session.switch_wal(RESTORE_POINT)
         with result.phase("archive"):
             result.arrivals = _wait_for_segment(repos, result.segment, request.timeout)
-        result.archiver = session.archiver_stats()
+        result.archiver = _archiver_after(session, result.segment, result.arrivals[0])
 
     # Judge: the primary must have it; the rest are warnings
     _judge(result, before, request.timeout)
@@ -149,6 +150,18 @@ def _arrived(repo: Repository, key: str, segment: str) -> bool:
     except ObjectNotFound:
         return False
     return True
+
+
+def _archiver_after(session: PgSession, segment: str, primary: RepositoryArrival) -> ArchiverStats:
+    """The counters once PostgreSQL has recorded the segment's success: the object is in the
+    repository a moment before archive_command returns and the archiver counts it."""
+    deadline = time.monotonic() + STATS_GRACE_SECONDS
+    while True:
+        stats = session.archiver_stats()
+        counted = stats.last_archived_wal is not None and stats.last_archived_wal >= segment
+        if primary.seconds is None or counted or time.monotonic() >= deadline:
+            return stats
+        time.sleep(POLL_SECONDS)
 
 
 def _judge(result: CheckResult, before: ArchiverStats, timeout: float) -> None:
