@@ -64,15 +64,25 @@ def test_info_shows_a_running_backup(pg: PgCluster, workdir: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    # What the running backup has stored so far: its label has objects, not yet a manifest
+    label = "20991231-235959F"
+    data = dk.repo_path / "backup" / label / "data"
+    data.mkdir(parents=True)
+    (data / "000000").write_bytes(b"x" * 2048)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         result = dk.run("info")
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 0, result.output  # not a leftover while it runs
+        assert "status: ok (backup running)" in result.stdout
         assert "backup running since 20" in result.stdout
-        assert f"(pid {holder.pid})" in result.stdout
-        running = json.loads(dk.run("info", "--json").stdout)["running"]
-        assert running["operation"] == "backup" and running["pid"] == holder.pid
+        assert f"(pid {holder.pid}): {label}, 2.0 KiB stored so far" in result.stdout
+        info = json.loads(dk.run("info", "--json").stdout)
+        assert info["running"]["pid"] == holder.pid and info["running"]["label"] == label
+        assert info["running"]["stored"] == 2048 and info["incomplete"] == []
     finally:
         holder.kill()
         holder.wait()
-    assert dk.info()["running"] is None  # released with its process
+    # Killed: no longer running, and what it stored is a leftover the next backup removes
+    info = json.loads(dk.run("info", "--json").stdout)
+    assert info["running"] is None and info["incomplete"] == [label]
+    assert [w["warning"] for w in info["warnings"]] == ["IncompleteBackup"]

@@ -52,7 +52,13 @@ def _render(info: RepositoryInfo) -> None:
     stdout.print(f"status: {info.status}", markup=False)
     if info.running is not None:
         since = info.running.since.isoformat(timespec="seconds")
-        stdout.print(f"backup running since {since} (pid {info.running.pid})", markup=False)
+        progress = ""
+        if info.running_label is not None:
+            stored = human_size(info.running_stored)
+            progress = f": {info.running_label}, {stored} stored so far"
+        stdout.print(
+            f"backup running since {since} (pid {info.running.pid}){progress}", markup=False
+        )
     if not info.backups:
         stdout.print("no backups yet")
     for b in info.backups:

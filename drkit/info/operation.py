@@ -21,6 +21,7 @@ from drkit.repo.drills import DrillRecord
 from drkit.repo.lock import LockHolder, lock_holder
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository, repo_location
+from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
 from drkit.result import OperationResult
 
@@ -85,15 +86,18 @@ class RepositoryInfo(OperationResult):
     last_drill: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     require_321: bool = True  # whether a newest backup failing 3-2-1 is a warning
     running: LockHolder | None = None  # a backup of this cluster running on this host
+    running_label: str | None = None  # its label, once it has stored objects here
+    running_stored: int = 0  # bytes it has stored here so far
 
     @property
     def status(self) -> str:
         """One line for people and monitoring: 'ok', or the problems, most severe first."""
+        running = " (backup running)" if self.running is not None else ""
         if self.damaged:
             return f"error: {len(self.damaged)} backup(s) DAMAGED ({', '.join(self.damaged)})"
         if self.warnings:
-            return "warning: " + "; ".join(w.message for w in self.warnings)
-        return "ok"
+            return "warning: " + "; ".join(w.message for w in self.warnings) + running
+        return "ok" + running
 
     @property
     def exit_code(self) -> int:
@@ -121,7 +125,7 @@ class RepositoryInfo(OperationResult):
             "last_drill": self.last_drill,
             "rule_3_2_1": "PASS" if self.rule_3_2_1 else "FAIL",
             "require_321": self.require_321,
-            "running": _running(self.running),
+            "running": _running(self),
             "status": self.status,
         }
 
@@ -167,6 +171,8 @@ class InfoOperation:
                     info.damaged[str(label)] = str(exc)
             info.backups = [_summary(m, copies.status(self.settings, m.label)) for m in manifests]
             info.incomplete = [str(label) for label in repo.incomplete()]
+            if info.running is not None:
+                _claim_running_backup(info, repo)
 
         # The archived WAL per timeline, with its gaps
         with info.phase("wal"):
@@ -260,7 +266,27 @@ def _retention_warnings(settings: Settings) -> list[DrkitWarning]:
     ]
 
 
-def _running(holder: LockHolder | None) -> dict[str, Any] | None:
+def _claim_running_backup(info: RepositoryInfo, repo: Repository) -> None:
+    """While a backup runs, the newest incomplete label (newer than every complete backup) is
+    that backup, not a leftover: report its progress instead of warning about it."""
+    if not info.incomplete:
+        return
+    newest = max(info.incomplete)
+    if info.backups and newest <= max(b.label for b in info.backups):
+        return
+    info.incomplete.remove(newest)
+    info.running_label = newest
+    info.running_stored = sum(o.size for o in repo.storage.list(f"{BACKUP_PREFIX}{newest}/"))
+
+
+def _running(info: RepositoryInfo) -> dict[str, Any] | None:
+    holder = info.running
     if holder is None:
         return None
-    return {"operation": holder.operation, "pid": holder.pid, "since": holder.since.isoformat()}
+    return {
+        "operation": holder.operation,
+        "pid": holder.pid,
+        "since": holder.since.isoformat(),
+        "label": info.running_label,
+        "stored": info.running_stored,
+    }
