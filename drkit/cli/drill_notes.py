@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from drkit.cli.common import (
     ConfigOption,
@@ -15,11 +14,11 @@ from drkit.cli.common import (
     print_json,
     settings_from,
     stdout,
-    warn,
+    warn_all,
 )
 
 if TYPE_CHECKING:
-    from drkit.errors import DrkitError
+    from drkit.errors import DrkitWarning
 
 
 @handle_errors
@@ -66,9 +65,8 @@ def signoff(
     raise typer.Exit(result.exit_code)
 
 
-def _render(data: dict[str, Any], warnings: list[DrkitError], json_: bool, what: str) -> None:
-    for warning in warnings:
-        warn(escape(warning.message))
+def _render(data: dict[str, Any], warnings: list[DrkitWarning], json_: bool, what: str) -> None:
+    warn_all(warnings)
     if json_:
         print_json(data)
     else:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from drkit.cli.common import (
     ConfigOption,
@@ -17,7 +16,7 @@ from drkit.cli.common import (
     print_json,
     settings_from,
     stdout,
-    warn,
+    warn_all,
 )
 
 
@@ -79,8 +78,7 @@ def command(
         repo=repo,
     )
     result = ReportOperation(settings, request).run()
-    for warning in result.warnings:  # escaped: a hint like "drkit[pdf]" is not rich markup
-        warn(escape(warning.message + (f"\nHINT: {warning.hint}" if warning.hint else "")))
+    warn_all(result.warnings)
     if json_:
         print_json(result.as_dict())
     else:

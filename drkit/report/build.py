@@ -5,17 +5,14 @@ still running is "due", not "missing")."""
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Literal
 
 from drkit.config.durations import format_duration
 from drkit.repo.drills import DrillEntry, DrillRecord, drill_time, is_drill_id
-from drkit.repo.label import BackupLabel
-from drkit.repo.notes import Finding, NoteEntry, Signoff
-from drkit.report.facts import BackupFact, Facts, VerifyFact
+from drkit.report.facts import BackupFact, Facts
 from drkit.report.model import (
     AgePoint,
     BackupFailure,
@@ -23,27 +20,20 @@ from drkit.report.model import (
     Backups,
     CadenceItem,
     CheckRow,
-    Copies,
     DrillRow,
-    ExposurePoint,
     FindingRow,
-    Integrity,
-    Keys,
-    KeyVersion,
     ObjectiveRow,
     ObjectiveSummary,
     PhaseRow,
     Report,
-    RepositoryCopies,
-    SignoffRow,
     Source,
     Span,
     Stat,
     Summary,
-    VerifyRun,
     WeekRow,
 )
 from drkit.report.period import Period, cadence_periods
+from drkit.report.sections import copies, findings, integrity, keys, note_in, signoffs
 
 # Drill kinds from the lightest to the most thorough; a drill counts for its kind and lighter.
 KINDS = ("restore-test", "partial", "full")
@@ -67,12 +57,12 @@ class Context:
 def build_report(facts: Facts, ctx: Context) -> Report:
     period = ctx.period
     in_period = [e for e in facts.drills if (at := _drill_start(e)) is None or at in period]
-    findings = _findings(facts.notes)
-    drills = [_drill_row(e, findings) for e in in_period]
+    found = findings(facts.notes)
+    drills = [_drill_row(e, found) for e in in_period]
     cadence = _cadence(facts.drills, ctx)
     backups = _backups(facts, ctx)
-    copies = _copies(facts, ctx, backups.items)
-    integrity = _integrity(facts.verify, [b.label for b in backups.items], period)
+    copied = copies(facts, period, backups.items)
+    verified = integrity(facts.verify, [b.label for b in backups.items], period)
     report = Report(
         title=f"DR exercise report {period.label}",
         period=Span(label=period.label, start=period.start, end=period.end),
@@ -91,15 +81,15 @@ def build_report(facts: Facts, ctx: Context) -> Report:
         drills=drills,
         cadence=cadence,
         backups=backups,
-        copies=copies,
-        integrity=integrity,
-        keys=_keys(facts, period),
+        copies=copied,
+        integrity=verified,
+        keys=keys(facts, period),
         findings=[
             f
-            for f in findings.values()
-            if f.drill in {d.id for d in drills} or (not f.authentic and _note_in(f.id, period))
+            for f in found.values()
+            if f.drill in {d.id for d in drills} or (not f.authentic and note_in(f.id, period))
         ],
-        signoffs=_signoffs(facts.notes, period),
+        signoffs=signoffs(facts.notes, period),
     )
     return report
 
@@ -304,177 +294,6 @@ def _newest_age(ordered: list[BackupFact], period: Period, now: datetime) -> lis
         age = (end - ordered[-1].stop).total_seconds()
         points.append(AgePoint(at=end, age_seconds=age, backup=ordered[-1].label))
     return points
-
-
-# -- copies, integrity, keys ----------------------------------------------------------------------
-
-
-def _copies(facts: Facts, ctx: Context, rows: list[BackupRow]) -> Copies:
-    labels = {row.label for row in rows}
-    wal = {w.repo: w for w in facts.wal}
-    repos = []
-    for r in facts.repositories:
-        w = wal.get(r.name)
-        repos.append(
-            RepositoryCopies(
-                name=r.name,
-                media=r.media,
-                offsite=r.offsite,
-                object_lock=r.object_lock,
-                backups=len(labels & facts.holdings.get(r.name, set())),
-                wal_segments=w.segments if w else 0,
-                newest_wal=w.newest if w else None,
-                newest_wal_at=w.newest_at if w else None,
-                wal_lag=w.lag if w else None,
-            )
-        )
-    exposure = [
-        ExposurePoint(
-            drill=e.record.id,
-            at=e.record.started_at,
-            repo=x.repo,
-            wal_age_seconds=x.newest_wal_age_seconds,
-            backup_age_seconds=x.newest_backup_age_seconds,
-        )
-        for e in facts.drills
-        if e.record is not None and e.record.started_at in ctx.period
-        for x in e.record.exposure
-    ]
-    return Copies(
-        passing=sum(1 for r in rows if r.rule_3_2_1),
-        failing=sum(1 for r in rows if not r.rule_3_2_1),
-        repositories=repos,
-        exposure=exposure,
-    )
-
-
-def _integrity(runs: list[VerifyFact], labels: list[str], period: Period) -> Integrity:
-    by_copy: dict[tuple[str, str], list[VerifyFact]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: r.time):
-        by_copy[(run.repo, run.label)].append(run)
-    failed, passed, verified = [], 0, set()
-    for (_, label), history in by_copy.items():
-        for i, run in enumerate(history):
-            if run.time not in period:
-                continue
-            verified.add(label)
-            if run.ok:
-                passed += 1
-                continue
-            repaired = any(later.ok for later in history[i + 1 :])
-            failed.append(
-                VerifyRun(
-                    repo=run.repo,
-                    backup=run.label,
-                    time=run.time,
-                    ok=False,
-                    damaged_files=run.damaged,
-                    repaired=repaired,
-                    record=run.key,
-                )
-            )
-    return Integrity(
-        runs=passed + len(failed),
-        failed_runs=sorted(failed, key=lambda r: r.time),
-        passed_runs=passed,
-        verified_backups=len(verified & set(labels)),
-        unverified=[label for label in labels if label not in verified],
-    )
-
-
-def _set_time(kind: str, name: str) -> datetime | None:
-    """When a key record set was made, from its name (label, drill id, WAL key period); read
-    by slicing, not strptime: there is one per backup."""
-    if kind == "backup" and BackupLabel.is_label(name):
-        digits = name.rpartition("_")[2][:15].replace("-", "")
-    elif kind in ("drill", "note") and is_drill_id(name):
-        digits = name[:15].replace("-", "")
-    elif kind == "wal" and name.isdigit() and len(name) in (8, 10):
-        digits = name.ljust(14, "0")
-    else:
-        return None
-    y, mo, d, h, mi, sec = (int(digits[i:j]) for i, j in _STAMP_FIELDS)
-    return datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
-
-
-_STAMP_FIELDS = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
-
-
-def _keys(facts: Facts, period: Period) -> Keys:
-    first: dict[tuple[str, str, int | None], tuple[datetime | None, str]] = {}
-    count: dict[tuple[str, str, int | None], int] = defaultdict(int)
-    for s in facts.key_sets:
-        ident = (s.provider, s.key, s.version)
-        count[ident] += 1
-        when = _set_time(s.kind, s.name)
-        known = first.get(ident)
-        if known is None or (when is not None and (known[0] is None or when < known[0])):
-            first[ident] = (when, f"{s.kind} {s.name}")
-    versions = [
-        KeyVersion(
-            provider=ident[0],
-            key=ident[1],
-            version=ident[2],
-            sets=count[ident],
-            first_used_by=first[ident][1],
-            first_used_at=first[ident][0],
-            rotated_in_period=(at := first[ident][0]) is not None and at in period,
-        )
-        for ident in sorted(count, key=lambda i: (i[0], i[1], i[2] or 0))
-    ]
-    return Keys(
-        versions=versions,
-        sets=len(facts.key_sets),
-        escrowed=sum(1 for s in facts.key_sets if s.escrowed),
-        escrow_missing=[f"{s.kind} {s.name}" for s in facts.key_sets if not s.escrowed],
-    )
-
-
-# -- notes ----------------------------------------------------------------------------------------
-
-
-def _findings(notes: list[NoteEntry]) -> dict[str, FindingRow]:
-    found = {}
-    for entry in notes:
-        note = entry.note
-        if note is None:
-            found[entry.id] = FindingRow(id=entry.id, authentic=False, error=entry.error)
-        elif isinstance(note, Finding):
-            found[entry.id] = FindingRow(
-                id=note.id,
-                authentic=True,
-                drill=note.drill,
-                finding=note.finding,
-                action=note.action,
-                owner=note.owner,
-                written_at=note.written_at,
-                written_by=note.written_by,
-            )
-    return found
-
-
-def _note_in(note_id: str, period: Period) -> bool:
-    """Whether a note that cannot be read was written in ``period``, from its id (not
-    authenticated, but a note that fails is listed either way rather than dropped)."""
-    return is_drill_id(note_id) and drill_time(note_id) in period
-
-
-def _signoffs(notes: list[NoteEntry], period: Period) -> list[SignoffRow]:
-    rows = []
-    for entry in notes:
-        note = entry.note
-        if isinstance(note, Signoff) and note.period == period.label:
-            rows.append(
-                SignoffRow(
-                    id=note.id,
-                    authentic=True,
-                    period=note.period,
-                    by=note.by,
-                    statement=note.statement,
-                    written_at=note.written_at,
-                )
-            )
-    return rows
 
 
 # -- summary --------------------------------------------------------------------------------------

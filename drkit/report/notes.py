@@ -18,24 +18,16 @@ from drkit.errors import DrillNotFound, DrkitError, DrkitWarning, RepositoryErro
 from drkit.repo.notes import Finding, Signoff, new_note_id, seal_note, write_note
 from drkit.repo.open import open_key_provider, open_repository
 from drkit.report.period import days, quarter
+from drkit.result import OperationResult
 
 
-@dataclass
-class NoteResult:
+@dataclass(kw_only=True)
+class NoteResult(OperationResult):
     note: Finding | Signoff
     written: list[str] = field(default_factory=list)  # repositories that hold it
-    warnings: list[DrkitError] = field(default_factory=list)
 
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.warnings else 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "note": self.note.model_dump(mode="json"),
-            "written": self.written,
-            "warnings": [w.message for w in self.warnings],
-        }
+    def _data(self) -> dict[str, Any]:
+        return {"note": self.note.model_dump(mode="json"), "written": self.written}
 
 
 def add_finding(
@@ -109,7 +101,7 @@ def _require_drill(settings: Settings, drill: str) -> None:
 
 def _write_everywhere(settings: Settings, note: Finding | Signoff) -> NoteResult:
     sealed = seal_note(note, open_key_provider(settings.keys))
-    result = NoteResult(note)
+    result = NoteResult(note=note)
     for repo_settings in settings.repo:
         try:
             repo = open_repository(settings, repo_settings.name)

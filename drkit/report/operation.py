@@ -17,12 +17,13 @@ from typing import Any
 
 from drkit import __version__
 from drkit.config.settings import Settings
-from drkit.errors import ConfigError, DrkitError
+from drkit.errors import ConfigError, ReportPdfUnavailable
 from drkit.report.build import Context, build_report
 from drkit.report.facts import gather
 from drkit.report.model import Report
 from drkit.report.period import Period, quarter_of
 from drkit.report.render import FORMATS, render_html, render_json, render_markdown, render_pdf
+from drkit.result import OperationResult, Stopwatch
 
 _SUFFIX = {"html": "html", "pdf": "pdf", "md": "md", "json": "json"}
 
@@ -36,24 +37,17 @@ class ReportRequest:
     now: datetime | None = None  # the clock (tests and reproductions); default: now
 
 
-@dataclass
-class ReportResult:
+@dataclass(kw_only=True)
+class ReportResult(OperationResult):
     report: Report
     paths: dict[str, Path] = field(default_factory=dict)  # format -> file written
-    warnings: list[DrkitError] = field(default_factory=list)
 
-    @property
-    def exit_code(self) -> int:
-        """0 written; a format that could not be written gives its error's code."""
-        return max((w.exit_code for w in self.warnings), default=0)
-
-    def as_dict(self) -> dict[str, Any]:
+    def _data(self) -> dict[str, Any]:
         return {
             "period": self.report.period.label,
             "verdict": self.report.summary.verdict,
             "verdict_line": self.report.summary.verdict_line,
             "files": {fmt: str(path) for fmt, path in self.paths.items()},
-            "warnings": [w.message for w in self.warnings],
         }
 
 
@@ -63,16 +57,27 @@ class ReportOperation:
         self.request = request
 
     def run(self) -> ReportResult:
+        """Write the report; raises ReportPdfUnavailable (after writing every other format)
+        when a PDF was asked for and WeasyPrint cannot run."""
         now = self.request.now or datetime.now(UTC)
         period = self.request.period or quarter_of(now)
         self._check_formats()
+        phases: dict[str, float] = {}
+        clock = Stopwatch(phases)
         # Read every fact from the repositories
         facts = gather(self.settings, period, self.request.repo)
+        clock.lap("read")
         # Build the report (pure)
-        report = build_report(facts, self._context(period, now))
+        result = ReportResult(report=build_report(facts, self._context(period, now)), phases=phases)
+        clock.lap("build")
         # Render and write each format
-        result = ReportResult(report)
-        self._write(result)
+        pdf_error = self._write(result)
+        clock.lap("render")
+        if pdf_error is not None:
+            written = ", ".join(str(p) for p in result.paths.values())
+            raise ReportPdfUnavailable(
+                f"{pdf_error.message}; written: {written or 'nothing'}", hint=pdf_error.hint
+            )
         return result
 
     def _check_formats(self) -> None:
@@ -95,12 +100,15 @@ class ReportOperation:
             host=socket.gethostname(),
         )
 
-    def _write(self, result: ReportResult) -> None:
+    def _write(self, result: ReportResult) -> ReportPdfUnavailable | None:
+        """Write every asked format; a PDF that cannot be rendered is returned, not raised, so
+        the other formats are written first."""
         report = result.report
         out = self.request.out
         out.mkdir(parents=True, exist_ok=True)
         stem = f"drkit-report-{report.period.label.replace('..', '_')}"
         html: str | None = None
+        pdf_error = None
         for fmt in dict.fromkeys(self.request.formats):
             try:
                 if fmt == "json":
@@ -110,12 +118,13 @@ class ReportOperation:
                 else:
                     html = html or render_html(report)
                     data = html.encode() if fmt == "html" else render_pdf(html)
-            except DrkitError as exc:
-                result.warnings.append(exc)
+            except ReportPdfUnavailable as exc:
+                pdf_error = exc
                 continue
             path = out / f"{stem}.{_SUFFIX[fmt]}"
             _write_file(path, data)
             result.paths[fmt] = path
+        return pdf_error
 
 
 def config_digest(settings: Settings) -> str:
