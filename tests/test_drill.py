@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -255,7 +256,9 @@ def test_missing_wal_segment_fails_with_30(pg_factory: Any, workdir: Path) -> No
     assert_cleaned_up(workdir)
 
 
-def test_sandbox_inside_pgdata_is_refused(pg_factory: Any, workdir: Path) -> None:
+def test_sandbox_inside_pgdata_unreachable_or_too_small_is_refused(
+    pg_factory: Any, workdir: Path
+) -> None:
     pg = pg_factory(15)
     dk = drill_setup(pg, workdir, sandbox=pg.pgdata / "drills")
     code, out, _ = run_drill(dk)
@@ -280,6 +283,24 @@ def test_sandbox_inside_pgdata_is_refused(pg_factory: Any, workdir: Path) -> Non
         f" '{private}' does not let it pass (mode 700, owner root)"
     )
     assert list(sandboxes.iterdir()) == []
+
+    # A file system without room for the restored copy is refused before anything is written
+    small = workdir / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        dk.write_config(
+            archive={"async": False, "spool_path": workdir / "spool"}, drill={"sandbox": small}
+        )
+        code, out, _ = run_drill(dk)
+        assert code == 30
+        assert out["record"]["reason"].startswith(
+            f"sandbox: not enough space for the drill sandbox in '{small}': the restored copy"
+            " needs about "
+        )
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_sigterm_stops_the_server_and_removes_the_sandbox(pg_factory: Any, workdir: Path) -> None:

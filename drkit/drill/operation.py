@@ -216,6 +216,8 @@ class DrillOperation:
                     rto_seconds = time.monotonic() - clock
                 except _Failed as exc:
                     failure = exc
+                except ConfigError:
+                    raise  # a bad request or scenario: nothing was drilled, no record
                 except Exception as exc:  # a FAIL with its reason, never a traceback
                     log.debug("drill: unexpected error", exc_info=True)
                     came_up = self.cluster is not None and self.cluster.is_running()
