@@ -269,8 +269,17 @@ def test_the_html_renders_offline_in_chromium_and_the_pdf_has_pages(
 def test_a_report_from_the_s3_copy_alone_equals_the_one_from_the_primary(
     quarter: Quarter, workdir: Path
 ) -> None:
+    # a drill whose record reached the offsite copy only (the primary was down when it ran)
+    late = drill_record(_month(quarter.period, 1, 12), backup=quarter.backups[0], rto=700, rpo=30)
+    open_repository(quarter.settings, "s3-eu").write_drill_record(late)
+
     primary = _json(quarter.report(workdir / "primary", repo="local"))
     offsite = _json(quarter.report(workdir / "offsite", repo="s3-eu"))
+
+    assert late.id in [d["id"] for d in primary["drills"]]
+    month = _month(quarter.period, 1, 1).strftime("%Y-%m")
+    [second] = [c for c in primary["cadence"] if c["period"] == month]
+    assert (second["status"], second["drills"]) == ("passed", [late.id])
 
     assert primary["source"].pop("repository") == "local"
     assert offsite["source"].pop("repository") == "s3-eu"

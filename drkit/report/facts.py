@@ -21,7 +21,7 @@ from drkit.info.copies import CopyMap
 from drkit.repo.drills import DrillEntry
 from drkit.repo.events import EVENT_PREFIX
 from drkit.repo.label import BackupLabel
-from drkit.repo.notes import NoteEntry, read_notes
+from drkit.repo.notes import NoteEntry, note_ids, read_note, read_notes
 from drkit.repo.open import open_repository
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import WalArchive
@@ -114,11 +114,10 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     )
     source_listing = listings.get(source.name) or _Listing.of(source)
     _read_backups(source, source_listing, period, facts)
-    facts.drills = source.drill_records()
-    facts.notes = read_notes(source)
+    facts.drills, facts.notes, holders = _read_records(settings, source, unreachable)
     facts.verify = _read_verify_runs(settings, listings)
     facts.wal = _read_wal(settings, copies)
-    facts.key_sets += key_sets(source, period)
+    facts.key_sets += key_sets(source, period, holders)
     facts.failures = _read_failures(settings, period, unreachable)
     return facts
 
@@ -159,6 +158,30 @@ def _list_repositories(settings: Settings, unreachable: dict[str, str]) -> dict[
         except DrkitError as exc:
             unreachable[name] = exc.message
     return found
+
+
+def _read_records(
+    settings: Settings, source: Repository, unreachable: dict[str, str]
+) -> tuple[list[DrillEntry], list[NoteEntry], dict[str, Repository]]:
+    """Every drill record and note of the source, and those only another reachable repository
+    holds (a drill or note that could not be written to the source is still reported; its
+    copy there is read and authenticated the same way); with the repository each was read from."""
+    drills = {e.id: e for e in source.drill_records()}
+    notes = {e.id: e for e in read_notes(source)}
+    holders = dict.fromkeys([*drills, *notes], source)
+    for repo_settings in settings.repo:
+        name = repo_settings.name
+        if name == source.name or name in unreachable:
+            continue
+        try:
+            repo = open_repository(settings, name)
+            for drill_id in set(repo.drill_ids()) - drills.keys():
+                drills[drill_id], holders[drill_id] = repo.drill_record(drill_id), repo
+            for note_id in set(note_ids(repo)) - notes.keys():
+                notes[note_id], holders[note_id] = read_note(repo, note_id), repo
+        except DrkitError as exc:
+            unreachable[name] = exc.message
+    return [drills[k] for k in sorted(drills)], [notes[k] for k in sorted(notes)], holders
 
 
 def _open_source(settings: Settings, wanted: str | None) -> Repository:

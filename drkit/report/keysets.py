@@ -50,37 +50,35 @@ def unwrap_newest(
     raise error
 
 
-def key_sets(repo: Repository, period: Period) -> list[KeySetFact]:
-    """The sets of WAL key periods, drill records and notes of ``period`` (and the WAL period in
-    effect when it began); backups' sets come with their manifests."""
-    found = []
-    wal = _grouped(repo, KEYS_PREFIX, 2)
+def key_sets(repo: Repository, period: Period, holders: dict[str, Repository]) -> list[KeySetFact]:
+    """The sets of WAL key periods (from ``repo``; the one in effect when the period began
+    too), and of the drill records and notes of ``period`` (from the repository each was read
+    from, ``holders``); backups' sets come with their manifests."""
+    wal = _wal_records(repo)
     times = {name: _wal_time(name) for name in wal}
     earlier = [n for n, t in times.items() if t is not None and t < period.start]
     wanted = sorted(earlier)[-1:] + [n for n, t in times.items() if t is not None and t in period]
-    sets = [("wal", n, wal[n]) for n in sorted(wanted)]
-    for kind, prefix in (("drill", DRILL_PREFIX), ("note", NOTE_PREFIX)):
-        for name, records in sorted(_grouped(repo, prefix, 3).items()):
-            if is_drill_id(name) and drill_time(name) in period:
-                sets.append((kind, name, records))
-    for kind, name, records in sets:
-        newest = _newest(repo, records)
+    sets = [("wal", n, repo, wal[n]) for n in sorted(wanted)]
+    for name, holder in sorted(holders.items()):
+        if is_drill_id(name) and drill_time(name) in period:
+            for kind, prefix in (("drill", DRILL_PREFIX), ("note", NOTE_PREFIX)):
+                records = [o.key for o in holder.storage.list(f"{prefix}{name}/key/")]
+                if records:
+                    sets.append((kind, name, holder, records))
+    found = []
+    for kind, name, holder, records in sets:
+        newest = _newest(holder, records)
         if newest is not None and (fact := _fact(kind, name, newest)) is not None:
             found.append(fact)
     return found
 
 
-def _grouped(repo: Repository, prefix: str, depth: int) -> dict[str, list[str]]:
-    """Key record object keys by set name: ``wal-keys/<period>/<n>.json`` (depth 2) or
-    ``drills/<id>/key/<n>.json`` (depth 3)."""
+def _wal_records(repo: Repository) -> dict[str, list[str]]:
+    """Key record object keys by WAL key period (``wal-keys/<period>/<n>.json``)."""
     found: dict[str, list[str]] = {}
-    for obj in repo.storage.list(prefix):
-        parts = obj.key[len(prefix) :].split("/")
-        if (
-            len(parts) == depth
-            and parts[-1].endswith(".json")
-            and (depth == 2 or parts[1] == "key")
-        ):
+    for obj in repo.storage.list(KEYS_PREFIX):
+        parts = obj.key[len(KEYS_PREFIX) :].split("/")
+        if len(parts) == 2 and parts[-1].endswith(".json"):
             found.setdefault(parts[0], []).append(obj.key)
     return found
 

@@ -127,6 +127,12 @@ def charts(report: Report) -> dict[str, str]:
     return found
 
 
+def _markdown_cell(value: object) -> str:
+    """Free text (a finding, a check's detail, an error) inside a Markdown table row or list
+    item: a '|' would end the cell and a newline the row."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
 def _environment(*, autoescape: bool) -> Any:
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -141,5 +147,6 @@ def _environment(*, autoescape: bool) -> Any:
     env.filters["size"] = lambda v: "-" if v is None else bytes_label(v)
     env.filters["when"] = lambda v: "-" if v is None else v.strftime("%Y-%m-%d %H:%M UTC")
     env.filters["day"] = lambda v: "-" if v is None else v.strftime("%Y-%m-%d")
+    env.filters["cell"] = _markdown_cell
     env.filters["met"] = lambda v: {True: "met", False: "MISSED", None: "not measured"}[v]
     return env
