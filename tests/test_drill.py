@@ -502,3 +502,37 @@ def test_ransomware_restores_from_the_locked_copy_alone(
     assert record["wal_segments"] >= 1
     assert out["written"] == ["local", "s3-locked"]
     assert_cleaned_up(workdir)
+
+
+def test_named_restore_point_and_random_backup(pg_factory: Any, workdir: Path) -> None:
+    pg = pg_factory(15)
+    dk = drill_setup(pg, workdir)
+    pg.psql("SELECT pg_create_restore_point('before_cleanup')")
+    pg.psql("DELETE FROM orders WHERE id > 100")  # the bad migration
+    wait_archived(pg, switch_wal(pg))
+    scenario = write_scenario(
+        workdir,
+        """
+name = "bad-migration"
+[checks]
+amcheck = false
+[[checks.sql]]
+name = "orders before the cleanup"
+query = "SELECT count(*) FROM orders"
+expect = "2500"
+""",
+    )
+
+    code, out, _ = run_drill(dk, "--scenario", str(scenario), "--target-name", "before_cleanup")
+    point = out["record"]["restore_point"]
+    assert code == 0, out["record"]["reason"]
+    assert (point["target_kind"], point["target_value"]) == ("name", "before_cleanup")
+    assert point["reason"] == "recovery target name 'before_cleanup' (requested)"
+
+    code, out, _ = run_drill(dk, "--random")
+    point = out["record"]["restore_point"]
+    assert code == 0, out["record"]["reason"]
+    assert point["target_kind"] == "immediate"
+    assert point["reason"] == "random backup (requested), one of 1, restored to its end"
+    assert out["record"]["rpo_detail"]["method"] in ("last-commit", "backup-end")
+    assert_cleaned_up(workdir)
