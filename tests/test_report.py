@@ -245,7 +245,16 @@ def test_the_html_renders_offline_in_chromium_and_the_pdf_has_pages(
     with Image.open(shot) as image:
         colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text, tables and charts, not a blank page
-    dom = _chromium(workdir, "--dump-dom", "", result).stdout
+    netlog = workdir / "netlog.json"
+    dom = _chromium(workdir, "--dump-dom", f"--log-net-log={netlog}", result).stdout
+    # Every request the page made (Chromium's own background requests aside): none left the file.
+    events = json.loads(netlog.read_text())["events"]
+    fetched = {
+        e["params"]["url"]
+        for e in events
+        if "file://" in str(e.get("params", {}).get("network_isolation_key", ""))
+    }
+    assert all(url.startswith(("file:", "data:")) for url in fetched), fetched
     for chart in ("chart-rto", "chart-rpo", "chart-duration", "chart-size", "chart-exposure"):
         svg = re.search(rf'<svg[^>]*id="{chart}".*?</svg>', dom, re.DOTALL)
         assert svg is not None, f"{chart} is not in the rendered page"
