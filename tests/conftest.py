@@ -16,6 +16,8 @@ Environment knobs (read once at import, before the per-test scrub):
 - ``DRKIT_TEST_PROVIDER``: ``local`` | ``docker`` | ``auto`` (default; docker if ``docker info``
   works)
 - ``DRKIT_TEST_KEEP=1``: keep the scratch root (and print its path) for debugging
+- ``DRKIT_PG_CACHE``: where ``scripts/fetch_pg_versions.sh`` put PostgreSQL 13, 14, 16 and 17
+  (default ``/var/cache/drkit-pg``; tests/test_versions.py runs on them)
 """
 
 from __future__ import annotations

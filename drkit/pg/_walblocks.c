@@ -1,5 +1,5 @@
 /* Which blocks the WAL records touch: drkit's own WAL summary, for diff/incr backups of servers
-   that keep none (PostgreSQL 15 and 16, or 17+ with summarize_wal off).
+   that keep none (PostgreSQL 13 to 16, or 17+ with summarize_wal off).
 
    It reads the WAL since the parent backup started, segment by segment, the way PostgreSQL's
    WAL summarizer does (src/backend/postmaster/walsummarizer.c), and gathers:
@@ -15,9 +15,11 @@
    and sizes), every record's CRC-32C and its link to the record before.
    Anything that does not add up raises ValueError: the backup then reads changed files whole.
 
-   Scanner(magic, compressed_mask, system_identifier, segment_size, max_blocks, since)
+   Scanner(magic, compressed_mask, system_identifier, segment_size, max_blocks, since, dbase_drop)
        magic            XLOG_PAGE_MAGIC of the server's major version
        compressed_mask  the bits of bimg_info that mean a compressed full-page image
+       dbase_drop       the info code of XLOG_DBASE_DROP: 0x10 before PostgreSQL 15, when
+                        CREATE DATABASE had one record (0x00), 0x20 since (0x00 and 0x10 create)
        max_blocks       distinct blocks kept at most; past it `overflow` is set and no more kept
        since            records that start before it are checked but not gathered
    .feed(segment, lsn, valid)
@@ -109,6 +111,7 @@ typedef struct {
     PyObject_HEAD
     uint16_t magic;
     uint8_t compressed_mask;
+    uint8_t dbase_drop;
     uint64_t system_identifier;
     uint32_t segment_size;
     uint64_t max_blocks;
@@ -287,16 +290,15 @@ static int main_data(Scanner *s, uint8_t rmid, uint8_t info, const unsigned char
         }
         return 0;
     case RM_DBASE:
-        if (op == 0x00 || op == 0x10) { /* CREATE_FILE_COPY, CREATE_WAL_LOG: db_id, tablespace */
-            if (n < 8) return fail(lsn, "a short database record");
-            return set_limit(s, u32(d + 4), u32(d), 0, 0);
-        }
-        if (op == 0x20) { /* DROP: db_id, ntablespaces, tablespace_ids[] */
+        if (op == s->dbase_drop) { /* DROP: db_id, ntablespaces, tablespace_ids[] */
             if (n < 8) return fail(lsn, "a short database record");
             uint32_t count = u32(d + 4);
             if ((uint64_t)(n - 8) < 4ull * count) return fail(lsn, "a short database record");
             for (uint32_t i = 0; i < count; i++)
                 if (set_limit(s, u32(d + 8 + 4 * i), u32(d), 0, 0)) return -1;
+        } else if (op < s->dbase_drop) { /* CREATE (FILE_COPY, WAL_LOG): db_id, tablespace */
+            if (n < 8) return fail(lsn, "a short database record");
+            return set_limit(s, u32(d + 4), u32(d), 0, 0);
         }
         return 0;
     }
@@ -469,17 +471,22 @@ static int feed(Scanner *s, const unsigned char *seg, uint64_t lsn, uint64_t val
 /* ---- the Python type ----------------------------------------------------------------------- */
 
 static int Scanner_init(Scanner *s, PyObject *args, PyObject *Py_UNUSED(kwds)) {
-    unsigned int magic, mask, segment_size;
+    unsigned int magic, mask, segment_size, dbase_drop;
     unsigned long long sysid, max_blocks, since;
-    if (!PyArg_ParseTuple(args, "IIKIKK", &magic, &mask, &sysid, &segment_size, &max_blocks,
-                          &since))
+    if (!PyArg_ParseTuple(args, "IIKIKKI", &magic, &mask, &sysid, &segment_size, &max_blocks,
+                          &since, &dbase_drop))
         return -1;
+    if (dbase_drop != 0x10 && dbase_drop != 0x20) {
+        PyErr_SetString(PyExc_ValueError, "XLOG_DBASE_DROP is 0x10 or 0x20");
+        return -1;
+    }
     if (segment_size < WAL_PAGE || segment_size % WAL_PAGE) {
         PyErr_SetString(PyExc_ValueError, "the segment size is not a multiple of the WAL page");
         return -1;
     }
     s->magic = (uint16_t)magic;
     s->compressed_mask = (uint8_t)mask;
+    s->dbase_drop = (uint8_t)dbase_drop;
     s->system_identifier = sysid;
     s->segment_size = segment_size;
     s->max_blocks = max_blocks;

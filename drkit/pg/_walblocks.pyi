@@ -9,6 +9,7 @@ class Scanner:
         segment_size: int,
         max_blocks: int,
         since: int,
+        dbase_drop: int,
         /,
     ) -> None: ...
     def feed(self, segment: Buffer, lsn: int, valid: int, /) -> None: ...

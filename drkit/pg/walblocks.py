@@ -1,5 +1,5 @@
 """Which blocks changed, read from the WAL itself: drkit's own WAL summary, for servers that keep
-none (PostgreSQL 15 and 16, or 17+ with summarize_wal off).
+none (PostgreSQL 13 to 16, or 17+ with summarize_wal off).
 
 The WAL since the parent started names every block any change touched (the WAL must replay
 them all), so a diff/incr can read just those blocks instead of whole changed files, as with the
@@ -21,9 +21,15 @@ from drkit.pg.summaries import MAX_RANGES, ChangedBlocks, NoSummaries
 from drkit.pg.wal import parse_segment_name, segments_between
 
 # XLOG_PAGE_MAGIC per major version: a WAL page of any other version is refused.
-PAGE_MAGIC = {15: 0xD110, 16: 0xD113, 17: 0xD116, 18: 0xD118}
-# bimg_info bits of a compressed full-page image (BKPIMAGE_COMPRESS_PGLZ | _LZ4 | _ZSTD), 15+
-COMPRESSED_IMAGE = 0x04 | 0x08 | 0x10
+PAGE_MAGIC = {13: 0xD106, 14: 0xD10D, 15: 0xD110, 16: 0xD113, 17: 0xD116, 18: 0xD118}
+# The record layouts 13 to 18 share except for two codes, which PostgreSQL 15 changed:
+# bimg_info's bits of a compressed full-page image (BKPIMAGE_IS_COMPRESSED before; then
+# BKPIMAGE_COMPRESS_PGLZ | _LZ4 | _ZSTD), and XLOG_DBASE_DROP's info code (CREATE DATABASE
+# gained a second record, XLOG_DBASE_CREATE_WAL_LOG, at 0x10).
+COMPRESSED_IMAGE = {13: 0x02, 14: 0x02}
+COMPRESSED_IMAGE_15 = 0x04 | 0x08 | 0x10
+DBASE_DROP = {13: 0x10, 14: 0x10}
+DBASE_DROP_15 = 0x20
 # Distinct changed blocks kept at most (4 bytes each): 8 M blocks are 64 GiB of changed pages,
 # about when reading the changed files whole costs as much.
 MAX_BLOCKS = 2 * MAX_RANGES
@@ -45,8 +51,16 @@ def wal_changed_blocks(
     segment comes from the first of ``sources`` that has it. Raises NoSummaries saying why not."""
     magic = PAGE_MAGIC.get(major)
     if magic is None:
-        raise NoSummaries(f"drkit reads the WAL of PostgreSQL 15 to 18, not of {major}")
-    scanner = Scanner(magic, COMPRESSED_IMAGE, system_identifier, segment_size, MAX_BLOCKS, since)
+        raise NoSummaries(f"drkit reads the WAL of PostgreSQL 13 to 18, not of {major}")
+    scanner = Scanner(
+        magic,
+        COMPRESSED_IMAGE.get(major, COMPRESSED_IMAGE_15),
+        system_identifier,
+        segment_size,
+        MAX_BLOCKS,
+        since,
+        DBASE_DROP.get(major, DBASE_DROP_15),
+    )
     for name in segments_between(timeline, since, until, segment_size):
         data = next((d for d in (source(name) for source in sources) if d is not None), None)
         if data is None:

