@@ -60,6 +60,7 @@ def _check_restore(dk: Drkit, workdir: Path, label: str, expected: object) -> No
         restored.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS, ids=[f"pg{v}" for v in VERSIONS])
 def test_backups_restores_pitr_and_archive(
     version: int, pg_factory: PgFactory, workdir: Path

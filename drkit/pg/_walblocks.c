@@ -31,6 +31,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -227,9 +228,17 @@ static int set_limit(Scanner *s, uint32_t spc, uint32_t db, uint32_t rel, uint32
 
 /* ---- records ------------------------------------------------------------------------------- */
 
+/* PyErr_Format has no %X before Python 3.12: messages are formatted here, LSNs as PostgreSQL
+   writes them */
+#define raise_value_error(...)                                                                     \
+    do {                                                                                           \
+        char message_[256];                                                                        \
+        snprintf(message_, sizeof message_, __VA_ARGS__);                                          \
+        PyErr_SetString(PyExc_ValueError, message_);                                               \
+    } while (0)
+
 static int fail(uint64_t lsn, const char *what) {
-    PyErr_Format(PyExc_ValueError, "%s in the WAL record at %X/%X", what, (unsigned)(lsn >> 32),
-                 (unsigned)lsn);
+    raise_value_error("%s in the WAL record at %X/%X", what, (unsigned)(lsn >> 32), (unsigned)lsn);
     return -1;
 }
 
@@ -390,19 +399,17 @@ static int record(Scanner *s, const unsigned char *r, uint32_t length, uint64_t 
 static int check_page(Scanner *s, const unsigned char *page, uint64_t at, int first) {
     uint16_t info = u16(page + 2);
     if (u16(page) != s->magic || u64(page + 8) != at || ((info & XLP_LONG_HEADER) != 0) != first) {
-        PyErr_Format(PyExc_ValueError,
-                     "the WAL page at %X/%X is not that page of this server's WAL (magic %04X,"
-                     " position %X/%X)",
-                     (unsigned)(at >> 32), (unsigned)at, u16(page), (unsigned)(u64(page + 8) >> 32),
-                     (unsigned)u64(page + 8));
+        raise_value_error("the WAL page at %X/%X is not that page of this server's WAL (magic %04X,"
+                          " position %X/%X)",
+                          (unsigned)(at >> 32), (unsigned)at, u16(page),
+                          (unsigned)(u64(page + 8) >> 32), (unsigned)u64(page + 8));
         return -1;
     }
     if (first && (u64(page + 24) != s->system_identifier || u32(page + 32) != s->segment_size ||
                   u32(page + 36) != WAL_PAGE)) {
-        PyErr_Format(PyExc_ValueError,
-                     "the WAL segment at %X/%X belongs to another database system or has another"
-                     " segment or page size",
-                     (unsigned)(at >> 32), (unsigned)at);
+        raise_value_error("the WAL segment at %X/%X belongs to another database system or has"
+                          " another segment or page size",
+                          (unsigned)(at >> 32), (unsigned)at);
         return -1;
     }
     return 0;
