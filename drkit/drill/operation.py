@@ -347,7 +347,7 @@ class DrillOperation:
             restore_command=wal_fetch_command(
                 config_path(self.request.config),
                 allowed.keys.recovery_key,
-                repos=[r.name for r in allowed.repo],
+                repos=self._restricted_repos(),
             ),
             archive_mode="off",
         )
@@ -487,6 +487,14 @@ class DrillOperation:
             elif name == "teardown":
                 detail = "; ".join(self.teardown_problems)
             self.phases.append(Phase(name=name, seconds=time.monotonic() - started, detail=detail))
+
+    def _restricted_repos(self) -> list[str] | None:
+        """The surviving repositories for ``wal-fetch --repo``, or None when every configured
+        one survives: plain wal-fetch then reads them all, in the same order, and starts
+        faster (without --repo it reads a simple configuration without the full loader)."""
+        assert self.allowed is not None
+        survivors = [r.name for r in self.allowed.repo]
+        return None if survivors == [r.name for r in self.settings.repo] else survivors
 
     def _reading_settings(self) -> Settings:
         """Every configured repository, read with the drill's keys (the recovery key alone when
