@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from drkit.repo.drills import DrillRecord
 
 app = typer.Typer(
-    help="Restore drills: prove a backup restores, measure RTO and RPO, keep the record.",
+    help="Restore drills: prove a backup restores, measure RTO and RPO, keep the record."
+    " Without a command: run a drill (exit 0 PASS, 30 restore failed, 31 check failed, 32 RTO"
+    " or RPO target missed).",
 )
 
 COLUMNS = ("ID", "STARTED", "KIND", "SCENARIO", "BACKUP", "REPOSITORY", "RTO", "RPO", "RESULT")
@@ -71,10 +73,12 @@ def command(
         bool, typer.Option("--random", help="restore a randomly chosen backup")
     ] = False,
     rto: Annotated[
-        str | None, typer.Option(help="RTO target, e.g. '4h' (default: [drill] rto)")
+        str | None,
+        typer.Option(help="RTO target, e.g. '4h' (default: rto of drkit.toml's drill section)"),
     ] = None,
     rpo: Annotated[
-        str | None, typer.Option(help="RPO target, e.g. '1h' (default: [drill] rpo)")
+        str | None,
+        typer.Option(help="RPO target, e.g. '1h' (default: rpo of drkit.toml's drill section)"),
     ] = None,
     keep: Annotated[
         bool, typer.Option("--keep", help="keep the sandbox for inspection (server stopped)")
