@@ -395,7 +395,10 @@ def test_no_drill_in_a_quarter_is_said_in_red(quarter: Quarter, workdir: Path) -
 def test_the_sample_in_the_docs_is_one_self_contained_file() -> None:
     html = (REPO_ROOT / "docs" / "sample-report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
-    assert "FAIL: 1 drill failed; 1 backup run failed; restore test for 2026-11 missing" in html
+    assert (
+        "FAIL: 1 drill failed; 1 backup run failed; restore test for 2026-11 missing; the newest"
+        " backup 20261230-010000F_20261231-190000I does not meet 3-2-1"
+    ) in html
     assert (REPO_ROOT / "docs" / "sample-report.png").read_bytes().startswith(b"\x89PNG")
 
 

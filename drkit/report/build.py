@@ -22,6 +22,7 @@ from drkit.report.model import (
     CheckRow,
     DrillRow,
     FindingRow,
+    Integrity,
     ObjectiveRow,
     ObjectiveSummary,
     PhaseRow,
@@ -77,7 +78,7 @@ def build_report(facts: Facts, ctx: Context) -> Report:
         ),
         targets={"rto_seconds": ctx.rto_seconds, "rpo_seconds": ctx.rpo_seconds},
         policy=dict(ctx.cadence),
-        summary=_summary(drills, cadence, backups, ctx),
+        summary=_summary(drills, cadence, backups, verified, ctx),
         drills=drills,
         cadence=cadence,
         backups=backups,
@@ -299,8 +300,28 @@ def _newest_age(ordered: list[BackupFact], period: Period, now: datetime) -> lis
 # -- summary --------------------------------------------------------------------------------------
 
 
+def _backup_problems(backups: Backups, verified: Integrity) -> list[str]:
+    """What the verdict names about the backups themselves: unreadable manifests, damage a
+    verification found and nothing repaired since, a newest backup without its 3 copies."""
+    problems = []
+    if backups.damaged:
+        count = len(backups.damaged)
+        problems.append(f"{count} backup{'s' * (count != 1)} cannot be read")
+    unrepaired = [v for v in verified.failed_runs if not v.repaired]
+    if unrepaired:
+        count = len(unrepaired)
+        problems.append(f"{count} verification{'s' * (count != 1)} found damage not repaired since")
+    if backups.items and not backups.items[-1].rule_3_2_1:
+        problems.append(f"the newest backup {backups.items[-1].label} does not meet 3-2-1")
+    return problems
+
+
 def _summary(
-    drills: list[DrillRow], cadence: list[CadenceItem], backups: Backups, ctx: Context
+    drills: list[DrillRow],
+    cadence: list[CadenceItem],
+    backups: Backups,
+    verified: Integrity,
+    ctx: Context,
 ) -> Summary:
     authentic = [d for d in drills if d.authentic]
     passed = sum(1 for d in authentic if d.outcome == "PASS")
@@ -325,6 +346,7 @@ def _summary(
         )
     for c in missing:
         problems.append(f"{_KIND_NAMES[c.kind]} for {c.period} missing")
+    problems += _backup_problems(backups, verified)
     verdict: Literal["PASS", "FAIL"] = "FAIL" if problems else "PASS"
     if problems:
         line = "FAIL: " + "; ".join(problems)

@@ -50,7 +50,7 @@ def seed_backup(
     seconds: float = 60.0,
     size: int = 64 << 20,
     stored: int = 16 << 20,
-    system_identifier: str = "7000000000000000001",
+    system_identifier: str | None = None,
     files: int = 4,
     key_record: dict[str, object] | None = None,
     dek: bytes | None = None,
@@ -59,6 +59,8 @@ def seed_backup(
     restores nothing). Pass ``key_record``/``dek`` from one ``repo.keys.new_data_key()`` to seed
     thousands quickly."""
     label = BackupLabel.new(kind, start, full)
+    if system_identifier is None:  # the repository's own: a manifest of another is refused
+        system_identifier = repo.check().system_identifier
     if key_record is None or dek is None:
         data_key = repo.keys.new_data_key()
         key_record, dek = data_key.record, data_key.plaintext
@@ -199,6 +201,7 @@ def seed_backups(
     written into every repository of ``repos`` (as if replicated). One data key for all: cheap."""
     rng = random.Random(seed)
     data_key = repos[0].keys.new_data_key()
+    identifiers = [repo.check().system_identifier for repo in repos]
     made: list[SeededBackup] = []
     full: BackupLabel | None = None
     last_full = start - full_every
@@ -210,7 +213,7 @@ def seed_backups(
             kind, base, seconds, size = BackupType.INCR, full, 20 + rng.random() * 40, 0
             size = int((40 + rng.random() * 80) * (1 << 20))
         stored = int(size * (0.22 + rng.random() * 0.06))
-        for repo in repos:
+        for repo, system_identifier in zip(repos, identifiers, strict=True):
             backup = seed_backup(
                 repo,
                 kind,
@@ -221,6 +224,7 @@ def seed_backups(
                 stored=stored,
                 key_record=data_key.record,
                 dek=data_key.plaintext,
+                system_identifier=system_identifier,
             )
         made.append(backup)
         if kind is BackupType.FULL:
