@@ -150,6 +150,12 @@ def test_drill_passes_and_restores_exactly_the_source(pg: PgCluster, workdir: Pa
         (record["id"], "PASS", ["local"])
     ]
     assert listed[0]["record"] == record
+    last = dk.info()["last_drill"]["local"]
+    assert (last["id"], last["outcome"], last["backup"]) == (
+        record["id"],
+        "PASS",
+        record["restore_point"]["backup"],
+    )
 
 
 def test_text_output_names_the_point_phases_targets_and_checks(
