@@ -3,7 +3,8 @@
 The report is made from one *source* repository (``--repo``, else the first configured one that
 can be read): its backups, drill records, notes and key records. A drill record and a note are
 written into every repository and backups are copied there, so the offsite copy alone gives the
-same report as the primary. What differs per repository — which backups each holds, its WAL,
+same report as the primary; a record or note only another reachable repository holds is read
+from there. What differs per repository — which backups each holds, its WAL,
 its verification runs — is read from every configured repository that can be reached; one that
 cannot is listed with its error, never silently left out.
 """
@@ -109,7 +110,7 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     facts = Facts(
         source=source.name,
         system_identifier=fmt.system_identifier,
-        repositories=_repositories(settings, unreachable),
+        repositories=[],
         holdings=copies.holdings,
     )
     source_listing = listings.get(source.name) or _Listing.of(source)
@@ -119,6 +120,8 @@ def gather(settings: Settings, period: Period, repo_name: str | None) -> Facts:
     facts.wal = _read_wal(settings, copies)
     facts.key_sets += key_sets(source, period, holders)
     facts.failures = _read_failures(settings, period, unreachable)
+    # last: every step above may have found a repository it could not read
+    facts.repositories = _repositories(settings, unreachable)
     return facts
 
 
