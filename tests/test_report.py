@@ -170,6 +170,11 @@ def test_the_report_lists_each_drill_with_its_numbers_and_flags_the_missing_mont
     assert rows[d["d3"].id]["outcome"] == "FAIL"
     assert rows[d["d3"].id]["failure"] == "target-missed"
     assert [c["name"] for c in rows[d["d1"].id]["checks"]] == ["amcheck", "orders"]
+    # restore --plan's prediction next to what restore + start took
+    assert (rows[d["d1"].id]["predicted_seconds"], rows[d["d1"].id]["restore_seconds"]) == (
+        765.0,
+        810.0,
+    )
     summary = data["summary"]
     assert (summary["drills"], summary["passed"], summary["failed"]) == (4, 3, 1)
     # best, lower median and worst, each with the drill it comes from

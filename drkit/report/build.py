@@ -141,6 +141,13 @@ def _drill_row(entry: DrillEntry, findings: dict[str, FindingRow]) -> DrillRow:
         failure=str(record.failure) if record.failure else None,
         reason=record.reason,
         findings=[f.id for f in findings.values() if f.drill == record.id],
+        pg_version=record.pg_version,
+        restored_bytes=record.restored_bytes,
+        wal_segments=record.wal_segments,
+        predicted_seconds=record.predicted_seconds,
+        restore_seconds=sum(
+            p.seconds for p in record.phases if p.name in ("restore", "wal-replay+start")
+        ),
     )
 
 

@@ -122,6 +122,15 @@ class DrillRow(_Part):
     failure: str | None = None
     reason: str = ""
     findings: list[str] = Field(default_factory=list, description="note ids")
+    pg_version: str | None = None
+    restored_bytes: int | None = None
+    wal_segments: int | None = Field(None, description="WAL segments fetched during recovery")
+    predicted_seconds: float | None = Field(
+        None, description="restore --plan's prediction of restore + start, made before the drill"
+    )
+    restore_seconds: float | None = Field(
+        None, description="what restore + start took (the restore and wal-replay+start phases)"
+    )
 
 
 class CadenceItem(_Part):

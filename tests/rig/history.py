@@ -176,6 +176,9 @@ def drill_record(
             )
         ],
         checks=checks,
+        restored_bytes=3 << 30,
+        wal_segments=12,
+        predicted_seconds=round(rto * 0.85, 1),
         outcome=DrillOutcome.FAIL if failure else DrillOutcome.PASS,
         failure=failure,
         reason="" if failure is None else (failed_check or "RTO or RPO target missed"),
