@@ -40,7 +40,7 @@ def command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="directory to write the report files into (default: [report] out, else the"
+            help="directory to write the report files into (default: \\[report] out, else the"
             " current directory)",
             show_default=False,
         ),
