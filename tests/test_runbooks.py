@@ -309,12 +309,33 @@ def rig(rig_root: Path, pg_templates: Any, s3_server: S3Server) -> Iterator[Rig]
 # -- staging the disasters -----------------------------------------------------------------------
 
 
+# The repositories each disaster takes, which its runbook removes from the recovery host's
+# drkit.toml: the local disk with the site (and, in a ransomware attack, what the attacker could
+# write to; in a region outage, the region's bucket)
+LOST = {
+    "site-loss": ["local"],
+    "ransomware": ["local", "s3-us"],
+    "region-outage": ["local", "s3-eu"],
+}
+
+
+def recovery_config(rig: Rig, lost: list[str]) -> Path:
+    """The rig's drkit.toml without the ``[[repo]]`` tables of the ``lost`` repositories."""
+    head, *repos = rig.dk.config.read_text().split("[[repo]]\n")
+    kept = [r for r in repos if not any(f'name = "{n}"\n' in r for n in lost)]
+    path = rig.workdir / "recovery.toml"
+    path.write_text(head + "".join("[[repo]]\n" + r for r in kept))
+    return path
+
+
 @contextmanager
-def disaster(rig: Rig, name: str) -> Iterator[None]:
-    """What the runbook's "Recover" section finds: its disaster, undone afterwards."""
+def disaster(rig: Rig, name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """What the runbook's "Recover" section finds (and what its prose has the operator do
+    first), undone afterwards."""
     gone: list[tuple[Path, Path]] = []
-    if name in ("site-loss", "ransomware", "region-outage"):
+    if name in LOST:
         gone.append((rig.dk.repo_path, rig.workdir / "local-repo-lost"))  # the site's disk
+        monkeypatch.setenv("DRKIT_CONFIG", str(recovery_config(rig, LOST[name])))
     if name == "key-loss":
         assert rig.dk.keyfile is not None
         gone.append((rig.dk.keyfile, rig.workdir / "keyfile-lost"))
@@ -328,6 +349,7 @@ def disaster(rig: Rig, name: str) -> Iterator[None]:
     finally:
         for path, away in gone:
             away.rename(path)
+        monkeypatch.setenv("DRKIT_CONFIG", str(rig.dk.config))
 
 
 # -- what each command must have done ------------------------------------------------------------
@@ -373,6 +395,8 @@ def check_effect(rig: Rig, name: str, args: list[str], result: Result, drills_be
             assert "archive_mode = 'off'" not in settings
         if name == "bad-migration" and "--target-name" in args:
             assert_went_back(rig, pgdata)
+        if name == "site-loss":
+            assert_recovers_from_offsite(rig, pgdata)
         if "--target-time" in args:
             assert f"recovery_target_time = '{rig.time}'" in settings
     elif command in ("info", "verify"):
@@ -391,15 +415,28 @@ def assert_went_back(rig: Rig, pgdata: Path) -> None:
         copy.cleanup()
 
 
+def assert_recovers_from_offsite(rig: Rig, pgdata: Path) -> None:
+    """The copy replays the offsite archive to its end and is promoted, with every row the
+    archive holds (its own archiving off: it must not push into the rig's repositories)."""
+    copy = attach_cluster(pgdata, 15, rig.workdir)
+    copy.settings = {"archive_mode": "off"}
+    copy.start()
+    try:
+        copy.wait_promoted()
+        assert copy.psql("SELECT count(*) FROM orders") == "2200"
+    finally:
+        copy.cleanup()
+
+
 # -- running them --------------------------------------------------------------------------------
 
 
-def run_runbook(rig: Rig, name: str) -> None:
+def run_runbook(rig: Rig, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     staged = None
     try:
         for step in runbook_steps(RUNBOOKS / f"{name}.md"):
             if step.section == "Recover" and staged is None:
-                staged = disaster(rig, name)
+                staged = disaster(rig, name, monkeypatch)
                 staged.__enter__()
             where = f"{name}.md, {step.section!r}: {step.text}"
             if step.lang == "sql":
@@ -425,10 +462,11 @@ def run_runbook(rig: Rig, name: str) -> None:
 
 def test_every_runbook_command_runs(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """One test for all runbooks: they share the rig (one PostgreSQL, one set of repositories),
-    which a parametrized test split over xdist workers would build once per worker."""
+    which a parametrized test split over xdist workers would build once per worker. The order
+    matters: bad-migration runs first and its migration (a DROP) is never undone."""
     for key, value in {**rig.s3_env, "DRKIT_CONFIG": str(rig.dk.config)}.items():
         monkeypatch.setenv(key, value)
     for name in NAMES:
         started = time.monotonic()
-        run_runbook(rig, name)
+        run_runbook(rig, name, monkeypatch)
         print(f"{name}.md: {time.monotonic() - started:.1f}s")
