@@ -202,10 +202,11 @@ class Rig:
                 target = self.workdir / f"restored-{len(self.restored)}"
                 self.restored.append(target)
                 arg = str(target)
-            arg = {
-                "LABEL": self.label,
-                "/etc/drkit/recovery.key": str(self.recovery_key),
-            }.get(arg, arg)
+            if arg == "DRILL_ID":  # the drill the runbook ran last
+                arg = self.drill_records()[-1].id
+            arg = {"LABEL": self.label, "/etc/drkit/recovery.key": str(self.recovery_key)}.get(
+                arg, arg
+            )
             if arg.startswith("runbooks/"):
                 arg = str(self.scenarios / arg.removeprefix("runbooks/"))
             args.append(arg)
@@ -282,7 +283,8 @@ def rig(rig_root: Path, pg_templates: Any, s3_server: S3Server) -> Iterator[Rig]
             }
             dk.write_config(keys=keys)
             dk.ok("init")
-            enable_archiving(cluster, dk, sections={"keys": keys, "drill": {"sandbox": sandboxes}})
+            sections = {"keys": keys, "drill": {"sandbox": sandboxes}, "retention": {"full": 2}}
+            enable_archiving(cluster, dk, sections=sections)
             cluster.psql(
                 "CREATE TABLE orders (id int PRIMARY KEY, note text);"
                 " INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
@@ -358,7 +360,7 @@ def disaster(rig: Rig, name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 def check_effect(rig: Rig, name: str, args: list[str], result: Result, drills_before: int) -> None:
     out = result.stdout
     command = args[0] if args else ""
-    if command == "drill" and args[1:2] != ["list"]:
+    if command == "drill" and args[1] not in ("list", "note"):
         records = rig.drill_records()
         assert len(records) == drills_before + 1, "the drill wrote no record to s3-eu"
         record = records[-1]
@@ -376,6 +378,8 @@ def check_effect(rig: Rig, name: str, args: list[str], result: Result, drills_be
             )
         if "--backup" in args:
             assert record.restore_point is not None and record.restore_point.backup == rig.label
+    elif args[:2] == ["drill", "note"]:
+        assert f" on {args[2]} written to: " in out, out
     elif command == "drill":
         assert "RESULT" in out and "PASS" in out, out
     elif command == "restore" and "--plan" in args:
