@@ -37,6 +37,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from drkit.config.schedule import BACKUP_JOBS
 from drkit.config.settings import Settings
+from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, LockError
 from drkit.logs import event
 from drkit.repo.events import JobTimes, recorded
@@ -72,6 +73,7 @@ class Scheduler:
         self.stopping = threading.Event()
         self.notifier = Notifier(settings.notify)
         self.ctx = JobContext(settings, config, set(), threading.Lock())
+        self.keys: KeyProvider | None = None  # opened in run(), kept for the scheduler's life
         self._scheduler = BlockingScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=len(JOBS) + 1)},
             job_defaults={
@@ -88,7 +90,7 @@ class Scheduler:
         with operation_lock(self.settings.lock_path, repo_location(primary), "scheduler"):
             # A key provider kept open for the scheduler's life: with Vault its renewer thread
             # keeps the token alive between jobs (each job logs in with the same token).
-            keys = open_key_provider(self.settings.keys)
+            self.keys = keys = open_key_provider(self.settings.keys)
             self.notifier.start()
             health = HealthServer(self.settings, self.state, keys)
             health.start()
@@ -122,9 +124,6 @@ class Scheduler:
             self._finish_running()
             health.stop()
             self.notifier.stop(timeout=2)
-            close = getattr(keys, "close", None)
-            if callable(close):
-                close()
         event(log, "scheduler stopped")
         return 0
 
@@ -211,7 +210,8 @@ class Scheduler:
             if allowed is None:
                 continue
             try:
-                last = newest(self.settings) or self.state.started
+                assert self.keys is not None
+                last = newest(self.settings, self.keys) or self.state.started
             except DrkitError:
                 continue  # unreachable: readiness and job failures report that
             late = now - max(last, self.state.started) > allowed

@@ -31,7 +31,7 @@ from drkit.crypto.base import KeyProvider
 from drkit.errors import ConfigError, DrkitError
 from drkit.logs import event
 from drkit.repo.drills import drill_time
-from drkit.repo.open import open_repository, open_storage
+from drkit.repo.open import open_storage
 from drkit.repo.repository import Repository
 from drkit.schedule.metrics import collect, exposition
 from drkit.schedule.triggers import allowed_age
@@ -42,15 +42,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def newest_backup(settings: Settings) -> datetime | None:
+def newest_backup(settings: Settings, keys: KeyProvider) -> datetime | None:
     """When the newest complete backup of the primary repository started (from its label)."""
-    labels = open_repository(settings).backups()
+    labels = Repository(open_storage(settings.repo[0]), keys).backups()
     return labels[-1].time if labels else None
 
 
-def newest_drill(settings: Settings) -> datetime | None:
+def newest_drill(settings: Settings, keys: KeyProvider) -> datetime | None:
     """When the newest drill recorded in the primary repository started (from its id)."""
-    ids = open_repository(settings).drill_ids()
+    ids = Repository(open_storage(settings.repo[0]), keys).drill_ids()
     return drill_time(ids[-1]) if ids else None
 
 
@@ -90,7 +90,7 @@ class HealthServer:
                 return self._cached[1]
             with self.state.lock:
                 overlay = dict(self.state.jobs)
-            body = exposition(collect(self.settings, overlay))
+            body = exposition(collect(self.settings, overlay, self.keys))
             self._cached = (time.monotonic(), body)
             return body
 
@@ -106,7 +106,7 @@ class HealthServer:
         allowed = allowed_age(self.settings, BACKUP_JOBS, now)
         if allowed is not None:
             try:
-                newest = newest_backup(self.settings)
+                newest = newest_backup(self.settings, self.keys)
                 since = max(newest or self.state.started, self.state.started)
                 late = now - since > allowed
                 checks["newest backup"] = (

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from drkit.config.settings import Settings
 from drkit.crypto.base import KeyProvider
+from drkit.crypto.providers import open_provider
 from drkit.errors import DrkitError
 from drkit.info.copies import CopyMap
 from drkit.pg.session import PgSession
@@ -39,7 +40,7 @@ from drkit.repo.drills import DrillOutcome
 from drkit.repo.events import EVENT_PREFIX, JobTimes, job_times
 from drkit.repo.key_records import describe
 from drkit.repo.label import BackupLabel
-from drkit.repo.open import open_key_provider, open_storage
+from drkit.repo.open import open_storage
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import DEFAULT_SEGMENT_SIZE
 from drkit.repo.wal_names import WAL_PREFIX, parse_wal_name
@@ -104,13 +105,19 @@ class Samples:
             yield family
 
 
-def collect(settings: Settings, job_overlay: dict[str, JobTimes] | None = None) -> Samples:
+def collect(
+    settings: Settings,
+    job_overlay: dict[str, JobTimes] | None = None,
+    keys: KeyProvider | None = None,
+) -> Samples:
     """Every metric, read from the repositories (and the server's current WAL file).
     ``job_overlay``: job times the caller knows although they may not be recorded (the
-    scheduler's own runs whose event record could not be written), for the primary repository."""
+    scheduler's own runs whose event record could not be written), for the primary repository.
+    ``keys``: a provider the caller keeps open (the scheduler's); else one for this call only,
+    which starts no Vault token renewer."""
     samples = Samples()
     now = datetime.now(UTC)
-    keys = open_key_provider(settings.keys)
+    keys = keys or open_provider(settings.keys, one_shot=True)
     server_wal = _server_wal_file(settings)
     holdings: dict[str, set[str]] = {}
     primary_newest: str | None = None
