@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rig.archive import enable_archiving
 from rig.drkit import DRKIT, Drkit
 from rig.postgres import PgCluster, chown_to_server_user
+from rig.servers import VaultServer
+from rig.vault import VaultSetup
 
 from drkit.schedule.metrics import FAMILIES
 
@@ -341,3 +343,37 @@ def test_schedule_configuration_errors_name_the_field(workdir: Path) -> None:
 def test_every_metric_family_is_documented() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
     assert [name for name in FAMILIES if f"`{name}`" not in docs] == []
+
+
+def test_scheduler_keeps_a_vault_token_alive_between_jobs(
+    pg: PgCluster, workdir: Path, vault_server: VaultServer, daemons: list[Daemon]
+) -> None:
+    """A token that lives 3 s unless renewed: backups every 4 s keep working for as long as
+    the scheduler runs, because it renews the token the jobs log in with."""
+    setup = VaultSetup(vault_server, workdir)
+    token_file = workdir / "vault-token"
+    token_file.write_text(setup.token(setup.policy()))
+    dk = Drkit(pg, workdir)
+    setup.configure(dk, token_file=token_file)
+    dk.ok("init")
+    vault = {
+        "addr": vault_server.addr,
+        "timeout": 5,
+        "transit_mount": setup.transit_mount,
+        "transit_key": setup.transit_key,
+        "token_file": token_file,
+    }
+    dk.write_config(
+        keys={"provider": "vault-transit"},
+        schedule={"full": "*/4 * * * * *"},
+        metrics={"listen": "127.0.0.1:0"},
+        **{"keys.vault": vault},
+    )
+    token_file.write_text(
+        setup.token(setup.policy(), ttl="3s", renewable=True, explicit_max_ttl="5m")
+    )
+    daemon = Daemon(dk)
+    daemons.append(daemon)
+    daemon.wait_for("three backups", lambda line: len(daemon.finished("full")) >= 3, 60)
+    assert daemon.finished("full", ok=False) == [], "".join(daemon.raw)
+    assert len(dk.info()["backups"]) >= 3
