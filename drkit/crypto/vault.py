@@ -124,7 +124,10 @@ class _TokenCredentials:
         if not lookup:
             return _Token(value, 0, False)
         data = client.auth.token.lookup_self()["data"]
-        return _Token(value, float(data.get("ttl") or 0), bool(data.get("renewable")))
+        # Renewals ask for the TTL the token was made with, not what is left of it: a session
+        # that logged in late (a job of the scheduler, sharing its token) must never shorten it
+        created = float(data.get("creation_ttl") or 0)
+        return _Token(value, float(data.get("ttl") or 0), bool(data.get("renewable")), created)
 
     def secrets(self) -> list[str]:
         return self._seen
