@@ -354,6 +354,7 @@ def test_scheduler_keeps_a_vault_token_alive_between_jobs(
     setup = VaultSetup(vault_server, workdir)
     token_file = workdir / "vault-token"
     token_file.write_text(setup.token(setup.policy()))
+    token_file.chmod(0o600)
     dk = Drkit(pg, workdir)
     setup.configure(dk, token_file=token_file)
     dk.ok("init")
