@@ -360,6 +360,7 @@ def test_scheduler_keeps_a_vault_token_alive_between_jobs(
     dk.ok("init")
     vault = {
         "addr": vault_server.addr,
+        "allow_insecure_http": True,  # the test server, on loopback
         "timeout": 5,
         "transit_mount": setup.transit_mount,
         "transit_key": setup.transit_key,
