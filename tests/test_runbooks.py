@@ -40,6 +40,7 @@ from typer.testing import CliRunner
 
 from drkit.cli.main import app
 from drkit.config.settings import load_settings
+from drkit.crypto.keyfile import create_keyfile
 from drkit.drill.scenario import load_scenario
 from drkit.errors import ConfigError
 from drkit.repo.drills import DrillRecord
@@ -474,3 +475,22 @@ def test_every_runbook_command_runs(rig: Rig, monkeypatch: pytest.MonkeyPatch) -
         started = time.monotonic()
         run_runbook(rig, name, monkeypatch)
         print(f"{name}.md: {time.monotonic() - started:.1f}s")
+
+
+def test_drill_refuses_a_broken_scenario_naming_the_field(tmp_path: Path) -> None:
+    """Through the CLI: exit 3 before anything runs, every invalid field named."""
+    create_keyfile(tmp_path / "key")
+    config = tmp_path / "drkit.toml"
+    config.write_text(
+        f'[postgres]\npgdata = "{tmp_path / "pgdata"}"\n'
+        f'[keys]\nprovider = "keyfile"\nkeyfile = "{tmp_path / "key"}"\n'
+        f'[[repo]]\nname = "local"\npath = "{tmp_path / "repo"}"\n'
+    )
+    broken = tmp_path / "site-loss.toml"
+    text = (RUNBOOKS / "site-loss.toml").read_text()
+    broken.write_text(text.replace("offsite_only = true", 'offsite_only = "maybe"'))
+    result = CliRunner().invoke(app, ["drill", "--scenario", str(broken), "--config", str(config)])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.startswith(f"error: invalid scenario '{broken}':\n"), result.stderr
+    assert "  survivors.offsite_only: Input should be a valid boolean" in result.stderr
+    assert not (tmp_path / "repo").exists()
