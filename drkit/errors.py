@@ -281,8 +281,9 @@ class CopyFallback(DrkitWarning):
 
 
 class BackupSkipped(DrkitWarning):
-    """The newest backup is damaged (its manifest, or one it depends on, fails authentication):
-    an older backup was restored instead."""
+    """A backup's manifest (or one it depends on) fails authentication — damaged, or added by
+    someone who cannot seal one: restore took an older backup, prune left it out of retention
+    and kept it."""
 
     exit_code = 109
 

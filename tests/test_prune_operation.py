@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from drkit.cli.main import app
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
-from drkit.errors import IntegrityError, ObjectLocked
+from drkit.errors import ObjectLocked
 from drkit.prune.operation import RepoPrune, prune_repository
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -343,7 +343,7 @@ def test_a_locked_data_object_is_left_behind_and_removed_once_unlocked(
     assert s.repo.incomplete() == []
 
 
-def test_an_unreadable_manifest_stops_the_prune_before_any_delete(
+def test_an_unauthentic_manifest_is_left_out_kept_and_reported(
     tmp_path: Path, keyfile: Path
 ) -> None:
     s, labels = two_families(tmp_path / "repo", keyfile)
@@ -352,10 +352,15 @@ def test_an_unreadable_manifest_stops_the_prune_before_any_delete(
     blob = bytearray(path.read_bytes())
     blob[-1] ^= 1
     path.write_bytes(bytes(blob))
-    before = s.objects()
-    with pytest.raises(IntegrityError, match=f"manifest of backup '{labels[3]}' is damaged"):
-        prune_repository(s.repo, RetentionPolicy(full=1), NOW)
-    assert s.objects() == before
+    result = prune_repository(s.repo, RetentionPolicy(full=1), NOW)
+    assert list(result.unreadable) == [labels[3]]
+    assert f"manifest of backup '{labels[3]}' is damaged" in result.unreadable[labels[3]]
+    assert result.warning
+    # the policy's decision over the authentic backups; the unauthentic one stays whole
+    assert sorted(result.deleted) == sorted([labels[0], labels[1], labels[2], labels[4]])
+    assert list(result.kept) == [labels[5], labels[6]]
+    assert [k for k in s.objects() if f"/{labels[3]}/" in k] != []
+    assert path.exists()
 
 
 def test_no_backups_prunes_nothing(tmp_path: Path, keyfile: Path) -> None:

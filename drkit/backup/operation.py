@@ -269,10 +269,18 @@ class BackupOperation:
             labels = [label for label in labels if label.type is BackupType.FULL]
         if not labels:
             return None, f"no earlier backup to base a {self.kind} backup on: taking a full backup"
-        try:
-            parent, _ = repo.load_manifest(labels[-1])
-        except IntegrityError as exc:  # damaged or unauthentic: nothing can be based on it
-            return None, f"{exc}: taking a full backup instead of {self.kind}"
+        # A manifest that fails authentication (damaged, or added by someone who cannot seal
+        # one) is passed over: the newest authentic backup is the parent.
+        skipped: list[str] = []
+        for candidate in reversed(labels):
+            try:
+                parent, _ = repo.load_manifest(candidate)
+                break
+            except IntegrityError as exc:
+                skipped.append(f"backup '{candidate}' skipped as a parent: {exc}")
+        else:
+            return None, f"{skipped[0]}: taking a full backup instead of {self.kind}"
+        labels = labels[: labels.index(candidate) + 1]
         reason = None
         if parent.pg_major != cluster.major:
             reason = f"PostgreSQL was upgraded from {parent.pg_major} to {cluster.major}"
@@ -292,7 +300,7 @@ class BackupOperation:
             reason = f"backup '{missing[0]}', which backup '{parent.label}' depends on, is missing"
         if reason:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
-        return parent, None
+        return parent, "; ".join(skipped) or None
 
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]

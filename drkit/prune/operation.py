@@ -25,7 +25,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from drkit.config.settings import RepoSettings, Settings
-from drkit.errors import ConfigError, DrkitError, ObjectLocked, ObjectsLockedSkipped
+from drkit.errors import (
+    BackupSkipped,
+    ConfigError,
+    DrkitError,
+    IntegrityError,
+    ObjectLocked,
+    ObjectsLockedSkipped,
+)
 from drkit.repo.drills import drill_time, is_drill_id
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -77,12 +84,15 @@ class RepoPrune:
     drills_kept_since: datetime | None = None  # drill records of drills started before go
     drills_deleted: list[str] = field(default_factory=list)  # drill ids, oldest first
     skipped: list[Skipped] = field(default_factory=list)
+    # label -> why its manifest cannot be trusted: left out of every decision, never deleted
+    unreadable: dict[str, str] = field(default_factory=dict)
     error: DrkitError | None = None
 
     @property
     def warning(self) -> bool:
-        """Something the policy dropped stays (retention locks): ObjectsLockedSkipped."""
-        return bool(self.skipped or self.held)
+        """Something the policy dropped stays (retention locks: ObjectsLockedSkipped), or a
+        backup was left out (BackupSkipped)."""
+        return bool(self.skipped or self.held or self.unreadable)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +110,7 @@ class RepoPrune:
             ),
             "drills_deleted": self.drills_deleted,
             "skipped": [s.as_dict() for s in self.skipped],
+            "unreadable": [{"label": k, "reason": v} for k, v in self.unreadable.items()],
             "error": self.error.message if self.error else None,
         }
 
@@ -107,7 +118,8 @@ class RepoPrune:
 @dataclass
 class PruneReport(OperationResult):
     """What prune did per repository. A repository that fails does not stop the others: its
-    error is kept in its entry and is the exit code. Warnings: ObjectsLockedSkipped.
+    error is kept in its entry and is the exit code. Warnings: ObjectsLockedSkipped,
+    BackupSkipped.
     ``phases``: prune (every selected repository)."""
 
     dry_run: bool
@@ -182,6 +194,10 @@ class PruneOperation:
                 ObjectsLockedSkipped(f"backup '{label}' was not deleted: {why}")
                 for label, why in r.held.items()
             ]
+            report.warnings += [
+                BackupSkipped(f"backup '{label}' was left out of retention and kept: {why}")
+                for label, why in r.unreadable.items()
+            ]
         return report
 
     def _selected(self) -> list[RepoSettings]:
@@ -219,7 +235,7 @@ def prune_repository(
     # Load the catalog: every listed backup's facts, the leftovers, the archived timelines
     repo.check()
     incomplete = repo.incomplete()
-    facts = {str(label): backup_facts(repo, label) for label in repo.backups()}
+    facts = _readable_facts(repo, result)
     archive = WalArchive(repo)
     timelines = archive.timelines()
     proven = newest_proven(e.record for e in repo.drill_records() if e.record is not None)
@@ -274,6 +290,19 @@ def prune_repository(
         if all(_delete(repo, key, result) for key in keys):  # stops at the first locked one
             result.drills_deleted.append(drill_id)
     return result
+
+
+def _readable_facts(repo: Repository, result: RepoPrune) -> dict[str, BackupFacts]:
+    """The facts of every backup whose manifest authenticates. One that does not (damaged, or
+    added by someone who cannot seal one) counts for nothing: it neither makes an older backup
+    redundant nor is deleted, and is reported."""
+    facts = {}
+    for label in repo.backups():
+        try:
+            facts[str(label)] = backup_facts(repo, label)
+        except IntegrityError as exc:
+            result.unreadable[str(label)] = exc.message
+    return facts
 
 
 def _hold(result: RepoPrune, facts: dict[str, BackupFacts], needs: frozenset[str], by: str) -> None:

@@ -288,20 +288,33 @@ class Repository:
     def _unwrap_newest(self, prefix: str, owner: str) -> bytes:
         """The DEK of the newest key record under ``prefix`` that unwraps (a rewrap adds newer
         records of the same DEK); raises the last error when none does."""
+        return next(self._unwrap_each(prefix, owner))
+
+    def _unwrap_each(self, prefix: str, owner: str) -> Iterator[bytes]:
+        """The DEK of each key record under ``prefix`` that unwraps, newest first, each DEK
+        once; raises the last error when none unwraps. A caller that can authenticate what the
+        DEK opens tries each in turn: a record added beside the genuine one (another backup's,
+        copied) unwraps too, to the wrong key, and must not hide the genuine one."""
         records = sorted((o.key for o in self.storage.list(prefix)), reverse=True)
         if not records:
             raise IntegrityError(f"{owner} has no key record in repository '{self.name}'")
         error: DrkitError | None = None
+        seen: set[bytes] = set()
         for key in records:
             try:
-                record = json.loads(self.storage.read_bytes(key))
-                return self.keys.unwrap(record)
+                dek = self.keys.unwrap(json.loads(self.storage.read_bytes(key)))
             except json.JSONDecodeError:
                 error = IntegrityError(f"key record '{key}' is not valid JSON")
+                continue
             except DrkitError as exc:
                 error = exc
-        assert error is not None
-        raise error
+                continue
+            if dek not in seen:
+                seen.add(dek)
+                yield dek
+        if not seen:
+            assert error is not None
+            raise error
 
     def write_manifest(self, manifest: Manifest, dek: bytes) -> None:
         label = BackupLabel(manifest.label)
@@ -310,12 +323,8 @@ class Repository:
 
     def load_manifest(self, label: BackupLabel, dek: bytes | None = None) -> tuple[Manifest, bytes]:
         """Decrypt and parse the manifest of ``label``; returns it with the backup's DEK."""
-        dek = dek or self.load_dek(label)
         blob = self.storage.read_bytes(self.manifest_key(label))
-        try:
-            plain = unseal(blob, dek, manifest_context(str(label)))
-        except IntegrityError as exc:
-            raise IntegrityError(f"manifest of backup '{label}' is damaged: {exc}") from None
+        plain, dek = self._open_manifest(label, blob, dek)
         try:
             with _collector_paused():  # a tree of many small objects, without one cycle
                 manifest = Manifest.model_validate_json(plain)
@@ -323,6 +332,25 @@ class Repository:
             raise IntegrityError(f"manifest of backup '{label}' does not parse: {exc}") from None
         self._check_cluster(label, manifest)
         return manifest, dek
+
+    def _open_manifest(
+        self, label: BackupLabel, blob: bytes, dek: bytes | None
+    ) -> tuple[bytes, bytes]:
+        """The manifest's plaintext and the DEK that opened it: ``dek`` when given, else the
+        first of the backup's key records, newest first, whose DEK authenticates it."""
+        candidates = (
+            iter([dek])
+            if dek
+            else self._unwrap_each(f"{BACKUP_PREFIX}{label}/key/", f"backup '{label}'")
+        )
+        failure: IntegrityError | None = None
+        for candidate in candidates:
+            try:
+                return unseal(blob, candidate, manifest_context(str(label))), candidate
+            except IntegrityError as exc:
+                failure = failure or exc
+        assert failure is not None
+        raise IntegrityError(f"manifest of backup '{label}' is damaged: {failure}")
 
     def _check_cluster(self, label: BackupLabel, manifest: Manifest) -> None:
         """A backup of another cluster never passes for one of this repository's: with a key
@@ -386,14 +414,21 @@ class Repository:
         reached at all raises: that says nothing about the record."""
         if not is_drill_id(drill_id):
             return DrillEntry(drill_id, error=f"'{drill_id}' is not a drill id")
+        failure: DrkitError | None = None
         try:
-            dek = self._unwrap_newest(
-                f"{DRILL_PREFIX}{drill_id}/key/", f"drill record '{drill_id}'"
-            )
             sealed = self.storage.read_bytes(drill_record_key(drill_id))
-            return DrillEntry(drill_id, unseal_drill_record(drill_id, sealed, dek))
+            # every record that unwraps, until one opens the record (see _unwrap_each)
+            for dek in self._unwrap_each(
+                f"{DRILL_PREFIX}{drill_id}/key/", f"drill record '{drill_id}'"
+            ):
+                try:
+                    return DrillEntry(drill_id, unseal_drill_record(drill_id, sealed, dek))
+                except IntegrityError as exc:
+                    failure = failure or exc
         except (IntegrityError, WrongKey, ObjectNotFound) as exc:
-            return DrillEntry(drill_id, error=exc.message)
+            failure = exc
+        assert failure is not None
+        return DrillEntry(drill_id, error=failure.message)
 
     def last_drill(self) -> DrillEntry | None:
         """The newest drill record that authenticates (read newest first: one unwrap when the

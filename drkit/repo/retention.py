@@ -278,7 +278,7 @@ def policy_from(retention: RetentionSettings) -> RetentionPolicy:
 
 def backup_facts(repo: Repository, label: BackupLabel) -> BackupFacts:
     """The policy's view of one backup, from its manifest. Raises when the manifest cannot be
-    read: prune never decides about a repository it cannot fully read."""
+    read (IntegrityError when it fails authentication: prune leaves such a backup out)."""
     manifest, _ = repo.load_manifest(label)
     needs = set(manifest.chain)
     needs.update(f.backup for f in manifest.files if f.backup)

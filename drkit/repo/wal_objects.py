@@ -10,10 +10,10 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from drkit.codec.frame import FrameInfo
 from drkit.codec.frame_reader import decode_frame
@@ -110,6 +110,10 @@ def header_length(prefix: bytes) -> int:
     return _PREFIX.size + prefix[5] + _PUSHED_AT.size if len(prefix) >= _PREFIX.size else 0
 
 
+class _NoRecord(Exception):
+    """A WAL key period without any key record."""
+
+
 class WalKeyring:
     """The DEKs of WAL key periods: finds, unwraps and (for pushes) creates them.
 
@@ -144,24 +148,47 @@ class WalKeyring:
                 self._cache[period] = dek
             return dek
 
+    def others(self, period: str, tried: bytes) -> Iterator[bytes]:
+        """The period's other DEKs, after ``tried`` failed to open one of its objects: each
+        further record that unwraps to another key, newest first. A record added to the period
+        (copied from another period) unwraps too and must not hide the period's own DEK."""
+        for dek in self._unwrap_each(period):
+            if dek != tried:
+                yield dek
+
     def _load(self, period: str) -> bytes | None:
+        try:
+            return next(self._unwrap_each(period), None)
+        except _NoRecord:
+            return None
+
+    def _unwrap_each(self, period: str) -> Iterator[bytes]:
+        """The DEK of each of the period's records that unwraps, newest first (rewraps of one
+        DEK come out once each; the caller skips repeats); raises _NoRecord when the period has
+        none, the last error when none unwraps."""
         storage = self.repo.storage
         records = sorted(
             (o.key for o in storage.list(self.record_prefix(period)) if o.key.endswith(".json")),
             reverse=True,
         )
         if not records:
-            return None
+            raise _NoRecord(period)
         error: DrkitError | None = None
-        for key in records:  # the newest record that unwraps wins (all wrap the same DEK)
+        unwrapped = False
+        for key in records:
             try:
-                return self.repo.keys.unwrap(json.loads(storage.read_bytes(key)))
+                dek = self.repo.keys.unwrap(json.loads(storage.read_bytes(key)))
             except json.JSONDecodeError:
                 error = IntegrityError(f"WAL key record '{key}' is not valid JSON")
+                continue
             except DrkitError as exc:
                 error = exc
-        assert error is not None
-        raise error
+                continue
+            unwrapped = True
+            yield dek
+        if not unwrapped:
+            assert error is not None
+            raise error
 
     def _create(self, period: str) -> bytes:
         # A new period is where a wrong key would start sealing WAL nobody can read back
@@ -244,12 +271,39 @@ def read_object(
             raise IntegrityError(f"{what} is truncated inside its header")
         dek = keyring.dek(header.period)
         context = frame_context(wal.name, header.period, header.pushed_at_ms)
-        try:
-            for chunk in decode_frame(stream.read, size - header.size, dek, context):
-                sink(chunk)
-        except IntegrityError as exc:
+        first_error = _decode(stream, size - header.size, dek, context, sink, what)
+    if first_error is None:
+        return header
+    # Nothing authenticated under the newest DEK: another record of the period may hold the
+    # right one (a record added to the period must not make its WAL unreadable).
+    for other in keyring.others(header.period, dek):
+        with storage.open_read(wal.key, header.size) as stream:
+            if _decode(stream, size - header.size, other, context, sink, what) is None:
+                return header
+    raise IntegrityError(f"{what} is damaged or was tampered with: {first_error}")
+
+
+def _decode(
+    stream: BinaryIO,
+    length: int,
+    dek: bytes,
+    context: bytes,
+    sink: Callable[[bytes], object],
+    what: str,
+) -> IntegrityError | None:
+    """Decodes the frame at ``stream`` into ``sink``. Returns the error when it fails before
+    ``sink`` received anything (another DEK may open it), None when it decoded; raises when
+    it fails after output began (damage, not a wrong key)."""
+    received = False
+    try:
+        for chunk in decode_frame(stream.read, length, dek, context):
+            received = True
+            sink(chunk)
+    except IntegrityError as exc:
+        if received:
             raise IntegrityError(f"{what} is damaged or was tampered with: {exc}") from None
-    return header
+        return exc
+    return None
 
 
 def read_header(repo: RepoLike, wal: WalName) -> WalHeader:

@@ -30,8 +30,9 @@ Key periods. A period is the UTC date (``"20261126"``, key_period = "daily") or 
 the period with ``KeyProvider.new_data_key()`` and stored wrapped as ``wal-keys/<period>/0001.json``
 (the JSON record format of backup key records). Two pushers racing to create it both try the
 write-once object; the loser gets ObjectExists and uses the winner's record. A key record is never
-replaced; re-wrapping under a new provider key version adds ``0002.json`` (same DEK), and readers
-use the newest record that unwraps, like ``Repository.load_dek``. Because every record of a period
+replaced; re-wrapping under a new provider key version adds ``0002.json`` (same DEK). Pushers use
+the newest record that unwraps; readers try each record's DEK, newest first, until one opens the
+object, so a record added to the period cannot hide its own. Because every record of a period
 wraps the same DEK, a pusher never creates a second record for a period that has one.
 
 Cost per push: synchronous ``wal-push`` makes at most one key-provider round trip (unwrap the
