@@ -96,7 +96,7 @@ def choose_restore_point(repo: Repository, spec: RestorePointSpec, origin: str) 
         labels = repo.backups()
         if not labels:
             raise DrillRestoreFailed(f"repository '{repo.name}' holds no backups")
-        label = random.choice(labels)
+        label = random.choice(labels)  # noqa: S311 - picks a backup to drill, not a secret
         return RestorePlan(
             str(label),
             RecoveryTarget(TargetKind.IMMEDIATE),

@@ -138,7 +138,7 @@ def _environment(*, autoescape: bool) -> Any:
 
     env = Environment(
         loader=PackageLoader("drkit.report", "templates"),
-        autoescape=autoescape,
+        autoescape=autoescape,  # noqa: S701 - autoescape is on for HTML, off for Markdown
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

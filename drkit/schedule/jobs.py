@@ -123,7 +123,7 @@ def _command(
     def run(ctx: JobContext) -> str:
         argv = [sys.executable, "-m", "drkit", *args, *(extra(ctx) if extra else [])]
         argv += ["--config", str(ctx.config)]
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # noqa: S603 - this interpreter and drkit's own arguments
         with ctx.children_lock:
             ctx.children.add(child)
         try:

@@ -223,7 +223,7 @@ def _spawn_pusher(config: WalConfig, spool: Spool) -> subprocess.Popen[bytes]:
         if log_path.stat().st_size > LOG_LIMIT:
             log_path.unlink()
     with open(open_log_file(log_path), "ab") as output:  # append-only, never through a symlink
-        return subprocess.Popen(
+        return subprocess.Popen(  # noqa: S603 - this interpreter running drkit, no shell
             [
                 sys.executable,
                 "-m",
