@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -235,8 +235,12 @@ class _ReadAhead:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._pending is not None:
-            wait([self._pending])  # the caller closes the stream next: no read may be in flight
+        # The caller closes the stream next: no read may be in flight. A read the pool cancelled
+        # on an error (shutdown with cancel_futures) never runs; concurrent.futures.wait() would
+        # wait for it forever, as a future cancelled that way is never marked notified.
+        pending = self._pending
+        if pending is not None and not pending.cancel():
+            pending.exception()  # running or finished: wait until it is done
 
     def _chunks(self) -> Iterator[tuple[np.ndarray, memoryview]]:
         turn, offset = 0, 0

@@ -125,13 +125,16 @@ class Drkit:
         )
 
     def repo_listing(self) -> dict[str, int]:
-        """Every file in the repository with its size (to prove an operation changed nothing)."""
+        """Every file in the repository with its size (to prove an operation changed nothing).
+
+        Job records (``events/``) are left out: a failed run is meant to leave exactly that,
+        the record of its failure, and nothing else."""
         if not self.repo_path.exists():
             return {}
         return {
-            str(p.relative_to(self.repo_path)): p.stat().st_size
+            key: p.stat().st_size
             for p in sorted(self.repo_path.rglob("*"))
-            if p.is_file()
+            if p.is_file() and not (key := str(p.relative_to(self.repo_path))).startswith("events/")
         }
 
 
