@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from rig.archive import switch_wal
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, database_checksums
 from rig.vault import backup_label, restore_and_compare
@@ -20,9 +21,8 @@ BOGUS = "20991231-000000F"  # sorts after every genuine label: the "latest" back
 
 
 def _segment(pg: PgCluster) -> Path:
-    name = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
-    pg.psql("SELECT pg_switch_wal()")
-    return pg.pgdata / "pg_wal" / name
+    """A segment just finished (something written, then switched), still in pg_wal."""
+    return pg.pgdata / "pg_wal" / switch_wal(pg)
 
 
 def test_added_objects_leave_backups_and_wal_readable(pg: PgCluster, workdir: Path) -> None:
