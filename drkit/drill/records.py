@@ -14,15 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from drkit.config.settings import RepoSettings, Settings
+from drkit.config.settings import Settings
 from drkit.errors import (
-    ConfigError,
     DrillRecordUnauthentic,
     DrkitError,
     RepositoryUnreachable,
 )
 from drkit.repo.drills import DrillRecord
-from drkit.repo.open import open_repository
+from drkit.repo.open import open_repository, select_repositories
 from drkit.result import OperationResult
 
 
@@ -70,7 +69,7 @@ class DrillListOperation:
         result = DrillList()
         drills: dict[str, ListedDrill] = {}
         first_error: DrkitError | None = None
-        for repo_settings in self._selected():
+        for repo_settings in select_repositories(self.settings, self.repo_name):
             try:
                 repo = open_repository(self.settings, repo_settings.name)
                 repo.check()
@@ -104,14 +103,3 @@ class DrillListOperation:
             raise first_error
         result.drills = [drills[drill_id] for drill_id in sorted(drills)]
         return result
-
-    def _selected(self) -> list[RepoSettings]:
-        if self.repo_name is None:
-            return list(self.settings.repo)
-        for repo in self.settings.repo:
-            if repo.name == self.repo_name:
-                return [repo]
-        names = ", ".join(r.name for r in self.settings.repo)
-        raise ConfigError(
-            f"no repository named '{self.repo_name}'", hint=f"configured repositories: {names}"
-        )

@@ -11,7 +11,7 @@ from drkit.crypto.escrow import EscrowRecipient
 from drkit.crypto.rotation import VersionedKeyProvider
 from drkit.errors import ConfigError
 from drkit.repo.key_records import configured_key, split_escrow
-from drkit.repo.open import open_key_provider, open_storage
+from drkit.repo.open import open_key_provider, open_storage, select_repositories
 from drkit.repo.repository import Repository
 
 
@@ -50,11 +50,7 @@ def repositories(
 ) -> Iterator[tuple[RepoSettings, Repository]]:
     """Every configured repository (one provider for all, so Vault logs in once), or the named
     one. Each is checked to be a drkit repository before it is handed out."""
-    selected = [r for r in settings.repo if name is None or r.name == name]
-    if not selected:
-        names = ", ".join(r.name for r in settings.repo)
-        raise ConfigError(f"no repository named '{name}'", hint=f"configured repositories: {names}")
-    for repo_settings in selected:
+    for repo_settings in select_repositories(settings, name):
         repo = Repository(open_storage(repo_settings), keys.provider)
         repo.check()
         yield repo_settings, repo

@@ -36,7 +36,7 @@ from drkit.errors import (
 from drkit.repo.drills import drill_time, is_drill_id
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
-from drkit.repo.open import open_repository, repo_location
+from drkit.repo.open import open_repository, repo_location, select_repositories
 from drkit.repo.repository import Repository
 from drkit.repo.retention import (
     BackupFacts,
@@ -160,7 +160,7 @@ class PruneOperation:
         self.now = now
 
     def run(self) -> PruneReport:
-        selected = self._selected()
+        selected = select_repositories(self.settings, self.repo_name)
         if not any(r.retention or self.settings.retention for r in selected):
             raise ConfigError(
                 "no retention policy is configured"
@@ -199,17 +199,6 @@ class PruneOperation:
                 for label, why in r.unreadable.items()
             ]
         return report
-
-    def _selected(self) -> list[RepoSettings]:
-        if self.repo_name is None:
-            return list(self.settings.repo)
-        for repo in self.settings.repo:
-            if repo.name == self.repo_name:
-                return [repo]
-        names = ", ".join(r.name for r in self.settings.repo)
-        raise ConfigError(
-            f"no repository named '{self.repo_name}'", hint=f"configured repositories: {names}"
-        )
 
     @contextmanager
     def _lock(self, repo: RepoSettings) -> Iterator[None]:

@@ -67,6 +67,12 @@ def open_repository(settings: Settings, name: str | None = None) -> Repository:
     return Repository(open_storage(wanted), open_key_provider(settings.keys))
 
 
+def select_repositories(settings: Settings, name: str | None = None) -> list[RepoSettings]:
+    """Every configured repository, or only the named one (ConfigError naming the configured
+    ones when there is none of that name)."""
+    return list(settings.repo) if name is None else [_find(settings, name)]
+
+
 def _find(settings: Settings, name: str) -> RepoSettings:
     for repo in settings.repo:
         if repo.name == name:
