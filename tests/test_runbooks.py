@@ -293,8 +293,15 @@ def rig(rig_root: Path, pg_templates: Any, s3_server: S3Server) -> Iterator[Rig]
             )
             label = json.loads(dk.ok("backup", "--json").stdout)["label"]
             cluster.psql("INSERT INTO orders SELECT g, 'after' FROM generate_series(2001, 2100) g")
-            time = cluster.psql("SELECT now()::timestamptz(0)::text")
-            cluster.psql("INSERT INTO orders SELECT g, 'later' FROM generate_series(2101, 2200) g")
+            # TIME is whole seconds: the next whole second after the 'after' rows (never before
+            # the backup's end, as rounding could make it), and the 'later' rows come after it
+            time = cluster.psql(
+                "SELECT (date_trunc('second', clock_timestamp()) + interval '1 second')::text"
+            )
+            cluster.psql(
+                f"SELECT pg_sleep_until('{time}');"
+                " INSERT INTO orders SELECT g, 'later' FROM generate_series(2101, 2200) g"
+            )
             wait_archived(cluster, switch_wal(cluster))
             dk.ok("replicate")
         scenarios = workdir / "runbooks"
