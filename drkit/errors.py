@@ -316,12 +316,18 @@ class ArchivingFailing(DrkitWarning):
     the last success, or failures were counted meanwhile): point-in-time recovery past the
     last archived segment is impossible until it works again."""
 
+    exit_code = 108
+
 
 class WalNotCopied(DrkitWarning):
     """An archived WAL segment has not reached a secondary repository yet (the async pusher or
     'drkit replicate' copies it there)."""
 
+    exit_code = 110
+
 
 class NoRetention(DrkitWarning):
     """No retention is configured for a repository: prune keeps every backup, and the
     repository grows until its storage is full."""
+
+    exit_code = 111

@@ -17,7 +17,7 @@ from rig.archive import (
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, chown_to_server_user
 
-from drkit.errors import ArchiveCheckFailed
+from drkit.errors import ArchiveCheckFailed, ArchivingFailing, WalNotCopied
 from drkit.repo.wal_names import parse_wal_name
 
 
@@ -65,7 +65,7 @@ def test_a_secondary_that_has_not_caught_up_is_a_warning(pg: PgCluster, workdir:
     enable_archiving(pg, dk)  # synchronous: WAL reaches 'second' only through replicate
 
     result = dk.run("check", "--timeout", "1")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == WalNotCopied.exit_code == 110, result.output
     assert "is not in repository 'second' after 1s" in result.stderr
     assert "status: warning" in result.stdout
 
@@ -97,11 +97,11 @@ def test_a_broken_archive_command_fails_the_check_and_warns_init_and_backup(
     assert len(nagios.stdout.splitlines()) == 1
 
     init = dk.run("init")
-    assert init.exit_code == 1, init.output
+    assert init.exit_code == ArchivingFailing.exit_code == 108, init.output
     assert "warning: WAL archiving is failing: archive_command failed" in init.stderr
 
     backup = dk.run("backup", "--json")
-    assert backup.exit_code == 1, backup.output  # the backup itself is complete
+    assert backup.exit_code == 108, backup.output  # the backup itself is complete
     warnings = json.loads(backup.stdout)["warnings"]
     assert [w["warning"] for w in warnings] == ["ArchivingFailing"]
     assert "WAL archiving is failing" in warnings[0]["message"]
@@ -126,7 +126,7 @@ def test_init_after_archiving_was_turned_on_says_why_it_may_have_failed(
         time.sleep(0.1)
 
     init = dk.run("init")
-    assert init.exit_code == 1, init.output
+    assert init.exit_code == ArchivingFailing.exit_code == 108, init.output
     assert "warning: WAL archiving is failing" in init.stderr
     assert "if it failed only because the repository did not exist yet" in init.stderr
     grant_to_server_user(dk)  # what init created, to the server user

@@ -11,7 +11,7 @@ from pathlib import Path
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
 
-from drkit.errors import Rule321Failed
+from drkit.errors import NoRetention, Rule321Failed
 
 
 def test_info_status_and_exit_codes(pg: PgCluster, workdir: Path) -> None:
@@ -21,7 +21,7 @@ def test_info_status_and_exit_codes(pg: PgCluster, workdir: Path) -> None:
 
     # One repository, no retention: the one warning is the missing retention
     result = dk.run("info")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == NoRetention.exit_code == 111, result.output
     assert (
         "status: warning: no retention is configured for repository 'local': 'drkit prune'"
         " keeps every backup" in result.stdout

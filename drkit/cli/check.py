@@ -41,7 +41,7 @@ def command(
     """Make PostgreSQL archive a fresh WAL segment and wait until it is in every repository,
     read back with the key; report pg_stat_archiver's failures.
 
-    Exit 0 ok; 1 warnings (a secondary not caught up, archive_command failures meanwhile);
+    Exit 0 ok; 110 a secondary not caught up; 108 archive_command failures meanwhile (1: both);
     23 archiving broken (off, or the segment never reached the primary repository); other
     codes as every command. With --nagios: 0 OK, 1 WARNING, 2 CRITICAL.
     """

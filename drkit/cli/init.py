@@ -41,5 +41,4 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
         for name, state in report.repositories.items():
             stdout.print(f"repository '{name}': {state}")
         warn_all(report.problems)
-    if report.warnings or report.problems:
-        raise typer.Exit(1)
+    raise typer.Exit(report.exit_code)

@@ -15,6 +15,7 @@ from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
 from drkit.repo.repository import Repository
+from drkit.result import SEVERAL_WARNINGS, warnings_exit_code
 
 
 @dataclass
@@ -34,6 +35,13 @@ class InitReport:
     @property
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if c.level == "warning"]
+
+    @property
+    def exit_code(self) -> int:
+        """A typed warning's own code; 1 for a settings warning or warnings of several kinds."""
+        if self.warnings:
+            return SEVERAL_WARNINGS
+        return warnings_exit_code(self.problems)
 
 
 class InitOperation:
