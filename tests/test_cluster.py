@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,32 @@ def test_missing_binaries_name_every_place_searched(pg: PgCluster) -> None:
     # The configured directory is searched first and wins when its version matches.
     assert find_bindir(pg.version, configured=pg.bindir) == pg.bindir
     assert data_directory_major(pg.pgdata) == pg.version
+
+
+def test_a_socket_path_too_long_for_unix_sockets_gets_a_short_private_directory(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    source = pg_factory(15, start=False)
+    deep = workdir / ("d" * 60) / ("e" * 60)  # the socket's path would be ~170 bytes
+    assert len(str(deep / ".s.PGSQL.5432")) > 150
+    server = Cluster(
+        pgdata=source.pgdata,
+        bindir=find_bindir(15),
+        socket_dir=deep,
+        log_file=workdir / "server.log",
+    )
+    assert server.host == deep
+
+    with server.running():
+        short = server.host
+        assert short != deep and len(str(short / f".s.PGSQL.{server.port}")) <= 107
+        st = os.lstat(short)
+        assert stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077 == 0  # private, not a link
+        assert st.st_uid == source.pgdata.stat().st_uid  # the server user's
+        assert short.name.startswith("drkit-pg-") and len(short.name) > 12  # a random name
+        assert (short / f".s.PGSQL.{server.port}").is_socket()
+        with server.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    assert not short.exists()  # removed with the server
+    assert server.host == deep

@@ -110,7 +110,7 @@ def _pg_amcheck(binary: Path, cluster: Cluster, checks: Checks) -> tuple[bool, s
     command = [
         str(binary),
         "--host",
-        str(cluster.socket_dir),
+        str(cluster.host),
         "--port",
         str(cluster.port),
         "--username",

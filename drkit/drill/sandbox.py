@@ -3,7 +3,9 @@
 Everything a drill writes goes under one directory, ``<[drill] sandbox>/drill-<id>`` (mode 0700,
 owned by the user the restored server runs as): the data directory, every tablespace (mapped
 into the sandbox, never to the locations the backup records, which are production's), the unix
-socket, the server log and the access rules. Removing that directory undoes the drill.
+socket (unless its path would be too long for one: drkit.pg.cluster then puts it in a short
+private directory it removes with the server), the server log and the access rules. Removing
+that directory undoes the drill.
 
 The sandbox is refused inside the source's data directory or any of its tablespaces (a drill
 must never write where production lives) and on a file system without room for the restored

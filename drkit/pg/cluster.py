@@ -13,6 +13,12 @@ listen_addresses) cannot override them. They are visible in the process list: ne
 
 PostgreSQL refuses to run as root; when drkit runs as root, the server runs as the owner of the
 data directory (through ``runuser``, which keeps the environment this module builds).
+
+A unix socket's path is at most 107 bytes (``sockaddr_un``); PostgreSQL cannot start when the
+socket directory's path makes it longer. Such a server gets its sockets in a short private
+directory instead: made by ``mkdtemp`` under /tmp (a random name nobody can create first, mode
+0700), checked after creation (a directory of this user, not a link), then given to the server
+user, and removed when the server stops. ``host`` names the directory in use.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -57,6 +65,8 @@ StopMode = Literal["smart", "fast", "immediate"]
 
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _POLL = 0.1  # seconds between checks while waiting for the server
+SOCKET_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less its terminating NUL
+_SHORT_SOCKET_PARENT = Path("/tmp")  # noqa: S108 - only for mkdtemp's random, checked names
 
 
 # -- binaries ------------------------------------------------------------------------------------
@@ -147,7 +157,9 @@ class Cluster:
     """One data directory and the server this object starts on it.
 
     ``socket_dir`` and the parent of ``log_file`` are the caller's: missing ones are created for
-    the server user (the socket directory mode 0700). ``port`` names the socket file and is a TCP
+    the server user (the socket directory mode 0700). When the socket's path in ``socket_dir``
+    would be too long, the server uses a short private directory instead (see the module's
+    docstring); ``host`` is the one in use. ``port`` names the socket file and is a TCP
     port that was free when picked. ``listen_addresses`` is passed as a setting unless None
     (``""``: no TCP at all). ``env`` is added to the server's environment (and so to its
     restore_command), which otherwise is this process's minus every ``PG*`` variable and
@@ -164,6 +176,7 @@ class Cluster:
     env: Mapping[str, str] = field(default_factory=dict)
     dbuser: str = "postgres"
     _pid: int | None = field(default=None, init=False, repr=False)
+    _short_socket_dir: Path | None = field(default=None, init=False, repr=False)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -172,7 +185,11 @@ class Cluster:
         does so once consistent, with hot_standby on). On failure nothing is left running and
         ``ServerControlError`` carries the tail of the server log."""
         self._refuse_live_postmaster()
-        self._prepare_runtime_files()
+        try:
+            self._prepare_runtime_files()
+        except BaseException:
+            self._remove_short_socket_dir()
+            raise
         command = [str(self.bindir / "pg_ctl"), "start", "-D", str(self.pgdata), "-w"]
         command += ["-t", str(math.ceil(timeout)), "-l", str(self.log_file)]
         command += ["-o", shlex.join(self._server_options())]
@@ -237,6 +254,7 @@ class Cluster:
         pid = self._pid
         if pid is None or not self._is_postmaster(pid):
             self._pid = None
+            self._remove_short_socket_dir()
             return
         for step in dict.fromkeys([mode, "immediate"]):
             command = [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.pgdata), "-m", step]
@@ -260,6 +278,7 @@ class Cluster:
                 raise self._failure(f"postmaster {pid} of '{self.pgdata}' did not exit")
             time.sleep(_POLL)
         self._pid = None
+        self._remove_short_socket_dir()
 
     def is_running(self) -> bool:
         """Whether the postmaster this object started is alive."""
@@ -276,10 +295,16 @@ class Cluster:
 
     # -- clients ---------------------------------------------------------------------------
 
+    @property
+    def host(self) -> Path:
+        """The directory the server's unix socket is in (libpq's ``host``): ``socket_dir``, or
+        while the server runs the short private directory that replaces a too long one."""
+        return self._short_socket_dir or self.socket_dir
+
     def conninfo(self, dbname: str = "postgres") -> str:
         """libpq conninfo for this server's unix socket."""
         parts = {
-            "host": str(self.socket_dir),
+            "host": str(self.host),
             "port": str(self.port),
             "user": self.dbuser,
             "dbname": dbname,
@@ -307,7 +332,7 @@ class Cluster:
     # -- helpers ---------------------------------------------------------------------------
 
     def _server_options(self) -> list[str]:
-        options = ["-p", str(self.port), "-k", str(self.socket_dir)]
+        options = ["-p", str(self.port), "-k", str(self.host)]
         settings = dict(self.settings)
         if self.listen_addresses is not None:
             settings.setdefault("listen_addresses", self.listen_addresses)
@@ -339,7 +364,10 @@ class Cluster:
         """Socket directory and log file, usable by the server user. The log is opened without
         following a symlink: it is created (or appended to) as the caller asked, nowhere else."""
         owner = pwd.getpwnam(self.server_user) if os.geteuid() == 0 else None
-        if not self.socket_dir.is_dir():
+        socket_path = self.socket_dir / f".s.PGSQL.{self.port}"
+        if len(os.fsencode(str(socket_path))) > SOCKET_PATH_MAX:
+            self._short_socket_dir = _make_short_socket_dir(owner)
+        elif not self.socket_dir.is_dir():
             self.socket_dir.mkdir(mode=0o700, parents=True)
             if owner is not None:
                 os.chown(self.socket_dir, owner.pw_uid, owner.pw_gid)
@@ -354,6 +382,13 @@ class Cluster:
                 os.fchown(fd, owner.pw_uid, owner.pw_gid)
         finally:
             os.close(fd)
+
+    def _remove_short_socket_dir(self) -> None:
+        """Remove the short socket directory once no server uses it (links in it are removed,
+        never followed)."""
+        if self._short_socket_dir is not None:
+            shutil.rmtree(self._short_socket_dir, ignore_errors=True)
+            self._short_socket_dir = None
 
     def _refuse_live_postmaster(self) -> None:
         pid = self._live_postmaster()
@@ -413,6 +448,29 @@ class Cluster:
             hint=hint,
             log_tail=self.log_tail(),
         )
+
+
+def _make_short_socket_dir(owner: pwd.struct_passwd | None) -> Path:
+    """A fresh private directory for a server's sockets, with a short path: a random name under
+    /tmp made by mkdir (which fails on anything already there, a link included), checked to be
+    the directory this process just made, then given to ``owner`` (the server user, when drkit
+    runs as root). /tmp itself must be root's and sticky, so no one else can move it away."""
+    parent = _SHORT_SOCKET_PARENT
+    st = os.lstat(parent)
+    sticky_or_private = bool(st.st_mode & stat.S_ISVTX) or not st.st_mode & 0o002
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or not sticky_or_private:
+        raise ServerControlError(
+            f"the server's socket path would exceed {SOCKET_PATH_MAX} bytes and '{parent}' is"
+            " not a safe place for a shorter one (not a root-owned, sticky directory)",
+            hint="use a shorter directory for the server (a drill's [drill] sandbox)",
+        )
+    path = Path(tempfile.mkdtemp(prefix="drkit-pg-", dir=parent))
+    made = os.lstat(path)
+    if not stat.S_ISDIR(made.st_mode) or made.st_uid != os.geteuid() or made.st_mode & 0o077:
+        raise ServerControlError(f"refusing socket directory '{path}': not the one drkit made")
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+    return path
 
 
 def _render_setting(value: object) -> str:

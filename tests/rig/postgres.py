@@ -262,7 +262,7 @@ class PgCluster(Cluster):
     def client_env(self) -> dict[str, str]:
         """PG* variables that point libpq clients and pg_* tools at this cluster."""
         return {
-            "PGHOST": str(self.socket_dir),
+            "PGHOST": str(self.host),
             "PGPORT": str(self.port),
             "PGUSER": "postgres",
             "PGDATABASE": "postgres",
