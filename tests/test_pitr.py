@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
-from rig.postgres import PgCluster, attach_cluster, database_checksums
+from rig.postgres import PgCluster, attach_cluster, chown_to_server_user, database_checksums
 
 NO_ARCHIVING = {"archive_mode": "off"}
 
@@ -154,3 +155,32 @@ def test_new_timeline_after_pitr_backs_up_and_recovers_again(pg: PgCluster, work
     again = restore_to(new, workdir, "second-pitr", "--target-time", between)
     assert database_checksums(again) == after_batch_6
     assert again.psql("SELECT timeline_id FROM pg_control_checkpoint()") == "3"
+
+
+def test_restore_from_the_surviving_repository_fetches_wal_from_it_alone(
+    pg: PgCluster, workdir: Path
+) -> None:
+    second = workdir / "second"
+    dk = Drkit(pg, workdir, extra_repos=[{"name": "second", "path": second, "offsite": True}])
+    dk.ok("init")
+    enable_archiving(pg, dk)
+    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
+    write_batch(pg, 1)
+    dk.ok("backup")
+    write_batch(pg, 2)
+    after_batch_2 = database_checksums(pg)
+    between = now(pg)
+    write_batch(pg, 3)
+    archive_everything(pg)
+    dk.ok("replicate")
+    chown_to_server_user(second, recursive=True)  # the restored server's wal-fetch reads it
+    shutil.rmtree(dk.repo_path)  # the primary site is lost; drkit.toml still lists it
+
+    restored = restore_to(dk, workdir, "from-second", "--repo", "second", "--target-time", between)
+
+    # Recovery went through the archived WAL to the target (a wal-fetch asking the lost
+    # repository too would have stopped it with exit 222) and holds exactly batches 1 and 2
+    assert database_checksums(restored) == after_batch_2
+    auto_conf = (restored.pgdata / "postgresql.auto.conf").read_text()
+    assert " wal-fetch --config " in auto_conf and " --repo second %f %p" in auto_conf
+    assert 'restored log file "' in restored.log_tail(200)

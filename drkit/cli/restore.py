@@ -47,7 +47,13 @@ def command(
     ] = False,
     config: ConfigOption = None,
     backup: Annotated[str | None, typer.Option(help="backup label, or 'latest'")] = None,
-    repo: Annotated[str | None, typer.Option(help="repository to restore from")] = None,
+    repo: Annotated[
+        str | None,
+        typer.Option(
+            help="repository to restore from (tried first for the backup; the restored"
+            " cluster's restore_command fetches WAL from it alone)"
+        ),
+    ] = None,
     tablespace_map: Annotated[
         list[str] | None,
         typer.Option(

@@ -190,9 +190,16 @@ class RestoreOperation:
         )
 
     def _restore_command(self) -> str:
+        """The caller's restore_command, or drkit wal-fetch; with a repository asked for, that
+        wal-fetch reads only it: the others may be the ones the disaster took, and wal-fetch
+        never takes a repository that is not there for the end of the archive."""
         if self.request.restore_command is not None:
             return self.request.restore_command
-        return wal_fetch_command(config_path(self.request.config), self.settings.keys.recovery_key)
+        return wal_fetch_command(
+            config_path(self.request.config),
+            self.settings.keys.recovery_key,
+            repos=[self.request.repo] if self.request.repo else None,
+        )
 
     def locate(self, warnings: list[DrkitWarning]) -> tuple[Repository, Chain, list[Repository]]:
         """The repository the restore reads first, the chain it restores, and every repository
