@@ -182,6 +182,13 @@ class RestoreTargetError(DrkitError):
     exit_code = 14
 
 
+class ClusterRunning(RestoreTargetError):
+    """A delta restore was pointed at the data directory of a running cluster (its
+    postmaster.pid names a live process): nothing in it was changed."""
+
+    exit_code = 25
+
+
 class VerifyFailed(DrkitError):
     """Verification found damaged files."""
 

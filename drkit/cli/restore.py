@@ -1,4 +1,4 @@
-"""drkit restore: restore a backup into an empty directory."""
+"""drkit restore: restore a backup into an empty directory (or over a stale one, --delta)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,20 @@ class ArchiveMode(StrEnum):
 @handle_errors
 def command(
     pgdata: Annotated[
-        Path | None, typer.Option(help="empty directory to restore into", show_default=False)
+        Path | None,
+        typer.Option(
+            help="empty directory to restore into (with --delta: a stopped data directory)",
+            show_default=False,
+        ),
     ] = None,
+    delta: Annotated[
+        bool,
+        typer.Option(
+            "--delta",
+            help="restore over an existing, stopped data directory: write only the files that"
+            " differ from the backup, remove those it does not have",
+        ),
+    ] = False,
     plan: Annotated[
         bool,
         typer.Option(
@@ -103,6 +115,10 @@ def command(
 ) -> None:
     """Restore a backup into an empty directory and print how to start it.
 
+    With --delta, bring an existing data directory (a failed primary, a lagging standby, a kept
+    drill sandbox; stopped) to the backup instead: files whose size or checksum differ are
+    written again, files the backup does not have are removed, the rest is kept.
+
     Without a target the restored cluster replays the WAL stored with the backup and opens at
     the backup's consistent point. With a --target-* option it replays archived WAL (fetched by
     'drkit wal-fetch') up to that point; without --backup the newest backup before the target is
@@ -135,6 +151,7 @@ def command(
         config=config,
         tablespace_map_all=tablespace_map_all,
         archive_mode=archive_mode.value,
+        delta=delta,
     )
     if plan:
         _render_plan(settings, request, json_)
@@ -148,6 +165,13 @@ def command(
         f" {result.files} files,"
         f" {human_size(result.size)}, every checksum verified"
     )
+    if result.delta is not None:
+        changed = result.delta
+        stdout.print(
+            f"delta: {changed.rewritten} files rewritten, {changed.patched} rewritten in part,"
+            f" {changed.removed} removed, {changed.unchanged} unchanged;"
+            f" {human_size(changed.written)} written"
+        )
     for oid, directory in result.tablespaces.items():
         stdout.print(f"  tablespace {oid} -> '{directory}'")
     if result.target is not None:

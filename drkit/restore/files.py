@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-from drkit.errors import CopyFallback, DrkitError, DrkitWarning, IntegrityError
+from drkit.errors import (
+    CopyFallback,
+    DrkitError,
+    DrkitWarning,
+    IntegrityError,
+    RestoreTargetError,
+)
 from drkit.fsutil import WRITE_PIECE, start_writeback, write_at
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pools import worker_pool
@@ -60,20 +67,27 @@ class FileWriter:
         # Files assembled from a chain, checked as they become final (see _Assembly)
         self._assemblies: dict[str, _Assembly] = {}
 
-    def write(self, plans: list[FilePlan], workers: int) -> None:
+    def write(
+        self, plans: list[FilePlan], workers: int, in_place: dict[str, set[int]] | None = None
+    ) -> None:
+        """Write ``plans``' files, new; those named in ``in_place`` (large files stored in
+        chunks, kept by a delta restore) are resized and get only the chunks listed there."""
         # Which layers each (backup, object) feeds, so each object is read exactly once; a large
         # file stored in chunks is restored chunk by chunk, in parallel, instead
         work: dict[tuple[str, str], dict[str, tuple[FilePlan, Layer]]] = {}
         tasks: list[tuple[int, Callable[[], None]]] = []
         for plan in plans:
-            if plan.simple and plan.layers[0].entry.chunks:
+            only = (in_place or {}).get(plan.entry.path)
+            if plan.simple and plan.layers[0].entry.chunks and only is None:
                 self._create(plan.entry)
+            elif plan.simple and plan.layers[0].entry.chunks:
+                self._resize(plan.entry)
             if _in_sections(plan):
                 tasks += self._section_tasks(plan)
                 continue
             for layer in plan.layers:
                 if _by_chunk(layer):
-                    tasks += self._chunk_tasks(plan, layer)
+                    tasks += self._chunk_tasks(plan, layer, only)
                 else:
                     key = (layer.owner, layer.entry.object)
                     work.setdefault(key, {})[plan.entry.path] = (plan, layer)
@@ -136,12 +150,15 @@ class FileWriter:
         if not plan.simple:
             self._assemblies[plan.entry.path].written(write, self._tree)
 
-    def _chunk_tasks(self, plan: FilePlan, layer: Layer) -> list[tuple[int, Callable[[], None]]]:
+    def _chunk_tasks(
+        self, plan: FilePlan, layer: Layer, only: set[int] | None
+    ) -> list[tuple[int, Callable[[], None]]]:
         chunks = layer.entry.chunks or []
         ends = [c[0] for c in chunks[1:]] + [layer.entry.payload_size]
         return [
             (end - chunk[0], partial(self._restore_chunk, plan, layer, index))
             for index, (chunk, end) in enumerate(zip(chunks, ends, strict=True))
+            if only is None or index in only
         ]
 
     def _restore_chunk(self, plan: FilePlan, layer: Layer, index: int) -> None:
@@ -271,6 +288,22 @@ class FileWriter:
     def _create(self, entry: FileEntry) -> None:
         fd = self._tree.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
+            os.ftruncate(fd, entry.size)
+        finally:
+            os.close(fd)
+
+    def _resize(self, entry: FileEntry) -> None:
+        """Give a file kept in place its restored size (a plain file with one link: anything
+        else was removed and is written anew, restore/delta.py)."""
+        fd = self._tree.open(entry.path, os.O_WRONLY)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise RestoreTargetError(
+                    f"'{entry.path}' changed while it was restored: it is no longer a plain file",
+                    hint="make sure nothing else writes into the directory, then run the restore"
+                    " again",
+                )
             os.ftruncate(fd, entry.size)
         finally:
             os.close(fd)

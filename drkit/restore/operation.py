@@ -1,4 +1,5 @@
-"""Restore a backup into an empty directory, checking every file's checksum as it is written.
+"""Restore a backup into an empty directory, checking every file's checksum as it is written
+(or, as a delta restore, over an existing data directory: restore/delta.py).
 
 The restored directory holds backup_label and the WAL from the backup's start to its stop in
 pg_wal, so PostgreSQL replays exactly that WAL at startup and comes up consistent without any
@@ -42,6 +43,7 @@ from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.repo.safety import check_manifest
+from drkit.restore.delta import DeltaRestore, DeltaSummary, check_delta_target, remove_control
 from drkit.restore.files import FileWriter
 from drkit.restore.paths import TargetTree, cluster_user
 from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
@@ -54,8 +56,10 @@ class RestoreResult(OperationResult):
     """A completed restore. Warnings: CopyFallback (an object read from another repository),
     RepositoryUnreachable (a repository that could not be used), BackupSkipped (a damaged
     newest backup passed over). ``phases``: plan (find the backup, read and check its chain,
-    check the target and the directories), write (fetch, decrypt, decompress, write and check
-    every file, in parallel), finish (WAL directories, settings, ownership), sync."""
+    check the target and the directories), compare (a delta restore: clear the directories of
+    what the backup does not have, check the files found), write (fetch, decrypt, decompress,
+    write and check every file, in parallel), finish (WAL directories, settings, ownership),
+    sync."""
 
     label: str
     pgdata: Path
@@ -66,6 +70,7 @@ class RestoreResult(OperationResult):
     target: RecoveryTarget | None = None
     repo: str = ""  # the repository the backup was found in
     archive_mode: str = "off"
+    delta: DeltaSummary | None = None  # a delta restore: what it changed
 
     @property
     def fallbacks(self) -> list[str]:
@@ -84,6 +89,7 @@ class RestoreResult(OperationResult):
             "target": None if self.target is None else _target_dict(self.target),
             "archive_mode": self.archive_mode,
             "fallbacks": self.fallbacks,
+            "delta": None if self.delta is None else self.delta.as_dict(),
         }
 
 
@@ -127,25 +133,44 @@ class RestoreOperation:
             # Check every directory before writing anything
             pgdata = self.request.pgdata.absolute()
             tablespaces = self._tablespace_targets(manifest)
-            for directory in [pgdata, *tablespaces.values()]:
-                _require_empty(directory)
+            if self.request.delta:
+                check_delta_target(pgdata, tablespaces)
+            else:
+                for directory in [pgdata, *tablespaces.values()]:
+                    _require_empty(directory)
             user = cluster_user(pgdata, tablespaces)
 
         tree = TargetTree(pgdata, tablespaces, user)
+        directories = [(d.path, d.mode) for d in manifest.directories]
+        writer = FileWriter(
+            [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
+        )
+        workers = self.settings.backup.process_max
+        delta: DeltaSummary | None = None
         try:
+            if self.request.delta:
+                with timing.phase("compare"):
+                    # Remove what the backup does not have, lay its directories over what is
+                    # left, and compare each file found with its entry
+                    existing = DeltaRestore(pgdata, tablespaces, plans, [d for d, _ in directories])
+                    existing.clear()
+                    tree.make(directories)
+                    work = existing.compare(tree, workers)
+                    plans, in_place, last, delta = work.plans, work.chunks, work.last, work.summary
+            else:
+                tree.make(directories)
+                in_place, last = {}, None
+
             with timing.phase("write"):
-                # Lay out directories and tablespace links, then write the files
-                tree.make([(d.path, d.mode) for d in manifest.directories])
-                self.progress.start(f"restore {label}", manifest.stats.size)
-                writer = FileWriter(
-                    [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
+                # Write the files (a delta restore: those that differ, global/pg_control aside)
+                self.progress.start(
+                    f"restore {label}", manifest.stats.size if delta is None else delta.written
                 )
-                writer.write(plans, self.settings.backup.process_max)
-                warnings += writer.warnings
+                writer.write(plans, workers, in_place)
                 self.progress.stop()
 
             with timing.phase("finish"):
-                # WAL directories, settings, ownership
+                # WAL directories, settings, then (delta) global/pg_control, then ownership
                 for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
                     tree.ensure_dir(sub)
                 write_restore_settings(
@@ -154,21 +179,22 @@ class RestoreOperation:
                     restore_command=self._restore_command() if target is not None else "",
                     target=target,
                 )
+                if last is not None:
+                    writer.write([last], 1)
                 tree.set_ownership()
+            warnings += writer.warnings
 
             with timing.phase("sync"):
                 os.sync()  # one call flushes every file written, far cheaper than an fsync each
         except BaseException as exc:
-            # Never leave a half-restored cluster that someone could start: the targets were
-            # empty when we began, so emptying them again loses nothing.
             self.progress.stop()
-            for directory in [pgdata, *tablespaces.values()]:
-                _empty(directory)
+            self._undo(tree, pgdata, tablespaces)
             if isinstance(exc, OSError):  # the target's file system refused (full, read-only)
                 raise RestoreTargetError(
                     f"unable to restore to path '{pgdata}': {os_reason(exc)}",
                     hint=f"the backup needs {manifest.stats.size} bytes: free space on the"
-                    " target's file system (or restore elsewhere), then run the restore again",
+                    " target's file system (or restore elsewhere), then run the restore again"
+                    + (" (until then the directory does not start)" if self.request.delta else ""),
                 ) from None
             raise
         finally:
@@ -185,9 +211,20 @@ class RestoreOperation:
             target=target,
             repo=repo.name,
             archive_mode=self.request.archive_mode,
+            delta=delta,
             warnings=warnings,
             phases=timing.phases,
         )
+
+    def _undo(self, tree: TargetTree, pgdata: Path, tablespaces: dict[int, Path]) -> None:
+        """Never leave a half-restored cluster that someone could start. A restore into empty
+        directories empties them again, losing nothing; a delta restore leaves the directory
+        without global/pg_control (written last), so it starts only once a restore completes."""
+        if not self.request.delta:
+            for directory in [pgdata, *tablespaces.values()]:
+                _empty(directory)
+        elif tree.made:
+            remove_control(tree.root)
 
     def _restore_command(self) -> str:
         """The caller's restore_command, or drkit wal-fetch; with a repository asked for, that

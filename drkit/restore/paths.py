@@ -98,6 +98,11 @@ class TargetTree:
     def root(self) -> int:
         return self._fds[""]
 
+    @property
+    def made(self) -> bool:
+        """Whether ``make`` opened the data directory (``root`` is there)."""
+        return "" in self._fds
+
     def make(self, directories: list[tuple[str, int]]) -> None:
         """Create PGDATA (0700), the tablespace directories and their pg_tblspc links, then
         ``directories`` ((path, recorded mode), parents first) with the modes PostgreSQL uses."""

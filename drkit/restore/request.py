@@ -30,6 +30,10 @@ class RestoreRequest:
     restore_command: str | None = None
     tablespace_map_all: bool = False  # restore unmapped tablespaces where the backup says
     archive_mode: str = "off"  # 'off': the copy never archives; 'preserve': the source's setting
+    # Bring an existing (stopped) data directory to the backup, writing only the files that
+    # differ and removing those the backup does not have (restore/delta.py); a drill can reuse
+    # its kept sandbox this way
+    delta: bool = False
 
 
 def recovery_target(

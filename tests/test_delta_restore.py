@@ -1,0 +1,178 @@
+"""Delta restore: an existing data directory brought to a backup's exact state, writing only the
+files that differ, removing what the backup does not have, never following a planted link."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from rig.drkit import Drkit, start_restored
+from rig.postgres import PgCluster, database_checksums
+
+from drkit.config.settings import load_settings
+from drkit.restore.operation import restore_backup
+from drkit.restore.request import RestoreRequest
+
+CHUNK = 4 * 1024 * 1024  # the rig's backup chunk_size: files above it are stored in chunks
+
+SCHEMA = """
+CREATE TABLE big (id int PRIMARY KEY, pad text);
+INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 150000) g;
+CREATE TABLE changed AS SELECT g FROM generate_series(1, 1000) g;
+CREATE TABLE truncated AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000) g;
+CREATE TABLE missing AS SELECT g FROM generate_series(1, 2000) g;
+CREATE TABLE linked AS SELECT g FROM generate_series(1, 3000) g;
+CHECKPOINT;
+"""
+
+
+def relation_file(cluster: PgCluster, table: str) -> str:
+    return cluster.psql(f"SELECT pg_relation_filepath('{table}')")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dead_pid() -> int:
+    """The number of a process that has exited (a crashed server's postmaster.pid names one)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
+    pg: PgCluster, workdir: Path
+) -> None:
+    pg.psql(SCHEMA)
+    files = {t: relation_file(pg, t) for t in ("big", "changed", "truncated", "missing", "linked")}
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup", "--type", "full")
+    source = database_checksums(pg)
+    pg.psql("UPDATE big SET pad = 'moved on' WHERE id < 100; DROP TABLE changed")
+
+    # A stale copy: the backup restored, then changed, emptied, extended and booby-trapped
+    stale = workdir / "stale"
+    dk.ok("restore", "--pgdata", str(stale))
+    assert os.path.getsize(stale / files["big"]) > 3 * CHUNK
+    with open(stale / files["big"], "r+b") as f:  # one byte in the third chunk, same size
+        f.seek(2 * CHUNK + 100)
+        byte = f.read(1)
+        f.seek(2 * CHUNK + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    changed = stale / files["changed"]
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x01")  # same size, another checksum
+    os.truncate(stale / files["truncated"], 8192)
+    (stale / files["missing"]).unlink()
+    (stale / "extra.conf").write_text("shared_buffers = 1TB\n")
+    (stale / files["big"]).with_name("leftover").mkdir()
+    (stale / files["big"]).with_name("leftover").joinpath("1").write_text("x")
+    (stale / "postmaster.pid").write_text(f"{dead_pid()}\n{stale}\n")
+    # Links planted where the backup has a file, a directory, and nothing
+    outside = workdir / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_text("not drkit's to write\n")
+    (stale / files["linked"]).unlink()
+    (stale / files["linked"]).symlink_to(victim)
+    (stale / files["big"]).with_name("99999").symlink_to(victim)
+    xact_files = sorted(p.name for p in (stale / "pg_xact").iterdir())
+    (outside / "xact").mkdir()
+    for name in xact_files:
+        (outside / "xact" / name).write_bytes(b"\0" * 8192)
+    for name in xact_files:
+        (stale / "pg_xact" / name).unlink()
+    (stale / "pg_xact").rmdir()
+    (stale / "pg_xact").symlink_to(outside / "xact")
+    untouched = {p: digest(p) for p in [victim, *(outside / "xact").iterdir()]}
+
+    result = dk.ok("restore", "--delta", "--pgdata", str(stale), "--json")
+    data = json.loads(result.stdout)
+    delta = data["delta"]
+    # changed, truncated, missing, linked, pg_xact's files, postgresql.auto.conf (the settings
+    # a restore appends) and global/pg_control (always written last) are written whole; only
+    # the third chunk of big
+    rewritten = 6 + len(xact_files)
+    assert delta == {
+        "rewritten": rewritten,
+        "patched": 1,
+        "unchanged": data["files"] - rewritten - 1,
+        # extra.conf, leftover/, the link 99999, postmaster.pid, the links at linked and pg_xact
+        "removed": 6,
+        "written": delta["written"],
+    }
+    assert CHUNK < delta["written"] < 2 * CHUNK
+    assert list(data["phases"]) == ["plan", "compare", "write", "finish", "sync"]
+
+    # Nothing was written through a link; the links are gone, plain files and directories
+    # stand in their place
+    assert {p: digest(p) for p in untouched} == untouched
+    assert not (stale / "pg_xact").is_symlink() and (stale / "pg_xact").is_dir()
+    assert not (stale / files["linked"]).is_symlink()
+    assert not (stale / "extra.conf").exists() and not (stale / "postmaster.pid").exists()
+
+    restored = start_restored(stale, pg.version, workdir)
+    assert database_checksums(restored) == source
+    assert restored.psql("SHOW archive_mode") == "off"
+
+
+def test_a_chain_delta_restores_over_a_copy_of_its_full(pg: PgCluster, workdir: Path) -> None:
+    """A copy restored from the full, started and stopped, brought to the incremental on top of
+    it through the library, as a drill reusing its sandbox does."""
+    pg.psql(SCHEMA)
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup", "--type", "full")
+    stale = workdir / "stale"
+    dk.ok("restore", "--pgdata", str(stale))
+    copy = start_restored(stale, pg.version, workdir)
+    copy.psql("CREATE TABLE only_in_the_copy AS SELECT 1")
+    copy.stop()
+
+    pg.psql("UPDATE big SET pad = 'updated' WHERE id % 1000 = 0; DROP TABLE missing")
+    pg.psql("CREATE TABLE added AS SELECT g FROM generate_series(1, 5000) g")
+    dk.ok("backup", "--type", "incr")
+    source = database_checksums(pg)
+
+    result = restore_backup(load_settings(dk.config), RestoreRequest(stale, delta=True))
+    assert result.delta is not None and result.exit_code == 0
+    assert result.delta.rewritten > 0 and result.delta.removed > 0
+    assert result.delta.unchanged > result.files // 2
+    assert result.label.endswith("I")
+
+    restored = start_restored(stale, pg.version, workdir)
+    assert database_checksums(restored) == source
+
+
+def test_a_running_clusters_directory_is_refused_and_left_alone(
+    pg: PgCluster, workdir: Path
+) -> None:
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    dk.ok("backup", "--type", "full")
+    kept = ["PG_VERSION", "global/pg_control", "postgresql.auto.conf"]
+    before = {name: digest(pg.pgdata / name) for name in kept}
+    relations = sorted(p for p in (pg.pgdata / "base").rglob("*") if p.is_file())
+
+    refused = dk.run("restore", "--delta", "--pgdata", str(pg.pgdata))
+    assert refused.exit_code == 25, refused.output
+    assert "a PostgreSQL server is running in it" in refused.stderr
+    assert "HINT: stop it first" in refused.stderr
+    assert {name: digest(pg.pgdata / name) for name in kept} == before
+    assert all(p.is_file() for p in relations)
+    assert pg.psql("SELECT 1") == "1"
+
+    # Without --delta a directory with files is refused as ever; with it, one that is no data
+    # directory is too, and nothing in it is removed
+    notes = workdir / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n")
+    plain = dk.run("restore", "--pgdata", str(notes))
+    assert plain.exit_code == 14 and "because it contains files" in plain.stderr
+    delta = dk.run("restore", "--delta", "--pgdata", str(notes))
+    assert delta.exit_code == 14 and "not a PostgreSQL data directory" in delta.stderr
+    assert (notes / "todo.txt").read_text() == "keep me\n"
