@@ -121,16 +121,19 @@ def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
 
 
 def test_a_chain_delta_restores_over_a_copy_of_its_full(pg: PgCluster, workdir: Path) -> None:
-    """A copy restored from the full, started and stopped, brought to the incremental on top of
-    it through the library, as a drill reusing its sandbox does."""
+    """A copy restored from the full (with a tablespace), started and stopped, brought to the
+    incremental on top of it through the library, as a drill reusing its sandbox does."""
     pg.psql(SCHEMA)
+    pg.psql(f"CREATE TABLESPACE fast LOCATION '{pg.make_tablespace_dir('fast')}'")
+    pg.psql("CREATE TABLE hot TABLESPACE fast AS SELECT g FROM generate_series(1, 30000) g")
     dk = Drkit(pg, workdir)
     dk.ok("init")
     dk.ok("backup", "--type", "full")
-    stale = workdir / "stale"
-    dk.ok("restore", "--pgdata", str(stale))
+    stale, fast = workdir / "stale", workdir / "fast-stale"
+    dk.ok("restore", "--pgdata", str(stale), "--tablespace-map", f"fast={fast}")
     copy = start_restored(stale, pg.version, workdir)
-    copy.psql("CREATE TABLE only_in_the_copy AS SELECT 1")
+    copy.psql("CREATE TABLE only_in_the_copy TABLESPACE fast AS SELECT 1")
+    copy.psql("DELETE FROM hot WHERE g < 100")
     copy.stop()
 
     pg.psql("UPDATE big SET pad = 'updated' WHERE id % 1000 = 0; DROP TABLE missing")
@@ -138,14 +141,18 @@ def test_a_chain_delta_restores_over_a_copy_of_its_full(pg: PgCluster, workdir: 
     dk.ok("backup", "--type", "incr")
     source = database_checksums(pg)
 
-    result = restore_backup(load_settings(dk.config), RestoreRequest(stale, delta=True))
+    request = RestoreRequest(stale, tablespace_map={"fast": fast}, delta=True)
+    result = restore_backup(load_settings(dk.config), request)
     assert result.delta is not None and result.exit_code == 0
     assert result.delta.rewritten > 0 and result.delta.removed > 0
     assert result.delta.unchanged > result.files // 2
     assert result.label.endswith("I")
+    links = list((stale / "pg_tblspc").iterdir())
+    assert len(links) == 1 and links[0].readlink() == fast
 
     restored = start_restored(stale, pg.version, workdir)
     assert database_checksums(restored) == source
+    assert restored.psql("SELECT count(*) FROM hot") == "30000"
 
 
 def test_a_running_clusters_directory_is_refused_and_left_alone(
