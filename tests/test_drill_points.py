@@ -7,7 +7,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rig.archive import switch_wal, wait_archived
 from test_drill import drill_setup, postgres_under, run_drill
+
+from drkit.config.settings import load_settings
+from drkit.drill.plan import choose_restore_point
+from drkit.drill.scenario import RestorePointSpec
+from drkit.pg.recovery import TargetKind
+from drkit.pg.wal import format_lsn, parse_lsn, parse_segment_name, segment_name
+from drkit.repo.open import open_repository
+from drkit.repo.wal_archive import WalArchive
+
+SEGMENT = 16 * 1024 * 1024
+
+
+def segment_start(name: str) -> str:
+    return format_lsn(parse_segment_name(name, SEGMENT)[1] * SEGMENT)
 
 
 def short_socket_dirs() -> set[str]:
@@ -31,3 +46,44 @@ def test_a_long_sandbox_path_still_starts_the_copy(pg_factory: Any, workdir: Pat
     assert list(parent.iterdir()) == []
     assert short_socket_dirs() <= before
     assert postgres_under(parent) == []
+
+
+def test_random_drills_a_random_instant_of_a_random_backups_archive(
+    pg_factory: Any, workdir: Path
+) -> None:
+    pg = pg_factory(15)
+    dk = drill_setup(pg, workdir)  # a backup, then rows archived after it
+    for batch in range(3):  # a second backup, and more archived WAL after each
+        if batch == 1:
+            dk.ok("backup")
+        first = 3000 + batch * 1000
+        pg.psql(f"INSERT INTO orders SELECT g, 'b' FROM generate_series({first}, {first + 199}) g")
+        wait_archived(pg, switch_wal(pg))
+    repo = open_repository(load_settings(dk.config))
+    manifests = {str(label): repo.load_manifest(label)[0] for label in repo.backups()}
+    archive = WalArchive(repo)
+    archive_end = archive.pushed_at(archive.last_segment(1) or "")
+    last_start = parse_lsn(segment_start(archive.last_segment(1) or ""))
+
+    plans = [choose_restore_point(repo, RestorePointSpec(random=True), "test") for _ in range(20)]
+
+    for plan in plans:
+        manifest = manifests[plan.backup or ""]
+        assert plan.target.kind is TargetKind.LSN and plan.target.timeline == "current"
+        # after the backup's end, never past the start of the last archived segment
+        assert parse_lsn(manifest.stop_lsn) < parse_lsn(plan.target.value) <= last_start
+        assert plan.time is not None and manifest.stop_time <= plan.time <= archive_end
+        # the segment the target starts was the first one archived at or after the instant
+        segment = segment_name(1, parse_lsn(plan.target.value) // SEGMENT, SEGMENT)
+        assert archive.pushed_at(segment) >= plan.time
+    assert len({p.target.value for p in plans}) > 1 and len({p.backup for p in plans}) == 2
+
+    code, out, _ = run_drill(dk, "--random")
+
+    record = out["record"]
+    point = record["restore_point"]
+    assert code == 0, record["reason"]
+    assert point["target_kind"] == "lsn" and point["time"] is not None
+    assert "to a random instant" in point["reason"] and point["target_value"] in point["reason"]
+    # the copy recovered to the drawn point: not before it, and it opened (PASS)
+    assert parse_lsn(record["rpo_detail"]["recovered_lsn"]) >= parse_lsn(point["target_value"])

@@ -70,7 +70,11 @@ def command(
     target_lsn: Annotated[str | None, typer.Option(help="recover to this LSN")] = None,
     target_xid: Annotated[str | None, typer.Option(help="recover to this transaction")] = None,
     random: Annotated[
-        bool, typer.Option("--random", help="restore a randomly chosen backup")
+        bool,
+        typer.Option(
+            "--random",
+            help="a random backup, recovered to a random instant of the WAL archived after it",
+        ),
     ] = False,
     rto: Annotated[
         str | None,

@@ -454,6 +454,7 @@ class DrillOperation:
                 target_kind=plan.target.kind.value,
                 target_value=plan.target.value,
                 reason=plan.reason,
+                time=plan.time,
             )
             if plan
             else None,

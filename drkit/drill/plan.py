@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from drkit.config.settings import S3Repo, Settings
 from drkit.drill.scenario import RestorePointSpec, Survivors
 from drkit.errors import ConfigError, DrillRestoreFailed
 from drkit.pg.recovery import RecoveryTarget, TargetKind
+from drkit.pg.wal import format_lsn, parse_segment_name, segment_name
 from drkit.repo.manifest import Manifest
 from drkit.repo.repository import Repository
+from drkit.repo.wal_archive import WalArchive
 from drkit.restore.request import recovery_target
 from drkit.restore.target import choose_backup
 
@@ -28,6 +31,7 @@ class RestorePlan:
     backup: str | None  # the label asked for (None: the one the target needs)
     target: RecoveryTarget
     reason: str
+    time: datetime | None = None  # the random instant the target stands for (--random)
 
 
 def surviving_settings(settings: Settings, survivors: Survivors) -> Settings:
@@ -93,15 +97,7 @@ def choose_restore_point(repo: Repository, spec: RestorePointSpec, origin: str) 
     """The backup and target for ``spec``; ``origin`` says where the spec came from ("requested",
     "scenario 'site-loss'")."""
     if spec.random:
-        labels = repo.backups()
-        if not labels:
-            raise DrillRestoreFailed(f"repository '{repo.name}' holds no backups")
-        label = random.choice(labels)  # noqa: S311 - picks a backup to drill, not a secret
-        return RestorePlan(
-            str(label),
-            RecoveryTarget(TargetKind.IMMEDIATE),
-            f"random backup ({origin}), one of {len(labels)}, restored to its end",
-        )
+        return random_point(repo, origin)
     target = recovery_target(
         time=spec.time.isoformat() if spec.time else None,
         name=spec.name,
@@ -125,6 +121,79 @@ def choose_restore_point(repo: Repository, spec: RestorePointSpec, origin: str) 
         f"{'backup ' + repr(spec.backup) if spec.backup else 'the newest backup'} and every"
         f" archived WAL segment after it ({origin})",
     )
+
+
+def random_point(repo: Repository, origin: str) -> RestorePlan:
+    """A random backup and a random instant in the WAL archived after it.
+
+    The instant is drawn uniformly between the backup's end and the time the last segment of
+    the unbroken archive after it was pushed, on the backup's timeline. Recovery is then asked
+    to stop at the start of the first segment pushed at or after that instant: every record
+    before it was written before the instant, and a record starts at or after it in an archived
+    segment, so recovery always reaches it. A time target gives no such promise: PostgreSQL
+    stops only at a commit after the time and fails when the archive holds none (an idle
+    stretch at its end). Without archived WAL after the backup, the backup's end is the point.
+    """
+    labels = repo.backups()
+    if not labels:
+        raise DrillRestoreFailed(f"repository '{repo.name}' holds no backups")
+    label = random.choice(labels)  # noqa: S311 - picks a point to drill, not a secret
+    picked = f"random backup ({origin}), one of {len(labels)}"
+    manifest, _ = repo.load_manifest(label)
+    archive = WalArchive(repo, segment_size=manifest.wal_segment_size)
+    segments = _archived_after(archive, manifest)
+    if not segments:
+        return RestorePlan(
+            str(label),
+            RecoveryTarget(TargetKind.IMMEDIATE),
+            f"{picked}, restored to its end (no WAL archived after it)",
+        )
+    start, end = manifest.stop_time, archive.pushed_at(segments[-1])
+    instant = start + timedelta(seconds=random.uniform(0, max(0.0, (end - start).total_seconds())))  # noqa: S311
+    segment = _first_pushed_at_or_after(archive, segments, instant)
+    lsn = format_lsn(
+        parse_segment_name(segment, manifest.wal_segment_size)[1] * manifest.wal_segment_size
+    )
+    return RestorePlan(
+        str(label),
+        RecoveryTarget(TargetKind.LSN, lsn, timeline="current"),
+        f"{picked}, to a random instant {_iso(instant)} between its end {_iso(start)} and its"
+        f" archive's end {_iso(end)}: recovery stops at {lsn}, where segment '{segment}'"
+        " (the first one archived by then) begins",
+        time=instant,
+    )
+
+
+def _archived_after(archive: WalArchive, manifest: Manifest) -> list[str]:
+    """The segments archived after the backup's last one, on its timeline, up to the first gap."""
+    size = manifest.wal_segment_size
+    last = archive.last_segment(manifest.timeline)
+    if last is None:
+        return []
+    first_segno = parse_segment_name(manifest.stop_wal, size)[1] + 1
+    found = []
+    for segno in range(first_segno, parse_segment_name(last, size)[1] + 1):
+        name = segment_name(manifest.timeline, segno, size)
+        if not archive.has(name):
+            break
+        found.append(name)
+    return found
+
+
+def _first_pushed_at_or_after(archive: WalArchive, segments: list[str], instant: datetime) -> str:
+    """Segments are pushed in order: a binary search reads a few headers."""
+    low, high = 0, len(segments) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if archive.pushed_at(segments[middle]) >= instant:
+            high = middle
+        else:
+            low = middle + 1
+    return segments[low]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
 
 
 def planned_manifest(repo: Repository, plan: RestorePlan) -> Manifest:

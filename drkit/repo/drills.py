@@ -93,6 +93,7 @@ class RestorePoint(_Record):
     target_kind: str = "immediate"  # immediate | latest | time | lsn | xid | name
     target_value: str = ""
     reason: str = ""  # why this point: "newest backup", "random", "requested", "scenario ..."
+    time: datetime | None = None  # the random instant drawn (--random), which target_value reaches
 
 
 class Objective(_Record):
