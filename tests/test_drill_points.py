@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from rig.archive import switch_wal, wait_archived
-from test_drill import drill_setup, postgres_under, run_drill
+from rig.postgres import PgCluster
+from test_drill import drill_setup, postgres_under, records, run_drill
 
 from drkit.config.settings import load_settings
 from drkit.drill.plan import choose_restore_point
@@ -87,3 +88,34 @@ def test_random_drills_a_random_instant_of_a_random_backups_archive(
     assert "to a random instant" in point["reason"] and point["target_value"] in point["reason"]
     # the copy recovered to the drawn point: not before it, and it opened (PASS)
     assert parse_lsn(record["rpo_detail"]["recovered_lsn"]) >= parse_lsn(point["target_value"])
+
+
+def test_pgbench_check_measures_read_only_tps_against_the_floor(
+    pg: PgCluster, workdir: Path
+) -> None:
+    pg.run_bin("pgbench", "-i", "-s", "1", "-q")
+    bench = {"clients": 2, "seconds": 1, "min_tps": 1}
+    dk = drill_setup(pg, workdir, checks={"amcheck": False, "pgbench": bench})
+
+    code, out, _ = run_drill(dk)
+
+    record = out["record"]
+    assert code == 0, record["reason"]
+    [check] = record["checks"]
+    assert (check["name"], check["kind"], check["ok"]) == ("pgbench", "pgbench", True)
+    assert check["value"] > 1 and 1 <= check["seconds"] < 30
+    assert check["detail"] == f"pgbench -S, 2 clients, 1s: {check['value']:.0f} tps (floor 1)"
+    assert records(dk)[-1].checks[0].value == check["value"]  # in the stored record too
+
+    # A floor no copy reaches fails the drill as a failed check, with the figure
+    scenario = workdir / "slow.toml"
+    scenario.write_text(
+        'name = "slow"\n[checks]\namcheck = false\n'
+        "[checks.pgbench]\nclients = 1\nseconds = 1\nmin_tps = 1e12\n"
+    )
+    code, out, _ = run_drill(dk, "--scenario", str(scenario))
+    record = out["record"]
+    assert code == 31 and record["failure"] == "check-failed"
+    assert record["reason"].startswith("check 'pgbench' failed: pgbench -S, 1 clients, 1s: ")
+    assert record["reason"].endswith(" tps (floor 1e+12): below the floor")
+    assert record["checks"][0]["value"] > 0

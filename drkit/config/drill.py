@@ -28,6 +28,17 @@ class SqlCheck(_Section):
     repeat: int = Field(3, ge=1, le=100)
 
 
+class PgbenchCheck(_Section):
+    """A short read-only pgbench run against the restored copy: the built-in select-only script
+    (``pgbench -S``, which needs pgbench's tables) or ``script``; FAIL below ``min_tps``."""
+
+    min_tps: float = Field(gt=0, description="the floor: fewer transactions per second FAIL")
+    clients: int = Field(2, ge=1, le=1000)
+    seconds: int = Field(10, ge=1, le=3600)
+    database: str = "postgres"
+    script: Path | None = None  # a read-only SQL script (pgbench -f) instead of -S
+
+
 class Checks(_Section):
     amcheck: bool = Field(True, description="heap and btree checks of every (or listed) database")
     amcheck_databases: list[str] = Field(default_factory=list)  # empty: every database
@@ -37,6 +48,7 @@ class Checks(_Section):
         True, description="the heartbeat row, when the source has one, within the RPO target"
     )
     sql: list[SqlCheck] = Field(default_factory=list)
+    pgbench: PgbenchCheck | None = None
 
 
 class DrillSettings(_Section):

@@ -14,11 +14,15 @@ them all.
 - ``heartbeat``: the heartbeat row (``drkit heartbeat``) no older than the RPO target at the
   disaster instant.
 - ``readable``: every table of every database read once (a count per table).
+- ``pgbench``: a short read-only ``pgbench`` run (``-S``, or the configured script) of the copy's
+  major version; transactions per second below the configured floor FAIL. The session is
+  read-only (``default_transaction_read_only``), so the check cannot change the copy it judges.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,13 +32,14 @@ from pathlib import Path
 
 import psycopg
 
-from drkit.config.drill import Checks, SqlCheck
+from drkit.config.drill import Checks, PgbenchCheck, SqlCheck
 from drkit.config.durations import format_duration
 from drkit.pg.cluster import Cluster
 from drkit.repo.drills import CheckResult
 
 AMCHECK_TIMEOUT = 6 * 3600  # seconds; pg_amcheck of a large cluster takes long, never forever
 _OUTPUT_LINES = 5  # lines of a failing pg_amcheck's output kept in the record
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
 
 _DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
 _TABLES = """
@@ -82,17 +87,33 @@ def run_checks(
         )
     if checks.readable:
         results.append(_timed("readable", "readable", lambda: _readable(cluster)))
+    if checks.pgbench is not None:
+        bench = checks.pgbench
+        results.append(_measured("pgbench", "pgbench", lambda: _pgbench(cluster, bench)))
     return results
 
 
 def _timed(name: str, kind: str, check: Callable[[], tuple[bool, str]]) -> CheckResult:
+    return _measured(name, kind, lambda: (*check(), None))
+
+
+def _measured(
+    name: str, kind: str, check: Callable[[], tuple[bool, str, float | None]]
+) -> CheckResult:
+    """Run ``check`` (ok, detail, the figure measured) on the clock; an error is a FAIL."""
     started = time.monotonic()
+    value = None
     try:
-        ok, detail = check()
+        ok, detail, value = check()
     except (psycopg.Error, OSError, ValueError, subprocess.SubprocessError) as exc:
         ok, detail = False, f"error: {_one_line(str(exc))}"
     return CheckResult(
-        name=name, kind=kind, ok=ok, seconds=round(time.monotonic() - started, 3), detail=detail
+        name=name,
+        kind=kind,
+        ok=ok,
+        seconds=round(time.monotonic() - started, 3),
+        detail=detail,
+        value=value,
     )
 
 
@@ -199,6 +220,59 @@ def _number(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+# -- pgbench -------------------------------------------------------------------------------------
+
+
+def _pgbench(cluster: Cluster, check: PgbenchCheck) -> tuple[bool, str, float | None]:
+    binary = cluster.bindir / "pgbench"
+    if not binary.is_file():
+        return False, f"no pgbench beside the server binaries in '{cluster.bindir}'", None
+    command = [
+        str(binary),
+        "--host",
+        str(cluster.host),
+        "--port",
+        str(cluster.port),
+        "--username",
+        cluster.dbuser,
+        "--no-vacuum",
+        "--client",
+        str(check.clients),
+        "--jobs",
+        str(min(check.clients, os.cpu_count() or 1)),
+        "--time",
+        str(check.seconds),
+    ]
+    command += ["--file", str(check.script)] if check.script else ["--select-only"]
+    command.append(check.database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGOPTIONS"] = "-c default_transaction_read_only=on"
+    done = subprocess.run(  # noqa: S603 - fixed argv (pgbench by absolute path), no shell
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=check.seconds + 120,
+        cwd="/",
+    )
+    what = f"pgbench {'-f ' + check.script.name if check.script else '-S'}"
+    what += f", {check.clients} clients, {check.seconds}s"
+    found = _TPS.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        problems = [line for line in lines if "error" in line.lower()] or lines
+        return (
+            False,
+            f"{what}: exit {done.returncode}: " + " | ".join(problems[:_OUTPUT_LINES]),
+            None,
+        )
+    tps = float(found.group(1))
+    detail = f"{what}: {tps:.0f} tps (floor {check.min_tps:g})"
+    if tps < check.min_tps:
+        return False, f"{detail}: below the floor", tps
+    return True, detail, tps
 
 
 # -- heartbeat and readable ----------------------------------------------------------------------

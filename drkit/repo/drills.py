@@ -126,10 +126,11 @@ class Exposure(_Record):
 
 class CheckResult(_Record):
     name: str
-    kind: str  # amcheck | sql | heartbeat | readable | timing
+    kind: str  # amcheck | sql | heartbeat | readable | pgbench
     ok: bool
     seconds: float = 0.0
     detail: str = ""
+    value: float | None = None  # the figure measured, when the check has one (pgbench: tps)
 
 
 class DrillRecord(_Record):
