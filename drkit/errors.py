@@ -338,3 +338,26 @@ class NoRetention(DrkitWarning):
     repository grows until its storage is full."""
 
     exit_code = 111
+
+class LeaseHeld(LockError):
+    """Another host (or a process this host cannot see) holds the repository's lease for this
+    kind of operation, and the lease has not expired: a backup, prune, replicate or key rewrap
+    runs there now."""
+
+    exit_code = 38
+
+
+class LeaseLost(LockError):
+    """The operation's lease in the repository could not be renewed in time, or another host
+    took it over once it expired: the operation stopped before it could make anything visible
+    that the new holder might delete."""
+
+    exit_code = 39
+
+
+class LeaseTakenOver(DrkitWarning):
+    """The repository's lease was taken over from a holder on another host whose lease had
+    expired without being released (the host died, hung or lost the repository): the objects it
+    may have left are removed once they are older than ``[lease] leftover_age``."""
+
+    exit_code = 115

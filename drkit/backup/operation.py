@@ -2,7 +2,8 @@
 
 Order matters and is the repository's invariant: data objects, then the key record, then the
 manifest. Until the manifest is written nothing is listed, so a backup killed at any point leaves
-only unlisted leftovers, which the next backup removes under the same lock. The other
+only unlisted leftovers, which the next backup removes under the same lock and lease
+(drkit/repo/lease.py: a second host never removes a backup in progress). The other
 repositories get the same order: each data object is streamed to them as soon as it is committed
 here (drkit/repo/fanout.py), the key record and manifest only once the backup is complete.
 """
@@ -46,7 +47,7 @@ from drkit.repo.copies import ReplicationReport
 from drkit.repo.fanout import FanOut
 from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel, BackupType
-from drkit.repo.lock import operation_lock
+from drkit.repo.lease import RepositoryLease, repository_lease
 from drkit.repo.manifest import (
     BackupStats,
     DirEntry,
@@ -119,16 +120,20 @@ class BackupOperation:
         with FanOut(self.settings, repo) as fanout:  # the other repositories, while we run
             with (
                 PgSession(self.settings.postgres) as session,
-                operation_lock(
-                    self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"
-                ),
+                repository_lease(
+                    self.settings,
+                    repo,
+                    repo_location(self.settings.repo[0]),
+                    "backup",
+                    "backup",
+                ) as lease,
             ):
                 # Check the cluster and the repository, find the parent of a diff/incr
                 cluster = self._check_cluster(session)
                 archiver_before = session.archiver_stats()
                 repo.check(cluster.system_identifier)
                 check_identity(repo.storage, repo.keys)
-                removed = self._remove_leftovers(repo)
+                removed = self._remove_leftovers(repo, lease)
                 parent, notice = self._choose_parent(repo, cluster)
                 if notice:
                     log.info(notice)
@@ -190,7 +195,9 @@ class BackupOperation:
                 self.progress.stop()
                 clock.lap("wal")
 
-                # Complete the backup: key record, then the manifest (which makes it visible)
+                # Complete the backup: key record, then the manifest (which makes it visible),
+                # only while the lease is ours: a host that took it over may delete our objects
+                lease.check()
                 key_record = repo.write_key_record(taken.label, data_key.record)
                 manifest = self._manifest(taken, key_record)
                 repo.write_manifest(manifest, data_key.plaintext)
@@ -200,6 +207,8 @@ class BackupOperation:
             copies = fanout.finish(taken.label)
         clock.lap("fanout")
         warnings = taken.copied.warnings + ([archiving] if archiving else [])
+        if lease.taken_over is not None:
+            warnings.append(lease.taken_over)
         for failed in copies.repos:
             if failed.error is not None:
                 warnings.append(
@@ -244,15 +253,16 @@ class BackupOperation:
             )
         return cluster
 
-    def _remove_leftovers(self, repo: Repository) -> list[BackupLabel]:
+    def _remove_leftovers(self, repo: Repository, lease: RepositoryLease) -> list[BackupLabel]:
         """Remove objects of backups that never completed (killed, failed) and temporary files
-        of killed writers; we hold the lock."""
+        of killed writers; we hold the lock and the lease (whose holder before us may, on
+        another host, still be writing: see `RepositoryLease.may_remove`)."""
         if isinstance(repo.storage, PosixStorage):
             # Only old ones: a wal-push or another repository's copy may be writing right now.
             removed = repo.storage.cleanup_temp(STALE_TEMPORARY_SECONDS)
             if removed:
                 log.info(f"removed {removed} stale temporary file(s) of killed writers")
-        leftovers = repo.incomplete()
+        leftovers = [label for label in repo.incomplete() if lease.may_remove(label)]
         for label in leftovers:
             repo.delete_objects(label)
         return leftovers

@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
+from drkit.config.lease import LeaseSettings
 from drkit.config.report import ReportSettings
 from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
 from drkit.errors import ConfigError
@@ -419,6 +420,7 @@ class Settings(BaseSettings):
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     report: ReportSettings = Field(default_factory=ReportSettings)
     log: LogSettings = LogSettings()
+    lease: LeaseSettings = Field(default_factory=lambda: LeaseSettings.model_validate({}))
     schedule: ScheduleSettings = Field(default_factory=lambda: ScheduleSettings.model_validate({}))
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings.model_validate({}))
     notify: NotifySettings = Field(default_factory=lambda: NotifySettings.model_validate({}))

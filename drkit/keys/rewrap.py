@@ -11,8 +11,8 @@ decrypting the backup's manifest with it: an escrow part is only read on the wor
 not be found wrong then.
 
 Records wrapped by another key or provider are reported and left alone. Runs under the
-repository's ``rewrap`` lock; a concurrent rewrap on another host loses on the write-once record
-(ObjectExists) and can be run again.
+repository's ``rewrap`` lock and lease (drkit/repo/lease.py), so a rewrap on another host waits
+its turn.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from drkit.errors import IntegrityError
 from drkit.keys.common import ManagedKeys, open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, add_record, describe, record_sets
 from drkit.repo.label import BackupLabel
-from drkit.repo.lock import operation_lock
+from drkit.repo.lease import repository_lease
 from drkit.repo.open import repo_location
 from drkit.repo.repository import Repository
 
@@ -80,8 +80,9 @@ class RewrapOperation:
         report = RewrapReport(keys.key, state.latest_version if state else None, self.dry_run)
         for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
             scope = repo_location(repo_settings)
-            with operation_lock(self.settings.lock_path, scope, "rewrap"):
+            with repository_lease(self.settings, repo, scope, "rewrap", "rewrap") as lease:
                 for record_set in record_sets(repo):
+                    lease.check()
                     self._rewrap_set(repo, record_set, keys, state, report)
         return report
 

@@ -12,7 +12,8 @@ reported (warning exit code). When the locked object is a manifest, the backup s
 nothing else of it is deleted, and neither is any backup it needs. WAL is cut only below what the
 backups still listed at the end need, so a locked backup keeps its WAL too.
 
-Prune holds the repository's backup lock for its whole run, so it never races a backup. A
+Prune holds the repository's backup lock and lease (drkit/repo/lease.py) for its whole run, so
+it never races a backup, on this host or another. A
 dry run lists what would go and deletes nothing; it cannot know which objects are locked.
 """
 
@@ -35,7 +36,7 @@ from drkit.errors import (
 )
 from drkit.repo.drills import drill_time, is_drill_id
 from drkit.repo.label import BackupLabel
-from drkit.repo.lock import operation_lock
+from drkit.repo.lease import RepositoryLease, repository_lease
 from drkit.repo.open import open_repository, repo_location, select_repositories
 from drkit.repo.repository import Repository
 from drkit.repo.retention import (
@@ -181,8 +182,10 @@ class PruneOperation:
             result.policy = policy.describe()
             try:
                 repo = open_repository(self.settings, repo_settings.name)
-                with self._lock(repo_settings):
-                    prune_repository(repo, policy, now, self.dry_run, result)
+                with self._lock(repo_settings, repo) as lease:
+                    prune_repository(repo, policy, now, self.dry_run, result, lease)
+                    if lease is not None and lease.taken_over is not None:
+                        report.warnings.append(lease.taken_over)
             except DrkitError as exc:
                 result.error = exc
         clock.lap("prune")
@@ -201,13 +204,15 @@ class PruneOperation:
         return report
 
     @contextmanager
-    def _lock(self, repo: RepoSettings) -> Iterator[None]:
-        """The repository's backup lock (a dry run deletes nothing and takes none)."""
+    def _lock(self, settings: RepoSettings, repo: Repository) -> Iterator[RepositoryLease | None]:
+        """The repository's backup lock and lease (a dry run deletes nothing and takes none)."""
         if self.dry_run:
-            yield
+            yield None
             return
-        with operation_lock(self.settings.lock_path, repo_location(repo), "backup"):
-            yield
+        with repository_lease(
+            self.settings, repo, repo_location(settings), "backup", "prune"
+        ) as lease:
+            yield lease
 
 
 def prune_repository(
@@ -216,8 +221,10 @@ def prune_repository(
     now: datetime,
     dry_run: bool = False,
     result: RepoPrune | None = None,
+    lease: RepositoryLease | None = None,
 ) -> RepoPrune:
-    """Apply ``policy`` to ``repo`` at time ``now``; the caller holds the backup lock."""
+    """Apply ``policy`` to ``repo`` at time ``now``; the caller holds the backup lock and
+    ``lease`` (checked before each backup is deleted; it decides which leftovers may go)."""
     result = result or RepoPrune(repo.name, dry_run)
     result.policy = policy.describe()
 
@@ -239,7 +246,11 @@ def prune_repository(
     }
     result.kept = {label: decision.reasons[label] for label in decision.keep}
     newest = BackupLabel(decision.keep[-1]) if decision.keep else None
-    leftovers = stale_leftovers(incomplete, newest)
+    leftovers = [
+        label
+        for label in stale_leftovers(incomplete, newest)
+        if lease is None or lease.may_remove(BackupLabel(label))
+    ]
     if dry_run:
         result.deleted = list(reversed(decision.delete))
         result.leftovers = leftovers
@@ -250,6 +261,8 @@ def prune_repository(
 
     # Delete backups newest first, so no backup goes before one that needs it
     for label in reversed(decision.delete):
+        if lease is not None:
+            lease.check()
         if label in result.held:
             _hold(result, facts, facts[label].needs, label)
         elif _delete_backup(repo, label, result):
@@ -263,6 +276,8 @@ def prune_repository(
 
     # Remove the leftovers of backups that never completed
     for label in leftovers:
+        if lease is not None:
+            lease.check()
         _delete_objects(repo, BackupLabel(label), result)
         result.leftovers.append(label)
 

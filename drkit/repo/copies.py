@@ -17,7 +17,7 @@ WAL pusher all call ``CopyService.catch_up``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError, LockError
 from drkit.repo.drill_copies import DrillRecordSync
 from drkit.repo.label import BackupLabel
-from drkit.repo.lock import operation_lock
+from drkit.repo.lease import RepositoryLease, repository_lease
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.retention import (
@@ -72,10 +72,17 @@ class ReplicationReport:
 class Replicator:
     """Copies objects from the primary repository to one other repository."""
 
-    def __init__(self, primary: Repository, target: Repository, workers: int) -> None:
+    def __init__(
+        self,
+        primary: Repository,
+        target: Repository,
+        workers: int,
+        lease: RepositoryLease | None = None,
+    ) -> None:
         self.primary = primary
         self.target = target
         self.workers = workers
+        self.lease = lease  # the target's lease, checked before a copy is made visible
 
     def missing_backups(self) -> list[BackupLabel]:
         have = set(self.target.backups())
@@ -98,6 +105,8 @@ class Replicator:
         rest = [o for o in objects if o not in data and o not in keys]  # the manifest
         with ThreadPoolExecutor(self.workers, thread_name_prefix="copy") as pool:
             sizes = list(pool.map(lambda o: self._copy(o.key, expected.get(o.key)), data))
+        if self.lease is not None:
+            self.lease.check()
         sizes += [self._copy(obj.key, None) for obj in keys + rest]
         self.primary.write_copy_record(label, self.target.name)
         return len(sizes), sum(sizes)
@@ -168,11 +177,13 @@ class CopyService:
         self,
         settings: Settings,
         labels: list[BackupLabel] | None = None,
-        held_locks: Collection[str] = (),
+        held_locks: Mapping[str, RepositoryLease | DrkitError] | None = None,
     ) -> None:
         self.settings = settings
         self.labels = labels  # only these backups (the fan-out after a backup); None: all
-        self.held_locks = held_locks  # repositories whose backup lock the caller already holds
+        # Repositories whose backup lock the caller already holds, with the lease it holds
+        # there, or why it could not take that lease (then nothing is copied there now).
+        self.held_locks = held_locks or {}
 
     def catch_up(self) -> ReplicationReport:
         """Copy what each other repository lacks (the ``labels`` only, when given; ``[]``: WAL
@@ -185,19 +196,27 @@ class CopyService:
             report.repos.append(result)
             try:
                 target = open_repository(self.settings, repo_settings.name)
-                with self._lock(repo_settings):
-                    self._replicate(primary, target, repo_settings, result)
+                with self._lock(repo_settings, target) as lease:
+                    self._replicate(primary, target, repo_settings, result, lease)
             except DrkitError as exc:
                 result.error = str(exc)
                 result.locked = isinstance(exc, LockError)
         return report
 
-    def _lock(self, target: RepoSettings) -> AbstractContextManager[object]:
-        """The target's backup lock: a prune there must never see a half-copied backup. A
-        backup's fan-out holds it already, from the first streamed object to its final copy."""
-        if target.name in self.held_locks:
-            return nullcontext()
-        return operation_lock(self.settings.lock_path, repo_location(target), "backup")
+    def _lock(
+        self, settings: RepoSettings, target: Repository
+    ) -> AbstractContextManager[RepositoryLease]:
+        """The target's backup lock and lease: a prune there, on this host or another, must
+        never see a half-copied backup. A backup's fan-out holds them already, from the first
+        streamed object to its final copy."""
+        held = self.held_locks.get(settings.name)
+        if isinstance(held, DrkitError):
+            raise held
+        if held is not None:
+            return nullcontext(held)
+        return repository_lease(
+            self.settings, target, repo_location(settings), "backup", "replicate"
+        )
 
     def _replicate(
         self,
@@ -205,11 +224,12 @@ class CopyService:
         target: Repository,
         target_settings: RepoSettings,
         result: RepoReplication,
+        lease: RepositoryLease,
     ) -> None:
-        """Bring one target up to date; the caller holds the target's backup lock."""
+        """Bring one target up to date; the caller holds the target's backup lock and lease."""
         fmt = primary.check()
         target.check(int(fmt.system_identifier))  # never created here: 'drkit init' does
-        replicator = Replicator(primary, target, self.settings.backup.process_max)
+        replicator = Replicator(primary, target, self.settings.backup.process_max, lease)
         wanted = replicator.missing_backups()
         if self.labels is not None:
             wanted = [label for label in wanted if label in self.labels]

@@ -21,9 +21,10 @@ What stays as it was:
   streamed, and the final copy does the rest. An object that finds no free copy thread is left
   to the final copy too. Memory per target: its ``workers`` copies' queues, plus each target
   writer's buffers (S3: its parts in flight).
-- **Locks.** Each target's backup lock is held from the start of the backup to the end of its
-  final copy, so a prune there never sees a half-copied backup. A target whose lock is busy is
-  not streamed to; the final copy takes its lock as `drkit replicate` does.
+- **Locks.** Each target's backup lock and lease (drkit/repo/lease.py) are held from the start
+  of the backup to the end of its final copy, so a prune there, on this host or another, never
+  sees a half-copied backup. A target whose lock is busy is not streamed to; the final copy
+  takes its lock as `drkit replicate` does. A target whose lease is busy gets nothing now.
 - **Cleanup.** A backup that fails deletes what it streamed (best effort). A backup killed
   outright leaves unlisted data objects in the targets as in the primary; the next backup removes
   them from each target when it starts streaming there, as it does in the primary (a target's
@@ -45,6 +46,7 @@ from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError, LockError, ObjectLocked
 from drkit.repo.copies import CopyService, ReplicationReport, Replicator
 from drkit.repo.label import BackupLabel
+from drkit.repo.lease import RepositoryLease
 from drkit.repo.lock import operation_lock
 from drkit.repo.manifest import ObjectEntry
 from drkit.repo.open import open_storage, repo_location
@@ -80,7 +82,9 @@ class FanOut:
                 )
             except LockError:
                 continue  # a replicate or prune runs there: left to the final copy
-            self._streams.append(_Stream(target, self.primary, system_identifier, workers))
+            self._streams.append(
+                _Stream(target, self.primary, system_identifier, workers, self.settings)
+            )
 
     @property
     def streaming(self) -> bool:
@@ -101,7 +105,8 @@ class FanOut:
             stream.drain()
         self._finished = True  # from here a target may list the backup: never take it back
         streams = {stream.name: stream for stream in self._streams}
-        report = CopyService(self.settings, [label], held_locks=streams.keys()).catch_up()
+        held = {stream.name: stream.final_lease() for stream in self._streams}
+        report = CopyService(self.settings, [label], held_locks=held).catch_up()
         for result in report.repos:
             if (streamed := streams.get(result.repo)) is None:
                 continue  # its lock was busy: not streamed to
@@ -128,6 +133,8 @@ class FanOut:
                 else:
                     stream.drain()
         finally:
+            for stream in self._streams:
+                stream.release()
             self._locks.close()
 
 
@@ -135,9 +142,18 @@ class _Stream:
     """Copies to one target repository: ``workers`` threads and a bounded queue."""
 
     def __init__(
-        self, target: RepoSettings, primary: Repository, system_identifier: int, workers: int
+        self,
+        target: RepoSettings,
+        primary: Repository,
+        system_identifier: int,
+        workers: int,
+        settings: Settings,
     ) -> None:
         self.name = target.name
+        self.lease: RepositoryLease | None = None  # the target's, from _prepare to release
+        self._target = target
+        self._keys = primary.keys
+        self._settings = settings
         self.copied: list[str] = []  # keys committed in the target
         self.removed_leftovers: list[str] = []
         self.error: str | None = None  # set once; no object is copied after it
@@ -196,7 +212,8 @@ class _Stream:
         try:
             repo = Repository(open_storage(target), primary.keys)
             repo.check(system_identifier)
-            leftovers = repo.incomplete()
+            lease = self._take_lease(repo)
+            leftovers = [label for label in repo.incomplete() if lease.may_remove(label)]
             complete = set(primary.backups()) if leftovers else set()
             for label in leftovers:
                 if label not in complete:
@@ -207,6 +224,29 @@ class _Stream:
         except Exception as exc:  # streaming is an optimisation: the final copy reports
             self._fail(exc)
             return None
+
+    def _take_lease(self, repo: Repository) -> RepositoryLease:
+        lease = RepositoryLease(repo.storage, "backup", "backup", self._settings.lease)
+        lease.acquire()
+        self.lease = lease
+        return lease
+
+    def final_lease(self) -> RepositoryLease | DrkitError:
+        """The target's lease for the final copy: the one streaming took, else one taken now
+        (after `drain`), else why there is none."""
+        if self.lease is not None:
+            return self.lease
+        try:
+            repo = Repository(open_storage(self._target), self._keys)
+            repo.check()  # never the first object written to a place
+            return self._take_lease(repo)
+        except DrkitError as exc:
+            return exc
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def _upload(self, upload: _Upload) -> None:
         try:

@@ -128,13 +128,15 @@ class Drkit:
         """Every file in the repository with its size (to prove an operation changed nothing).
 
         Job records (``events/``) are left out: a failed run is meant to leave exactly that,
-        the record of its failure, and nothing else."""
+        the record of its failure, and nothing else. So is the lease bookkeeping (``leases/``):
+        every run that writes takes and releases the repository's lease."""
         if not self.repo_path.exists():
             return {}
         return {
             key: p.stat().st_size
             for p in sorted(self.repo_path.rglob("*"))
-            if p.is_file() and not (key := str(p.relative_to(self.repo_path))).startswith("events/")
+            if p.is_file()
+            and not (key := str(p.relative_to(self.repo_path))).startswith(("events/", "leases/"))
         }
 
 
