@@ -339,6 +339,7 @@ class NoRetention(DrkitWarning):
 
     exit_code = 111
 
+
 class LeaseHeld(LockError):
     """Another host (or a process this host cannot see) holds the repository's lease for this
     kind of operation, and the lease has not expired: a backup, prune, replicate or key rewrap
