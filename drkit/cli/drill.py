@@ -133,11 +133,17 @@ def command(
     if json_:
         print_json(result.as_dict())
     else:
-        _render(result.record, result.sandbox, result.written)
+        _render(result.record, result.sandbox, result.written, result.queued, result.flushed)
     raise typer.Exit(result.exit_code)
 
 
-def _render(record: DrillRecord, sandbox: Path | None, written: list[str]) -> None:
+def _render(
+    record: DrillRecord,
+    sandbox: Path | None,
+    written: list[str],
+    queued: Path | None = None,
+    flushed: tuple[str, ...] | list[str] = (),
+) -> None:
     from drkit.config.durations import format_duration
 
     def secs(value: float | None) -> str:
@@ -208,6 +214,10 @@ def _render(record: DrillRecord, sandbox: Path | None, written: list[str]) -> No
         say(f"sandbox kept: {sandbox}", markup=False)
     if written:
         say(f"record written to: {', '.join(written)}", markup=False)
+    if queued is not None:
+        say(f"record queued on this host: {queued}", markup=False)
+    if flushed:
+        say(f"queued records of earlier drills written: {', '.join(flushed)}", markup=False)
     if record.failure is None:
         say("PASS", markup=False)
     else:
@@ -224,8 +234,9 @@ def list_command(
     recovery_key: RecoveryKeyOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """List past drills from the repositories' records, oldest first. RTO and RPO show
-    achieved/target; a record that fails authentication is listed as UNAUTHENTIC (exit 1)."""
+    """List past drills from the repositories' records, oldest first, then the records queued
+    on this host (QUEUED: no repository took them yet; the next drill writes them). RTO and RPO
+    show achieved/target; a record that fails authentication is listed as UNAUTHENTIC (exit 1)."""
     from drkit.drill.records import DrillListOperation
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
@@ -234,10 +245,11 @@ def list_command(
     if json_:
         print_json(result.as_dict())
         raise typer.Exit(result.exit_code)
-    if not result.drills:
+    if not result.drills and not result.queued:
         stdout.print(f"no drill records in {', '.join(map(repr, result.repositories))}")
         raise typer.Exit(result.exit_code)
     rows = [COLUMNS, *(_row(d) for d in result.drills)]
+    rows += [(*_row(d)[:-1], _row(d)[-1] + " QUEUED") for d in result.queued]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]

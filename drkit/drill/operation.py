@@ -42,13 +42,13 @@ from drkit.drill.plan import (
     spec_from,
     surviving_settings,
 )
+from drkit.drill.queue import record_drill
 from drkit.drill.rpo import Recovered, exposure, measure_recovered
 from drkit.drill.sandbox import Sandbox, create_sandbox, interruptible
 from drkit.drill.scenario import RestorePointSpec, Scenario, Survivors
 from drkit.errors import (
     ConfigError,
     DrillCheckFailed,
-    DrillRecordNotWritten,
     DrillRestoreFailed,
     DrillTargetMissed,
     DrkitError,
@@ -57,7 +57,6 @@ from drkit.errors import (
 from drkit.logs import event
 from drkit.pg.cluster import Cluster, find_bindir
 from drkit.progress import Progress
-from drkit.repo.drill_copies import write_drill_record_everywhere
 from drkit.repo.drills import (
     CheckResult,
     DrillKind,
@@ -114,6 +113,8 @@ class DrillResult(OperationResult):
     record: DrillRecord
     sandbox: Path | None = None  # kept for inspection (--keep)
     written: list[str] = field(default_factory=list)  # repositories holding the record
+    queued: Path | None = None  # where the record waits when no repository took it
+    flushed: list[str] = field(default_factory=list)  # earlier queued drills written now
 
     @property
     def exit_code(self) -> int:
@@ -129,6 +130,8 @@ class DrillResult(OperationResult):
             "record": self.record.model_dump(mode="json"),
             "sandbox": str(self.sandbox) if self.sandbox else None,
             "written": self.written,
+            "queued": str(self.queued) if self.queued else None,
+            "flushed": self.flushed,
         }
 
 
@@ -235,13 +238,10 @@ class DrillOperation:
             sandbox=self.sandbox.root if self.sandbox and self.request.keep else None,
             phases={p.name: p.seconds for p in self.phases},
         )
-        try:
-            copies = write_drill_record_everywhere(self.settings, record)
-            result.written, result.warnings = copies.written, copies.warnings
-        except DrkitError as exc:  # no data key to seal it with: no repository can have it
-            result.warnings.append(
-                DrillRecordNotWritten(f"drill record '{drill_id}' was not written: {exc.message}")
-            )
+        # (or queue it on this host when none can take it: the next drill writes it)
+        recorded = record_drill(self.settings, record)
+        result.written, result.warnings = recorded.written, recorded.warnings
+        result.queued, result.flushed = recorded.queued, recorded.flushed
         event(
             log,
             f"drill {drill_id} ended: {record.outcome}",

@@ -6,7 +6,8 @@ operation reads them all and merges by id: a drill is shown when any repository 
 authenticates, with the repositories that do. A copy that fails authentication or parsing is a
 warning naming the repository and the reason; a drill with no authentic copy at all is listed as
 such. A repository that cannot be read is a warning while another one can; when none can, the
-first error is raised.
+first error is raised (unless this host has queued records to show). Records queued on this
+host (``drkit.drill.queue``: no repository could take them yet) are listed too, as queued.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drkit.config.settings import Settings
+from drkit.drill.queue import QueuedRecord, RecordQueue
 from drkit.errors import (
     DrillRecordUnauthentic,
     DrkitError,
@@ -50,11 +52,13 @@ class ListedDrill:
 class DrillList(OperationResult):
     drills: list[ListedDrill] = field(default_factory=list)  # oldest first
     repositories: list[str] = field(default_factory=list)  # those read
+    queued: list[ListedDrill] = field(default_factory=list)  # on this host, in no repository yet
 
     def _data(self) -> dict[str, Any]:
         return {
             "drills": [d.as_dict() for d in self.drills],
             "repositories": self.repositories,
+            "queued": [d.as_dict() for d in self.queued],
         }
 
 
@@ -99,7 +103,15 @@ class DrillListOperation:
                             " with; compare with the other repositories' copies",
                         )
                     )
-        if not result.repositories and first_error is not None:
+        for queued in RecordQueue(self.settings.drill.sandbox).records():
+            if queued.id in drills:
+                continue  # written meanwhile; the next drill drops it from the queue
+            result.queued.append(ListedDrill(queued.id, queued.record, errors=_queue_error(queued)))
+        if not result.repositories and not result.queued and first_error is not None:
             raise first_error
         result.drills = [drills[drill_id] for drill_id in sorted(drills)]
         return result
+
+
+def _queue_error(entry: QueuedRecord) -> dict[str, str]:
+    return {"queue": entry.error} if entry.error else {}
