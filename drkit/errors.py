@@ -362,3 +362,30 @@ class LeaseTakenOver(DrkitWarning):
     may have left are removed once they are older than ``[lease] leftover_age``."""
 
     exit_code = 115
+
+
+class RemotePrivilegeMissing(DrkitError):
+    """Remote mode: the role drkit connects as lacks an attribute or a grant a backup over a
+    replication connection needs (docs/remote.md lists the role)."""
+
+    exit_code = 41
+
+
+class RemoteTlsError(PostgresError):
+    """Remote mode: TLS to PostgreSQL failed, most often a server certificate that the configured
+    CA did not sign or that names another host."""
+
+    exit_code = 42
+
+
+class UnsafePassfile(ConfigError):
+    """The configured password file is missing or readable by others."""
+
+    exit_code = 45
+
+
+class RemoteUnsupported(DrkitError):
+    """Remote mode cannot do what was asked: a server before PostgreSQL 15 (whose BASE_BACKUP
+    speaks another protocol)."""
+
+    exit_code = 46

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -93,6 +94,32 @@ class FileCopier:
                 result.files += partial.files
                 result.objects += partial.objects
                 result.warnings += partial.warnings
+        result.files.sort(key=lambda f: f.path)
+        result.objects.sort(key=lambda o: o.key)
+        return result
+
+    def copy_stream(self, groups: Iterable[StreamedGroup]) -> CopyResult:
+        """Store groups as a stream read once, in order, yields them (remote mode): each group
+        held in memory goes to the next free worker, at most ``process_max`` at once, so memory
+        stays bounded; a group that reads the stream itself is stored before the stream moves
+        on to the next."""
+        result = CopyResult()
+        workers = self._settings.process_max
+        pending: deque[Future[CopyResult]] = deque()
+        with (
+            worker_pool(workers, "backup") as pool,
+            worker_pool(workers, "read") as readers,
+        ):
+            self._readers = readers
+            for group in groups:
+                while len(pending) >= workers:
+                    _merge(result, pending.popleft().result())
+                future = pool.submit(self._store_object, group.sources)
+                if group.reads_stream:
+                    future.result()  # the stream's next bytes are this file's
+                pending.append(future)
+            while pending:
+                _merge(result, pending.popleft().result())
         result.files.sort(key=lambda f: f.path)
         result.objects.sort(key=lambda o: o.key)
         return result
@@ -176,6 +203,20 @@ class FileCopier:
             self._local.buffers = [memoryview(mmap.mmap(-1, READ_CHUNK)) for _ in range(2)]
         buffers: list[memoryview] = self._local.buffers
         return buffers
+
+
+@dataclass(frozen=True)
+class StreamedGroup:
+    """The sources of one object taken from a stream (``FileCopier.copy_stream``)."""
+
+    sources: list[Source]
+    reads_stream: bool  # its one source reads the stream: store it before the stream goes on
+
+
+def _merge(result: CopyResult, part: CopyResult) -> None:
+    result.files += part.files
+    result.objects += part.objects
+    result.warnings += part.warnings
 
 
 class ObjectCopy(Protocol):

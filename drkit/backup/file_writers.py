@@ -135,13 +135,24 @@ class FileWriter:
         failures = check_pages(chunk, self._first_block + blocks, lsn, only)
         bad: list[int] = []
         for failure in failures:
-            # A page being written while we read it can look torn: read it once more.
+            # A page being written while we read it can look torn: read it once more. (A page
+            # from a replication stream cannot be; the server re-read it before sending it.)
             in_file = (failure.block % RELSEG_PAGES) * PAGE_SIZE
-            again = pread_cached(self.stream.fileno(), PAGE_SIZE, in_file)
-            if not check_pages(again, failure.block, lsn):
-                continue
+            if (fd := _fileno(self.stream)) is not None:
+                again = pread_cached(fd, PAGE_SIZE, in_file)
+                if not check_pages(again, failure.block, lsn):
+                    continue
             bad.append(failure.block % RELSEG_PAGES)
         return bad
+
+
+def _fileno(stream: SourceStream) -> int | None:
+    """The stream's file descriptor; None for one that is not a file (held in memory, or read
+    from a replication stream)."""
+    try:
+        return stream.fileno()
+    except OSError:  # io.UnsupportedOperation
+        return None
 
 
 class WholeFile(FileWriter):

@@ -26,6 +26,7 @@ from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import CopyResult, FileCopier
 from drkit.backup.plan import Source, changed_blocks, open_file, plan_sources
+from drkit.backup.remote import take_remote
 from drkit.config.settings import Settings
 from drkit.errors import (
     ArchivingFailing,
@@ -34,6 +35,7 @@ from drkit.errors import (
     PostgresError,
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
+from drkit.pg.basebackup import check_remote_version
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
     check_segment_header,
@@ -144,56 +146,17 @@ class BackupOperation:
                 # Stream each data object to the other repositories once it is committed here
                 fanout.start(cluster.system_identifier)
 
-                # Start the backup, keeping its WAL in pg_wal until we have copied it
-                session.reserve_wal()
-                taken.start_lsn = session.start_backup(
-                    str(taken.label), self.settings.backup.start_fast, cluster.version_num
-                )
-                clock.lap("start")
-                taken.tablespaces = session.tablespaces()
-                taken.listing = walk_pgdata(self.settings.postgres.pgdata, _tablespace_dir(cluster))
-                found = changed_blocks(
-                    session,
-                    cluster,
-                    repo,
-                    parent,
-                    taken.start_lsn,
-                    taken.listing,
-                    self.settings.backup,
-                    self.settings.postgres.pgdata,
-                )
-                changed, taken.changes = found.changed, found.source
-                if found.notice:
-                    log.info(found.notice)
-                notice = notice or found.notice
-                copier = FileCopier(
-                    repo,
-                    taken.label,
-                    data_key.plaintext,
-                    self.settings.backup,
-                    self.progress,
-                    page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
-                    fanout=fanout,
-                    base_versions=self._base_versions(repo, parent),
-                )
-
-                # Copy PGDATA and tablespaces: whole files, changed pages, or references
-                sources, unchanged = plan_sources(
-                    taken.listing, cluster, parent, changed, self.settings.backup
-                )
-                clock.lap("plan")
-                self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
-                taken.add(copier.copy(sources))
-                taken.copied.files += unchanged
-                clock.lap("copy")
-
-                # Stop the backup and copy the WAL that makes it consistent
-                taken.stop = session.stop_backup(cluster.version_num)
+                # Take the data: PGDATA on this host, or a base backup over the network
+                session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
+                if self.settings.postgres.mode == "remote":
+                    self._take_remote(session, repo, taken, data_key.plaintext, fanout)
+                    clock.lap("copy")
+                else:
+                    found = self._take_local(
+                        session, repo, taken, data_key.plaintext, fanout, clock
+                    )
+                    notice = notice or found
                 archiving = _archiving_warning(cluster, archiver_before, session.archiver_stats())
-                clock.lap("stop")
-                taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
-                self.progress.stop()
-                clock.lap("wal")
 
                 # Complete the backup: key record, then the manifest (which makes it visible),
                 # only while the lease is ours: a host that took it over may delete our objects
@@ -226,6 +189,89 @@ class BackupOperation:
             phases=phases,
         )
 
+    def _take_local(
+        self,
+        session: PgSession,
+        repo: Repository,
+        taken: _Taken,
+        dek: bytes,
+        fanout: FanOut,
+        clock: Stopwatch,
+    ) -> str | None:
+        """Copy PGDATA, its tablespaces and the WAL that makes them consistent; a notice when
+        a diff/incr could not learn its changed blocks from the WAL."""
+        cluster, parent = taken.cluster, taken.parent
+        pgdata = self.settings.postgres.local_pgdata()
+        # Start the backup, keeping its WAL in pg_wal until we have copied it
+        taken.start_lsn = session.start_backup(
+            str(taken.label), self.settings.backup.start_fast, cluster.version_num
+        )
+        clock.lap("start")
+        taken.tablespaces = session.tablespaces()
+        taken.listing = walk_pgdata(pgdata, _tablespace_dir(cluster))
+        found = changed_blocks(
+            session,
+            cluster,
+            repo,
+            parent,
+            taken.start_lsn,
+            taken.listing,
+            self.settings.backup,
+            pgdata,
+        )
+        changed, taken.changes = found.changed, found.source
+        if found.notice:
+            log.info(found.notice)
+        pg_stat = os.stat(pgdata)
+        taken.owner, taken.group = _user_name(pg_stat.st_uid), _group_name(pg_stat.st_gid)
+        copier = FileCopier(
+            repo,
+            taken.label,
+            dek,
+            self.settings.backup,
+            self.progress,
+            page_check_lsn=taken.start_lsn if cluster.data_checksums else None,
+            fanout=fanout,
+            base_versions=self._base_versions(repo, parent),
+        )
+
+        # Copy PGDATA and tablespaces: whole files, changed pages, or references
+        sources, unchanged = plan_sources(
+            taken.listing, cluster, parent, changed, self.settings.backup
+        )
+        clock.lap("plan")
+        self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
+        taken.add(copier.copy(sources))
+        taken.copied.files += unchanged
+        clock.lap("copy")
+
+        # Stop the backup and copy the WAL that makes it consistent
+        taken.stop = session.stop_backup(cluster.version_num)
+        clock.lap("stop")
+        taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
+        self.progress.stop()
+        clock.lap("wal")
+        return found.notice
+
+    def _take_remote(
+        self, session: PgSession, repo: Repository, taken: _Taken, dek: bytes, fanout: FanOut
+    ) -> None:
+        """Store what a base backup over a replication connection sends (backup/remote.py)."""
+        cluster = taken.cluster
+
+        def make_copier(start_lsn: int) -> FileCopier:
+            check_lsn = start_lsn if cluster.data_checksums else None
+            return FileCopier(
+                repo, taken.label, dek, self.settings.backup, self.progress, check_lsn, fanout
+            )
+
+        remote = take_remote(
+            self.settings, session, cluster, str(taken.label), make_copier, self.progress
+        )
+        taken.start_lsn, taken.stop, taken.listing = remote.start_lsn, remote.stop, remote.listing
+        taken.tablespaces, taken.owner, taken.group = remote.tablespaces, remote.owner, remote.group
+        taken.add(remote.copied)
+
     def _base_versions(self, repo: Repository, parent: Manifest | None) -> BaseVersions | None:
         """The parent's pages, for deltas stored as XOR differences (backup.xor_deltas)."""
         if parent is None or not self.settings.backup.xor_deltas:
@@ -244,7 +290,11 @@ class BackupOperation:
                 "the server is a standby; drkit backs up a primary",
                 hint="point [postgres] at the primary",
             )
-        configured = self.settings.postgres.pgdata
+        if self.settings.postgres.mode == "remote":
+            check_remote_version(cluster.version_num)
+            return cluster
+        configured = self.settings.postgres.local_pgdata()
+        assert cluster.data_directory is not None  # PgSession requires it in local mode
         if configured.resolve() != cluster.data_directory.resolve():
             raise PostgresError(
                 f"postgres.pgdata is '{configured}' but the server's data_directory is"
@@ -274,6 +324,11 @@ class BackupOperation:
         there is no usable one and the backup falls back to full."""
         if self.kind is BackupType.FULL:
             return None, None
+        if self.settings.postgres.mode == "remote":
+            return (
+                None,
+                f"remote mode takes full backups only: taking a full backup instead of {self.kind}",
+            )
         labels = repo.backups()
         if self.kind is BackupType.DIFF:
             labels = [label for label in labels if label.type is BackupType.FULL]
@@ -326,7 +381,7 @@ class BackupOperation:
             time.sleep(1)  # labels have one-second resolution; never reuse one
 
     def _wal_sources(self, cluster: ClusterInfo, start_lsn: int, stop: BackupStop) -> list[Source]:
-        pgdata = self.settings.postgres.pgdata
+        pgdata = self.settings.postgres.local_pgdata()
         now = time.time()
         sources = [
             Source(
@@ -365,7 +420,6 @@ class BackupOperation:
         objects = sorted(taken.copied.objects, key=lambda o: o.key)
         segment_size = cluster.wal_segment_size
         wal_names = segments_between(stop.timeline, taken.start_lsn, stop.lsn, segment_size)
-        pg_stat = os.stat(self.settings.postgres.pgdata)
         return Manifest(
             label=str(taken.label),
             type=taken.label.type.value,
@@ -385,8 +439,8 @@ class BackupOperation:
             wal_segment_size=segment_size,
             data_checksums=cluster.data_checksums,
             key_record=key_record,
-            owner=_user_name(pg_stat.st_uid),
-            group=_group_name(pg_stat.st_gid),
+            owner=taken.owner,
+            group=taken.group,
             tablespaces=[
                 TablespaceEntry(oid=t.oid, name=t.name, location=str(t.location))
                 for t in taken.tablespaces
@@ -418,6 +472,8 @@ class _Taken:
     tablespaces: list[Tablespace] = field(default_factory=list)
     listing: PgdataListing | None = None
     changes: str | None = None  # how a diff/incr found its changed blocks (BackupStats.changes)
+    owner: str = ""  # of PGDATA, by name
+    group: str = ""
     stop: BackupStop | None = None
     copied: CopyResult = field(default_factory=CopyResult)
 

@@ -50,22 +50,69 @@ class _Section(BaseModel):
 
 
 class PostgresSettings(_Section):
-    pgdata: Path = Field(description="data directory of the cluster (must be readable by drkit)")
+    mode: Literal["local", "remote"] = Field(
+        "local",
+        description="'local': drkit reads PGDATA on the database host; 'remote': it takes the"
+        " data over a replication connection (docs/remote.md)",
+    )
+    pgdata: Path | None = Field(
+        None, description="data directory of the cluster (local mode: must be readable by drkit)"
+    )
     dsn: str | None = Field(None, description="libpq connection string; overrides host/port/user")
     host: str = "/var/run/postgresql"
     port: int = Field(5432, ge=1, le=65535)
     user: str = "postgres"
     dbname: str = "postgres"
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        Field(None, description="libpq sslmode; verify-full checks the CA and the host name")
+    )
+    sslrootcert: Path | None = Field(
+        None, description="CA certificate(s) the server's must chain to"
+    )
+    passfile: Path | None = Field(
+        None,
+        description="password file in libpq's .pgpass format, mode 0600 (or PGPASSFILE); a"
+        " password never goes into the configuration or a command line",
+    )
     bindir: Path | None = Field(
         None,
         description="directory of the PostgreSQL server binaries (pg_ctl, postgres); searched"
         " before the usual places",
     )
 
+    @model_validator(mode="after")
+    def _pgdata_when_local(self) -> PostgresSettings:
+        if self.mode == "local" and self.pgdata is None:
+            raise ValueError("postgres.pgdata is required in local mode (or set mode = 'remote')")
+        return self
+
+    def local_pgdata(self) -> Path:
+        """PGDATA, for what only runs on the database host; ConfigError in remote mode."""
+        if self.pgdata is None:
+            raise ConfigError(
+                "this command reads the cluster's data directory, and postgres.pgdata is not set",
+                hint="run it on the database host with a configuration in local mode",
+            )
+        return self.pgdata
+
     def conninfo(self) -> str:
-        if self.dsn:
-            return self.dsn
-        return f"host={self.host} port={self.port} user={self.user} dbname={self.dbname}"
+        """libpq's connection string; TLS and passfile settings are added to a ``dsn`` too."""
+        fields: dict[str, object | None] = {
+            "sslmode": self.sslmode,
+            "sslrootcert": self.sslrootcert,
+            "passfile": self.passfile,
+        }
+        if not self.dsn:
+            fields = {"host": self.host, "port": self.port, "user": self.user,
+                      "dbname": self.dbname, **fields}  # fmt: skip
+        extra = " ".join(f"{k}={_conninfo_value(v)}" for k, v in fields.items() if v is not None)
+        return " ".join(part for part in (self.dsn, extra) if part)
+
+
+def _conninfo_value(value: object) -> str:
+    """A value quoted as libpq's conninfo parser reads it."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
 
 
 class VaultSettings(_Section):

@@ -207,6 +207,8 @@ def planned_manifest(repo: Repository, plan: RestorePlan) -> Manifest:
 def source_places(settings: Settings) -> list[Path]:
     """The source's data directory and the directories its tablespace links point to."""
     pgdata = settings.postgres.pgdata
+    if pgdata is None:
+        return []  # remote mode: the source's files are on another host
     places = [pgdata]
     try:
         links = list((pgdata / "pg_tblspc").iterdir())

@@ -11,6 +11,7 @@ from drkit.codec.frame_writer import seal
 from drkit.config.settings import Settings
 from drkit.errors import ArchivingFailing, ConfigError, DrkitWarning, PostgresError
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
+from drkit.pg.remote_access import check_passfile_setting, check_remote_access
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
@@ -50,11 +51,15 @@ class InitOperation:
 
     def run(self) -> InitReport:
         # Check the cluster's settings
+        check_passfile_setting(self.settings.postgres)
         with PgSession(self.settings.postgres) as session:
             cluster = session.cluster_info()
             archiver = session.archiver_stats()
+            remote = None
+            if self.settings.postgres.mode == "remote":
+                remote = check_remote_access(session, self.settings.postgres, cluster.version_num)
         report = InitReport(cluster.system_identifier, cluster.version_num)
-        report.checks = self._check_cluster(cluster)
+        report.checks = self._check_cluster(cluster, remote)
 
         # Prove the key provider can wrap and unwrap a data key
         self._check_keys()
@@ -82,8 +87,7 @@ class InitOperation:
                 repo.load_dek(backups[-1])  # WrongKey: this is not the key the backups need
             record_identity(repo.storage, repo.keys)
 
-    def _check_cluster(self, cluster: ClusterInfo) -> list[Check]:
-        pgdata = self.settings.postgres.pgdata
+    def _check_cluster(self, cluster: ClusterInfo, remote: str | None) -> list[Check]:
         if cluster.wal_level == "minimal":
             raise PostgresError(
                 "wal_level is 'minimal': online backups need 'replica' or 'logical'",
@@ -94,15 +98,11 @@ class InitOperation:
                 "max_replication_slots is 0: drkit keeps a backup's WAL with a temporary slot",
                 hint="set max_replication_slots = 10 (the default) and restart PostgreSQL",
             )
-        if pgdata.resolve() != cluster.data_directory.resolve():
-            raise ConfigError(
-                f"postgres.pgdata is '{pgdata}' but the server's data_directory is"
-                f" '{cluster.data_directory}'"
-            )
-        if not os.access(pgdata, os.R_OK | os.X_OK):
-            raise ConfigError(f"PGDATA '{pgdata}' is not readable by this user")
+        if self.settings.postgres.mode == "local":
+            self._check_pgdata(cluster)
         checks = [
             Check("ok", f"PostgreSQL {cluster.version_num}, system {cluster.system_identifier}"),
+            *([Check("ok", remote)] if remote else []),
             Check("ok", f"wal_level = {cluster.wal_level}"),
         ]
         if cluster.data_checksums:
@@ -126,6 +126,17 @@ class InitOperation:
         else:
             checks.append(Check("ok", f"archive_command = '{cluster.archive_command}'"))
         return checks
+
+    def _check_pgdata(self, cluster: ClusterInfo) -> None:
+        pgdata = self.settings.postgres.local_pgdata()
+        assert cluster.data_directory is not None  # PgSession requires it in local mode
+        if pgdata.resolve() != cluster.data_directory.resolve():
+            raise ConfigError(
+                f"postgres.pgdata is '{pgdata}' but the server's data_directory is"
+                f" '{cluster.data_directory}'"
+            )
+        if not os.access(pgdata, os.R_OK | os.X_OK):
+            raise ConfigError(f"PGDATA '{pgdata}' is not readable by this user")
 
     def _check_keys(self) -> None:
         provider = open_key_provider(self.settings.keys)

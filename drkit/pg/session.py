@@ -22,6 +22,7 @@ import psycopg
 from drkit.config.settings import PostgresSettings
 from drkit.errors import PostgresError, UnsupportedPostgresVersion
 from drkit.pg.archiver import ArchiverStats
+from drkit.pg.basebackup import connection_error
 from drkit.pg.summaries import (
     CONTENTS_SQL,
     SUMMARIES_SQL,
@@ -37,11 +38,22 @@ from drkit.pg.wal import format_lsn, parse_lsn
 SUPPORTED_MAJORS = range(13, 19)
 
 
+# The functions a backup in remote mode calls, whose EXECUTE a site may have revoked from PUBLIC
+REMOTE_FUNCTIONS = (
+    "pg_control_system()",
+    "pg_control_init()",
+    "pg_control_checkpoint()",
+    "pg_create_physical_replication_slot(name, boolean, boolean)",
+    "pg_current_snapshot()",
+    "pg_snapshot_xmax(pg_snapshot)",
+)
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     version_num: int  # e.g. 150004
     system_identifier: int
-    data_directory: Path
+    data_directory: Path | None  # None: the role may not read it (remote mode needs not)
     data_checksums: bool
     wal_segment_size: int
     wal_level: str
@@ -89,10 +101,7 @@ class PgSession:
                 settings.conninfo(), autocommit=True, application_name="drkit"
             )
         except psycopg.Error as exc:
-            raise PostgresError(
-                f"unable to connect to PostgreSQL ({_first_line(exc)})",
-                hint="check [postgres] host/port/user or dsn, and that the server is running",
-            ) from None
+            raise connection_error(_first_line(exc)) from None
         self._conn.execute("SET statement_timeout = 0")
 
     def close(self) -> None:
@@ -126,7 +135,7 @@ class PgSession:
             " 'wal_level', 'archive_mode', 'archive_command', 'max_replication_slots')"
         ).fetchall()
         settings: dict[str, str] = {str(name): str(value) for name, value in rows}
-        if "data_directory" not in settings:
+        if "data_directory" not in settings and self._settings.mode == "local":
             raise PostgresError(
                 "the connecting role cannot read server settings",
                 hint="connect as a superuser or a role with pg_read_all_settings",
@@ -135,16 +144,36 @@ class PgSession:
         return ClusterInfo(
             version_num=version_num,
             system_identifier=int(str(sysid)),
-            data_directory=Path(settings["data_directory"]),
+            data_directory=Path(settings["data_directory"])
+            if "data_directory" in settings
+            else None,
             data_checksums=bool(checksums),
             wal_segment_size=int(str(seg_size)),
             wal_level=settings["wal_level"],
             archive_mode=settings["archive_mode"],
-            archive_command=settings["archive_command"],
+            archive_command=settings.get("archive_command", ""),
             max_replication_slots=int(settings["max_replication_slots"]),
             timeline=timeline,
             catalog_version=int(str(catversion)),
         )
+
+    def missing_remote_privileges(self) -> list[str]:
+        """What the role lacks for a backup in remote mode, one line each (empty: nothing)."""
+        rolreplication, rolsuper = self._one(
+            "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+        if rolsuper:
+            return []
+        missing = []
+        if not rolreplication:
+            missing.append(
+                "the REPLICATION attribute (ALTER ROLE ... REPLICATION): base backups and the"
+                " temporary slot that keeps their WAL need it"
+            )
+        for function in REMOTE_FUNCTIONS:
+            if not self._one("SELECT has_function_privilege(%s, 'EXECUTE')", (function,))[0]:
+                missing.append(f"EXECUTE on function {function} (GRANT EXECUTE ON FUNCTION ...)")
+        return missing
 
     def current_wal_file(self) -> str:
         """The WAL segment the server is writing now (not complete, so not archived yet)."""

@@ -277,9 +277,11 @@ def _from_settings(
     archive = ArchiveConfig(
         a.async_, a.spool_path, a.process_max, a.compress_level, a.key_period, float(a.push_timeout)
     )
+    # Only the async pusher reads pg_wal; wal-fetch and a synchronous wal-push run anywhere
+    pgdata = settings.postgres.local_pgdata() if a.async_ else settings.postgres.pgdata or Path()
     return WalConfig(
         path,
-        settings.postgres.pgdata,
+        pgdata,
         settings.lock_path,
         archive,
         settings.repo[0].name,

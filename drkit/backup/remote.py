@@ -1,0 +1,189 @@
+"""Remote mode: a backup's files from a base backup over a replication connection.
+
+The server's tar archives (drkit/pg/basebackup.py) are read as a stream, member by member, and
+turned into the same sources the local engine stores, so they go through the same pipeline
+(page checks, checksums, zstd, AEAD frames, bundles, fan-out) into the same repository format.
+Nothing is written to local disk: a file smaller than ``bundle_limit`` is held in memory until
+its bundle is stored (at most ``process_max`` bundles at once), a larger one is stored straight
+from the stream before the stream moves on.
+
+The server applies PostgreSQL's own exclusions (pg_wal contents, temporary files, unlogged
+relations but their init fork, ...); what drkit adds is the WAL from the backup's start to its
+end, which the server sends in PGDATA's archive and drkit keeps as ``pg_wal/<segment>`` like the
+local engine. Tablespace files are addressed as ``pg_tblspc/<oid>/...``, as locally.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
+from drkit.backup.plan import Source
+from drkit.config.settings import Settings
+from drkit.errors import PostgresError
+from drkit.pg.basebackup import Archive, BaseBackupStream
+from drkit.pg.pages import relation_segment
+from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
+from drkit.pg.walk import PgdataListing, SourceDir, SourceLink
+from drkit.progress import Progress
+
+
+@dataclass
+class RemoteBackup:
+    """What a base backup over the replication protocol gathered, for the manifest."""
+
+    start_lsn: int = 0
+    listing: PgdataListing = field(
+        default_factory=lambda: PgdataListing(files=[], dirs=[], links=[], tablespace_dirs={})
+    )
+    tablespaces: list[Tablespace] = field(default_factory=list)
+    stop: BackupStop | None = None
+    copied: CopyResult = field(default_factory=CopyResult)
+    owner: str = "postgres"
+    group: str = "postgres"
+    backup_label: bytes = b""
+
+
+def take_remote(
+    settings: Settings,
+    session: PgSession,
+    cluster: ClusterInfo,
+    label: str,
+    make_copier: Callable[[int], FileCopier],
+    progress: Progress,
+) -> RemoteBackup:
+    """Run BASE_BACKUP and store every file it sends; ``make_copier(start_lsn)`` gives the
+    copier (pages are checked against the backup's start). ``session`` holds the temporary slot
+    that keeps the backup's WAL in pg_wal until the server has sent it."""
+    taken = RemoteBackup()
+    names = {t.oid: t.name for t in session.tablespaces()}
+    with BaseBackupStream(settings.postgres.conninfo()) as stream:
+        stream.start(label, settings.backup.start_fast)
+        taken.start_lsn = stream.start_lsn
+        copier = make_copier(stream.start_lsn)
+        progress.start(f"backup {label}", 0)
+        groups = _groups(stream, taken, cluster, settings, names)
+        taken.copied = copier.copy_stream(groups)
+        progress.stop()
+        end = stream.end()
+    if not taken.backup_label:
+        raise PostgresError("the server's base backup holds no backup_label")
+    taken.stop = BackupStop(end.lsn, session.next_xid(), taken.backup_label, b"")
+    taken.listing.dirs.sort(key=lambda d: d.path)
+    return taken
+
+
+def _groups(
+    stream: BaseBackupStream,
+    taken: RemoteBackup,
+    cluster: ClusterInfo,
+    settings: Settings,
+    names: dict[int, str],
+) -> Iterator[StreamedGroup]:
+    """The objects to store, in the order the stream holds their files: bundles of small files
+    read into memory, and each large file alone, read from the stream by the worker storing it."""
+    limit, bundle_size = settings.backup.bundle_limit, settings.backup.bundle_size
+    bundle: list[Source] = []
+    held = 0
+    for archive in stream.archives():
+        prefix = _archive_prefix(archive, taken, names)
+        with tarfile.open(fileobj=archive, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                source = _member(tar, member, prefix, taken, cluster, limit)
+                if source is None:
+                    continue
+                if source.size >= limit:
+                    if bundle:
+                        yield StreamedGroup(bundle, reads_stream=False)
+                        bundle, held = [], 0
+                    yield StreamedGroup([source], reads_stream=True)
+                    continue
+                bundle.append(source)
+                held += source.size
+                if held >= bundle_size:
+                    yield StreamedGroup(bundle, reads_stream=False)
+                    bundle, held = [], 0
+    if bundle:
+        yield StreamedGroup(bundle, reads_stream=False)
+
+
+def _archive_prefix(archive: Archive, taken: RemoteBackup, names: dict[int, str]) -> str:
+    if archive.tablespace is None:
+        return ""
+    oid = archive.tablespace
+    taken.tablespaces.append(Tablespace(oid, names.get(oid, str(oid)), Path(archive.location)))
+    return f"pg_tblspc/{oid}/"
+
+
+def _member(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    prefix: str,
+    taken: RemoteBackup,
+    cluster: ClusterInfo,
+    limit: int,
+) -> Source | None:
+    """The source of a regular file (None for anything else, recorded where the manifest needs
+    it: directories, symlinks other than the tablespaces' links, backup_label)."""
+    path = _relative(prefix + member.name)
+    taken.owner, taken.group = member.uname or taken.owner, member.gname or taken.group
+    mode = member.mode & 0o7777
+    if member.isdir():
+        taken.listing.dirs.append(SourceDir(path, mode))
+        return None
+    if member.issym():
+        parent, _, name = path.rpartition("/")
+        if not (parent == "pg_tblspc" and name.isdigit()):  # tablespaces: from their archives
+            taken.listing.links.append(SourceLink(path, member.linkname))
+        return None
+    if not member.isfile() or path.startswith("pg_wal/archive_status/"):
+        return None
+    reader = tar.extractfile(member)
+    assert reader is not None  # a regular file
+    segment = relation_segment(path) if cluster.data_checksums else None
+    required = path == "backup_label" or path.startswith("pg_wal/")
+    if member.size >= limit:
+        opener = partial(_StreamedFile, reader)
+        return Source(path, member.size, mode, member.mtime, opener, segment, required)
+    data = reader.read()
+    if path == "backup_label":
+        taken.backup_label = data
+    return Source(path, len(data), mode, member.mtime, partial(io.BytesIO, data), segment, required)
+
+
+class _StreamedFile:
+    """A large file read from the stream by the worker that stores it: reads fill the buffer
+    (the page checks need whole pages); there is no file descriptor to re-read a page from."""
+
+    def __init__(self, reader: IO[bytes]) -> None:
+        self._reader = reader
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        filled = 0
+        while filled < len(buffer):
+            data = self._reader.read(len(buffer) - filled)
+            if not data:
+                break
+            buffer[filled : filled + len(data)] = data
+            filled += len(data)
+        return filled
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a file read from a replication stream has no descriptor")
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _relative(name: str) -> str:
+    """A member's PGDATA-relative path, refusing one that would leave PGDATA."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or name.startswith("/"):
+        raise PostgresError(f"the server's base backup holds an unexpected path '{name}'")
+    return "/".join(parts)

@@ -1,0 +1,232 @@
+"""A base backup over PostgreSQL's replication protocol (remote mode): BASE_BACKUP through libpq.
+
+drkit speaks the protocol itself, through psycopg's libpq binding, rather than running
+``pg_basebackup``: no client binary whose major must match the server's, no password or
+connection string on a command line, and the archives arrive as a stream drkit reads directly
+(``pg_basebackup`` writes only one tablespace to stdout). Since PostgreSQL 15 the server sends
+every archive in one COPY stream of tagged messages ('n' a new archive, 'd' its bytes, 'p'
+progress, 'm' the server's manifest); earlier majors send one COPY per archive in another format,
+so remote mode needs 15 or later.
+
+The archives are tar streams, the tablespaces' first and PGDATA's (``base.tar``) last, which
+also carries the WAL from the backup's start to its end (``WAL true``): the caller keeps that WAL
+in pg_wal with a temporary replication slot for as long as the backup runs.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg import pq
+from psycopg.pq.abc import PGconn, PGresult
+
+from drkit.errors import PostgresError, RemoteTlsError, RemoteUnsupported, UnsafePassfile
+from drkit.pg.wal import parse_lsn
+
+# The first major whose BASE_BACKUP multiplexes every archive into one COPY stream.
+REMOTE_MIN_VERSION = 150000
+
+
+@dataclass
+class Archive:
+    """One tar archive of the backup: PGDATA (``tablespace`` None) or a tablespace's directory."""
+
+    name: str
+    tablespace: int | None  # the tablespace's OID
+    location: str  # the tablespace's directory on the server ('' for PGDATA)
+    _stream: BaseBackupStream = field(repr=False)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of the archive (b'' at its end); what ``tarfile``'s stream mode
+        reads from."""
+        return self._stream.read_archive(size)
+
+
+@dataclass
+class BackupEnd:
+    lsn: int
+    timeline: int
+
+
+class BaseBackupStream:
+    """One BASE_BACKUP on its own replication connection: ``start`` it, read its ``archives()``
+    in order, each to its end, then ``end()``."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conn = connect_replication(conninfo)
+        self._pending = b""  # bytes of the current archive not read yet
+        self._message: bytes | None = None  # a message read past the current archive's end
+        self._done = False
+        self.start_lsn = 0
+        self.timeline = 0
+
+    def close(self) -> None:
+        self._conn.finish()
+
+    def __enter__(self) -> BaseBackupStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, label: str, fast: bool) -> None:
+        """Start the backup: a checkpoint (fast or spread), then the archives can be read."""
+        checkpoint = "fast" if fast else "spread"
+        # VERIFY_CHECKSUMS: the server re-reads a page torn by a concurrent write before it
+        # sends it, which drkit, far from the file, cannot; a page that stays bad fails the
+        # backup on the server (drkit checks every page it receives as well).
+        command = (
+            f"BASE_BACKUP (LABEL {_literal(label)}, CHECKPOINT '{checkpoint}', WAL true,"
+            " WAIT false, MANIFEST 'no', TABLESPACE_MAP false, VERIFY_CHECKSUMS true)"
+        )
+        self._conn.send_query(command.encode())
+        start = self._result(pq.ExecStatus.TUPLES_OK)
+        self.start_lsn = parse_lsn(_value(start, 0, 0))
+        self.timeline = int(_value(start, 0, 1))
+        self._result(pq.ExecStatus.TUPLES_OK)  # the tablespaces; their archives say it again
+        self._result(pq.ExecStatus.COPY_OUT)
+
+    def archives(self) -> Iterator[Archive]:
+        """Each archive in the order the server sends it; read one to its end before the next."""
+        while (message := self._next_message()) is not None:
+            kind, body = message[:1], message[1:]
+            if kind == b"n":
+                name, location = (bytes(part).decode() for part in body.split(b"\0")[:2])
+                oid = int(name.removesuffix(".tar")) if location else None
+                yield Archive(name, oid, location, self)
+            elif kind == b"d":
+                raise PostgresError("the server sent archive data before naming its archive")
+            # 'p' (progress) and 'm' (the server's manifest, not asked for) are passed over
+
+    def read_archive(self, size: int) -> bytes:
+        while not self._pending:
+            message = self._next_message()
+            if message is None or message[:1] != b"d":
+                self._message = message  # the next archive's (or the end): keep it
+                return b""
+            self._pending = message[1:]
+        if size < 0 or size >= len(self._pending):
+            data, self._pending = self._pending, b""
+        else:
+            data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def end(self) -> BackupEnd:
+        """The backup's end LSN and timeline, once every archive was read."""
+        while self._next_message() is not None:
+            pass
+        row = self._result(pq.ExecStatus.TUPLES_OK)
+        end = BackupEnd(parse_lsn(_value(row, 0, 0)), int(_value(row, 0, 1)))
+        self._result(pq.ExecStatus.COMMAND_OK)
+        return end
+
+    def _next_message(self) -> bytes | None:
+        if self._message is not None:
+            message, self._message = self._message, None
+            return message
+        if self._done:
+            return None
+        n, data = self._conn.get_copy_data(0)
+        if n == -1:
+            self._done = True
+            return None
+        if n < 0:
+            self._done = True
+            raise PostgresError(f"the base backup failed: {self._error()}")
+        return bytes(data)
+
+    def _result(self, expected: pq.ExecStatus) -> PGresult:
+        result = self._conn.get_result()
+        if result is None or result.status != expected:
+            message = result.error_message.decode(errors="replace") if result else ""
+            raise PostgresError(
+                f"the base backup failed: {_first_line(message) or self._error()}",
+                hint=_hint(message),
+            )
+        return result
+
+    def _error(self) -> str:
+        result = self._conn.get_result()
+        text = (result.error_message if result else b"") or self._conn.error_message
+        return _first_line(text.decode(errors="replace")) or "the connection was lost"
+
+
+def connect_replication(conninfo: str) -> PGconn:
+    """A replication connection (``replication=database``) to the server; PostgresError (or
+    RemoteTlsError for a certificate that is not trusted) naming what failed."""
+    conn = pq.PGconn.connect(f"{conninfo} replication=database application_name=drkit".encode())
+    if conn.status != pq.ConnStatus.OK:
+        message = _first_line(conn.error_message.decode(errors="replace"))
+        conn.finish()
+        raise connection_error(message, replication=True)
+    return conn
+
+
+def connection_error(message: str, replication: bool = False) -> PostgresError:
+    """The error for a connection libpq refused, with what the operator can do about it."""
+    if "certificate" in message or "SSL" in message or "ssl" in message:
+        return RemoteTlsError(
+            f"TLS to PostgreSQL failed: {message}",
+            hint="postgres.sslrootcert must hold the CA that signed the server's certificate, and"
+            " with sslmode = 'verify-full' the certificate must name postgres.host",
+        )
+    if replication and ("replication" in message or "pg_hba" in message):
+        return PostgresError(
+            f"unable to open a replication connection to PostgreSQL ({message})",
+            hint="the role needs the REPLICATION attribute and pg_hba.conf a 'host replication'"
+            " line for drkit's address (docs/remote.md)",
+        )
+    return PostgresError(
+        f"unable to connect to PostgreSQL ({message})",
+        hint="check [postgres] host/port/user or dsn, and that the server is running",
+    )
+
+
+def check_remote_version(version_num: int) -> None:
+    if version_num < REMOTE_MIN_VERSION:
+        raise RemoteUnsupported(
+            f"remote backups need PostgreSQL 15 or later; the server runs {version_num // 10000}",
+            hint="run drkit in local mode on the database host",
+        )
+
+
+def check_passfile(path: Path) -> None:
+    """Refuse a password file others can read, or one that is not a regular file: libpq would
+    silently ignore the first (and the backup fail for want of a password)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise UnsafePassfile(f"password file '{path}' cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        raise UnsafePassfile(
+            f"password file '{path}' is readable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+            hint=f"chmod 600 '{path}'",
+        )
+
+
+def _value(result: PGresult, row: int, column: int) -> str:
+    value = result.get_value(row, column)
+    if value is None:
+        raise PostgresError("the server's BASE_BACKUP reply lacks a value drkit needs")
+    return bytes(value).decode()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _first_line(text: str) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line.removeprefix("ERROR:").removeprefix("FATAL:").strip()
+
+
+def _hint(message: str) -> str | None:
+    if "checksum" in message:
+        return "a page of the cluster is damaged: see the server log for the file and block"
+    if "permission" in message or "must be superuser or replication" in message:
+        return "the role needs the REPLICATION attribute (docs/remote.md)"
+    return None
