@@ -11,21 +11,18 @@ here (drkit/repo/fanout.py), the key record and manifest only once the backup is
 from __future__ import annotations
 
 import grp
-import io
 import logging
 import os
 import pwd
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import CopyResult, FileCopier
-from drkit.backup.plan import Source, changed_blocks, open_file, plan_sources
+from drkit.backup.plan import changed_blocks, plan_sources, wal_sources
 from drkit.backup.remote import take_remote
 from drkit.config.settings import Settings
 from drkit.errors import (
@@ -35,12 +32,10 @@ from drkit.errors import (
     PostgresError,
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
-from drkit.pg.basebackup import check_remote_version
+from drkit.pg.remote_access import check_remote_access
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
-    check_segment_header,
     format_lsn,
-    parse_segment_name,
     segments_between,
 )
 from drkit.pg.walk import PgdataListing, walk_pgdata
@@ -248,7 +243,7 @@ class BackupOperation:
         # Stop the backup and copy the WAL that makes it consistent
         taken.stop = session.stop_backup(cluster.version_num)
         clock.lap("stop")
-        taken.add(copier.copy(self._wal_sources(cluster, taken.start_lsn, taken.stop)))
+        taken.add(copier.copy(wal_sources(pgdata, cluster, taken.start_lsn, taken.stop)))
         self.progress.stop()
         clock.lap("wal")
         return found.notice
@@ -279,6 +274,8 @@ class BackupOperation:
         return BaseVersions(repo, parent.label)
 
     def _check_cluster(self, session: PgSession) -> ClusterInfo:
+        if self.settings.postgres.mode == "remote":
+            check_remote_access(session, self.settings.postgres)
         cluster = session.cluster_info()
         if cluster.wal_level == "minimal":
             raise PostgresError(
@@ -291,7 +288,6 @@ class BackupOperation:
                 hint="point [postgres] at the primary",
             )
         if self.settings.postgres.mode == "remote":
-            check_remote_version(cluster.version_num)
             return cluster
         configured = self.settings.postgres.local_pgdata()
         assert cluster.data_directory is not None  # PgSession requires it in local mode
@@ -380,39 +376,6 @@ class BackupOperation:
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one
 
-    def _wal_sources(self, cluster: ClusterInfo, start_lsn: int, stop: BackupStop) -> list[Source]:
-        pgdata = self.settings.postgres.local_pgdata()
-        now = time.time()
-        sources = [
-            Source(
-                "backup_label",
-                len(stop.backup_label),
-                0o600,
-                now,
-                partial(io.BytesIO, stop.backup_label),
-                required=True,
-            )
-        ]
-        segment_size = cluster.wal_segment_size
-        for name in segments_between(stop.timeline, start_lsn, stop.lsn, segment_size):
-            path = pgdata / "pg_wal" / name
-            opener = partial(_open_segment, path, name, segment_size, cluster.system_identifier)
-            sources.append(
-                Source(f"pg_wal/{name}", segment_size, 0o600, now, opener, required=True)
-            )
-        for history in sorted((pgdata / "pg_wal").glob("*.history")):
-            sources.append(
-                Source(
-                    f"pg_wal/{history.name}",
-                    history.stat().st_size,
-                    0o600,
-                    now,
-                    partial(open_file, history),
-                    required=True,
-                )
-            )
-        return sources
-
     def _manifest(self, taken: _Taken, key_record: str) -> Manifest:
         assert taken.stop is not None and taken.listing is not None
         cluster, stop, parent = taken.cluster, taken.stop, taken.parent
@@ -496,24 +459,6 @@ def _archiving_warning(
 
 def _tablespace_dir(cluster: ClusterInfo) -> str:
     return f"PG_{cluster.major}_{cluster.catalog_version}"
-
-
-def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> io.FileIO:
-    """Open a WAL segment in pg_wal, refusing one that is not the segment its name says."""
-    _, segno = parse_segment_name(name, segment_size)
-    try:
-        stream = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
-    except FileNotFoundError:
-        raise IntegrityError(
-            f"WAL segment '{name}' needed by the backup is missing from pg_wal",
-            hint="it should be held by drkit's temporary replication slot; check the server log",
-        ) from None
-    problem = check_segment_header(stream.read(64), segno, segment_size, system_identifier)
-    if problem:
-        stream.close()
-        raise IntegrityError(f"WAL segment '{name}' in pg_wal {problem}")
-    stream.seek(0)
-    return stream
 
 
 def _user_name(uid: int) -> str:

@@ -4,12 +4,14 @@
 since the parent, or only referenced; `changed_blocks` decides where a diff/incr learns which
 blocks changed (the server's WAL summaries, the WAL itself, or a scan of every page of the changed
 files) and `read_batches` turns a list of changed blocks into the reads that fetch them.
+`wal_sources` is what makes a local backup consistent: backup_label and its WAL from pg_wal.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -17,13 +19,13 @@ from pathlib import Path
 from typing import Protocol
 
 from drkit.config.settings import BackupSettings
-from drkit.errors import DrkitError, ObjectNotFound
+from drkit.errors import DrkitError, IntegrityError, ObjectNotFound
 from drkit.fsutil import open_direct
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.pages import relation_key, relation_segment
-from drkit.pg.session import ClusterInfo, PgSession
+from drkit.pg.session import BackupStop, ClusterInfo, PgSession
 from drkit.pg.summaries import ChangedBlocks, NoSummaries, SegmentReads
-from drkit.pg.wal import parse_lsn
+from drkit.pg.wal import check_segment_header, parse_lsn, parse_segment_name, segments_between
 from drkit.pg.walblocks import SegmentSource, wal_changed_blocks
 from drkit.pg.walk import PgdataListing, SourceFile
 from drkit.repo.manifest import FileEntry, Manifest
@@ -231,6 +233,59 @@ def read_batches(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
             batches[-1].append(piece)
             room -= piece[1]
     return batches
+
+
+def wal_sources(
+    pgdata: Path, cluster: ClusterInfo, start_lsn: int, stop: BackupStop
+) -> list[Source]:
+    """backup_label, the WAL segments from the backup's start to its stop, and the timeline
+    history files, from pg_wal (local mode), each required."""
+    now = time.time()
+    sources = [
+        Source(
+            "backup_label",
+            len(stop.backup_label),
+            0o600,
+            now,
+            partial(io.BytesIO, stop.backup_label),
+            required=True,
+        )
+    ]
+    segment_size = cluster.wal_segment_size
+    for name in segments_between(stop.timeline, start_lsn, stop.lsn, segment_size):
+        path = pgdata / "pg_wal" / name
+        opener = partial(_open_segment, path, name, segment_size, cluster.system_identifier)
+        sources.append(Source(f"pg_wal/{name}", segment_size, 0o600, now, opener, required=True))
+    for history in sorted((pgdata / "pg_wal").glob("*.history")):
+        sources.append(
+            Source(
+                f"pg_wal/{history.name}",
+                history.stat().st_size,
+                0o600,
+                now,
+                partial(open_file, history),
+                required=True,
+            )
+        )
+    return sources
+
+
+def _open_segment(path: Path, name: str, segment_size: int, system_identifier: int) -> io.FileIO:
+    """Open a WAL segment in pg_wal, refusing one that is not the segment its name says."""
+    _, segno = parse_segment_name(name, segment_size)
+    try:
+        stream = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"WAL segment '{name}' needed by the backup is missing from pg_wal",
+            hint="it should be held by drkit's temporary replication slot; check the server log",
+        ) from None
+    problem = check_segment_header(stream.read(64), segno, segment_size, system_identifier)
+    if problem:
+        stream.close()
+        raise IntegrityError(f"WAL segment '{name}' in pg_wal {problem}")
+    stream.seek(0)
+    return stream
 
 
 def open_file(path: Path) -> io.FileIO:

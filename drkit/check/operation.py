@@ -24,6 +24,7 @@ from drkit.errors import (
     WalNotCopied,
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
+from drkit.pg.remote_access import check_remote_access
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
@@ -89,6 +90,8 @@ def check_archiving(settings: Settings, request: CheckRequest) -> CheckResult:
     with PgSession(settings.postgres) as session:
         # Check the cluster archives at all, and every repository is there and is this cluster's
         with result.phase("cluster"):
+            if settings.postgres.mode == "remote":
+                check_remote_access(session, settings.postgres)
             cluster = _archiving_cluster(session)
             result.archive_command = cluster.archive_command
         with result.phase("repositories"):

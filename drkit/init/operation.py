@@ -11,7 +11,7 @@ from drkit.codec.frame_writer import seal
 from drkit.config.settings import Settings
 from drkit.errors import ArchivingFailing, ConfigError, DrkitWarning, PostgresError
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
-from drkit.pg.remote_access import check_passfile_setting, check_remote_access
+from drkit.pg.remote_access import check_remote_access
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
@@ -51,13 +51,12 @@ class InitOperation:
 
     def run(self) -> InitReport:
         # Check the cluster's settings
-        check_passfile_setting(self.settings.postgres)
         with PgSession(self.settings.postgres) as session:
-            cluster = session.cluster_info()
-            archiver = session.archiver_stats()
             remote = None
             if self.settings.postgres.mode == "remote":
-                remote = check_remote_access(session, self.settings.postgres, cluster.version_num)
+                remote = check_remote_access(session, self.settings.postgres)
+            cluster = session.cluster_info()
+            archiver = session.archiver_stats()
         report = InitReport(cluster.system_identifier, cluster.version_num)
         report.checks = self._check_cluster(cluster, remote)
 

@@ -105,6 +105,8 @@ class BaseBackupStream:
     def read_archive(self, size: int) -> bytes:
         while not self._pending:
             message = self._next_message()
+            if message is not None and message[:1] == b"p":
+                continue  # progress, which may come between an archive's pieces
             if message is None or message[:1] != b"d":
                 self._message = message  # the next archive's (or the end): keep it
                 return b""

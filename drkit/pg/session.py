@@ -22,7 +22,7 @@ import psycopg
 from drkit.config.settings import PostgresSettings
 from drkit.errors import PostgresError, UnsupportedPostgresVersion
 from drkit.pg.archiver import ArchiverStats
-from drkit.pg.basebackup import connection_error
+from drkit.pg.basebackup import check_passfile, connection_error
 from drkit.pg.summaries import (
     CONTENTS_SQL,
     SUMMARIES_SQL,
@@ -96,6 +96,8 @@ class PgSession:
 
     def __init__(self, settings: PostgresSettings) -> None:
         self._settings = settings
+        if settings.passfile is not None:
+            check_passfile(settings.passfile)  # libpq would silently pass over a shared one
         try:
             self._conn = psycopg.connect(
                 settings.conninfo(), autocommit=True, application_name="drkit"
@@ -121,8 +123,11 @@ class PgSession:
         assert row is not None
         return tuple(row)
 
+    def version_num(self) -> int:
+        return int(str(self._one("SHOW server_version_num")[0]))
+
     def cluster_info(self) -> ClusterInfo:
-        version_num = int(str(self._one("SHOW server_version_num")[0]))
+        version_num = self.version_num()
         check_supported(version_num)
         sysid, catversion, checksums, seg_size = self._one(
             "SELECT (SELECT system_identifier FROM pg_control_system()),"
