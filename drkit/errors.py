@@ -100,6 +100,13 @@ class BackupNotFound(RepositoryError):
     exit_code = 7
 
 
+class BackupDeletionRefused(DrkitError):
+    """'prune --backup' would break what a restore needs: other backups depend on the backup
+    (without --with-dependents), or it is the newest backup, which prune always keeps."""
+
+    exit_code = 28
+
+
 class StorageError(DrkitError):
     """The storage backend failed (I/O error, full disk, unreachable server)."""
 

@@ -120,7 +120,9 @@ def test_console_script_exit_codes_and_output_through_pipes(tmp_path: Path) -> N
 
     helped = run("restore", "--help")  # long output, fully flushed
     assert helped.returncode == 0 and "--target-time" in helped.stdout
-    assert helped.stdout.rstrip().endswith("╯")  # the help box is closed: nothing cut off
+    assert helped.stdout.rstrip().endswith(
+        "drkit restore --plan --backup 20261126-010000F"
+    )  # nothing cut off
     usage = run("backup", "--type", "bogus")
     assert usage.returncode == 2 and "'bogus' is not one of" in usage.stderr
     missing = run("info", "--config", str(tmp_path / "nope.toml"))

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from drkit.cli.main import app
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
-from drkit.errors import ObjectLocked
+from drkit.errors import BackupDeletionRefused, ObjectLocked
+from drkit.prune.one_backup import delete_one_backup
 from drkit.prune.operation import RepoPrune, prune_repository
 from drkit.repo.label import BackupLabel
 from drkit.repo.lock import operation_lock
@@ -463,3 +464,74 @@ def test_cli_refuses_to_run_beside_a_backup(tmp_path: Path, keyfile: Path) -> No
         assert code == 0 and "would delete 5 backup(s)" in out
     code, out, _ = cli(config)
     assert code == 0 and "deleted 5 backup(s)" in out
+
+
+def test_prune_backup_deletes_one_backup_and_its_dependents_only_when_asked(
+    tmp_path: Path, keyfile: Path
+) -> None:
+    s, labels = two_families(tmp_path / "repo", keyfile)
+    f1, i1, i2, d1, i3, f2, i4 = labels
+    config = write_config(tmp_path, keyfile, f'[[repo]]\nname = "local"\npath = "{s.root}"\n')
+    before = s.objects()
+    wal_before = {k for k in before if k.startswith("wal/")}
+
+    # A backup others need is refused, naming them; nothing is touched
+    code, _, err = cli(config, "--backup", f1)
+    assert code == BackupDeletionRefused.exit_code == 28, err
+    assert (
+        f"backup '{f1}' cannot be deleted alone: 4 backup(s) depend on it: {i1}, {i2}, {d1}, {i3}"
+        in err
+    )
+    assert "HINT: add --with-dependents" in err
+    assert s.objects() == before
+
+    # The dry run lists, newest first, what --with-dependents deletes
+    code, out, err = cli(config, "--backup", f1, "--with-dependents", "--dry-run")
+    assert code == 0, err
+    assert f"  would delete {i3} (depends on {f1})\n" in out
+    assert (
+        out.index(i3) < out.index(d1) < out.index(i2) < out.index(i1) < out.index(f"delete {f1}\n")
+    )
+    assert "would delete 5 backup(s) (dry run: nothing was deleted)" in out
+    assert s.objects() == before
+
+    # A backup nothing depends on goes alone; the WAL stays for the policy prune
+    code, out, err = cli(config, "--backup", i2, "--json")
+    assert code == 0, err
+    assert json.loads(out)["repos"][0]["deleted"] == [i2]
+    assert [str(b) for b in s.repo.backups()] == [f1, i1, d1, i3, f2, i4]
+    assert_consistent(s.repo)
+
+    code, out, err = cli(config, "--backup", f1, "--with-dependents")
+    assert code == 0, err
+    assert "deleted 4 backup(s)" in out
+    assert [str(b) for b in s.repo.backups()] == [f2, i4]
+    assert not any(f"/{f1}" in k for k in s.objects())  # no leftover of the chain
+    assert {k for k in s.objects() if k.startswith("wal/")} == wal_before
+    assert_consistent(s.repo)
+
+    # The newest backup always stays, and one no repository has is an error
+    code, _, err = cli(config, "--backup", f2, "--with-dependents")
+    assert code == 28 and f"backup '{i4}' is the newest backup" in err
+    code, _, err = cli(config, "--backup", f1)
+    assert code == 7 and f"backup '{f1}' is in no repository" in err
+    code, _, err = cli(config, "--with-dependents")
+    assert code == 2 and "--with-dependents goes with --backup LABEL" in err
+
+
+def test_prune_backup_never_forces_a_retention_lock(tmp_path: Path, keyfile: Path) -> None:
+    s, labels = two_families(tmp_path / "repo", keyfile)
+    f1, i1, i2, d1, i3 = labels[:5]
+    repo = Repository(locked(s.repo.storage, f"backup/{d1}/manifest"), s.repo.keys)
+    result = RepoPrune("local", dry_run=False)
+
+    delete_one_backup(repo, f1, True, False, result)
+
+    # D1 stays listed under its lock, and so does F1, which it needs; the rest goes
+    assert result.deleted == [i3, i2, i1]
+    assert result.held == {
+        d1: "its manifest is under a retention lock",
+        f1: f"needed by {d1}, which stays",
+    }
+    assert [str(b) for b in s.repo.backups()] == [f1, d1, *labels[5:]]
+    assert_consistent(s.repo)

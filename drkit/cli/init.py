@@ -21,7 +21,7 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Validate the configuration and the cluster's settings, and create the repositories."""
     from drkit.init.operation import InitOperation
 
-    report = InitOperation(settings_from(config)).run()
+    report = InitOperation(settings_from(config), config).run()
     if json_:
         print_json(
             {

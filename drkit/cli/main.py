@@ -41,15 +41,19 @@ def _build_app() -> Any:
         wal,
     )
     from drkit.cli.common import render_error
+    from drkit.cli.help import EXIT_CODES, DrkitGroup
     from drkit.errors import DrkitError
     from drkit.logs import DEFAULT_LEVEL, LEVEL_ENV, LEVELS, setup_logging
 
     app = typer.Typer(
+        cls=DrkitGroup,
         name="drkit",
         help="Backup and disaster recovery for PostgreSQL.",
+        epilog=EXIT_CODES,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
+        rich_markup_mode=None,
     )
 
     def _version(value: bool) -> None:

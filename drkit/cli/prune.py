@@ -30,14 +30,34 @@ def command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")
     ] = False,
+    backup: Annotated[
+        str | None,
+        typer.Option(help="delete this one backup instead of applying the retention policy"),
+    ] = None,
+    with_dependents: Annotated[
+        bool,
+        typer.Option(
+            "--with-dependents", help="with --backup: also delete the backups that depend on it"
+        ),
+    ] = False,
     json_: JsonOption = False,
 ) -> None:
     """Apply the retention policy: delete backups it no longer keeps (never a backup a kept one
     needs), leftovers of failed backups, and WAL no kept backup needs. Objects under Object Lock
-    are skipped and reported (exit code 107)."""
+    are skipped and reported (exit code 107).
+
+    With --backup LABEL: delete that backup from every repository that has it (--repo: from
+    that one). A backup others depend on is refused (exit 28) unless --with-dependents, which
+    deletes them too, newest first; the newest backup always stays. Archived WAL is left for
+    the next policy prune.
+    """
     from drkit.prune.operation import prune_repositories
 
-    report = prune_repositories(settings_from(config), repo, dry_run)
+    if with_dependents and backup is None:
+        raise typer.BadParameter("--with-dependents goes with --backup LABEL")
+    report = prune_repositories(
+        settings_from(config), repo, dry_run, backup=backup, with_dependents=with_dependents
+    )
     if json_:
         print_json(report.as_dict())
     else:
@@ -57,6 +77,9 @@ def _render(r: RepoPrune) -> None:
             stderr.print(f"HINT: {r.error.hint}", markup=False)
         return
     verb = "would delete" if r.dry_run else "deleted"
+    if r.policy.startswith("backup "):  # prune --backup LABEL
+        _render_one_backup(r, verb)
+        return
     stdout.print(f"repository '{r.repo}' (retention: {r.policy})")
     for label, reasons in r.kept.items():
         stdout.print(f"  keep   {label}  ({'; '.join(reasons)})")
@@ -83,3 +106,15 @@ def _render(r: RepoPrune) -> None:
         f"{verb} {len(r.deleted)} backup(s), {len(r.leftovers)} leftover(s),"
         f" {len(r.wal_deleted)} WAL file(s); kept {len(r.kept)} backup(s){note}"
     )
+
+
+def _render_one_backup(r: RepoPrune, verb: str) -> None:
+    label = (r.policy or "").removeprefix("backup ")
+    stdout.print(f"repository '{r.repo}'", markup=False)
+    for name in r.deleted:
+        why = f" (depends on {label})" if name != label else ""
+        stdout.print(f"  {verb} {name}{why}", markup=False)
+    for name, why in r.held.items():
+        stdout.print(f"  kept   {name} ({why})", markup=False)
+    note = " (dry run: nothing was deleted)" if r.dry_run else ""
+    stdout.print(f"{verb} {len(r.deleted)} backup(s){note}", markup=False)

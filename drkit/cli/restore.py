@@ -20,16 +20,22 @@ from drkit.cli.common import (
     stdout,
     warn_all,
 )
-from drkit.pg.recovery import TargetAction
+from drkit.pg.recovery import Standby, TargetAction
 
 if TYPE_CHECKING:
     from drkit.config.settings import Settings
+    from drkit.restore.operation import RestoreResult
     from drkit.restore.request import RestoreRequest
 
 
 class ArchiveMode(StrEnum):
     OFF = "off"
     PRESERVE = "preserve"
+
+
+class RestoreType(StrEnum):
+    COPY = "copy"  # opens at the backup's end, or recovers to a --target-*
+    STANDBY = "standby"  # stays in recovery, following a primary
 
 
 @handle_errors
@@ -86,6 +92,22 @@ def command(
             " archive_mode, for a real failover"
         ),
     ] = ArchiveMode.OFF,
+    restore_type: Annotated[
+        RestoreType,
+        typer.Option(
+            "--type",
+            help="'copy': a cluster that opens (default); 'standby': standby.signal and"
+            " primary_conninfo, it follows the primary until promoted",
+        ),
+    ] = RestoreType.COPY,
+    primary_conninfo: Annotated[
+        str | None,
+        typer.Option(
+            metavar="CONNINFO",
+            help="with --type standby: where it streams from, e.g. 'host=db1 user=replicator'"
+            " (no password: ~/.pgpass)",
+        ),
+    ] = None,
     process_max: Annotated[int | None, typer.Option(help="parallel workers")] = None,
     recovery_key: RecoveryKeyOption = None,
     target_time: Annotated[
@@ -129,6 +151,8 @@ def command(
 
     if pgdata is None and not plan:
         raise typer.BadParameter("give --pgdata DIR (or --plan to only plan the restore)")
+    if primary_conninfo is not None and restore_type is not RestoreType.STANDBY:
+        raise typer.BadParameter("--primary-conninfo goes with --type standby")
     settings = settings_from(
         config, {"backup": {"process_max": process_max}, "keys": {"recovery_key": recovery_key}}
     )
@@ -152,6 +176,7 @@ def command(
         tablespace_map_all=tablespace_map_all,
         archive_mode=archive_mode.value,
         delta=delta,
+        standby=Standby(primary_conninfo or "") if restore_type is RestoreType.STANDBY else None,
     )
     if plan:
         _render_plan(settings, request, json_)
@@ -184,9 +209,28 @@ def command(
             "archive_mode = off in postgresql.auto.conf: this copy never archives into the"
             " repository (--archive-mode preserve keeps the source's setting, for a failover)"
         )
-    stdout.print("next: start the restored cluster (it replays the backup's WAL, then opens):")
+    stdout.print(f"next: start the restored cluster ({_what_recovery_does(result)}):")
     stdout.print(f"  {result.start_command}", markup=False)
     raise typer.Exit(result.exit_code)
+
+
+def _what_recovery_does(result: RestoreResult) -> str:
+    if result.standby:
+        return (
+            "a standby: it replays the backup's WAL, then follows the primary, streaming and"
+            " fetching archived WAL with 'drkit wal-fetch', until promoted"
+        )
+    target = result.target
+    if target is None:
+        return "it replays the backup's WAL, then opens"
+    if target.kind.value == "latest":
+        return "it replays every archived WAL segment, then opens on a new timeline"
+    then = {
+        "promote": "then opens on a new timeline",
+        "pause": "then pauses, read-only, until pg_wal_replay_resume() promotes it",
+        "shutdown": "then shuts down",
+    }[target.action.value]
+    return f"it replays archived WAL up to the target, {then}"
 
 
 def _render_plan(settings: Settings, request: RestoreRequest, json_: bool) -> NoReturn:

@@ -4,11 +4,14 @@ repositories. Safe to run again: existing repositories of the same cluster are l
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from drkit.codec.frame_reader import unseal
 from drkit.codec.frame_writer import seal
-from drkit.config.settings import Settings
+from drkit.config.settings import Settings, config_path
 from drkit.errors import ArchivingFailing, ConfigError, DrkitWarning, PostgresError
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.remote_access import check_remote_access
@@ -46,8 +49,9 @@ class InitReport:
 
 
 class InitOperation:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config: Path | None = None) -> None:
         self.settings = settings
+        self.config = config_path(config)  # the archive_command it suggests names this file
 
     def run(self) -> InitReport:
         # Check the cluster's settings
@@ -100,9 +104,18 @@ class InitOperation:
         if self.settings.postgres.mode == "local":
             self._check_pgdata(cluster)
         checks = [
-            Check("ok", f"PostgreSQL {cluster.version_num}, system {cluster.system_identifier}"),
+            Check(
+                "ok",
+                f"PostgreSQL {server_version(cluster.version_num)},"
+                f" system {cluster.system_identifier}",
+            ),
             *([Check("ok", remote)] if remote else []),
             Check("ok", f"wal_level = {cluster.wal_level}"),
+            Check(
+                "ok",
+                f"max_replication_slots = {cluster.max_replication_slots}: a backup keeps its WAL"
+                " with a temporary slot",
+            ),
         ]
         if cluster.data_checksums:
             checks.append(Check("ok", "data checksums are on: pages are verified while backed up"))
@@ -119,7 +132,8 @@ class InitOperation:
                 Check(
                     "notice",
                     "WAL archiving is off: every backup restores on its own, but point-in-time"
-                    " recovery needs archive_mode = on and archive_command = 'drkit wal-push %p'",
+                    " recovery needs archive_mode = on (a restart) and archive_command ="
+                    f" '{wal_push_command(self.config)}'",
                 )
             )
         else:
@@ -162,3 +176,15 @@ def _archiving_warnings(
             " attempt (within a minute) succeeds; 'drkit check' proves it"
         )
     return [ArchivingFailing(problem, hint=hint)]
+
+
+def server_version(version_num: int) -> str:
+    """server_version_num as PostgreSQL writes the version: 150020 -> '15.20'."""
+    return f"{version_num // 10000}.{version_num % 10000}"
+
+
+def wal_push_command(config: Path) -> str:
+    """The archive_command for this installation: PostgreSQL runs it as its own user, with
+    neither this shell's PATH nor its DRKIT_CONFIG, so both paths are absolute."""
+    drkit = Path(sys.executable).parent / "drkit"
+    return f"{shlex.quote(str(drkit))} wal-push --config {shlex.quote(str(config.absolute()))} %p"

@@ -1,5 +1,5 @@
 """Settings for a restored cluster: archive_mode, recovery targets, restore_command,
-recovery.signal."""
+recovery.signal, or a standby's primary_conninfo and standby.signal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from drkit.errors import UnsafeManifest
+from drkit.errors import ConfigError, UnsafeManifest
 
 AUTO_CONF = "postgresql.auto.conf"
 
@@ -60,18 +60,57 @@ class RecoveryTarget:
         return values
 
 
+@dataclass(frozen=True)
+class Standby:
+    """A restored cluster that stays in recovery and follows a primary: by streaming from
+    ``primary_conninfo`` (when given) and by fetching archived WAL with the restore_command."""
+
+    primary_conninfo: str = ""
+
+
+def check_primary_conninfo(conninfo: str) -> None:
+    """ConfigError for a conninfo libpq cannot parse or one that holds a password: it came
+    from the command line (visible to every local user in the process list) and would be
+    written into postgresql.auto.conf, which every backup of the standby copies."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(conninfo)
+    except ProgrammingError as exc:
+        raise ConfigError(f"invalid --primary-conninfo: {exc}") from None
+    if params.get("password"):
+        raise ConfigError(
+            "--primary-conninfo holds a password: drkit keeps passwords out of its command line"
+            " and out of the restored configuration",
+            hint="give the replication user's password in the standby user's ~/.pgpass (or"
+            " passfile=FILE in the conninfo)",
+        )
+
+
 def write_restore_settings(
-    pgdata_fd: int, *, archive_off: bool, restore_command: str, target: RecoveryTarget | None
+    pgdata_fd: int,
+    *,
+    archive_off: bool,
+    restore_command: str,
+    target: RecoveryTarget | None,
+    standby: Standby | None = None,
 ) -> None:
     """Append a restored cluster's settings to its postgresql.auto.conf (read last, so they win
     over postgresql.conf): ``archive_mode = off`` when ``archive_off`` (a copy must not archive
     into its source's repository), and with a ``target`` the recovery settings, plus
     recovery.signal, which makes PostgreSQL run targeted archive recovery instead of plain crash
-    recovery. Both files are opened in ``pgdata_fd`` without following links: a restored
-    postgresql.auto.conf that is a link is refused, never written through."""
+    recovery. A ``standby`` gets restore_command, primary_conninfo and standby.signal instead
+    (it stays in recovery, following the newest timeline, until promoted). Both files are
+    opened in ``pgdata_fd`` without following links: a restored postgresql.auto.conf that is a
+    link is refused, never written through."""
     settings = {"archive_mode": "off"} if archive_off else {}
     if target is not None:
         settings |= {"restore_command": restore_command, **target.settings()}
+    if standby is not None:
+        settings |= {"restore_command": restore_command, "recovery_target_timeline": "latest"}
+        if standby.primary_conninfo:
+            settings["primary_conninfo"] = standby.primary_conninfo
     if not settings:
         return
     lines = ["", "# added by drkit restore"]
@@ -88,9 +127,10 @@ def write_restore_settings(
         ) from None
     with open(fd, "a", encoding="utf-8") as conf:
         conf.write("\n".join(lines) + "\n")
-    if target is not None:
+    if target is not None or standby is not None:
+        signal = "standby.signal" if standby is not None else "recovery.signal"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open("recovery.signal", flags, 0o600, dir_fd=pgdata_fd))
+        os.close(os.open(signal, flags, 0o600, dir_fd=pgdata_fd))
 
 
 def _quote(value: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import (
+    BackupNotFound,
     BackupSkipped,
     ConfigError,
     DrkitError,
@@ -87,6 +88,7 @@ class RepoPrune:
     skipped: list[Skipped] = field(default_factory=list)
     # label -> why its manifest cannot be trusted: left out of every decision, never deleted
     unreadable: dict[str, str] = field(default_factory=dict)
+    dependents: list[str] = field(default_factory=list)  # --backup: the backups that need it
     error: DrkitError | None = None
 
     @property
@@ -112,6 +114,7 @@ class RepoPrune:
             "drills_deleted": self.drills_deleted,
             "skipped": [s.as_dict() for s in self.skipped],
             "unreadable": [{"label": k, "reason": v} for k, v in self.unreadable.items()],
+            "dependents": self.dependents,
             "error": self.error.message if self.error else None,
         }
 
@@ -139,10 +142,18 @@ class PruneReport(OperationResult):
 
 
 def prune_repositories(
-    settings: Settings, repo: str | None = None, dry_run: bool = False
+    settings: Settings,
+    repo: str | None = None,
+    dry_run: bool = False,
+    *,
+    backup: str | None = None,
+    with_dependents: bool = False,
 ) -> PruneReport:
-    """Apply each selected repository's retention policy (``repo``: only that one)."""
-    return PruneOperation(settings, repo, dry_run).run()
+    """Apply each selected repository's retention policy (``repo``: only that one); with
+    ``backup``, delete that one backup instead (prune/one_backup.py)."""
+    return PruneOperation(
+        settings, repo, dry_run, backup=backup, with_dependents=with_dependents
+    ).run()
 
 
 class PruneOperation:
@@ -154,13 +165,20 @@ class PruneOperation:
         repo: str | None = None,
         dry_run: bool = False,
         now: datetime | None = None,
+        *,
+        backup: str | None = None,
+        with_dependents: bool = False,
     ) -> None:
         self.settings = settings
         self.repo_name = repo
         self.dry_run = dry_run
         self.now = now
+        self.backup = backup
+        self.with_dependents = with_dependents
 
     def run(self) -> PruneReport:
+        if self.backup is not None:
+            return self._delete_backup(self.backup)
         selected = select_repositories(self.settings, self.repo_name)
         if not any(r.retention or self.settings.retention for r in selected):
             raise ConfigError(
@@ -189,18 +207,34 @@ class PruneOperation:
             except DrkitError as exc:
                 result.error = exc
         clock.lap("prune")
-        for r in report.repos:
-            report.warnings += [
-                ObjectsLockedSkipped(f"skipped '{s.key}': {s.reason}") for s in r.skipped
-            ]
-            report.warnings += [
-                ObjectsLockedSkipped(f"backup '{label}' was not deleted: {why}")
-                for label, why in r.held.items()
-            ]
-            report.warnings += [
-                BackupSkipped(f"backup '{label}' was left out of retention and kept: {why}")
-                for label, why in r.unreadable.items()
-            ]
+        _collect_warnings(report)
+        return report
+
+    def _delete_backup(self, label: str) -> PruneReport:
+        """Delete one backup from every selected repository that lists it."""
+        from drkit.prune.one_backup import delete_one_backup
+
+        report = PruneReport(dry_run=self.dry_run)
+        clock = Stopwatch(report.phases)
+        for repo_settings in select_repositories(self.settings, self.repo_name):
+            result = RepoPrune(repo_settings.name, self.dry_run, policy=f"backup {label}")
+            try:
+                repo = open_repository(self.settings, repo_settings.name)
+                with self._lock(repo_settings):
+                    delete_one_backup(repo, label, self.with_dependents, self.dry_run, result)
+            except BackupNotFound:
+                continue  # not copied there: nothing to delete
+            except DrkitError as exc:
+                result.error = exc
+            report.repos.append(result)
+        clock.lap("prune")
+        if not report.repos:
+            raise BackupNotFound(
+                f"backup '{label}' is in no repository"
+                + (f" named '{self.repo_name}'" if self.repo_name else ""),
+                hint="'drkit info' lists the backups",
+            )
+        _collect_warnings(report)
         return report
 
     @contextmanager
@@ -213,6 +247,22 @@ class PruneOperation:
             self.settings, repo, repo_location(settings), "backup", "prune"
         ) as lease:
             yield lease
+
+
+def _collect_warnings(report: PruneReport) -> None:
+    """The repositories' locked and unreadable objects, as typed warnings on the report."""
+    for r in report.repos:
+        report.warnings += [
+            ObjectsLockedSkipped(f"skipped '{s.key}': {s.reason}") for s in r.skipped
+        ]
+        report.warnings += [
+            ObjectsLockedSkipped(f"backup '{label}' was not deleted: {why}")
+            for label, why in r.held.items()
+        ]
+        report.warnings += [
+            BackupSkipped(f"backup '{label}' was left out of retention and kept: {why}")
+            for label, why in r.unreadable.items()
+        ]
 
 
 def prune_repository(
@@ -231,7 +281,7 @@ def prune_repository(
     # Load the catalog: every listed backup's facts, the leftovers, the archived timelines
     repo.check()
     incomplete = repo.incomplete()
-    facts = _readable_facts(repo, result)
+    facts = readable_facts(repo, result)
     archive = WalArchive(repo)
     timelines = archive.timelines()
     proven = newest_proven(e.record for e in repo.drill_records() if e.record is not None)
@@ -264,12 +314,12 @@ def prune_repository(
         if lease is not None:
             lease.check()
         if label in result.held:
-            _hold(result, facts, facts[label].needs, label)
-        elif _delete_backup(repo, label, result):
+            hold_needs(result, facts, facts[label].needs, label)
+        elif delete_backup(repo, label, result):
             result.deleted.append(label)
         else:
             result.held[label] = "its manifest is under a retention lock"
-            _hold(result, facts, facts[label].needs, label)
+            hold_needs(result, facts, facts[label].needs, label)
     for label in result.held:
         result.kept[label] = [result.held[label]]
     result.kept = {k: result.kept[k] for k in sorted(result.kept)}
@@ -296,7 +346,7 @@ def prune_repository(
     return result
 
 
-def _readable_facts(repo: Repository, result: RepoPrune) -> dict[str, BackupFacts]:
+def readable_facts(repo: Repository, result: RepoPrune) -> dict[str, BackupFacts]:
     """The facts of every backup whose manifest authenticates. One that does not (damaged, or
     added by someone who cannot seal one) counts for nothing: it neither makes an older backup
     redundant nor is deleted, and is reported."""
@@ -309,13 +359,15 @@ def _readable_facts(repo: Repository, result: RepoPrune) -> dict[str, BackupFact
     return facts
 
 
-def _hold(result: RepoPrune, facts: dict[str, BackupFacts], needs: frozenset[str], by: str) -> None:
+def hold_needs(
+    result: RepoPrune, facts: dict[str, BackupFacts], needs: frozenset[str], by: str
+) -> None:
     for needed in needs:
         if needed in facts and needed not in result.kept:
             result.held.setdefault(needed, f"needed by {by}, which stays")
 
 
-def _delete_backup(repo: Repository, label: str, result: RepoPrune) -> bool:
+def delete_backup(repo: Repository, label: str, result: RepoPrune) -> bool:
     """Delete one backup, manifest first; False (nothing deleted) when the manifest is locked."""
     backup = BackupLabel(label)
     if not _delete(repo, Repository.manifest_key(backup), result):

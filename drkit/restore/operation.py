@@ -15,6 +15,7 @@ the source's archiving: a copy started beside production must not archive into i
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from drkit.errors import (
     UnsafeManifest,
 )
 from drkit.fsutil import os_reason
-from drkit.pg.cluster import find_bindir
-from drkit.pg.recovery import RecoveryTarget, write_restore_settings
+from drkit.pg.cluster import find_bindir, free_port
+from drkit.pg.recovery import RecoveryTarget, check_primary_conninfo, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
 from drkit.repo.label import BackupLabel
@@ -45,7 +46,7 @@ from drkit.repo.repository import Repository
 from drkit.repo.safety import check_manifest
 from drkit.restore.delta import DeltaRestore, DeltaSummary, check_delta_target, remove_control
 from drkit.restore.files import FileWriter
-from drkit.restore.paths import TargetTree, cluster_user
+from drkit.restore.paths import ClusterUser, TargetTree, cluster_user
 from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
 from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
 from drkit.result import OperationResult
@@ -71,6 +72,7 @@ class RestoreResult(OperationResult):
     repo: str = ""  # the repository the backup was found in
     archive_mode: str = "off"
     delta: DeltaSummary | None = None  # a delta restore: what it changed
+    standby: bool = False
 
     @property
     def fallbacks(self) -> list[str]:
@@ -88,6 +90,7 @@ class RestoreResult(OperationResult):
             "repo": self.repo,
             "target": None if self.target is None else _target_dict(self.target),
             "archive_mode": self.archive_mode,
+            "standby": self.standby,
             "fallbacks": self.fallbacks,
             "delta": None if self.delta is None else self.delta.as_dict(),
         }
@@ -122,6 +125,7 @@ class RestoreOperation:
                     f"invalid archive mode '{self.request.archive_mode}'",
                     hint="'off' or 'preserve'",
                 )
+            self._check_standby()
             repo, chain, repos = self.locate(warnings)
             manifest, label = chain.target, chain.target.label
             for member in chain.manifests.values():
@@ -173,11 +177,13 @@ class RestoreOperation:
                 # WAL directories, settings, then (delta) global/pg_control, then ownership
                 for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
                     tree.ensure_dir(sub)
+                wal_fetched = target is not None or self.request.standby is not None
                 write_restore_settings(
                     tree.root,
                     archive_off=self.request.archive_mode == "off",
-                    restore_command=self._restore_command() if target is not None else "",
+                    restore_command=self._restore_command() if wal_fetched else "",
                     target=target,
+                    standby=self.request.standby,
                 )
                 if last is not None:
                     writer.write([last], 1)
@@ -205,13 +211,12 @@ class RestoreOperation:
             files=len(manifest.files),
             size=manifest.stats.size,
             tablespaces=tablespaces,
-            start_command=_start_command(
-                manifest, pgdata, user.name, self.settings.postgres.bindir
-            ),
+            start_command=_start_command(manifest, pgdata, user, self.settings.postgres.bindir),
             target=target,
             repo=repo.name,
             archive_mode=self.request.archive_mode,
             delta=delta,
+            standby=self.request.standby is not None,
             warnings=warnings,
             phases=timing.phases,
         )
@@ -225,6 +230,18 @@ class RestoreOperation:
                 _empty(directory)
         elif tree.made:
             remove_control(tree.root)
+
+    def _check_standby(self) -> None:
+        standby = self.request.standby
+        if standby is None:
+            return
+        if self.request.target is not None:
+            raise ConfigError(
+                "a standby has no recovery target: it follows its primary until promoted",
+                hint="leave out --target-*, or restore without --type standby",
+            )
+        if standby.primary_conninfo:
+            check_primary_conninfo(standby.primary_conninfo)
 
     def _restore_command(self) -> str:
         """The caller's restore_command, or drkit wal-fetch; with a repository asked for, that
@@ -412,18 +429,39 @@ def _recorded_location(manifest: Manifest, location: str) -> Path:
     return Path(location)
 
 
-def _start_command(manifest: Manifest, pgdata: Path, user: str, bindir: Path | None) -> str:
+def _start_command(manifest: Manifest, pgdata: Path, user: ClusterUser, bindir: Path | None) -> str:
     """How to start the restored cluster: a hint printed for the operator, so binaries that
-    cannot be found leave a bare ``pg_ctl`` for them to adjust rather than fail the restore."""
+    cannot be found leave a bare ``pg_ctl`` for them to adjust rather than fail the restore.
+    The copy gets a port that is free now (the source's, from its postgresql.conf, is usually
+    taken by the source itself on this host) and a log file outside PGDATA (a log inside it
+    would be copied by the next backup of the copy, and fill its file system)."""
     try:
         binary = str(find_bindir(manifest.pg_major, bindir) / "pg_ctl")
     except PostgresBinariesNotFound:
         binary = "pg_ctl"
-    log = shlex.quote(str(pgdata / "restore.log"))
-    command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} start"
+    log = shlex.quote(str(_log_directory(pgdata, user) / f"{pgdata.name}.log"))
+    port = shlex.quote(f"-p {free_port()}")
+    command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} -o {port} start"
     if os.geteuid() == 0:
-        command = f"runuser -u {shlex.quote(user)} -- {command}"
+        command = f"runuser -u {shlex.quote(user.name)} -- {command}"
     return command
+
+
+def _log_directory(pgdata: Path, user: ClusterUser) -> Path:
+    """Where the cluster's user can create the start command's log: beside PGDATA when that
+    directory is theirs (or writable by whoever runs drkit, when not root), else their home."""
+    parent = pgdata.parent
+    try:
+        if parent.stat().st_uid == user.uid:
+            return parent
+    except OSError:
+        pass
+    if os.geteuid() != 0 and os.access(parent, os.W_OK):
+        return parent
+    try:
+        return Path(pwd.getpwuid(user.uid).pw_dir)
+    except KeyError:
+        return parent
 
 
 def _target_dict(target: RecoveryTarget) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drkit.errors import ConfigError
-from drkit.pg.recovery import RecoveryTarget, TargetAction, TargetKind
+from drkit.pg.recovery import RecoveryTarget, Standby, TargetAction, TargetKind
 from drkit.pg.wal import parse_lsn
 
 
@@ -34,6 +34,7 @@ class RestoreRequest:
     # differ and removing those the backup does not have (restore/delta.py); a drill can reuse
     # its kept sandbox this way
     delta: bool = False
+    standby: Standby | None = None  # a standby following a primary instead of a copy that opens
 
 
 def recovery_target(
