@@ -13,15 +13,22 @@ from __future__ import annotations
 from drkit.errors import BackupDeletionRefused, BackupNotFound
 from drkit.prune.operation import RepoPrune, delete_backup, hold_needs, readable_facts
 from drkit.repo.label import BackupLabel
+from drkit.repo.lease import RepositoryLease
 from drkit.repo.repository import Repository
 
 
 def delete_one_backup(
-    repo: Repository, label: str, with_dependents: bool, dry_run: bool, result: RepoPrune
+    repo: Repository,
+    label: str,
+    with_dependents: bool,
+    dry_run: bool,
+    result: RepoPrune,
+    lease: RepositoryLease | None = None,
 ) -> None:
     """Delete ``label`` (and, with ``with_dependents``, the backups that need it) from
-    ``repo``; the caller holds the backup lock. BackupNotFound when ``repo`` does not list it,
-    BackupDeletionRefused before anything is deleted when it would break a restore."""
+    ``repo``; the caller holds the backup lock and ``lease`` (checked before each deletion).
+    BackupNotFound when ``repo`` does not list it, BackupDeletionRefused before anything is
+    deleted when it would break a restore."""
     repo.check()
     listed = [str(b) for b in repo.backups()]
     if label not in listed:
@@ -55,6 +62,8 @@ def delete_one_backup(
         result.deleted = going
         return
     for name in going:
+        if lease is not None:
+            lease.check()
         if name in result.held:
             hold_needs(result, facts, facts[name].needs if name in facts else frozenset(), name)
         elif delete_backup(repo, name, result):

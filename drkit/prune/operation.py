@@ -220,8 +220,12 @@ class PruneOperation:
             result = RepoPrune(repo_settings.name, self.dry_run, policy=f"backup {label}")
             try:
                 repo = open_repository(self.settings, repo_settings.name)
-                with self._lock(repo_settings):
-                    delete_one_backup(repo, label, self.with_dependents, self.dry_run, result)
+                with self._lock(repo_settings, repo) as lease:
+                    delete_one_backup(
+                        repo, label, self.with_dependents, self.dry_run, result, lease
+                    )
+                    if lease is not None and lease.taken_over is not None:
+                        report.warnings.append(lease.taken_over)
             except BackupNotFound:
                 continue  # not copied there: nothing to delete
             except DrkitError as exc:
