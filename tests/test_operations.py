@@ -62,7 +62,7 @@ def test_restore_to_a_target_as_a_library(pg: PgCluster, workdir: Path) -> None:
     }
     assert data["exit_code"] == 0 and data["warnings"] == [] and data["repo"] == "local"
     conf = (target / "postgresql.auto.conf").read_text()
-    assert f"wal-fetch --config {dk.config} %f %p" in conf
+    assert f"wal-fetch --prefetch --config {dk.config} %f %p" in conf
     assert "recovery_target_name = 'checked'" in conf
 
     restored = attach_cluster(target, pg.version, workdir, {"archive_mode": "off"})

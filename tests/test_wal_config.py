@@ -55,6 +55,8 @@ def comparable(config: WalConfig) -> dict[str, object]:
         '[archive]\nspool_path = "/var/spool/drkit"\ncompress_level = -3\nkey_period = "hourly"'
         "\npush_timeout = 2.5\n",
         "[archive]\npush_timeout = 7\n[backup]\ncompress_level = 6\n",
+        "[archive]\nfetch_ahead = 0\n",
+        "[archive]\nfetch_ahead = 32\nprocess_max = 2\n",
     ],
 )
 def test_fast_path_reads_what_load_settings_reads(write: Writer, extra: str) -> None:
@@ -75,6 +77,7 @@ def test_defaults_agree() -> None:
         "compress_level": settings.compress_level,
         "key_period": settings.key_period,
         "push_timeout": settings.push_timeout,
+        "fetch_ahead": settings.fetch_ahead,
     }
 
 

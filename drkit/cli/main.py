@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-_FAST_COMMANDS = ("wal-push", "wal-fetch", "wal-pusher")
+_FAST_COMMANDS = ("wal-push", "wal-fetch", "wal-pusher", "wal-fetcher")
 _app: Any = None
 
 
@@ -94,7 +94,7 @@ def _build_app() -> Any:
     app.command("report")(report.command)
     app.add_typer(keys.app, name="keys")
     app.add_typer(drill.app, name="drill")
-    wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher)
+    wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher, wal-fetcher)
     return app
 
 

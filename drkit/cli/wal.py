@@ -76,10 +76,12 @@ def wal_fetch(
     config: Path | None,
     recovery_key: Path | None = None,
     repos: list[str] | None = None,
+    prefetch: bool = False,
 ) -> int:
     """restore_command: fetch one WAL file to ``dest``; returns the exit code. A file missing,
     unreadable or damaged in the primary repository is fetched from the next one that has it.
-    ``repos``: only these repositories, in this order."""
+    ``repos``: only these repositories, in this order; ``prefetch``: through the background
+    fetcher ([archive] fetch_ahead)."""
     from drkit.errors import DrkitError
 
     try:
@@ -87,7 +89,8 @@ def wal_fetch(
         from drkit.wal.operation import WalFetchRequest, fetch_wal
 
         settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True, repos=repos)
-        result = fetch_wal(settings, WalFetchRequest(name, Path(dest), recovery_key, repos))
+        request = WalFetchRequest(name, Path(dest), recovery_key, repos, prefetch)
+        result = fetch_wal(settings, request)
         for warning in result.warnings:
             _say("wal-fetch", warning.message)
         if not result.fetched:
@@ -118,6 +121,27 @@ def wal_pusher(config: Path | None, idle: float) -> int:
         return exc.exit_code
 
 
+def wal_fetcher(
+    config: Path | None,
+    pgdata: Path,
+    segment_size: int,
+    recovery_key: Path | None,
+    repos: list[str] | None,
+) -> int:
+    """wal-fetch --prefetch's background fetcher (started by wal-fetch; not for people)."""
+    from drkit.errors import DrkitError
+
+    try:
+        from drkit.wal.config import load_wal_config
+        from drkit.wal.fetcher import run_fetcher
+
+        wal_config = load_wal_config(config, recovery_key=recovery_key, repos=repos)
+        return run_fetcher(wal_config, pgdata, segment_size, recovery_key, repos)
+    except DrkitError as exc:
+        _fail("wal-fetcher", exc.message, exc.hint)
+        return exc.exit_code
+
+
 def _full_settings(path: Path) -> Settings:
     """The full loader, imported only when called (pydantic is slow to import)."""
     from drkit.config.settings import load_settings
@@ -143,7 +167,7 @@ def _fail(command: str, message: str, hint: str | None) -> None:
 
 # -- the fast path --------------------------------------------------------------------------------
 
-_ARITY = {"wal-push": 1, "wal-fetch": 2, "wal-pusher": 0}
+_ARITY = {"wal-push": 1, "wal-fetch": 2, "wal-pusher": 0, "wal-fetcher": 0}
 
 
 def run_fast(argv: list[str]) -> int | None:
@@ -164,6 +188,9 @@ def run_fast(argv: list[str]) -> int | None:
     recovery_key: Path | None = None
     repos: list[str] = []
     idle: float | None = None
+    prefetch = False
+    pgdata: Path | None = None
+    segment_size: int | None = None
     positional: list[str] = []
     i = 0
     while i < len(rest):
@@ -177,10 +204,22 @@ def run_fast(argv: list[str]) -> int | None:
         if arg.startswith("--config="):
             config, i = Path(arg.split("=", 1)[1]), i + 1
             continue
-        if command == "wal-fetch" and arg == "--recovery-key" and i + 1 < len(rest):
+        fetching = command in ("wal-fetch", "wal-fetcher")
+        if fetching and arg == "--recovery-key" and i + 1 < len(rest):
             recovery_key, i = Path(rest[i + 1]), i + 2
             continue
-        if command == "wal-fetch" and arg == "--repo" and i + 1 < len(rest):
+        if command == "wal-fetch" and arg == "--prefetch":
+            prefetch, i = True, i + 1
+            continue
+        if command == "wal-fetcher" and arg == "--pgdata" and i + 1 < len(rest):
+            pgdata, i = Path(rest[i + 1]), i + 2
+            continue
+        if command == "wal-fetcher" and arg == "--segment-size" and i + 1 < len(rest):
+            if not rest[i + 1].isdigit():
+                return None
+            segment_size, i = int(rest[i + 1]), i + 2
+            continue
+        if fetching and arg == "--repo" and i + 1 < len(rest):
             repos.append(rest[i + 1])
             i += 2
             continue
@@ -200,7 +239,13 @@ def run_fast(argv: list[str]) -> int | None:
     if command == "wal-push":
         return wal_push(positional[0], config)
     if command == "wal-fetch":
-        return wal_fetch(positional[0], positional[1], config, recovery_key, repos or None)
+        return wal_fetch(
+            positional[0], positional[1], config, recovery_key, repos or None, prefetch
+        )
+    if command == "wal-fetcher":
+        if pgdata is None or segment_size is None:
+            return None
+        return wal_fetcher(config, pgdata, segment_size, recovery_key, repos or None)
     from drkit.wal.spool import DEFAULT_IDLE
 
     return wal_pusher(config, DEFAULT_IDLE if idle is None else idle)
@@ -236,12 +281,18 @@ def register(app: Any) -> None:
             None,
             help="read only this repository (repeat for several, tried in the order given)",
         ),
+        prefetch: bool = typer.Option(
+            False,
+            "--prefetch",
+            help="fetch the next [archive] fetch_ahead segments in the background (run by a"
+            " recovering server)",
+        ),
     ) -> None:
         """Fetch one archived WAL file (restore_command = 'drkit wal-fetch %f %p').
 
         Exit 0: written; 1: not archived; above 125: a real error (PostgreSQL aborts recovery).
         """
-        raise typer.Exit(wal_fetch(name, dest, config, recovery_key, repo or None))
+        raise typer.Exit(wal_fetch(name, dest, config, recovery_key, repo or None, prefetch))
 
     @app.command("wal-pusher", hidden=True)
     def pusher_command(
@@ -250,3 +301,14 @@ def register(app: Any) -> None:
     ) -> None:
         """The async mode's background pusher, started by wal-push."""
         raise typer.Exit(wal_pusher(config, idle))
+
+    @app.command("wal-fetcher", hidden=True)
+    def fetcher_command(
+        pgdata: Path = typer.Option(..., help="the data directory of the recovering server"),
+        segment_size: int = typer.Option(..., help="its WAL segment size in bytes"),
+        config: Path | None = config_option,
+        recovery_key: Path | None = typer.Option(None, help="as wal-fetch --recovery-key"),
+        repo: list[str] | None = typer.Option(None, help="as wal-fetch --repo"),
+    ) -> None:
+        """wal-fetch --prefetch's background fetcher, started by wal-fetch."""
+        raise typer.Exit(wal_fetcher(config, pgdata, segment_size, recovery_key, repo or None))

@@ -435,6 +435,12 @@ class ArchiveSettings(_Section):
     push_timeout: float = Field(
         60, gt=0, description="seconds an async archive_command waits for its segment"
     )
+    fetch_ahead: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="segments 'wal-fetch --prefetch' fetches ahead of recovery (0: none)",
+    )
 
 
 class LogSettings(_Section):

@@ -106,9 +106,10 @@ def wal_fetch_command(
 ) -> str:
     """The restore_command a restored cluster uses to fetch WAL from the repositories: this
     installation's drkit, with the configuration (and escrow key) the restore used, reading only
-    ``repos`` (in that order) when given."""
+    ``repos`` (in that order) when given, fetching ahead ([archive] fetch_ahead) in the
+    background."""
     drkit = Path(sys.executable).parent / "drkit"
-    command = f"{shlex.quote(str(drkit))} wal-fetch --config {shlex.quote(str(config))}"
+    command = f"{shlex.quote(str(drkit))} wal-fetch --prefetch --config {shlex.quote(str(config))}"
     if recovery_key is not None:
         command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
     for name in repos or []:

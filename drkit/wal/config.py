@@ -41,6 +41,7 @@ _ARCHIVE_KEYS = {
     "compress_level",
     "key_period",
     "push_timeout",
+    "fetch_ahead",
 }
 
 
@@ -51,6 +52,7 @@ class ArchiveConfig(NamedTuple):
     compress_level: int = 1
     key_period: KeyPeriod = "daily"
     push_timeout: float = 60.0
+    fetch_ahead: int = 8
 
 
 class WalRepository:
@@ -199,14 +201,17 @@ def _archive(table: dict[str, Any]) -> ArchiveConfig:
     level = table.get("compress_level", defaults.compress_level)
     period = table.get("key_period", defaults.key_period)
     timeout = table.get("push_timeout", defaults.push_timeout)
+    ahead = table.get("fetch_ahead", defaults.fetch_ahead)
     if not isinstance(async_, bool) or period not in ("daily", "hourly"):
         raise _Unsupported
     if not _int_in(process_max, 1, 64) or not _int_in(level, -7, 22):
         raise _Unsupported
+    if not _int_in(ahead, 0, 64):
+        raise _Unsupported
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise _Unsupported
     return ArchiveConfig(
-        async_, _path(table, "spool_path"), process_max, level, period, float(timeout)
+        async_, _path(table, "spool_path"), process_max, level, period, float(timeout), ahead
     )
 
 
@@ -275,7 +280,13 @@ def _from_settings(
     settings = _settings(path, recovery_key, repos)
     a = settings.archive
     archive = ArchiveConfig(
-        a.async_, a.spool_path, a.process_max, a.compress_level, a.key_period, float(a.push_timeout)
+        a.async_,
+        a.spool_path,
+        a.process_max,
+        a.compress_level,
+        a.key_period,
+        float(a.push_timeout),
+        a.fetch_ahead,
     )
     # Only the async pusher reads pg_wal; wal-fetch and a synchronous wal-push run anywhere
     pgdata = settings.postgres.local_pgdata() if a.async_ else settings.postgres.pgdata or Path()

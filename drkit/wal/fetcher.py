@@ -1,0 +1,230 @@
+"""The background fetcher of ``wal-fetch --prefetch`` (drkit/wal/prefetch.py tells the whole
+protocol): one process per recovering cluster keeps the segments after the one PostgreSQL last
+asked for ready in the spool, and stops when recovery no longer needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from drkit.errors import DrkitError
+from drkit.private_dir import write_pid
+from drkit.repo.wal_names import parse_wal_name
+from drkit.wal.prefetch import (
+    IDLE,
+    INFO,
+    KEEP,
+    PART,
+    SIGNAL_FILES,
+    WANT_FILE,
+    FetchSpool,
+    spool_path,
+)
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from drkit.wal.config import WalConfig
+    from drkit.wal.operation import WalSources
+
+log = logging.getLogger(__name__)
+
+POLL = 0.02  # seconds between looks at the request, the server and the fetches
+MISSING_RETRY = 1.0  # seconds before a segment that was not archived is asked for again
+
+
+def segment_name(timeline: int, segno: int, segment_size: int) -> str:
+    per_id = 0x100000000 // segment_size
+    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+
+
+def segment_number(name: str, segment_size: int) -> int:
+    return int(name[8:16], 16) * (0x100000000 // segment_size) + int(name[16:24], 16)
+
+
+class Fetcher:
+    """The background fetcher of one recovering cluster (``drkit wal-fetcher``)."""
+
+    def __init__(
+        self,
+        config: WalConfig,
+        sources: WalSources,
+        pgdata: Path,
+        segment_size: int,
+        *,
+        idle: float = IDLE,
+    ) -> None:
+        self.sources, self.pgdata, self.segment_size = sources, pgdata, segment_size
+        self.ahead, self.workers = config.archive.fetch_ahead, config.archive.process_max
+        self.spool = FetchSpool(spool_path(config, pgdata))
+        self.idle = idle
+        self.missing: dict[str, float] = {}  # not archived (yet), when last asked
+        self.failed: set[str] = set()  # damaged or unreadable: left to a direct fetch
+        self.full = False  # the spool could not take more: fetch nothing more ahead
+
+    def run(self) -> int:
+        """Fetch ahead until recovery no longer needs it; 0 at once if a fetcher runs."""
+        lock = None
+        for _ in range(5):  # a request probing the lock holds it for an instant
+            lock = self.spool.try_lock()
+            if lock is not None:
+                break
+            time.sleep(0.01)
+        if lock is None:
+            return 0
+        try:
+            self.spool.clear()
+            write_pid(lock)
+            postmaster = _postmaster_pid(self.pgdata)
+            if postmaster is not None:
+                self._loop(postmaster)
+        finally:
+            self.spool.clear()
+            os.close(lock)
+            self.spool.close()
+        return 0
+
+    def _loop(self, postmaster: int) -> None:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        inflight: dict[str, Future[bool]] = {}
+        last_want, changed, timeline = None, time.monotonic(), None
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="wal-fetch") as pool:
+            try:
+                while True:
+                    want = self.spool.read(WANT_FILE), _mtime(self.spool, WANT_FILE)
+                    if want != last_want:
+                        last_want, changed = want, time.monotonic()
+                    name = (want[0] or "").strip()
+                    stop = self._stop_reason(postmaster, name, timeline)
+                    if stop is None and not inflight and time.monotonic() - changed > self.idle:
+                        stop = f"no request for {self.idle:g}s"
+                    if stop is not None:
+                        log.info("stopped fetching ahead: %s", stop)
+                        return
+                    timeline = parse_wal_name(name).timeline
+                    for done in [n for n, f in inflight.items() if f.done()]:
+                        self._finished(done, inflight.pop(done))
+                    self._schedule(pool, name, inflight)
+                    if inflight:
+                        wait(inflight.values(), timeout=POLL, return_when=FIRST_COMPLETED)
+                    else:
+                        time.sleep(POLL)
+            finally:
+                for future in inflight.values():
+                    future.cancel()
+
+    def _stop_reason(self, postmaster: int, name: str, timeline: int | None) -> str | None:
+        if not _alive(postmaster):
+            return "the server stopped"
+        if not any((self.pgdata / signal).exists() for signal in SIGNAL_FILES):
+            return "recovery ended"
+        try:
+            wanted = parse_wal_name(name)
+        except ValueError:
+            return f"unexpected request {name!r}"
+        if wanted.kind != "segment" or timeline not in (None, wanted.timeline):
+            return f"PostgreSQL asked for {name} (another timeline)"
+        return None
+
+    def _schedule(
+        self, pool: ThreadPoolExecutor, want: str, inflight: dict[str, Future[bool]]
+    ) -> None:
+        """Drop what recovery passed, then start fetches in the window after ``want``."""
+        timeline, current = int(want[:8], 16), segment_number(want, self.segment_size)
+        window = [
+            segment_name(timeline, current + i, self.segment_size) for i in range(1, self.ahead + 1)
+        ]
+        keep = {*KEEP, want, want + INFO}
+        for name in [*window, *inflight]:
+            keep |= {name, name + INFO, name + PART}
+        self.spool.clear({*keep, *(n for n in self.spool.names() if n.startswith("."))})
+        spooled = sum(1 for name in window if self.spool.ready(name)) + len(inflight)
+        for name in window:
+            if self.full or len(inflight) >= self.workers or spooled >= self.ahead:
+                return
+            if name in self.failed or name in inflight or self.spool.ready(name):
+                continue
+            if time.monotonic() - self.missing.get(name, -MISSING_RETRY) < MISSING_RETRY:
+                return  # not archived (yet): nothing beyond it either
+            inflight[name] = pool.submit(self._fetch, name)
+            spooled += 1
+
+    def _fetch(self, name: str) -> bool:
+        """Fetch ``name`` into the spool; False when it is not archived."""
+        from drkit.wal.operation import WalFetchRequest, fetch_from
+
+        result = fetch_from(self.sources, WalFetchRequest(name, self.spool.path / (name + PART)))
+        if not result.fetched:
+            return False
+        lines = [result.repo or "", *(w.message for w in result.warnings)]
+        self.spool.write(name + INFO, "".join(f"{' '.join(line.split())}\n" for line in lines))
+        os.rename(name + PART, name, src_dir_fd=self.spool.fd, dst_dir_fd=self.spool.fd)
+        return True
+
+    def _finished(self, name: str, future: Future[bool]) -> None:
+        from drkit.wal.fetch import WalFetchError
+
+        try:
+            if future.result():
+                log.info("fetched %s ahead", name)
+                self.missing.pop(name, None)
+            else:
+                self.missing[name] = time.monotonic()
+            return
+        except (WalFetchError, OSError) as exc:  # the spool, not the archive
+            self.full = True
+            message = exc.message if isinstance(exc, DrkitError) else str(exc)
+            log.warning("the spool takes no more segments, fetching directly: %s", message)
+        except DrkitError as exc:
+            log.warning("%s not fetched ahead (a direct fetch will say why): %s", name, exc.message)
+        except Exception as exc:  # a bug must not kill the fetcher: a direct fetch takes over
+            log.warning("%s not fetched ahead: unexpected error %r", name, exc)
+        self.failed.add(name)
+        self.spool.remove(name + PART)
+        self.spool.remove(name + INFO)
+
+
+def _mtime(spool: FetchSpool, name: str) -> int:
+    try:
+        return os.stat(name, dir_fd=spool.fd, follow_symlinks=False).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_fetcher(
+    config: WalConfig,
+    pgdata: Path,
+    segment_size: int,
+    recovery_key: Path | None = None,
+    repos: list[str] | None = None,
+    *,
+    idle: float = IDLE,
+) -> int:
+    """``drkit wal-fetcher``: fetch ahead for the cluster recovering in ``pgdata``."""
+    from drkit.wal.operation import WalSources
+
+    sources = WalSources(config, recovery_key, repos, cache=True)
+    return Fetcher(config, sources, pgdata, segment_size, idle=idle).run()

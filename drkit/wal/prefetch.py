@@ -1,0 +1,296 @@
+"""WAL prefetch: a background fetcher keeps the next segments ready before PostgreSQL asks.
+
+Recovery runs restore_command once per file, one after another, so without help every segment
+costs a whole fetch (start-up, download, decryption, decompression) while replay waits. With
+``wal-fetch --prefetch`` (the restore_command drkit restore writes) and ``[archive] fetch_ahead
+= N`` (0 turns it off), the fetching moves to one background process per recovering cluster:
+
+1. Every request writes its file name to ``<spool>/want``. When a fetcher runs (it holds an
+   exclusive ``flock`` on ``<spool>/fetcher.lock``) and has the segment, the request renames it
+   to ``%p`` (copies it, when the spool is on another file system) and is done; a segment the
+   fetcher is still writing is waited for.
+2. Anything else is fetched directly, exactly as without prefetch. Then, when no fetcher runs,
+   the request removes what an earlier one may have left (holding the lock, so none is running)
+   and starts ``drkit wal-fetcher`` detached, output in ``<spool>/fetcher.log``.
+3. The fetcher fetches the N segments after the wanted one, lowest first, ``process_max`` at a
+   time, each through the same function as a direct fetch: authenticated and decoded, from the
+   first repository that serves it intact. A segment appears in the spool under its own name
+   only once complete; at most N are spooled or being written at once.
+
+So the spool only ever holds segments that passed every check. A segment that is not archived,
+damaged, or unreadable is left out, and PostgreSQL's request for it is a direct fetch, with a
+direct fetch's answer: 1 for "not archived", above 125 for damage, which aborts recovery.
+
+The spool is ``<spool_path or lock_path>/fetch-<hash of the data directory>``, a private
+directory of the server's user (drkit/private_dir.py). The fetcher stops, removing what it
+spooled, when recovery ended (neither ``recovery.signal`` nor ``standby.signal`` is left: a
+target reached and promoted, say) or its postmaster is gone; when PostgreSQL asks for a history
+file or a segment of another timeline (a timeline switch: the next request starts a new
+fetcher); and when no request came for ``IDLE`` seconds (recovery paused at its target). A spool
+that cannot take more (a full disk, a directory it cannot write) stops the fetching ahead, and
+the requests fetch directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import struct
+import sys
+import time
+from collections.abc import Collection
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from drkit.errors import DrkitError
+from drkit.private_dir import open_lock_file, open_private_dir
+from drkit.repo.wal_names import parse_wal_name
+
+if TYPE_CHECKING:
+    from drkit.wal.config import WalConfig
+    from drkit.wal.operation import WalFetchRequest, WalFetchResult
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "fetcher.lock"
+LOG_FILE = "fetcher.log"
+WANT_FILE = "want"
+KEEP = (LOCK_FILE, LOG_FILE, WANT_FILE)
+PART = ".part"  # a segment being written, renamed to its name once complete
+INFO = ".info"  # beside a spooled segment: the repository that served it, then its warnings
+SIGNAL_FILES = ("recovery.signal", "standby.signal")
+IDLE = 10.0  # seconds without a request before the fetcher exits
+WAIT_LIMIT = 60.0  # seconds a request waits for a segment the fetcher is writing
+POLL = 0.02
+_LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData: xlp_seg_size is [6]
+
+
+def spool_path(config: WalConfig, pgdata: Path) -> Path:
+    """The fetch spool of the cluster recovering in ``pgdata``."""
+    digest = hashlib.sha256(str(pgdata.resolve()).encode()).hexdigest()[:12]
+    return (config.archive.spool_path or config.lock_path) / f"fetch-{digest}"
+
+
+def recovering(pgdata: Path) -> bool:
+    """A server runs in ``pgdata`` and has not finished its recovery."""
+    return (pgdata / "postmaster.pid").exists() and any(
+        (pgdata / name).exists() for name in SIGNAL_FILES
+    )
+
+
+class FetchSpool:
+    """The spool directory of one recovering cluster, opened and checked (private, ours)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = open_private_dir(path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+
+    def write(self, name: str, text: str) -> None:
+        """Publish ``name`` whole (a temporary file renamed over it)."""
+        temporary = f".{name}.{os.getpid()}.tmp"
+        fd = self.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.rename(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def read(self, name: str) -> str | None:
+        try:
+            fd = self.open(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd) as file:
+            return file.read()
+
+    def names(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    def ready(self, name: str) -> bool:
+        """A complete segment this user wrote (never anything else, never through a link)."""
+        try:
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+    def in_flight(self, name: str) -> bool:
+        return any(n == name + PART or n.startswith(f".{name}{PART}.") for n in self.names())
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def clear(self, keep: Collection[str] = KEEP) -> None:
+        for name in self.names():
+            if name not in keep:
+                self.remove(name)
+
+    def try_lock(self) -> int | None:
+        """The fetcher lock's descriptor if this process got it, None if a fetcher holds it."""
+        fd = open_lock_file(self.fd, self.path, LOCK_FILE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+
+# -- the restore_command side ----------------------------------------------------------------------
+
+
+class Prefetch:
+    """What one wal-fetch does with the spool: take its segment, or start a fetcher."""
+
+    def __init__(self, config: WalConfig, request: WalFetchRequest) -> None:
+        self.config, self.request = config, request
+        self.pgdata = Path.cwd()  # restore_command runs in the data directory
+        self.spool: FetchSpool | None = None
+        if not recovering(self.pgdata):
+            return  # run by hand, not by a recovering server: nothing to fetch ahead for
+        try:
+            self.spool = FetchSpool(spool_path(config, self.pgdata))
+            self.spool.write(WANT_FILE, request.name + "\n")
+        except (DrkitError, OSError) as exc:
+            self._off(exc)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+    def _off(self, exc: DrkitError | OSError) -> None:
+        reason = exc.message if isinstance(exc, DrkitError) else (exc.strerror or str(exc))
+        log.warning("not fetching WAL ahead: %s", reason, extra={"command": "wal-fetch"})
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+    def take(self) -> WalFetchResult | None:
+        """The result of renaming the spooled segment into place, or None (fetch directly)."""
+        spool, name = self.spool, self.request.name
+        if spool is None:
+            return None
+        try:
+            if _no_fetcher(spool):
+                return None
+            deadline = checked = time.monotonic()
+            deadline += WAIT_LIMIT
+            while not spool.ready(name) and spool.in_flight(name):
+                now = time.monotonic()
+                if now > deadline:
+                    return None
+                if now - checked > 0.1:  # a fetcher that died writing it never finishes it
+                    if _no_fetcher(spool):
+                        return None
+                    checked = now
+                time.sleep(0.002)
+            return self._serve(spool, name) if spool.ready(name) else None
+        except (DrkitError, OSError) as exc:
+            self._off(exc)
+            return None
+
+    def _serve(self, spool: FetchSpool, name: str) -> WalFetchResult | None:
+        from drkit.errors import CopyFallback
+        from drkit.wal.operation import WalFetchResult
+
+        info = (spool.read(name + INFO) or "\n").splitlines()
+        dest = self.request.dest
+        try:
+            os.rename(name, dest, src_dir_fd=spool.fd)
+        except FileNotFoundError:
+            return None  # the fetcher stopped and took it away: fetch directly
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy(spool, name, dest)
+        spool.remove(name + INFO)
+        result = WalFetchResult(name=name, fetched=True, repo=info[0] or None, prefetched=True)
+        result.searched.append(info[0])
+        result.warnings += [CopyFallback(line) for line in info[1:] if line]
+        return result
+
+    @staticmethod
+    def _copy(spool: FetchSpool, name: str, dest: Path) -> None:
+        import shutil
+
+        from drkit.fsutil import write_new
+
+        with (
+            os.fdopen(spool.open(name, os.O_RDONLY), "rb") as source,
+            write_new(dest, replace=True, sync=False) as out,
+        ):
+            shutil.copyfileobj(source, out, 1024 * 1024)
+        spool.remove(name)
+
+    def start(self, result: WalFetchResult) -> None:
+        """After a direct fetch: start a fetcher unless one runs, for a segment written."""
+        spool = self.spool
+        if spool is None or not result.fetched or parse_wal_name(result.name).kind != "segment":
+            return
+        try:
+            segment_size = _segment_size(self.request.dest)
+            if segment_size is not None and _no_fetcher(spool):
+                self._spawn(spool, segment_size)
+        except (DrkitError, OSError) as exc:
+            self._off(exc)
+
+    def _spawn(self, spool: FetchSpool, segment_size: int) -> None:
+        import subprocess
+
+        from drkit.logs import open_log_file
+
+        command = [sys.executable, "-m", "drkit", "wal-fetcher"]
+        command += ["--config", str(self.config.config_path.absolute())]
+        command += ["--pgdata", str(self.pgdata), "--segment-size", str(segment_size)]
+        if self.request.recovery_key is not None:
+            command += ["--recovery-key", str(self.request.recovery_key.absolute())]
+        for repo in self.request.repos or []:
+            command += ["--repo", repo]
+        with open(open_log_file(spool.path / LOG_FILE), "ab") as output:
+            subprocess.Popen(  # noqa: S603 - this interpreter running drkit, no shell
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,  # outlives this request, away from the server's signals
+                close_fds=True,
+            )
+
+
+def _no_fetcher(spool: FetchSpool) -> bool:
+    """True when no fetcher runs; what the spool holds is then a dead one's, and is removed
+    while the lock is held (no fetcher can start meanwhile)."""
+    lock = spool.try_lock()
+    if lock is None:
+        return False
+    try:
+        spool.clear()
+    finally:
+        os.close(lock)
+    return True
+
+
+def _segment_size(path: Path) -> int | None:
+    """xlp_seg_size from the long page header of the segment just written at ``path``."""
+    with open(path, "rb") as file:
+        head = file.read(_LONG_HEADER.size)
+    if len(head) < _LONG_HEADER.size:
+        return None
+    size = _LONG_HEADER.unpack(head)[6]
+    return size if 1 << 20 <= size <= 1 << 30 and size & (size - 1) == 0 else None
