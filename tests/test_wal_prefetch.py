@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rig.archive import enable_archiving, switch_wal, wait_archived
@@ -127,6 +129,42 @@ def test_a_damaged_segment_ahead_is_never_served(pg: PgCluster, workdir: Path) -
     fetcher_log = (spool_of(dk) / "fetcher.log").read_text()
     assert f"{damaged} not fetched ahead" in fetcher_log, fetcher_log
     assert damaged not in fetched_ahead(spool_of(dk))
+
+
+def test_segments_missing_from_the_primary_are_fetched_ahead_from_s3(
+    pg: PgCluster, workdir: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)  # the restored server's wal-fetch inherits them
+    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket)
+    offsite = {
+        "name": "offsite",
+        "type": "s3",
+        "bucket": bucket,
+        "endpoint_url": s3.endpoint_url,
+        "region": "us-east-1",
+        "offsite": True,
+    }
+    dk = Drkit(pg, workdir, extra_repos=[offsite])
+    dk.ok("init")
+    enable_archiving(pg, dk, fetch_ahead=4)
+    segments = archive_batches(pg, dk, 8)
+    expected = pg.psql(ROWS)
+    dk.ok("replicate")
+    restored = restore(dk, workdir, "--target-latest")
+    lost = segments[2:7]
+    for name in lost:  # gone from the local repository after the restore, intact in S3
+        (dk.repo_path / parse_wal_name(name).key).unlink()
+    restored.start(timeout=120)
+    restored.wait_promoted(timeout=120)
+    assert restored.psql(ROWS) == expected
+    wait_no_fetcher(restored.pgdata)
+    ahead = set(fetched_ahead(spool_of(dk)))
+    assert ahead & set(lost), ahead
+    log = restored.log_file.read_text()
+    for name in lost:  # served from the spool or fetched directly: each says where it came from
+        assert f"WAL file {name} fetched from 'offsite' (missing there)" in log, log[-3000:]
 
 
 def _small_tmpfs(path: Path) -> None:
