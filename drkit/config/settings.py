@@ -425,7 +425,7 @@ class ArchiveSettings(_Section):
         default_factory=lambda: min(4, os.cpu_count() or 1),
         ge=1,
         le=64,
-        description="parallel pushes of the async pusher",
+        description="parallel pushes of the async pusher, parallel fetches of the prefetcher",
     )
     # Level 1: WAL is pushed on the database's critical path and must keep up with peak write
     # rates. On pgbench WAL level 1 stores 10.6% of the input against 10.0% at level 3, for 12

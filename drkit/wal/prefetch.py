@@ -67,7 +67,7 @@ INFO = ".info"  # beside a spooled segment: the repository that served it, then 
 SIGNAL_FILES = ("recovery.signal", "standby.signal")
 IDLE = 10.0  # seconds without a request before the fetcher exits
 WAIT_LIMIT = 60.0  # seconds a request waits for a segment the fetcher is writing
-POLL = 0.02
+LOG_LIMIT = 1024 * 1024  # a longer fetcher.log is started afresh
 _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData: xlp_seg_size is [6]
 
 
@@ -262,6 +262,9 @@ class Prefetch:
             command += ["--recovery-key", str(self.request.recovery_key.absolute())]
         for repo in self.request.repos or []:
             command += ["--repo", repo]
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(LOG_FILE, dir_fd=spool.fd, follow_symlinks=False).st_size > LOG_LIMIT:
+                spool.remove(LOG_FILE)
         with open(open_log_file(spool.path / LOG_FILE), "ab") as output:
             subprocess.Popen(  # noqa: S603 - this interpreter running drkit, no shell
                 command,
