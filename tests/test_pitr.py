@@ -182,5 +182,5 @@ def test_restore_from_the_surviving_repository_fetches_wal_from_it_alone(
     # repository too would have stopped it with exit 222) and holds exactly batches 1 and 2
     assert database_checksums(restored) == after_batch_2
     auto_conf = (restored.pgdata / "postgresql.auto.conf").read_text()
-    assert " wal-fetch --config " in auto_conf and " --repo second %f %p" in auto_conf
+    assert " wal-fetch --prefetch --config " in auto_conf and " --repo second %f %p" in auto_conf
     assert 'restored log file "' in restored.log_tail(200)
