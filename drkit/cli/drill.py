@@ -104,7 +104,8 @@ def command(
     if ctx.invoked_subcommand is not None:
         return
     from drkit.config.settings import config_path
-    from drkit.drill.operation import DrillOperation, DrillRequest
+    from drkit.drill.operation import DrillOperation
+    from drkit.drill.result import DrillRequest
     from drkit.drill.sandbox import Interrupted
     from drkit.drill.scenario import load_scenario
 

@@ -16,16 +16,13 @@ directory deleted in a ``finally``, and SIGTERM/SIGINT are turned into an except
 
 from __future__ import annotations
 
-import getpass
 import logging
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
@@ -43,14 +40,13 @@ from drkit.drill.plan import (
     surviving_settings,
 )
 from drkit.drill.queue import record_drill
+from drkit.drill.result import DrillRequest, DrillResult
 from drkit.drill.rpo import Recovered, exposure, measure_recovered
 from drkit.drill.sandbox import Sandbox, create_sandbox, interruptible
-from drkit.drill.scenario import RestorePointSpec, Scenario, Survivors
+from drkit.drill.scenario import RestorePointSpec, Survivors
 from drkit.errors import (
     ConfigError,
-    DrillCheckFailed,
     DrillRestoreFailed,
-    DrillTargetMissed,
     DrkitError,
     DrkitWarning,
 )
@@ -74,65 +70,8 @@ from drkit.repo.repository import Repository
 from drkit.restore.operation import RestoreOperation, RestoreResult
 from drkit.restore.plan import predict_restore, wal_range
 from drkit.restore.request import RestoreRequest, wal_fetch_command
-from drkit.result import OperationResult
 
 log = logging.getLogger(__name__)
-
-EXIT_CODES = {
-    FailureKind.RESTORE_FAILED: DrillRestoreFailed.exit_code,
-    FailureKind.CHECK_FAILED: DrillCheckFailed.exit_code,
-    FailureKind.TARGET_MISSED: DrillTargetMissed.exit_code,
-}
-
-
-@dataclass
-class DrillRequest:
-    """What to drill. Command-line choices (backup, target, random, rto, rpo) win over the
-    scenario's, which win over ``[drill]`` in drkit.toml."""
-
-    scenario: Scenario | None = None
-    backup: str | None = None
-    target_time: str | None = None
-    target_name: str | None = None
-    target_lsn: str | None = None
-    target_xid: str | None = None
-    random: bool = False
-    rto: timedelta | None = None
-    rpo: timedelta | None = None
-    keep: bool = False  # keep the sandbox (the server is stopped all the same)
-    started_by: str = field(default_factory=lambda: f"user:{getpass.getuser()}")
-    config: Path | None = None  # the drkit.toml the sandbox's restore_command reads
-
-
-@dataclass(kw_only=True)
-class DrillResult(OperationResult):
-    """A finished drill, PASS or FAIL. ``exit_code``: 0 on PASS (or the warnings' code), 30
-    restore failed, 31 check failed, 32 target missed. Warnings: RepositoryUnreachable for a
-    repository the record could not be written to. ``phases``: the record's phases."""
-
-    record: DrillRecord
-    sandbox: Path | None = None  # kept for inspection (--keep)
-    written: list[str] = field(default_factory=list)  # repositories holding the record
-    queued: Path | None = None  # where the record waits when no repository took it
-    flushed: list[str] = field(default_factory=list)  # earlier queued drills written now
-
-    @property
-    def exit_code(self) -> int:
-        if self.record.failure is not None:
-            return EXIT_CODES[self.record.failure]
-        return super().exit_code
-
-    def _data(self) -> dict[str, Any]:
-        return {
-            "outcome": str(self.record.outcome),
-            "failure": str(self.record.failure) if self.record.failure else None,
-            "reason": self.record.reason,
-            "record": self.record.model_dump(mode="json"),
-            "sandbox": str(self.sandbox) if self.sandbox else None,
-            "written": self.written,
-            "queued": str(self.queued) if self.queued else None,
-            "flushed": self.flushed,
-        }
 
 
 class _Failed(Exception):
