@@ -119,3 +119,19 @@ def test_pgbench_check_measures_read_only_tps_against_the_floor(
     assert record["reason"].startswith("check 'pgbench' failed: pgbench -S, 1 clients, 1s: ")
     assert record["reason"].endswith(" tps (floor 1e+12): below the floor")
     assert record["checks"][0]["value"] > 0
+
+
+def test_pgbench_check_sessions_are_read_only(pg_factory: Any, workdir: Path) -> None:
+    script = workdir / "writes.sql"
+    script.write_text("INSERT INTO orders VALUES (-1, 'written by the check');\n")
+    bench = {"clients": 1, "seconds": 1, "min_tps": 1, "script": script}
+    dk = drill_setup(pg_factory(15), workdir, checks={"amcheck": False, "pgbench": bench})
+
+    code, out, _ = run_drill(dk)
+
+    record = out["record"]
+    assert code == 31 and record["failure"] == "check-failed"
+    [check] = record["checks"]
+    assert check["ok"] is False and check["value"] is None
+    assert check["detail"].startswith("pgbench -f writes.sql, 1 clients, 1s: exit ")
+    assert "cannot execute INSERT in a read-only transaction" in check["detail"]
