@@ -9,10 +9,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from rig.drkit import Drkit, start_restored
-from rig.postgres import PgCluster, database_checksums
+from rig.postgres import PgCluster, attach_cluster, database_checksums
 
 from drkit.config.settings import load_settings
+from drkit.errors import ServerControlError
 from drkit.restore.operation import restore_backup
 from drkit.restore.request import RestoreRequest
 
@@ -183,3 +185,35 @@ def test_a_running_clusters_directory_is_refused_and_left_alone(
     delta = dk.run("restore", "--delta", "--pgdata", str(notes))
     assert delta.exit_code == 14 and "not a PostgreSQL data directory" in delta.stderr
     assert (notes / "todo.txt").read_text() == "keep me\n"
+
+
+def test_a_delta_restore_cut_short_leaves_a_directory_that_does_not_start(
+    pg: PgCluster, workdir: Path
+) -> None:
+    """The backup's data is damaged: the delta restore fails once it has begun changing the
+    stale copy, and leaves it without global/pg_control, so nobody starts a mix of both."""
+    pg.psql(SCHEMA)
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    label = json.loads(dk.ok("backup", "--type", "full", "--json").stdout)["label"]
+    stale = workdir / "stale"
+    dk.ok("restore", "--pgdata", str(stale))
+    (stale / "standby.signal").touch()
+    (stale / relation_file(pg, "changed")).write_bytes(b"\0" * 8192)
+    backup = dk.repo_path / "backup" / label
+    for stored in backup.rglob("*"):
+        if stored.is_file() and stored.relative_to(backup).parts[0] == "data":
+            stored.chmod(0o600)
+            data = bytearray(stored.read_bytes())
+            for offset in range(100, len(data), 1024):  # every frame, however small
+                data[offset] ^= 0x01
+            stored.write_bytes(bytes(data))
+
+    failed = dk.run("restore", "--delta", "--pgdata", str(stale))
+    assert failed.exit_code == 13, failed.output
+    assert not (stale / "global" / "pg_control").exists()
+    assert not (stale / "standby.signal").exists()
+    assert (stale / "PG_VERSION").is_file() and (stale / relation_file(pg, "big")).is_file()
+    copy = attach_cluster(stale, pg.version, workdir)
+    with pytest.raises(ServerControlError):
+        copy.start()

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
+import mmap
 import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from drkit.errors import ClusterRunning, RestoreTargetError
-from drkit.fsutil import os_reason
+from drkit.fsutil import os_reason, pread_into
 from drkit.pools import worker_pool
 from drkit.repo.chain import FilePlan
 from drkit.restore.paths import TargetTree
@@ -49,6 +53,7 @@ _MADE = frozenset({"pg_tblspc", "pg_wal", "pg_wal/archive_status", "pg_wal/summa
 _VERSION_DIR = re.compile(r"PG_[0-9]+_[0-9]+")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_BUFFER = 1024 * 1024
+DIRECT_ALIGN = 4096
 
 
 @dataclass
@@ -226,14 +231,15 @@ class DeltaRestore:
             if not (stat.S_ISLNK(st.st_mode) and name in self._links):
                 self.summary.removed += 1
 
-    def compare(self, tree: TargetTree, workers: int) -> DeltaWork:
+    def compare(self, tree: TargetTree, workers: int, direct: bool) -> DeltaWork:
         """Check every file found against its entry (in parallel, a large file chunk by chunk),
         remove those to be written whole, give those kept their mode and mtime; what is left to
-        write. ``tree`` holds the backup's directories, made over the cleared ones."""
+        write. ``tree`` holds the backup's directories, made over the cleared ones; ``direct``:
+        read large files with O_DIRECT."""
         checks: list[_Check] = [_Check(plan, st) for plan, st in self._found]
         tasks: list[Callable[[], None]] = []
         for check in checks:
-            tasks += check.tasks(tree)
+            tasks += check.tasks(tree, direct)
         with worker_pool(workers, "compare") as pool:
             list(pool.map(lambda task: task(), tasks))
 
@@ -283,7 +289,7 @@ class _Check:
         self._whole = st.st_nlink != 1 or entry.sha256 is None
         self._matches = False  # a file compared whole matched
 
-    def tasks(self, tree: TargetTree) -> list[Callable[[], None]]:
+    def tasks(self, tree: TargetTree, direct: bool) -> list[Callable[[], None]]:
         entry = self.plan.entry
         if self._whole:
             return []
@@ -291,22 +297,23 @@ class _Check:
             if self._size != entry.size:
                 self._whole = True
                 return []
-            return [partial(self._compare_whole, tree)]
+            return [partial(self._compare_whole, tree, direct)]
         tasks: list[Callable[[], None]] = []
         for index, (start, end, sha256) in enumerate(self._chunks):
             if end > self._size:
                 self._differs.add(index)  # not all there: written without reading
             else:
-                tasks.append(partial(self._compare_chunk, tree, index, start, end, sha256))
+                tasks.append(partial(self._compare_chunk, tree, direct, index, start, end, sha256))
         return tasks
 
-    def _compare_whole(self, tree: TargetTree) -> None:
-        self._matches = _digest(tree, self.plan.entry.path, 0, self._size) == self.plan.entry.sha256
+    def _compare_whole(self, tree: TargetTree, direct: bool) -> None:
+        found = _digest(tree, self.plan.entry.path, 0, self._size, direct)
+        self._matches = found == self.plan.entry.sha256
 
     def _compare_chunk(
-        self, tree: TargetTree, index: int, start: int, end: int, sha256: str
+        self, tree: TargetTree, direct: bool, index: int, start: int, end: int, sha256: str
     ) -> None:
-        if _digest(tree, self.plan.entry.path, start, end) != sha256:
+        if _digest(tree, self.plan.entry.path, start, end, direct) != sha256:
             self._differs.add(index)  # set.add is atomic: chunks of one file run in parallel
 
     @property
@@ -343,22 +350,44 @@ def _chunk_bounds(plan: FilePlan) -> list[tuple[int, int, str]] | None:
     return [(a, b, c[2]) for a, b, c in zip(starts, ends, entry.chunks, strict=True)]
 
 
-def _digest(tree: TargetTree, path: str, start: int, end: int) -> str:
-    """sha256 of bytes [start, end) of ``path`` ('' when the file is shorter)."""
-    fd = tree.open(path, os.O_RDONLY)
+def _digest(tree: TargetTree, path: str, start: int, end: int, direct: bool) -> str:
+    """sha256 of bytes [start, end) of ``path`` ('' when the file is shorter). With ``direct``,
+    a range of READ_BUFFER or more is read with O_DIRECT: a stale copy is mostly not cached, and
+    reading it through the page cache cost more CPU than hashing it."""
+    direct = direct and end - start >= READ_BUFFER and start % DIRECT_ALIGN == 0
     try:
+        fd = tree.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except OSError as exc:
+        if not direct or exc.errno != errno.EINVAL:
+            raise
+        fd, direct = tree.open(path, os.O_RDONLY), False  # a file system without O_DIRECT
+    try:
+        if not direct:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
         digest = hashlib.sha256()
-        buffer = memoryview(bytearray(min(READ_BUFFER, max(end - start, 1))))
-        position = start
+        buffer = _buffer() if direct else memoryview(bytearray(min(READ_BUFFER, end - start)))
+        stream, position = io.FileIO(fd, "rb", closefd=False), start
         while position < end:
-            n = os.preadv(fd, [buffer[: end - position]], position)
-            if n == 0:
+            want = min(len(buffer), -(-(end - position) // DIRECT_ALIGN) * DIRECT_ALIGN)
+            n = min(pread_into(stream, buffer[:want], position), end - position)
+            if n <= 0:
                 return ""
             digest.update(buffer[:n])
             position += n
         return digest.hexdigest()
     finally:
         os.close(fd)
+
+
+_local = threading.local()
+
+
+def _buffer() -> memoryview:
+    """This thread's page-aligned read buffer (O_DIRECT reads need one)."""
+    if not hasattr(_local, "buffer"):
+        _local.buffer = memoryview(mmap.mmap(-1, READ_BUFFER))
+    buffer: memoryview = _local.buffer
+    return buffer
 
 
 def _remove(fd: int, name: str, st: os.stat_result) -> None:

@@ -159,7 +159,7 @@ class RestoreOperation:
                     existing = DeltaRestore(pgdata, tablespaces, plans, [d for d, _ in directories])
                     existing.clear()
                     tree.make(directories)
-                    work = existing.compare(tree, workers)
+                    work = existing.compare(tree, workers, self.settings.backup.direct_io)
                     plans, in_place, last, delta = work.plans, work.chunks, work.last, work.summary
             else:
                 tree.make(directories)

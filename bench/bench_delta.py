@@ -1,0 +1,145 @@
+"""Delta restore against a full restore of the same backup, in one run.
+
+Run as root on a machine with PostgreSQL 15 (Debian packages):
+
+    .venv/bin/python bench/bench_delta.py --scale 50 [--runs 2] [--warm]
+
+It builds a pgbench database (the random profile of bench_full.py), takes a full backup and
+restores it into a directory: the stale copy. Then 1% of the database changes, as in
+bench_incr.py (pgbench_accounts compacted with VACUUM FULL before the first backup, unless
+--as-built; then a contiguous 1% of the accounts updated and 1% more appended) and a second full
+backup is taken.
+Each run restores that second backup twice, timing the ``drkit restore`` command alone: into an
+empty directory, and with ``--delta`` over a fresh stale copy. The page cache is dropped before
+each (unless --warm): a stale copy is read from disk. Every delta-restored copy is started and
+its data compared with the source's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_full import (  # noqa: E402
+    DRKIT,
+    RESTORED_CONF,
+    Bench,
+    build_source,
+    empty_target,
+    long_sql,
+    start_until_promoted,
+    summary,
+)
+from bench_incr import change_one_percent  # noqa: E402
+from common import drop_page_cache, run_measured  # noqa: E402
+from rig.drkit import Drkit  # noqa: E402
+from rig.postgres import attach_cluster, make_rig_dir, stop_clusters_under  # noqa: E402
+
+
+def restore(
+    bench: Bench, config: list[str], pgdata: Path, *extra: str
+) -> tuple[float, float, dict[str, Any]]:
+    """Run ``drkit restore --json`` into ``pgdata``: its wall and CPU seconds, and its result."""
+    log = bench.root / f"restore-{pgdata.name}.log"
+    run = run_measured(
+        [str(DRKIT), "restore", "--pgdata", str(pgdata), "--json", *extra, *config],
+        log=log,
+        cwd=bench.root,
+    )
+    # stdout's result among stderr's log records (JSON lines too): the one with phases
+    text, decoder = log.read_text(), json.JSONDecoder()
+    for start in (i + 1 for i, c in enumerate(text) if c == "\n" and text[i + 1 : i + 2] == "{"):
+        with contextlib.suppress(ValueError):
+            result, _ = decoder.raw_decode(text[start:])
+            if "phases" in result and "label" in result:
+                return run.wall_s, run.cpu_s, result
+    raise RuntimeError(f"no result in {log}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--warm", action="store_true", help="do not drop the page cache")
+    parser.add_argument(
+        "--as-built",
+        action="store_true",
+        help="no VACUUM FULL first: the change then lands all over pgbench_accounts",
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("run as root: it drops the page cache and runs PostgreSQL as 'postgres'")
+
+    root = Path(tempfile.mkdtemp(prefix="drkit-bench-delta-", dir=args.workdir))
+    root.chmod(0o755)
+    try:
+        bench = Bench(root, args.scale)
+        source = build_source(bench, "random")
+        workdir = make_rig_dir(root, "drkit-")
+        dk = Drkit(
+            source,
+            workdir,
+            backup={
+                "process_max": 2,
+                "compress_level": 3,
+                "start_fast": True,
+                "chunk_size": 16 * 1024 * 1024,  # drkit's default (the test rig sets 4 MiB)
+            },
+        )
+        dk.ok("init")
+        config = ["--config", str(dk.config)]
+        if not args.as_built:
+            long_sql(source, "VACUUM FULL pgbench_accounts; CHECKPOINT")
+        first = json.loads(dk.ok("backup", "--type", "full", "--json").stdout)["label"]
+        change_one_percent(bench, source)
+        dk.ok("backup", "--type", "full")
+        expected = summary(source)
+        source.stop()
+
+        for run in range(1, args.runs + 1):
+            stale = root / f"stale-{run}"
+            stale.mkdir(mode=0o700)
+            shutil.chown(stale, "postgres", "postgres")
+            dk.ok("restore", "--backup", first, "--pgdata", str(stale))
+            target = empty_target(bench, f"full-{run}")
+            if not args.warm:
+                drop_page_cache()
+            full_wall, full_cpu, _ = restore(bench, config, target.pgdata)
+            shutil.rmtree(target.pgdata)
+            if not args.warm:
+                drop_page_cache()
+            delta_wall, delta_cpu, result = restore(bench, config, stale, "--delta")
+            copy = attach_cluster(stale, bench.version, bench.root)
+            copy.set_conf(RESTORED_CONF)
+            start_until_promoted(copy)
+            verified = "ok" if summary(copy) == expected else "MISMATCH"
+            copy.cleanup()
+            shutil.rmtree(stale)
+            print(
+                f"run {run}: full restore {full_wall:.2f} s wall ({full_cpu:.2f} s CPU), delta"
+                f" restore {delta_wall:.2f} s wall ({delta_cpu:.2f} s CPU) ="
+                f" {delta_wall / full_wall:.0%} of the full; {result['delta']}, phases"
+                f" {result['phases']};"
+                f" data {verified}",
+                flush=True,
+            )
+        return 0
+    finally:
+        stop_clusters_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
