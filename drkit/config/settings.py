@@ -375,7 +375,8 @@ class BackupSettings(_Section):
     direct_io: bool = Field(
         True,
         description="read relation files of 1 MiB or more with O_DIRECT: no copy through the page"
-        " cache (less CPU) and no eviction of the database's cached pages",
+        " cache (less CPU) and no eviction of the database's cached pages (also what restore"
+        " --delta compares)",
     )
     wal_summaries: bool = Field(
         True,
