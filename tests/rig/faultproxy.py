@@ -19,12 +19,18 @@ request's body flipped on its way to the store), ``slow`` (the reply waits ``del
 ``rate`` injects a fault into that fraction of the matching requests instead of a fixed count
 (with a seeded generator, for the longer campaign).
 
+The proxy checks a request's ``x-amz-checksum-sha256`` against its body and answers 400
+BadDigest on a mismatch, as AWS S3 and MinIO do and moto does not (``validate_checksums=False``
+behaves like moto: a body damaged on its way is stored).
+
 Runs in daemon threads of the test process, on loopback only.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import http.client
 import random
 import socket
@@ -33,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 FAULTS = frozenset(
@@ -67,11 +74,13 @@ class PlannedFault:
 class S3FaultProxy:
     """A proxy on a free loopback port forwarding to ``target`` (``http://127.0.0.1:PORT``)."""
 
-    def __init__(self, target: str, seed: int = 0) -> None:
+    def __init__(self, target: str, seed: int = 0, validate_checksums: bool = True) -> None:
         parts = urlsplit(target)
         assert parts.hostname is not None and parts.port is not None
         self.target = (parts.hostname, parts.port)
         self.requests = 0
+        self.bad_digests = 0  # requests refused because their body did not match its checksum
+        self.validate_checksums = validate_checksums
         self._faults: list[PlannedFault] = []
         self._lock = threading.Lock()
         self._random = random.Random(seed)
@@ -165,6 +174,10 @@ class S3FaultProxy:
                 if fault == "corrupt-request" and body:
                     at = len(body) // 2
                     body = body[:at] + bytes([body[at] ^ 0x5A]) + body[at + 1 :]
+                if proxy.validate_checksums and not _checksum_matches(self.headers, body):
+                    proxy.bad_digests += 1
+                    self._error(400, "BadDigest", "The SHA256 you specified did not match.")
+                    return
                 status, reason, headers, payload = proxy._forward(
                     self.command, self.path, self.headers.items(), body
                 )
@@ -235,6 +248,13 @@ class S3FaultProxy:
             return resp.status, resp.reason, kept, payload
         finally:
             conn.close()
+
+
+def _checksum_matches(headers: Any, body: bytes) -> bool:
+    sent = headers.get("x-amz-checksum-sha256")
+    if not sent or headers.get("x-amz-content-sha256", "").startswith("STREAMING"):
+        return True
+    return bool(base64.b64encode(hashlib.sha256(body).digest()).decode() == sent)
 
 
 class _QuietServer(ThreadingHTTPServer):
