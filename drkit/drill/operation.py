@@ -345,7 +345,9 @@ class DrillOperation:
                 self.cluster.stop("fast" if self.request.keep else "immediate")
             except DrkitError as exc:
                 self.teardown_problems.append(f"server not stopped: {_first_line(exc.message)}")
-        if self.sandbox is not None and not self.request.keep:
+        if self.sandbox is not None and self.request.keep:
+            self.sandbox.keep()
+        elif self.sandbox is not None:
             try:
                 self.sandbox.remove()
             except OSError as exc:

@@ -7,6 +7,12 @@ socket (unless its path would be too long for one: drkit.pg.cluster then puts it
 private directory it removes with the server), the server log and the access rules. Removing
 that directory undoes the drill.
 
+While the drill runs it holds a ``flock`` on ``.drill.lock`` in its sandbox (the kernel lets go
+when the process dies, however it dies). A drill killed outright (kill -9, a power cut of the
+drill host) cannot tear down: the next drill finds that sandbox with its lock free, stops the
+server still running there (SIGQUIT, the immediate shutdown; then SIGKILL) and removes it. A
+sandbox kept with ``--keep`` has no lock file and is never touched.
+
 The sandbox is refused inside the source's data directory or any of its tablespaces (a drill
 must never write where production lives) and on a file system without room for the restored
 size plus the WAL to replay. The throwaway server gets settings that keep it from reaching
@@ -18,11 +24,14 @@ standby to wait for. They are ``-c`` options, which outrank the restored configu
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import pwd
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +43,9 @@ from drkit.errors import DrillRestoreFailed
 _SPARE_BYTES = 256 * 1024 * 1024
 _RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 _HBA = "# drkit drill sandbox: only this socket, no TCP\nlocal all all trust\n"
+LOCK_NAME = ".drill.lock"
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(BaseException):
@@ -71,11 +83,12 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """One drill's directory and the paths in it."""
+    """One drill's directory and the paths in it; ``lock_fd`` holds its lock while it runs."""
 
     root: Path
     uid: int
     gid: int
+    lock_fd: int = -1
 
     @property
     def pgdata(self) -> Path:
@@ -145,6 +158,18 @@ class Sandbox:
         shutil.rmtree(self.root, ignore_errors=True)
         if self.root.exists():
             shutil.rmtree(self.root)  # a second try that says why it fails
+        self._unlock()
+
+    def keep(self) -> None:
+        """Leave the sandbox for the operator: no later drill may take it for a stale one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / LOCK_NAME)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
 
 
 def create_sandbox(
@@ -179,11 +204,59 @@ def create_sandbox(
         )
     uid, gid = _owner(parent, server_user)
     _require_traversable(parent, uid, gid)
+    remove_stale_sandboxes(parent)
     root = parent / name
     root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
+    lock_fd = os.open(root / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # not inherited by the server: os.open is O_CLOEXEC
     if os.geteuid() == 0:
         os.chown(root, uid, gid)
-    return Sandbox(root, uid, gid)
+    return Sandbox(root, uid, gid, lock_fd)
+
+
+def remove_stale_sandboxes(parent: Path) -> list[Path]:
+    """Stop the servers of, and remove, the sandboxes of drills that died without tearing down
+    (their lock is free); returns them. Kept sandboxes (no lock file), sandboxes being set up
+    (no lock file yet) and running drills' (lock held) are left alone."""
+    removed = []
+    for entry in sorted(parent.glob("drill-*")):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a drill runs there
+        finally:
+            os.close(fd)
+        _stop_server(entry / "pgdata")
+        shutil.rmtree(entry, ignore_errors=True)
+        log.warning(f"removed the sandbox '{entry}' of a drill that was killed")
+        removed.append(entry)
+    return removed
+
+
+def _stop_server(pgdata: Path) -> None:
+    """Stop a server left running in ``pgdata``: its postmaster.pid names it, and it is only
+    signalled when that process is a postgres whose data directory is this one."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if not any(str(pgdata).encode() in part for part in cmdline):
+        return
+    for signum in (signal.SIGQUIT, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
 
 
 def _owner(parent: Path, server_user: str | None) -> tuple[int, int]:
