@@ -23,7 +23,7 @@ import pytest
 from rig.archive import archiver_status, enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit, start_restored, toml_value
 from rig.faultproxy import S3FaultProxy
-from rig.kill import TRIALS, RandomKiller, kill_at_random
+from rig.kill import TRIALS, RandomKiller, kill_at_random, report
 from rig.postgres import PgCluster, database_checksums
 from rig.servers import S3Server
 from typer.testing import CliRunner
@@ -121,6 +121,11 @@ def test_wal_push_killed_at_random_loses_no_acknowledged_segment(
             archive.check(name)  # every object authenticates: nothing partial
         assert archive.find_gaps(1, first, acknowledged) == []
         assert killer.kills, "no archive_command was killed"
+        report(
+            f"wal-push {mode}",
+            f"{len(killer.kills)} kills ({', '.join(killer.kills)}),"
+            f" {len(stored)} segments archived, none acknowledged missing",
+        )
     assert dk.run("verify", "--wal").exit_code == 0
 
 
@@ -162,6 +167,7 @@ def test_replicate_killed_at_random_lists_only_whole_copies(
         assert copies == labels[: len(copies)]  # whole backups only, in order
         verified(dk, "offsite")
     assert killed >= 1
+    report("replicate", f"{3 * TRIALS} runs, {killed} killed mid-run; listed copies whole")
     result = dk.run("replicate", "--json")
     assert result.exit_code == 0, result.output
     assert listed(dk, "offsite") == labels
@@ -192,6 +198,7 @@ def test_prune_killed_at_random_leaves_every_listed_backup_whole(
         assert labels[-2:] == remaining[-2:]  # what the policy keeps is never touched
         verified(dk, "offsite")  # every backup still listed is whole, its parents too
     assert killed >= 1
+    report("prune", f"{3 * TRIALS} runs, {killed} killed mid-run; listed backups whole")
     result = dk.run("prune", "--json")
     assert result.exit_code == 0, result.output
     assert listed(dk, "offsite") == labels[-2:]
@@ -233,6 +240,7 @@ def test_rewrap_killed_at_random_keeps_every_backup_readable(
         assert listed(dk, "offsite") == labels
         verified(dk, "offsite")
     assert killed >= 1
+    report("keys rewrap", f"{3 * TRIALS} runs, {killed} killed mid-run; every backup readable")
     result = dk.run("keys", "rewrap", "--json")
     assert result.exit_code == 0, result.output
     again = json.loads(dk.ok("keys", "rewrap", "--json").stdout)
@@ -260,6 +268,7 @@ def test_drill_killed_at_random_writes_no_partial_record_and_the_next_drill_pass
         drills = json.loads(dk.ok("drill", "list", "--json").stdout)["drills"]
         assert all(d["authentic"] for d in drills)  # a record is whole, or not there
     assert killed >= 1
+    report("drill", f"{2 * TRIALS} runs, {killed} killed mid-run; no partial record")
     result = dk.run("drill", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["record"]["outcome"] == "PASS"

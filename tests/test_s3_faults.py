@@ -20,6 +20,7 @@ import pytest
 from rig.archive import switch_wal
 from rig.drkit import Drkit, start_restored, toml_value
 from rig.faultproxy import S3FaultProxy
+from rig.kill import TRIALS, report
 from rig.postgres import PgCluster, chown_to_server_user, database_checksums
 from rig.servers import S3Server
 
@@ -27,7 +28,6 @@ from drkit.errors import IntegrityError, StorageError
 from drkit.storage.s3 import S3Config, S3Storage
 
 MiB = 1024 * 1024
-TRIALS = int(os.environ.get("DRKIT_FAULT_TRIALS", "1"))
 
 
 @pytest.fixture
@@ -234,6 +234,7 @@ def test_backup_archive_restore_through_a_faulty_network(
         dk.ok("restore", "--pgdata", str(target), "--backup", label, "--target-latest")
         fired = proxy.fired()
         assert sum(fired.values()) >= 3, fired  # the faults were really there
+        report(f"s3 seed {seed}", f"{proxy.requests} requests, faults {fired}, restore exact")
 
         # A damaged reply during a restore: stopped, not accepted
         proxy.clear()

@@ -83,3 +83,9 @@ class RandomKiller:
             except (psutil.NoSuchProcess, StopIteration):
                 continue
             self.kills.append(command)
+
+
+def report(what: str, outcome: str) -> None:
+    """One line for the campaign's summary (shown with ``pytest -s``; scripts/faults_campaign.sh
+    collects them)."""
+    print(f"\ncampaign: {what}: {outcome}")
