@@ -100,9 +100,9 @@ class FileCopier:
 
     def copy_stream(self, groups: Iterable[StreamedGroup]) -> CopyResult:
         """Store groups as a stream read once, in order, yields them (remote mode): each group
-        held in memory goes to the next free worker, at most ``process_max`` at once, so memory
-        stays bounded; a group that reads the stream itself is stored before the stream moves
-        on to the next."""
+        goes to the next free worker, at most ``process_max`` at once, so memory stays bounded;
+        a group that reads the stream itself is read to its end (``released``) before the
+        stream moves on, while its last chunks are still compressed and stored."""
         result = CopyResult()
         workers = self._settings.process_max
         pending: deque[Future[CopyResult]] = deque()
@@ -115,8 +115,12 @@ class FileCopier:
                 while len(pending) >= workers:
                     _merge(result, pending.popleft().result())
                 future = pool.submit(self._store_object, group.sources)
-                if group.reads_stream:
-                    future.result()  # the stream's next bytes are this file's
+                if group.released is not None:
+                    # the stream's next bytes are this file's; a failed worker releases it too
+                    future.add_done_callback(_release(group.released))
+                    group.released.wait()
+                    if future.done():
+                        future.result()  # raises the worker's error
                 pending.append(future)
             while pending:
                 _merge(result, pending.popleft().result())
@@ -210,7 +214,12 @@ class StreamedGroup:
     """The sources of one object taken from a stream (``FileCopier.copy_stream``)."""
 
     sources: list[Source]
-    reads_stream: bool  # its one source reads the stream: store it before the stream goes on
+    # set once its one source has read its bytes from the stream (None: held in memory)
+    released: threading.Event | None = None
+
+
+def _release(event: threading.Event) -> Callable[[Future[CopyResult]], None]:
+    return lambda _: event.set()
 
 
 def _merge(result: CopyResult, part: CopyResult) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,22 +96,23 @@ def _groups(
         prefix = _archive_prefix(archive, taken, names)
         with tarfile.open(fileobj=archive, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
-                source = _member(tar, member, prefix, taken, cluster, limit)
+                released = threading.Event()
+                source = _member(tar, member, prefix, taken, cluster, limit, released)
                 if source is None:
                     continue
                 if source.size >= limit:
                     if bundle:
-                        yield StreamedGroup(bundle, reads_stream=False)
+                        yield StreamedGroup(bundle)
                         bundle, held = [], 0
-                    yield StreamedGroup([source], reads_stream=True)
+                    yield StreamedGroup([source], released)
                     continue
                 bundle.append(source)
                 held += source.size
                 if held >= bundle_size:
-                    yield StreamedGroup(bundle, reads_stream=False)
+                    yield StreamedGroup(bundle)
                     bundle, held = [], 0
     if bundle:
-        yield StreamedGroup(bundle, reads_stream=False)
+        yield StreamedGroup(bundle)
 
 
 def _archive_prefix(archive: Archive, taken: RemoteBackup, names: dict[int, str]) -> str:
@@ -128,6 +130,7 @@ def _member(
     taken: RemoteBackup,
     cluster: ClusterInfo,
     limit: int,
+    released: threading.Event,
 ) -> Source | None:
     """The source of a regular file (None for anything else, recorded where the manifest needs
     it: directories, symlinks other than the tablespaces' links, backup_label)."""
@@ -149,7 +152,7 @@ def _member(
     segment = relation_segment(path) if cluster.data_checksums else None
     required = path == "backup_label" or path.startswith("pg_wal/")
     if member.size >= limit:
-        opener = partial(_StreamedFile, reader)
+        opener = partial(_StreamedFile, reader, released)
         return Source(path, member.size, mode, member.mtime, opener, segment, required)
     data = reader.read()
     if path == "backup_label":
@@ -159,16 +162,19 @@ def _member(
 
 class _StreamedFile:
     """A large file read from the stream by the worker that stores it: reads fill the buffer
-    (the page checks need whole pages); there is no file descriptor to re-read a page from."""
+    (the page checks need whole pages), and its end sets ``released`` (the stream may move on);
+    there is no file descriptor to re-read a page from."""
 
-    def __init__(self, reader: IO[bytes]) -> None:
+    def __init__(self, reader: IO[bytes], released: threading.Event) -> None:
         self._reader = reader
+        self._released = released
 
     def readinto(self, buffer: memoryview, /) -> int:
         filled = 0
         while filled < len(buffer):
             data = self._reader.read(len(buffer) - filled)
             if not data:
+                self._released.set()
                 break
             buffer[filled : filled + len(data)] = data
             filled += len(data)
@@ -179,6 +185,7 @@ class _StreamedFile:
 
     def close(self) -> None:
         self._reader.close()
+        self._released.set()
 
 
 def _relative(name: str) -> str:

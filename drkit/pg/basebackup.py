@@ -16,6 +16,7 @@ in pg_wal with a temporary replication slot for as long as the backup runs.
 from __future__ import annotations
 
 import os
+import select
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,7 +133,11 @@ class BaseBackupStream:
             return message
         if self._done:
             return None
-        n, data = self._conn.get_copy_data(0)
+        # Asynchronously, waiting in select(): libpq's blocking read would hold the GIL, and
+        # the workers compressing and encrypting what came before would stop while it waits.
+        while (received := self._conn.get_copy_data(1))[0] == 0:
+            self._wait_readable()
+        n, data = received
         if n == -1:
             self._done = True
             return None
@@ -141,7 +146,13 @@ class BaseBackupStream:
             raise PostgresError(f"the base backup failed: {self._error()}")
         return bytes(data)
 
+    def _wait_readable(self) -> None:
+        select.select([self._conn.socket], [], [])
+        self._conn.consume_input()
+
     def _result(self, expected: pq.ExecStatus) -> PGresult:
+        while self._conn.is_busy():  # a checkpoint may take minutes; wait without the GIL
+            self._wait_readable()
         result = self._conn.get_result()
         if result is None or result.status != expected:
             message = result.error_message.decode(errors="replace") if result else ""
