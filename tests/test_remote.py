@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from rig.archive import enable_archiving
 from rig.drkit import Drkit, check_indexes, start_restored
 from rig.postgres import PgCluster, PgFactory, chown_to_server_user, database_checksums
 from test_backup_restore import LARGE_OBJECT, populate
@@ -245,3 +246,39 @@ def test_remote_mode_needs_no_pgdata_but_local_mode_does(pg: PgCluster, workdir:
     result = dk.run("init")
     assert result.exit_code == 3, result.output
     assert "postgres.pgdata is required in local mode" in result.output
+
+
+def test_remote_check_names_its_grants_then_archives(pg: PgCluster, workdir: Path) -> None:
+    """`drkit check` from the backup host: the WAL switch it needs is superuser-only unless
+    granted, and it says so; granted, the segment arrives through archive_command (which runs
+    on the server, here with the same configuration: wal-push needs no pgdata either)."""
+    create_backup_role(pg)
+    listen_on_tcp(pg)
+    dk = Drkit(pg, workdir)
+    remote(dk, user=BACKUP_ROLE)
+    dk.ok("init")
+    postgres = {"mode": "remote", "host": "127.0.0.1", "port": pg.port, "user": BACKUP_ROLE}
+    enable_archiving(pg, dk, sections={"postgres": postgres})
+
+    result = dk.run("check")
+    assert result.exit_code == 41, result.output
+    assert "EXECUTE on function pg_create_restore_point(text)" in result.output
+    assert "EXECUTE on function pg_switch_wal()" in result.output
+
+    pg.psql(
+        f"GRANT EXECUTE ON FUNCTION pg_create_restore_point(text), pg_switch_wal() TO {BACKUP_ROLE}"
+    )
+    checked = dk.ok("check", "--json")
+    assert json.loads(checked.stdout)["repositories"]["local"] is not None
+
+
+def test_remote_mode_refuses_postgresql_before_15(pg_factory: PgFactory, workdir: Path) -> None:
+    pg = pg_factory(14)
+    listen_on_tcp(pg)
+    dk = Drkit(pg, workdir)
+    remote(dk)
+    result = dk.run("init")
+    assert result.exit_code == 46, result.output
+    assert "remote backups need PostgreSQL 15 or later; the server runs 14" in result.output
+    assert "HINT: run drkit in local mode on the database host" in result.output
+    assert dk.repo_listing() == {}  # nothing created

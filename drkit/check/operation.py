@@ -25,7 +25,7 @@ from drkit.errors import (
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.remote_access import check_remote_access
-from drkit.pg.session import ClusterInfo, PgSession
+from drkit.pg.session import CHECK_FUNCTIONS, ClusterInfo, PgSession
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.repo.wal_archive import WalArchive
@@ -91,7 +91,7 @@ def check_archiving(settings: Settings, request: CheckRequest) -> CheckResult:
         # Check the cluster archives at all, and every repository is there and is this cluster's
         with result.phase("cluster"):
             if settings.postgres.mode == "remote":
-                check_remote_access(session, settings.postgres)
+                check_remote_access(session, settings.postgres, CHECK_FUNCTIONS)
             cluster = _archiving_cluster(session)
             result.archive_command = cluster.archive_command
         with result.phase("repositories"):

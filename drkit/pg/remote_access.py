@@ -12,12 +12,15 @@ from drkit.pg.basebackup import check_remote_version, connect_replication
 from drkit.pg.session import PgSession
 
 
-def check_remote_access(session: PgSession, settings: PostgresSettings) -> str:
+def check_remote_access(
+    session: PgSession, settings: PostgresSettings, functions: tuple[str, ...] = ()
+) -> str:
     """Raise RemotePrivilegeMissing naming every attribute and grant the role lacks (or the
     error a replication connection gets); a line saying what was proven otherwise. Runs before
-    anything else asks the server, so that a missing grant is named rather than failing a query."""
+    anything else asks the server, so that a missing grant is named rather than failing a query.
+    ``functions``: what the command calls besides a backup's functions."""
     check_remote_version(session.version_num())
-    missing = session.missing_remote_privileges()
+    missing = session.missing_remote_privileges(functions)
     if missing:
         lines = "\n".join(f"  - {m}" for m in missing)
         raise RemotePrivilegeMissing(

@@ -49,6 +49,10 @@ REMOTE_FUNCTIONS = (
 )
 
 
+# What `drkit check` calls besides: a restore point and a WAL switch (superuser only by default)
+CHECK_FUNCTIONS = ("pg_create_restore_point(text)", "pg_switch_wal()")
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     version_num: int  # e.g. 150004
@@ -162,8 +166,9 @@ class PgSession:
             catalog_version=int(str(catversion)),
         )
 
-    def missing_remote_privileges(self) -> list[str]:
-        """What the role lacks for a backup in remote mode, one line each (empty: nothing)."""
+    def missing_remote_privileges(self, functions: tuple[str, ...] = ()) -> list[str]:
+        """What the role lacks for a backup in remote mode (and to call ``functions``), one
+        line each (empty: nothing)."""
         rolreplication, rolsuper = self._one(
             "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user"
         )
@@ -175,7 +180,7 @@ class PgSession:
                 "the REPLICATION attribute (ALTER ROLE ... REPLICATION): base backups and the"
                 " temporary slot that keeps their WAL need it"
             )
-        for function in REMOTE_FUNCTIONS:
+        for function in (*REMOTE_FUNCTIONS, *functions):
             if not self._one("SELECT has_function_privilege(%s, 'EXECUTE')", (function,))[0]:
                 missing.append(f"EXECUTE on function {function} (GRANT EXECUTE ON FUNCTION ...)")
         return missing
