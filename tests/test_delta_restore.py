@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from rig.archive import enable_archiving
 from rig.drkit import Drkit, start_restored
 from rig.postgres import PgCluster, attach_cluster, database_checksums
 
@@ -217,3 +219,36 @@ def test_a_delta_restore_cut_short_leaves_a_directory_that_does_not_start(
     copy = attach_cluster(stale, pg.version, workdir)
     with pytest.raises(ServerControlError):
         copy.start()
+
+
+def test_a_lagging_standby_is_rebuilt_in_place_and_follows_its_primary(
+    pg: PgCluster, workdir: Path
+) -> None:
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    enable_archiving(pg, dk)
+    pg.psql(SCHEMA)
+    pg.psql("CREATE TABLE ledger (id int); INSERT INTO ledger VALUES (1)")
+    dk.ok("backup", "--type", "full")
+    conninfo = f"host={pg.socket_dir} port={pg.port} user=postgres application_name=rebuilt"
+    target = workdir / "standby"
+    standby_args = ["--type", "standby", "--primary-conninfo", conninfo]
+    dk.ok("restore", "--pgdata", str(target), *standby_args)
+    lagging = attach_cluster(target, pg.version, workdir)
+    lagging.start(timeout=120)
+    lagging.stop()  # down while the primary moves on
+    pg.psql("UPDATE big SET pad = 'later' WHERE id < 5000; INSERT INTO ledger VALUES (2)")
+    dk.ok("backup", "--type", "incr")
+
+    rebuilt = dk.ok("restore", "--delta", "--pgdata", str(target), *standby_args, "--json")
+    delta = json.loads(rebuilt.stdout)["delta"]
+    assert delta["unchanged"] > delta["rewritten"] + delta["patched"] > 0
+    assert (target / "standby.signal").is_file()
+    standby = attach_cluster(target, pg.version, workdir)
+    standby.start(timeout=120)
+    assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+    pg.psql("INSERT INTO ledger VALUES (3)")
+    deadline = time.monotonic() + 60
+    while standby.psql("SELECT count(*) FROM ledger") != "3":
+        assert time.monotonic() < deadline, "the rebuilt standby never replayed the new rows"
+        time.sleep(0.1)
