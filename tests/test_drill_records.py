@@ -61,7 +61,9 @@ def make_record(
 def repo(tmp_path: Path) -> Repository:
     create_keyfile(tmp_path / "key")
     storage = PosixStorage(tmp_path / "repo", name="local")
-    return Repository(storage, KeyfileProvider(tmp_path / "key"))
+    repo = Repository(storage, KeyfileProvider(tmp_path / "key"))
+    repo.initialize(7)
+    return repo
 
 
 def test_round_trip(repo: Repository, tmp_path: Path) -> None:
@@ -129,7 +131,10 @@ def test_a_record_moved_to_another_id_fails_authentication(
 
     assert entries[record.id].record == record
     assert entries[forged_id].record is None
-    assert f"drill record '{forged_id}' fails authentication" in str(entries[forged_id].error)
+    # its key record is signed for the other id, so it is refused before the record is opened
+    error = str(entries[forged_id].error)
+    assert f"key record 'drills/{forged_id}/key/0001.json' of drill record '{forged_id}'" in error
+    assert "is not signed by the repository's signing key" in error
 
 
 def test_a_missing_key_record_or_a_foreign_name_is_listed_not_dropped(
@@ -156,7 +161,9 @@ def test_escrow_part_is_stored_and_the_recovery_key_reads_it(tmp_path: Path) -> 
     keys = EscrowingProvider(KeyfileProvider(tmp_path / "key"), EscrowRecipient.from_file(public))
     storage = PosixStorage(tmp_path / "repo", name="local")
     record = make_record()
-    Repository(storage, keys).write_drill_record(record)
+    repo = Repository(storage, keys)
+    repo.initialize(7)
+    repo.write_drill_record(record)
 
     key_record = json.loads((tmp_path / "repo" / f"drills/{record.id}/key/0001.json").read_text())
     assert "escrow" in key_record
@@ -181,13 +188,15 @@ def test_rotation_rewraps_drill_records_too(
     repo.initialize(42)
     record = make_record()
     repo.write_drill_record(record)
-    assert KeyStatusOperation(settings).run().versions_needed == {1: 1}
+    # the drill record's set and the signing key's
+    assert KeyStatusOperation(settings).run().versions_needed == {1: 2}
 
     RotateOperation(settings).run()
-    [rewrapped] = RewrapOperation(settings).run().rewrapped
+    rewrapped, signer = RewrapOperation(settings).run().rewrapped
     assert (rewrapped.kind, rewrapped.name) == ("drill", record.id)
     assert rewrapped.new_record == f"drills/{record.id}/key/0002.json"
-    assert KeyStatusOperation(settings).run().versions_needed == {2: 1}
+    assert signer.kind == "signer"
+    assert KeyStatusOperation(settings).run().versions_needed == {2: 2}
     # Once v1 may no longer decrypt, the record still reads (through its v2 key record)
     setup.set_min_decryption_version(2)
     assert repo.drill_record(record.id).record == record

@@ -32,22 +32,24 @@ def test_key_records_are_numbered_and_never_replaced(tmp_path: Path) -> None:
     create_keyfile(keyfile)
     provider = KeyfileProvider(keyfile)
     repo = Repository(PosixStorage(tmp_path / "repo"), provider)
+    repo.initialize(7)
     data_key = provider.new_data_key()
-    assert repo.write_key_record(LABEL, data_key.record) == f"backup/{LABEL}/key/0001.json"
+    dek = data_key.plaintext
+    assert repo.write_key_record(LABEL, data_key.record, dek) == f"backup/{LABEL}/key/0001.json"
     first = (tmp_path / "repo" / "backup" / str(LABEL) / "key" / "0001.json").read_bytes()
 
     # A second record of the same DEK (as rewrap writes it) comes next, the first stays
     again = provider.new_data_key()  # another nonce: a different record, same shape
-    assert repo.write_key_record(LABEL, {**data_key.record, "note": 2}) == (
+    assert repo.write_key_record(LABEL, {**data_key.record, "note": 2}, dek) == (
         f"backup/{LABEL}/key/0002.json"
     )
     assert (tmp_path / "repo" / "backup" / str(LABEL) / "key" / "0001.json").read_bytes() == first
     assert repo.load_dek(LABEL) == data_key.plaintext
 
     # The newest record wins; a damaged newest one falls back to the older ones
-    repo.write_key_record(LABEL, {**again.record, "wrapped": "AAAA"})
+    repo.write_key_record(LABEL, {**again.record, "wrapped": "AAAA"}, again.plaintext)
     assert repo.load_dek(LABEL) == data_key.plaintext
-    repo.write_key_record(LABEL, again.record)
+    repo.write_key_record(LABEL, again.record, again.plaintext)
     assert repo.load_dek(LABEL) == again.plaintext
 
     with pytest.raises(ObjectExists):
@@ -126,18 +128,20 @@ def test_status_and_rewrap_cover_wal_key_periods(
         assert wal_record(repo, period, 2)["ciphertext"].startswith("vault:v2:")
         assert provider.unwrap(wal_record(repo, period, 2)) == dek
     status = KeyStatusOperation(settings).run()
-    assert status.versions_needed == {2: 2} and status.may_raise_to == 2
+    # the two periods, and the signing key the rewrap made to sign their new records
+    assert status.versions_needed == {2: 3} and status.may_raise_to == 2
 
     # Escrow configured later: rewrap adds escrow parts without moving versions
     escrowed = make_settings(
         tmp_path,
         {"provider": "vault-transit", "vault": vault, "escrow": {"public_key_file": public}},
     )
-    assert len(KeyStatusOperation(escrowed).run().without_escrow) == 3
+    assert len(KeyStatusOperation(escrowed).run().without_escrow) == 4
     report = RewrapOperation(escrowed).run()
-    assert [(r.from_version, r.to_version, r.escrow_added) for r in report.rewrapped] == [
-        (2, 2, True),
-        (2, 2, True),
+    assert [(r.kind, r.from_version, r.to_version, r.escrow_added) for r in report.rewrapped] == [
+        ("signer", 2, 2, True),
+        ("wal", 2, 2, True),
+        ("wal", 2, 2, True),
     ]
     recovery = RecoveryKey.from_file(private)
     for period, dek in deks.items():

@@ -51,7 +51,7 @@ def test_rotate_rewrap_and_raise_min_decryption_version(
     dk.ok("init")
     old = backup_label(dk)
     old_source = database_checksums(pg)
-    assert status(dk)["versions_needed"] == {"1": 1}
+    assert status(dk)["versions_needed"] == {"1": 2}  # the backup and the signing key
 
     # The backup host may not rotate; the operator may
     refused = dk.run("keys", "rotate")
@@ -68,40 +68,46 @@ def test_rotate_rewrap_and_raise_min_decryption_version(
     assert key_record(dk, old)["ciphertext"].startswith("vault:v1:")
     assert key_record(dk, new)["ciphertext"].startswith("vault:v2:")
     report = status(dk)
-    assert report["versions_needed"] == {"1": 1, "2": 1}
+    assert report["versions_needed"] == {"1": 2, "2": 1}
     assert report["may_raise_min_decryption_version_to"] == 1
     restore_and_compare(dk, old, workdir / "old-before", old_source)
     new_source = database_checksums(pg)
 
-    # Rewrap: a new record for the old backup only; data and old records untouched
+    # Rewrap: a new record for the old backup and the signing key only; data and old records
+    # untouched
     data_before = digests(dk, "/data/")
     records_before = digests(dk, "/key/")
     dry = json.loads(dk.ok("keys", "rewrap", "--dry-run", "--json").stdout)
-    assert [(r["name"], r["new_record"]) for r in dry["rewrapped"]] == [(old, None)]
+    assert [(r["kind"], r["new_record"]) for r in dry["rewrapped"]] == [
+        ("backup", None),
+        ("signer", None),
+    ]
+    assert dry["rewrapped"][0]["name"] == old
     text = dk.ok("keys", "rewrap", "--dry-run").stdout
     assert f"backup {old}: would rewrap v1 -> v2" in text
-    assert "1 would rewrap, 1 already up to date" in text
+    assert "2 would rewrap, 1 already up to date" in text
     assert digests(dk, "/key/") == records_before
     rewrap = json.loads(dk.ok("keys", "rewrap", "--json").stdout)
     assert rewrap["up_to_date"] == 1 and rewrap["skipped"] == []
-    [moved] = rewrap["rewrapped"]
+    moved, signer = rewrap["rewrapped"]
     assert (moved["name"], moved["from_version"], moved["to_version"]) == (old, 1, 2)
     assert moved["new_record"] == f"backup/{old}/key/0002.json"
+    assert signer["new_record"] == "signer/key/0002.json"
     assert digests(dk, "/data/") == data_before
     after = digests(dk, "/key/")
     assert {k: v for k, v in after.items() if k in records_before} == records_before
-    assert set(after) - set(records_before) == {moved["new_record"]}
+    assert set(after) - set(records_before) == {moved["new_record"], signer["new_record"]}
     assert key_record(dk, old, 2)["ciphertext"].startswith("vault:v2:")
     again = json.loads(dk.ok("keys", "rewrap", "--json").stdout)
-    assert again["rewrapped"] == [] and again["up_to_date"] == 2
+    assert again["rewrapped"] == [] and again["up_to_date"] == 3
 
     # Status: nothing needs v1 any more
     report = status(dk)
-    assert report["versions_needed"] == {"2": 2}
+    assert report["versions_needed"] == {"2": 3}
     assert report["oldest_needed_version"] == 2
     assert report["may_raise_min_decryption_version_to"] == 2
     text = dk.ok("keys", "status").stdout
-    assert "versions needed: v2 (2)" in text
+    assert "versions needed: v2 (3)" in text
     assert "min_decryption_version may be raised to 2" in text
 
     # Raise min_decryption_version: v1 is gone, every backup still reads

@@ -86,7 +86,7 @@ class SyntheticRepo:
             files.append(self._file(f"base/{index}", key))
         if parent is not None:  # an unchanged file: a reference to the parent's frame
             files.append(self._file("global/old", f"backup/{parent}/data/000000", backup=parent))
-        key_record = repo.write_key_record(backup, dek.record)
+        key_record = repo.write_key_record(backup, dek.record, dek.plaintext)
         repo.write_manifest(
             Manifest(
                 label=label,

@@ -112,8 +112,9 @@ def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> 
     failed = JobEvent("incr", False, _month(period, 1, 10), 3.2, 4, "cannot connect to PostgreSQL")
     write_event(open_repository(settings, "local").storage, failed)
     keys = open_key_provider(settings.keys)
+    signing = open_repository(settings, "local").auth
     for record in drills.values():
-        sealed = seal_drill_record(record, keys)
+        sealed = seal_drill_record(record, keys, signing)
         for name in ("local", "s3-eu"):
             open_repository(settings, name).write_drill_record(sealed)
     return Quarter(dk, settings, period, period.end + timedelta(days=5), backups, drills)

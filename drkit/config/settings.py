@@ -186,6 +186,24 @@ class EscrowSettings(_Section):
         None,
         description="recovery public key (drkit keys escrow-init); every DEK is also wrapped to it",
     )
+    signers: list[str] = Field(
+        default_factory=list,
+        description="fingerprints of the repositories' signing keys (drkit keys status prints"
+        " them) that a restore with the recovery key trusts; empty: each repository's own",
+    )
+    accept_unsigned: bool = Field(
+        False,
+        description="with the recovery key, also read key records written before signing keys"
+        " existed (drkit keys rewrap signs them)",
+    )
+
+    @field_validator("signers")
+    @classmethod
+    def _fingerprints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"[0-9a-f]{32}", item):
+                raise ValueError(f"{item!r} is not a signing key fingerprint (32 hex characters)")
+        return value
 
 
 class KeysSettings(_Section):

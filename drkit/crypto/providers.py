@@ -25,7 +25,11 @@ def open_provider(keys: KeysSettings, *, one_shot: bool = False) -> KeyProvider:
     if keys.recovery_key is not None:
         from drkit.crypto.recovery import RecoveryProvider
 
-        return RecoveryProvider.from_file(keys.recovery_key)
+        return RecoveryProvider.from_file(
+            keys.recovery_key,
+            signers=frozenset(keys.escrow.signers),
+            accept_unsigned=keys.escrow.accept_unsigned,
+        )
     provider = open_base_provider(keys, one_shot=one_shot)
     if keys.escrow.public_key_file is not None:
         from drkit.crypto.escrow import EscrowingProvider, EscrowRecipient

@@ -23,12 +23,24 @@ class RecoveryProvider:
 
     kind = PROVIDER
 
-    def __init__(self, key: RecoveryKey) -> None:
+    def __init__(
+        self,
+        key: RecoveryKey,
+        *,
+        signers: frozenset[str] = frozenset(),
+        accept_unsigned: bool = False,
+    ) -> None:
         self.key = key
+        # the escrow kit's trust in who made a record (drkit.repo.signer): the signing keys it
+        # pins (empty: the repository's own), and whether unsigned records are read at all
+        self.signers = signers
+        self.accept_unsigned = accept_unsigned
 
     @classmethod
-    def from_file(cls, path: Path) -> RecoveryProvider:
-        return cls(RecoveryKey.from_file(path))
+    def from_file(
+        cls, path: Path, *, signers: frozenset[str] = frozenset(), accept_unsigned: bool = False
+    ) -> RecoveryProvider:
+        return cls(RecoveryKey.from_file(path), signers=signers, accept_unsigned=accept_unsigned)
 
     def __repr__(self) -> str:
         return f"RecoveryProvider(key_id={self.key.key_id!r})"

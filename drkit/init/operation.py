@@ -19,6 +19,7 @@ from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
 from drkit.repo.repository import Repository
+from drkit.repo.signer import copy_signer
 from drkit.result import SEVERAL_WARNINGS, warnings_exit_code
 
 
@@ -69,11 +70,25 @@ class InitOperation:
         report.checks.append(Check("ok", f"key provider '{self.settings.keys.provider}' works"))
 
         # Create (or confirm) every repository, and record (or compare) the key it is sealed with
+        repos = []
         for repo_settings in self.settings.repo:
             repo = open_repository(self.settings, repo_settings.name)
             created = repo.initialize(cluster.system_identifier)
             self._record_key(repo)
             report.repositories[repo.name] = "created" if created else "exists"
+            repos.append(repo)
+
+        # Give every repository the cluster's signing key: the primary's, the same bytes
+        signer = repos[0].auth.signer()
+        for repo in repos[1:]:
+            copy_signer(repos[0].storage, repo.storage)
+        report.checks.append(
+            Check(
+                "ok",
+                f"signing key {signer.verifier.fingerprint} (keep it with the escrow key:"
+                " [keys.escrow] signers)",
+            )
+        )
 
         # Say whether archive_command works (it may have failed only for want of a repository)
         created = "created" in report.repositories.values()

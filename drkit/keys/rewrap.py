@@ -22,6 +22,7 @@ from typing import Any
 
 from drkit.config.settings import Settings
 from drkit.crypto.rotation import KeyState
+from drkit.crypto.signing import is_signed
 from drkit.errors import IntegrityError
 from drkit.keys.common import ManagedKeys, open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, add_record, describe, record_sets
@@ -41,6 +42,7 @@ class Rewrapped:
     from_version: int | None
     to_version: int | None
     escrow_added: bool
+    signed: bool = False  # the set had no signed record: this one is signed
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,19 +114,21 @@ class RewrapOperation:
             and described.version < state.latest_version
         )
         add_escrow = keys.recipient is not None and newest.escrow_recipient != keys.recipient.key_id
-        if not move and not add_escrow:
+        add_signature = not is_signed(record)
+        if not move and not add_escrow and not add_signature:
             report.up_to_date += 1
             return
 
-        # Re-wrap under the newest version; the escrow part, if any, is carried over
+        # Re-wrap under the newest version; the escrow part, if any, is carried over; the new
+        # record is signed for its set (add_record)
         new = keys.versioned.rewrap(record) if move and keys.versioned is not None else dict(record)
+        dek = keys.base.unwrap(new)
+        if (add_escrow or add_signature) and record_set.kind == "backup":
+            self._prove_dek(repo, BackupLabel(record_set.name), dek)
         if add_escrow and keys.recipient is not None:
-            dek = keys.base.unwrap(new)
-            if record_set.kind == "backup":
-                self._prove_dek(repo, BackupLabel(record_set.name), dek)
             new["escrow"] = keys.recipient.wrap(dek)
 
-        stored = None if self.dry_run else add_record(repo, record_set, new)
+        stored = None if self.dry_run else add_record(repo, record_set, new, dek)
         report.rewrapped.append(
             Rewrapped(
                 repo=repo.name,
@@ -135,6 +139,7 @@ class RewrapOperation:
                 from_version=described.version,
                 to_version=describe(new).version,
                 escrow_added=add_escrow,
+                signed=add_signature,
             )
         )
 

@@ -38,6 +38,7 @@ from drkit.repo.retention import (
     newest_proven,
     policy_from,
 )
+from drkit.repo.signer import copy_signer
 from drkit.repo.wal_names import WAL_PREFIX
 from drkit.repo.wal_objects import KEYS_PREFIX
 
@@ -93,6 +94,7 @@ class Replicator:
         by the backup's fan-out, or left by an interrupted copy: same key and size); returns
         how many objects and bytes were copied."""
         manifest, _ = self.primary.load_manifest(label)
+        copy_signer(self.primary.storage, self.target.storage)  # before any key record
         expected = {o.key: o.sha256 for o in manifest.objects}
         present = {o.key: o.size for o in self.target.storage.list(f"{BACKUP_PREFIX}{label}/")}
         objects = [
@@ -115,6 +117,7 @@ class Replicator:
         """Copy archived WAL and WAL key records the target lacks (except WAL its retention
         policy would prune: ``skip``); returns how many WAL files were copied."""
         copied = 0
+        copy_signer(self.primary.storage, self.target.storage)  # before any key record
         for prefix in WAL_PREFIXES:
             present = {o.key for o in self.target.storage.list(prefix)}
             todo = [

@@ -22,6 +22,7 @@ from drkit.errors import DrillRecordNotWritten, DrkitError, DrkitWarning, Integr
 from drkit.repo.drills import DRILL_PREFIX, DrillRecord, drill_time, is_drill_id, seal_drill_record
 from drkit.repo.open import open_key_provider, open_storage
 from drkit.repo.repository import Repository
+from drkit.repo.signer import copy_signer, first_signing
 
 
 @dataclass
@@ -45,12 +46,18 @@ def write_drill_record_everywhere(
     and write it to every configured repository. Raises when no data key can be made (then no
     repository has it); a repository that fails is a DrillRecordNotWritten warning."""
     keys = keys or open_key_provider(settings.keys)
-    sealed = seal_drill_record(record, keys)
+    repos: list[Repository] = []
+    for repo_settings in settings.repo:
+        with suppress(DrkitError):  # an unreachable one is reported below
+            repos.append(Repository(open_storage(repo_settings), keys))
+    signing = first_signing([repo.auth for repo in repos])
+    sealed = seal_drill_record(record, keys, signing)
     copies = DrillRecordCopies(record.id)
     for repo_settings in settings.repo:
         try:
             repo = Repository(open_storage(repo_settings), keys)
             repo.check()
+            copy_signer(signing.storage, repo.storage)
             repo.write_drill_record(sealed)
         except DrkitError as exc:
             copies.warnings.append(
@@ -119,6 +126,7 @@ def _authentic_copy(
 def _copy_record(source: Repository, target: Repository, drill_id: str) -> None:
     """Copy one record's objects, key records first and the record last (as written), except
     those the target has already (an interrupted copy); each checked against the source."""
+    copy_signer(source.storage, target.storage)  # what the record's key record is checked by
     objects = source.storage.list(f"{DRILL_PREFIX}{drill_id}/")
     have = {o.key: o.size for o in target.storage.list(f"{DRILL_PREFIX}{drill_id}/")}
     for obj in sorted(objects, key=lambda o: (o.key.endswith("/record"), o.key)):

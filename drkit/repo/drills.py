@@ -25,6 +25,7 @@ from drkit.codec.frame_reader import unseal
 from drkit.codec.frame_writer import seal
 from drkit.crypto.base import KeyProvider
 from drkit.errors import IntegrityError
+from drkit.repo.signer import RecordAuth
 
 DRILL_PREFIX = "drills/"
 RECORD_VERSION = 1
@@ -173,12 +174,15 @@ class SealedDrillRecord:
     sealed: bytes  # the record's JSON sealed with that DEK, bound to ``id``
 
 
-def seal_drill_record(record: DrillRecord, keys: KeyProvider) -> SealedDrillRecord:
-    """Seal ``record`` with a fresh data key from ``keys``."""
+def seal_drill_record(
+    record: DrillRecord, keys: KeyProvider, auth: RecordAuth
+) -> SealedDrillRecord:
+    """Seal ``record`` with a fresh data key from ``keys``, its key record signed by ``auth``."""
     if not is_drill_id(record.id):
         raise ValueError(f"'{record.id}' is not a drill id (new_drill_id() makes them)")
     data_key = keys.new_data_key()
-    key_record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
+    signed = auth.sign_key_record(data_key.record, data_key.plaintext, "drill", record.id)
+    key_record = json.dumps(signed, sort_keys=True, indent=2).encode()
     sealed = seal(record.model_dump_json().encode(), data_key.plaintext, drill_context(record.id))
     return SealedDrillRecord(record.id, key_record, sealed)
 

@@ -19,6 +19,7 @@ from drkit.repo.drills import DRILL_PREFIX
 from drkit.repo.label import BackupLabel
 from drkit.repo.notes import NOTE_PREFIX, note_ids
 from drkit.repo.repository import BACKUP_PREFIX, Repository
+from drkit.repo.signer import SIGNER_RECORDS, read_signer_object
 from drkit.repo.wal_objects import KEYS_PREFIX
 
 
@@ -46,7 +47,7 @@ class StoredRecord:
 @dataclass
 class RecordSet:
     """The records of one backup (``kind == "backup"``), one WAL key period (``"wal"``), one
-    drill record (``"drill"``) or one note (``"note"``)."""
+    drill record (``"drill"``), one note (``"note"``) or the signing key (``"signer"``)."""
 
     kind: str
     name: str  # the backup label or the period
@@ -55,7 +56,13 @@ class RecordSet:
 
     @property
     def what(self) -> str:
-        noun = {"backup": "backup", "wal": "WAL period", "drill": "drill record", "note": "note"}
+        noun = {
+            "backup": "backup",
+            "wal": "WAL period",
+            "drill": "drill record",
+            "note": "note",
+            "signer": "signing key",
+        }
         return f"{noun[self.kind]} {self.name}"
 
     def newest(self) -> StoredRecord | None:
@@ -125,18 +132,28 @@ def record_sets(repo: Repository) -> list[RecordSet]:
                 continue
             entry = sets.setdefault(set_prefix, RecordSet(kind, name, set_prefix))
             entry.records.append(StoredRecord(obj.key, seq, _read(repo, obj.key)))
+    signer = read_signer_object(repo.storage)
+    if signer is not None:
+        entry = RecordSet("signer", str(signer.get("signer")), SIGNER_RECORDS)
+        for obj in repo.storage.list(SIGNER_RECORDS):
+            seq = _seq(obj.key.rsplit("/", 1)[-1])
+            if seq is not None:
+                entry.records.append(StoredRecord(obj.key, seq, _read(repo, obj.key)))
+        sets[SIGNER_RECORDS] = entry
     for entry in sets.values():
         entry.records.sort(key=lambda r: r.seq)
     return sorted(sets.values(), key=lambda s: (s.kind, s.name))
 
 
-def add_record(repo: Repository, target: RecordSet, record: dict[str, Any]) -> str:
-    """Stores ``record`` as the set's next record (write-once); returns its object key."""
+def add_record(repo: Repository, target: RecordSet, record: dict[str, Any], dek: bytes) -> str:
+    """Stores ``record`` (which wraps ``dek``), signed for its set, as the set's next record
+    (write-once); returns its object key."""
     if target.kind == "backup":
-        return repo.write_key_record(BackupLabel(target.name), record)
+        return repo.write_key_record(BackupLabel(target.name), record, dek)
+    signed = repo.auth.sign_key_record(record, dek, target.kind, target.name)
     seq = max((r.seq for r in target.records), default=0) + 1
     key = f"{target.prefix}{seq:04d}.json"
-    repo.storage.write_bytes(key, json.dumps(record, sort_keys=True, indent=2).encode())
+    repo.storage.write_bytes(key, json.dumps(signed, sort_keys=True, indent=2).encode())
     return key
 
 

@@ -22,6 +22,7 @@ from drkit.crypto.base import KeyProvider
 from drkit.errors import IntegrityError, ObjectExists, ObjectNotFound, WrongKey
 from drkit.repo.drills import SealedDrillRecord, is_drill_id, new_drill_id
 from drkit.repo.repository import Repository
+from drkit.repo.signer import RecordAuth
 
 NOTE_PREFIX = "notes/"
 new_note_id = new_drill_id  # the same sortable, host-unique form: 20261207-131500Z-3f9a
@@ -68,12 +69,14 @@ def note_context(note_id: str) -> bytes:
     return f"note:{note_id}".encode()
 
 
-def seal_note(note: Finding | Signoff, keys: KeyProvider) -> SealedDrillRecord:
-    """Seal ``note`` with a fresh data key from ``keys`` (the same bytes go to every repository)."""
+def seal_note(note: Finding | Signoff, keys: KeyProvider, auth: RecordAuth) -> SealedDrillRecord:
+    """Seal ``note`` with a fresh data key from ``keys``, its key record signed by ``auth`` (the
+    same bytes go to every repository)."""
     if not is_note_id(note.id):
         raise ValueError(f"'{note.id}' is not a note id (new_note_id() makes them)")
     data_key = keys.new_data_key()
-    key_record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
+    signed = auth.sign_key_record(data_key.record, data_key.plaintext, "note", note.id)
+    key_record = json.dumps(signed, sort_keys=True, indent=2).encode()
     plain = _Envelope(note=note).model_dump_json().encode()
     return SealedDrillRecord(
         note.id, key_record, seal(plain, data_key.plaintext, note_context(note.id))
@@ -116,7 +119,7 @@ def read_note(repo: Repository, note_id: str) -> NoteEntry:
     if not is_note_id(note_id):
         return NoteEntry(id=note_id, error=f"'{note_id}' is not a note id")
     try:
-        dek = repo.record_dek(f"{NOTE_PREFIX}{note_id}/key/", f"note '{note_id}'")
+        dek = repo.record_dek(f"{NOTE_PREFIX}{note_id}/key/", "note", note_id)
         sealed = repo.storage.read_bytes(f"{NOTE_PREFIX}{note_id}/record")
         try:
             plain = unseal(sealed, dek, note_context(note_id))

@@ -57,6 +57,7 @@ from drkit.repo.drills import (
 from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
+from drkit.repo.signer import RecordAuth
 from drkit.storage.base import Storage
 
 FORMAT_KEY = "drkit-repository.json"
@@ -102,6 +103,7 @@ class Repository:
     def __init__(self, storage: Storage, keys: KeyProvider) -> None:
         self.storage = storage
         self.keys = keys
+        self.auth = RecordAuth(storage, keys)  # signs what this writes, checks what it reads
         self._system_identifier: str | None = None  # of the format object, read once
 
     @property
@@ -240,7 +242,7 @@ class Repository:
         record = {"repo": target, "verified": True, "time": datetime.now(UTC).isoformat()}
         key = f"{COPY_PREFIX}{label}/{target}.json"
         if not self.storage.exists(key):
-            self.storage.write_bytes(key, json.dumps(record).encode())
+            self.storage.write_bytes(key, json.dumps(self.auth.signed_object(record, key)).encode())
 
     # -- verification records -------------------------------------------------------------------
 
@@ -249,24 +251,37 @@ class Repository:
         now = datetime.now(UTC)
         key = f"{BACKUP_PREFIX}{label}/verify/{now.strftime('%Y%m%dT%H%M%S.%fZ')}.json"
         record = {"ok": ok, "damaged_files": damaged, "time": now.isoformat()}
-        self.storage.write_bytes(key, json.dumps(record).encode())
+        self.storage.write_bytes(key, json.dumps(self.auth.signed_object(record, key)).encode())
+
+    def verify_records(self, label: BackupLabel) -> list[tuple[str, dict[str, Any] | None]]:
+        """Each verification record of ``label``, oldest first, as (object key, record); the
+        record is None when it is not signed by the repository's signing key (forged, or
+        damaged): such a record is never believed, whatever it says."""
+        found: list[tuple[str, dict[str, Any] | None]] = []
+        for obj in self.storage.list(f"{BACKUP_PREFIX}{label}/verify/"):
+            try:
+                payload = json.loads(self.storage.read_bytes(obj.key))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                payload = None
+            authentic = self.auth.authentic_object(payload, obj.key)
+            found.append((obj.key, payload if authentic else None))
+        return found
 
     def verified_ok(self, label: BackupLabel) -> bool:
-        """False when the newest verification of ``label`` found damage (True if never run)."""
-        records = self.storage.list(f"{BACKUP_PREFIX}{label}/verify/")
-        if not records:
-            return True
-        try:
-            return bool(json.loads(self.storage.read_bytes(records[-1].key))["ok"])
-        except (json.JSONDecodeError, KeyError):
-            return False
+        """False when the newest authentic verification of ``label`` found damage (True if
+        never run); records that are not authentic are passed over."""
+        for _, record in reversed(self.verify_records(label)):
+            if record is not None:
+                return record.get("ok") is True
+        return True
 
     # -- keys and manifests -------------------------------------------------------------------
 
-    def write_key_record(self, label: BackupLabel, record: dict[str, Any]) -> str:
-        """Store ``record`` as the backup's next key record (0001.json, then 0002.json after a
-        rewrap, ...). Write-once: an existing record is never replaced; a concurrent writer of
-        the same number makes this raise ObjectExists."""
+    def write_key_record(self, label: BackupLabel, record: dict[str, Any], dek: bytes) -> str:
+        """Store ``record`` (which wraps ``dek``), signed for ``label``, as the backup's next key
+        record (0001.json, then 0002.json after a rewrap, ...). Write-once: an existing record
+        is never replaced; a concurrent writer of the same number makes this raise ObjectExists."""
+        record = self.auth.sign_key_record(record, dek, "backup", str(label))
         seqs = [
             int(name[:-5])
             for o in self.storage.list(f"{BACKUP_PREFIX}{label}/key/")
@@ -278,23 +293,21 @@ class Repository:
 
     def load_dek(self, label: BackupLabel) -> bytes:
         """Unwrap the backup's DEK from its newest key record that unwraps."""
-        return self._unwrap_newest(f"{BACKUP_PREFIX}{label}/key/", f"backup '{label}'")
+        return next(self._unwrap_each(f"{BACKUP_PREFIX}{label}/key/", "backup", str(label)))
 
-    def record_dek(self, prefix: str, owner: str) -> bytes:
-        """The DEK of a sealed record (drill record, note) whose key records are under
-        ``prefix``; ``owner`` names the record in errors."""
-        return self._unwrap_newest(prefix, owner)
+    def record_dek(self, prefix: str, kind: str, name: str) -> bytes:
+        """The DEK of a sealed record (``kind`` "drill" or "note", id ``name``) whose key
+        records are under ``prefix``."""
+        return next(self._unwrap_each(prefix, kind, name))
 
-    def _unwrap_newest(self, prefix: str, owner: str) -> bytes:
-        """The DEK of the newest key record under ``prefix`` that unwraps (a rewrap adds newer
-        records of the same DEK); raises the last error when none does."""
-        return next(self._unwrap_each(prefix, owner))
-
-    def _unwrap_each(self, prefix: str, owner: str) -> Iterator[bytes]:
-        """The DEK of each key record under ``prefix`` that unwraps, newest first, each DEK
-        once; raises the last error when none unwraps. A caller that can authenticate what the
-        DEK opens tries each in turn: a record added beside the genuine one (another backup's,
-        copied) unwraps too, to the wrong key, and must not hide the genuine one."""
+    def _unwrap_each(self, prefix: str, kind: str, name: str) -> Iterator[bytes]:
+        """The DEK of each key record under ``prefix`` that unwraps and is authentic for
+        ``kind``/``name`` (``RecordAuth.check_key_record``), newest first, each DEK once; raises
+        the last error when none is. A caller that can authenticate what the DEK opens tries
+        each in turn: a record added beside the genuine one (another backup's, copied) may
+        unwrap too, to the wrong key, and must not hide the genuine one."""
+        owner = {"backup": "backup", "drill": "drill record", "note": "note"}[kind]
+        owner = f"{owner} '{name}'"
         records = sorted((o.key for o in self.storage.list(prefix)), reverse=True)
         if not records:
             raise IntegrityError(f"{owner} has no key record in repository '{self.name}'")
@@ -302,7 +315,9 @@ class Repository:
         seen: set[bytes] = set()
         for key in records:
             try:
-                dek = self.keys.unwrap(json.loads(self.storage.read_bytes(key)))
+                record = json.loads(self.storage.read_bytes(key))
+                dek = self.keys.unwrap(record)
+                self.auth.check_key_record(record, dek, kind, name, key)
             except json.JSONDecodeError:
                 error = IntegrityError(f"key record '{key}' is not valid JSON")
                 continue
@@ -341,7 +356,7 @@ class Repository:
         candidates = (
             iter([dek])
             if dek
-            else self._unwrap_each(f"{BACKUP_PREFIX}{label}/key/", f"backup '{label}'")
+            else self._unwrap_each(f"{BACKUP_PREFIX}{label}/key/", "backup", str(label))
         )
         failure: IntegrityError | None = None
         for candidate in candidates:
@@ -376,7 +391,7 @@ class Repository:
         a SealedDrillRecord (the same bytes for every repository) is stored as it is."""
         check_identity(self.storage, self.keys)  # never seal with a key the repository refuses
         if isinstance(record, DrillRecord):
-            record = seal_drill_record(record, self.keys)
+            record = seal_drill_record(record, self.keys, self.auth)
         if self.storage.list(f"{DRILL_PREFIX}{record.id}/"):
             raise ObjectExists(
                 f"drill record '{record.id}' already exists in repository '{self.name}'",
@@ -418,9 +433,7 @@ class Repository:
         try:
             sealed = self.storage.read_bytes(drill_record_key(drill_id))
             # every record that unwraps, until one opens the record (see _unwrap_each)
-            for dek in self._unwrap_each(
-                f"{DRILL_PREFIX}{drill_id}/key/", f"drill record '{drill_id}'"
-            ):
+            for dek in self._unwrap_each(f"{DRILL_PREFIX}{drill_id}/key/", "drill", drill_id):
                 try:
                     return DrillEntry(drill_id, unseal_drill_record(drill_id, sealed, dek))
                 except IntegrityError as exc:

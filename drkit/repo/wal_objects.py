@@ -21,6 +21,7 @@ from drkit.codec.frame_writer import FrameWriter
 from drkit.crypto.base import KeyProvider
 from drkit.errors import DrkitError, IntegrityError, ObjectExists
 from drkit.repo.identity import check_identity
+from drkit.repo.signer import RecordAuth
 from drkit.repo.wal_names import KeyPeriod, WalName
 from drkit.storage.base import Storage, WrittenObject
 
@@ -123,6 +124,7 @@ class WalKeyring:
 
     def __init__(self, repo: RepoLike, *, cache: bool = True) -> None:
         self.repo = repo
+        self._auth = RecordAuth(repo.storage, repo.keys)
         self._cache: dict[str, bytes] | None = {} if cache else None
         self._lock = threading.Lock()
 
@@ -177,7 +179,9 @@ class WalKeyring:
         unwrapped = False
         for key in records:
             try:
-                dek = self.repo.keys.unwrap(json.loads(storage.read_bytes(key)))
+                record = json.loads(storage.read_bytes(key))
+                dek = self.repo.keys.unwrap(record)
+                self._auth.check_key_record(record, dek, "wal", period, key)
             except json.JSONDecodeError:
                 error = IntegrityError(f"WAL key record '{key}' is not valid JSON")
                 continue
@@ -194,7 +198,8 @@ class WalKeyring:
         # A new period is where a wrong key would start sealing WAL nobody can read back
         check_identity(self.repo.storage, self.repo.keys)
         data_key = self.repo.keys.new_data_key()
-        record = json.dumps(data_key.record, sort_keys=True, indent=2).encode()
+        signed = self._auth.sign_key_record(data_key.record, data_key.plaintext, "wal", period)
+        record = json.dumps(signed, sort_keys=True, indent=2).encode()
         try:
             self.repo.storage.write_bytes(f"{self.record_prefix(period)}0001.json", record)
         except ObjectExists:

@@ -41,7 +41,9 @@ def unwrap_newest(
     for key in reversed(records):
         try:
             record = json.loads(repo.storage.read_bytes(key))
-            return repo.keys.unwrap(record), _fact(kind, name, record)
+            dek = repo.keys.unwrap(record)
+            repo.auth.check_key_record(record, dek, kind, name, key)
+            return dek, _fact(kind, name, record)
         except json.JSONDecodeError:
             error = IntegrityError(f"key record '{key}' is not valid JSON")
         except DrkitError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import socket
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from drkit.config.settings import Settings
 from drkit.errors import DrillNotFound, DrkitError, DrkitWarning, RepositoryError
 from drkit.repo.notes import Finding, Signoff, new_note_id, seal_note, write_note
-from drkit.repo.open import open_key_provider, open_repository
+from drkit.repo.open import open_key_provider, open_repository, open_storage
+from drkit.repo.repository import Repository
+from drkit.repo.signer import copy_signer, first_signing
 from drkit.report.period import days, quarter
 from drkit.result import OperationResult
 
@@ -100,12 +103,19 @@ def _require_drill(settings: Settings, drill: str) -> None:
 
 
 def _write_everywhere(settings: Settings, note: Finding | Signoff) -> NoteResult:
-    sealed = seal_note(note, open_key_provider(settings.keys))
+    keys = open_key_provider(settings.keys)
+    repos: list[Repository] = []
+    for repo_settings in settings.repo:
+        with suppress(DrkitError):  # an unreachable one is reported below
+            repos.append(Repository(open_storage(repo_settings), keys))
+    signing = first_signing([repo.auth for repo in repos])
+    sealed = seal_note(note, keys, signing)
     result = NoteResult(note=note)
     for repo_settings in settings.repo:
         try:
             repo = open_repository(settings, repo_settings.name)
             repo.check()
+            copy_signer(signing.storage, repo.storage)
             write_note(repo, sealed)
         except DrkitError as exc:
             result.warnings.append(

@@ -64,7 +64,7 @@ def seed_backup(
     if key_record is None or dek is None:
         data_key = repo.keys.new_data_key()
         key_record, dek = data_key.record, data_key.plaintext
-    record_key = repo.write_key_record(label, key_record)
+    record_key = repo.write_key_record(label, key_record, dek)
     stop = start + timedelta(seconds=seconds)
     manifest = Manifest(
         label=str(label),
