@@ -192,9 +192,16 @@ class RecordAuth:
         for key in sorted((o.key for o in self.storage.list(SIGNER_RECORDS)), reverse=True):
             try:
                 record = json.loads(self.storage.read_bytes(key))
-                signer = open_signer(obj, record, self.keys, self.system_identifier())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
+            try:
+                # a record of another key than the repository's (writers checked the identity)
+                self.keys.check_key(record)
+            except WrongKey as exc:
+                failure = failure or IntegrityError(exc.message)
+                continue
+            try:
+                signer = open_signer(obj, record, self.keys, self.system_identifier())
             except DrkitError as exc:
                 failure = failure or exc
                 continue

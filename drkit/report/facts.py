@@ -12,6 +12,7 @@ cannot is listed with its error, never silently left out.
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from drkit.report.model import RepositoryFacts
 from drkit.report.period import Period
 
 _STAMP = "%Y%m%dT%H%M%S.%fZ"  # of verification and job records
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -296,11 +299,13 @@ def _read_verify_runs(settings: Settings, listings: dict[str, _Listing]) -> list
     runs = []
     for name, listing in listings.items():
         repo = open_repository(settings, name)
-        runs += [_verify_fact(repo, key) for key in listing.verify]
+        runs += [fact for key in listing.verify if (fact := _verify_fact(repo, key))]
     return runs
 
 
-def _verify_fact(repo: Repository, key: str) -> VerifyFact:
+def _verify_fact(repo: Repository, key: str) -> VerifyFact | None:
+    """The verification record at ``key``; None when it is not signed by the repository's
+    signing key (a forged ``ok: true`` must not count as a verification)."""
     label, _, name = key[len(BACKUP_PREFIX) :].partition("/verify/")
     try:
         when = datetime.strptime(name.removesuffix(".json"), _STAMP).replace(tzinfo=UTC)
@@ -308,8 +313,14 @@ def _verify_fact(repo: Repository, key: str) -> VerifyFact:
         when = BackupLabel(label).time
     try:
         record = json.loads(repo.storage.read_bytes(key))
-        ok, damaged = bool(record["ok"]), int(record.get("damaged_files", 0))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not repo.auth.authentic_object(record, key):
+        log.warning("verification record '%s' is not authentic; ignored", key)
+        return None
+    try:
+        ok, damaged = record["ok"] is True, int(record.get("damaged_files", 0))
+    except (KeyError, TypeError, ValueError):
         ok, damaged = False, 0  # a verification record that does not parse proves nothing
     return VerifyFact(repo.name, label, when, ok, damaged, key)
 

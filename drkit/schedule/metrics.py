@@ -215,16 +215,19 @@ def _key_version(samples: Samples, repo: Repository, label: BackupLabel) -> None
 
 
 def _verify_samples(samples: Samples, repo: Repository, keys: list[str]) -> None:
-    """The newest verification record of any backup (record names are their UTC time)."""
-    if not keys:
+    """The newest authentic verification record of any backup (record names are their UTC
+    time); records not signed by the repository's signing key are passed over."""
+    for newest in sorted(keys, key=lambda k: k.rsplit("/", 1)[-1], reverse=True):
+        try:
+            record = json.loads(repo.storage.read_bytes(newest))
+            at = datetime.fromisoformat(record["time"])
+        except (ValueError, KeyError, TypeError, DrkitError):
+            continue
+        if repo.auth.authentic_object(record, newest):
+            break
+    else:
         return
-    newest = max(keys, key=lambda k: k.rsplit("/", 1)[-1])
-    try:
-        record = json.loads(repo.storage.read_bytes(newest))
-        at = datetime.fromisoformat(record["time"])
-    except (ValueError, KeyError, DrkitError):
-        return
-    samples.add("drkit_verify_last_ok", 1.0 if record.get("ok") else 0.0, repo.name)
+    samples.add("drkit_verify_last_ok", 1.0 if record.get("ok") is True else 0.0, repo.name)
     samples.add("drkit_verify_last_timestamp_seconds", at.timestamp(), repo.name)
 
 
