@@ -52,12 +52,13 @@ def test_restore_and_verify_with_vault_gone(
     assert result.exit_code == 12  # a key that cannot read it, not a damaged backup
     assert "has no escrow part" in json.dumps(result.stdout + result.stderr)
     status = json.loads(dk.ok("keys", "status", "--json").stdout)
-    assert status["without_escrow"] == 1
+    assert status["without_escrow"] == 2  # the backup, and the signing key init made
     rewrap = json.loads(dk.ok("keys", "rewrap", "--json").stdout)
     assert [
-        (r["name"], r["escrow_added"], r["from_version"], r["to_version"])
+        (r["kind"], r["escrow_added"], r["from_version"], r["to_version"])
         for r in rewrap["rewrapped"]
-    ] == [(before_escrow, True, 1, 1)]
+    ] == [("backup", True, 1, 1), ("signer", True, 1, 1)]
+    assert rewrap["rewrapped"][0]["name"] == before_escrow
     assert "escrow" in key_record(dk, before_escrow, 2)
     assert json.loads(dk.ok("keys", "status", "--json").stdout)["without_escrow"] == 0
 

@@ -205,7 +205,7 @@ def run_fast(argv: list[str]) -> int | None:
             config, i = Path(arg.split("=", 1)[1]), i + 1
             continue
         fetching = command in ("wal-fetch", "wal-fetcher")
-        if fetching and arg == "--recovery-key" and i + 1 < len(rest):
+        if fetching and arg in ("--recovery-key", "--wal-keys") and i + 1 < len(rest):
             recovery_key, i = Path(rest[i + 1]), i + 2
             continue
         if command == "wal-fetch" and arg == "--prefetch":
@@ -277,6 +277,11 @@ def register(app: Any) -> None:
         recovery_key: Path | None = typer.Option(
             None, help="unwrap keys with this escrow recovery key; never contacts Vault"
         ),
+        wal_keys: Path | None = typer.Option(
+            None,
+            help="unwrap keys with the WAL keys file a restore with --recovery-key wrote"
+            " (its restore_command passes it)",
+        ),
         repo: list[str] | None = typer.Option(
             None,
             help="read only this repository (repeat for several, tried in the order given)",
@@ -292,7 +297,8 @@ def register(app: Any) -> None:
 
         Exit 0: written; 1: not archived; above 125: a real error (PostgreSQL aborts recovery).
         """
-        raise typer.Exit(wal_fetch(name, dest, config, recovery_key, repo or None, prefetch))
+        keys = wal_keys or recovery_key
+        raise typer.Exit(wal_fetch(name, dest, config, keys, repo or None, prefetch))
 
     @app.command("wal-pusher", hidden=True)
     def pusher_command(

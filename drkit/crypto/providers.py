@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 def open_provider(keys: KeysSettings, *, one_shot: bool = False) -> KeyProvider:
     if keys.recovery_key is not None:
         from drkit.crypto.recovery import RecoveryProvider
+        from drkit.crypto.walkeys import WalKeysProvider, is_wal_keys_file
+
+        if is_wal_keys_file(keys.recovery_key):  # what a restore hands to its recovery
+            return WalKeysProvider.from_file(keys.recovery_key)
 
         return RecoveryProvider.from_file(
             keys.recovery_key,

@@ -95,6 +95,7 @@ def write_restore_settings(
     restore_command: str,
     target: RecoveryTarget | None,
     standby: Standby | None = None,
+    recovery_end_command: str = "",
 ) -> None:
     """Append a restored cluster's settings to its postgresql.auto.conf (read last, so they win
     over postgresql.conf): ``archive_mode = off`` when ``archive_off`` (a copy must not archive
@@ -111,6 +112,8 @@ def write_restore_settings(
         settings |= {"restore_command": restore_command, "recovery_target_timeline": "latest"}
         if standby.primary_conninfo:
             settings["primary_conninfo"] = standby.primary_conninfo
+    if (target is not None or standby is not None) and recovery_end_command:
+        settings["recovery_end_command"] = recovery_end_command
     if not settings:
         return
     lines = ["", "# added by drkit restore"]

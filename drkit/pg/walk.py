@@ -43,6 +43,7 @@ EXCLUDE_FILES = frozenset(
         "tablespace_map.old",
         "recovery.signal",
         "standby.signal",
+        "drkit-wal-keys.json",  # WAL keys a restore handed to recovery: never backed up
     }
 )
 EXCLUDE_ANYWHERE = frozenset({"pg_internal.init"})

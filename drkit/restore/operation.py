@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from drkit.config.settings import Settings, config_path
+from drkit.crypto.walkeys import WAL_KEYS_FILE, wal_keys_document
 from drkit.errors import (
     BackupSkipped,
     ConfigError,
@@ -44,6 +45,7 @@ from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.repo.safety import check_manifest
+from drkit.repo.wal_handover import handover_keys
 from drkit.restore.delta import DeltaRestore, DeltaSummary, check_delta_target, remove_control
 from drkit.restore.files import FileWriter
 from drkit.restore.paths import ClusterUser, TargetTree, cluster_user
@@ -177,11 +179,14 @@ class RestoreOperation:
                 # WAL directories, settings, then (delta) global/pg_control, then ownership
                 for sub in ("pg_wal", "pg_wal/archive_status", "pg_wal/summaries"):
                     tree.ensure_dir(sub)
-                wal_fetched = target is not None or self.request.standby is not None
+                restore_command, end_command = "", ""
+                if target is not None or self.request.standby is not None:
+                    restore_command, end_command = self._recovery_commands(repos, manifest, tree)
                 write_restore_settings(
                     tree.root,
                     archive_off=self.request.archive_mode == "off",
-                    restore_command=self._restore_command() if wal_fetched else "",
+                    restore_command=restore_command,
+                    recovery_end_command=end_command,
                     target=target,
                     standby=self.request.standby,
                 )
@@ -243,17 +248,29 @@ class RestoreOperation:
         if standby.primary_conninfo:
             check_primary_conninfo(standby.primary_conninfo)
 
-    def _restore_command(self) -> str:
-        """The caller's restore_command, or drkit wal-fetch; with a repository asked for, that
-        wal-fetch reads only it: the others may be the ones the disaster took, and wal-fetch
-        never takes a repository that is not there for the end of the archive."""
+    def _recovery_commands(
+        self, repos: list[Repository], manifest: Manifest, tree: TargetTree
+    ) -> tuple[str, str]:
+        """``restore_command`` and ``recovery_end_command``: the caller's restore_command, or
+        drkit wal-fetch; with a repository asked for, that wal-fetch reads only it (the others
+        may be the ones the disaster took, and wal-fetch never takes a repository that is not
+        there for the end of the archive). With the recovery key, recovery gets only the WAL
+        period keys it can need, in a 0600 file of the restored directory that the cluster's
+        user owns and that recovery removes when it ends: never the recovery key itself
+        (crypto/walkeys.py)."""
         if self.request.restore_command is not None:
-            return self.request.restore_command
-        return wal_fetch_command(
-            config_path(self.request.config),
-            self.settings.keys.recovery_key,
-            repos=[self.request.repo] if self.request.repo else None,
-        )
+            return self.request.restore_command, ""
+        config = config_path(self.request.config)
+        only = [self.request.repo] if self.request.repo else None
+        if self.settings.keys.recovery_key is None:
+            return wal_fetch_command(config, None, repos=only), ""
+        keys = handover_keys(repos, manifest.start_time)
+        tree.unlink(WAL_KEYS_FILE)  # a delta restore's target may hold an older one
+        fd = tree.open(WAL_KEYS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as file:
+            file.write(wal_keys_document(keys))
+        command = wal_fetch_command(config, None, repos=only, wal_keys=WAL_KEYS_FILE)
+        return command, f"rm -f {WAL_KEYS_FILE}"
 
     def locate(self, warnings: list[DrkitWarning]) -> tuple[Repository, Chain, list[Repository]]:
         """The repository the restore reads first, the chain it restores, and every repository

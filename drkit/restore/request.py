@@ -102,15 +102,21 @@ def parse_tablespace_map(values: list[str]) -> dict[str, Path]:
 
 
 def wal_fetch_command(
-    config: Path, recovery_key: Path | None, repos: list[str] | None = None
+    config: Path,
+    recovery_key: Path | None,
+    repos: list[str] | None = None,
+    *,
+    wal_keys: str | None = None,
 ) -> str:
     """The restore_command a restored cluster uses to fetch WAL from the repositories: this
-    installation's drkit, with the configuration (and escrow key) the restore used, reading only
-    ``repos`` (in that order) when given, fetching ahead ([archive] fetch_ahead) in the
-    background."""
+    installation's drkit, with the configuration (and escrow key, or the WAL keys file a
+    restore with it wrote) the restore used, reading only ``repos`` (in that order) when given,
+    fetching ahead ([archive] fetch_ahead) in the background."""
     drkit = Path(sys.executable).parent / "drkit"
     command = f"{shlex.quote(str(drkit))} wal-fetch --prefetch --config {shlex.quote(str(config))}"
-    if recovery_key is not None:
+    if wal_keys is not None:
+        command += f" --wal-keys {shlex.quote(wal_keys)}"
+    elif recovery_key is not None:
         command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
     for name in repos or []:
         command += f" --repo {shlex.quote(name)}"
