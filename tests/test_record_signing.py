@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from rig.archive import switch_wal
+from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
-from rig.postgres import PgCluster, database_checksums
+from rig.postgres import PgCluster, attach_cluster, database_checksums
 from rig.vault import VaultSetup, backup_label, restore_and_compare
 from typer.testing import CliRunner
 
@@ -235,3 +236,42 @@ def test_forged_verification_records_are_ignored(pg: PgCluster, workdir: Path) -
     # Metrics report the genuine failure, not the forged success
     metrics = dk.ok("metrics").stdout
     assert re.search(r'^drkit_verify_last_ok\{repo="local"\} 0(\.0)?$', metrics, re.M), metrics
+
+
+def test_pitr_with_the_recovery_key_hands_recovery_only_the_wal_keys(
+    pg: PgCluster, workdir: Path
+) -> None:
+    public, recovery = _escrow_kit(workdir)
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    escrow = {"keys.escrow": {"public_key_file": public}}
+    dk.write_config(**escrow)
+    dk.ok("keys", "rewrap")  # escrow the signing key init made before escrow was configured
+    enable_archiving(pg, dk, sections=escrow)
+    pg.psql("CREATE TABLE ledger AS SELECT g FROM generate_series(1, 1000) g")
+    dk.ok("backup")
+    pg.psql("INSERT INTO ledger SELECT g FROM generate_series(1001, 2000) g")
+    pg.psql("SELECT pg_create_restore_point('here')")
+    expected = database_checksums(pg)
+    pg.psql("INSERT INTO ledger SELECT g FROM generate_series(2001, 3000) g")
+    wait_archived(pg, switch_wal(pg))
+
+    target = workdir / "restored"
+    dk.ok(
+        "restore", "--pgdata", str(target), "--target-name", "here", "--recovery-key", str(recovery)
+    )
+    conf = (target / "postgresql.auto.conf").read_text()
+    assert "--recovery-key" not in conf and recovery.name not in conf
+    assert "--wal-keys drkit-wal-keys.json %f %p'" in conf
+    assert "recovery_end_command = 'rm -f drkit-wal-keys.json'" in conf
+    keys_file = target / "drkit-wal-keys.json"
+    info = keys_file.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == target.stat().st_uid  # the cluster's user, who runs restore_command
+
+    restored = attach_cluster(target, pg.version, workdir, {"archive_mode": "off"})
+    restored.start(timeout=120)
+    restored.wait_promoted(timeout=60)
+    assert database_checksums(restored) == expected
+    assert not keys_file.exists()  # removed when recovery ended
+    restored.stop()
