@@ -24,6 +24,7 @@ from drkit.cli.main import app
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.crypto.signing import Signer
 from drkit.errors import BackupSkipped, IntegrityError
+from drkit.repo.events import JobEvent, read_event, write_event
 from drkit.repo.label import BackupLabel
 from drkit.repo.repository import Repository
 from drkit.storage.posix import PosixStorage
@@ -275,3 +276,29 @@ def test_pitr_with_the_recovery_key_hands_recovery_only_the_wal_keys(
     assert database_checksums(restored) == expected
     assert not keys_file.exists()  # removed when recovery ended
     restored.stop()
+
+
+def test_job_records_are_sealed_and_old_plain_ones_still_read(tmp_path: Path) -> None:
+    create_keyfile(tmp_path / "key")
+    repo = Repository(
+        PosixStorage(tmp_path / "repo", name="local"), KeyfileProvider(tmp_path / "key")
+    )
+    repo.initialize(7)
+    at = datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
+    failed = JobEvent("full", False, at, 3.5, 4, "connection to server at db-7.internal failed")
+    write_event(repo, failed)
+    stored = (tmp_path / "repo" / failed.key).read_bytes()
+    assert b"db-7.internal" not in stored and b"sealed" in stored
+    assert read_event(repo, failed.key) == failed.as_dict()
+
+    # moved under another run's name, it no longer opens
+    moved = JobEvent("full", False, datetime(2026, 12, 8, tzinfo=UTC)).key
+    (tmp_path / "repo" / moved).write_bytes(stored)
+    with pytest.raises(IntegrityError):
+        read_event(repo, moved)
+
+    # a record an older drkit wrote in clear reads as it is
+    old = JobEvent("incr", False, at, 1.0, 4, "old failure")
+    (tmp_path / "repo" / "events" / "incr").mkdir()
+    (tmp_path / "repo" / old.key).write_text(json.dumps(old.as_dict()))
+    assert read_event(repo, old.key)["error"] == "old failure"

@@ -40,7 +40,7 @@ def command(
     last backup of any type)."""
     from drkit.backup.operation import take_backup
     from drkit.repo.events import recorded
-    from drkit.repo.open import open_storage
+    from drkit.repo.open import open_repository
 
     settings = settings_from(
         config,
@@ -53,7 +53,7 @@ def command(
         },
     )
     # one event per run in the repository: a timer's runs are remembered for metrics and reports
-    with recorded(open_storage(settings.repo[0]), str(type_)):
+    with recorded(lambda: open_repository(settings), str(type_)):
         result = take_backup(settings, type_, progress())
     m = result.manifest
     for label in result.removed_leftovers:

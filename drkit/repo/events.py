@@ -10,22 +10,27 @@ repository; metrics and reports read them back::
 The outcome and the time are in the key, so the latest success and failure of every job come
 from one listing without reading any record. A record holds the job, the outcome, the time, the
 duration, the exit code and the first line of the error: no key material (error messages never
-carry any) and no configuration values.
+carry any) and no configuration values. An error's first line can still name hosts, paths or
+tables, so the record is sealed (``{"sealed": <frame>}``, under a key derived from the
+repository's signing key, bound to the object's key: ``RecordAuth.seal``); records written
+before sealing are plain JSON and are read as they are.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from drkit.errors import DrkitError
-from drkit.repo.repository import FORMAT_KEY
-from drkit.storage.base import Storage
+from drkit.errors import DrkitError, IntegrityError
+from drkit.repo.repository import FORMAT_KEY, Repository
 
 EVENT_PREFIX = "events/"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
@@ -74,9 +79,28 @@ class JobTimes:
             self.last_fail = at
 
 
-def write_event(storage: Storage, event: JobEvent) -> None:
-    """Store ``event`` (write-once)."""
-    storage.write_bytes(event.key, json.dumps(event.as_dict()).encode())
+def write_event(repo: Repository, event: JobEvent) -> None:
+    """Store ``event``, sealed (write-once)."""
+    sealed = repo.auth.seal(json.dumps(event.as_dict()).encode(), event.key)
+    envelope = {"sealed": base64.b64encode(sealed).decode("ascii")}
+    repo.storage.write_bytes(event.key, json.dumps(envelope).encode())
+
+
+def read_event(repo: Repository, key: str) -> dict[str, Any]:
+    """The record stored at ``key`` (a sealed one opened, a plain one of an older drkit as it
+    is). Raises IntegrityError when it is damaged, forged or moved from another key."""
+    try:
+        record = json.loads(repo.storage.read_bytes(key))
+        if not isinstance(record, dict):
+            raise ValueError("not an object")
+        if "sealed" in record:
+            plain = repo.auth.unseal(base64.b64decode(record["sealed"], validate=True), key)
+            record = json.loads(plain)
+    except (ValueError, TypeError, binascii.Error):
+        raise IntegrityError(f"job record '{key}' does not parse") from None
+    if not isinstance(record, dict):
+        raise IntegrityError(f"job record '{key}' does not parse")
+    return record
 
 
 def job_times(keys: Iterator[str] | list[str]) -> dict[str, JobTimes]:
@@ -98,9 +122,10 @@ def job_times(keys: Iterator[str] | list[str]) -> dict[str, JobTimes]:
 
 
 @contextmanager
-def recorded(storage: Storage | None, job: str) -> Iterator[None]:
-    """Record the ``with`` block as one run of ``job`` in ``storage``: a success when it ends,
-    a failure (with the error's first line and exit code) when it raises. A record that cannot
+def recorded(repo: Callable[[], Repository] | None, job: str) -> Iterator[None]:
+    """Record the ``with`` block as one run of ``job`` in the repository ``repo`` opens (only
+    once the block is over: opening it must not fail the job): a success when it ends, a
+    failure (with the error's first line and exit code) when it raises. A record that cannot
     be written (the repository is what failed) is logged and never hides the job's own error."""
     clock = time.monotonic()
     try:
@@ -109,18 +134,19 @@ def recorded(storage: Storage | None, job: str) -> Iterator[None]:
         code = exc.exit_code if isinstance(exc, DrkitError) else 2
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         ended = datetime.now(UTC)
-        _write(storage, JobEvent(job, False, ended, time.monotonic() - clock, code, message))
+        _write(repo, JobEvent(job, False, ended, time.monotonic() - clock, code, message))
         raise
-    _write(storage, JobEvent(job, True, datetime.now(UTC), time.monotonic() - clock))
+    _write(repo, JobEvent(job, True, datetime.now(UTC), time.monotonic() - clock))
 
 
-def _write(storage: Storage | None, event: JobEvent) -> None:
-    if storage is None:
+def _write(opener: Callable[[], Repository] | None, event: JobEvent) -> None:
+    if opener is None:
         return
     try:
-        if not storage.exists(FORMAT_KEY):  # never create a repository by recording a failure
+        repo = opener()
+        if not repo.storage.exists(FORMAT_KEY):  # never create a repository by recording
             return
-        write_event(storage, event)
+        write_event(repo, event)
     except (DrkitError, OSError) as exc:
         log.warning(
             "the job event could not be recorded",

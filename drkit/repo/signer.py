@@ -28,6 +28,11 @@ import threading
 from contextlib import suppress
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from drkit.codec.frame_reader import unseal
+from drkit.codec.frame_writer import seal
 from drkit.crypto.base import KeyProvider
 from drkit.crypto.recovery import RecoveryProvider
 from drkit.crypto.signing import Signer, SignerPublic, is_signed, new_signer, open_signer
@@ -45,6 +50,7 @@ from drkit.errors import (
 from drkit.storage.base import Storage
 
 log = logging.getLogger(__name__)
+_RECORD_KEY_INFO = b"drkit-sealed-records-v1"
 SIGNER_KEY = "drkit-signer.json"
 SIGNER_RECORDS = "signer/key/"  # key records of the DEK that seals the signing key's seed
 FORMAT_KEY = "drkit-repository.json"
@@ -160,6 +166,22 @@ class RecordAuth:
             log.warning("record '%s' is stored unsigned: the signing key is not escrowed", key)
             return payload
         return signer.sign_object(payload, self.system_identifier(), key)
+
+    def seal(self, payload: bytes, key: str) -> bytes:
+        """``payload`` sealed (a frame, AES-GCM) for the object ``key``, under a key derived
+        from the signing key: for small records written often (job records), which a data key
+        from the key provider each would make costly. Readers need the signing key too."""
+        return seal(payload, self._record_key(), f"record:{key}".encode())
+
+    def unseal(self, blob: bytes, key: str) -> bytes:
+        """The payload ``seal`` sealed for ``key``; IntegrityError when it was not (forged,
+        damaged, moved from another key)."""
+        return unseal(blob, self._record_key(), f"record:{key}".encode())
+
+    def _record_key(self) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_RECORD_KEY_INFO).derive(
+            self.signer().seed
+        )
 
     def signer(self) -> Signer:
         """The signing key, unsealed with the key provider (made and stored when the repository

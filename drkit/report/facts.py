@@ -21,7 +21,7 @@ from drkit.config.settings import S3Repo, Settings
 from drkit.errors import DrkitError, IntegrityError, ObjectNotFound, RepositoryError, WrongKey
 from drkit.info.copies import CopyMap
 from drkit.repo.drills import DrillEntry
-from drkit.repo.events import EVENT_PREFIX
+from drkit.repo.events import EVENT_PREFIX, read_event
 from drkit.repo.label import BackupLabel
 from drkit.repo.notes import NoteEntry, note_ids, read_note, read_notes
 from drkit.repo.open import open_repository
@@ -383,7 +383,9 @@ def _read_failures(
 
 def _failure(repo: Repository, job: str, when: datetime, key: str) -> FailureFact:
     try:
-        record = json.loads(repo.storage.read_bytes(key))
+        record = read_event(repo, key)
         return FailureFact(job, when, int(record["exit_code"]), str(record["error"]), key)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return FailureFact(job, when, 2, "(the job record does not parse)", key)
+    except IntegrityError:
+        return FailureFact(job, when, 2, "(the job record does not authenticate)", key)

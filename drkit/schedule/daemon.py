@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from drkit.errors import DrkitError, LockError
 from drkit.logs import event
 from drkit.repo.events import JobTimes, recorded
 from drkit.repo.lock import operation_lock
-from drkit.repo.open import open_key_provider, open_storage, repo_location
+from drkit.repo.open import open_key_provider, open_repository, repo_location
 from drkit.schedule.health import HealthServer, newest_backup, newest_drill
 from drkit.schedule.jobs import JOBS, JobContext, JobFailed
 from drkit.schedule.notify import Notification, Notifier
@@ -136,7 +135,7 @@ class Scheduler:
         event(log, "job started", job=job)
         ok, detail = False, ""
         try:
-            with recorded(self._event_storage(), job):
+            with recorded(lambda: open_repository(self.settings), job):
                 detail = self._with_lock_wait(job)
             ok = True
         except JobFailed as exc:
@@ -180,12 +179,6 @@ class Scheduler:
                     event(log, "job waiting for the repository lock", job=job, holder=exc.message)
                     waited = True
                 self.stopping.wait(LOCK_POLL)
-
-    def _event_storage(self) -> Any:
-        try:
-            return open_storage(self.settings.repo[0])
-        except DrkitError:
-            return None
 
     def _missed(self, ev: JobExecutionEvent) -> None:
         event(log, "job run missed", level=logging.WARNING, job=ev.job_id)
