@@ -162,3 +162,8 @@ def status(config: ConfigOption = None, repo: RepoOption = None, json_: JsonOpti
             f"{len(report.without_escrow)} key record sets have no escrow part for recovery key "
             f"{report.escrow}; 'drkit keys rewrap' adds it"
         )
+    if report.unsigned:
+        warn(
+            f"{len(report.unsigned)} key record sets are not signed, so the recovery key alone"
+            " cannot read them; 'drkit keys rewrap' signs them"
+        )

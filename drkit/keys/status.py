@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drkit.config.settings import Settings
+from drkit.crypto.signing import is_signed
 from drkit.errors import IntegrityError
 from drkit.keys.common import open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, describe, record_sets
@@ -19,7 +20,7 @@ from drkit.repo.key_records import RecordSet, describe, record_sets
 @dataclass
 class SetStatus:
     repo: str
-    kind: str  # "backup", "wal", "drill" or "note"
+    kind: str  # "backup", "wal", "drill", "note" or "signer" (the signing key's records)
     name: str
     record: str | None  # object key of the newest record
     records: int
@@ -28,6 +29,7 @@ class SetStatus:
     version: int | None
     escrow: str | None  # recipient key id of the newest record's escrow part
     problem: str | None = None
+    signed: bool = False  # the newest record carries a signature (docs/security.md)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -80,6 +82,12 @@ class KeysStatus:
             return []
         return [s for s in self.sets if s.escrow != self.escrow]
 
+    @property
+    def unsigned(self) -> list[SetStatus]:
+        """Sets whose newest record is not signed: a restore with the recovery key alone
+        refuses them ('drkit keys rewrap' signs them)."""
+        return [s for s in self.sets if s.record is not None and not s.signed]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
@@ -91,6 +99,7 @@ class KeysStatus:
             "may_raise_min_decryption_version_to": self.may_raise_to,
             "escrow": self.escrow,
             "without_escrow": len(self.without_escrow),
+            "unsigned": len(self.unsigned),
             "other_keys": len(self.other_keys),
             "sets": [s.as_dict() for s in self.sets],
         }
@@ -135,6 +144,7 @@ def _set_status(repo: str, record_set: RecordSet) -> SetStatus:
         return status
     status.record = newest.object_key
     status.escrow = newest.escrow_recipient
+    status.signed = is_signed(newest.record)
     try:
         described = describe(newest.record)
     except IntegrityError as exc:
