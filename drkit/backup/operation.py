@@ -156,9 +156,7 @@ class BackupOperation:
                 # Complete the backup: key record, then the manifest (which makes it visible),
                 # only while the lease is ours: a host that took it over may delete our objects
                 lease.check()
-                key_record = repo.write_key_record(
-                    taken.label, data_key.record, data_key.plaintext
-                )
+                key_record = repo.write_key_record(taken.label, data_key.record, data_key.plaintext)
                 manifest = self._manifest(taken, key_record)
                 repo.write_manifest(manifest, data_key.plaintext)
                 clock.lap("complete")
