@@ -396,3 +396,10 @@ class RemoteUnsupported(DrkitError):
     speaks another protocol)."""
 
     exit_code = 46
+
+
+class UnauthenticRecord(DrkitWarning):
+    """A verification record newer than the newest authentic one is not signed by the
+    repository's signing key (forged, or damaged): it is ignored, whatever it says."""
+
+    exit_code = 113

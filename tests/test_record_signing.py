@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from drkit.cli.main import app
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
 from drkit.crypto.signing import Signer
-from drkit.errors import BackupSkipped, IntegrityError
+from drkit.errors import BackupSkipped, IntegrityError, UnauthenticRecord
 from drkit.repo.events import JobEvent, read_event, write_event
 from drkit.repo.label import BackupLabel
 from drkit.repo.repository import Repository
@@ -237,6 +237,16 @@ def test_forged_verification_records_are_ignored(pg: PgCluster, workdir: Path) -
     # Metrics report the genuine failure, not the forged success
     metrics = dk.ok("metrics").stdout
     assert re.search(r'^drkit_verify_last_ok\{repo="local"\} 0(\.0)?$', metrics, re.M), metrics
+
+    # verify reports the forged record (a typed warning) and records a genuine result
+    result = dk.run("verify", "--backup", full)
+    assert result.exit_code == UnauthenticRecord.exit_code, result.output
+    assert (
+        f"verification record 'backup/{full}/verify/{forged.name}' is not signed" in result.stderr
+    )
+    # the genuine result now counts: the next incremental is based on that backup
+    result = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
+    assert result["label"].endswith("I"), result
 
 
 def test_pitr_with_the_recovery_key_hands_recovery_only_the_wal_keys(

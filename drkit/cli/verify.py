@@ -17,6 +17,7 @@ from drkit.cli.common import (
     settings_from,
     stderr,
     stdout,
+    warn_all,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def command(
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
     report = verify_backups(settings, backup, repo, progress(), wal=wal)
+    warn_all(report.warnings)
     if json_:
         print_json(report.as_dict())
     else:

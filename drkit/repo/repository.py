@@ -267,6 +267,16 @@ class Repository:
             found.append((obj.key, payload if authentic else None))
         return found
 
+    def unauthentic_verify_records(self, label: BackupLabel) -> list[str]:
+        """The verification records of ``label`` newer than its newest authentic one that are
+        not authentic: those a reader that trusted them would have believed."""
+        found: list[str] = []
+        for key, record in reversed(self.verify_records(label)):
+            if record is not None:
+                break
+            found.append(key)
+        return found[::-1]
+
     def verified_ok(self, label: BackupLabel) -> bool:
         """False when the newest authentic verification of ``label`` found damage (True if
         never run); records that are not authentic are passed over."""

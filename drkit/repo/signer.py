@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from contextlib import suppress
 from typing import Any
 
@@ -51,6 +52,7 @@ from drkit.storage.base import Storage
 
 log = logging.getLogger(__name__)
 _RECORD_KEY_INFO = b"drkit-sealed-records-v1"
+_RACE_WAIT = 5.0  # seconds a writer waits for a concurrent writer's signer object
 SIGNER_KEY = "drkit-signer.json"
 SIGNER_RECORDS = "signer/key/"  # key records of the DEK that seals the signing key's seed
 FORMAT_KEY = "drkit-repository.json"
@@ -207,9 +209,7 @@ class RecordAuth:
                 self._verifier, self._loaded = signer.verifier, True
                 return signer
             except ObjectExists:  # another process is making it: use theirs
-                obj = read_signer_object(self.storage)
-                if obj is None:
-                    raise
+                obj = self._wait_for_object()
         failure: DrkitError | None = None
         for key in sorted((o.key for o in self.storage.list(SIGNER_RECORDS)), reverse=True):
             try:
@@ -238,6 +238,21 @@ class RecordAuth:
                 " the key planted it; compare it with the one in the other repositories",
             )
         raise failure
+
+    def _wait_for_object(self) -> dict[str, Any]:
+        """The signer object another process is writing right now (its key record is there, the
+        object follows at once): polled for up to ``_RACE_WAIT`` seconds."""
+        deadline = time.monotonic() + _RACE_WAIT
+        while (obj := read_signer_object(self.storage)) is None:
+            if time.monotonic() > deadline:
+                raise IntegrityError(
+                    f"repository '{self.storage.name}' has a key record of a signing key under"
+                    f" '{SIGNER_RECORDS}' but no '{SIGNER_KEY}'",
+                    hint="a process making the signing key was killed between its two writes:"
+                    f" remove '{SIGNER_RECORDS}' (it seals nothing yet) and run again",
+                )
+            time.sleep(0.05)
+        return obj
 
     def system_identifier(self) -> str:
         if self._system_identifier is None:

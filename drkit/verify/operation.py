@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from drkit.config.settings import Settings
-from drkit.errors import DrkitError, KeyMaterialError, ObjectNotFound, VerifyFailed
+from drkit.errors import (
+    DrkitError,
+    DrkitWarning,
+    KeyMaterialError,
+    ObjectNotFound,
+    UnauthenticRecord,
+    VerifyFailed,
+)
 from drkit.pools import worker_pool
 from drkit.progress import NoProgress, Progress
 from drkit.repo.identity import check_identity
@@ -142,6 +149,8 @@ class VerifyOperation:
             labels = [repo.resolve(self.backup)] if self.backup else repo.backups()
             report.backups = [self._verify_backup(repo, label) for label in labels]
             self._mark_broken_chains(repo, report.backups)
+            for label in labels:  # before this run's record makes them older than an authentic one
+                report.warnings += _unauthentic_records(repo, label)
             for label, result in zip(labels, report.backups, strict=True):
                 repo.write_verify_record(label, result.ok, len(result.damaged))
         if self.wal:
@@ -270,3 +279,15 @@ class VerifyOperation:
             return read_object(repo, obj, entries, dek, manifest.label, discard)
         except DrkitError as exc:  # the object is missing or unreadable as a whole
             return [FileOutcome(entry, exc) for entry in entries]
+
+
+def _unauthentic_records(repo: Repository, label: BackupLabel) -> list[DrkitWarning]:
+    return [
+        UnauthenticRecord(
+            f"verification record '{key}' is not signed by the signing key of repository"
+            f" '{repo.name}': ignored",
+            hint="someone who can write to the repository added it, or it is damaged;"
+            " remove it once Object Lock allows",
+        )
+        for key in repo.unauthentic_verify_records(label)
+    ]
