@@ -12,14 +12,22 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from drkit.interrupts import Interrupted
+
 
 @contextmanager
 def worker_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
     """A ThreadPoolExecutor of ``workers`` threads named ``name_N``: shut down when the block
-    ends; on an error, queued tasks are cancelled (running ones are waited for)."""
+    ends; on an error, queued tasks are cancelled (running ones are waited for, except after
+    ``Interrupted``)."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
     try:
         yield pool
+    except Interrupted:
+        # The operator asked to stop: do not wait for a running task (a chunk compressed at a
+        # high level takes seconds); the command exits without joining it (cli/common.py)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise

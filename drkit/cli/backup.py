@@ -13,11 +13,14 @@ from drkit.cli.common import (
     human_size,
     print_json,
     progress,
+    render_error,
     settings_from,
     stdout,
     warn,
     warn_all,
 )
+from drkit.errors import DrkitError
+from drkit.interrupts import Interrupted, interruptible
 from drkit.repo.label import BackupType
 from drkit.repo.manifest import CHANGES_FROM
 
@@ -53,8 +56,18 @@ def command(
         },
     )
     # one event per run in the repository: a timer's runs are remembered for metrics and reports
-    with recorded(lambda: open_repository(settings), str(type_)):
-        result = take_backup(settings, type_, progress())
+    try:
+        with interruptible(), recorded(lambda: open_repository(settings), str(type_)):
+            result = take_backup(settings, type_, progress())
+    except Interrupted as exc:
+        render_error(
+            DrkitError(
+                f"backup interrupted by {exc.signal}: the server left backup mode and nothing"
+                " of this backup is listed",
+                hint="the next backup removes what it had written",
+            )
+        )
+        raise typer.Exit(exc.exit_code) from None
     m = result.manifest
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")

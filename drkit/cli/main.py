@@ -11,11 +11,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 import threading
 from typing import Any
 
 _FAST_COMMANDS = ("wal-push", "wal-fetch", "wal-pusher", "wal-fetcher")
+# 128 + SIGINT, 128 + SIGTERM: drkit.interrupts.Interrupted's exit codes
+_INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 _app: Any = None
 
 
@@ -125,10 +128,12 @@ def _exit(code: object) -> None:
     """End the process as Python would (threads joined, exit handlers run, output flushed) but
     without tearing down every imported module one by one: that takes 50-100 ms, on every
     backup and on every wal-push, for memory the kernel frees anyway. Files drkit writes are
-    closed (and synced where it matters) by the operations themselves."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    closed (and synced where it matters) by the operations themselves. After SIGINT or SIGTERM
+    the workers still running are not waited for: what they write is never listed."""
+    if code not in _INTERRUPTED:  # an interrupted command does not wait for its workers
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # what sys.exit("message") prints

@@ -8,6 +8,7 @@ depending on a WAL archive that may not exist.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Generator
@@ -32,6 +33,8 @@ from drkit.pg.summaries import (
     check_coverage,
 )
 from drkit.pg.wal import format_lsn, parse_lsn
+
+log = logging.getLogger(__name__)
 
 # The majors drkit reads and writes: each one's backup API, PGDATA layout and WAL records are
 # tested (README). A later major may change any of them, so it is refused until tested too.
@@ -116,8 +119,20 @@ class PgSession:
     def __enter__(self) -> PgSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        lost = self._conn.broken or self._conn.pgconn.status != psycopg.pq.ConnStatus.OK
         self.close()
+        if isinstance(exc, psycopg.Error | PostgresError) and lost:
+            # The server went away in the middle (stopped, restarted, the session terminated):
+            # the backup in progress ended with it, on the server's side
+            reason = _first_line(exc).removeprefix("query failed: ")
+            raise PostgresError(
+                f"the connection to PostgreSQL was lost: {reason}",
+                hint="PostgreSQL stopped or ended drkit's session (its log says why); nothing"
+                " of what was running is listed: run it again once the server is up",
+            ) from None
 
     def _one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...]:
         try:
@@ -237,7 +252,20 @@ class PgSession:
             ) from None
 
     def start_backup(self, label: str, fast: bool, version_num: int) -> int:
-        """Start a non-exclusive backup; returns its start LSN."""
+        """Start a non-exclusive backup; returns its start LSN. Without ``fast`` the server
+        spreads the checkpoint it starts with over up to checkpoint_timeout *
+        checkpoint_completion_target seconds (minutes, by default) and says nothing meanwhile:
+        the log says so, with the bound, first."""
+        if not fast:
+            spread = self._one(
+                "SELECT extract(epoch FROM current_setting('checkpoint_timeout')::interval)"
+                " * current_setting('checkpoint_completion_target')::float8"
+            )[0]
+            bound = round(float(str(spread)))
+            log.info(
+                f"waiting for a spread checkpoint (up to {bound} s; --start-fast to skip)",
+                extra={"checkpoint_seconds": bound},
+            )
         sql = (
             "SELECT pg_backup_start(%s, %s)"
             if version_num >= 150000

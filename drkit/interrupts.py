@@ -1,0 +1,51 @@
+"""SIGINT and SIGTERM as an exception: the command unwinds (sessions closed, locks and leases
+released) and says so, instead of dying mid-step or waiting for the slowest worker.
+
+``Interrupted`` is a BaseException so that no ``except Exception`` swallows it; thread pools
+given one do not wait for their running tasks (drkit/pools.py): what those tasks still write is
+never listed (a backup is listed only by its manifest, written last), and the next run removes
+it, as after a kill. Standard library only: ``wal-push`` imports the pools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; ``exit_code`` is the shell's 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signal = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into ``Interrupted`` for the duration (main thread only; elsewhere
+    the handlers stay as they are)."""
+    try:
+        previous = {
+            signum: signal.signal(signum, _raise_interrupted)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+    except ValueError:  # not the main thread: the caller's handlers stay in charge
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
