@@ -41,11 +41,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
-
-import psycopg
+from typing import TYPE_CHECKING, Any, Literal
 
 from drkit.errors import PostgresBinariesNotFound, ServerControlError
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "Cluster",
@@ -313,6 +314,8 @@ class Cluster:
 
     def connect(self, dbname: str = "postgres") -> psycopg.Connection[tuple[Any, ...]]:
         """An autocommit psycopg connection; the caller closes it (``with`` does)."""
+        import psycopg  # here, not at the top: a restore imports this module for its helpers
+
         return psycopg.connect(self.conninfo(dbname), autocommit=True, connect_timeout=10)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -432,6 +435,8 @@ class Cluster:
             return False
 
     def _recovery_state(self) -> Literal["unreachable", "recovering", "paused", "promoted"]:
+        import psycopg
+
         try:
             with self.connect() as conn:
                 row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
