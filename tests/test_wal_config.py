@@ -3,6 +3,8 @@ defers to it for everything it does not handle."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,3 +115,31 @@ def test_invalid_settings_are_explained_by_the_full_loader(
 def test_a_missing_configuration_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_wal_config(tmp_path / "nope.toml")
+
+
+def test_lazy_loading_reads_the_spool_settings_and_defers_the_rest(write: Writer) -> None:
+    """wal-fetch --prefetch takes most segments from the spool: it reads the paths and
+    [archive] like the fast path, whatever the repositories, and the full settings only when it
+    opens a repository."""
+    path = write('[archive]\nfetch_ahead = 3\nspool_path = "/var/spool/drkit"\n')
+    lazy = load_wal_config(path, repos=["offsite"], lazy=True)
+    full = load_wal_config(path, repos=["offsite"])
+    assert comparable(lazy) == comparable(full)
+    assert lazy.archive.fetch_ahead == 3
+    assert lazy.open_repository().name == "offsite"
+    probe = (
+        "import sys; from pathlib import Path; from drkit.wal.config import load_wal_config;"
+        f" load_wal_config(Path({str(path)!r}), repos=['offsite'], lazy=True);"
+        " print('pydantic' in sys.modules)"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert imported.stdout.strip() == "False"
+
+
+def test_lazy_loading_leaves_invalid_settings_to_the_full_loader(write: Writer) -> None:
+    path = write("[archive]\nfetch_ahead = 65\n")
+    with pytest.raises(ConfigError) as caught:
+        load_wal_config(path, lazy=True)
+    assert "archive.fetch_ahead" in str(caught.value)

@@ -88,7 +88,9 @@ def wal_fetch(
         from drkit.wal.config import load_wal_config
         from drkit.wal.operation import WalFetchRequest, fetch_wal
 
-        settings = load_wal_config(config, recovery_key=recovery_key, one_shot=True, repos=repos)
+        settings = load_wal_config(
+            config, recovery_key=recovery_key, one_shot=True, repos=repos, lazy=prefetch
+        )
         request = WalFetchRequest(name, Path(dest), recovery_key, repos, prefetch)
         result = fetch_wal(settings, request)
         for warning in result.warnings:

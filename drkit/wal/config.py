@@ -116,26 +116,71 @@ def load_wal_config(
     recovery_key: Path | None = None,
     one_shot: bool = False,
     repos: list[str] | None = None,
+    lazy: bool = False,
 ) -> WalConfig:
     """The WAL commands' configuration; with ``recovery_key``, keys come from the escrow
     recovery key (never from Vault), through the full loader. ``one_shot``: the process makes
     one key request and exits (a synchronous wal-push, a wal-fetch), so a Vault session skips
     the token lookup and renewal that a long-running pusher needs. ``repos``: only these
     repositories, in this order (wal-fetch --repo: a drill reading only the copies its scenario
-    leaves); the first is then the primary."""
+    leaves); the first is then the primary. ``lazy``: read only the paths and ``[archive]``
+    now and load the rest when the repository is first opened (wal-fetch --prefetch, whose
+    requests mostly take a segment the background fetcher already fetched), whatever the
+    repositories and key provider are."""
     path = config_file(config)
-    if recovery_key is not None or not fast or repos:
-        return _from_settings(path, recovery_key, one_shot, repos)
-    if not any(k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ):
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            data = None  # the full loader explains it
-        loaded = _from_toml(data, path) if data is not None else None
+    overridden = any(
+        k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
+    )
+    data = None if overridden else _read_toml(path)
+    if lazy and data is not None:
+        loaded = _deferred(data, path, recovery_key, one_shot, repos)
         if loaded is not None:
             return loaded
+    if recovery_key is not None or not fast or repos:
+        return _from_settings(path, recovery_key, one_shot, repos)
+    loaded = _from_toml(data, path) if data is not None else None
+    if loaded is not None:
+        return loaded
     return _from_settings(path, None, one_shot, None)
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None  # the full loader explains it
+
+
+def _deferred(
+    data: dict[str, Any],
+    path: Path,
+    recovery_key: Path | None,
+    one_shot: bool,
+    repos: list[str] | None,
+) -> WalConfig | None:
+    """The paths and ``[archive]`` read like the fast path does, the repository (and with it
+    the validation of everything else by the full loader) only when first opened."""
+    try:
+        pgdata = _required_path(_table(data, "postgres", _POSTGRES_KEYS, required=True), "pgdata")
+        lock_path = _path(data, "lock_path") or default_lock_path()
+        archive = _archive(_table(data, "archive", _ARCHIVE_KEYS))
+        configured = data.get("repo")
+        if not isinstance(configured, list) or not configured:
+            raise _Unsupported
+        first = repos[0] if repos else configured[0].get("name")
+        if not isinstance(first, str):
+            raise _Unsupported
+    except (_Unsupported, AttributeError):
+        return None
+    full: list[WalConfig] = []
+
+    def open_repo() -> RepoLike:
+        if not full:
+            full.append(_from_settings(path, recovery_key, one_shot, repos))
+        return full[0].open_repository()
+
+    return WalConfig(path, pgdata, lock_path, archive, first, False, open_repo)
 
 
 class _Unsupported(Exception):
