@@ -82,14 +82,18 @@ class WalSources:
         self._cache = cache
         self._lock = threading.Lock()
         self.primary = self._with_keyring(config.open_repository())
-        self._secondaries: list[tuple[RepoLike, WalKeyring]] | None = None
+        self._secondaries: list[tuple[RepoLike, WalKeyring | None]] | None = None
 
-    def _with_keyring(self, repo: RepoLike) -> tuple[RepoLike, WalKeyring]:
+    def _with_keyring(self, repo: RepoLike) -> tuple[RepoLike, WalKeyring | None]:
+        """A repository and the keyring its fetches share; None (one fetch) lets fetch() make
+        one only once the file is found, so "not archived" never contacts the key provider."""
+        if not self._cache:
+            return repo, None
         from drkit.repo.wal_objects import WalKeyring
 
-        return repo, WalKeyring(repo, cache=self._cache)
+        return repo, WalKeyring(repo, cache=True)
 
-    def secondaries(self) -> list[tuple[RepoLike, WalKeyring]]:
+    def secondaries(self) -> list[tuple[RepoLike, WalKeyring | None]]:
         with self._lock:
             if self._secondaries is None:
                 self._secondaries = [
