@@ -238,12 +238,16 @@ class BackupOperation:
         self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
         taken.add(copier.copy(sources))
         taken.copied.files += unchanged
+        self.progress.stop()
         clock.lap("copy")
 
-        # Stop the backup and copy the WAL that makes it consistent
+        # Stop the backup and copy the WAL that makes it consistent (its own total: it is
+        # known only now)
         taken.stop = session.stop_backup(cluster.version_num)
         clock.lap("stop")
-        taken.add(copier.copy(wal_sources(pgdata, cluster, taken.start_lsn, taken.stop)))
+        wal = wal_sources(pgdata, cluster, taken.start_lsn, taken.stop)
+        self.progress.start(f"WAL of backup {taken.label}", sum(s.size for s in wal))
+        taken.add(copier.copy(wal))
         self.progress.stop()
         clock.lap("wal")
         return found.notice

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -103,23 +104,26 @@ def warn_all(warnings: list[DrkitWarning]) -> None:
 
 
 class RichProgress:
-    """A transfer progress bar on stderr; used only when stderr is a terminal."""
+    """A transfer progress bar on stderr; used only when stderr is a terminal. It fits the
+    terminal (80 columns included): the bar takes what the other columns leave, and a chain's
+    label is shown by its last part (``backup …20261207-020000I``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console | None = None) -> None:
         self._bar = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
+            BarColumn(bar_width=None),
+            DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
+            TimeRemainingColumn(compact=True),
+            console=console or stderr,
             transient=True,
+            expand=True,
         )
         self._task: TaskID | None = None
 
     def start(self, description: str, total: int) -> None:
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(_short_labels(description), total=total)
 
     def advance(self, amount: int) -> None:
         if self._task is not None:
@@ -127,6 +131,11 @@ class RichProgress:
 
     def stop(self) -> None:
         self._bar.stop()
+
+
+def _short_labels(text: str) -> str:
+    """``backup F_D_I`` -> ``backup …I``: the last part of a chain's label says which it is."""
+    return re.sub(r"\S+_(\S+)", "…\\1", text)
 
 
 class LogProgress:
