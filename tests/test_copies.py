@@ -47,6 +47,10 @@ def two_repos(pg: PgCluster, workdir: Path, s3, monkeypatch: pytest.MonkeyPatch)
         "max_attempts": 2,
         "connect_timeout": 2,
         "read_timeout": 5,
+        # S3's smallest parts and ranges: objects of a few MiB are written in parts and read
+        # back as parallel ranged GETs
+        "part_size": 5 * 1024 * 1024,
+        "multipart_threshold": 5 * 1024 * 1024,
     }
     dk = Drkit(pg, workdir, extra_repos=[s3_repo])
     dk.ok("init")
@@ -109,6 +113,11 @@ def test_backup_fans_out_and_restores_from_s3_alone(
     two_repos: Drkit, workdir: Path, s3: S3Server
 ) -> None:
     dk, pg = two_repos, two_repos.cluster
+    # About 8 MiB of incompressible rows: a data object of more than one 5 MiB range
+    pg.psql(
+        "CREATE TABLE blobs AS SELECT g, decode(md5(random()::text) || md5(random()::text)"
+        " || md5(random()::text), 'hex') AS b FROM generate_series(1, 150000) g"
+    )
     backup = json.loads(dk.ok("backup", "--json").stdout)
     label = backup["label"]
     expected = database_checksums(pg)
@@ -120,6 +129,12 @@ def test_backup_fans_out_and_restores_from_s3_alone(
     assert copy["streamed"] >= 1 and copy["objects"] >= 2
     in_s3 = [k for k in s3_keys(s3, dk)() if k.startswith(f"backup/{label}/")]
     assert copy["streamed"] + copy["objects"] == len(in_s3)
+    repo = dk.extra_repos[0]
+    sizes = [
+        s3.client().head_object(Bucket=repo["bucket"], Key=f"{repo['prefix']}/{key}")
+        for key in in_s3
+    ]
+    assert max(head["ContentLength"] for head in sizes) > 5 * 1024 * 1024  # ranges in parallel
     info = dk.info()
     copies = info["backups"][0]["copies"]
     assert copies == {

@@ -15,7 +15,10 @@ connection is reset: the client cannot know whether it was applied — it was no
 (forwarded and applied, then reset before the reply: a lost reply), ``truncate`` (the headers
 promise the whole body, half of it comes, then the connection closes), ``corrupt`` (one byte of
 the reply's body flipped, length and headers kept), ``corrupt-request`` (one byte of the
-request's body flipped on its way to the store), ``slow`` (the reply waits ``delay`` seconds).
+request's body flipped on its way to the store), ``slow`` (the reply waits ``delay`` seconds),
+``ignore-range`` (the Range header is dropped: the whole object comes back, as from a store
+without ranged reads), ``short`` (a ranged reply holds only the first half of the range, its
+Content-Range and Content-Length saying so).
 ``rate`` injects a fault into that fraction of the matching requests instead of a fixed count
 (with a seeded generator, for the longer campaign).
 
@@ -43,7 +46,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 FAULTS = frozenset(
-    {"500", "503", "reset", "reset-after", "truncate", "corrupt", "corrupt-request", "slow"}
+    {
+        "500",
+        "503",
+        "reset",
+        "reset-after",
+        "truncate",
+        "corrupt",
+        "corrupt-request",
+        "slow",
+        "ignore-range",
+        "short",
+    }
 )
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
 _ERRORS = {
@@ -178,9 +192,14 @@ class S3FaultProxy:
                     proxy.bad_digests += 1
                     self._error(400, "BadDigest", "The SHA256 you specified did not match.")
                     return
+                request_headers = self.headers.items()
+                if fault == "ignore-range":
+                    request_headers = [(n, v) for n, v in request_headers if n.lower() != "range"]
                 status, reason, headers, payload = proxy._forward(
-                    self.command, self.path, self.headers.items(), body
+                    self.command, self.path, request_headers, body
                 )
+                if fault == "short" and status == 206 and len(payload) > 1:
+                    payload, headers = _shortened(payload, headers)
                 if fault == "reset-after":
                     _reset(self.connection)
                     self.close_connection = True
@@ -260,6 +279,23 @@ def _checksum_matches(headers: Any, body: bytes) -> bool:
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that gave up on a slow or reset reply: expected here
+
+
+def _shortened(
+    payload: bytes, headers: list[tuple[str, str]]
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """The first half of a ranged reply, with headers that say so."""
+    half = payload[: len(payload) // 2]
+    kept = []
+    for name, value in headers:
+        if name.lower() == "content-length":
+            value = str(len(half))
+        elif name.lower() == "content-range":
+            start = int(value.removeprefix("bytes ").split("-")[0])
+            total = value.rpartition("/")[2]
+            value = f"bytes {start}-{start + len(half) - 1}/{total}"
+        kept.append((name, value))
+    return half, kept
 
 
 def _reset(sock: socket.socket) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
+from rig.faultproxy import S3FaultProxy
 from rig.servers import S3Server
 
 from drkit.config.settings import S3Repo, load_settings
@@ -245,6 +246,75 @@ def test_single_put_below_the_threshold(s3_server: S3Server, bucket: str) -> Non
     assert head["Metadata"][META_SHA256] == sha256(data)
     # Read back in 5 MiB chunks in parallel, verified against the metadata digest.
     assert storage.read_bytes("exactly-threshold") == data
+
+
+# -- ranged reads ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[S3FaultProxy]:
+    with S3FaultProxy(s3_server.direct_endpoint_url) as fault_proxy:
+        yield fault_proxy
+
+
+def test_a_large_read_is_spread_over_parallel_ranges_sized_to_it(
+    s3_server: S3Server, bucket: str
+) -> None:
+    storage = make_storage(s3_server, bucket)  # 16 MiB parts, 4 GETs at once
+    data = payload(40 * MiB, seed=41)
+    storage.write_bytes("large", data)
+    gets = CallTracker(storage, "GetObject", delay=0.05)
+    with storage.open_read("large") as stream:
+        first = stream.read(MiB)  # handed out while the next ranges download
+        assert 1 <= gets.calls < 5
+        assert first + stream.read() == data
+    # One 8 MiB GET learns the size, then 10 MiB ranges (40 MiB over 4 GETs), 4 at most at once.
+    assert gets.calls == 5
+    assert 2 <= gets.max_inflight <= 4
+    gets.calls = 0
+    assert storage.read_bytes("large", 3 * MiB, 24 * MiB) == data[3 * MiB : 27 * MiB]
+    assert gets.calls == 3  # three 8 MiB ranges
+
+
+def test_a_short_ranged_reply_is_resumed_never_taken_whole(
+    proxy: S3FaultProxy, s3_server: S3Server, bucket: str
+) -> None:
+    storage = make_storage(
+        s3_server, bucket, endpoint_url=proxy.endpoint_url, part_size=PART, max_attempts=3
+    )
+    data = payload(20 * MiB, seed=20)
+    storage.write_bytes("cut", data)
+    proxy.plan("short", method="GET", times=4)  # half of each of four replies comes
+    assert storage.read_bytes("cut") == data
+    assert storage.read_bytes("cut", 7 * MiB, 9 * MiB) == data[7 * MiB : 16 * MiB]
+    proxy.assert_all_fired()
+
+
+def test_a_reply_holding_other_bytes_than_asked_is_an_error(
+    proxy: S3FaultProxy, s3_server: S3Server, bucket: str
+) -> None:
+    storage = make_storage(s3_server, bucket, endpoint_url=proxy.endpoint_url, part_size=PART)
+    data = payload(12 * MiB, seed=12)
+    storage.write_bytes("ranged", data)
+    proxy.plan("ignore-range", method="GET", times=None)  # the whole object, whatever is asked
+    with pytest.raises(StorageError, match=r"answered bytes 0-12582911 .* bytes 3145728-") as info:
+        storage.read_bytes("ranged", 3 * MiB, MiB)
+    assert "mishandles ranged reads" in (info.value.hint or "")
+    # From byte 0 the whole object is what a store without ranged reads sends: still correct.
+    assert storage.read_bytes("ranged") == data
+
+
+def test_a_range_damaged_in_transit_fails_the_read(
+    proxy: S3FaultProxy, s3_server: S3Server, bucket: str
+) -> None:
+    storage = make_storage(s3_server, bucket, endpoint_url=proxy.endpoint_url, part_size=PART)
+    data = payload(17 * MiB, seed=17)
+    storage.write_bytes("flipped", data)
+    proxy.plan("corrupt", method="GET", times=1)
+    with pytest.raises(IntegrityError, match=r"'flipped' .* is damaged"):
+        storage.read_bytes("flipped")
+    proxy.assert_all_fired()
+    assert storage.read_bytes("flipped") == data  # the stored object was intact
 
 
 @pytest.mark.parametrize("how", ["abort", "exception"])

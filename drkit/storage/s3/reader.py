@@ -1,10 +1,15 @@
 """Reading one object: ranged GETs, streamed or fetched in parallel, verified when read whole.
 
 Reads
-    Ranged GETs (``Range: bytes=a-b``), streamed from the response body. A read of more than one
-    `part_size` chunk fetches chunks in parallel (at most `max_concurrency` chunks buffered)
-    with ``If-Match`` on the first reply's ETag, so a replaced object cannot be spliced.
-    A range past the end is the 416 reply, read as no bytes.
+    Ranged GETs (``Range: bytes=a-b``), streamed from the response body. A read longer than one
+    range is split into ranges sized to it (`range_size`: the read spread over
+    `max_concurrency` GETs, each between MIN_RANGE and `part_size` bytes) fetched in parallel
+    with ``If-Match`` on the first reply's ETag, so a replaced object cannot be spliced. The
+    first range streams to the reader as it arrives while the next ones download, so decoding
+    overlaps the download; at most `max_concurrency` ranges are in flight, so memory stays
+    bounded whatever the object's size. A reply must hold exactly the bytes asked for (its
+    Content-Range is checked; a body that ends early is resumed, within the retry budget, never
+    taken as complete). A range past the end is the 416 reply, read as no bytes.
 
 A read of a whole object is checked by `_Verifier` as it streams (drkit.storage.s3.checksums
 describes what is compared).
@@ -31,6 +36,40 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
     from drkit.storage.s3.bucket import S3Bucket
+    from drkit.storage.s3.config import S3Config
+
+# The smallest ranged GET worth its round trip (S3's guidance: 8-16 MiB per ranged GET)
+MIN_RANGE = 8 * 1024 * 1024
+
+
+def range_size(length: int, config: S3Config) -> int:
+    """Bytes per ranged GET for a read of `length` bytes: the read spread over
+    `max_concurrency` GETs, but no less than MIN_RANGE (a GET costs a round trip) and no more
+    than `part_size` (memory: up to `max_concurrency` ranges are buffered at once)."""
+    spread = -(-length // config.max_concurrency)
+    return max(min(MIN_RANGE, config.part_size), min(spread, config.part_size))
+
+
+def check_range(resp: dict[str, Any], key: str, where: str, start: int, stop: int) -> None:
+    """Refuse a reply to a GET of bytes [start, stop) that holds other bytes: one that starts
+    elsewhere, or that holds more than asked or nothing. A reply without Content-Range (a store
+    that ignored the Range header sent the whole object) is read from byte 0 only."""
+    length = int(resp.get("ContentLength") or 0)
+    content_range = resp.get("ContentRange") or ""
+    first, _, last = content_range.removeprefix("bytes ").partition("/")[0].partition("-")
+    if first.isdigit() and last.isdigit():
+        got = (int(first), int(last) + 1)
+        if got[0] == start and got[1] - got[0] == length and 0 < length <= stop - start:
+            return
+    else:
+        got = (0, length)
+        if start == 0 and length > 0:
+            return
+    raise StorageError(
+        f"{where} answered bytes {got[0]}-{got[1] - 1} ({length} bytes) to a read of bytes"
+        f" {start}-{stop - 1} of object '{key}'",
+        hint="the store or a proxy in front of it mishandles ranged reads (the Range header)",
+    )
 
 
 class _Source:
@@ -85,7 +124,12 @@ class _StreamSource(_Source):
                     ) from err
                 continue
             if not count:
-                self._close_body()  # this response is done; the next GET continues
+                # The reply ended before the range did: resume with a new GET, within the
+                # retry budget (a store that keeps answering short is an error, not an end).
+                self._close_body()
+                early = StorageError(f"reading '{self._key}' ended early at byte {self._pos}")
+                if not self._backoff.failed(early):
+                    raise early
                 continue
             self._pos += count
             self._backoff.succeeded()
@@ -111,6 +155,7 @@ class _StreamSource(_Source):
                     f" before the {self._end} bytes it had when the read began"
                 ) from None
             raise bucket.errors.changed(self._key) from None
+        check_range(resp, self._key, bucket.errors.where(), self._pos, self._end)
         return resp["Body"]
 
     def _close_body(self) -> None:
@@ -124,8 +169,10 @@ class _StreamSource(_Source):
 
 
 class _ParallelSource(_Source):
-    """Fetches `part_size` chunks of [first_end, end) in parallel, keeping at most
-    `max_concurrency` of them in memory; the first chunk comes from the already open body."""
+    """Reads [start, end) as ranges of `range_size` bytes: the first streams from the already
+    open body [start, first_end) as it arrives, while the following ones are fetched in
+    parallel into buffers, at most `max_concurrency` ranges in flight (the streaming one
+    included), each scheduled as an earlier one is handed out."""
 
     def __init__(
         self,
@@ -142,37 +189,43 @@ class _ParallelSource(_Source):
         self._key = key
         self._s3key = s3key
         self._etag = etag
-        chunk = bucket.config.part_size
-        self._ranges = deque((pos, min(pos + chunk, end)) for pos in range(first_end, end, chunk))
-        self._executor = ThreadPoolExecutor(
-            bucket.config.max_concurrency, thread_name_prefix="drkit-s3-get"
+        size = range_size(end - start, bucket.config)
+        self._ranges = deque((pos, min(pos + size, end)) for pos in range(first_end, end, size))
+        self._window = bucket.config.max_concurrency
+        self._executor = ThreadPoolExecutor(self._window, thread_name_prefix="drkit-s3-get")
+        self._first: _Source | None = _StreamSource(
+            bucket, key, s3key, etag, start, first_end, body
         )
         self._pending: deque[Future[bytearray]] = deque()
-        self._pending.append(self._executor.submit(self._fetch, start, first_end, body))
-        while self._ranges and len(self._pending) < bucket.config.max_concurrency:
+        while self._ranges and len(self._pending) < self._window - 1:
             self._schedule()
         self._current = memoryview(b"")
 
     def _schedule(self) -> None:
         begin, stop = self._ranges.popleft()
-        self._pending.append(self._executor.submit(self._fetch, begin, stop, None))
+        self._pending.append(self._executor.submit(self._fetch, begin, stop))
 
-    def _fetch(self, begin: int, stop: int, body: Any) -> bytearray:
+    def _fetch(self, begin: int, stop: int) -> bytearray:
         data = bytearray(stop - begin)
         view = memoryview(data)
-        source = _StreamSource(self._bucket, self._key, self._s3key, self._etag, begin, stop, body)
+        source = _StreamSource(self._bucket, self._key, self._s3key, self._etag, begin, stop)
         got = 0
         try:
             while got < len(data):
-                count = source.readinto(view[got:])
-                if not count:
-                    raise StorageError(f"reading '{self._key}' ended early at byte {begin + got}")
-                got += count
+                got += source.readinto(view[got:])  # 0 only with every byte in (or it raises)
         finally:
             source.close()
         return data
 
     def readinto(self, buffer: memoryview) -> int:
+        if self._first is not None:
+            count = self._first.readinto(buffer)
+            if count:
+                return count
+            self._first.close()
+            self._first = None
+            if self._ranges:
+                self._schedule()  # the streamed range's place in the window
         if not self._current:
             if not self._pending:
                 return 0
@@ -185,6 +238,8 @@ class _ParallelSource(_Source):
         return count
 
     def close(self) -> None:
+        if self._first is not None:
+            self._first.close()
         for future in self._pending:
             future.cancel()
         self._pending.clear()

@@ -28,11 +28,14 @@ from drkit.storage.base import (
 from drkit.storage.s3.bucket import S3Bucket, ceil_second
 from drkit.storage.s3.config import S3Config
 from drkit.storage.s3.reader import (
+    MIN_RANGE,
     _ObjectReader,
     _ParallelSource,
     _Source,
     _StreamSource,
     _Verifier,
+    check_range,
+    range_size,
 )
 from drkit.storage.s3.writer import _S3Writer
 
@@ -96,8 +99,12 @@ class S3Storage(BaseStorage):
             if self.bucket.head(s3key, "reading", key) is None:
                 raise self.bucket.errors.not_found(key)
             return io.BytesIO(b"")
-        chunk = self.config.part_size
-        first = chunk if length is None else min(length, chunk)
+        # The first GET learns the object's size: a whole read asks for one smallest range,
+        # a read of known length for the first of its ranges (reader.range_size)
+        if length is None:
+            first = min(MIN_RANGE, self.config.part_size)
+        else:
+            first = min(range_size(length, self.config), length)
         try:
             resp = self.bucket.get_range(
                 key, s3key, offset, offset + first, passthrough=frozenset({"InvalidRange"})
@@ -106,6 +113,7 @@ class S3Storage(BaseStorage):
             if offset == 0:
                 self._verify_empty(key, s3key)
             return io.BytesIO(b"")
+        check_range(resp, key, self.bucket.errors.where(), offset, offset + first)
         total = _total_size(resp)
         end = total if length is None else min(total, offset + length)
         body = resp["Body"]
