@@ -5,6 +5,9 @@ released) and says so, instead of dying mid-step or waiting for the slowest work
 given one do not wait for their running tasks (drkit/pools.py): what those tasks still write is
 never listed (a backup is listed only by its manifest, written last), and the next run removes
 it, as after a kill. Standard library only: ``wal-push`` imports the pools.
+
+Drills keep their own ``Interrupted`` (drill/sandbox.py) on purpose: a drill's restore writes
+into a sandbox it removes on the way out, so its pools must finish their running tasks first.
 """
 
 from __future__ import annotations
