@@ -356,7 +356,7 @@ def test_init_checks_the_cluster_and_is_idempotent(pg: PgCluster, workdir: Path)
     first = dk.ok("init")
     assert "ok: data checksums are on" in first.stdout
     assert "notice: WAL archiving is off" in first.stdout
-    assert "drkit wal-push %p" in first.stdout
+    assert f"drkit wal-push --config {dk.config} %p" in first.stdout  # absolute, pasteable
     assert "key provider 'keyfile' works" in first.stdout
     assert "repository 'local': created" in first.stdout
     assert "repository 'local': exists" in dk.ok("init").stdout
