@@ -43,8 +43,9 @@ it separately because every segment says it: ``WalArchive.segment_size`` is take
 backup manifest when the repository has backups, else from the long page header of the oldest
 archived segment (decrypted), else 16 MiB.
 
-Modules: ``push``, ``fetch``, ``spool`` (async mode), ``config`` (the fast configuration loader
-of the WAL commands); in drkit/repo/: ``wal_names`` (file names, object keys), ``wal_objects``
+Modules: ``push``, ``fetch``, ``operation`` (wal-fetch with repository fall-back), ``spool``
+(async mode), ``prefetch`` and ``fetcher`` (wal-fetch --prefetch), ``config`` (the fast
+configuration loader of the WAL commands); in drkit/repo/: ``wal_names`` (file names, object keys), ``wal_objects``
 (header, key periods, encode/decode), ``wal_archive`` (listing, gaps, history). This package
 never imports typer, rich, psycopg or pydantic on the push/fetch path.
 """
