@@ -45,7 +45,7 @@ archived segment (decrypted), else 16 MiB.
 
 Modules: ``push``, ``fetch``, ``operation`` (wal-fetch with repository fall-back), ``spool``
 (async mode), ``prefetch`` and ``fetcher`` (wal-fetch --prefetch), ``config`` (the fast
-configuration loader of the WAL commands); in drkit/repo/: ``wal_names`` (file names, object keys), ``wal_objects``
-(header, key periods, encode/decode), ``wal_archive`` (listing, gaps, history). This package
-never imports typer, rich, psycopg or pydantic on the push/fetch path.
+configuration loader of the WAL commands); in drkit/repo/: ``wal_names`` (file names, object
+keys), ``wal_objects`` (header, key periods, encode/decode), ``wal_archive`` (listing, gaps,
+history). This package never imports typer, rich, psycopg or pydantic on the push/fetch path.
 """

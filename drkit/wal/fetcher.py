@@ -22,6 +22,7 @@ from drkit.wal.prefetch import (
     SIGNAL_FILES,
     WANT_FILE,
     FetchSpool,
+    alive,
     spool_path,
 )
 
@@ -119,7 +120,7 @@ class Fetcher:
                     future.cancel()
 
     def _stop_reason(self, postmaster: int, name: str, timeline: int | None) -> str | None:
-        if not _alive(postmaster):
+        if not alive(postmaster):
             return "the server stopped"
         if not any((self.pgdata / signal).exists() for signal in SIGNAL_FILES):
             return "recovery ended"
@@ -202,16 +203,6 @@ def _postmaster_pid(pgdata: Path) -> int | None:
     except OSError:
         return None
     return int(first) if first.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_fetcher(

@@ -11,7 +11,8 @@ costs a whole fetch (start-up, download, decryption, decompression) while replay
    fetcher is still writing is waited for.
 2. Anything else is fetched directly, exactly as without prefetch. Then, when no fetcher runs,
    the request removes what an earlier one may have left (holding the lock, so none is running)
-   and starts ``drkit wal-fetcher`` detached, output in ``<spool>/fetcher.log``.
+   and starts ``drkit wal-fetcher`` detached, output in ``<spool>/fetcher.log`` (its pid in
+   ``<spool>/started``: while it starts up, the next requests start no other).
 3. The fetcher fetches the N segments after the wanted one, lowest first, ``process_max`` at a
    time, each through the same function as a direct fetch: authenticated and decoded, from the
    first repository that serves it intact. A segment appears in the spool under its own name
@@ -61,7 +62,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "fetcher.lock"
 LOG_FILE = "fetcher.log"
 WANT_FILE = "want"
-KEEP = (LOCK_FILE, LOG_FILE, WANT_FILE)
+STARTED_FILE = "started"  # the pid of the fetcher last started, until it holds the lock
+KEEP = (LOCK_FILE, LOG_FILE, WANT_FILE, STARTED_FILE)
 PART = ".part"  # a segment being written, renamed to its name once complete
 INFO = ".info"  # beside a spooled segment: the repository that served it, then its warnings
 SIGNAL_FILES = ("recovery.signal", "standby.signal")
@@ -245,12 +247,12 @@ class Prefetch:
             return
         try:
             segment_size = _segment_size(self.request.dest)
-            if segment_size is not None and _no_fetcher(spool):
-                self._spawn(spool, segment_size)
+            if segment_size is not None and _no_fetcher(spool) and not _starting(spool):
+                spool.write(STARTED_FILE, f"{self._spawn(spool, segment_size)}\n")
         except (DrkitError, OSError) as exc:
             self._off(exc)
 
-    def _spawn(self, spool: FetchSpool, segment_size: int) -> None:
+    def _spawn(self, spool: FetchSpool, segment_size: int) -> int:
         import subprocess
 
         from drkit.logs import open_log_file
@@ -266,14 +268,31 @@ class Prefetch:
             if os.stat(LOG_FILE, dir_fd=spool.fd, follow_symlinks=False).st_size > LOG_LIMIT:
                 spool.remove(LOG_FILE)
         with open(open_log_file(spool.path / LOG_FILE), "ab") as output:
-            subprocess.Popen(  # noqa: S603 - this interpreter running drkit, no shell
+            return subprocess.Popen(  # noqa: S603 - this interpreter running drkit, no shell
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
                 start_new_session=True,  # outlives this request, away from the server's signals
                 close_fds=True,
-            )
+            ).pid
+
+
+def _starting(spool: FetchSpool) -> bool:
+    """A fetcher was started and is still starting up (not yet holding the lock): the
+    requests meanwhile start no other."""
+    pid = (spool.read(STARTED_FILE) or "").strip()
+    return pid.isdigit() and alive(int(pid))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, another user's
+        return True
+    return True
 
 
 def _no_fetcher(spool: FetchSpool) -> bool:
