@@ -102,7 +102,12 @@ def test_recovery_stops_at_a_target_inside_the_fetched_range(pg: PgCluster, work
     assert ahead, (spool / "fetcher.log").read_text()
     # It fetched past the target, and recovery stopped at the target all the same
     assert max(ahead) > segments[7], ahead
-    assert sorted(p.name for p in spool.iterdir()) == ["fetcher.lock", "fetcher.log", "want"]
+    assert sorted(p.name for p in spool.iterdir()) == [
+        "fetcher.lock",
+        "fetcher.log",
+        "started",
+        "want",
+    ]
 
 
 def test_a_damaged_segment_ahead_is_never_served(pg: PgCluster, workdir: Path) -> None:
