@@ -307,6 +307,11 @@ def test_a_second_host_never_deletes_a_backup_in_progress_and_takes_over_an_expi
         assert pruned.exit_code == 38, pruned.output
         assert "on host 'host-a'" in json.loads(pruned.stdout)["repos"][0]["error"]
         assert incomplete()[running] == stored  # nothing of it was deleted
+        # host-b's info shows it as a backup running on host-a, not as a leftover
+        seen = json.loads(b.run("info", "--json").stdout)
+        assert seen["running"]["host"] == "host-a" and seen["running"]["label"] == running
+        assert running not in seen["incomplete"]
+        assert "backup running on host 'host-a' since" in b.run("info").stdout
         # The backup goes on and completes, whole
         proc.send_signal(signal.SIGCONT)
         assert proc.wait(timeout=300) == 0, proc.communicate()

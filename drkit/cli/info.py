@@ -56,8 +56,10 @@ def _render(info: RepositoryInfo) -> None:
         if info.running_label is not None:
             stored = human_size(info.running_stored)
             progress = f": {info.running_label}, {stored} stored so far"
+        where = f" on host '{info.running.host}'" if info.running.host else ""
         stdout.print(
-            f"backup running since {since} (pid {info.running.pid}){progress}", markup=False
+            f"backup running{where} since {since} (pid {info.running.pid}){progress}",
+            markup=False,
         )
     if not info.backups:
         stdout.print("no backups yet")

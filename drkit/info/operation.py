@@ -18,9 +18,10 @@ from drkit.errors import (
 )
 from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.drills import DrillRecord
+from drkit.repo.lease import live_holder
 from drkit.repo.lock import LockHolder, lock_holder
 from drkit.repo.manifest import Manifest
-from drkit.repo.open import open_repository, repo_location
+from drkit.repo.open import open_repository, open_storage, repo_location
 from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import TimelineSummary, WalArchive
 from drkit.result import OperationResult
@@ -150,10 +151,11 @@ class InfoOperation:
             require_321=self.settings.require_321,
         )
 
-        # A backup of this cluster running on this host (it holds the lock on the primary)
+        # A backup of this cluster running on this host (it holds the lock on the primary), or
+        # on another host (it holds the primary's lease)
         info.running = lock_holder(
             self.settings.lock_path, repo_location(self.settings.repo[0]), "backup"
-        )
+        ) or _leased_backup(self.settings)
 
         # Which repository holds which backup and WAL file (3-2-1, lag)
         with info.phase("copies"):
@@ -279,6 +281,18 @@ def _claim_running_backup(info: RepositoryInfo, repo: Repository) -> None:
     info.running_stored = sum(o.size for o in repo.storage.list(f"{BACKUP_PREFIX}{newest}/"))
 
 
+def _leased_backup(settings: Settings) -> LockHolder | None:
+    """A backup on another host holding the primary repository's lease (None when the lease
+    is free, held by another operation, or cannot be read)."""
+    try:
+        holder = live_holder(open_storage(settings.repo[0]), "backup", settings.lease)
+    except DrkitError:
+        return None
+    if holder is None or holder.operation != "backup" or holder.host == settings.lease.host:
+        return None
+    return LockHolder(holder.operation, holder.pid, holder.acquired, holder.host)
+
+
 def _running(info: RepositoryInfo) -> dict[str, Any] | None:
     holder = info.running
     if holder is None:
@@ -286,6 +300,7 @@ def _running(info: RepositoryInfo) -> dict[str, Any] | None:
     return {
         "operation": holder.operation,
         "pid": holder.pid,
+        "host": holder.host,
         "since": holder.since.isoformat(),
         "label": info.running_label,
         "stored": info.running_stored,

@@ -163,6 +163,23 @@ def current_lease(storage: Storage, scope: str) -> LeaseRecord | None:
     return LeaseRecord.decode(raw, key)
 
 
+def live_holder(storage: Storage, scope: str, settings: LeaseSettings) -> LeaseRecord | None:
+    """The holder of ``scope``'s lease when it is live as this host judges it (see
+    `RepositoryLease`), else None. Reads only; for reports such as ``drkit info``."""
+    record = current_lease(storage, scope)
+    if record is None or not _live(record, settings, _utcnow()):
+        return None
+    return record
+
+
+def _live(record: LeaseRecord, settings: LeaseSettings, now: datetime) -> bool:
+    if record.released:
+        return False
+    if record.host == settings.host and not _running(record.pid):
+        return False  # killed on this host: nothing of it runs any more
+    return now <= record.expires + settings.grace
+
+
 class RepositoryLease:
     """``scope``'s lease in one repository, held by this process for ``operation``.
 
@@ -198,7 +215,7 @@ class RepositoryLease:
     def acquire(self) -> None:
         now = self.clock()
         previous = current_lease(self.storage, self.scope)
-        if previous is not None and self._live(previous, now):
+        if previous is not None and _live(previous, self.settings, now):
             raise self._held_error(previous)
         if previous is not None and not previous.released and previous.host != self.settings.host:
             self.taken_over = LeaseTakenOver(
@@ -305,13 +322,6 @@ class RepositoryLease:
         return label.time < self.clock() - self.settings.leftover_age
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _live(self, record: LeaseRecord, now: datetime) -> bool:
-        if record.released:
-            return False
-        if record.host == self.settings.host and not _running(record.pid):
-            return False  # killed on this host: nothing of it runs any more
-        return now <= record.expires + self.settings.grace
 
     def _held_error(self, record: LeaseRecord) -> LeaseHeld:
         return LeaseHeld(

@@ -24,11 +24,13 @@ from drkit.private_dir import open_lock_file, open_private_dir, write_pid
 
 @dataclass(frozen=True)
 class LockHolder:
-    """A process holding an operation lock: its pid and when it took the lock."""
+    """A process holding an operation lock: its pid and when it took the lock; ``host`` when it
+    runs on another host (known from the repository's lease)."""
 
     operation: str
     pid: int
     since: datetime
+    host: str | None = None
 
 
 def _lock_name(scope: str, operation: str) -> str:
