@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +284,35 @@ def test_remote_mode_refuses_postgresql_before_15(pg_factory: PgFactory, workdir
     assert "remote backups need PostgreSQL 15 or later; the server runs 14" in result.output
     assert "HINT: run drkit in local mode on the database host" in result.output
     assert dk.repo_listing() == {}  # nothing created
+
+
+def test_remote_backup_killed_midway_leaves_nothing_behind(pg: PgCluster, workdir: Path) -> None:
+    """kill -9 while the base backup streams: no backup is listed, the server drops the slot and
+    the sender with the connection, and the next backup succeeds and restores."""
+    listen_on_tcp(pg)
+    pg.run_bin("pgbench", "-i", "-s", "10", "-q")
+    dk = Drkit(pg, workdir, backup={"process_max": 1})
+    remote(dk)
+    dk.ok("init")
+    proc = dk.spawn("backup")
+    try:
+        deadline = time.monotonic() + 120
+        while not list((dk.repo_path / "backup").rglob("*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the backup stored nothing within 120 s"
+            time.sleep(0.01)
+        assert proc.poll() is None, "the backup ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert dk.info()["backups"] == []
+    deadline = time.monotonic() + 30
+    while (
+        pg.psql("SELECT count(*) FROM pg_replication_slots") != "0"
+        or pg.psql("SELECT count(*) FROM pg_stat_replication") != "0"
+    ):
+        assert time.monotonic() < deadline, "the killed backup's slot or sender is still there"
+        time.sleep(0.05)
+
+    backup = json.loads(dk.ok("backup", "--json").stdout)
+    assert [b["label"] for b in dk.info()["backups"]] == [backup["label"]]
+    restore_and_compare(dk, workdir, database_checksums(pg))
