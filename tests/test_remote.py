@@ -16,10 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from psycopg.conninfo import conninfo_to_dict
 from rig.archive import enable_archiving
 from rig.drkit import Drkit, check_indexes, start_restored
 from rig.postgres import PgCluster, PgFactory, chown_to_server_user, database_checksums
 from test_backup_restore import LARGE_OBJECT, populate
+
+from drkit.config.settings import PostgresSettings
 
 MARKER = "remote-plaintext-marker-7f3a"
 BACKUP_ROLE = "drkit_backup"
@@ -316,3 +319,20 @@ def test_remote_backup_killed_midway_leaves_nothing_behind(pg: PgCluster, workdi
     backup = json.loads(dk.ok("backup", "--json").stdout)
     assert [b["label"] for b in dk.info()["backups"]] == [backup["label"]]
     restore_and_compare(dk, workdir, database_checksums(pg))
+
+
+def test_tls_settings_reach_libpq_with_a_dsn_too() -> None:
+    """sslmode, sslrootcert and passfile are added to a key=value dsn and to a URI alike, as
+    libpq itself parses them (a path with spaces, '&' and '+' included)."""
+    odd = "/etc/drkit/a b&c+d.crt"
+    for dsn in ("host=db.internal user=drkit_backup", "postgresql://drkit_backup@db.internal/x"):
+        settings = PostgresSettings(
+            mode="remote", dsn=dsn, sslmode="verify-full", sslrootcert=odd, passfile="/p w"
+        )
+        parsed = conninfo_to_dict(settings.conninfo())
+        assert parsed["host"] == "db.internal" and parsed["user"] == "drkit_backup"
+        assert (parsed["sslmode"], parsed["sslrootcert"], parsed["passfile"]) == (
+            "verify-full",
+            odd,
+            "/p w",
+        )

@@ -15,7 +15,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -102,10 +102,14 @@ class PostgresSettings(_Section):
             "sslrootcert": self.sslrootcert,
             "passfile": self.passfile,
         }
+        given = {k: str(v) for k, v in fields.items() if v is not None}
+        if self.dsn and "://" in self.dsn:  # a URI takes its extra settings as query parameters
+            separator = "&" if "?" in self.dsn else "?"
+            return self.dsn + (separator + urlencode(given, quote_via=quote) if given else "")
         if not self.dsn:
-            fields = {"host": self.host, "port": self.port, "user": self.user,
-                      "dbname": self.dbname, **fields}  # fmt: skip
-        extra = " ".join(f"{k}={_conninfo_value(v)}" for k, v in fields.items() if v is not None)
+            given = {"host": self.host, "port": str(self.port), "user": self.user,
+                     "dbname": self.dbname, **given}  # fmt: skip
+        extra = " ".join(f"{k}={_conninfo_value(v)}" for k, v in given.items())
         return " ".join(part for part in (self.dsn, extra) if part)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from psycopg import pq
+from psycopg.conninfo import make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
 from drkit.errors import PostgresError, RemoteTlsError, RemoteUnsupported, UnsafePassfile
@@ -171,7 +172,8 @@ class BaseBackupStream:
 def connect_replication(conninfo: str) -> PGconn:
     """A replication connection (``replication=database``) to the server; PostgresError (or
     RemoteTlsError for a certificate that is not trusted) naming what failed."""
-    conn = pq.PGconn.connect(f"{conninfo} replication=database application_name=drkit".encode())
+    params = make_conninfo(conninfo, replication="database", application_name="drkit")
+    conn = pq.PGconn.connect(params.encode())
     if conn.status != pq.ConnStatus.OK:
         message = _first_line(conn.error_message.decode(errors="replace"))
         conn.finish()
