@@ -1,0 +1,112 @@
+"""Remote full backup against the local engine and pg_basebackup | zstd, in one run.
+
+Run as root on a machine with PostgreSQL 15 (Debian packages) and zstd:
+
+    .venv/bin/python bench/bench_remote.py --scale 50 [--runs 3] [--profile stock|random]
+
+It builds a pgbench database listening on 127.0.0.1, then, ``--runs`` times and alternating,
+takes a full backup three ways, each into an empty repository or file: drkit in local mode
+(reading PGDATA), drkit in remote mode (BASE_BACKUP over TCP) and ``pg_basebackup -Ft -X fetch
+-D - | zstd`` over TCP. The page cache is dropped before each. It prints each run's wall, CPU (the
+tool's own, and the server's) and size, and the medians' ratios remote / local (goal: at most
+1.2) and remote / pg_basebackup+zstd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_full import (  # noqa: E402
+    DRKIT,
+    PROCESS_MAX,
+    ZSTD_LEVEL,
+    Bench,
+    build_source,
+    measure_backup,
+)
+from common import Measurement, drop_page_cache  # noqa: E402
+from rig.drkit import Drkit  # noqa: E402
+from rig.postgres import PgCluster, make_rig_dir, stop_clusters_under  # noqa: E402
+
+
+def backup_three_ways(bench: Bench, source: PgCluster, run: int) -> list[Measurement]:
+    results = []
+    for mode in ("local", "remote"):
+        workdir = make_rig_dir(bench.root, f"{mode}-{run}-")
+        settings = {"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True}
+        # drkit's default chunk size (the test rig sets 4 MiB)
+        dk = Drkit(source, workdir, backup={**settings, "chunk_size": 16 * 1024 * 1024})
+        if mode == "remote":
+            postgres = {"mode": "remote", "host": "127.0.0.1", "port": source.port}
+            dk.write_config(postgres={**postgres, "user": "postgres"})
+        dk.ok("init")
+        cmd = [str(DRKIT), "backup", "--config", str(dk.config)]
+        results.append(measure_backup(bench, f"drkit {mode}", source, cmd, dk.repo_path))
+        shutil.rmtree(workdir)
+    archive = bench.root / "base.tar.zst"
+    pg_basebackup = source.bindir / "pg_basebackup"
+    cmd = (
+        "set -o pipefail; "
+        f"{pg_basebackup} -h 127.0.0.1 -p {source.port} -U postgres -Ft -X fetch -c fast"
+        f" -D - | zstd -{ZSTD_LEVEL} -T{PROCESS_MAX} -q -o {archive} && sync {archive}"
+    )
+    results.append(
+        measure_backup(bench, "pg_basebackup+zstd", source, ["bash", "-c", cmd], archive)
+    )
+    archive.unlink()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", choices=["stock", "random"], default="random")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument(
+        "--no-quiet-wait",
+        action="store_true",
+        help="do not wait for an idle machine before each step (a shared, loaded machine)",
+    )
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="drkit-bench-remote-", dir=args.workdir))
+    root.chmod(0o755)
+    try:
+        bench = Bench(root, args.scale)
+        if args.no_quiet_wait:
+            bench.prepare_step = lambda: drop_page_cache() and None  # type: ignore[method-assign]
+        source = build_source(bench, args.profile)
+        source.set_conf({"listen_addresses": "127.0.0.1"})
+        source.restart()
+        walls: dict[str, list[float]] = {}
+        print(f"{'run':>3} {'tool':<20} {'wall s':>8} {'cpu s':>7} {'server cpu s':>12} {'MiB':>8}")
+        for run in range(args.runs):
+            for m in backup_three_ways(bench, source, run):
+                walls.setdefault(m.tool, []).append(m.wall_s)
+                size = m.size_bytes / 2**20
+                print(
+                    f"{run:>3} {m.tool:<20} {m.wall_s:>8.2f} {m.cpu_s:>7.2f}"
+                    f" {m.server_cpu_s:>12.2f} {size:>8.1f}"
+                )
+        median = {tool: statistics.median(values) for tool, values in walls.items()}
+        remote = median["drkit remote"]
+        print(f"median wall: remote / local = {remote / median['drkit local']:.2f} (goal <= 1.2)")
+        baseline = median["pg_basebackup+zstd"]
+        print(f"median wall: remote / pg_basebackup+zstd = {remote / baseline:.2f}")
+    finally:
+        stop_clusters_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
