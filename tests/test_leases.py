@@ -33,7 +33,7 @@ from drkit.repo.lease import LeaseRecord, RepositoryLease, current_lease, lease_
 from drkit.repo.open import open_storage
 from drkit.storage.base import Storage
 from drkit.storage.posix import PosixStorage
-from drkit.storage.s3 import S3Config, S3Storage
+from drkit.storage.s3 import ObjectLock, S3Config, S3Storage
 
 
 class Clock:
@@ -341,3 +341,35 @@ def test_a_second_host_never_deletes_a_backup_in_progress_and_takes_over_an_expi
     b.ok("verify")
     # host-a is back: its lease is free, it runs as before
     assert a.run("prune").exit_code == 0
+
+
+def test_under_object_lock_lease_records_are_retained_only_briefly(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository whose objects are retained for 30 days still lets superseded lease records
+    go soon: each is retained only until a minute after its expiry plus grace."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"drkit-lease-lock-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    config = S3Config(
+        bucket=bucket,
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        max_attempts=2,
+        object_lock=ObjectLock("COMPLIANCE", 30),
+    )
+    storage = S3Storage(config, name="locked")
+    holder = RepositoryLease(storage, "backup", "backup", LeaseSettings(host="host-a"))
+    holder.acquire()
+    holder.release()
+    [(generation, key)] = lease_generations(storage, "backup")[-1:]
+    record = current_lease(storage, "backup")
+    assert record is not None and record.released and record.generation == generation
+    head = client.head_object(Bucket=bucket, Key=key)
+    until = head["ObjectLockRetainUntilDate"]
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    # expiry (5 min) + grace (30 s) + a minute, not the repository's 30 days
+    assert until <= datetime.now(UTC) + timedelta(minutes=7)
+    assert until >= record.expires + timedelta(seconds=30)
