@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -27,7 +28,7 @@ from rig.servers import S3Server
 
 from drkit.config.lease import LeaseSettings
 from drkit.config.settings import load_settings
-from drkit.errors import LeaseHeld, LeaseLost, ObjectExists
+from drkit.errors import ConfigError, LeaseHeld, LeaseLost, ObjectExists
 from drkit.repo.label import BackupLabel
 from drkit.repo.lease import LeaseRecord, RepositoryLease, current_lease, lease_generations
 from drkit.repo.open import open_storage
@@ -373,3 +374,26 @@ def test_under_object_lock_lease_records_are_retained_only_briefly(
     # expiry (5 min) + grace (30 s) + a minute, not the repository's 30 days
     assert until <= datetime.now(UTC) + timedelta(minutes=7)
     assert until >= record.expires + timedelta(seconds=30)
+
+
+def test_the_host_name_comes_from_the_configuration_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "drkit.toml"
+    base = (
+        f'lock_path = "{tmp_path / "locks"}"\n[postgres]\npgdata = "{tmp_path / "pgdata"}"\n'
+        f'[keys]\nprovider = "keyfile"\nkeyfile = "{tmp_path / "key"}"\n'
+        f'[[repo]]\nname = "local"\npath = "{tmp_path / "repo"}"\n'
+    )
+    config.write_text(base)
+    assert load_settings(config).lease.host == socket.gethostname()
+    monkeypatch.setenv("DRKIT_LEASE__HOST", "db-2.example")  # e.g. a pod's name
+    settings = load_settings(config)
+    assert settings.lease.host == "db-2.example" and settings.lease.ttl == timedelta(minutes=5)
+    monkeypatch.delenv("DRKIT_LEASE__HOST")
+    config.write_text(base + '[lease]\nhost = "a/b"\n')
+    with pytest.raises(ConfigError, match="must not contain '/'"):
+        load_settings(config)
+    config.write_text(base + '[lease]\nttl = "0s"\n')
+    with pytest.raises(ConfigError, match="ttl must be positive"):
+        load_settings(config)
