@@ -296,7 +296,7 @@ def test_job_records_are_sealed_and_old_plain_ones_still_read(tmp_path: Path) ->
     repo.initialize(7)
     at = datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
     failed = JobEvent("full", False, at, 3.5, 4, "connection to server at db-7.internal failed")
-    write_event(repo, failed)
+    write_event(repo.storage, repo.auth, failed)
     stored = (tmp_path / "repo" / failed.key).read_bytes()
     assert b"db-7.internal" not in stored and b"sealed" in stored
     assert read_event(repo, failed.key) == failed.as_dict()
@@ -306,6 +306,12 @@ def test_job_records_are_sealed_and_old_plain_ones_still_read(tmp_path: Path) ->
     (tmp_path / "repo" / moved).write_bytes(stored)
     with pytest.raises(IntegrityError):
         read_event(repo, moved)
+
+    # with the key provider down the run is still recorded, without its error line
+    down = JobEvent("diff", False, at, 2.0, 11, "Vault at vault-3.internal is sealed")
+    write_event(repo.storage, None, down)
+    assert b"vault-3.internal" not in (tmp_path / "repo" / down.key).read_bytes()
+    assert read_event(repo, down.key)["exit_code"] == 11
 
     # a record an older drkit wrote in clear reads as it is
     old = JobEvent("incr", False, at, 1.0, 4, "old failure")

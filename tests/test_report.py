@@ -110,7 +110,8 @@ def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> 
         ),
     }
     failed = JobEvent("incr", False, _month(period, 1, 10), 3.2, 4, "cannot connect to PostgreSQL")
-    write_event(open_repository(settings, "local"), failed)
+    local = open_repository(settings, "local")
+    write_event(local.storage, local.auth, failed)
     keys = open_key_provider(settings.keys)
     signing = open_repository(settings, "local").auth
     for record in drills.values():

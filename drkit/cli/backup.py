@@ -43,7 +43,6 @@ def command(
     last backup of any type)."""
     from drkit.backup.operation import take_backup
     from drkit.repo.events import recorded
-    from drkit.repo.open import open_repository
 
     settings = settings_from(
         config,
@@ -57,7 +56,7 @@ def command(
     )
     # one event per run in the repository: a timer's runs are remembered for metrics and reports
     try:
-        with interruptible(), recorded(lambda: open_repository(settings), str(type_)):
+        with interruptible(), recorded(settings, str(type_)):
             result = take_backup(settings, type_, progress())
     except Interrupted as exc:
         render_error(

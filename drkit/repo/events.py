@@ -23,14 +23,18 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from drkit.errors import DrkitError, IntegrityError
+from drkit.config.settings import Settings
+from drkit.errors import ConfigError, DrkitError, IntegrityError, KeyMaterialError, WrongKey
+from drkit.repo.open import open_key_provider, open_storage
 from drkit.repo.repository import FORMAT_KEY, Repository
+from drkit.repo.signer import RecordAuth
+from drkit.storage.base import Storage
 
 EVENT_PREFIX = "events/"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
@@ -79,11 +83,20 @@ class JobTimes:
             self.last_fail = at
 
 
-def write_event(repo: Repository, event: JobEvent) -> None:
-    """Store ``event``, sealed (write-once)."""
-    sealed = repo.auth.seal(json.dumps(event.as_dict()).encode(), event.key)
-    envelope = {"sealed": base64.b64encode(sealed).decode("ascii")}
-    repo.storage.write_bytes(event.key, json.dumps(envelope).encode())
+def write_event(storage: Storage, auth: RecordAuth | None, event: JobEvent) -> None:
+    """Store ``event`` in ``storage``, sealed with ``auth`` (write-once). When the signing key
+    cannot be had (no ``auth``: the key provider is what failed, Vault down or sealed), the run
+    is still recorded, in clear but without its error line, so metrics and reports still count
+    the failure."""
+    try:
+        if auth is None:
+            raise KeyMaterialError("the key provider could not be opened")
+        sealed = auth.seal(json.dumps(event.as_dict()).encode(), event.key)
+        payload: dict[str, Any] = {"sealed": base64.b64encode(sealed).decode("ascii")}
+    except (KeyMaterialError, WrongKey, ConfigError) as exc:
+        log.warning("the job record is stored without its error line: %s", exc.message)
+        payload = {**event.as_dict(), "error": "(not recorded: the key provider was unavailable)"}
+    storage.write_bytes(event.key, json.dumps(payload).encode())
 
 
 def read_event(repo: Repository, key: str) -> dict[str, Any]:
@@ -122,11 +135,12 @@ def job_times(keys: Iterator[str] | list[str]) -> dict[str, JobTimes]:
 
 
 @contextmanager
-def recorded(repo: Callable[[], Repository] | None, job: str) -> Iterator[None]:
-    """Record the ``with`` block as one run of ``job`` in the repository ``repo`` opens (only
-    once the block is over: opening it must not fail the job): a success when it ends, a
-    failure (with the error's first line and exit code) when it raises. A record that cannot
-    be written (the repository is what failed) is logged and never hides the job's own error."""
+def recorded(settings: Settings | None, job: str) -> Iterator[None]:
+    """Record the ``with`` block as one run of ``job`` in the primary repository of
+    ``settings`` (opened only once the block is over: opening it must not fail the job): a
+    success when it ends, a failure (with the error's first line and exit code) when it raises.
+    A record that cannot be written (the repository is what failed) is logged and never hides
+    the job's own error."""
     clock = time.monotonic()
     try:
         yield
@@ -134,19 +148,23 @@ def recorded(repo: Callable[[], Repository] | None, job: str) -> Iterator[None]:
         code = exc.exit_code if isinstance(exc, DrkitError) else 2
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         ended = datetime.now(UTC)
-        _write(repo, JobEvent(job, False, ended, time.monotonic() - clock, code, message))
+        _write(settings, JobEvent(job, False, ended, time.monotonic() - clock, code, message))
         raise
-    _write(repo, JobEvent(job, True, datetime.now(UTC), time.monotonic() - clock))
+    _write(settings, JobEvent(job, True, datetime.now(UTC), time.monotonic() - clock))
 
 
-def _write(opener: Callable[[], Repository] | None, event: JobEvent) -> None:
-    if opener is None:
+def _write(settings: Settings | None, event: JobEvent) -> None:
+    if settings is None:
         return
     try:
-        repo = opener()
-        if not repo.storage.exists(FORMAT_KEY):  # never create a repository by recording
+        storage = open_storage(settings.repo[0])
+        if not storage.exists(FORMAT_KEY):  # never create a repository by recording
             return
-        write_event(repo, event)
+        try:
+            auth: RecordAuth | None = RecordAuth(storage, open_key_provider(settings.keys))
+        except KeyMaterialError:  # Vault down: the job's failure is still worth recording
+            auth = None
+        write_event(storage, auth, event)
     except (DrkitError, OSError) as exc:
         log.warning(
             "the job event could not be recorded",

@@ -41,7 +41,7 @@ from drkit.errors import DrkitError, LockError
 from drkit.logs import event
 from drkit.repo.events import JobTimes, recorded
 from drkit.repo.lock import operation_lock
-from drkit.repo.open import open_key_provider, open_repository, repo_location
+from drkit.repo.open import open_key_provider, repo_location
 from drkit.schedule.health import HealthServer, newest_backup, newest_drill
 from drkit.schedule.jobs import JOBS, JobContext, JobFailed
 from drkit.schedule.notify import Notification, Notifier
@@ -135,7 +135,7 @@ class Scheduler:
         event(log, "job started", job=job)
         ok, detail = False, ""
         try:
-            with recorded(lambda: open_repository(self.settings), job):
+            with recorded(self.settings, job):
                 detail = self._with_lock_wait(job)
             ok = True
         except JobFailed as exc:
