@@ -124,9 +124,16 @@ class WalKeyring:
 
     def __init__(self, repo: RepoLike, *, cache: bool = True) -> None:
         self.repo = repo
-        self._auth = RecordAuth(repo.storage, repo.keys)
+        self._record_auth: RecordAuth | None = None
         self._cache: dict[str, bytes] | None = {} if cache else None
         self._lock = threading.Lock()
+
+    @property
+    def _auth(self) -> RecordAuth:
+        """Made at first use: the key provider is opened only once a record is read."""
+        if self._record_auth is None:
+            self._record_auth = RecordAuth(self.repo.storage, self.repo.keys)
+        return self._record_auth
 
     @staticmethod
     def record_prefix(period: str) -> str:
