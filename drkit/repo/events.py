@@ -94,7 +94,7 @@ def write_event(storage: Storage, auth: RecordAuth | None, event: JobEvent) -> N
         sealed = auth.seal(json.dumps(event.as_dict()).encode(), event.key)
         payload: dict[str, Any] = {"sealed": base64.b64encode(sealed).decode("ascii")}
     except (KeyMaterialError, WrongKey, ConfigError) as exc:
-        log.warning("the job record is stored without its error line: %s", exc.message)
+        log.debug("the job record is stored without its error line: %s", exc.message)
         payload = {**event.as_dict(), "error": "(not recorded: the key provider was unavailable)"}
     storage.write_bytes(event.key, json.dumps(payload).encode())
 

@@ -48,6 +48,7 @@ from drkit.errors import (
     RepositoryError,
     WrongKey,
 )
+from drkit.repo.identity import check_identity
 from drkit.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class RecordAuth:
             return self._signer
 
     def _open_or_create(self) -> Signer:
+        check_identity(self.storage, self.keys)  # WrongKey: the configured key is not ours
         obj = read_signer_object(self.storage)
         if obj is None:
             signer, obj, record = new_signer(self.keys, self.system_identifier())
