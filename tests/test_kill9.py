@@ -106,11 +106,14 @@ def test_wal_push_killed_at_random_loses_no_acknowledged_segment(
     for trial in range(TRIALS):
         rng = random.Random(trial)
         with RandomKiller(dk.config, commands, rng, every=0.4, limit=4) as killer:
-            for _ in range(10):
+            # Ten segments at least, more (30 at most) until a kill has landed
+            for written in range(1, 31):
                 cluster.psql(
                     "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g"
                 )
                 last = switch_wal(cluster)
+                if written >= 10 and killer.kills:
+                    break
         wait_archived(cluster, last, timeout=120)
         acknowledged, _, _ = archiver_status(cluster)
         archive = WalArchive(open_repository(load_settings(dk.config)))
