@@ -10,12 +10,14 @@ from the stream before the stream moves on.
 The server applies PostgreSQL's own exclusions (pg_wal contents, temporary files, unlogged
 relations but their init fork, ...); what drkit adds is the WAL from the backup's start to its
 end, which the server sends in PGDATA's archive and drkit keeps as ``pg_wal/<segment>`` like the
-local engine. Tablespace files are addressed as ``pg_tblspc/<oid>/...``, as locally.
+local engine, each segment's header checked first (its position and system identifier).
+Tablespace files are addressed as ``pg_tblspc/<oid>/...``, as locally.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -27,12 +29,16 @@ from typing import IO
 from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
 from drkit.backup.plan import Source
 from drkit.config.settings import Settings
-from drkit.errors import PostgresError
+from drkit.errors import IntegrityError, PostgresError
 from drkit.pg.basebackup import Archive, BaseBackupStream
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
+from drkit.pg.wal import check_segment_header, parse_segment_name
 from drkit.pg.walk import PgdataListing, SourceDir, SourceLink
 from drkit.progress import Progress
+
+WAL_HEADER_BYTES = 64  # a WAL segment's long page header, checked before it is stored
+_WAL_SEGMENT = re.compile(r"^pg_wal/[0-9A-F]{24}$")
 
 
 @dataclass
@@ -151,10 +157,13 @@ def _member(
     assert reader is not None  # a regular file
     segment = relation_segment(path) if cluster.data_checksums else None
     required = path == "backup_label" or path.startswith("pg_wal/")
+    check = partial(_check_wal, path, cluster) if _WAL_SEGMENT.match(path) else None
     if member.size >= limit:
-        opener = partial(_StreamedFile, reader, released)
+        opener = partial(_StreamedFile, reader, released, check)
         return Source(path, member.size, mode, member.mtime, opener, segment, required)
     data = reader.read()
+    if check is not None:
+        check(data)
     if path == "backup_label":
         taken.backup_label = data
     return Source(path, len(data), mode, member.mtime, partial(io.BytesIO, data), segment, required)
@@ -165,11 +174,26 @@ class _StreamedFile:
     (the page checks need whole pages), and its end sets ``released`` (the stream may move on);
     there is no file descriptor to re-read a page from."""
 
-    def __init__(self, reader: IO[bytes], released: threading.Event) -> None:
+    def __init__(
+        self,
+        reader: IO[bytes],
+        released: threading.Event,
+        check: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._reader = reader
         self._released = released
+        self._check = check  # of the file's first bytes
 
     def readinto(self, buffer: memoryview, /) -> int:
+        if self._check is not None:
+            head = self._reader.read(min(WAL_HEADER_BYTES, len(buffer)))
+            self._check(head)
+            self._check = None
+            buffer[: len(head)] = head
+            return len(head) + self._fill(buffer[len(head) :])
+        return self._fill(buffer)
+
+    def _fill(self, buffer: memoryview) -> int:
         filled = 0
         while filled < len(buffer):
             data = self._reader.read(len(buffer) - filled)
@@ -186,6 +210,14 @@ class _StreamedFile:
     def close(self) -> None:
         self._reader.close()
         self._released.set()
+
+
+def _check_wal(path: str, cluster: ClusterInfo, head: bytes) -> None:
+    """Refuse a WAL segment that is not the one its name says (as the local engine does)."""
+    _, segno = parse_segment_name(path.removeprefix("pg_wal/"), cluster.wal_segment_size)
+    problem = check_segment_header(head, segno, cluster.wal_segment_size, cluster.system_identifier)
+    if problem:
+        raise IntegrityError(f"WAL segment '{path}' sent by the server {problem}")
 
 
 def _relative(name: str) -> str:
