@@ -58,20 +58,24 @@ def test_a_spread_checkpoint_is_announced_with_its_bound(pg: PgCluster, workdir:
     assert "spread checkpoint" not in dk.ok("backup", "--start-fast").stderr
 
 
-def test_postgresql_stopping_mid_backup_is_a_clear_error(pg: PgCluster, workdir: Path) -> None:
-    pg.run_bin("pgbench", "-i", "-s", "4", "-q")
-    dk = Drkit(pg, workdir, backup={"process_max": 1})
+def test_postgresql_stopping_mid_backup_stops_it_at_once(pg: PgCluster, workdir: Path) -> None:
+    pg.run_bin("pgbench", "-i", "-s", "8", "-q")
+    # zstd level 12, one worker: copying the rest would take far longer than the test waits
+    dk = Drkit(pg, workdir, backup={"process_max": 1, "compress_level": 12})
     dk.ok("init")
     proc = dk.spawn("backup")
     _wait_for_copying(dk, proc)
 
     pg.stop("fast")  # terminates drkit's session, and with it the backup on the server's side
+    stopped = time.monotonic()
     _, stderr = proc.communicate(timeout=120)
+    seconds = time.monotonic() - stopped
+    assert seconds < 10, f"the backup went on for {seconds:.1f}s: {stderr}"
     assert proc.returncode == PostgresError.exit_code, stderr
-    assert "error: the connection to PostgreSQL was lost: terminating connection" in stderr
+    assert "error: the connection to PostgreSQL was lost" in stderr
     assert "HINT: PostgreSQL stopped or ended drkit's session" in stderr
     assert "Traceback" not in stderr
     assert dk.info()["backups"] == []
     pg.start()
-    dk.ok("backup")
+    dk.ok("backup", "--compress-level", "1")
     assert len(dk.info()["backups"]) == 1

@@ -236,7 +236,8 @@ class BackupOperation:
         )
         clock.lap("plan")
         self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
-        taken.add(copier.copy(sources))
+        with session.watched():  # PostgreSQL stopping ends the backup: stop copying at once
+            taken.add(copier.copy(sources))
         taken.copied.files += unchanged
         self.progress.stop()
         clock.lap("copy")

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Generator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from drkit.pg.summaries import (
     check_coverage,
 )
 from drkit.pg.wal import format_lsn, parse_lsn
+from drkit.pg.watch import LOST_HINT, SessionLost, watched
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,22 @@ class PgSession:
     ) -> None:
         lost = self._conn.broken or self._conn.pgconn.status != psycopg.pq.ConnStatus.OK
         self.close()
-        if isinstance(exc, psycopg.Error | PostgresError) and lost:
+        if (
+            isinstance(exc, psycopg.Error | PostgresError)
+            and lost
+            and not isinstance(exc, SessionLost)
+        ):
             # The server went away in the middle (stopped, restarted, the session terminated):
             # the backup in progress ended with it, on the server's side
             reason = _first_line(exc).removeprefix("query failed: ")
-            raise PostgresError(
-                f"the connection to PostgreSQL was lost: {reason}",
-                hint="PostgreSQL stopped or ended drkit's session (its log says why); nothing"
-                " of what was running is listed: run it again once the server is up",
+            raise SessionLost(
+                f"the connection to PostgreSQL was lost: {reason}", hint=LOST_HINT
             ) from None
+
+    def watched(self) -> AbstractContextManager[None]:
+        """A stretch in which this session is not used: the server closing it raises
+        SessionLost at once (drkit/pg/watch.py) instead of at the next query."""
+        return watched(self._conn)
 
     def _one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...]:
         try:
