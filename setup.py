@@ -1,6 +1,7 @@
 """The C extensions (everything else is in pyproject.toml): applying the words of XOR deltas in a
-restore (drkit/codec/_sparse.c) and reading which blocks WAL records touch (drkit/pg/_walblocks.c).
-Building drkit thus needs a C compiler and Python's headers."""
+restore (drkit/codec/_sparse.c), reading which blocks WAL records touch (drkit/pg/_walblocks.c)
+and listing a posix repository's directories with sizes (drkit/storage/_scandir.c). Building
+drkit thus needs a C compiler and Python's headers."""
 
 from setuptools import Extension, setup
 
@@ -8,5 +9,6 @@ setup(
     ext_modules=[
         Extension("drkit.codec._sparse", ["drkit/codec/_sparse.c"]),
         Extension("drkit.pg._walblocks", ["drkit/pg/_walblocks.c"]),
+        Extension("drkit.storage._scandir", ["drkit/storage/_scandir.c"]),
     ]
 )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from drkit.errors import ObjectExists, ObjectNotFound, StorageError
 from drkit.fsutil import fsync_dir
+from drkit.storage._scandir import scan
 from drkit.storage.base import (
     BaseStorage,
     BaseWriter,
@@ -364,32 +365,27 @@ def _scan_dir(
     stack: list[tuple[str, str, str]],
     found: list[ObjectInfo],
 ) -> None:
-    """Add one directory's objects to `found` and its subdirectories to `stack`."""
-    try:
-        entries = os.scandir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    """Add one directory's objects to `found` and its subdirectories to `stack`. Symbolic links
+    are neither: drkit never makes one, so it never follows one."""
+    scanned = scan(directory)  # in C: the lstat per file is most of a large listing's time
+    if scanned is None:
         return  # nothing below this prefix, or a concurrent delete removed it
-    with entries:
-        for entry in entries:
-            name = entry.name
-            if not name.startswith(name_filter) or not _is_key_component(name):
-                continue
-            if not key_prefix and name == TEMP_DIR:
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, f"{key_prefix}{name}/", ""))
-                elif entry.is_file(follow_symlinks=False):
-                    size = entry.stat(follow_symlinks=False).st_size
-                    found.append(ObjectInfo(key_prefix + name, size))
-            except FileNotFoundError:
-                continue  # deleted while listing
+    files, dirs = scanned
+    for name in dirs:
+        if name.startswith(name_filter) and _is_key_component(name):
+            if key_prefix or name != TEMP_DIR:
+                stack.append((os.path.join(directory, name), f"{key_prefix}{name}/", ""))
+    for name, size in files:
+        if name.startswith(name_filter) and _is_key_component(name):
+            found.append(ObjectInfo(key_prefix + name, size))
 
 
 def _is_key_component(name: str) -> bool:
     """Whether a directory entry can be part of a key (foreign files with odd names are skipped)."""
     if "\\" in name:
         return False
+    if name.isascii():
+        return True  # every key drkit writes
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

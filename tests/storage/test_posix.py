@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from drkit.errors import ObjectExists, StorageError
+from drkit.storage.base import ObjectInfo
 from drkit.storage.posix import TEMP_DIR, PosixStorage
 
 from .conformance import StorageConformance, payload
@@ -172,7 +173,13 @@ def test_foreign_entries_are_not_listed(root: Path, storage: PosixStorage) -> No
     (root / "back\\slash").write_bytes(b"not a drkit key")
     (root / "link").symlink_to(root / "real")
     os.mkfifo(root / "fifo")
-    assert [i.key for i in storage.list()] == ["real"]
+    storage.write_bytes("dir/inside", b"22")
+    (root / "dirlink").symlink_to(root / "dir")  # never followed: its objects are listed once
+    odd = os.fsencode(root) + b"/\xff-not-utf8"
+    os.mkdir(odd)
+    Path(os.fsdecode(odd + b"/file")).write_bytes(b"not a drkit key either")
+    assert storage.list() == [ObjectInfo("dir/inside", 2), ObjectInfo("real", 1)]
+    assert storage.list("dir") == [ObjectInfo("dir/inside", 2)]
 
 
 def test_permission_error_names_the_path(
