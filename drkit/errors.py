@@ -307,6 +307,11 @@ class DrillRecordNotWritten(DrkitWarning):
     'drkit replicate' copies it there later."""
 
 
+class KeyRecordSkipped(DrkitWarning):
+    """A key record set that rewrap cannot move (wrapped by another key, or unreadable) was left
+    as it is: what it protects stays readable only with the key that wrapped it."""
+
+
 class DrillRecordUnauthentic(DrkitWarning):
     """A repository's copy of a drill record fails authentication or does not parse: it was
     damaged or tampered with."""

@@ -88,7 +88,8 @@ def test_info_as_a_library_and_its_typed_warning_through_the_cli(
     # offsite
     assert [type(w) for w in info.warnings] == [Rule321Failed]
     assert info.exit_code == Rule321Failed.exit_code == 102
-    assert set(info.phases) == {"copies", "backups", "wal", "drills"}
+    assert set(info.phases) == {"copies", "backups", "wal", "drills", "jobs"}
+    assert list(info.jobs) == ["full"] and info.jobs["full"].last_fail is None  # the backup's run
     data = info.as_dict()
     assert data["rule_3_2_1"] == "FAIL" and data["exit_code"] == 102
     assert data["warnings"][0]["warning"] == "Rule321Failed" and data["warnings"][0]["code"] == 102

@@ -105,6 +105,17 @@ def _render(info: RepositoryInfo) -> None:
             stdout.print(f"WAL lag of repository '{name}': {lag} files behind (drkit replicate)")
     for name, drill in info.last_drill.items():
         stdout.print(f"last drill in '{name}': {_drill(drill)}", markup=False)
+    for job, times in sorted(info.jobs.items()):
+        stdout.print(f"job {job}: {_runs(times.last_ok, times.last_fail)}", markup=False)
+
+
+def _runs(ok: datetime | None, fail: datetime | None) -> str:
+    """'last success ..., last failure ...'; a failure newer than the success comes first."""
+    success = f"last success {ok.isoformat(timespec='seconds')}" if ok else "never succeeded"
+    if fail is None:
+        return success
+    failure = f"last failure {fail.isoformat(timespec='seconds')}"
+    return f"FAILED: {failure}, {success}" if ok is None or fail > ok else f"{success}, {failure}"
 
 
 def _drill(drill: dict[str, Any] | None) -> str:

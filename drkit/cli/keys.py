@@ -15,6 +15,7 @@ from drkit.cli.common import (
     settings_from,
     stdout,
     warn,
+    warn_all,
 )
 
 app = typer.Typer(help="Manage encryption keys.", no_args_is_help=True)
@@ -70,11 +71,11 @@ def escrow_init(
 @handle_errors
 def rotate(config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Make a new version of the wrapping key; new backups use it from now on."""
-    from drkit.keys.rotate import RotateOperation
+    from drkit.keys.rotate import rotate_key
 
-    state = RotateOperation(settings_from(config)).run()
+    state = rotate_key(settings_from(config))
     if json_:
-        print_json(state.__dict__)
+        print_json(state.as_dict())
         return
     stdout.print(
         f"{state.provider} key '{state.key}' is now at version {state.latest_version}; "
@@ -98,7 +99,7 @@ def rewrap(
     report = RewrapOperation(settings_from(config), repo, dry_run).run()
     if json_:
         print_json(report.as_dict())
-        return
+        raise typer.Exit(report.exit_code)
     verb = "would rewrap" if dry_run else "rewrapped"
     for r in report.rewrapped:
         versions = f"v{r.from_version} -> v{r.to_version}" if r.from_version else "same key"
@@ -107,16 +108,14 @@ def rewrap(
         stdout.print(
             f"{r.repo}: {r.kind} {r.name}: {verb} {versions}{escrow}{target}", markup=False
         )
-    for reason in report.skipped:
-        warn(f"skipped {reason}")
+    warn_all(report.warnings)
     stdout.print(
         f"{len(report.rewrapped)} {verb}, {report.up_to_date} already up to date "
         f"(key '{report.key}'"
         + (f", version {report.latest_version})" if report.latest_version else ")"),
         markup=False,
     )
-    if report.skipped:
-        raise typer.Exit(1)
+    raise typer.Exit(report.exit_code)
 
 
 @app.command("status")

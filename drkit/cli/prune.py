@@ -52,12 +52,19 @@ def command(
     the next policy prune.
     """
     from drkit.prune.operation import prune_repositories
+    from drkit.repo.events import recorded
 
     if with_dependents and backup is None:
         raise typer.BadParameter("--with-dependents goes with --backup LABEL")
-    report = prune_repositories(
-        settings_from(config), repo, dry_run, backup=backup, with_dependents=with_dependents
-    )
+    settings = settings_from(config)
+    # one event per policy run in the repository (a dry run or a --backup deletion is none): a
+    # timer's runs are remembered
+    with recorded(None if dry_run or backup else settings, "prune") as run:
+        report = prune_repositories(
+            settings, repo, dry_run, backup=backup, with_dependents=with_dependents
+        )
+        if report.failure:
+            run.failed(report.exit_code, report.failure)
     if json_:
         print_json(report.as_dict())
     else:

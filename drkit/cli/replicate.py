@@ -12,31 +12,30 @@ from drkit.cli.common import (
     print_json,
     settings_from,
     stdout,
-    warn,
+    warn_all,
 )
 
 
 @handle_errors
 def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Copy missing backups and WAL to every other repository; report the WAL lag."""
-    from drkit.replicate.operation import ReplicateOperation
+    from drkit.replicate.operation import replicate_repositories
+    from drkit.repo.events import recorded
 
-    report = ReplicateOperation(settings_from(config)).run()
+    settings = settings_from(config)
+    # one event per run in the repository: a timer's runs are remembered for metrics and reports
+    with recorded(settings, "replicate") as run:
+        result = replicate_repositories(settings)
+        if result.failure:
+            run.failed(result.exit_code, result.failure)
     if json_:
-        print_json(
-            {
-                "ok": report.ok,
-                "repos": [r.__dict__ for r in report.repos],
-                "drills": report.drills.__dict__,
-            }
-        )
+        print_json(result.as_dict())
     else:
-        if not report.repos:
+        if not result.repos:
             stdout.print("only one repository is configured: nothing to replicate")
-        for r in report.repos:
+        for r in result.repos:
             if r.error is not None:
-                warn(f"repository '{r.repo}': {r.error}")
-                continue
+                continue  # a warning below
             lag = sum(r.wal_lag.values())
             stdout.print(
                 f"repository '{r.repo}': {len(r.copied_backups)} backups"
@@ -44,9 +43,7 @@ def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
                 f" WAL lag {lag} files",
                 markup=False,
             )
-        for name, ids in report.drills.copied.items():
+        for name, ids in result.drills.copied.items():
             stdout.print(f"repository '{name}': {len(ids)} drill records copied and verified")
-        for name, error in report.drills.errors.items():
-            warn(f"repository '{name}': drill records not caught up: {error}")
-    if not report.ok:
-        raise typer.Exit(1)
+    warn_all(result.warnings)
+    raise typer.Exit(result.exit_code)

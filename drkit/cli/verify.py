@@ -36,10 +36,15 @@ def command(
     json_: JsonOption = False,
 ) -> None:
     """Verify backups: every object read, every frame authenticated, every checksum checked."""
+    from drkit.repo.events import recorded
     from drkit.verify.operation import verify_backups
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
-    report = verify_backups(settings, backup, repo, progress(), wal=wal)
+    # one event per run in the repository: a timer's runs are remembered for metrics and reports
+    with recorded(settings, "verify") as run:
+        report = verify_backups(settings, backup, repo, progress(), wal=wal)
+        if report.failure:
+            run.failed(report.exit_code, report.failure)
     warn_all(report.warnings)
     if json_:
         print_json(report.as_dict())

@@ -3,9 +3,8 @@
 The only module that imports hvac; the transit and KV providers speak Vault's HTTP API through
 ``VaultSession.write``/``read`` and see only drkit errors.
 
-Auth methods: a token (``VAULT_TOKEN``, ``keys.vault.token`` or ``token_file``), AppRole (role_id
-plus a secret_id read from a file) and Kubernetes (the service account JWT file and a role). The
-secret_id and the JWT are read from their files at every login, so a rotated file is picked up.
+Auth methods (token, AppRole, Kubernetes) are drkit/crypto/vault_auth.py: what a login sends
+and what it gets back, without hvac.
 
 Keeping the token alive, for processes that outlive a token's TTL (the scheduler, the async
 archiver, a backup that takes longer than the TTL):
@@ -16,9 +15,6 @@ archiver, a backup that takes longer than the TTL):
 - a request answered 403 (the token expired or was revoked behind drkit's back) logs in once more
   and is retried once; a second 403 is a real permission problem and is reported as such.
 
-A plain token cannot log in again, so it can only be renewed; with ``token_file`` the file is read
-again (an agent may have written a fresh token).
-
 Secrets (tokens, the secret_id, the JWT) are never put in an error message or a repr: messages are
 built here from the status and Vault's error text, and known secret values are scrubbed from that
 text as well.
@@ -26,20 +22,16 @@ text as well.
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
-import time
 import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import hvac
 import hvac.exceptions
 import requests
 
 from drkit.config.settings import VaultSettings
+from drkit.crypto.vault_auth import VaultToken, credentials_for
 from drkit.errors import ConfigError, VaultError
 
 RECOVERY_HINT = "to restore or verify without Vault, pass --recovery-key with the escrow key"
@@ -68,131 +60,6 @@ class VaultRequestError(VaultError):
         return any(phrase in text for phrase in phrases)
 
 
-@dataclass
-class _Token:
-    """The current token and when it runs out; ``ttl == 0`` means it never expires."""
-
-    value: str = field(repr=False)
-    ttl: float
-    renewable: bool
-    period: float = 0.0  # the TTL first granted: what a renewal asks for again
-    obtained: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.period = self.period or self.ttl
-
-    def age(self) -> float:
-        return time.monotonic() - self.obtained
-
-    def expired(self) -> bool:
-        return self.ttl > 0 and self.age() >= self.ttl
-
-
-class _Credentials(Protocol):
-    method: str
-    can_login_again: bool
-
-    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
-        """Logs in; with ``lookup=False`` a plain token is only set, not looked up (its TTL is
-        then unknown, as a one-shot process does not need it)."""
-        ...
-
-    def secrets(self) -> list[str]:
-        """Secret values read so far, to scrub from any text shown to the user."""
-        ...
-
-
-class _TokenCredentials:
-    method = "token"
-
-    def __init__(self, token: str | None, token_file: Path | None) -> None:
-        if token is None and token_file is None:
-            raise ConfigError(
-                "Vault auth 'token' needs a token, and none is set",
-                hint="set VAULT_TOKEN (or DRKIT_KEYS__VAULT__TOKEN), or keys.vault.token_file",
-            )
-        self._token = token
-        self._file = token_file
-        self._seen: list[str] = [token] if token else []
-        # A token file may be refreshed by an agent; a token given directly cannot be replaced.
-        self.can_login_again = token is None
-
-    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
-        value = self._token if self._token is not None else _read_secret_file(self._file, "token")
-        self._seen.append(value)
-        client.token = value
-        if not lookup:
-            return _Token(value, 0, False)
-        data = client.auth.token.lookup_self()["data"]
-        # Renewals ask for the TTL the token was made with, not what is left of it: a session
-        # that logged in late (a job of the scheduler, sharing its token) must never shorten it
-        created = float(data.get("creation_ttl") or 0)
-        return _Token(value, float(data.get("ttl") or 0), bool(data.get("renewable")), created)
-
-    def secrets(self) -> list[str]:
-        return self._seen
-
-
-class _AppRoleCredentials:
-    method = "approle"
-    can_login_again = True
-
-    def __init__(self, role_id: str, secret_id_file: Path, mount: str) -> None:
-        self._role_id = role_id
-        self._file = secret_id_file
-        self._mount = mount
-        self._seen: list[str] = []
-
-    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
-        secret_id = _read_secret_file(self._file, "AppRole secret_id")
-        self._seen.append(secret_id)
-        auth = client.auth.approle.login(self._role_id, secret_id, mount_point=self._mount)["auth"]
-        return _token_from_auth(auth, self._seen)
-
-    def secrets(self) -> list[str]:
-        return self._seen
-
-
-class _KubernetesCredentials:
-    method = "kubernetes"
-    can_login_again = True
-
-    def __init__(self, role: str, jwt_file: Path, mount: str) -> None:
-        self._role = role
-        self._file = jwt_file
-        self._mount = mount
-        self._seen: list[str] = []
-
-    def login(self, client: hvac.Client, *, lookup: bool) -> _Token:
-        # kubelet mounts the projected token 0644 inside the pod: its mode says nothing here
-        jwt = _read_secret_file(self._file, "Kubernetes service account token", private=False)
-        self._seen.append(jwt)
-        auth = client.auth.kubernetes.login(self._role, jwt, mount_point=self._mount)["auth"]
-        return _token_from_auth(auth, self._seen)
-
-    def secrets(self) -> list[str]:
-        return self._seen
-
-
-def _token_from_auth(auth: dict[str, Any], seen: list[str]) -> _Token:
-    token = str(auth["client_token"])
-    seen.append(token)
-    return _Token(token, float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
-
-
-def _credentials(settings: VaultSettings) -> _Credentials:
-    if settings.auth == "approle":
-        assert settings.role_id is not None and settings.secret_id_file is not None
-        mount = settings.auth_mount or "approle"
-        return _AppRoleCredentials(settings.role_id, settings.secret_id_file, mount)
-    if settings.auth == "kubernetes":
-        assert settings.role is not None
-        mount = settings.auth_mount or "kubernetes"
-        return _KubernetesCredentials(settings.role, settings.jwt_file, mount)
-    token = settings.token.get_secret_value() if settings.token is not None else None
-    return _TokenCredentials(token or None, settings.token_file)
-
-
 class VaultSession:
     """An authenticated Vault client, safe to share between threads.
 
@@ -210,7 +77,7 @@ class VaultSession:
                 f"keys.vault.ca_cert '{settings.ca_cert}' does not exist",
                 hint="point it at the PEM file of the CA that signed Vault's certificate",
             )
-        self._credentials = _credentials(settings)
+        self._credentials = credentials_for(settings)
         self._client = hvac.Client(
             url=self.addr,
             token="",  # never hvac's fallback to VAULT_TOKEN or ~/.vault-token
@@ -223,7 +90,7 @@ class VaultSession:
         self.logins = 0
         self.renewals = 0
         self._keep_alive_wanted = keep_alive
-        self._token: _Token | None = None
+        self._token: VaultToken | None = None
         if keep_alive:
             self._token = self._login()
             _start_renewer(self)
@@ -288,7 +155,7 @@ class VaultSession:
 
     # -- login and renewal ------------------------------------------------------------------------
 
-    def _login(self) -> _Token:
+    def _login(self) -> VaultToken:
         method = self._credentials.method
         try:
             token = self._credentials.login(self._client, lookup=self._keep_alive_wanted)
@@ -328,7 +195,7 @@ class VaultSession:
                     return _MIN_WAIT * 4  # Vault is away; try again shortly
             return max(_MIN_WAIT, self._token.ttl * _RENEW_AT) if self._token.ttl > 0 else None
 
-    def _renew(self, token: _Token) -> _Token:
+    def _renew(self, token: VaultToken) -> VaultToken:
         """Renews the token for another period. Near its max TTL (less than a third of a period
         granted) a fresh login replaces it where the credentials allow."""
         try:
@@ -339,7 +206,7 @@ class VaultSession:
         granted = float(auth.get("lease_duration") or 0)
         if granted < token.period / 3 and self._credentials.can_login_again:
             return self._login()
-        return _Token(token.value, granted, bool(auth.get("renewable")), token.period)
+        return VaultToken(token.value, granted, bool(auth.get("renewable")), token.period)
 
     # -- errors -----------------------------------------------------------------------------------
 
@@ -443,30 +310,6 @@ def _start_renewer(session: VaultSession) -> None:
             del current
 
     threading.Thread(target=run, name="drkit-vault-renewer", daemon=True).start()
-
-
-def _read_secret_file(path: Path | None, what: str, *, private: bool = True) -> str:
-    """The secret in ``path``, stripped. With ``private``, a file that group or others may
-    access is refused, as for the key file: its secret would let any local user act as drkit."""
-    assert path is not None
-    try:
-        with path.open("rb") as file:
-            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)  # of what is read
-            if private and mode & 0o077:
-                raise ConfigError(
-                    f"the {what} file '{path}' can be accessed by group or others"
-                    f" (mode {mode:04o})",
-                    hint=f"chmod 600 {path} (owned by the user drkit runs as)",
-                )
-            value = file.read().decode("utf-8", "replace").strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"unable to read the {what} from '{path}': {_reason(exc)}",
-            hint="check the path in [keys.vault] and that drkit's user may read the file",
-        ) from None
-    if not value:
-        raise ConfigError(f"the {what} file '{path}' is empty")
-    return value
 
 
 def _status_of(exc: hvac.exceptions.VaultError) -> int:

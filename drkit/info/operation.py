@@ -18,6 +18,7 @@ from drkit.errors import (
 )
 from drkit.info.copies import CopyMap, CopyStatus
 from drkit.repo.drills import DrillRecord
+from drkit.repo.events import EVENT_PREFIX, JobTimes, job_times
 from drkit.repo.lease import live_holder
 from drkit.repo.lock import LockHolder, lock_holder
 from drkit.repo.manifest import Manifest
@@ -72,7 +73,8 @@ class RepositoryInfo(OperationResult):
     """What ``info`` found. Warnings: Rule321Failed (the newest backup lacks copies, when
     3-2-1 is required), NoRetention, RepositoryUnreachable, WalArchiveGap, IncompleteBackup.
     ``phases``: backups (read every manifest), copies (list every repository), wal (summarize
-    the archive), drills (the newest drill record of each repository)."""
+    the archive), drills (the newest drill record of each repository), jobs (list the job
+    records)."""
 
     name: str
     system_identifier: str
@@ -85,6 +87,7 @@ class RepositoryInfo(OperationResult):
     unreachable: dict[str, str] = field(default_factory=dict)  # repository -> error
     # repository -> its newest drill record that authenticates (drill_summary); None: none
     last_drill: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    jobs: dict[str, JobTimes] = field(default_factory=dict)  # job -> its last runs (primary's)
     require_321: bool = True  # whether a newest backup failing 3-2-1 is a warning
     running: LockHolder | None = None  # a backup of this cluster running on this host
     running_label: str | None = None  # its label, once it has stored objects here
@@ -124,6 +127,13 @@ class RepositoryInfo(OperationResult):
             "wal_lag": self.wal_lag,
             "unreachable": self.unreachable,
             "last_drill": self.last_drill,
+            "jobs": {
+                job: {
+                    "last_success": t.last_ok.isoformat() if t.last_ok else None,
+                    "last_failure": t.last_fail.isoformat() if t.last_fail else None,
+                }
+                for job, t in sorted(self.jobs.items())
+            },
             "rule_3_2_1": "PASS" if self.rule_3_2_1 else "FAIL",
             "require_321": self.require_321,
             "running": _running(self),
@@ -185,8 +195,21 @@ class InfoOperation:
         with info.phase("drills"):
             info.last_drill = self._last_drills(info.unreachable)
 
+        # The last success and failure of each job (backups, timers' and the scheduler's runs)
+        with info.phase("jobs"):
+            info.jobs = self._jobs(repo)
+
         info.warnings = _warnings(info) + _retention_warnings(self.settings)
         return info
+
+    def _jobs(self, repo: Repository) -> dict[str, JobTimes]:
+        """From the job records in the primary repository (they are written there only)."""
+        primary = self.settings.repo[0].name
+        try:
+            storage = repo.storage if repo.name == primary else open_storage(self.settings.repo[0])
+            return job_times([o.key for o in storage.list(EVENT_PREFIX)])
+        except DrkitError:
+            return {}  # the primary is unreachable: 'unreachable' says so
 
     def _last_drills(self, unreachable: dict[str, str]) -> dict[str, dict[str, Any] | None]:
         """Per reachable repository, its newest drill record that authenticates."""

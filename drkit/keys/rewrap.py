@@ -23,13 +23,14 @@ from typing import Any
 from drkit.config.settings import Settings
 from drkit.crypto.rotation import KeyState
 from drkit.crypto.signing import is_signed
-from drkit.errors import IntegrityError
+from drkit.errors import IntegrityError, KeyRecordSkipped
 from drkit.keys.common import ManagedKeys, open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, add_record, describe, record_sets
 from drkit.repo.label import BackupLabel
 from drkit.repo.lease import repository_lease
 from drkit.repo.open import repo_location
 from drkit.repo.repository import Repository
+from drkit.result import OperationResult
 
 
 @dataclass
@@ -49,7 +50,10 @@ class Rewrapped:
 
 
 @dataclass
-class RewrapReport:
+class RewrapReport(OperationResult):
+    """What rewrap moved. Warnings: KeyRecordSkipped, one per set left as it is.
+    ``phases``: rewrap (every selected repository)."""
+
     key: str
     latest_version: int | None
     dry_run: bool
@@ -57,7 +61,7 @@ class RewrapReport:
     up_to_date: int = 0
     skipped: list[str] = field(default_factory=list)  # sets this provider cannot rewrap, why
 
-    def as_dict(self) -> dict[str, Any]:
+    def _data(self) -> dict[str, Any]:
         return {
             "key": self.key,
             "latest_version": self.latest_version,
@@ -80,12 +84,14 @@ class RewrapOperation:
         if state is None and keys.recipient is None:
             keys.require_versioned("rewrap to")  # nothing to move to: say so
         report = RewrapReport(keys.key, state.latest_version if state else None, self.dry_run)
-        for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
-            scope = repo_location(repo_settings)
-            with repository_lease(self.settings, repo, scope, "rewrap", "rewrap") as lease:
-                for record_set in record_sets(repo):
-                    lease.check()
-                    self._rewrap_set(repo, record_set, keys, state, report)
+        with report.phase("rewrap"):
+            for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
+                scope = repo_location(repo_settings)
+                with repository_lease(self.settings, repo, scope, "rewrap", "rewrap") as lease:
+                    for record_set in record_sets(repo):
+                        lease.check()
+                        self._rewrap_set(repo, record_set, keys, state, report)
+        report.warnings = [KeyRecordSkipped(f"skipped {reason}") for reason in report.skipped]
         return report
 
     def _rewrap_set(

@@ -6,15 +6,50 @@ repository is touched here.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+
 from drkit.config.settings import Settings
-from drkit.crypto.rotation import KeyState
 from drkit.keys.common import open_managed_keys
+from drkit.result import OperationResult
+
+
+@dataclass(kw_only=True)
+class RotateResult(OperationResult):
+    """The key's versions after the rotation. ``phases``: rotate."""
+
+    provider: str  # the provider kind, e.g. "vault-transit"
+    key: str
+    latest_version: int
+    min_decryption_version: int | None = None
+
+    def _data(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "key": self.key,
+            "latest_version": self.latest_version,
+            "min_decryption_version": self.min_decryption_version,
+        }
+
+
+def rotate_key(settings: Settings) -> RotateResult:
+    """Make a new version of the configured wrapping key (Vault Transit or KV)."""
+    return RotateOperation(settings).run()
 
 
 class RotateOperation:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def run(self) -> KeyState:
+    def run(self) -> RotateResult:
         keys = open_managed_keys(self.settings)
-        return keys.require_versioned("rotate").rotate()
+        started = time.monotonic()
+        state = keys.require_versioned("rotate").rotate()
+        return RotateResult(
+            provider=state.provider,
+            key=state.key,
+            latest_version=state.latest_version,
+            min_decryption_version=state.min_decryption_version,
+            phases={"rotate": time.monotonic() - started},
+        )

@@ -15,6 +15,7 @@ from drkit.crypto.signing import is_signed
 from drkit.errors import IntegrityError
 from drkit.keys.common import open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, describe, record_sets
+from drkit.result import OperationResult
 
 
 @dataclass
@@ -36,7 +37,10 @@ class SetStatus:
 
 
 @dataclass
-class KeysStatus:
+class KeysStatus(OperationResult):
+    """The key record sets of the selected repositories and the key versions they need.
+    ``phases``: sets (read every key record set)."""
+
     provider: str
     key: str
     latest_version: int | None
@@ -88,7 +92,7 @@ class KeysStatus:
         refuses them ('drkit keys rewrap' signs them)."""
         return [s for s in self.sets if s.record is not None and not s.signed]
 
-    def as_dict(self) -> dict[str, Any]:
+    def _data(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             "key": self.key,
@@ -120,9 +124,10 @@ class KeyStatusOperation:
             min_decryption_version=state.min_decryption_version if state else None,
             escrow=keys.recipient.key_id if keys.recipient else None,
         )
-        for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
-            for record_set in record_sets(repo):
-                status.sets.append(_set_status(repo_settings.name, record_set))
+        with status.phase("sets"):
+            for repo_settings, repo in repositories(self.settings, keys, self.repo_name):
+                for record_set in record_sets(repo):
+                    status.sets.append(_set_status(repo_settings.name, record_set))
         return status
 
 

@@ -137,6 +137,17 @@ class PruneReport(OperationResult):
                 return r.error.exit_code
         return super().exit_code
 
+    @property
+    def failure(self) -> str | None:
+        """Why a run with this result counts as a failed job (a repository failed, or objects
+        were left that should have gone); None when it succeeded."""
+        for r in self.repos:
+            if r.error is not None:
+                return f"prune failed for repository '{r.repo}': {r.error.message}"
+        if self.warnings:
+            return f"prune left objects it should have removed: {self.warnings[0].message}"
+        return None
+
     def _data(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "repos": [r.as_dict() for r in self.repos]}
 

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.errors import DrkitError, IntegrityError, LockError
-from drkit.repo.drill_copies import DrillRecordSync
 from drkit.repo.label import BackupLabel
 from drkit.repo.lease import RepositoryLease, repository_lease
 from drkit.repo.open import open_repository, repo_location
@@ -63,11 +62,10 @@ class RepoReplication:
 @dataclass
 class ReplicationReport:
     repos: list[RepoReplication]
-    drills: DrillRecordSync = field(default_factory=DrillRecordSync)  # by `drkit replicate`
 
     @property
     def ok(self) -> bool:
-        return all(r.error is None for r in self.repos) and not self.drills.errors
+        return all(r.error is None for r in self.repos)
 
 
 class Replicator:

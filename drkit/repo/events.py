@@ -1,8 +1,9 @@
 """Job events: when each scheduled job last succeeded and last failed, kept in the repository.
 
 A job run from a systemd timer or a CronJob leaves no process behind to remember it, so the
-scheduler and ``drkit backup`` write one small write-once record per run into the primary
-repository; metrics and reports read them back::
+scheduler and ``drkit backup``, ``replicate``, ``verify`` and ``prune`` write one small
+write-once record per run into the primary repository; metrics, ``info`` and reports read them
+back::
 
     events/<job>/<YYYYmmddTHHMMSS.ffffffZ>-ok.json
     events/<job>/<YYYYmmddTHHMMSS.ffffffZ>-fail.json
@@ -134,23 +135,38 @@ def job_times(keys: Iterator[str] | list[str]) -> dict[str, JobTimes]:
     return found
 
 
+@dataclass
+class JobRun:
+    """A run being recorded. A job that completes but did not succeed (a verification found
+    damage, a copy failed) says so with ``failed()``; it is recorded as a failure."""
+
+    exit_code: int = 0
+    error: str = ""
+
+    def failed(self, exit_code: int, error: str) -> None:
+        self.exit_code, self.error = exit_code or 1, error
+
+
 @contextmanager
-def recorded(settings: Settings | None, job: str) -> Iterator[None]:
+def recorded(settings: Settings | None, job: str) -> Iterator[JobRun]:
     """Record the ``with`` block as one run of ``job`` in the primary repository of
     ``settings`` (opened only once the block is over: opening it must not fail the job): a
-    success when it ends, a failure (with the error's first line and exit code) when it raises.
-    A record that cannot be written (the repository is what failed) is logged and never hides
-    the job's own error."""
+    success when it ends, a failure (with the error's first line and exit code) when it raises
+    or calls ``JobRun.failed()``. A record that cannot be written (the repository is what
+    failed) is logged and never hides the job's own error."""
     clock = time.monotonic()
+    run = JobRun()
     try:
-        yield
+        yield run
     except Exception as exc:
         code = exc.exit_code if isinstance(exc, DrkitError) else 2
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         ended = datetime.now(UTC)
         _write(settings, JobEvent(job, False, ended, time.monotonic() - clock, code, message))
         raise
-    _write(settings, JobEvent(job, True, datetime.now(UTC), time.monotonic() - clock))
+    ok, seconds = not run.exit_code, time.monotonic() - clock
+    error = run.error.splitlines()[0] if run.error else ""
+    _write(settings, JobEvent(job, ok, datetime.now(UTC), seconds, run.exit_code, error))
 
 
 def _write(settings: Settings | None, event: JobEvent) -> None:

@@ -28,10 +28,10 @@ from drkit.config.settings import Settings
 from drkit.errors import DrkitError, LockError
 from drkit.heartbeat.operation import HeartbeatOperation
 from drkit.logs import event
-from drkit.prune.operation import PruneOperation
-from drkit.replicate.operation import ReplicateOperation
+from drkit.prune.operation import prune_repositories
+from drkit.replicate.operation import replicate_repositories
 from drkit.repo.label import BackupType
-from drkit.verify.operation import VerifyOperation
+from drkit.verify.operation import verify_backups
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +74,26 @@ def _backup(kind: BackupType) -> Callable[[JobContext], str]:
 
 
 def _replicate(ctx: JobContext) -> str:
-    report = ReplicateOperation(ctx.settings).run()
-    locked = [r for r in report.repos if r.locked]
+    result = replicate_repositories(ctx.settings)
+    locked = [r for r in result.repos if r.locked]
     if locked:  # a backup is writing there: the scheduler waits for the lock and runs again
         raise LockError(str(locked[0].error))
-    failed = [f"'{r.repo}': {r.error}" for r in report.repos if r.error is not None]
-    if failed:
-        raise JobFailed(f"replication failed for {', '.join(failed)}", 1)
-    return f"{sum(len(r.copied_backups) for r in report.repos)} backups copied"
+    if result.failure:
+        raise JobFailed(result.failure, result.exit_code)
+    return f"{sum(len(r.copied_backups) for r in result.repos)} backups copied"
 
 
 def _verify(ctx: JobContext) -> str:
-    report = VerifyOperation(ctx.settings, wal=True).run()
-    if not report.ok:
-        raise JobFailed("verification found damage ('drkit verify' shows where)", 15)
+    report = verify_backups(ctx.settings, wal=True)
+    if report.failure:
+        raise JobFailed(report.failure, report.exit_code)
     return "verified"
 
 
 def _prune(ctx: JobContext) -> str:
-    report = PruneOperation(ctx.settings).run()
-    if report.exit_code:
-        raise JobFailed("prune left objects it should have removed ('drkit prune')", 1)
+    report = prune_repositories(ctx.settings)
+    if report.failure:
+        raise JobFailed(report.failure, report.exit_code)
     return "pruned"
 
 

@@ -372,9 +372,9 @@ def _scan_dir(
         return  # nothing below this prefix, or a concurrent delete removed it
     files, dirs = scanned
     for name in dirs:
-        if name.startswith(name_filter) and _is_key_component(name):
-            if key_prefix or name != TEMP_DIR:
-                stack.append((os.path.join(directory, name), f"{key_prefix}{name}/", ""))
+        usable = name.startswith(name_filter) and _is_key_component(name)
+        if usable and (key_prefix or name != TEMP_DIR):
+            stack.append((os.path.join(directory, name), f"{key_prefix}{name}/", ""))
     for name, size in files:
         if name.startswith(name_filter) and _is_key_component(name):
             found.append(ObjectInfo(key_prefix + name, size))

@@ -83,6 +83,11 @@ class VerifyReport(OperationResult):
     def exit_code(self) -> int:
         return super().exit_code if self.ok else VerifyFailed.exit_code
 
+    @property
+    def failure(self) -> str | None:
+        """Why a run with this result counts as a failed job; None when it succeeded."""
+        return None if self.ok else "verification found damage ('drkit verify' shows where)"
+
     def _data(self) -> dict[str, Any]:
         wal = self.wal
         return {
