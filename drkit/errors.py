@@ -237,6 +237,13 @@ class DrillTargetMissed(DrkitError):
     exit_code = 32
 
 
+class EmitConflict(DrkitError):
+    """``drkit schedule --emit`` found a file of the name it would write, with other content:
+    it may hold an operator's changes, so it is left as it is."""
+
+    exit_code = 33
+
+
 # -- warnings: collected on an operation's result, never raised ------------------------------------
 
 
@@ -336,6 +343,13 @@ class ArchivingFailing(DrkitWarning):
     last archived segment is impossible until it works again."""
 
     exit_code = 108
+
+
+class DataChecksumsOff(DrkitWarning):
+    """The cluster runs without data checksums: a damaged page is backed up as it is read, and
+    neither the backup nor a restore can tell."""
+
+    exit_code = 112
 
 
 class WalNotCopied(DrkitWarning):

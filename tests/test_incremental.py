@@ -13,6 +13,7 @@ from rig.postgres import PgCluster, database_checksums
 
 from drkit.backup.file_writers import changed_pages
 from drkit.backup.plan import Delta
+from drkit.errors import DataChecksumsOff
 from drkit.pg.pages import PAGE_SIZE
 
 
@@ -177,6 +178,11 @@ def test_incr_after_data_checksums_were_turned_on_falls_back_to_full(
     pg.stop()
     pg.run_bin("pg_checksums", "--disable", "-D", str(pg.pgdata))
     pg.start()
+    init = dk.run("init", "--json")  # the repository exists; init says what it lacks
+    assert init.exit_code == DataChecksumsOff.exit_code == 112, init.output
+    assert "warning: data checksums are off" in init.stderr and "pg_checksums" in init.stderr
+    [warning] = json.loads(init.stdout)["warnings"]
+    assert (warning["warning"], warning["code"]) == ("DataChecksumsOff", 112)
     dk.ok("backup")
     pg.stop()
     pg.run_bin("pg_checksums", "--enable", "-D", str(pg.pgdata))

@@ -11,7 +11,6 @@ from drkit.cli.common import (
     print_json,
     settings_from,
     stdout,
-    warn,
     warn_all,
 )
 
@@ -19,26 +18,15 @@ from drkit.cli.common import (
 @handle_errors
 def command(config: ConfigOption = None, json_: JsonOption = False) -> None:
     """Validate the configuration and the cluster's settings, and create the repositories."""
-    from drkit.init.operation import InitOperation
+    from drkit.init.operation import initialize
 
-    report = InitOperation(settings_from(config), config).run()
+    report = initialize(settings_from(config), config)
     if json_:
-        print_json(
-            {
-                "system_identifier": str(report.system_identifier),
-                "pg_version_num": report.pg_version_num,
-                "checks": [c.__dict__ for c in report.checks],
-                "repositories": report.repositories,
-                "warnings": [w.as_dict() for w in report.problems],
-            }
-        )
+        print_json(report.as_dict())
     else:
         for check in report.checks:
-            if check.level == "warning":
-                warn(check.message)
-            else:
-                stdout.print(f"{check.level}: {check.message}")
+            stdout.print(f"{check.level}: {check.message}")
         for name, state in report.repositories.items():
             stdout.print(f"repository '{name}': {state}")
-        warn_all(report.problems)
+    warn_all(report.warnings)
     raise typer.Exit(report.exit_code)

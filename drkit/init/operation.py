@@ -6,13 +6,20 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from drkit.codec.frame_reader import unseal
 from drkit.codec.frame_writer import seal
 from drkit.config.settings import Settings, config_path
-from drkit.errors import ArchivingFailing, ConfigError, DrkitWarning, PostgresError
+from drkit.errors import (
+    ArchivingFailing,
+    ConfigError,
+    DataChecksumsOff,
+    DrkitWarning,
+    PostgresError,
+)
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.remote_access import check_remote_access
 from drkit.pg.session import ClusterInfo, PgSession
@@ -20,33 +27,38 @@ from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
 from drkit.repo.repository import Repository
 from drkit.repo.signer import copy_signer
-from drkit.result import SEVERAL_WARNINGS, warnings_exit_code
+from drkit.result import OperationResult
 
 
 @dataclass
 class Check:
-    level: str  # "ok", "warning" or "notice"
+    level: str  # "ok" or "notice"; what needs attention is a warning on the result
     message: str
 
 
 @dataclass
-class InitReport:
+class InitReport(OperationResult):
+    """What init checked and created. Warnings: DataChecksumsOff, ArchivingFailing.
+    ``phases``: cluster (settings read and checked), keys (the provider proven), repositories."""
+
     system_identifier: int
     pg_version_num: int
     checks: list[Check] = field(default_factory=list)
     repositories: dict[str, str] = field(default_factory=dict)  # name -> "created" | "exists"
-    problems: list[DrkitWarning] = field(default_factory=list)  # typed: ArchivingFailing
 
-    @property
-    def warnings(self) -> list[Check]:
-        return [c for c in self.checks if c.level == "warning"]
+    def _data(self) -> dict[str, Any]:
+        return {
+            "system_identifier": str(self.system_identifier),
+            "pg_version_num": self.pg_version_num,
+            "checks": [asdict(c) for c in self.checks],
+            "repositories": self.repositories,
+        }
 
-    @property
-    def exit_code(self) -> int:
-        """A typed warning's own code; 1 for a settings warning or warnings of several kinds."""
-        if self.warnings:
-            return SEVERAL_WARNINGS
-        return warnings_exit_code(self.problems)
+
+def initialize(settings: Settings, config: Path | None = None) -> InitReport:
+    """Check the cluster's settings, prove the key provider works, create (or confirm) every
+    repository. ``config``: the configuration file the suggested archive_command names."""
+    return InitOperation(settings, config).run()
 
 
 class InitOperation:
@@ -63,25 +75,35 @@ class InitOperation:
             cluster = session.cluster_info()
             archiver = session.archiver_stats()
         report = InitReport(cluster.system_identifier, cluster.version_num)
-        report.checks = self._check_cluster(cluster, remote)
+        with report.phase("cluster"):
+            report.checks = self._check_cluster(cluster, remote)
+            if not cluster.data_checksums:
+                report.warnings.append(
+                    DataChecksumsOff(
+                        "data checksums are off: damaged pages cannot be detected during backup",
+                        hint="enable them with pg_checksums --enable on the stopped cluster",
+                    )
+                )
 
         # Prove the key provider can wrap and unwrap a data key
-        self._check_keys()
+        with report.phase("keys"):
+            self._check_keys()
         report.checks.append(Check("ok", f"key provider '{self.settings.keys.provider}' works"))
 
         # Create (or confirm) every repository, and record (or compare) the key it is sealed with
         repos = []
-        for repo_settings in self.settings.repo:
-            repo = open_repository(self.settings, repo_settings.name)
-            created = repo.initialize(cluster.system_identifier)
-            self._record_key(repo)
-            report.repositories[repo.name] = "created" if created else "exists"
-            repos.append(repo)
+        with report.phase("repositories"):
+            for repo_settings in self.settings.repo:
+                repo = open_repository(self.settings, repo_settings.name)
+                created = repo.initialize(cluster.system_identifier)
+                self._record_key(repo)
+                report.repositories[repo.name] = "created" if created else "exists"
+                repos.append(repo)
 
-        # Give every repository the cluster's signing key: the primary's, the same bytes
-        signer = repos[0].auth.signer()
-        for repo in repos[1:]:
-            copy_signer(repos[0].storage, repo.storage)
+            # Give every repository the cluster's signing key: the primary's, the same bytes
+            signer = repos[0].auth.signer()
+            for repo in repos[1:]:
+                copy_signer(repos[0].storage, repo.storage)
         report.checks.append(
             Check(
                 "ok",
@@ -92,7 +114,7 @@ class InitOperation:
 
         # Say whether archive_command works (it may have failed only for want of a repository)
         created = "created" in report.repositories.values()
-        report.problems = _archiving_warnings(cluster, archiver, created)
+        report.warnings += _archiving_warnings(cluster, archiver, created)
         return report
 
     @staticmethod
@@ -132,16 +154,8 @@ class InitOperation:
                 " with a temporary slot",
             ),
         ]
-        if cluster.data_checksums:
+        if cluster.data_checksums:  # else a warning
             checks.append(Check("ok", "data checksums are on: pages are verified while backed up"))
-        else:
-            checks.append(
-                Check(
-                    "warning",
-                    "data checksums are off: damaged pages cannot be detected during backup"
-                    " (enable with pg_checksums --enable on a stopped cluster)",
-                )
-            )
         if cluster.archive_mode == "off" or not cluster.archive_command:
             checks.append(
                 Check(
