@@ -4,6 +4,7 @@ their failures."""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -98,21 +99,49 @@ def test_replicate_verify_and_prune_record_their_runs(pg: PgCluster, workdir: Pa
         assert fail == datetime.fromisoformat(newest["time"]).timestamp()
 
 
-def test_repository_size_metric_counts_every_object_byte(pg: PgCluster, workdir: Path) -> None:
-    """drkit_repository_size_bytes is exact: every object's bytes, nothing of the temporary
+def repository_bytes(repo: Path) -> int:
+    """What drkit_repository_size_bytes must be: every object's bytes, nothing of the temporary
     area, nothing a link points to."""
+    return sum(
+        os.lstat(Path(root) / name).st_size
+        for root, dirs, files in os.walk(repo)
+        if ".tmp" not in Path(root).relative_to(repo).parts
+        for name in files
+        if not (Path(root) / name).is_symlink()
+    )
+
+
+def test_repository_size_metric_is_exact_with_the_size_cache(pg: PgCluster, workdir: Path) -> None:
+    """The sizes seen by one run are kept (lock_path) and only new objects are looked at by the
+    next: the total stays exact as objects come and go, and a damaged cache is ignored."""
     dk = Drkit(pg, workdir)
     dk.ok("init")
     dk.ok("backup")
     (dk.repo_path / ".tmp").mkdir(exist_ok=True)
     (dk.repo_path / ".tmp" / "write-x.tmp").write_bytes(b"x" * 1000)  # a killed writer's
     (dk.repo_path / "elsewhere").symlink_to(workdir / "backup.key")
-    expected = sum(
-        os.lstat(Path(root) / name).st_size
-        for root, dirs, files in os.walk(dk.repo_path)
-        if ".tmp" not in Path(root).relative_to(dk.repo_path).parts
-        for name in files
-        if not (Path(root) / name).is_symlink()
+    size = ("drkit_repository_size_bytes", (("repo", "local"),))
+    assert metrics(dk)[size] == repository_bytes(dk.repo_path)
+    [cache] = (workdir / "locks").glob("metrics-sizes-*.json")
+    assert cache.stat().st_mode & 0o777 == 0o600
+    assert len(json.loads(cache.read_text())["sizes"]) == len(
+        [
+            p
+            for p in dk.repo_path.rglob("*")
+            if p.is_file() and not p.is_symlink() and ".tmp" not in p.parts
+        ]
     )
-    found = metrics(dk)
-    assert found[("drkit_repository_size_bytes", (("repo", "local"),))] == expected
+
+    dk.ok("backup", "--type", "incr")  # new objects, looked at once
+    dk.ok("backup")
+    assert metrics(dk)[size] == repository_bytes(dk.repo_path)
+    first = sorted((dk.repo_path / "backup").iterdir())[0]
+    dk.ok("prune", "--backup", first.name, "--with-dependents")  # objects gone
+    assert not first.exists()
+    assert metrics(dk)[size] == repository_bytes(dk.repo_path)
+
+    cache.write_text('{"location": "nonsense", "sizes": {"backup/x": -1}}')
+    dk.ok("backup", "--type", "incr")
+    assert metrics(dk)[size] == repository_bytes(dk.repo_path)
+    cache.write_text("not json")
+    assert metrics(dk)[size] == repository_bytes(dk.repo_path)

@@ -34,6 +34,7 @@ from drkit.repo.drills import drill_time
 from drkit.repo.open import open_storage
 from drkit.repo.repository import Repository
 from drkit.schedule.metrics import collect, exposition
+from drkit.schedule.sizes import SizeCache
 from drkit.schedule.triggers import allowed_age
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class HealthServer:
         self.settings = settings
         self.state = state
         self.keys = keys
+        self.sizes = SizeCache(settings.lock_path)  # sizes seen by earlier scrapes
         self._cache_lock = threading.Lock()
         self._cached: tuple[float, bytes] | None = None
         handler = type("Handler", (_Handler,), {"server_ref": self})
@@ -90,7 +92,7 @@ class HealthServer:
                 return self._cached[1]
             with self.state.lock:
                 overlay = dict(self.state.jobs)
-            body = exposition(collect(self.settings, overlay, self.keys))
+            body = exposition(collect(self.settings, overlay, self.keys, self.sizes))
             self._cached = (time.monotonic(), body)
             return body
 

@@ -5,7 +5,8 @@ and the scheduler's ``/metrics`` call the same ``collect()``, so both expose the
 with the same meaning; the alert rules (deploy/prometheus/drkit-rules.yml) depend on these names.
 
 Cost is bounded so a scrape stays under a second on large repositories: one listing per
-repository (sizes, backups, verification records, WAL, job events), the manifests of the newest
+repository (backups, verification records, WAL, job events; a posix repository's sizes come from
+drkit/schedule/sizes.py, an lstat only per object not seen before), the manifests of the newest
 backup of each type only, one ranged read of the newest WAL object's clear header, the newest
 verification record, the newest drill record, and one query to the server for its current WAL
 file. A value drkit cannot know (no backup yet, no drill yet, a repository it cannot list) has
@@ -45,6 +46,8 @@ from drkit.repo.repository import BACKUP_PREFIX, Repository
 from drkit.repo.wal_archive import DEFAULT_SEGMENT_SIZE
 from drkit.repo.wal_names import WAL_PREFIX, parse_wal_name
 from drkit.repo.wal_objects import read_header
+from drkit.schedule.sizes import SizeCache
+from drkit.storage.posix import PosixStorage
 
 log = logging.getLogger(__name__)
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
@@ -109,22 +112,25 @@ def collect(
     settings: Settings,
     job_overlay: dict[str, JobTimes] | None = None,
     keys: KeyProvider | None = None,
+    sizes: SizeCache | None = None,
 ) -> Samples:
     """Every metric, read from the repositories (and the server's current WAL file).
     ``job_overlay``: job times the caller knows although they may not be recorded (the
     scheduler's own runs whose event record could not be written), for the primary repository.
     ``keys``: a provider the caller keeps open (the scheduler's); else one for this call only,
-    which starts no Vault token renewer."""
+    which starts no Vault token renewer. ``sizes``: the object sizes known from earlier calls
+    (the scheduler keeps one); else those kept in ``lock_path``."""
     samples = Samples()
     now = datetime.now(UTC)
     keys = keys or open_provider(settings.keys, one_shot=True)
+    sizes = sizes or SizeCache(settings.lock_path)
     server_wal = _server_wal_file(settings)
     holdings: dict[str, set[str]] = {}
     primary_newest: str | None = None
     for index, repo_settings in enumerate(settings.repo):
         repo = Repository(open_storage(repo_settings), keys)
         try:
-            labels, jobs = _collect_repository(samples, repo, now, server_wal)
+            labels, jobs = _collect_repository(samples, repo, now, server_wal, sizes)
         except DrkitError as exc:  # unreachable: no samples (readiness reports it)
             log.warning(
                 "repository not read for metrics", extra={"repo": repo.name, "error": str(exc)}
@@ -147,18 +153,21 @@ def collect(
 
 
 def _collect_repository(
-    samples: Samples, repo: Repository, now: datetime, server_wal: str | None
+    samples: Samples, repo: Repository, now: datetime, server_wal: str | None, sizes: SizeCache
 ) -> tuple[list[str], dict[str, JobTimes]]:
     """This repository's samples but the jobs'; returns its complete backups' labels (oldest
     first) and the job times its events record."""
-    listing = repo.storage.list("")
-    samples.add("drkit_repository_size_bytes", float(sum(o.size for o in listing)), repo.name)
+    if isinstance(repo.storage, PosixStorage):  # an S3 listing has the sizes anyway
+        listing, total = sizes.listing(repo.storage)
+    else:
+        objects = repo.storage.list("")
+        listing, total = [o.key for o in objects], sum(o.size for o in objects)
+    samples.add("drkit_repository_size_bytes", float(total), repo.name)
     kinds: dict[str, set[str]] = {}
     verifications: list[str] = []
     wal: list[str] = []
     events: list[str] = []
-    for obj in listing:
-        key = obj.key
+    for key in listing:
         if key.startswith(BACKUP_PREFIX):
             parts = key.split("/")
             if len(parts) >= 3 and BackupLabel.is_label(parts[1]):

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from drkit.storage.base import ObjectWriter
 
 _ErrorMapper = Callable[[OSError], StorageError]
+_Stack = list[tuple[str, str, str]]  # directories still to walk: path, key prefix, name filter
+_Scan = Callable[[str, str, str, _Stack], None]
 
 TEMP_DIR = ".tmp"
 """The temporary area below the root; a key may not start with this component."""
@@ -112,24 +114,38 @@ class PosixStorage(BaseStorage):
             raise self._not_found_error(key)
         return ObjectInfo(key, st.st_size)
 
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """The keys ``list(prefix)`` would give, sorted, without their sizes: no system call
+        per object, only one per directory (a file system that does not say which entries are
+        directories costs one per entry)."""
+        found: list[str] = []
+        self._walk(prefix, lambda d, k, n, stack: _scan_names(d, k, n, stack, found))
+        found.sort()
+        return found
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        self._walk(prefix, lambda d, k, n, stack: _scan_dir(d, k, n, stack, found))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def _walk(self, prefix: str, scan: _Scan) -> None:
+        """Call ``scan(directory, key prefix, name filter, stack)`` for every directory below
+        ``prefix``; ``scan`` adds the subdirectories to walk to ``stack``."""
         validate_prefix(prefix)
         # Only the directory named by the prefix's complete components needs walking; its
         # entries are filtered by the partial last component.
         dir_part, _, name_part = prefix.rpartition("/")
         if dir_part.split("/", 1)[0] == TEMP_DIR:
-            return []  # no key lives in the temporary area
+            return  # no key lives in the temporary area
         start = self.root / dir_part if dir_part else self.root
         stack = [(str(start), dir_part + "/" if dir_part else "", name_part)]
-        found: list[ObjectInfo] = []
         while stack:
             directory, key_prefix, name_filter = stack.pop()
             try:
-                _scan_dir(directory, key_prefix, name_filter, stack, found)
+                scan(directory, key_prefix, name_filter, stack)
             except OSError as err:  # a Path only for the message: a listing walks many dirs
                 raise self._error(err, "listing", prefix, Path(directory)) from err
-        found.sort(key=lambda info: info.key)
-        return found
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -378,6 +394,33 @@ def _scan_dir(
     for name, size in files:
         if name.startswith(name_filter) and _is_key_component(name):
             found.append(ObjectInfo(key_prefix + name, size))
+
+
+def _scan_names(
+    directory: str,
+    key_prefix: str,
+    name_filter: str,
+    stack: list[tuple[str, str, str]],
+    found: list[str],
+) -> None:
+    """``_scan_dir`` without the sizes: the entry types the directory itself gives."""
+    try:
+        entries = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with entries:
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(name_filter) or not _is_key_component(name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if key_prefix or name != TEMP_DIR:
+                        stack.append((entry.path, f"{key_prefix}{name}/", ""))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(key_prefix + name)
+            except FileNotFoundError:
+                continue  # deleted while listing
 
 
 def _is_key_component(name: str) -> bool:

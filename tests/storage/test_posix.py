@@ -180,6 +180,8 @@ def test_foreign_entries_are_not_listed(root: Path, storage: PosixStorage) -> No
     Path(os.fsdecode(odd + b"/file")).write_bytes(b"not a drkit key either")
     assert storage.list() == [ObjectInfo("dir/inside", 2), ObjectInfo("real", 1)]
     assert storage.list("dir") == [ObjectInfo("dir/inside", 2)]
+    assert storage.list_keys() == ["dir/inside", "real"]  # the same keys, without sizes
+    assert storage.list_keys("di") == ["dir/inside"] and storage.list_keys(".tmp/") == []
 
 
 def test_permission_error_names_the_path(
