@@ -1,15 +1,15 @@
 """Restore from S3 (moto on loopback) against restore from disk, and against pgBackRest from S3.
 
-Run as root on a machine with PostgreSQL 15 (Debian packages), pgbackrest and openssl:
+Run as root on a machine with PostgreSQL 15 (Debian packages), pgbackrest, openssl and stunnel4:
 
     .venv/bin/python bench/bench_s3_restore.py --scale 10 [--runs 2]
 
-It builds a pgbench database (the random profile of bench_full.py) and starts one moto S3 server
-over HTTPS on loopback (a self-signed certificate: pgBackRest speaks only HTTPS to S3). drkit
-takes one full backup into a local repository with an S3 copy (the backup fans out); pgBackRest
-takes one full backup into its own bucket of the same server. Each run restores three times,
-timing the restore command and the start until promoted, page cache dropped before each: drkit
-from the local repository, drkit from S3 alone (the local repository moved away, so the restore
+It builds a pgbench database (the random profile of bench_full.py) and starts one moto S3
+server on loopback, behind stunnel for HTTPS with a self-signed certificate (pgBackRest speaks
+only HTTPS to S3). drkit takes one full backup into a local repository with an S3 copy (the
+backup fans out); pgBackRest takes one full backup into its own bucket of the same server. Each
+run restores three times, timing the restore command and the start until promoted, page cache
+dropped before each: drkit from the local repository, drkit from S3 alone (the local repository moved away, so the restore
 falls back to the S3 copy), and pgBackRest from S3. Every restored cluster's data is compared
 with the source's. moto copies a whole object for every ranged GET and runs on the same two
 cores, so these are moto's numbers, not a real store's.
@@ -62,10 +62,17 @@ class Moto:
         if tls:
             self._certificate(key)
         self.port = free_port()
-        cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
-        if tls:
-            cmd += ["-c", str(self.cert), "-k", str(key)]
+        moto_port = free_port() if tls else self.port
+        cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(moto_port)]
         self._proc = _Process(cmd, root / "moto.log", dict(os.environ))
+        self._tls: _Process | None = None
+        if tls:  # stunnel in front: moto's own HTTPS closes connections pgBackRest rejects
+            conf = root / "stunnel.conf"
+            conf.write_text(
+                f"foreground = yes\n[s3]\naccept = {LOOPBACK}:{self.port}\n"
+                f"connect = {LOOPBACK}:{moto_port}\ncert = {self.cert}\nkey = {key}\n"
+            )
+            self._tls = _Process(["stunnel", str(conf)], root / "stunnel.log", dict(os.environ))
         _wait_until(self._answers, "moto server", 60, self._proc)
 
     def _certificate(self, key: Path) -> None:
@@ -122,6 +129,8 @@ class Moto:
         return True
 
     def stop(self) -> None:
+        if self._tls is not None:
+            self._tls.terminate()
         self._proc.terminate()
 
 
