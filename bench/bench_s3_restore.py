@@ -9,10 +9,10 @@ server on loopback, behind stunnel for HTTPS with a self-signed certificate (pgB
 only HTTPS to S3). drkit takes one full backup into a local repository with an S3 copy (the
 backup fans out); pgBackRest takes one full backup into its own bucket of the same server. Each
 run restores three times, timing the restore command and the start until promoted, page cache
-dropped before each: drkit from the local repository, drkit from S3 alone (the local repository moved away, so the restore
-falls back to the S3 copy), and pgBackRest from S3. Every restored cluster's data is compared
-with the source's. moto copies a whole object for every ranged GET and runs on the same two
-cores, so these are moto's numbers, not a real store's.
+dropped before each: drkit from the local repository, drkit from S3 alone (the local repository
+moved away, so the restore falls back to the S3 copy), and pgBackRest from S3. Every restored
+cluster's data is compared with the source's. moto copies a whole object for every ranged GET
+and runs on the same two cores, so these are moto's numbers, not a real store's.
 """
 
 from __future__ import annotations
