@@ -115,51 +115,50 @@ class BackupOperation:
         clock = Stopwatch(phases)
         repo = open_repository(self.settings)
         with FanOut(self.settings, repo) as fanout:  # the other repositories, while we run
-            with (
-                PgSession(self.settings.postgres) as session,
-                repository_lease(
-                    self.settings,
-                    repo,
-                    repo_location(self.settings.repo[0]),
-                    "backup",
-                    "backup",
-                ) as lease,
-            ):
-                # Check the cluster and the repository, find the parent of a diff/incr
+            with PgSession(self.settings.postgres) as session:
+                # Check the cluster first: an unsupported or misconfigured server ends here
                 cluster = self._check_cluster(session)
-                archiver_before = session.archiver_stats()
-                repo.check(cluster.system_identifier)
-                check_identity(repo.storage, repo.keys)
-                removed = self._remove_leftovers(repo, lease)
-                parent, notice = self._choose_parent(repo, cluster)
-                if notice:
-                    log.info(notice)
-                taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
-                data_key = repo.keys.new_data_key()
-                clock.lap("check")
+                with repository_lease(
+                    self.settings, repo, repo_location(self.settings.repo[0]), "backup", "backup"
+                ) as lease:
+                    # Check the repository, find the parent of a diff/incr
+                    archiver_before = session.archiver_stats()
+                    repo.check(cluster.system_identifier)
+                    check_identity(repo.storage, repo.keys)
+                    removed = self._remove_leftovers(repo, lease)
+                    parent, notice = self._choose_parent(repo, cluster)
+                    if notice:
+                        log.info(notice)
+                    taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
+                    data_key = repo.keys.new_data_key()
+                    clock.lap("check")
 
-                # Stream each data object to the other repositories once it is committed here
-                fanout.start(cluster.system_identifier)
+                    # Stream each data object to the other repositories once it is committed here
+                    fanout.start(cluster.system_identifier)
 
-                # Take the data: PGDATA on this host, or a base backup over the network
-                session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
-                if self.settings.postgres.mode == "remote":
-                    self._take_remote(session, repo, taken, data_key.plaintext, fanout)
-                    clock.lap("copy")
-                else:
-                    found = self._take_local(
-                        session, repo, taken, data_key.plaintext, fanout, clock
+                    # Take the data: PGDATA on this host, or a base backup over the network
+                    session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
+                    if self.settings.postgres.mode == "remote":
+                        self._take_remote(session, repo, taken, data_key.plaintext, fanout)
+                        clock.lap("copy")
+                    else:
+                        found = self._take_local(
+                            session, repo, taken, data_key.plaintext, fanout, clock
+                        )
+                        notice = notice or found
+                    archiving = _archiving_warning(
+                        cluster, archiver_before, session.archiver_stats()
                     )
-                    notice = notice or found
-                archiving = _archiving_warning(cluster, archiver_before, session.archiver_stats())
 
-                # Complete the backup: key record, then the manifest (which makes it visible),
-                # only while the lease is ours: a host that took it over may delete our objects
-                lease.check()
-                key_record = repo.write_key_record(taken.label, data_key.record, data_key.plaintext)
-                manifest = self._manifest(taken, key_record)
-                repo.write_manifest(manifest, data_key.plaintext)
-                clock.lap("complete")
+                    # Complete the backup: key record, then the manifest (which makes it visible),
+                    # only while the lease is ours: a host that took it over may delete our objects
+                    lease.check()
+                    key_record = repo.write_key_record(
+                        taken.label, data_key.record, data_key.plaintext
+                    )
+                    manifest = self._manifest(taken, key_record)
+                    repo.write_manifest(manifest, data_key.plaintext)
+                    clock.lap("complete")
 
             # Fan out the rest: data objects not streamed yet, key records, the manifest last
             copies = fanout.finish(taken.label)
