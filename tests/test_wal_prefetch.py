@@ -8,7 +8,9 @@ ended, and a spool that cannot take more only slows recovery down to direct fetc
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -16,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.archive import DRKIT_BIN, enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
-from rig.postgres import PgCluster, attach_cluster
+from rig.postgres import PgCluster, _as_server_user, attach_cluster, chown_to_server_user
 
 from drkit.errors import IntegrityError, ServerControlError
 from drkit.repo.wal_names import parse_wal_name
+from drkit.wal.config import load_wal_config
+from drkit.wal.prefetch import KEEP, STALE, spool_path
 
 NO_ARCHIVING = {"archive_mode": "off"}
 ROWS = "SELECT * FROM ledger ORDER BY id"
@@ -212,3 +216,136 @@ def test_a_spool_that_cannot_take_more_falls_back_to_direct_fetch(
     finally:
         if spool == "full":
             subprocess.run(["umount", "--lazy", str(root)], check=True)
+
+
+# -- the fetcher on its own: a data directory that looks recovering to it, a real archive ----------
+
+SEGMENT_SIZE = 16 * 1024 * 1024
+SPOOL_AT_REST = ["fetcher.lock", "fetcher.log", "want"]  # no segment left
+
+
+class Recovering:
+    """A data directory the fetcher takes for a recovering server's (the primary's postmaster,
+    recovery.signal) with its spool; ``start`` runs ``drkit wal-fetcher`` as the server user."""
+
+    def __init__(self, pg: PgCluster, dk: Drkit) -> None:
+        self.dk = dk
+        self.pgdata = dk.workdir / "recovering"
+        self.pgdata.mkdir(mode=0o700)
+        (self.pgdata / "postmaster.pid").write_text((pg.pgdata / "postmaster.pid").read_text())
+        (self.pgdata / "recovery.signal").touch()
+        chown_to_server_user(self.pgdata, recursive=True)
+        self.spool = spool_path(load_wal_config(dk.config), self.pgdata)
+        self.spool.mkdir(mode=0o700)
+        chown_to_server_user(self.spool)
+
+    def want(self, name: str) -> None:
+        """PostgreSQL asks for ``name`` (what its wal-fetch writes to the spool)."""
+        temporary = self.spool / ".want.test.tmp"
+        temporary.write_text(name + "\n")
+        chown_to_server_user(temporary)
+        temporary.rename(self.spool / "want")
+
+    def start(self, idle: float) -> subprocess.Popen[bytes]:
+        command = [str(DRKIT_BIN), "wal-fetcher", "--config", str(self.dk.config)]
+        command += ["--pgdata", str(self.pgdata), "--segment-size", str(SEGMENT_SIZE)]
+        log = self.spool / "fetcher.log"
+        log.touch(mode=0o600)
+        chown_to_server_user(log)
+        with log.open("ab") as output:  # where wal-fetch sends a fetcher's output
+            return subprocess.Popen(
+                _as_server_user([*command, "--idle", str(idle)]), stdout=output, stderr=output
+            )
+
+    def log(self) -> str:
+        log = self.spool / "fetcher.log"
+        return log.read_text() if log.exists() else ""
+
+
+def wait_for_log(recovering: Recovering, text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in recovering.log():
+        assert time.monotonic() < deadline, f"no {text!r} in fetcher.log: {recovering.log()}"
+        time.sleep(0.05)
+
+
+def archived(pg: PgCluster, workdir: Path, segments: int) -> tuple[Drkit, list[str]]:
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    enable_archiving(pg, dk, fetch_ahead=3)
+    return dk, archive_batches(pg, dk, segments)
+
+
+def test_an_idle_fetcher_exits_and_leaves_no_segment(pg: PgCluster, workdir: Path) -> None:
+    dk, segments = archived(pg, workdir, 4)
+    recovering = Recovering(pg, dk)
+    recovering.want(segments[0])
+    fetcher = recovering.start(idle=1)
+    assert fetcher.wait(timeout=15) == 0  # no request after the first: it exits on its own
+    assert sorted(fetched_ahead(recovering.spool)) == segments[1:4]
+    assert "stopped fetching ahead: no request for 1s" in recovering.log()
+    assert not fetchers(recovering.pgdata)
+    assert sorted(p.name for p in recovering.spool.iterdir()) == SPOOL_AT_REST
+
+
+@pytest.mark.parametrize("request_", ["history", "segment"])
+def test_a_timeline_switch_stops_the_fetcher_and_empties_the_spool(
+    pg: PgCluster, workdir: Path, request_: str
+) -> None:
+    dk, segments = archived(pg, workdir, 4)
+    recovering = Recovering(pg, dk)
+    recovering.want(segments[0])
+    fetcher = recovering.start(idle=30)
+    for name in segments[1:4]:
+        wait_for_log(recovering, f"fetched {name} ahead")
+    assert (recovering.spool / segments[1]).exists()
+    asked = "00000002.history" if request_ == "history" else "00000002" + segments[1][8:]
+    recovering.want(asked)
+    assert fetcher.wait(timeout=15) == 0
+    assert f"stopped fetching ahead: PostgreSQL asked for {asked}" in recovering.log()
+    assert sorted(p.name for p in recovering.spool.iterdir()) == SPOOL_AT_REST
+
+
+def test_a_starting_fetcher_removes_stale_spools_only(pg: PgCluster, workdir: Path) -> None:
+    dk, segments = archived(pg, workdir, 2)
+    root = workdir / "spool"
+    outside = workdir / "precious"
+    outside.write_text("keep me")
+    old = time.time() - STALE - 60
+
+    def make_spool(name: str, *files: str, age: float = old) -> Path:
+        spool = root / name
+        spool.mkdir(mode=0o700)
+        for file in files:
+            (spool / file).write_text("x")
+        chown_to_server_user(spool, recursive=True)
+        os.utime(spool, (age, age))
+        return spool
+
+    stale = make_spool("fetch-0000000000a1", *KEEP, segments[0], segments[0] + ".info")
+    recent = make_spool("fetch-0000000000a2", *KEEP, age=time.time())
+    held = make_spool("fetch-0000000000a3", *KEEP)
+    foreign = make_spool("fetch-0000000000a4", "fetcher.log")
+    os.symlink(outside, foreign / "want")
+    if os.geteuid() == 0:
+        os.lchown(foreign / "want", *_postgres_ids())
+    os.utime(foreign, (old, old))
+    with open(held / "fetcher.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a fetcher runs there
+        recovering = Recovering(pg, dk)
+        recovering.want(segments[0])
+        assert recovering.start(idle=0.2).wait(timeout=15) == 0
+    assert not stale.exists()
+    assert f"removed stale spool '{stale}'" in recovering.log()
+    assert sorted(p.name for p in recent.iterdir()) == sorted(KEEP)
+    assert sorted(p.name for p in held.iterdir()) == sorted(KEEP)
+    assert sorted(p.name for p in foreign.iterdir()) == ["fetcher.log", "want"]  # a link: not ours
+    assert outside.read_text() == "keep me"
+    assert recovering.spool.is_dir()  # its own, with its log
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid

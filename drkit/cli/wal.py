@@ -129,6 +129,7 @@ def wal_fetcher(
     segment_size: int,
     recovery_key: Path | None,
     repos: list[str] | None,
+    idle: float | None = None,
 ) -> int:
     """wal-fetch --prefetch's background fetcher (started by wal-fetch; not for people)."""
     from drkit.errors import DrkitError
@@ -138,7 +139,16 @@ def wal_fetcher(
         from drkit.wal.fetcher import run_fetcher
 
         wal_config = load_wal_config(config, recovery_key=recovery_key, repos=repos)
-        return run_fetcher(wal_config, pgdata, segment_size, recovery_key, repos)
+        from drkit.wal.prefetch import IDLE
+
+        return run_fetcher(
+            wal_config,
+            pgdata,
+            segment_size,
+            recovery_key,
+            repos,
+            idle=IDLE if idle is None else idle,
+        )
     except DrkitError as exc:
         _fail("wal-fetcher", exc.message, exc.hint)
         return exc.exit_code
@@ -225,7 +235,7 @@ def run_fast(argv: list[str]) -> int | None:
             repos.append(rest[i + 1])
             i += 2
             continue
-        if command == "wal-pusher" and arg == "--idle" and i + 1 < len(rest):
+        if command in ("wal-pusher", "wal-fetcher") and arg == "--idle" and i + 1 < len(rest):
             try:
                 idle = float(rest[i + 1])
             except ValueError:
@@ -247,7 +257,7 @@ def run_fast(argv: list[str]) -> int | None:
     if command == "wal-fetcher":
         if pgdata is None or segment_size is None:
             return None
-        return wal_fetcher(config, pgdata, segment_size, recovery_key, repos or None)
+        return wal_fetcher(config, pgdata, segment_size, recovery_key, repos or None, idle)
     from drkit.wal.spool import DEFAULT_IDLE
 
     return wal_pusher(config, DEFAULT_IDLE if idle is None else idle)
@@ -317,6 +327,9 @@ def register(app: Any) -> None:
         config: Path | None = config_option,
         recovery_key: Path | None = typer.Option(None, help="as wal-fetch --recovery-key"),
         repo: list[str] | None = typer.Option(None, help="as wal-fetch --repo"),
+        idle: float | None = typer.Option(None, help="exit after this many seconds unasked"),
     ) -> None:
         """wal-fetch --prefetch's background fetcher, started by wal-fetch."""
-        raise typer.Exit(wal_fetcher(config, pgdata, segment_size, recovery_key, repo or None))
+        raise typer.Exit(
+            wal_fetcher(config, pgdata, segment_size, recovery_key, repo or None, idle)
+        )

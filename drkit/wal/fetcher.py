@@ -23,6 +23,7 @@ from drkit.wal.prefetch import (
     WANT_FILE,
     FetchSpool,
     alive,
+    remove_stale_spools,
     spool_path,
 )
 
@@ -80,6 +81,7 @@ class Fetcher:
         try:
             self.spool.clear()
             write_pid(lock)
+            remove_stale_spools(self.spool.path)
             postmaster = _postmaster_pid(self.pgdata)
             if postmaster is not None:
                 self._loop(postmaster)

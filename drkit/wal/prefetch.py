@@ -30,6 +30,11 @@ file or a segment of another timeline (a timeline switch: the next request start
 fetcher); and when no request came for ``IDLE`` seconds (recovery paused at its target). A spool
 that cannot take more (a full disk, a directory it cannot write) stops the fetching ahead, and
 the requests fetch directly.
+
+A spool is left behind for its ``fetcher.log``. Each fetcher, as it starts, removes the other
+``fetch-*`` spools beside its own that no fetcher holds and no request touched for ``STALE``
+seconds (one is made per restored data directory; drills make many): only the files a spool
+holds, never through a link, and the directory only once empty.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ SIGNAL_FILES = ("recovery.signal", "standby.signal")
 IDLE = 10.0  # seconds without a request before the fetcher exits
 WAIT_LIMIT = 60.0  # seconds a request waits for a segment the fetcher is writing
 LOG_LIMIT = 1024 * 1024  # a longer fetcher.log is started afresh
+STALE = 3600.0  # seconds after its last request an unlocked spool may be removed
 _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData: xlp_seg_size is [6]
 
 
@@ -149,6 +155,66 @@ class FetchSpool:
             os.close(fd)
             return None
         return fd
+
+
+def remove_stale_spools(current: Path) -> None:
+    """Remove the spools beside ``current`` that are stale (see the module docstring). A spool
+    another user owns, a link, or one holding anything a spool does not hold is left alone."""
+    root = current.parent
+    try:
+        names = [n for n in os.listdir(root) if n.startswith("fetch-") and n != current.name]
+    except OSError:
+        return
+    for name in names:
+        path = root / name
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or time.time() - st.st_mtime < STALE:
+                continue
+            spool = FetchSpool(path)
+        except (DrkitError, OSError):
+            continue
+        try:
+            _remove_spool(spool)
+        except (DrkitError, OSError) as exc:
+            reason = exc.message if isinstance(exc, DrkitError) else (exc.strerror or str(exc))
+            log.warning("stale spool '%s' not removed: %s", path, reason)
+        finally:
+            spool.close()
+
+
+def _remove_spool(spool: FetchSpool) -> None:
+    if not all(_spool_file(spool, n) for n in spool.names()):
+        return  # checked before the lock file could be made in it
+    lock = spool.try_lock()  # held while emptying it: no fetcher starts in it meanwhile
+    if lock is None:
+        return
+    try:
+        names = spool.names()
+        if not all(_spool_file(spool, n) for n in names):
+            return
+        for name in names:
+            if name != LOCK_FILE:
+                spool.remove(name)
+        spool.remove(LOCK_FILE)
+        with contextlib.suppress(OSError):  # a request wrote into it meanwhile: left for later
+            os.rmdir(spool.path)
+            log.info("removed stale spool '%s'", spool.path)
+    finally:
+        os.close(lock)
+
+
+def _spool_file(spool: FetchSpool, name: str) -> bool:
+    """``name`` is a regular file of this user with a name drkit gives spool files."""
+    if not spool.ready(name):
+        return False
+    if name in KEEP or (name.startswith(".") and name.endswith(".tmp")):
+        return True
+    base = name.lstrip(".").split(PART, 1)[0].removesuffix(INFO)
+    try:
+        return parse_wal_name(base).kind == "segment"
+    except ValueError:
+        return False
 
 
 # -- the restore_command side ----------------------------------------------------------------------
