@@ -44,7 +44,8 @@ from rig.postgres import (  # noqa: E402
     stop_clusters_under,
 )
 
-from drkit.pg.cluster import Cluster, find_bindir  # noqa: E402
+from drkit.pg.binaries import find_bindir  # noqa: E402
+from drkit.pg.cluster import Cluster  # noqa: E402
 
 PG_VERSION = 15
 NO_CHECKS = {"amcheck": False, "heartbeat": False}

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from drkit.pg.cluster import Cluster, database_checksums, find_bindir
+from drkit.pg.binaries import find_bindir
+from drkit.pg.cluster import Cluster, database_checksums
 
 PG_MAJOR = 15
 RTO, RPO = "5m", "1h"  # the demo's targets: a drill missing one exits 32 and ends the demo

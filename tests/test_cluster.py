@@ -11,7 +11,8 @@ import pytest
 from rig.postgres import PgCluster, PgFactory, chown_to_server_user
 
 from drkit.errors import PostgresBinariesNotFound, ServerControlError
-from drkit.pg.cluster import Cluster, data_directory_major, find_bindir
+from drkit.pg.binaries import data_directory_major, find_bindir
+from drkit.pg.cluster import Cluster
 
 
 def sandbox(source: PgCluster, workdir: Path, **settings: object) -> Cluster:

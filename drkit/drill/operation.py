@@ -51,7 +51,8 @@ from drkit.errors import (
     DrkitWarning,
 )
 from drkit.logs import event
-from drkit.pg.cluster import Cluster, find_bindir
+from drkit.pg.binaries import find_bindir
+from drkit.pg.cluster import Cluster
 from drkit.progress import Progress
 from drkit.repo.drills import (
     CheckResult,

@@ -36,7 +36,8 @@ from drkit.errors import (
     UnsafeManifest,
 )
 from drkit.fsutil import os_reason
-from drkit.pg.cluster import find_bindir, free_port
+from drkit.pg.binaries import find_bindir
+from drkit.pg.cluster import free_port
 from drkit.pg.recovery import RecoveryTarget, check_primary_conninfo, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain

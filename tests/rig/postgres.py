@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drkit.errors import PostgresBinariesNotFound, PostgresError, ServerControlError
-from drkit.pg.cluster import Cluster, StopMode, data_directory_major, find_bindir
+from drkit.pg.binaries import data_directory_major, find_bindir
+from drkit.pg.cluster import Cluster, StopMode
 from drkit.pg.cluster import database_checksums as database_checksums
 from drkit.pg.cluster import table_checksums as table_checksums
 
