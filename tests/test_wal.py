@@ -7,6 +7,7 @@ tests/test_wal_pg.py does the same against real PostgreSQL archive_command / res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -641,3 +642,37 @@ def test_async_mode_reports_failures_and_pushes_unmarked_files_itself(wal: WalRi
     wal.segment(1, 4)
     assert wal.push(seg_name(1, 4)).returncode == 0
     assert wal.object_path(seg_name(1, 4)).is_file()
+
+
+def test_async_mode_with_a_full_spool_never_acknowledges_and_recovers(wal: WalRig) -> None:
+    """The spool on a real file system that is full: the archive_command fails with a clear
+    error (PostgreSQL keeps the file and retries), and once there is space again the retry
+    succeeds and the segment is in the archive, intact."""
+    spool = wal.root / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
+    try:
+        filler = spool / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:  # every block of the file system, until ENOSPC
+                f.write(b"\0" * 65536)
+                f.flush()
+        wal.write_config(**{"async": True, "spool_path": spool, "push_timeout": 10})
+        name = seg_name(1, 3)
+        wal.segment(1, 3)
+        wal.ready(name)
+        started = time.monotonic()
+        failed = wal.push(name)
+        assert failed.returncode != 0, failed.stderr  # never acknowledged
+        assert time.monotonic() - started < 60
+        assert "Traceback" not in failed.stderr
+        assert failed.stderr.startswith("drkit wal-push: error: "), failed.stderr
+        assert "no space left on device" in failed.stderr, failed.stderr
+        assert "hint: free space in" in failed.stderr, failed.stderr
+
+        filler.unlink()  # space again: PostgreSQL's next try succeeds
+        retried = wal.push(name)
+        assert retried.returncode == 0, retried.stderr
+        WalArchive(wal.repo()).check(name)
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)

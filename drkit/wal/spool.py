@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError
-from drkit.fsutil import fsync_dir
+from drkit.fsutil import fsync_dir, os_reason
 from drkit.logs import open_log_file
 from drkit.private_dir import open_lock_file, open_private_dir, write_pid
 from drkit.repo.wal_names import file_identity, is_wal_name
@@ -172,8 +172,19 @@ def push_async(config: WalConfig, path: Path) -> bool:
         return False
     spool = Spool(config.spool_path)
     spool.ensure()
-    identity = file_identity(st)
-    name = path.name
+    try:
+        return _wait_for_pusher(config, spool, path.name, file_identity(st))
+    except OSError as exc:  # the spool's file system: full, read-only, failing
+        raise AsyncPushError(
+            f"cannot use the async WAL spool '{spool.path}': {os_reason(exc)}; PostgreSQL will"
+            " retry",
+            exit_code=8,
+            hint=f"free space in '{spool.path}' or set [archive] async = false",
+        ) from None
+
+
+def _wait_for_pusher(config: WalConfig, spool: Spool, name: str, identity: str) -> bool:
+    """Have a pusher running and wait for its answer on ``name``."""
     deadline = time.monotonic() + config.archive.push_timeout
     child: subprocess.Popen[bytes] | None = None
     spawns = 0
