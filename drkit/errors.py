@@ -313,15 +313,21 @@ class DrillRecordNotWritten(DrkitWarning):
     """A drill's record could not be written to one repository; the others have it, and
     'drkit replicate' copies it there later."""
 
+    exit_code = 114
+
 
 class KeyRecordSkipped(DrkitWarning):
     """A key record set that rewrap cannot move (wrapped by another key, or unreadable) was left
     as it is: what it protects stays readable only with the key that wrapped it."""
 
+    exit_code = 116
+
 
 class DrillRecordUnauthentic(DrkitWarning):
     """A repository's copy of a drill record fails authentication or does not parse: it was
     damaged or tampered with."""
+
+    exit_code = 117
 
 
 class ReportPdfUnavailable(DrkitError):

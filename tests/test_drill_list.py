@@ -74,7 +74,7 @@ def test_records_go_everywhere_and_drill_list_shows_them(pg: PgCluster, workdir:
     # A damaged copy: the drill still shows (from the sound copy), the damage is a warning.
     flip_a_byte(workdir / "second" / f"drills/{failed.id}/record")
     damaged = dk.run("drill", "list", "--json")
-    assert damaged.exit_code == 1, damaged.output
+    assert damaged.exit_code == 117, damaged.output
     entry = json.loads(damaged.stdout)["drills"][1]
     assert entry["authentic"] and entry["repositories"] == ["local"]
     assert "fails authentication" in entry["errors"]["second"]
@@ -83,7 +83,7 @@ def test_records_go_everywhere_and_drill_list_shows_them(pg: PgCluster, workdir:
     )
     # Read from the damaged repository alone, the drill is listed as unauthentic.
     alone = dk.run("drill", "list", "--repo", "second")
-    assert alone.exit_code == 1
+    assert alone.exit_code == 117
     row = next(line for line in alone.stdout.splitlines() if line.startswith(failed.id))
     assert row.split()[1:] == ["-"] * 7 + ["UNAUTHENTIC"]
 

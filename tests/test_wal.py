@@ -650,7 +650,9 @@ def test_async_mode_with_a_full_spool_never_acknowledges_and_recovers(wal: WalRi
     succeeds and the segment is in the archive, intact."""
     spool = wal.root / "spool"
     spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True
+    )
     try:
         filler = spool / "filler"
         with filler.open("wb") as f, contextlib.suppress(OSError):
