@@ -61,6 +61,8 @@ def test_root_help_lists_the_exit_codes_and_usage_errors_exit_2() -> None:
     helped = subprocess.run([str(DRKIT), "--help"], capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0
     assert "Exit codes: 0 ok; 1 warnings of several kinds; 2 a usage error" in helped.stdout
+    assert "--log-level debug|info|warning|error" in helped.stdout
+    assert "<str>" not in helped.stdout and "<bool>" not in helped.stdout
     usage = subprocess.run(
         [str(DRKIT), "restore", "--archive-mode", "sometimes"],
         capture_output=True,

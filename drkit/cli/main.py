@@ -73,7 +73,8 @@ def _build_app() -> Any:
             DEFAULT_LEVEL,
             "--log-level",
             envvar=LEVEL_ENV,
-            help=f"least severe messages logged on stderr: {', '.join(LEVELS)}",
+            metavar="|".join(LEVELS),
+            help="least severe messages logged on stderr",
         ),
     ) -> None:
         """Backup and disaster recovery for PostgreSQL."""
