@@ -19,7 +19,7 @@ def run(*command: str, user: str | None = None) -> subprocess.CompletedProcess[s
 
 def test_make_demo_and_make_test_install_what_they_need_first() -> None:
     for target in ("demo", "test"):
-        planned = run("make", "--dry-run", target).stdout.splitlines()
+        planned = run("make", "--no-print-directory", "--dry-run", target).stdout.splitlines()
         assert planned[0] == f"scripts/install_deps.sh {target}", planned
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/install_deps.sh test" in ci and "apt-get" not in ci

@@ -38,13 +38,13 @@ def use_s3(dk: Drkit, server: S3Server, bucket: str, **retention: object) -> Non
 
 def listing(server: S3Server, bucket: str) -> set[str]:
     """Every object version in the bucket (a delete marker would show as one too), but the
-    lease records every run writes (``leases/``)."""
+    lease and job records every run writes (``leases/``, ``events/``)."""
     client = server.client()
     found = set()
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
         for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
             found.add(item["Key"].removeprefix(f"{PREFIX}/"))
-    return {key for key in found if not key.startswith("leases/")}
+    return {key for key in found if not key.startswith(("leases/", "events/"))}
 
 
 def take(dk: Drkit, kind: str) -> str:

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import stat
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def test_objects_made_with_public_material_are_refused(
     attacker.write_config(**escrow)
     attacker.ok("init")
     pg.psql("CREATE TABLE planted AS SELECT 1 AS x")
+    time.sleep(1 - time.time() % 1)  # labels are whole seconds: the forged one must be new
     forged = backup_label(attacker)
+    assert forged != genuine
     planted = pg.pgdata / "pg_wal" / switch_wal(pg)
     attacker.ok("wal-push", str(planted))
     shutil.copytree(attacker.repo_path / "backup" / forged, dk.repo_path / "backup" / forged)

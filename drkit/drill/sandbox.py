@@ -154,7 +154,17 @@ class Sandbox:
             return ""
 
     def remove(self) -> None:
-        """Delete the sandbox and everything in it (links are removed, never followed)."""
+        """Delete the sandbox and everything in it (links are removed, never followed). The lock
+        file goes last: a drill killed while removing leaves a sandbox the next one recognises
+        as stale and finishes removing."""
+        for child in self.root.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
         shutil.rmtree(self.root, ignore_errors=True)
         if self.root.exists():
             shutil.rmtree(self.root)  # a second try that says why it fails

@@ -139,13 +139,12 @@ class PruneReport(OperationResult):
 
     @property
     def failure(self) -> str | None:
-        """Why a run with this result counts as a failed job (a repository failed, or objects
-        were left that should have gone); None when it succeeded."""
+        """Why a run with this result counts as a failed job (a repository failed); None when
+        it succeeded. Warnings are no failure: objects under a retention lock are kept by
+        design, and the next run deletes them once the lock ends."""
         for r in self.repos:
             if r.error is not None:
                 return f"prune failed for repository '{r.repo}': {r.error.message}"
-        if self.warnings:
-            return f"prune left objects it should have removed: {self.warnings[0].message}"
         return None
 
     def _data(self) -> dict[str, Any]:
