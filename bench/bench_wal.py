@@ -26,6 +26,7 @@ level 3 (asked for as the baseline), drkit at its WAL default (level 1) and at 3
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import shutil
@@ -57,7 +58,7 @@ from rig.postgres import (  # noqa: E402
 from drkit.crypto.keyfile import KeyfileProvider, create_keyfile  # noqa: E402
 from drkit.repo.repository import Repository  # noqa: E402
 from drkit.storage.posix import PosixStorage  # noqa: E402
-from drkit.wal.spool import Spool  # noqa: E402
+from drkit.wal.spool import LOCK_FILE  # noqa: E402
 
 PG_VERSION = 15
 DRKIT = REPO_ROOT / ".venv" / "bin" / "drkit"
@@ -185,10 +186,24 @@ class Drkit:
         return [str(DRKIT), "wal-push", "--config", str(self.config), f"pg_wal/{name}"]
 
     def settle(self) -> None:
-        spool = Spool(self.dir / "spool")
+        """Wait until the async pusher (run as the server's user) has released its lock."""
+        lock = self.dir / "spool" / LOCK_FILE
         deadline = time.monotonic() + 60
-        while spool.path.exists() and spool.pusher_running() and time.monotonic() < deadline:
+        while lock.exists() and _locked(lock) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def _locked(path: Path) -> bool:
+    # drkit's Spool refuses a spool owned by another user (as it should): this script runs as
+    # root while the pusher runs as the server's user, so it tests the lock file directly.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class PgBackRest:
