@@ -128,28 +128,15 @@ def _amcheck(cluster: Cluster, checks: Checks) -> tuple[bool, str]:
 
 
 def _pg_amcheck(binary: Path, cluster: Cluster, checks: Checks) -> tuple[bool, str]:
-    command = [
-        str(binary),
-        "--host",
-        str(cluster.host),
-        "--port",
-        str(cluster.port),
-        "--username",
-        cluster.dbuser,
-        "--no-password",
-        "--install-missing",
-    ]
+    args = ["--no-password", "--install-missing"]
     if checks.heapallindexed:
-        command.append("--heapallindexed")
+        args.append("--heapallindexed")
     if checks.amcheck_databases:
         for database in checks.amcheck_databases:
-            command += ["--database", database]
+            args += ["--database", database]
     else:
-        command.append("--all")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    done = subprocess.run(  # noqa: S603 - fixed argv (pg_amcheck by absolute path), no shell
-        command, capture_output=True, text=True, env=env, timeout=AMCHECK_TIMEOUT, cwd="/"
-    )
+        args.append("--all")
+    done = _run_client(binary, cluster, args, timeout=AMCHECK_TIMEOUT)
     what = ", ".join(checks.amcheck_databases) or "every database"
     if done.returncode == 0:
         return True, f"pg_amcheck: heap and b-tree indexes of {what} intact"
@@ -229,14 +216,7 @@ def _pgbench(cluster: Cluster, check: PgbenchCheck) -> tuple[bool, str, float | 
     binary = cluster.bindir / "pgbench"
     if not binary.is_file():
         return False, f"no pgbench beside the server binaries in '{cluster.bindir}'", None
-    command = [
-        str(binary),
-        "--host",
-        str(cluster.host),
-        "--port",
-        str(cluster.port),
-        "--username",
-        cluster.dbuser,
+    args = [
         "--no-vacuum",
         "--client",
         str(check.clients),
@@ -245,17 +225,14 @@ def _pgbench(cluster: Cluster, check: PgbenchCheck) -> tuple[bool, str, float | 
         "--time",
         str(check.seconds),
     ]
-    command += ["--file", str(check.script)] if check.script else ["--select-only"]
-    command.append(check.database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGOPTIONS"] = "-c default_transaction_read_only=on"
-    done = subprocess.run(  # noqa: S603 - fixed argv (pgbench by absolute path), no shell
-        command,
-        capture_output=True,
-        text=True,
-        env=env,
+    args += ["--file", str(check.script)] if check.script else ["--select-only"]
+    args.append(check.database)
+    done = _run_client(
+        binary,
+        cluster,
+        args,
         timeout=check.seconds + 120,
-        cwd="/",
+        options="-c default_transaction_read_only=on",
     )
     what = f"pgbench {'-f ' + check.script.name if check.script else '-S'}"
     what += f", {check.clients} clients, {check.seconds}s"
@@ -273,6 +250,30 @@ def _pgbench(cluster: Cluster, check: PgbenchCheck) -> tuple[bool, str, float | 
     if tps < check.min_tps:
         return False, f"{detail}: below the floor", tps
     return True, detail, tps
+
+
+def _run_client(
+    binary: Path, cluster: Cluster, args: list[str], *, timeout: float, options: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL client program (by absolute path, no shell) against the copy: its
+    socket, port and user, ``args`` after them, none of the caller's PG* variables (they could
+    point it elsewhere) but ``options`` as PGOPTIONS; its output captured."""
+    command = [
+        str(binary),
+        "--host",
+        str(cluster.host),
+        "--port",
+        str(cluster.port),
+        "--username",
+        cluster.dbuser,
+        *args,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if options is not None:
+        env["PGOPTIONS"] = options
+    return subprocess.run(  # noqa: S603 - fixed argv, no shell
+        command, capture_output=True, text=True, env=env, timeout=timeout, cwd="/"
+    )
 
 
 # -- heartbeat and readable ----------------------------------------------------------------------
