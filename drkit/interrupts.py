@@ -6,8 +6,9 @@ given one do not wait for their running tasks (drkit/pools.py): what those tasks
 never listed (a backup is listed only by its manifest, written last), and the next run removes
 it, as after a kill. Standard library only: ``wal-push`` imports the pools.
 
-Drills keep their own ``Interrupted`` (drill/sandbox.py) on purpose: a drill's restore writes
-into a sandbox it removes on the way out, so its pools must finish their running tasks first.
+A command whose pools must finish their running tasks first passes its own subclass, with
+``wait_for_workers`` set, to ``interruptible()``: a drill (drill/sandbox.py) removes the sandbox
+its restore writes into on the way out.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from types import FrameType
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived; ``exit_code`` is the shell's 128 + the signal's number."""
+    """SIGTERM or SIGINT arrived; ``exit_code`` is the shell's 128 + the signal's number.
+    ``wait_for_workers``: whether thread pools let their running tasks end before it unwinds
+    further (their queued tasks are cancelled either way)."""
+
+    wait_for_workers = False
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -32,12 +37,16 @@ class Interrupted(BaseException):
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into ``Interrupted`` for the duration (main thread only; elsewhere
-    the handlers stay as they are)."""
+def interruptible(exc: type[Interrupted] = Interrupted) -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into ``exc`` for the duration (main thread only; elsewhere the
+    handlers stay as they are)."""
+
+    def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+        raise exc(signum)
+
     try:
         previous = {
-            signum: signal.signal(signum, _raise_interrupted)
+            signum: signal.signal(signum, raise_interrupted)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
     except ValueError:  # not the main thread: the caller's handlers stay in charge
@@ -48,7 +57,3 @@ def interruptible() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)

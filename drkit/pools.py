@@ -19,14 +19,14 @@ from drkit.interrupts import Interrupted
 def worker_pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
     """A ThreadPoolExecutor of ``workers`` threads named ``name_N``: shut down when the block
     ends; on an error, queued tasks are cancelled (running ones are waited for, except after
-    ``Interrupted``)."""
+    an ``Interrupted`` without ``wait_for_workers``)."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
     try:
         yield pool
-    except Interrupted:
+    except Interrupted as exc:
         # The operator asked to stop: do not wait for a running task (a chunk compressed at a
-        # high level takes seconds); the command exits without joining it (cli/common.py)
-        pool.shutdown(wait=False, cancel_futures=True)
+        # high level takes seconds); the command exits without joining it (cli/main.py)
+        pool.shutdown(wait=exc.wait_for_workers, cancel_futures=True)
         raise
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -106,8 +106,8 @@ def command(
     from drkit.config.settings import config_path
     from drkit.drill.operation import DrillOperation
     from drkit.drill.result import DrillRequest
-    from drkit.drill.sandbox import Interrupted
     from drkit.drill.scenario import load_scenario
+    from drkit.interrupts import Interrupted
 
     settings = settings_from(config)
     request = DrillRequest(
@@ -129,7 +129,7 @@ def command(
         result = DrillOperation(settings, request, progress()).run()
     except Interrupted as exc:
         warn(f"drill interrupted by {exc.signal}: server stopped, sandbox removed")
-        raise typer.Exit(128 + exc.signum) from None
+        raise typer.Exit(exc.exit_code) from None
     warn_all(result.warnings)
     if json_:
         print_json(result.as_dict())

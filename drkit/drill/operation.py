@@ -42,7 +42,7 @@ from drkit.drill.plan import (
 from drkit.drill.queue import record_drill
 from drkit.drill.result import DrillRequest, DrillResult
 from drkit.drill.rpo import Recovered, exposure, measure_recovered
-from drkit.drill.sandbox import Sandbox, create_sandbox, interruptible
+from drkit.drill.sandbox import DrillInterrupted, Sandbox, create_sandbox
 from drkit.drill.scenario import RestorePointSpec, Survivors
 from drkit.errors import (
     ConfigError,
@@ -50,6 +50,7 @@ from drkit.errors import (
     DrkitError,
     DrkitWarning,
 )
+from drkit.interrupts import interruptible
 from drkit.logs import event
 from drkit.pg.binaries import find_bindir
 from drkit.pg.cluster import Cluster
@@ -129,7 +130,7 @@ class DrillOperation:
         failure: _Failed | None = None
         rto_seconds: float | None = None
         event(log, f"drill {drill_id} started", drill=drill_id)
-        with interruptible():
+        with interruptible(DrillInterrupted):
             try:
                 try:
                     # Plan: the surviving repositories, the restore point and its backup, and

@@ -32,12 +32,11 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from drkit.errors import DrillRestoreFailed
+from drkit.interrupts import Interrupted
 
 # Head room on top of the estimate: PostgreSQL's own files at start-up, the log, a checkpoint.
 _SPARE_BYTES = 256 * 1024 * 1024
@@ -48,37 +47,12 @@ LOCK_NAME = ".drill.lock"
 log = logging.getLogger(__name__)
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT during a drill: a BaseException so that no error handling swallows it
-    and every ``finally`` (stop the server, remove the sandbox) runs."""
+class DrillInterrupted(Interrupted):
+    """SIGTERM or SIGINT during a drill: every ``finally`` (stop the server, remove the sandbox)
+    runs, and thread pools let their running tasks end first, so nothing writes into the
+    sandbox while it is removed."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.signal = signal.Signals(signum).name
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into ``Interrupted`` for the duration (main thread only; elsewhere
-    the handlers stay as they are)."""
-    try:
-        previous = {
-            signum: signal.signal(signum, _raise_interrupted)
-            for signum in (signal.SIGTERM, signal.SIGINT)
-        }
-    except ValueError:  # not the main thread: the caller's handlers stay in charge
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
+    wait_for_workers = True
 
 
 @dataclass(frozen=True)
