@@ -13,14 +13,14 @@ from drkit.cli.common import (
     human_size,
     print_json,
     progress,
-    render_error,
     settings_from,
     stdout,
+    stopped_by_signals,
     warn,
     warn_all,
 )
 from drkit.errors import DrkitError
-from drkit.interrupts import Interrupted, interruptible
+from drkit.interrupts import Interrupted
 from drkit.repo.label import BackupType
 from drkit.repo.manifest import CHANGES_FROM
 
@@ -55,18 +55,8 @@ def command(
         },
     )
     # one event per run in the repository: a timer's runs are remembered for metrics and reports
-    try:
-        with interruptible(), recorded(settings, str(type_)):
-            result = take_backup(settings, type_, progress())
-    except Interrupted as exc:
-        render_error(
-            DrkitError(
-                f"backup interrupted by {exc.signal}: the server left backup mode and nothing"
-                " of this backup is listed",
-                hint="the next backup removes what it had written",
-            )
-        )
-        raise typer.Exit(exc.exit_code) from None
+    with stopped_by_signals(_interrupted), recorded(settings, str(type_)):
+        result = take_backup(settings, type_, progress())
     m = result.manifest
     for label in result.removed_leftovers:
         warn(f"removed the objects of incomplete backup '{label}'")
@@ -81,3 +71,11 @@ def command(
             + (f"; changes found by {CHANGES_FROM[m.stats.changes]}" if m.stats.changes else "")
         )
     raise typer.Exit(result.exit_code)
+
+
+def _interrupted(exc: Interrupted) -> DrkitError:
+    return DrkitError(
+        f"backup interrupted by {exc.signal}: the server left backup mode and nothing of this"
+        " backup is listed",
+        hint="the next backup removes what it had written",
+    )

@@ -9,7 +9,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -27,6 +28,7 @@ from rich.progress import (
 
 from drkit.config.settings import Settings, config_path, load_settings
 from drkit.errors import DrkitError, DrkitWarning
+from drkit.interrupts import Interrupted, interruptible
 from drkit.logs import add_log_file, event, redacted
 from drkit.progress import Progress as ProgressProtocol
 
@@ -79,6 +81,18 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
+
+
+@contextmanager
+def stopped_by_signals(error: Callable[[Interrupted], DrkitError]) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the block (drkit/interrupts.py): ``error(exc)`` says what was
+    stopped and what it left, and the command exits with 128 + the signal's number."""
+    try:
+        with interruptible():
+            yield
+    except Interrupted as exc:
+        render_error(error(exc))
+        raise typer.Exit(exc.exit_code) from None
 
 
 def render_error(exc: DrkitError) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -18,8 +19,11 @@ from drkit.cli.common import (
     progress,
     settings_from,
     stdout,
+    stopped_by_signals,
     warn_all,
 )
+from drkit.errors import DrkitError
+from drkit.interrupts import Interrupted
 from drkit.pg.recovery import Standby, TargetAction
 
 if TYPE_CHECKING:
@@ -178,9 +182,10 @@ def command(
         delta=delta,
         standby=Standby(primary_conninfo or "") if restore_type is RestoreType.STANDBY else None,
     )
-    if plan:
-        _render_plan(settings, request, json_)
-    result = restore_backup(settings, request, progress())
+    with stopped_by_signals(partial(_interrupted, delta)):
+        if plan:
+            _render_plan(settings, request, json_)
+        result = restore_backup(settings, request, progress())
     warn_all(result.warnings)
     if json_:
         print_json(result.as_dict())
@@ -212,6 +217,15 @@ def command(
     stdout.print(f"next: start the restored cluster ({_what_recovery_does(result)}):")
     stdout.print(f"  {result.start_command}", markup=False)
     raise typer.Exit(result.exit_code)
+
+
+def _interrupted(delta: bool, exc: Interrupted) -> DrkitError:
+    return DrkitError(
+        f"restore interrupted by {exc.signal}: {exc.left_behind or 'nothing was written'}",
+        hint="run the same restore --delta again: it writes only what still differs"
+        if delta
+        else "run the restore again",
+    )
 
 
 def _what_recovery_does(result: RestoreResult) -> str:

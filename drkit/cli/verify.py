@@ -17,8 +17,11 @@ from drkit.cli.common import (
     settings_from,
     stderr,
     stdout,
+    stopped_by_signals,
     warn_all,
 )
+from drkit.errors import DrkitError
+from drkit.interrupts import Interrupted
 
 if TYPE_CHECKING:
     from drkit.verify.operation import VerifyReport
@@ -41,7 +44,7 @@ def command(
 
     settings = settings_from(config, {"keys": {"recovery_key": recovery_key}})
     # one event per run in the repository: a timer's runs are remembered for metrics and reports
-    with recorded(settings, "verify") as run:
+    with stopped_by_signals(_interrupted), recorded(settings, "verify") as run:
         report = verify_backups(settings, backup, repo, progress(), wal=wal)
         if report.failure:
             run.failed(report.exit_code, report.failure)
@@ -51,6 +54,14 @@ def command(
     else:
         _render(report)
     raise typer.Exit(report.exit_code)
+
+
+def _interrupted(exc: Interrupted) -> DrkitError:
+    return DrkitError(
+        f"verify interrupted by {exc.signal}: what it had not finished was not recorded as"
+        " verified",
+        hint="run 'drkit verify' again (--backup LABEL verifies one backup)",
+    )
 
 
 def _render(report: VerifyReport) -> None:

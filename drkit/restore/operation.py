@@ -36,6 +36,7 @@ from drkit.errors import (
     UnsafeManifest,
 )
 from drkit.fsutil import os_reason
+from drkit.interrupts import Interrupted, uninterruptible
 from drkit.pg.binaries import find_bindir
 from drkit.pg.cluster import free_port
 from drkit.pg.recovery import RecoveryTarget, check_primary_conninfo, write_restore_settings
@@ -199,8 +200,12 @@ class RestoreOperation:
             with timing.phase("sync"):
                 os.sync()  # one call flushes every file written, far cheaper than an fsync each
         except BaseException as exc:
-            self.progress.stop()
-            self._undo(tree, pgdata, tablespaces)
+            with uninterruptible():  # a second Ctrl-C does not cut the undo short
+                self.progress.stop()
+                tree.stop()  # workers an interruption abandoned create nothing from here on
+                left_behind = self._undo(tree, pgdata, tablespaces)
+            if isinstance(exc, Interrupted):
+                exc.left_behind = left_behind
             if isinstance(exc, OSError):  # the target's file system refused (full, read-only)
                 raise RestoreTargetError(
                     f"unable to restore to path '{pgdata}': {os_reason(exc)}",
@@ -227,15 +232,20 @@ class RestoreOperation:
             phases=timing.phases,
         )
 
-    def _undo(self, tree: TargetTree, pgdata: Path, tablespaces: dict[int, Path]) -> None:
+    def _undo(self, tree: TargetTree, pgdata: Path, tablespaces: dict[int, Path]) -> str:
         """Never leave a half-restored cluster that someone could start. A restore into empty
         directories empties them again, losing nothing; a delta restore leaves the directory
-        without global/pg_control (written last), so it starts only once a restore completes."""
+        without global/pg_control (written last), so it starts only once a restore completes.
+        Returns what it left, in words."""
         if not self.request.delta:
             for directory in [pgdata, *tablespaces.values()]:
                 _empty(directory)
-        elif tree.made:
+            tree.remove_created()
+            also = " and its tablespace directories" if tablespaces else ""
+            return f"what it had written to '{pgdata}'{also} was removed"
+        if tree.made:
             remove_control(tree.root)
+        return f"'{pgdata}' does not start until a restore completes (pg_control comes last)"
 
     def _check_standby(self) -> None:
         standby = self.request.standby

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +87,11 @@ def _name(uid: int) -> str:
         return f"uid {uid}"
 
 
+class TreeStopped(Exception):
+    """A worker reached the target after ``TargetTree.stop()``: its task was abandoned (the
+    restore was interrupted), so nobody reads this."""
+
+
 class TargetTree:
     """The restored cluster's directories, each open, created by this restore."""
 
@@ -93,6 +100,11 @@ class TargetTree:
         self._tablespaces = tablespaces
         self._user = user
         self._fds: dict[str, int] = {}  # '' is PGDATA; 'pg_tblspc/<oid>' a tablespace directory
+        self._created: list[Path] = []  # directories make() created above the backup's own
+        # Opens and unlinks in progress, and whether stop() closed the tree to them
+        self._users = 0
+        self._stopped = False
+        self._changed = threading.Condition()
 
     @property
     def root(self) -> int:
@@ -106,11 +118,11 @@ class TargetTree:
     def make(self, directories: list[tuple[str, int]]) -> None:
         """Create PGDATA (0700), the tablespace directories and their pg_tblspc links, then
         ``directories`` ((path, recorded mode), parents first) with the modes PostgreSQL uses."""
-        self._fds[""] = _open_made(self.pgdata, 0o700)
+        self._fds[""] = self._open_made(self.pgdata, 0o700)
         tblspc = self._mkdir_at(self.root, "pg_tblspc", 0o700)
         self._fds["pg_tblspc"] = tblspc
         for oid, target in self._tablespaces.items():
-            self._fds[f"pg_tblspc/{oid}"] = _open_made(target, 0o700)
+            self._fds[f"pg_tblspc/{oid}"] = self._open_made(target, 0o700)
             os.symlink(target, str(oid), dir_fd=tblspc)
         for path, mode in sorted(directories):
             if path in self._fds:
@@ -126,14 +138,50 @@ class TargetTree:
             self._fds[path] = self._mkdir_at(parent, name, 0o700)
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        """A descriptor of file ``path``, opened in its directory without following a link."""
-        parent, name = self._parent(path)
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+        """A descriptor of file ``path``, opened in its directory without following a link;
+        TreeStopped after ``stop()``."""
+        with self._in_use():
+            parent, name = self._parent(path)
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
 
     def unlink(self, path: str) -> None:
-        parent, name = self._parent(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=parent)
+        with self._in_use():
+            parent, name = self._parent(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+
+    def remove_created(self) -> None:
+        """Remove the directories ``make`` created for PGDATA and the tablespaces (and their
+        parents it created), once emptied: an undone restore leaves no directory the next
+        restore would refuse (made by root, it would not belong to the cluster's user)."""
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+    def stop(self) -> None:
+        """Close the tree to the restore's workers before what they wrote is removed: once this
+        returns no open or unlink is in progress and every later one raises TreeStopped, so an
+        abandoned worker (an interrupted restore does not wait for them) creates nothing in the
+        target again, and none uses a directory descriptor ``close()`` gave back. (What it
+        still writes through a descriptor it holds goes to a file already unlinked, or in a
+        delta restore to one compared again by the next restore.)"""
+        with self._changed:
+            self._stopped = True
+            self._changed.wait_for(lambda: self._users == 0)
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._changed:
+            if self._stopped:
+                raise TreeStopped
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._users -= 1
+                if not self._users:
+                    self._changed.notify_all()
 
     def finish_file(self, path: str, mode: int, mtime: float) -> None:
         """Give a written file the mode PostgreSQL uses and its recorded mtime."""
@@ -175,11 +223,18 @@ class TargetTree:
         os.fchmod(fd, mode)
         return fd
 
+    def _open_made(self, path: Path, mode: int) -> int:
+        """Create ``path`` (and parents) unless it exists, noting what it created, then open it
+        without following a final link: the directories given by the operator are trusted up
+        to their last component."""
+        missing = [path, *path.parents]
+        missing = missing[: next(i for i, p in enumerate(missing) if p.exists())]
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        self._created += reversed(missing)
+        return _open_dir(path, mode)
 
-def _open_made(path: Path, mode: int) -> int:
-    """Create ``path`` (and parents) unless it exists, then open it without following a final
-    link: the directories given by the operator are trusted up to their last component."""
-    path.mkdir(mode=mode, parents=True, exist_ok=True)
+
+def _open_dir(path: Path, mode: int) -> int:
     try:
         fd = os.open(path, _DIR_FLAGS)
     except OSError as exc:

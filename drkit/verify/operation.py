@@ -257,14 +257,16 @@ class VerifyOperation:
         def check(obj: ObjectEntry) -> list[FileOutcome]:
             return self._check_object(repo, manifest, obj, by_object.get(obj.key, []), dek)
 
-        with worker_pool(self.settings.backup.process_max, "verify") as pool:
-            for outcomes in pool.map(check, manifest.objects):
-                for outcome in outcomes:
-                    result.files += 1
-                    result.size += outcome.entry.size
-                    if outcome.error is not None:
-                        result.damaged.append((outcome.entry.path, str(outcome.error)))
-        self.progress.stop()
+        try:
+            with worker_pool(self.settings.backup.process_max, "verify") as pool:
+                for outcomes in pool.map(check, manifest.objects):
+                    for outcome in outcomes:
+                        result.files += 1
+                        result.size += outcome.entry.size
+                        if outcome.error is not None:
+                            result.damaged.append((outcome.entry.path, str(outcome.error)))
+        finally:
+            self.progress.stop()  # also when interrupted: the error is not printed over a bar
         result.damaged.sort()
         return result
 
