@@ -10,6 +10,11 @@ takes a full backup three ways, each into an empty repository or file: drkit in 
 -D - | zstd`` over TCP. The page cache is dropped before each. It prints each run's wall, CPU (the
 tool's own, and the server's) and size, and the medians' ratios remote / local (goal: at most
 1.2) and remote / pg_basebackup+zstd.
+
+With ``--incr`` it measures instead a remote incremental after a 1% change on PostgreSQL 18 (the
+server's incremental base backup from its WAL summaries): a remote full, then 1% of the
+accounts updated, then a remote incr, ``--runs`` times; it prints the incr's wall and stored
+bytes as fractions of the full's (goals: at most 0.30 and 0.05).
 """
 
 from __future__ import annotations
@@ -66,12 +71,59 @@ def backup_three_ways(bench: Bench, source: PgCluster, run: int) -> list[Measure
     return results
 
 
+def remote_incr(bench: Bench, source: PgCluster, run: int) -> tuple[Measurement, Measurement]:
+    """A remote full, 1% of the accounts updated, a remote incr; the incr's size is what it
+    added to the repository."""
+    workdir = make_rig_dir(bench.root, f"incr-{run}-")
+    settings = {"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True}
+    dk = Drkit(source, workdir, backup={**settings, "chunk_size": 16 * 1024 * 1024})
+    postgres = {"mode": "remote", "host": "127.0.0.1", "port": source.port, "user": "postgres"}
+    dk.write_config(postgres=postgres)
+    dk.ok("init")
+    cmd = [str(DRKIT), "backup", "--config", str(dk.config)]
+    full = measure_backup(
+        bench, "drkit remote full", source, [*cmd, "--type", "full"], dk.repo_path
+    )
+    source.psql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = {run}")
+    incr = measure_backup(
+        bench, "drkit remote incr", source, [*cmd, "--type", "incr"], dk.repo_path
+    )
+    incr.size_bytes -= full.size_bytes
+    shutil.rmtree(workdir)
+    return full, incr
+
+
+def main_incr(args: argparse.Namespace, root: Path) -> None:
+    bench = Bench(root, args.scale, version=18)
+    if args.no_quiet_wait:
+        bench.prepare_step = lambda: drop_page_cache() and None  # type: ignore[method-assign]
+    source = build_source(bench, args.profile)
+    source.set_conf({"listen_addresses": "127.0.0.1"})
+    source.restart()
+    walls, sizes = [], []
+    print(f"{'run':>3} {'tool':<20} {'wall s':>8} {'cpu s':>7} {'server cpu s':>12} {'MiB':>8}")
+    for run in range(args.runs):
+        full, incr = remote_incr(bench, source, run)
+        for m in (full, incr):
+            print(
+                f"{run:>3} {m.tool:<20} {m.wall_s:>8.2f} {m.cpu_s:>7.2f}"
+                f" {m.server_cpu_s:>12.2f} {m.size_bytes / 2**20:>8.1f}"
+            )
+        walls.append(incr.wall_s / full.wall_s)
+        sizes.append(incr.size_bytes / full.size_bytes)
+    print(f"median: incr wall / full wall = {statistics.median(walls):.2f} (goal <= 0.30)")
+    print(f"median: incr bytes / full bytes = {statistics.median(sizes):.3f} (goal <= 0.05)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", choices=["stock", "random"], default="random")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument(
+        "--incr", action="store_true", help="a remote incr after a 1%% change on 18 instead"
+    )
     parser.add_argument(
         "--no-quiet-wait",
         action="store_true",
@@ -81,6 +133,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="drkit-bench-remote-", dir=args.workdir))
     root.chmod(0o755)
     try:
+        if args.incr:
+            main_incr(args, root)
+            return 0
         bench = Bench(root, args.scale)
         if args.no_quiet_wait:
             bench.prepare_step = lambda: drop_page_cache() and None  # type: ignore[method-assign]

@@ -10,7 +10,9 @@ then says what the manifest records about the file:
 - WalBlocks: a PageDelta that reads only the blocks the WAL (or its summaries) names, so it never
   sees the whole file and records no whole-file checksum;
 - XorDelta: a PageDelta whose pages are stored XORed with the parent's versions, as sparse pages
-  (nearly all zeros for a small change, so they compress to almost nothing).
+  (nearly all zeros for a small change, so they compress to almost nothing);
+- PgIncremental: PostgreSQL's INCREMENTAL file of a relation segment (remote mode, 17+), stored
+  as a delta of plain pages like WalBlocks.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from drkit.backup.plan import Delta, Source, SourceStream, read_batches
 from drkit.codec.frame import FrameInfo
 from drkit.codec.frame_writer import FrameWriter
 from drkit.config.settings import BackupSettings
-from drkit.errors import DrkitWarning, PageChecksumFailure
+from drkit.errors import DrkitWarning, PageChecksumFailure, PostgresError
 from drkit.fsutil import pread_cached
 from drkit.pg.constants import PAGE_SIZE, RELSEG_PAGES
+from drkit.pg.incremental import read_incremental_header
 from drkit.pg.pages import check_pages, page_runs
 from drkit.progress import Progress
 from drkit.repo.label import BackupLabel
@@ -63,6 +66,8 @@ def file_writer(
     delta = src.delta
     if delta is None:
         return WholeFile(job, src, stream)
+    if delta.incremental:
+        return PgIncremental(job, src, stream, delta)
     if delta.reads is not None:
         return WalBlocks(job, src, stream, delta)
     if base is not None and delta.base == base.label:
@@ -233,6 +238,82 @@ class WalBlocks(PageDelta):
         self.size = os.fstat(stream.fileno()).st_size
         self.batches = read_batches(delta.reads.spans(-(-self.size // PAGE_SIZE)))
         job.progress.advance(src.size)
+
+
+class PgIncremental(PageDelta):
+    """A delta read from PostgreSQL's INCREMENTAL file of a segment (drkit/pg/incremental.py):
+    its header names the blocks that follow and the file's length. Stored as plain pages: the
+    blocks it holds, and a zero page for each block it says is zeros (not sent, and at or past its
+    truncation length or the parent's end); every other block is the parent's. The chunks it
+    takes are the pages after the header, numbered by their position in the block list. Like
+    WalBlocks it never sees the whole file, so it records no whole-file checksum."""
+
+    def __init__(self, job: CopyJob, src: Source, stream: SourceStream, delta: Delta) -> None:
+        super().__init__(job, src, stream, delta)
+        self._whole = None
+        self.header = read_incremental_header(partial(_read_exact, stream), src.path)
+        self.size = self.header.length * PAGE_SIZE
+        self._zeros_from = min(self.header.truncation, -(-delta.parent_size // PAGE_SIZE))
+        self._next = 0  # the block after the last one stored
+        self._received = 0
+        self._frame: FrameWriter | None = None
+
+    def open_frame(self, sink: Callable[[bytes], object]) -> FrameWriter:
+        self._frame = super().open_frame(sink)
+        return self._frame
+
+    def take(self, frame: FrameWriter, blocks: np.ndarray, chunk: memoryview) -> None:
+        numbers = self.header.blocks
+        if len(chunk) % PAGE_SIZE or (len(blocks) and int(blocks[-1]) >= len(numbers)):
+            raise PostgresError(
+                f"the server's incremental file of '{self.src.path}' holds more than the"
+                f" {len(numbers)} blocks its header names"
+            )
+        held = numbers[blocks]
+        if self._check:
+            self.bad_pages += self._check_pages(chunk, held)
+        for index, start, end in page_runs(np.ones(len(held), dtype=bool), held):
+            self._zeros(frame, start)
+            frame.write(chunk[index * PAGE_SIZE : (index + end - start) * PAGE_SIZE])
+            self.pages.add(start, end)
+            self._next = end
+        self._received += len(held)
+        self.job.progress.advance(len(chunk))
+
+    def finish(self) -> None:
+        if self._received != len(self.header.blocks):
+            raise PostgresError(
+                f"the server's incremental file of '{self.src.path}' ended after"
+                f" {self._received} of the {len(self.header.blocks)} blocks its header names"
+            )
+        assert self._frame is not None
+        self._zeros(self._frame, self.header.length)
+
+    def _zeros(self, frame: FrameWriter, end: int) -> None:
+        """Store zero pages for the blocks before ``end`` that are zeros."""
+        start = max(self._next, self._zeros_from)
+        for block in range(start, end, _ZERO_PAGES):
+            count = min(_ZERO_PAGES, end - block)
+            frame.write(_ZEROS[: count * PAGE_SIZE])
+            self.pages.add(block, block + count)
+        self._next = max(self._next, end)
+
+
+_ZERO_PAGES = 128
+_ZEROS = memoryview(bytes(_ZERO_PAGES * PAGE_SIZE))
+
+
+def _read_exact(stream: SourceStream, n: int) -> bytes:
+    """``n`` bytes of ``stream`` (fewer at its end)."""
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < n:
+        got = stream.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    return bytes(buffer[:filled])
 
 
 class XorDelta(PageDelta):

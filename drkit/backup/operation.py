@@ -23,7 +23,7 @@ from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import CopyResult, FileCopier
 from drkit.backup.plan import changed_blocks, plan_sources, wal_sources
-from drkit.backup.remote import take_remote
+from drkit.backup.remote import RemoteBackup, incremental_problem, take_remote
 from drkit.config.settings import Settings
 from drkit.errors import (
     ArchivingFailing,
@@ -32,6 +32,7 @@ from drkit.errors import (
     PostgresError,
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
+from drkit.pg.basebackup import IncrementalRefused
 from drkit.pg.remote_access import check_remote_access
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
@@ -126,7 +127,7 @@ class BackupOperation:
                     repo.check(cluster.system_identifier)
                     check_identity(repo.storage, repo.keys)
                     removed = self._remove_leftovers(repo, lease)
-                    parent, notice = self._choose_parent(repo, cluster)
+                    parent, notice = self._choose_parent(repo, cluster, session)
                     if notice:
                         log.info(notice)
                     taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
@@ -139,7 +140,10 @@ class BackupOperation:
                     # Take the data: PGDATA on this host, or a base backup over the network
                     session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
                     if self.settings.postgres.mode == "remote":
-                        self._take_remote(session, repo, taken, data_key.plaintext, fanout)
+                        refused = self._take_remote(
+                            session, repo, taken, data_key.plaintext, fanout
+                        )
+                        notice = refused or notice
                         clock.lap("copy")
                     else:
                         found = self._take_local(
@@ -254,9 +258,11 @@ class BackupOperation:
 
     def _take_remote(
         self, session: PgSession, repo: Repository, taken: _Taken, dek: bytes, fanout: FanOut
-    ) -> None:
-        """Store what a base backup over a replication connection sends (backup/remote.py)."""
-        cluster = taken.cluster
+    ) -> str | None:
+        """Store what a base backup over a replication connection sends (backup/remote.py): a
+        diff/incr is the server's incremental backup on top of the parent; a notice when the
+        server refused one and a full backup was taken instead."""
+        cluster, notice = taken.cluster, None
 
         def make_copier(start_lsn: int) -> FileCopier:
             check_lsn = start_lsn if cluster.data_checksums else None
@@ -264,12 +270,27 @@ class BackupOperation:
                 repo, taken.label, dek, self.settings.backup, self.progress, check_lsn, fanout
             )
 
-        remote = take_remote(
-            self.settings, session, cluster, str(taken.label), make_copier, self.progress
-        )
+        def take() -> RemoteBackup:
+            label = str(taken.label)
+            return take_remote(
+                self.settings, session, cluster, label, make_copier, self.progress, taken.parent
+            )
+
+        try:
+            remote = take()
+        except IncrementalRefused as exc:  # before anything was stored
+            notice = (
+                f"the server refused an incremental backup ({exc}):"
+                f" taking a full backup instead of {self.kind}"
+            )
+            log.info(notice)
+            taken.label, taken.parent = self._new_label(repo, None, [taken.label]), None
+            remote = take()
+        taken.changes = "summaries" if taken.parent is not None else None
         taken.start_lsn, taken.stop, taken.listing = remote.start_lsn, remote.stop, remote.listing
         taken.tablespaces, taken.owner, taken.group = remote.tablespaces, remote.owner, remote.group
         taken.add(remote.copied)
+        return notice
 
     def _base_versions(self, repo: Repository, parent: Manifest | None) -> BaseVersions | None:
         """The parent's pages, for deltas stored as XOR differences (backup.xor_deltas)."""
@@ -318,17 +339,16 @@ class BackupOperation:
         return leftovers
 
     def _choose_parent(
-        self, repo: Repository, cluster: ClusterInfo
+        self, repo: Repository, cluster: ClusterInfo, session: PgSession
     ) -> tuple[Manifest | None, str | None]:
         """The parent of a diff (last full) or incr (last backup); None (with the reason) when
         there is no usable one and the backup falls back to full."""
         if self.kind is BackupType.FULL:
             return None, None
-        if self.settings.postgres.mode == "remote":
-            return (
-                None,
-                f"remote mode takes full backups only: taking a full backup instead of {self.kind}",
-            )
+        if self.settings.postgres.mode == "remote" and (
+            problem := incremental_problem(session, cluster, self.settings.backup)
+        ):
+            return None, f"{problem}: taking a full backup instead of {self.kind}"
         labels = repo.backups()
         if self.kind is BackupType.DIFF:
             labels = [label for label in labels if label.type is BackupType.FULL]

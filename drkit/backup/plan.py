@@ -57,6 +57,8 @@ class Delta:
     parent_size: int  # blocks at or past the parent's end are new, always stored
     base: str  # label of the backup holding the older version of the file
     reads: SegmentReads | None = None  # only these blocks changed (WAL summaries); None: scan all
+    # the source is PostgreSQL's INCREMENTAL file of the changed blocks (remote mode, 17+)
+    incremental: bool = False
 
 
 @dataclass(frozen=True)

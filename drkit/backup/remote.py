@@ -12,6 +12,14 @@ relations but their init fork, ...); what drkit adds is the WAL from the backup'
 end, which the server sends in PGDATA's archive and drkit keeps as ``pg_wal/<segment>`` like the
 local engine, each segment's header checked first (its position and system identifier).
 Tablespace files are addressed as ``pg_tblspc/<oid>/...``, as locally.
+
+A diff/incr is PostgreSQL's incremental base backup (17+, ``summarize_wal = on``) on top of the
+parent: the server gets a manifest of the parent's files (drkit/pg/incremental.py) and sends each
+relation file that changed in part as ``INCREMENTAL.<name>``, which is stored under its own name
+as a delta of the parent (file_writers.PgIncremental), so restore, verify and chains read it like
+any delta. One that names no block and keeps the parent's length is stored as a reference to the
+parent's version; backup_label loses the lines that would mark the restored directory as an
+incremental backup.
 """
 
 from __future__ import annotations
@@ -27,15 +35,24 @@ from pathlib import Path
 from typing import IO
 
 from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
-from drkit.backup.plan import Source
-from drkit.config.settings import Settings
+from drkit.backup.plan import Delta, Source
+from drkit.config.settings import BackupSettings, Settings
 from drkit.errors import IntegrityError, PostgresError
-from drkit.pg.basebackup import Archive, BaseBackupStream
+from drkit.pg.basebackup import INCREMENTAL_MIN_VERSION, Archive, BaseBackupStream
+from drkit.pg.constants import PAGE_SIZE
+from drkit.pg.incremental import (
+    HEADER_FIELDS,
+    backup_manifest,
+    incremental_target,
+    read_incremental_header,
+    without_incremental_lines,
+)
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
-from drkit.pg.wal import check_segment_header, parse_segment_name
+from drkit.pg.wal import check_segment_header, parse_lsn, parse_segment_name
 from drkit.pg.walk import PgdataListing, SourceDir, SourceLink
 from drkit.progress import Progress
+from drkit.repo.manifest import FileEntry, Manifest
 
 WAL_HEADER_BYTES = 64  # a WAL segment's long page header, checked before it is stored
 _WAL_SEGMENT = re.compile(r"^pg_wal/[0-9A-F]{24}$")
@@ -55,6 +72,35 @@ class RemoteBackup:
     owner: str = "postgres"
     group: str = "postgres"
     backup_label: bytes = b""
+    unchanged: list[FileEntry] = field(default_factory=list)  # references to the parent's files
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """The backup an incremental one builds on: its label and its files by path."""
+
+    label: str
+    files: dict[str, FileEntry]
+
+
+def incremental_problem(
+    session: PgSession, cluster: ClusterInfo, settings: BackupSettings
+) -> str | None:
+    """Why a remote diff/incr cannot be the server's incremental backup (None: it can; whether
+    its WAL summaries cover the range, the server itself says when the backup starts)."""
+    if cluster.version_num < INCREMENTAL_MIN_VERSION:
+        return (
+            "remote diff/incr backups need PostgreSQL 17 or later (its WAL summaries);"
+            f" the server runs {cluster.major}"
+        )
+    if not settings.wal_summaries:
+        return "backup.wal_summaries is off, and remote diff/incr backups are built on them"
+    if not session.summarize_wal():
+        return (
+            "summarize_wal is off on the server, and remote diff/incr backups are built on"
+            " its WAL summaries"
+        )
+    return None
 
 
 def take_remote(
@@ -64,18 +110,21 @@ def take_remote(
     label: str,
     make_copier: Callable[[int], FileCopier],
     progress: Progress,
+    parent: Manifest | None = None,
 ) -> RemoteBackup:
     """Run BASE_BACKUP and store every file it sends; ``make_copier(start_lsn)`` gives the
     copier (pages are checked against the backup's start). ``session`` holds the temporary slot
-    that keeps the backup's WAL in pg_wal until the server has sent it."""
+    that keeps the backup's WAL in pg_wal until the server has sent it. With ``parent``, an
+    incremental backup on top of it (IncrementalRefused when the server cannot take one)."""
     taken = RemoteBackup()
     names = {t.oid: t.name for t in session.tablespaces()}
+    prior = _Prior(parent.label, {f.path: f for f in parent.files}) if parent else None
     with BaseBackupStream(settings.postgres.conninfo()) as stream:
-        stream.start(label, settings.backup.start_fast)
+        stream.start(label, settings.backup.start_fast, _prior_manifest(parent, cluster))
         taken.start_lsn = stream.start_lsn
         copier = make_copier(stream.start_lsn)
         progress.start(f"backup {label}", 0)
-        groups = _groups(stream, taken, cluster, settings, names)
+        groups = _groups(stream, taken, cluster, settings, names, prior)
         taken.copied = copier.copy_stream(groups)
         progress.stop()
         end = stream.end()
@@ -83,7 +132,19 @@ def take_remote(
         raise PostgresError("the server's base backup holds no backup_label")
     taken.stop = BackupStop(end.lsn, session.next_xid(), taken.backup_label, b"")
     taken.listing.dirs.sort(key=lambda d: d.path)
+    taken.copied.files = sorted(taken.copied.files + taken.unchanged, key=lambda f: f.path)
     return taken
+
+
+def _prior_manifest(parent: Manifest | None, cluster: ClusterInfo) -> bytes | None:
+    """The parent's files and WAL range as the server's incremental backup needs them (None:
+    a full backup). Synthesized from drkit's manifest, so a parent taken by either engine serves;
+    its own WAL (pg_wal) is left out, as PostgreSQL's manifests leave it out."""
+    if parent is None:
+        return None
+    files = ((f.path, f.size) for f in parent.files if not f.path.startswith("pg_wal/"))
+    start, stop = parse_lsn(parent.start_lsn), parse_lsn(parent.stop_lsn)
+    return backup_manifest(cluster.system_identifier, files, parent.timeline, start, stop)
 
 
 def _groups(
@@ -92,6 +153,7 @@ def _groups(
     cluster: ClusterInfo,
     settings: Settings,
     names: dict[int, str],
+    prior: _Prior | None,
 ) -> Iterator[StreamedGroup]:
     """The objects to store, in the order the stream holds their files: bundles of small files
     read into memory, and each large file alone, read from the stream by the worker storing it."""
@@ -103,7 +165,7 @@ def _groups(
         with tarfile.open(fileobj=archive, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 released = threading.Event()
-                source = _member(tar, member, prefix, taken, cluster, limit, released)
+                source = _member(tar, member, prefix, taken, cluster, limit, released, prior)
                 if source is None:
                     continue
                 if source.size >= limit:
@@ -137,9 +199,11 @@ def _member(
     cluster: ClusterInfo,
     limit: int,
     released: threading.Event,
+    prior: _Prior | None = None,
 ) -> Source | None:
     """The source of a regular file (None for anything else, recorded where the manifest needs
-    it: directories, symlinks other than the tablespaces' links, backup_label)."""
+    it: directories, symlinks other than the tablespaces' links; and for an incremental file
+    that leaves the parent's version as it was, recorded as a reference to it)."""
     path = _relative(prefix + member.name)
     taken.owner, taken.group = member.uname or taken.owner, member.gname or taken.group
     mode = member.mode & 0o7777
@@ -155,18 +219,39 @@ def _member(
         return None
     reader = tar.extractfile(member)
     assert reader is not None  # a regular file
+    delta = None
+    if prior is not None and (target := incremental_target(path)) is not None:
+        path, delta = target, _delta_of(target, prior)
     segment = relation_segment(path) if cluster.data_checksums else None
     required = path == "backup_label" or path.startswith("pg_wal/")
     check = partial(_check_wal, path, cluster) if _WAL_SEGMENT.match(path) else None
     if member.size >= limit:
         opener = partial(_StreamedFile, reader, released, check)
-        return Source(path, member.size, mode, member.mtime, opener, segment, required)
+        return Source(path, member.size, mode, member.mtime, opener, segment, required, delta)
     data = reader.read()
     if check is not None:
         check(data)
     if path == "backup_label":
-        taken.backup_label = data
-    return Source(path, len(data), mode, member.mtime, partial(io.BytesIO, data), segment, required)
+        data = taken.backup_label = without_incremental_lines(data)
+    if delta is not None and prior is not None and len(data) == HEADER_FIELDS:
+        header = read_incremental_header(io.BytesIO(data).read, member.name)
+        if not len(header.blocks) and header.length * PAGE_SIZE == delta.parent_size:
+            old = prior.files[path]
+            taken.unchanged.append(old.model_copy(update={"backup": old.owner(prior.label)}))
+            return None
+    opener = partial(io.BytesIO, data)
+    return Source(path, len(data), mode, member.mtime, opener, segment, required, delta)
+
+
+def _delta_of(path: str, prior: _Prior) -> Delta:
+    """How an INCREMENTAL file of ``path`` is stored: a delta of the parent's version."""
+    old = prior.files.get(path)
+    if old is None:
+        raise PostgresError(
+            f"the server sent an incremental file of '{path}', which backup '{prior.label}'"
+            " does not have"
+        )
+    return Delta(0, old.size, prior.label, incremental=True)
 
 
 class _StreamedFile:

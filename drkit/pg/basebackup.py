@@ -8,6 +8,10 @@ every archive in one COPY stream of tagged messages ('n' a new archive, 'd' its 
 progress, 'm' the server's manifest); earlier majors send one COPY per archive in another format,
 so remote mode needs 15 or later.
 
+An incremental backup (17+, ``summarize_wal = on``) first uploads the prior backup's manifest on
+the same connection (``UPLOAD_MANIFEST``, drkit/pg/incremental.py) and adds ``INCREMENTAL``; the
+server then sends the relation files that changed in part as ``INCREMENTAL.<name>`` files.
+
 The archives are tar streams, the tablespaces' first and PGDATA's (``base.tar``) last, which
 also carries the WAL from the backup's start to its end (``WAL true``): the caller keeps that WAL
 in pg_wal with a temporary replication slot for as long as the backup runs.
@@ -31,6 +35,18 @@ from drkit.pg.wal import parse_lsn
 
 # The first major whose BASE_BACKUP multiplexes every archive into one COPY stream.
 REMOTE_MIN_VERSION = 150000
+# The first major that takes incremental base backups (from its WAL summaries).
+INCREMENTAL_MIN_VERSION = 170000
+# SQLSTATE of the server refusing an incremental backup for want of what it needs (WAL
+# summaries that cover the range, a prior backup on this server's timeline history)
+_NOT_IN_PREREQUISITE_STATE = "55000"
+UPLOAD_CHUNK = 1 << 20
+
+
+class IncrementalRefused(PostgresError):
+    """The server refused an incremental base backup before sending anything (its WAL summaries
+    do not cover the range, the prior backup is not of its history): a full backup can be
+    taken instead."""
 
 
 @dataclass
@@ -75,22 +91,44 @@ class BaseBackupStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, label: str, fast: bool) -> None:
-        """Start the backup: a checkpoint (fast or spread), then the archives can be read."""
+    def start(self, label: str, fast: bool, prior_manifest: bytes | None = None) -> None:
+        """Start the backup: a checkpoint (fast or spread), then the archives can be read. With
+        ``prior_manifest`` (a backup manifest, drkit/pg/incremental.py) an incremental backup
+        on top of that backup; IncrementalRefused when the server cannot take one."""
+        incremental = ""
+        if prior_manifest is not None:
+            self._upload_manifest(prior_manifest)
+            incremental = ", INCREMENTAL"
         checkpoint = "fast" if fast else "spread"
         # VERIFY_CHECKSUMS: the server re-reads a page torn by a concurrent write before it
         # sends it, which drkit, far from the file, cannot; a page that stays bad fails the
         # backup on the server (drkit checks every page it receives as well).
         command = (
             f"BASE_BACKUP (LABEL {_literal(label)}, CHECKPOINT '{checkpoint}', WAL true,"
-            " WAIT false, MANIFEST 'no', TABLESPACE_MAP false, VERIFY_CHECKSUMS true)"
+            f" WAIT false, MANIFEST 'no', TABLESPACE_MAP false, VERIFY_CHECKSUMS true{incremental})"
         )
         self._conn.send_query(command.encode())
-        start = self._result(pq.ExecStatus.TUPLES_OK)
+        start = self._result(pq.ExecStatus.TUPLES_OK, refusable=bool(incremental))
         self.start_lsn = parse_lsn(_value(start, 0, 0))
         self.timeline = int(_value(start, 0, 1))
         self._result(pq.ExecStatus.TUPLES_OK)  # the tablespaces; their archives say it again
         self._result(pq.ExecStatus.COPY_OUT)
+
+    def _upload_manifest(self, manifest: bytes) -> None:
+        self._conn.send_query(b"UPLOAD_MANIFEST")
+        self._result(pq.ExecStatus.COPY_IN)
+        chunks = (manifest[i : i + UPLOAD_CHUNK] for i in range(0, len(manifest), UPLOAD_CHUNK))
+        for chunk in chunks:
+            if self._conn.put_copy_data(chunk) != 1:
+                break
+        else:
+            if self._conn.put_copy_end() == 1:
+                self._result(pq.ExecStatus.COMMAND_OK)
+                while self._conn.is_busy():  # the command's end: the connection is idle again
+                    self._wait_readable()
+                if self._conn.get_result() is None:
+                    return
+        raise PostgresError(f"uploading the prior backup's manifest failed: {self._error()}")
 
     def archives(self) -> Iterator[Archive]:
         """Each archive in the order the server sends it; read one to its end before the next."""
@@ -151,12 +189,17 @@ class BaseBackupStream:
         select.select([self._conn.socket], [], [])
         self._conn.consume_input()
 
-    def _result(self, expected: pq.ExecStatus) -> PGresult:
+    def _result(self, expected: pq.ExecStatus, refusable: bool = False) -> PGresult:
+        """The next result, of status ``expected``; with ``refusable``, IncrementalRefused for
+        the server's refusal of an incremental backup."""
         while self._conn.is_busy():  # a checkpoint may take minutes; wait without the GIL
             self._wait_readable()
         result = self._conn.get_result()
         if result is None or result.status != expected:
             message = result.error_message.decode(errors="replace") if result else ""
+            state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+            if refusable and state == _NOT_IN_PREREQUISITE_STATE.encode():
+                raise IncrementalRefused(_first_line(message))
             raise PostgresError(
                 f"the base backup failed: {_first_line(message) or self._error()}",
                 hint=_hint(message),

@@ -315,6 +315,10 @@ class PgSession:
         except psycopg.Error as exc:
             raise PostgresError(f"reading the WAL summaries failed: {_first_line(exc)}") from None
 
+    def summarize_wal(self) -> bool:
+        """Whether the server keeps WAL summaries (17+, ``summarize_wal = on``)."""
+        return self.version_num() >= 170000 and self._one("SHOW summarize_wal")[0] == "on"
+
     def next_xid(self) -> int:
         """The next transaction ID to be assigned (64-bit, with epoch)."""
         return int(str(self._one("SELECT pg_snapshot_xmax(pg_current_snapshot())")[0]))

@@ -1,0 +1,199 @@
+"""Remote diff/incr on PostgreSQL 18: the server's incremental base backup (UPLOAD_MANIFEST +
+INCREMENTAL files) stored as drkit's own page deltas. Chains restore, start and hold every table
+as the source did; a chain mixing the local engine and remote members restores; the data files
+drkit restores are byte for byte those pg_basebackup --incremental + pg_combinebackup produce;
+the fall-backs to full say why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rig.drkit import Drkit, start_restored
+from rig.postgres import PgCluster, PgFactory, attach_cluster, database_checksums, make_rig_dir
+from test_remote import listen_on_tcp, remote, restore_and_compare
+
+from drkit.config.settings import load_settings
+from drkit.pg.incremental import backup_manifest, read_incremental_header
+from drkit.repo.label import BackupLabel
+from drkit.repo.manifest import FileEntry
+from drkit.repo.open import open_repository
+
+TABLES = """
+CREATE TABLE accounts (id int PRIMARY KEY, balance int, filler text);
+INSERT INTO accounts SELECT g, 0, repeat('a', 200) FROM generate_series(1, 40000) g;
+CREATE TABLE shrinking (id int, filler text);
+INSERT INTO shrinking SELECT g, repeat('s', 200) FROM generate_series(1, 20000) g;
+CREATE TABLE doomed AS SELECT g FROM generate_series(1, 1000) g;
+CREATE TABLE emptied AS SELECT g FROM generate_series(1, 1000) g;
+VACUUM;
+"""
+# An update of 1% of the rows; the tail of 'shrinking' deleted and cut off its file by VACUUM
+# (its pages left were all-visible before: the file is sent incrementally, shorter);
+# a dropped table, a new one, a truncated one (a new relfilenode).
+CHANGES = """
+UPDATE accounts SET balance = balance + 1 WHERE id % 100 = 0;
+DELETE FROM shrinking WHERE id > 5000;
+VACUUM shrinking;
+DROP TABLE doomed;
+CREATE TABLE fresh AS SELECT g, md5(g::text) FROM generate_series(1, 5000) g;
+TRUNCATE emptied;
+"""
+
+
+def _backup(dk: Drkit, kind: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(dk.ok("backup", "--type", kind, "--json").stdout)
+    return result
+
+
+def _entries(dk: Drkit, label: str) -> dict[str, FileEntry]:
+    manifest, _ = open_repository(load_settings(dk.config)).load_manifest(BackupLabel(label))
+    return {f.path: f for f in manifest.files}
+
+
+def _remote_dk(pg: PgCluster, workdir: Path) -> Drkit:
+    listen_on_tcp(pg)
+    # a low large-file threshold: INCREMENTAL files both held in memory and streamed
+    dk = Drkit(pg, workdir, backup={"bundle_limit": 64 * 1024})
+    remote(dk)
+    dk.ok("init")
+    return dk
+
+
+def test_remote_incr_chain_restores_every_change(pg_factory: PgFactory, workdir: Path) -> None:
+    pg = pg_factory(18)
+    pg.psql(TABLES)
+    dk = _remote_dk(pg, workdir)
+    full = _backup(dk, "full")
+    shrinking = pg.psql("SELECT pg_relation_filepath('shrinking')")
+    pg.psql(CHANGES)
+    incr = _backup(dk, "incr")
+    assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
+    assert incr["notice"] is None and incr["stats"]["changes"] == "summaries"
+    assert incr["stats"]["stored"] < full["stats"]["stored"] / 4
+
+    entries, before = _entries(dk, incr["label"]), _entries(dk, full["label"])
+    # the truncated file: a delta of the full, shorter (its truncation length honoured)
+    cut = entries[shrinking]
+    assert cut.pages is not None and cut.base == full["label"] and cut.sha256 is None
+    assert 0 < cut.size < before[shrinking].size
+    # files the server sent as unchanged incremental files: references to the full
+    assert sum(e.backup == full["label"] for e in entries.values()) > 100
+    assert not any("INCREMENTAL." in path for path in entries)
+
+    pg.psql("UPDATE accounts SET balance = balance + 2 WHERE id % 1000 = 1")
+    pg.psql("INSERT INTO shrinking SELECT g, 'back' FROM generate_series(1, 300) g")
+    second = _backup(dk, "incr")
+    assert second["type"] == "incr" and second["parent"] == incr["label"]
+    diff = _backup(dk, "diff")
+    assert diff["type"] == "diff" and diff["parent"] == full["label"]
+    source = database_checksums(pg)
+    dk.ok("verify")
+    restored = restore_and_compare(dk, workdir, source)
+    assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
+    restored.stop()
+    target = workdir / "incr-restored"
+    dk.ok("restore", "--pgdata", str(target), "--backup", second["label"])
+    assert database_checksums(start_restored(target, 18, workdir)) == source
+
+
+def test_a_chain_mixing_local_and_remote_members_restores(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    pg = pg_factory(18)
+    pg.psql(TABLES)
+    dk = _remote_dk(pg, workdir)
+    dk.write_config()  # local mode, on the database host
+    full = _backup(dk, "full")
+    pg.psql(CHANGES)
+    remote(dk)
+    incr = _backup(dk, "incr")  # the server's incremental on top of the local engine's full
+    assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
+    pg.psql("UPDATE accounts SET balance = 7 WHERE id % 50 = 0")
+    dk.write_config()
+    last = _backup(dk, "incr")  # the local engine on top of the remote member
+    assert last["type"] == "incr" and last["parent"] == incr["label"]
+    restore_and_compare(dk, workdir, database_checksums(pg))
+
+
+def test_restored_files_equal_pg_combinebackup(pg_factory: PgFactory, workdir: Path) -> None:
+    """The same full and incremental taken by drkit and by pg_basebackup --incremental, with no
+    change in between (autovacuum off): every user relation file drkit restores is byte for
+    byte the file pg_combinebackup reconstructs, and both clusters hold the same tables."""
+    pg = pg_factory(18, {"autovacuum": False})
+    pg.psql(TABLES)
+    dk = _remote_dk(pg, workdir)
+    native = make_rig_dir(workdir, "native-")
+    _backup(dk, "full")
+    pg.run_bin("pg_basebackup", "-D", str(native / "full"), "-c", "fast")
+    pg.psql(CHANGES)
+    incr = _backup(dk, "incr")
+    assert incr["type"] == "incr"
+    manifest = str(native / "full" / "backup_manifest")
+    pg.run_bin("pg_basebackup", "-D", str(native / "incr"), "-c", "fast", "-i", manifest)
+    combined = native / "combined"
+    pg.run_bin("pg_combinebackup", str(native / "full"), str(native / "incr"), "-o", str(combined))
+    ours = workdir / "restored"
+    dk.ok("restore", "--pgdata", str(ours))
+
+    database = pg.psql("SELECT oid FROM pg_database WHERE datname = 'postgres'")
+    relations = [p for p in (combined / "base" / database).iterdir() if _user_relation(p.name)]
+    assert len(relations) >= 8  # the tables, their vm/fsm forks, the index
+    for path in relations:
+        assert (ours / "base" / database / path.name).read_bytes() == path.read_bytes(), path.name
+    assert {p.name for p in (ours / "base" / database).iterdir() if _user_relation(p.name)} == {
+        p.name for p in relations
+    }
+    source = database_checksums(pg)
+    assert database_checksums(start_restored(ours, 18, workdir)) == source
+    theirs = attach_cluster(combined, 18, workdir)
+    theirs.start()
+    assert database_checksums(theirs) == source
+
+
+def test_remote_incr_falls_back_to_full_saying_why(pg_factory: PgFactory, workdir: Path) -> None:
+    """summarize_wal off: a full, with the reason. Turned on after the WAL of that full left
+    pg_wal: the summaries do not reach back to the full's start, the server refuses the
+    incremental, a full is taken."""
+    pg = pg_factory(18, {"summarize_wal": False, "wal_keep_size": 0})
+    dk = _remote_dk(pg, workdir)
+    full = _backup(dk, "full")
+    off = _backup(dk, "incr")
+    assert off["type"] == "full" and "summarize_wal is off on the server" in off["notice"]
+    for _ in range(2):  # the oldest segment left, where summarizing starts, is after its start
+        pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1)")
+        pg.psql("SELECT pg_switch_wal(); CHECKPOINT")
+    pg.set_conf({"summarize_wal": True})
+    pg.reload()
+    refused = _backup(dk, "incr")
+    assert refused["type"] == "full", refused
+    assert "the server refused an incremental backup" in refused["notice"]
+    assert "WAL summaries are required" in refused["notice"]
+    assert full["label"] != refused["label"]
+    dk.ok("verify")
+
+
+def test_incremental_header_and_manifest_formats() -> None:
+    header = (0xD3AE1F0D).to_bytes(4, "little") + (2).to_bytes(4, "little")
+    header += (9).to_bytes(4, "little") + (3).to_bytes(4, "little") + (12).to_bytes(4, "little")
+    data = header + bytes(8192 - len(header))
+    stream = iter([data[:12], data[12:20], data[20:]])
+    parsed = read_incremental_header(lambda n: next(stream), "base/5/INCREMENTAL.1")
+    assert parsed.blocks.tolist() == [3, 12] and parsed.truncation == 9
+    assert parsed.length == 13 and parsed.header_size == 8192
+
+    text = backup_manifest(7, [("base/5/1", 8192)], 1, 0x2000028, 0x2000100)
+    body, last = text.rsplit(b"\n", 2)[0] + b"\n", text.rsplit(b"\n", 2)[1]
+    document = json.loads(text)
+    assert document["Files"] == [{"Path": "base/5/1", "Size": 8192}]
+    assert document["WAL-Ranges"][0]["Start-LSN"] == "0/2000028"
+    assert document["Manifest-Checksum"] == hashlib.sha256(body).hexdigest()
+    assert last.startswith(b'"Manifest-Checksum"')  # the one line the checksum leaves out
+
+
+def _user_relation(name: str) -> bool:
+    """A relation file (any fork or segment) of a user table or index."""
+    number = name.split("_")[0].split(".")[0]
+    return number.isdigit() and int(number) >= 16384
