@@ -345,10 +345,6 @@ class BackupOperation:
         there is no usable one and the backup falls back to full."""
         if self.kind is BackupType.FULL:
             return None, None
-        if self.settings.postgres.mode == "remote" and (
-            problem := incremental_problem(session, cluster, self.settings.backup)
-        ):
-            return None, f"{problem}: taking a full backup instead of {self.kind}"
         labels = repo.backups()
         if self.kind is BackupType.DIFF:
             labels = [label for label in labels if label.type is BackupType.FULL]
@@ -383,6 +379,8 @@ class BackupOperation:
             reason = f"backup '{parent.label}' failed its last verification"
         elif missing := [m for m in parent.chain if m not in {str(label) for label in labels}]:
             reason = f"backup '{missing[0]}', which backup '{parent.label}' depends on, is missing"
+        elif self.settings.postgres.mode == "remote":
+            reason = incremental_problem(session, cluster, self.settings.backup)
         if reason:
             return None, f"{reason}: taking a full backup instead of {self.kind}"
         return parent, "; ".join(skipped) or None
