@@ -13,8 +13,8 @@ tool's own, and the server's) and size, and the medians' ratios remote / local (
 
 With ``--incr`` it measures instead a remote incremental after a 1% change on PostgreSQL 18 (the
 server's incremental base backup from its WAL summaries): a remote full, then 1% of the
-accounts updated, then a remote incr, ``--runs`` times; it prints the incr's wall and stored
-bytes as fractions of the full's (goals: at most 0.30 and 0.05).
+accounts updated (a contiguous range of rows), then a remote incr, ``--runs`` times; it prints
+the incr's wall and stored bytes as fractions of the full's (goals: at most 0.30 and 0.05).
 """
 
 from __future__ import annotations
@@ -84,7 +84,14 @@ def remote_incr(bench: Bench, source: PgCluster, run: int) -> tuple[Measurement,
     full = measure_backup(
         bench, "drkit remote full", source, [*cmd, "--type", "full"], dk.repo_path
     )
-    source.psql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = {run}")
+    # 1% of the accounts, a contiguous range: 1% of the table's pages (a row in every page would
+    # be a change to every page, whatever its share of the rows)
+    rows = bench.scale * 1000
+    first = run * rows
+    source.psql(
+        "UPDATE pgbench_accounts SET abalance = abalance + 1"
+        f" WHERE aid > {first} AND aid <= {first + rows}"
+    )
     incr = measure_backup(
         bench, "drkit remote incr", source, [*cmd, "--type", "incr"], dk.repo_path
     )
