@@ -7,16 +7,22 @@ the fall-backs to full say why."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rig.drkit import Drkit, start_restored
 from rig.postgres import PgCluster, PgFactory, attach_cluster, database_checksums, make_rig_dir
 from test_remote import listen_on_tcp, remote, restore_and_compare
 
-from drkit.config.settings import load_settings
-from drkit.pg.incremental import backup_manifest, read_incremental_header
+from drkit.backup.file_writers import CopyJob, PgIncremental
+from drkit.backup.plan import Delta, Source
+from drkit.config.settings import BackupSettings, load_settings
+from drkit.pg.incremental import INCREMENTAL_MAGIC, backup_manifest, read_incremental_header
+from drkit.progress import NoProgress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry
 from drkit.repo.open import open_repository
@@ -197,6 +203,31 @@ def test_incremental_header_and_manifest_formats() -> None:
     assert document["WAL-Ranges"][0]["Start-LSN"] == "0/2000028"
     assert document["Manifest-Checksum"] == hashlib.sha256(body).hexdigest()
     assert last.startswith(b'"Manifest-Checksum"')  # the one line the checksum leaves out
+
+
+def test_an_incremental_file_is_stored_as_postgresql_reconstructs_it() -> None:
+    """Blocks 1, 7, 9 sent, truncation length 4, a parent of 6 blocks: the file is 10 blocks;
+    0, 2 and 3 stay the parent's; 4 to 6 and 8 (at or past the truncation length) are zeros,
+    stored as such, so the chain holds every block."""
+    sent = (1, 7, 9)
+    header = struct.pack("<6I", INCREMENTAL_MAGIC, len(sent), 4, *sent)
+    pages = b"".join(bytes([b]) * 8192 for b in sent)
+    data = header + bytes(8192 - len(header)) + pages
+    stream = io.BytesIO(data)
+    delta = Delta(0, 6 * 8192, "20261207-190000F", incremental=True)
+    src = Source("base/5/16384", len(data), 0o600, 0.0, lambda: stream, delta=delta)
+    label = BackupLabel("20261207-190000F_20261207-190100I")
+    job = CopyJob(label, bytes(32), BackupSettings(process_max=1), NoProgress(), None)
+    writer = PgIncremental(job, src, stream, delta)
+    frame = writer.open_frame(lambda _: None)
+    writer.take(frame, np.arange(3), memoryview(stream.read()))
+    writer.finish()
+    entry = writer.entry(frame.close(), "data/0", 0)
+    assert entry.size == 10 * 8192 and entry.sha256 is None and entry.base == delta.base
+    assert entry.pages == [(1, 2), (4, 10)]
+    zero = bytes(8192)
+    laid = pages[:8192] + zero * 3 + pages[8192:16384] + zero + pages[16384:]
+    assert entry.frame_sha256 == hashlib.sha256(laid).hexdigest()
 
 
 def _user_relation(name: str) -> bool:
