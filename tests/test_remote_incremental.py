@@ -99,16 +99,10 @@ def test_remote_incr_chain_restores_every_change(pg_factory: PgFactory, workdir:
     pg.psql("INSERT INTO shrinking SELECT g, 'back' FROM generate_series(1, 300) g")
     second = _backup(dk, "incr")
     assert second["type"] == "incr" and second["parent"] == incr["label"]
-    diff = _backup(dk, "diff")
-    assert diff["type"] == "diff" and diff["parent"] == full["label"]
     source = database_checksums(pg)
     dk.ok("verify")
     restored = restore_and_compare(dk, workdir, source)
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
-    restored.stop()
-    target = workdir / "incr-restored"
-    dk.ok("restore", "--pgdata", str(target), "--backup", second["label"])
-    assert database_checksums(start_restored(target, 18, workdir)) == source
 
 
 def test_a_chain_mixing_local_and_remote_members_restores(
@@ -121,12 +115,12 @@ def test_a_chain_mixing_local_and_remote_members_restores(
     full = _backup(dk, "full")
     pg.psql(CHANGES)
     remote(dk)
-    incr = _backup(dk, "incr")  # the server's incremental on top of the local engine's full
-    assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
+    diff = _backup(dk, "diff")  # the server's incremental on top of the local engine's full
+    assert diff["type"] == "diff" and diff["parent"] == full["label"], diff
     pg.psql("UPDATE accounts SET balance = 7 WHERE id % 50 = 0")
     dk.write_config()
     last = _backup(dk, "incr")  # the local engine on top of the remote member
-    assert last["type"] == "incr" and last["parent"] == incr["label"]
+    assert last["type"] == "incr" and last["parent"] == diff["label"]
     restore_and_compare(dk, workdir, database_checksums(pg))
 
 
