@@ -226,8 +226,8 @@ def _member(
     required = path == "backup_label" or path.startswith("pg_wal/")
     check = partial(_check_wal, path, cluster) if _WAL_SEGMENT.match(path) else None
     if member.size >= limit:
-        opener = partial(_StreamedFile, reader, released, check)
-        return Source(path, member.size, mode, member.mtime, opener, segment, required, delta)
+        streamed = partial(_StreamedFile, reader, released, check)
+        return Source(path, member.size, mode, member.mtime, streamed, segment, required, delta)
     data = reader.read()
     if check is not None:
         check(data)
