@@ -27,10 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the rig)
+from bench_full import (
     DRKIT,
     PG_VERSION,
     PROCESS_MAX,
@@ -41,10 +38,10 @@ from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the ri
     drkit_version,
     measure_backup,
 )
-from common import MiB, cached_mib, run_measured, tree_size  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import PgCluster, clone_cluster, make_rig_dir, stop_clusters_under  # noqa: E402
-from rig.servers import MotoS3Server  # noqa: E402
+from common import MiB, cached_mib, run_measured, tree_size
+from rig.drkit import Drkit
+from rig.postgres import PgCluster, clone_cluster, make_rig_dir, stop_clusters_under
+from rig.servers import MotoS3Server
 
 BACKUP = {"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True}
 

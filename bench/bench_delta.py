@@ -23,15 +23,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
-sys.path.insert(0, str(BENCH_DIR))
-
-from bench_full import (  # noqa: E402
+from bench_full import (
     DRKIT,
     RESTORED_CONF,
     Bench,
@@ -41,10 +36,10 @@ from bench_full import (  # noqa: E402
     start_until_promoted,
     summary,
 )
-from bench_incr import change_one_percent  # noqa: E402
-from common import drop_page_cache, run_measured  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import attach_cluster, make_rig_dir, stop_clusters_under  # noqa: E402
+from bench_incr import change_one_percent
+from common import drop_page_cache, run_measured, scratch_dir
+from rig.drkit import Drkit
+from rig.postgres import attach_cluster, make_rig_dir
 
 
 def restore(
@@ -82,9 +77,7 @@ def main() -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it drops the page cache and runs PostgreSQL as 'postgres'")
 
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-delta-", dir=args.workdir))
-    root.chmod(0o755)
-    try:
+    with scratch_dir("drkit-bench-delta-", args.workdir) as root:
         bench = Bench(root, args.scale)
         source = build_source(bench, "random")
         workdir = make_rig_dir(root, "drkit-")
@@ -136,9 +129,6 @@ def main() -> int:
                 flush=True,
             )
         return 0
-    finally:
-        stop_clusters_under(root)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -22,42 +22,25 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(REPO_ROOT))
-
-from common import drop_page_cache, wait_until_quiet  # noqa: E402
-from rig.archive import enable_archiving, switch_wal, wait_archived  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from common import PG_VERSION, prepare_step, scratch_dir
+from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.drkit import Drkit
+from rig.postgres import (
     chown_to_server_user,
     clone_cluster,
     make_rig_dir,
     make_template,
-    stop_clusters_under,
 )
 
-from drkit.pg.binaries import find_bindir  # noqa: E402
-from drkit.pg.cluster import Cluster  # noqa: E402
+from drkit.pg.binaries import find_bindir
+from drkit.pg.cluster import Cluster
 
-PG_VERSION = 15
 NO_CHECKS = {"amcheck": False, "heartbeat": False}
 UNTIL_PROMOTED = ("plan", "restore", "wal-replay+start")
-
-
-def prepare(quiet_timeout: float) -> None:
-    """A quiet machine (waited for up to ``quiet_timeout`` seconds: it may be shared) and a
-    cold page cache before each step."""
-    if not wait_until_quiet(timeout=quiet_timeout):
-        print(f"  (machine not quiet within {quiet_timeout:g}s: measuring anyway)")
-    drop_page_cache()
 
 
 def bare(dk: Drkit, root: Path, round_: int) -> dict[str, Any]:
@@ -118,9 +101,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-drill-", dir=args.workdir))
-    root.chmod(0o755)
-    try:
+    with scratch_dir("drkit-bench-drill-", args.workdir) as root:
         cluster = clone_cluster(make_template(PG_VERSION, root), PG_VERSION, root)
         cluster.start()
         print(f"building a pgbench database at scale {args.scale}")
@@ -139,7 +120,7 @@ def main() -> int:
         for round_ in range(1, args.rounds + 1):
             # alternate which goes first, so neither always meets the same leftovers
             for which in ("bare", "drill") if round_ % 2 else ("drill", "bare"):
-                prepare(args.quiet_timeout)
+                prepare_step(args.quiet_timeout)
                 if which == "bare":
                     b = bare(dk, root, round_)
                 else:
@@ -168,9 +149,6 @@ def main() -> int:
             "median drill command wall (with teardown and record):"
             f" {statistics.median(d['wall'] for d in drills):.2f}s"
         )
-    finally:
-        stop_clusters_under(root)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

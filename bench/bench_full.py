@@ -23,17 +23,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import (  # noqa: E402
+from common import (
+    DRKIT,
+    PG_VERSION,
+    REPO_ROOT,
     TIME,
     Measurement,
     MiB,
@@ -41,23 +38,21 @@ from common import (  # noqa: E402
     drop_page_cache,
     machine_busy_seconds,
     postgres_cpu_seconds,
+    prepare_step,
     run_measured,
+    scratch_dir,
     tree_size,
-    wait_until_quiet,
 )
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from rig.drkit import Drkit
+from rig.postgres import (
     PgCluster,
     attach_cluster,
     chown_to_server_user,
     clone_cluster,
     make_rig_dir,
     make_template,
-    stop_clusters_under,
 )
 
-PG_VERSION = 15
-DRKIT = REPO_ROOT / ".venv" / "bin" / "drkit"
 ZSTD_LEVEL = 3
 PROCESS_MAX = 2
 TOOLS = ("drkit", "pg_basebackup+zstd", "pgBackRest")
@@ -115,10 +110,7 @@ class Bench:
 
     def prepare_step(self) -> None:
         """Before each measured step: wait for an idle machine, then drop the page cache."""
-        if not wait_until_quiet():
-            print("    WARNING: the machine stayed busy with other work; numbers may be off")
-        if self.cache_drop_works:
-            drop_page_cache()
+        prepare_step(drop_cache=self.cache_drop_works)
 
 
 # -- the source database -------------------------------------------------------------------------
@@ -517,25 +509,19 @@ def main() -> int:
 
     # `kill` (SIGTERM) then unwinds like Ctrl-C: clusters are stopped and files removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-", dir=args.workdir))
-    root.chmod(0o755)
-    bench = Bench(root, args.scale)
-    print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
-    if bench.cache_drop_works:
-        print(f"page cache dropped before each measured step (Cached now {cached_mib():.0f} MiB)")
-    else:
-        print("WARNING: cannot drop the page cache here; steps run with a warm cache")
-    profiles = ["stock", "random"] if args.profile == "both" else [args.profile]
-    report = []
-    try:
+    with scratch_dir("drkit-bench-", args.workdir, keep=args.keep) as root:
+        bench = Bench(root, args.scale)
+        print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
+        if bench.cache_drop_works:
+            print(
+                f"page cache dropped before each measured step (Cached now {cached_mib():.0f} MiB)"
+            )
+        else:
+            print("WARNING: cannot drop the page cache here; steps run with a warm cache")
+        profiles = ["stock", "random"] if args.profile == "both" else [args.profile]
+        report = []
         for profile in profiles:
             report.append(run_profile(bench, profile, args.keep, args.retries))
-    finally:
-        if args.keep:
-            print(f"\nkept {root}")
-        else:
-            stop_clusters_under(root)
-            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         args.json.write_text(
             json.dumps({"cache_dropped": bench.cache_drop_works, "profiles": report}, indent=2)

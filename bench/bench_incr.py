@@ -31,14 +31,10 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the rig)
+from bench_full import (
     DRKIT,
     PG_VERSION,
     PROCESS_MAX,
@@ -53,10 +49,10 @@ from bench_full import (  # noqa: E402  (also puts tests/ on sys.path for the ri
     measure_restore,
     summary,
 )
-from common import Measurement, MiB, cached_mib, run_measured, tree_size  # noqa: E402
-from rig.archive import drkit_command, enable_archiving  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import PgCluster, make_rig_dir, stop_clusters_under  # noqa: E402
+from common import Measurement, MiB, cached_mib, run_measured, scratch_dir, tree_size
+from rig.archive import drkit_command, enable_archiving
+from rig.drkit import Drkit
+from rig.postgres import PgCluster, make_rig_dir
 
 CHURN_SECONDS = 30  # set by --churn
 RESTORES = 3  # set by --restores
@@ -433,13 +429,11 @@ def main() -> int:
     CHURN_SECONDS = args.churn
     RESTORES = args.restores
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-incr-", dir=args.workdir))
-    root.chmod(0o755)
-    bench = Bench(root, args.scale, args.pg)
-    print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
-    print(f"page cache drop: {bench.cache_drop_works} (Cached {cached_mib():.0f} MiB)")
-    rows: list[Row] = []
-    try:
+    with scratch_dir("drkit-bench-incr-", args.workdir, keep=args.keep) as root:
+        bench = Bench(root, args.scale, args.pg)
+        print(f"scratch directory {root}; {os.cpu_count()} CPUs; {drkit_version()}")
+        print(f"page cache drop: {bench.cache_drop_works} (Cached {cached_mib():.0f} MiB)")
+        rows: list[Row] = []
         source = build_source(bench, "random")
         if args.segments:
             step_d(bench, source, rows)
@@ -455,12 +449,6 @@ def main() -> int:
         built += ", backup.wal_summaries = wal_scan = false" if args.scan else ""
         print(f"\nscale {args.scale}, random profile, PostgreSQL {args.pg}{built}")
         print_table(rows)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            stop_clusters_under(root)
-            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     return 0

@@ -15,27 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(REPO_ROOT))
-
-from rig.archive import enable_archiving, switch_wal, wait_archived  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from common import PG_VERSION, scratch_dir
+from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.drkit import Drkit
+from rig.postgres import (
     clone_cluster,
     make_rig_dir,
     make_template,
-    stop_clusters_under,
 )
 
-PG_VERSION = 15
 UNTIL_PROMOTED = ("restore", "wal-replay+start")
 
 
@@ -62,9 +53,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-predict-", dir=args.workdir))
-    root.chmod(0o755)
-    try:
+    with scratch_dir("drkit-bench-predict-", args.workdir) as root:
         cluster = clone_cluster(make_template(PG_VERSION, root), PG_VERSION, root)
         cluster.start()
         print(f"building a pgbench database at scale {args.scale}")
@@ -96,9 +85,6 @@ def main() -> int:
         predicted = record["predicted_seconds"]
         error = 100 * (predicted - took) / took
         print(f"predicted {predicted:.1f}s, took {took:.1f}s: error {error:+.0f}% (goal ±25%)")
-    finally:
-        stop_clusters_under(root)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -23,14 +23,9 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
-sys.path.insert(0, str(BENCH_DIR))
-
-from bench_full import (  # noqa: E402
+from bench_full import (
     DRKIT,
     PROCESS_MAX,
     ZSTD_LEVEL,
@@ -38,9 +33,9 @@ from bench_full import (  # noqa: E402
     build_source,
     measure_backup,
 )
-from common import Measurement, drop_page_cache  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import PgCluster, make_rig_dir, stop_clusters_under  # noqa: E402
+from common import Measurement, drop_page_cache, scratch_dir
+from rig.drkit import Drkit
+from rig.postgres import PgCluster, make_rig_dir
 
 
 def backup_three_ways(bench: Bench, source: PgCluster, run: int) -> list[Measurement]:
@@ -137,9 +132,7 @@ def main() -> int:
         help="do not wait for an idle machine before each step (a shared, loaded machine)",
     )
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-remote-", dir=args.workdir))
-    root.chmod(0o755)
-    try:
+    with scratch_dir("drkit-bench-remote-", args.workdir) as root:
         if args.incr:
             main_incr(args, root)
             return 0
@@ -164,9 +157,6 @@ def main() -> int:
         print(f"median wall: remote / local = {remote / median['drkit local']:.2f} (goal <= 1.2)")
         baseline = median["pg_basebackup+zstd"]
         print(f"median wall: remote / pg_basebackup+zstd = {remote / baseline:.2f}")
-    finally:
-        stop_clusters_under(root)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

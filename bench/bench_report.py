@@ -14,23 +14,19 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from common import scratch_dir
+from rig.history import drill_record, seed_backups
 
-from rig.history import drill_record, seed_backups  # noqa: E402
-
-from drkit.crypto.keyfile import KeyfileProvider, create_keyfile  # noqa: E402
-from drkit.repo.drills import DrillKind  # noqa: E402
-from drkit.repo.repository import Repository  # noqa: E402
-from drkit.storage.posix import PosixStorage  # noqa: E402
+from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
+from drkit.repo.drills import DrillKind
+from drkit.repo.repository import Repository
+from drkit.storage.posix import PosixStorage
 
 TARGET_S = 5.0
 YEAR = (datetime(2026, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
@@ -81,8 +77,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="drkit-bench-report-", dir=args.workdir))
-    try:
+    with scratch_dir("drkit-bench-report-", args.workdir, keep=args.keep) as root:
         started = time.monotonic()
         config, backups, drills = seed(root)
         seeding = time.monotonic() - started
@@ -116,11 +111,6 @@ def main() -> None:
                     indent=2,
                 )
             )
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

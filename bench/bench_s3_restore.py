@@ -26,11 +26,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
-sys.path.insert(0, str(BENCH_DIR))
-
-from bench_full import (  # noqa: E402
+from bench_full import (
     DRKIT,
     PROCESS_MAX,
     ZSTD_LEVEL,
@@ -42,10 +38,10 @@ from bench_full import (  # noqa: E402
     print_step,
     summary,
 )
-from common import Measurement, drop_page_cache, run_measured  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import chown_to_server_user, make_rig_dir, stop_clusters_under  # noqa: E402
-from rig.servers import LOOPBACK, _Process, _wait_until, free_port  # noqa: E402
+from common import Measurement, drop_page_cache, run_measured
+from rig.drkit import Drkit
+from rig.postgres import chown_to_server_user, make_rig_dir, stop_clusters_under
+from rig.servers import LOOPBACK, _Process, _wait_until, free_port
 
 KEY_ID, SECRET = "benchkey", "benchsecret"
 REGION = "us-east-1"

@@ -25,21 +25,16 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(REPO_ROOT))
-
-from rig.archive import enable_archiving  # noqa: E402
-from rig.drkit import DRKIT, Drkit  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from common import PG_VERSION
+from rig.archive import enable_archiving
+from rig.drkit import DRKIT, Drkit
+from rig.postgres import (
     chown_to_server_user,
     clone_cluster,
     make_rig_dir,
@@ -47,12 +42,11 @@ from rig.postgres import (  # noqa: E402
     stop_clusters_under,
 )
 
-from drkit.config.settings import load_settings  # noqa: E402
-from drkit.repo.label import BackupLabel, BackupType  # noqa: E402
-from drkit.schedule.metrics import collect  # noqa: E402
-from drkit.schedule.sizes import SizeCache  # noqa: E402
+from drkit.config.settings import load_settings
+from drkit.repo.label import BackupLabel, BackupType
+from drkit.schedule.metrics import collect
+from drkit.schedule.sizes import SizeCache
 
-PG_VERSION = 15
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -33,20 +33,13 @@ import shutil
 import statistics
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(BENCH_DIR))
-
-from common import machine_busy_seconds, wait_until_quiet  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from common import DRKIT, PG_VERSION, machine_busy_seconds, wait_until_quiet
+from rig.postgres import (
     PgCluster,
     chown_to_server_user,
     clone_cluster,
@@ -55,13 +48,11 @@ from rig.postgres import (  # noqa: E402
     stop_clusters_under,
 )
 
-from drkit.crypto.keyfile import KeyfileProvider, create_keyfile  # noqa: E402
-from drkit.repo.repository import Repository  # noqa: E402
-from drkit.storage.posix import PosixStorage  # noqa: E402
-from drkit.wal.spool import LOCK_FILE  # noqa: E402
+from drkit.crypto.keyfile import KeyfileProvider, create_keyfile
+from drkit.repo.repository import Repository
+from drkit.storage.posix import PosixStorage
+from drkit.wal.spool import LOCK_FILE
 
-PG_VERSION = 15
-DRKIT = REPO_ROOT / ".venv" / "bin" / "drkit"
 MiB = 1024 * 1024
 SEGMENT = 16 * MiB
 PROCESS_MAX = 2

@@ -19,18 +19,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test rig: throwaway PostgreSQL clusters
-sys.path.insert(0, str(REPO_ROOT))
-
-from rig.archive import enable_archiving, switch_wal, wait_archived  # noqa: E402
-from rig.drkit import Drkit  # noqa: E402
-from rig.postgres import (  # noqa: E402
+from common import PG_VERSION
+from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.drkit import Drkit
+from rig.postgres import (
     attach_cluster,
     clone_cluster,
     make_rig_dir,
@@ -38,7 +33,6 @@ from rig.postgres import (  # noqa: E402
     stop_clusters_under,
 )
 
-PG_VERSION = 15
 SEGMENT = 16 * 1024 * 1024
 
 

@@ -1,4 +1,6 @@
-"""Measuring helpers for the benchmarks: run a command and record what it cost.
+"""What every benchmark shares: the test rig on ``sys.path`` (import this module before
+``rig``), a scratch directory cleaned up on the way out, an idle machine and a cold page cache
+before each measured step, and the measuring helpers: run a command and record what it cost.
 
 Python's standard library plus GNU time (``/usr/bin/time``). The numbers and how they are taken:
 
@@ -19,12 +21,26 @@ Python's standard library plus GNU time (``/usr/bin/time``). The numbers and how
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+# The test rig (tests/rig: throwaway PostgreSQL clusters, S3 servers) and drkit's own sources
+for _path in (REPO_ROOT, REPO_ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+PG_VERSION = 15  # Debian's, which pgBackRest's package goes with
+DRKIT = REPO_ROOT / ".venv" / "bin" / "drkit"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1024 * 1024
@@ -237,3 +253,33 @@ def tree_size(path: Path) -> int:
         for name in files:
             total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+@contextmanager
+def scratch_dir(prefix: str, parent: Path | None = None, *, keep: bool = False) -> Iterator[Path]:
+    """A fresh directory under ``parent`` (default: the system's temporary directory), mode
+    0755 so that PostgreSQL's user reaches the clusters in it. On the way out (also on an error
+    or Ctrl-C) every cluster under it is stopped and it is removed; with ``keep`` both stay and
+    its path is printed."""
+    from rig.postgres import stop_clusters_under
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            stop_clusters_under(root)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def prepare_step(quiet_timeout: float = 600, *, drop_cache: bool = True) -> None:
+    """Before a measured step: wait for an idle machine (up to ``quiet_timeout`` seconds: it
+    may be shared; measured anyway, with a warning, when it stays busy), then drop the page
+    cache."""
+    if not wait_until_quiet(timeout=quiet_timeout):
+        print(f"    WARNING: the machine stayed busy for {quiet_timeout:g}s; numbers may be off")
+    if drop_cache:
+        drop_page_cache()
