@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -426,7 +427,10 @@ def test_key_loss_restores_with_the_escrow_key_alone(pg_factory: Any, workdir: P
     made = CliRunner().invoke(app, ["keys", "escrow-init", "--out", str(offline / "recovery")])
     assert made.exit_code == 0, made.output
     recovery = offline / "recovery.key"
-    chown_to_server_user(recovery)  # the sandbox's wal-fetch reads it as the server user
+    # The recovery key stays the drill host's alone (root's, 0600): the sandbox's server never
+    # reads it, it replays WAL with the period keys the restore handed over
+    assert recovery.stat().st_uid == os.geteuid()
+    assert stat.S_IMODE(recovery.stat().st_mode) == 0o600
     dk = drill_setup(pg_factory(15), workdir, escrow=offline / "recovery.pub")
     assert dk.keyfile is not None
     dk.keyfile.rename(workdir / "lost.key")  # the key provider is gone
@@ -435,11 +439,19 @@ def test_key_loss_restores_with_the_escrow_key_alone(pg_factory: Any, workdir: P
         f'name = "key-loss"\n[survivors]\nvault = false\nrecovery_key = "{recovery}"\n',
     )
 
-    code, out, stderr = run_drill(dk, "--scenario", str(scenario))
+    code, out, stderr = run_drill(dk, "--scenario", str(scenario), "--keep")
 
     record = out["record"]
     assert record["outcome"] == "PASS", record
-    assert record["wal_segments"] >= 1
+    assert record["wal_segments"] >= 1  # WAL replayed past the backup, with escrowed keys
+    sandbox = Path(out["sandbox"])
+    settings = (sandbox / "pgdata" / "postgresql.auto.conf").read_text()
+    [command] = [line for line in settings.splitlines() if line.startswith("restore_command")]
+    assert "--wal-keys drkit-wal-keys.json" in command
+    assert "--recovery-key" not in settings and str(recovery) not in settings
+    assert "recovery_end_command = 'rm -f drkit-wal-keys.json'" in settings
+    assert not (sandbox / "pgdata" / "drkit-wal-keys.json").exists()  # removed at promotion
+    shutil.rmtree(sandbox)
     assert {c["name"]: c["ok"] for c in record["checks"]} == {"amcheck": True}
     # The record is sealed with the configured provider afterwards, which is gone too: it
     # waits in this host's queue (tests/test_drill_points.py: written once the provider is back)

@@ -28,7 +28,7 @@ import psycopg
 
 from drkit import __version__
 from drkit.config.drill import Checks
-from drkit.config.settings import Settings, config_path
+from drkit.config.settings import Settings
 from drkit.drill.checks import run_checks
 from drkit.drill.judge import judge, objective, rpo_seconds
 from drkit.drill.plan import (
@@ -71,7 +71,7 @@ from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.restore.operation import RestoreOperation, RestoreResult
 from drkit.restore.plan import predict_restore, wal_range
-from drkit.restore.request import RestoreRequest, wal_fetch_command
+from drkit.restore.request import RestoreRequest
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +285,9 @@ class DrillOperation:
             },
             target=self.plan.target,
             config=self.request.config,
-            restore_command=wal_fetch_command(
-                config_path(self.request.config),
-                allowed.keys.recovery_key,
-                repos=self._restricted_repos(),
-            ),
+            # restore's own drkit wal-fetch: with the recovery key it hands recovery only the
+            # WAL period keys it needs, never the key itself
+            wal_repos=self._restricted_repos() or [],
             archive_mode="off",
         )
         try:

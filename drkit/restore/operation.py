@@ -272,15 +272,17 @@ class RestoreOperation:
         if self.request.restore_command is not None:
             return self.request.restore_command, ""
         config = config_path(self.request.config)
-        only = [self.request.repo] if self.request.repo else None
+        only = self.request.wal_repos
+        if only is None and self.request.repo:
+            only = [self.request.repo]
         if self.settings.keys.recovery_key is None:
-            return wal_fetch_command(config, None, repos=only), ""
+            return wal_fetch_command(config, repos=only), ""
         keys = handover_keys(repos, manifest.start_time)
         tree.unlink(WAL_KEYS_FILE)  # a delta restore's target may hold an older one
         fd = tree.open(WAL_KEYS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with open(fd, "wb") as file:
             file.write(wal_keys_document(keys))
-        command = wal_fetch_command(config, None, repos=only, wal_keys=WAL_KEYS_FILE)
+        command = wal_fetch_command(config, repos=only, wal_keys=WAL_KEYS_FILE)
         return command, f"rm -f {WAL_KEYS_FILE}"
 
     def locate(self, warnings: list[DrkitWarning]) -> tuple[Repository, Chain, list[Repository]]:

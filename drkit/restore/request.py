@@ -35,6 +35,9 @@ class RestoreRequest:
     # its kept sandbox this way
     delta: bool = False
     standby: Standby | None = None  # a standby following a primary instead of a copy that opens
+    # The repositories drkit wal-fetch in restore_command reads, in that order ([]: every
+    # configured one); None: only ``repo`` when one is asked for, else every configured one
+    wal_repos: list[str] | None = None
 
 
 def recovery_target(
@@ -102,22 +105,16 @@ def parse_tablespace_map(values: list[str]) -> dict[str, Path]:
 
 
 def wal_fetch_command(
-    config: Path,
-    recovery_key: Path | None,
-    repos: list[str] | None = None,
-    *,
-    wal_keys: str | None = None,
+    config: Path, repos: list[str] | None = None, *, wal_keys: str | None = None
 ) -> str:
     """The restore_command a restored cluster uses to fetch WAL from the repositories: this
-    installation's drkit, with the configuration (and escrow key, or the WAL keys file a
-    restore with it wrote) the restore used, reading only ``repos`` (in that order) when given,
-    fetching ahead ([archive] fetch_ahead) in the background."""
+    installation's drkit, with the configuration the restore used (and the WAL keys file a
+    restore with the recovery key wrote: never the recovery key itself), reading only ``repos``
+    (in that order) when given, fetching ahead ([archive] fetch_ahead) in the background."""
     drkit = Path(sys.executable).parent / "drkit"
     command = f"{shlex.quote(str(drkit))} wal-fetch --prefetch --config {shlex.quote(str(config))}"
     if wal_keys is not None:
         command += f" --wal-keys {shlex.quote(wal_keys)}"
-    elif recovery_key is not None:
-        command += f" --recovery-key {shlex.quote(str(recovery_key.absolute()))}"
     for name in repos or []:
         command += f" --repo {shlex.quote(name)}"
     return command + " %f %p"
