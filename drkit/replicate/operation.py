@@ -12,9 +12,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from drkit.config.settings import Settings
-from drkit.errors import BackupNotCopied, DrillRecordNotWritten, DrkitError, DrkitWarning
+from drkit.errors import (
+    BackupNotCopied,
+    DrillRecordNotWritten,
+    DrkitError,
+    DrkitWarning,
+    LeaseTakenOver,
+)
 from drkit.repo.copies import CopyService, RepoReplication
 from drkit.repo.drill_copies import DrillRecordSync, sync_drill_records
+from drkit.repo.lease import TAKEN_OVER_HINT
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
 from drkit.repo.retention import drill_records_kept_since, policy_from
@@ -25,7 +32,8 @@ from drkit.result import OperationResult
 class ReplicateResult(OperationResult):
     """What was copied to each other repository. A repository that could not be brought up to
     date is a BackupNotCopied warning (what it lacks is safe in the primary), one that missed
-    drill records a DrillRecordNotWritten. ``phases``: copies (backups and WAL), drills."""
+    drill records a DrillRecordNotWritten, a target's lease taken over from a host whose lease
+    expired a LeaseTakenOver. ``phases``: copies (backups and WAL), drills."""
 
     repos: list[RepoReplication] = field(default_factory=list)
     drills: DrillRecordSync = field(default_factory=DrillRecordSync)
@@ -105,9 +113,12 @@ class ReplicateOperation:
 def _warnings(result: ReplicateResult) -> list[DrkitWarning]:
     found: list[DrkitWarning] = []
     for r in result.repos:
+        if r.lease_taken_over is not None:
+            found.append(LeaseTakenOver(r.lease_taken_over, hint=TAKEN_OVER_HINT))
         if r.error is not None:
             hint = (
-                "a backup is writing there; the next 'drkit replicate' catches up"
+                "another backup, prune or replicate is writing there, on this host or another;"
+                " the next 'drkit replicate' catches up"
                 if r.locked
                 else "the backups and WAL are safe in the primary; 'drkit replicate' copies"
                 " them once the repository is back"

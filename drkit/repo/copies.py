@@ -57,6 +57,7 @@ class RepoReplication:
     wal_lag: dict[int, int] = field(default_factory=dict)  # timeline -> segments behind
     error: str | None = None  # the repository could not be brought up to date
     locked: bool = False  # because another operation held its lock (retrying later may work)
+    lease_taken_over: str | None = None  # the target's lease, expired on another host, was taken
 
 
 @dataclass
@@ -198,6 +199,8 @@ class CopyService:
             try:
                 target = open_repository(self.settings, repo_settings.name)
                 with self._lock(repo_settings, target) as lease:
+                    if repo_settings.name not in self.held_locks and lease.taken_over:
+                        result.lease_taken_over = lease.taken_over.message
                     self._replicate(primary, target, repo_settings, result, lease)
             except DrkitError as exc:
                 result.error = str(exc)

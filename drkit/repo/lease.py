@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 LEASE_PREFIX = "leases/"
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything larger is not one of ours
 _GENERATION = re.compile(r"^(\d{12})\.json$")
+TAKEN_OVER_HINT = (
+    "check that host; its incomplete backups are removed once older than [lease] leftover_age"
+)
 
 Clock = Callable[[], datetime]
 
@@ -221,8 +224,7 @@ class RepositoryLease:
             self.taken_over = LeaseTakenOver(
                 f"took over the {self.scope} lease of repository '{self.storage.name}' from"
                 f" {previous.describe()}, which expired without being released",
-                hint="check that host; its incomplete backups are removed once older than"
-                " [lease] leftover_age",
+                hint=TAKEN_OVER_HINT,
             )
         record = LeaseRecord(
             scope=self.scope,

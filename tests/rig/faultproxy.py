@@ -19,6 +19,9 @@ request's body flipped on its way to the store), ``slow`` (the reply waits ``del
 ``ignore-range`` (the Range header is dropped: the whole object comes back, as from a store
 without ranged reads), ``short`` (a ranged reply holds only the first half of the range, its
 Content-Range and Content-Length saying so).
+``hold`` keeps the request (not yet forwarded) until `release` is called, at most ``delay``
+seconds: a host stopped mid-operation for exactly as long as a test needs; ``release(drop=True)``
+resets it instead of forwarding it, as when that host dies with the request in flight.
 ``rate`` injects a fault into that fraction of the matching requests instead of a fixed count
 (with a seeded generator, for the longer campaign).
 
@@ -55,6 +58,7 @@ FAULTS = frozenset(
         "corrupt",
         "corrupt-request",
         "slow",
+        "hold",
         "ignore-range",
         "short",
     }
@@ -97,6 +101,8 @@ class S3FaultProxy:
         self.validate_checksums = validate_checksums
         self._faults: list[PlannedFault] = []
         self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._drop_held = False
         self._random = random.Random(seed)
         self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -124,6 +130,11 @@ class S3FaultProxy:
         with self._lock:
             self._faults.append(planned)
         return planned
+
+    def release(self, *, drop: bool = False) -> None:
+        """Let every held request go on (``drop``: reset it instead, never forwarded)."""
+        self._drop_held = drop
+        self._released.set()
 
     def clear(self) -> None:
         with self._lock:
@@ -185,6 +196,13 @@ class S3FaultProxy:
                 if fault == "slow":
                     assert planned is not None
                     time.sleep(planned.delay)
+                if fault == "hold":
+                    assert planned is not None
+                    proxy._released.wait(planned.delay)
+                    if proxy._drop_held:
+                        _reset(self.connection)
+                        self.close_connection = True
+                        return
                 if fault == "corrupt-request" and body:
                     at = len(body) // 2
                     body = body[:at] + bytes([body[at] ^ 0x5A]) + body[at + 1 :]
