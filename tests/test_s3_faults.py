@@ -125,6 +125,13 @@ PERSISTENT = [
     ("truncate", {"method": "GET"}, "read", "connection reset by peer", "reachable"),
     ("slow", {"method": "GET", "delay": 1.5}, "read", "Read timeout", "reachable"),
     ("reset", {"method": "PUT"}, "write", "unable to reach S3 repository 'offsite'", "reachable"),
+    (
+        "corrupt-request",
+        {"method": "PUT"},
+        "write",
+        "refused the body of 'new' as damaged on its way (BadDigest) every time",
+        "nothing damaged was stored",
+    ),
 ]
 
 
@@ -160,7 +167,9 @@ def test_persistent_faults_end_in_a_clear_error_and_leave_nothing(
 def test_a_damaged_body_is_never_accepted(proxy: S3FaultProxy, bucket: str) -> None:
     """A byte flipped in a reply fails the whole-object check (IntegrityError, never retried
     into silence). A store that does not check what it receives (moto; not AWS, not MinIO)
-    keeps a body damaged on its way: the write cannot tell, every read of it can."""
+    keeps a body damaged on its way, but reports the MD5 of what it kept (the ETag): the write
+    sees the difference, removes the object and sends it again; a body damaged every time
+    fails the write, and nothing damaged is left listed."""
     storage = storage_behind(proxy, bucket)
     storage.write_bytes("object", DATA)
     proxy.plan("corrupt", method="GET", times=1)
@@ -170,10 +179,15 @@ def test_a_damaged_body_is_never_accepted(proxy: S3FaultProxy, bucket: str) -> N
     assert storage.read_bytes("object") == DATA  # the stored object was fine all along
 
     proxy.validate_checksums = False
-    proxy.plan("corrupt-request", method="PUT", times=1)
+    once = proxy.plan("corrupt-request", method="PUT", match="unchecked", times=1)
     storage.write_bytes("unchecked", DATA)
-    with pytest.raises(IntegrityError):
-        storage.read_bytes("unchecked")
+    assert once.fired == 1 and storage.read_bytes("unchecked") == DATA
+    proxy.plan("corrupt-request", method="PUT", match="always", times=None)
+    with pytest.raises(StorageError, match="3 times: the upload was damaged") as failed:
+        storage.write_bytes("always", DATA)
+    assert "check the network path" in (failed.value.hint or "")
+    assert "always" not in [o.key for o in storage.list()]
+    proxy.clear()
     # A multipart upload is checked by drkit itself against the store's composite checksum
     proxy.plan("corrupt-request", method="PUT", match="partNumber=2", times=1)
     with pytest.raises(StorageError, match="the upload was damaged"):

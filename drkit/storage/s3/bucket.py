@@ -63,6 +63,9 @@ class S3Bucket:
         self._client = client
         self.errors = S3Errors(name, config, lambda: self.endpoint)
         self._warned_unverifiable = False
+        # Whether PutObject's ETag is the MD5 of the stored body (AWS, MinIO and moto without
+        # encryption); cleared by the first write that shows otherwise (s3/writer.py)
+        self.etags_are_md5 = True
 
     # -- the client -------------------------------------------------------------------------------
 

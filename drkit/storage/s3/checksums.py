@@ -2,7 +2,10 @@
 
 Checksums, checked by drkit
     drkit computes SHA-256 while writing. A single-PUT object carries it as metadata
-    (``x-amz-meta-drkit-sha256``) and as ``x-amz-checksum-sha256``, which AWS verifies on upload.
+    (``x-amz-meta-drkit-sha256``) and as ``x-amz-checksum-sha256``, which AWS and MinIO verify on
+    upload (a body damaged on its way is refused: BadDigest, sent again). For a store that
+    verifies nothing (moto), drkit compares the reply's ETag, the MD5 of what the store kept,
+    with the body's: a damaged object is deleted and sent again (s3/writer.py).
     The metadata of a multipart object is fixed before its data is known, so it carries its part
     size (``x-amz-meta-drkit-part-size``) instead; every part is sent with its SHA-256, and the
     store keeps the composite checksum (SHA-256 of the part digests, ``<b64>-<parts>``). After

@@ -53,6 +53,7 @@ _TRANSIENT_CODES = frozenset(
         "OperationAborted",
     }
 )
+_DAMAGED_ON_ITS_WAY = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
 _ACCESS_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
 _BAD_CREDENTIALS = frozenset(
     {
@@ -117,6 +118,14 @@ class S3Errors:
                     f"{action} '{key}' in {where} failed: {code}: {message}",
                     hint="the repository sets object_lock, so the bucket must have Object Lock"
                     " enabled (it can only be enabled at creation on most stores)",
+                )
+            if code in _DAMAGED_ON_ITS_WAY:
+                return StorageError(
+                    f"S3 repository '{self._name}' at {self._endpoint()} refused the body of"
+                    f" '{key}' as damaged on its way ({code}) every time; gave up after {tries}",
+                    hint="nothing damaged was stored; something on the network path alters"
+                    " request bodies (a proxy, a load balancer, failing hardware): fix it, then"
+                    " run again",
                 )
             if _is_transient_client_error(err):
                 return StorageError(

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_DAMAGED_PUTS = 3  # PutObjects of one body a store keeps damaged before the write fails
+
 META_WRITE_ID = "drkit-write-id"
 
 
@@ -120,13 +122,54 @@ class _S3Writer(BaseWriter):
     # single PUT
 
     def _put(self) -> None:
-        bucket = self._bucket
+        """One conditional PutObject, checked twice: the store verifies the SHA-256 sent with
+        it (AWS and MinIO refuse a body damaged on its way: BadDigest, retried), and drkit
+        compares the MD5 the store computed of what it kept (the ETag) with the body's, so a
+        store that verifies nothing (moto) cannot keep a damaged body either: it is deleted
+        and sent again, a few times, then the write fails. An ETag that differs is confirmed
+        by reading the object back: a store whose ETags are no MD5s is then known as one, and
+        its objects are not read back again."""
         body, self._buffer = bytes(self._buffer), bytearray()
         digest = self._sha256.digest()
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        kept: str | None = None
+        for _ in range(_DAMAGED_PUTS):
+            kept = self._put_once(body, digest)
+            if kept is None or kept == md5 or not body or not self._bucket.etags_are_md5:
+                return
+            if self._reads_back(len(body), digest):
+                self._bucket.etags_are_md5 = False
+                return
+            log.warning(
+                "S3 repository '%s': '%s' was damaged on its way (the store computed MD5 %s,"
+                " drkit sent %s): sending it again",
+                self._bucket.name,
+                self.key,
+                kept,
+                md5,
+            )
+            self._bucket.delete(self.key)  # StorageError (Object Lock): it stays, and says so
+        raise StorageError(
+            f"S3 repository '{self._bucket.name}' stored '{self.key}' with MD5 {kept}, but drkit"
+            f" sent a body with MD5 {md5}, {_DAMAGED_PUTS} times: the upload was damaged",
+            hint="drkit removed the damaged object; check the network path to the store (a"
+            " proxy or load balancer that alters bodies), then write it again",
+        )
+
+    def _reads_back(self, size: int, digest: bytes) -> bool:
+        """Whether the stored object is exactly the body drkit sent (SHA-256 ``digest``)."""
+        bucket = self._bucket
+        resp = bucket.get_range(self.key, self._s3key, 0, size)
+        return hashlib.sha256(resp["Body"].read()).digest() == digest
+
+    def _put_once(self, body: bytes, digest: bytes) -> str | None:
+        """PutObject; the MD5 the store reports for what it stored (None when its ETag is not
+        one: SSE-KMS and SSE-C, or an earlier attempt's reply lost)."""
+        bucket = self._bucket
         args = bucket.object_args(self._retain_until)
         attempts = Attempts()
         try:
-            bucket.call(
+            resp = bucket.call(
                 "writing",
                 self.key,
                 lambda: bucket.client.put_object(
@@ -144,8 +187,9 @@ class _S3Writer(BaseWriter):
             )
         except ClientError:
             if attempts.count > 1 and self._is_ours():
-                return  # an earlier attempt succeeded; its reply was lost
+                return None  # an earlier attempt succeeded; its reply was lost
             raise bucket.errors.exists(self.key) from None
+        return _stored_md5(resp)
 
     # multipart
 
@@ -322,3 +366,15 @@ class _S3Writer(BaseWriter):
                 and (head.get("Metadata") or {}).get(META_WRITE_ID) == self._write_id
             )
         return False
+
+
+def _stored_md5(resp: dict[str, Any]) -> str | None:
+    """The MD5 of the stored body a PutObject reply's ETag is, or None when it is not one (with
+    SSE-KMS or SSE-C the ETag is no MD5 of the body)."""
+    etag = str(resp.get("ETag") or "").strip('"')
+    encryption = str(resp.get("ServerSideEncryption") or "")
+    if len(etag) != 32 or resp.get("SSECustomerAlgorithm") or encryption.startswith("aws:kms"):
+        return None
+    if any(c not in "0123456789abcdefABCDEF" for c in etag):
+        return None
+    return etag.lower()
