@@ -446,8 +446,7 @@ def test_key_loss_restores_with_the_escrow_key_alone(pg_factory: Any, workdir: P
     assert record["wal_segments"] >= 1  # WAL replayed past the backup, with escrowed keys
     sandbox = Path(out["sandbox"])
     settings = (sandbox / "pgdata" / "postgresql.auto.conf").read_text()
-    [command] = [line for line in settings.splitlines() if line.startswith("restore_command")]
-    assert "--wal-keys drkit-wal-keys.json" in command
+    assert "--wal-keys drkit-wal-keys.json %f %p'" in settings
     assert "--recovery-key" not in settings and str(recovery) not in settings
     assert "recovery_end_command = 'rm -f drkit-wal-keys.json'" in settings
     assert not (sandbox / "pgdata" / "drkit-wal-keys.json").exists()  # removed at promotion

@@ -113,7 +113,7 @@ def test_replicate_on_two_hosts_copies_each_backup_once(
     pg: PgCluster, workdir: Path, s3_server: S3Server, bucket: str, proxy: S3FaultProxy
 ) -> None:
     (workdir / "host-a").mkdir()
-    a = Drkit(pg, workdir / "host-a")
+    a = Drkit(pg, workdir / "host-a", backup={"process_max": 1})  # one copy at a time
     a.write_config(lease={"host": "host-a"})
     a.ok("init")
     label = json.loads(a.ok("backup", "--json").stdout)["label"]

@@ -197,7 +197,8 @@ def _own_record(
             if _opens(repo, record_set, stored, dek, keys):
                 return stored, dek, False
     elif unsigned and len({dek for _, dek in unsigned}) == 1:
-        return (*unsigned[0], False)
+        stored, dek = unsigned[0]
+        return stored, dek, False
     elif unsigned:
         reasons.append("its unsigned key records unwrap to different data keys")
     if len(reasons) <= 1:
