@@ -40,7 +40,7 @@ from concurrent.futures import wait as wait_futures
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, FlexibleChecksumError
 
 from drkit.errors import StorageError
 from drkit.storage.base import BaseWriter
@@ -160,7 +160,11 @@ class _S3Writer(BaseWriter):
         """Whether the stored object is exactly the body drkit sent (SHA-256 ``digest``)."""
         bucket = self._bucket
         resp = bucket.get_range(self.key, self._s3key, 0, size)
-        return hashlib.sha256(resp["Body"].read()).digest() == digest
+        try:
+            body = resp["Body"].read()
+        except FlexibleChecksumError:  # botocore's own check of the store's checksum: damaged
+            return False
+        return hashlib.sha256(body).digest() == digest
 
     def _put_once(self, body: bytes, digest: bytes) -> str | None:
         """PutObject; the MD5 the store reports for what it stored (None when its ETag is not
