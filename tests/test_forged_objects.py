@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rig.archive import enable_archiving, switch_wal, wait_archived
+from rig.archive import enable_archiving, grant_to_server_user, switch_wal, wait_archived
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, attach_cluster, database_checksums
 from rig.vault import backup_label, restore_and_compare
@@ -143,6 +143,7 @@ def test_records_copied_in_from_elsewhere_are_never_signed_or_escrowed_by_rewrap
     for period in periods:
         assert escrowed[("wal", period)]["old_record"] == f"wal-keys/{period}/0001.json"
     dk.ok("verify")  # the configured key passes over the added records too
+    grant_to_server_user(dk)  # the records rewrap (run as root) added, for the copy's wal-fetch
 
     # With the recovery key alone: the first backup and all the WAL after it, exactly
     target = workdir / "restored"
