@@ -3,12 +3,14 @@ files that differ, removing what the backup does not have, never following a pla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rig.archive import enable_archiving
@@ -108,6 +110,8 @@ def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
         # extra.conf, leftover/, the link 99999, postmaster.pid, the links at linked and pg_xact
         "removed": 6,
         "written": delta["written"],
+        "trusted": 0,
+        "origin": None,
     }
     assert CHUNK < delta["written"] < 2 * CHUNK
     assert list(data["phases"]) == ["plan", "compare", "write", "finish", "sync"]
@@ -157,6 +161,52 @@ def test_a_chain_delta_restores_over_a_copy_of_its_full(pg: PgCluster, workdir: 
     restored = start_restored(stale, pg.version, workdir)
     assert database_checksums(restored) == source
     assert restored.psql("SELECT count(*) FROM hot") == "30000"
+
+
+def test_trusting_timestamps_writes_what_changed_without_reading_what_did_not(
+    pg_factory: Any, workdir: Path
+) -> None:
+    """A copy restored from one backup, brought to the next with --trust-timestamps: files
+    whose size and mtime are the new backup's are kept unread; a file the copy holds as the
+    first backup recorded it gets only the chunks that differ between the two manifests."""
+    pg: PgCluster = pg_factory(18)
+    pg.psql(SCHEMA)
+    pg.psql("VACUUM ANALYZE big")  # hint bits set: the update below changes only its own pages
+    pg.psql("CHECKPOINT")
+    # Every file's mtime safely before the first backup (files written less than 2 s before a
+    # backup started are compared by checksum all the same)
+    old = time.time() - 60
+    for path in pg.pgdata.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):  # a temporary file the server removed
+                os.utime(path, (old, old))
+    dk = Drkit(pg, workdir)
+    dk.ok("init")
+    first = json.loads(dk.ok("backup", "--type", "full", "--json").stdout)["label"]
+    stale = workdir / "stale"
+    dk.ok("restore", "--pgdata", str(stale))
+    pg.psql("UPDATE big SET pad = 'moved on' WHERE id < 100; DROP TABLE changed; CHECKPOINT")
+    dk.ok("backup", "--type", "full")
+    source = database_checksums(pg)
+    big = stale / relation_file(pg, "big")
+    size = big.stat().st_size
+
+    usage = dk.run("restore", "--trust-timestamps", "--pgdata", str(stale))
+    assert usage.exit_code == 2 and "--trust-timestamps goes with --delta" in usage.output
+    result = dk.ok("restore", "--delta", "--trust-timestamps", "--pgdata", str(stale), "--json")
+    data = json.loads(result.stdout)
+    delta = data["delta"]
+    assert delta["origin"] == first
+    # Most files kept unread; big patched from the manifests' chunk checksums, not read (what
+    # was written beyond the backup's WAL segments, all new, is less than big alone)
+    assert delta["trusted"] > data["files"] // 2
+    wal = sum(p.stat().st_size for p in (stale / "pg_wal").iterdir() if p.is_file())
+    assert delta["patched"] == 1 and delta["written"] - wal < size
+    kept = delta["trusted"] + delta["unchanged"]
+    assert kept + delta["rewritten"] + delta["patched"] == data["files"]
+
+    restored = start_restored(stale, pg.version, workdir)
+    assert database_checksums(restored) == source
 
 
 def test_a_running_clusters_directory_is_refused_and_left_alone(

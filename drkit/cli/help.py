@@ -63,6 +63,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "drkit restore --pgdata /srv/pitr --target-time '2026-11-27 10:15:00+00'",
         "drkit restore --pgdata /srv/pg2 --type standby --primary-conninfo 'host=db1'",
         "drkit restore --plan --backup 20261126-010000F",
+        "drkit restore --delta --pgdata /var/lib/postgresql/15/main",
+        "drkit restore --delta --trust-timestamps --pgdata /srv/drill-copy",
     ),
     "replicate": ("drkit replicate",),
     "prune": (

@@ -59,6 +59,14 @@ def command(
             " differ from the backup, remove those it does not have",
         ),
     ] = False,
+    trust_timestamps: Annotated[
+        bool,
+        typer.Option(
+            "--trust-timestamps",
+            help="with --delta: keep a file whose size and mtime are the backup's without"
+            " reading it (faster; a file changed without a new mtime stays as it is)",
+        ),
+    ] = False,
     plan: Annotated[
         bool,
         typer.Option(
@@ -143,7 +151,8 @@ def command(
 
     With --delta, bring an existing data directory (a failed primary, a lagging standby, a kept
     drill sandbox; stopped) to the backup instead: files whose size or checksum differ are
-    written again, files the backup does not have are removed, the rest is kept.
+    written again, files the backup does not have are removed, the rest is kept. Add
+    --trust-timestamps to keep files whose size and mtime are the backup's without reading them.
 
     Without a target the restored cluster replays the WAL stored with the backup and opens at
     the backup's consistent point. With a --target-* option it replays archived WAL (fetched by
@@ -155,6 +164,8 @@ def command(
 
     if pgdata is None and not plan:
         raise typer.BadParameter("give --pgdata DIR (or --plan to only plan the restore)")
+    if trust_timestamps and not delta:
+        raise typer.BadParameter("--trust-timestamps goes with --delta")
     if primary_conninfo is not None and restore_type is not RestoreType.STANDBY:
         raise typer.BadParameter("--primary-conninfo goes with --type standby")
     settings = settings_from(
@@ -180,6 +191,7 @@ def command(
         tablespace_map_all=tablespace_map_all,
         archive_mode=archive_mode.value,
         delta=delta,
+        trust_timestamps=trust_timestamps,
         standby=Standby(primary_conninfo or "") if restore_type is RestoreType.STANDBY else None,
     )
     with stopped_by_signals(partial(_interrupted, delta)):
@@ -190,10 +202,12 @@ def command(
     if json_:
         print_json(result.as_dict())
         raise typer.Exit(result.exit_code)
+    trusted = result.delta.trusted if result.delta is not None else 0
     stdout.print(
         f"restored backup {result.label} from '{result.repo}' to '{result.pgdata}':"
         f" {result.files} files,"
-        f" {human_size(result.size)}, every checksum verified"
+        f" {human_size(result.size)}, "
+        + ("every checksum verified" if not trusted else "every file read or written verified")
     )
     if result.delta is not None:
         changed = result.delta
@@ -202,6 +216,12 @@ def command(
             f" {changed.removed} removed, {changed.unchanged} unchanged;"
             f" {human_size(changed.written)} written"
         )
+        if trusted:
+            origin = f", restored from {changed.origin} before" if changed.origin else ""
+            stdout.print(
+                f"trusted timestamps: {trusted} files kept on their size and mtime, not read"
+                + origin
+            )
     for oid, directory in result.tablespaces.items():
         stdout.print(f"  tablespace {oid} -> '{directory}'")
     if result.target is not None:

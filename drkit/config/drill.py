@@ -58,6 +58,11 @@ class DrillSettings(_Section):
         Path("/var/lib/drkit/drill"),
         description="parent directory of drill sandboxes; never inside PGDATA",
     )
+    reuse_sandbox: bool = Field(
+        False,
+        description="keep one sandbox between drills and restore into it by delta, writing"
+        " only what changed since the last drill (a drill with --keep still gets its own)",
+    )
     timeout: Duration = Field(
         timedelta(hours=2), description="give up when recovery has not ended within this"
     )

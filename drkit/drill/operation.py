@@ -42,7 +42,7 @@ from drkit.drill.plan import (
 from drkit.drill.queue import record_drill
 from drkit.drill.result import DrillRequest, DrillResult
 from drkit.drill.rpo import Recovered, exposure, measure_recovered
-from drkit.drill.sandbox import DrillInterrupted, Sandbox, create_sandbox
+from drkit.drill.sandbox import DrillInterrupted, Sandbox, create_sandbox, reuse_sandbox
 from drkit.drill.scenario import RestorePointSpec, Survivors
 from drkit.errors import (
     ConfigError,
@@ -176,7 +176,10 @@ class DrillOperation:
         record = self._record(drill_id, started_at, disaster, rto_seconds, failure)
         result = DrillResult(
             record=record,
-            sandbox=self.sandbox.root if self.sandbox and self.request.keep else None,
+            sandbox=self.sandbox.root
+            if self.sandbox and (self.request.keep or self.sandbox.reused)
+            else None,
+            delta=self.restored.delta if self.restored else None,
             phases={p.name: p.seconds for p in self.phases},
         )
         # (or queue it on this host when none can take it: the next drill writes it)
@@ -262,13 +265,24 @@ class DrillOperation:
         # The restored files, and WAL: the backup's own plus room for a few segments in flight
         needed = manifest.stats.size + 8 * manifest.wal_segment_size
         try:
-            self.sandbox = create_sandbox(
-                self.settings.drill.sandbox,
-                f"drill-{drill_id}",
-                forbidden=forbidden,
-                needed_bytes=needed,
-                server_user=manifest.owner or None,
-            )
+            if self.settings.drill.reuse_sandbox and not self.request.keep:
+                self.sandbox = reuse_sandbox(
+                    self.settings.drill.sandbox,
+                    forbidden=forbidden,
+                    needed_bytes=needed,
+                    server_user=manifest.owner or None,
+                    tablespaces={ts.oid for ts in manifest.tablespaces},
+                )
+                if self.sandbox is None:
+                    log.warning("drill: another drill uses the reusable sandbox; using a new one")
+            if self.sandbox is None:
+                self.sandbox = create_sandbox(
+                    self.settings.drill.sandbox,
+                    f"drill-{drill_id}",
+                    forbidden=forbidden,
+                    needed_bytes=needed,
+                    server_user=manifest.owner or None,
+                )
         except (DrkitError, OSError) as exc:
             raise _Failed(FailureKind.RESTORE_FAILED, f"sandbox: {_message(exc)}") from None
 
@@ -289,6 +303,7 @@ class DrillOperation:
             # WAL period keys it needs, never the key itself
             wal_repos=self._restricted_repos() or [],
             archive_mode="off",
+            delta=sandbox.reused,  # checksums, never timestamps: the checks need an exact copy
         )
         try:
             self.restored = RestoreOperation(allowed, request, self.progress).run()
@@ -345,7 +360,9 @@ class DrillOperation:
                 self.cluster.stop("fast" if self.request.keep else "immediate")
             except DrkitError as exc:
                 self.teardown_problems.append(f"server not stopped: {_first_line(exc.message)}")
-        if self.sandbox is not None and self.request.keep:
+        if self.sandbox is not None and self.sandbox.reused:
+            self.sandbox.release()
+        elif self.sandbox is not None and self.request.keep:
             self.sandbox.keep()
         elif self.sandbox is not None:
             try:
@@ -424,6 +441,11 @@ class DrillOperation:
             detail = ""
             if name == "restore" and self.restored is not None:
                 detail = ", ".join(f"{k} {v:.1f}s" for k, v in self.restored.phases.items())
+                if (delta := self.restored.delta) is not None:
+                    detail += (
+                        f"; by delta into the reused sandbox: {delta.unchanged} files unchanged,"
+                        f" {delta.rewritten} rewritten, {delta.patched} in part"
+                    )
             elif name == "wal-replay+start":
                 detail = f"{self.segments} WAL segments fetched from the archive"
             elif name == "teardown":

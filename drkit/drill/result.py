@@ -11,6 +11,7 @@ from typing import Any
 from drkit.drill.scenario import Scenario
 from drkit.errors import DrillCheckFailed, DrillRestoreFailed, DrillTargetMissed
 from drkit.repo.drills import DrillRecord, FailureKind
+from drkit.restore.delta import DeltaSummary
 from drkit.result import OperationResult
 
 EXIT_CODES = {
@@ -46,7 +47,8 @@ class DrillResult(OperationResult):
     repository the record could not be written to. ``phases``: the record's phases."""
 
     record: DrillRecord
-    sandbox: Path | None = None  # kept for inspection (--keep)
+    sandbox: Path | None = None  # kept for inspection (--keep), or for the next drill (reused)
+    delta: DeltaSummary | None = None  # the restore into the reused sandbox: what it changed
     written: list[str] = field(default_factory=list)  # repositories holding the record
     queued: Path | None = None  # where the record waits when no repository took it
     flushed: list[str] = field(default_factory=list)  # earlier queued drills written now
@@ -64,6 +66,7 @@ class DrillResult(OperationResult):
             "reason": self.record.reason,
             "record": self.record.model_dump(mode="json"),
             "sandbox": str(self.sandbox) if self.sandbox else None,
+            "delta": self.delta.as_dict() if self.delta else None,
             "written": self.written,
             "queued": str(self.queued) if self.queued else None,
             "flushed": self.flushed,

@@ -13,6 +13,14 @@ drill host) cannot tear down: the next drill finds that sandbox with its lock fr
 server still running there (SIGQUIT, the immediate shutdown; then SIGKILL) and removes it. A
 sandbox kept with ``--keep`` has no lock file and is never touched.
 
+With ``[drill] reuse_sandbox`` a drill takes the one reusable sandbox, ``<[drill]
+sandbox>/reusable``, instead, and leaves it behind (server stopped) for the next: the restore
+brings its data directory to the new backup by delta, writing only what differs, every file kept
+proven by its checksum. It is locked the same way while a drill runs in it; a drill that finds it
+locked takes a fresh sandbox. Everything in it but the data directory and the tablespaces the
+backup has (the log, the access rules, the socket directory, a server left by a killed drill) is
+removed first.
+
 The sandbox is refused inside the source's data directory or any of its tablespaces (a drill
 must never write where production lives) and on a file system without room for the restored
 size plus the WAL to replay. The throwaway server gets settings that keep it from reaching
@@ -43,6 +51,7 @@ _SPARE_BYTES = 256 * 1024 * 1024
 _RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 _HBA = "# drkit drill sandbox: only this socket, no TCP\nlocal all all trust\n"
 LOCK_NAME = ".drill.lock"
+REUSABLE = "reusable"  # not a "drill-*" name: never taken for a killed drill's sandbox
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,7 @@ class Sandbox:
     uid: int
     gid: int
     lock_fd: int = -1
+    reused: bool = False  # the reusable sandbox: restored into by delta, kept for the next drill
 
     @property
     def pgdata(self) -> Path:
@@ -144,6 +154,36 @@ class Sandbox:
             shutil.rmtree(self.root)  # a second try that says why it fails
         self._unlock()
 
+    def release(self) -> None:
+        """Leave the reusable sandbox for the next drill (its server stopped)."""
+        self._unlock()
+
+    def clear_for_reuse(self, tablespaces: set[int]) -> None:
+        """Stop a server a killed drill left here, and remove everything but the data directory
+        (unless it is no data directory: a restore killed early) and the tablespace directories
+        of ``tablespaces``."""
+        _stop_server(self.pgdata)
+        for child in self.root.iterdir():
+            if child.name == LOCK_NAME or (child.name == "tablespaces" and _real_dir(child)):
+                continue
+            if child == self.pgdata and _real_dir(child) and _real_file(child / "PG_VERSION"):
+                continue
+            _remove_entry(child)
+        keep = {str(oid) for oid in tablespaces}
+        if (self.root / "tablespaces").exists():
+            for child in (self.root / "tablespaces").iterdir():
+                if child.name not in keep or not _real_dir(child):
+                    _remove_entry(child)
+
+    def usage(self) -> int:
+        """Bytes the sandbox's files take on disk (links not followed)."""
+        total = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+        return total
+
     def keep(self) -> None:
         """Leave the sandbox for the operator: no later drill may take it for a stale one."""
         with contextlib.suppress(FileNotFoundError):
@@ -162,6 +202,64 @@ def create_sandbox(
     """Make ``parent/name`` (0700, owned by the server user) after checking that it is not
     inside any of ``forbidden`` (the source's data directory and tablespaces) and that the file
     system has room for ``needed_bytes``. Raises DrillRestoreFailed saying why not."""
+    parent, uid, gid = _check_parent(parent, forbidden, server_user)
+    _require_room(parent, needed_bytes)
+    remove_stale_sandboxes(parent)
+    root = parent / name
+    root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
+    lock_fd = os.open(root / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # not inherited by the server: os.open is O_CLOEXEC
+    if os.geteuid() == 0:
+        os.chown(root, uid, gid)
+    return Sandbox(root, uid, gid, lock_fd)
+
+
+def reuse_sandbox(
+    parent: Path,
+    *,
+    forbidden: list[Path],
+    needed_bytes: int,
+    server_user: str | None,
+    tablespaces: set[int],
+) -> Sandbox | None:
+    """The reusable sandbox ``parent/reusable`` (made when missing), checked as
+    ``create_sandbox`` checks a new one, locked and cleared for a delta restore (keeping the
+    tablespace directories of ``tablespaces``); None when another drill holds it."""
+    parent, uid, gid = _check_parent(parent, forbidden, server_user)
+    remove_stale_sandboxes(parent)
+    root = parent / REUSABLE
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    if not _real_dir(root):
+        raise DrillRestoreFailed(
+            f"refusing the reusable drill sandbox '{root}': it is not a directory",
+            hint="remove it (drkit makes it again), or set [drill] reuse_sandbox = false",
+        )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    lock_fd = os.open(root / LOCK_NAME, flags, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        return None  # a drill runs there
+    if os.geteuid() == 0:
+        os.chown(root, uid, gid)
+    os.chmod(root, 0o700)
+    sandbox = Sandbox(root, uid, gid, lock_fd, reused=True)
+    try:
+        sandbox.clear_for_reuse(tablespaces)
+        _require_room(parent, needed_bytes - sandbox.usage())
+    except BaseException:
+        sandbox.release()
+        raise
+    return sandbox
+
+
+def _check_parent(
+    parent: Path, forbidden: list[Path], server_user: str | None
+) -> tuple[Path, int, int]:
+    """``parent`` made absolute and created, checked to be outside ``forbidden`` and passable
+    by the server user; with that user's uid and gid."""
     parent = parent.absolute()
     resolved = _resolve_existing(parent)
     for place in forbidden:
@@ -179,6 +277,12 @@ def create_sandbox(
             f"cannot create the drill sandbox directory '{parent}': {exc.strerror}",
             hint="set [drill] sandbox to a directory drkit may create",
         ) from None
+    uid, gid = _owner(parent, server_user)
+    _require_traversable(parent, uid, gid)
+    return parent, uid, gid
+
+
+def _require_room(parent: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(parent).free
     if free < needed_bytes + _SPARE_BYTES:
         raise DrillRestoreFailed(
@@ -186,16 +290,6 @@ def create_sandbox(
             f" about {_mib(needed_bytes + _SPARE_BYTES)} MiB, {_mib(free)} MiB are free",
             hint="free space there or set [drill] sandbox to a larger file system",
         )
-    uid, gid = _owner(parent, server_user)
-    _require_traversable(parent, uid, gid)
-    remove_stale_sandboxes(parent)
-    root = parent / name
-    root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
-    lock_fd = os.open(root / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # not inherited by the server: os.open is O_CLOEXEC
-    if os.geteuid() == 0:
-        os.chown(root, uid, gid)
-    return Sandbox(root, uid, gid, lock_fd)
 
 
 def remove_stale_sandboxes(parent: Path) -> list[Path]:
@@ -294,6 +388,24 @@ def _resolve_existing(path: Path) -> Path:
         rest.append(existing.name)
         existing = existing.parent
     return existing.resolve().joinpath(*reversed(rest))
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _real_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove ``path``: a link itself, a directory with its contents (links inside removed,
+    never followed)."""
+    if _real_dir(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _write_owned(path: Path, text: str, uid: int, gid: int) -> None:

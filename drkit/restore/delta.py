@@ -7,7 +7,9 @@ backup does not have (a link is removed, never followed; a directory goes with i
 Each remaining file is compared with its manifest entry: a file of another size or checksum is
 written again; a large file stored in chunks, each with its own checksum, has only its differing
 chunks written. A file kept is proven by its checksum just as a written one is, so the result
-carries the same guarantee as a restore into an empty directory.
+carries the same guarantee as a restore into an empty directory. (Unless the caller asks to trust
+timestamps: then files are first judged by their size and mtime, restore/trust.py, and only
+those it cannot judge are read.)
 
 Why each rule:
 - a directory whose postmaster.pid names a live server is refused before anything changes: the
@@ -46,6 +48,7 @@ from drkit.fsutil import os_reason, pread_into
 from drkit.pools import worker_pool
 from drkit.repo.chain import FilePlan
 from drkit.restore.paths import TargetTree
+from drkit.restore.trust import Trust
 
 PG_CONTROL = "global/pg_control"
 # Directories a restore makes whether or not the backup lists them
@@ -65,6 +68,10 @@ class DeltaSummary:
     unchanged: int = 0  # files that already matched their checksum
     removed: int = 0  # entries the backup does not have
     written: int = 0  # bytes written
+    # With --trust-timestamps: files kept on their size and mtime, not read (restore/trust.py),
+    # and the backup the copy was restored from, when it names one the repository holds
+    trusted: int = 0
+    origin: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,12 +238,15 @@ class DeltaRestore:
             if not (stat.S_ISLNK(st.st_mode) and name in self._links):
                 self.summary.removed += 1
 
-    def compare(self, tree: TargetTree, workers: int, direct: bool) -> DeltaWork:
+    def compare(
+        self, tree: TargetTree, workers: int, direct: bool, trust: Trust | None = None
+    ) -> DeltaWork:
         """Check every file found against its entry (in parallel, a large file chunk by chunk),
         remove those to be written whole, give those kept their mode and mtime; what is left to
         write. ``tree`` holds the backup's directories, made over the cleared ones; ``direct``:
-        read large files with O_DIRECT."""
-        checks: list[_Check] = [_Check(plan, st) for plan, st in self._found]
+        read large files with O_DIRECT; ``trust``: first judge each file by its size and mtime,
+        reading only those it cannot judge."""
+        checks = [_Check(plan, st, trust) for plan, st in self._found]
         tasks: list[Callable[[], None]] = []
         for check in checks:
             tasks += check.tasks(tree, direct)
@@ -244,13 +254,17 @@ class DeltaRestore:
             list(pool.map(lambda task: task(), tasks))
 
         summary = self.summary
+        summary.origin = trust.origin if trust is not None else None
         plans: list[FilePlan] = []
         chunks: dict[str, set[int]] = {}
         for check in checks:
             path = check.plan.entry.path
             if check.unchanged:
                 tree.finish_file(path, check.plan.entry.mode, check.plan.entry.mtime)
-                summary.unchanged += 1
+                if check.trusted:
+                    summary.trusted += 1
+                else:
+                    summary.unchanged += 1
                 continue
             plans.append(check.plan)
             if check.rewrite_chunks is None:
@@ -278,7 +292,7 @@ class _Check:
     """The comparison of one existing file with its entry: whole, or chunk by chunk for a large
     file stored in chunks (whose chunks are each checked, and restored, on their own)."""
 
-    def __init__(self, plan: FilePlan, st: os.stat_result) -> None:
+    def __init__(self, plan: FilePlan, st: os.stat_result, trust: Trust | None) -> None:
         self.plan = plan
         self._size = st.st_size
         entry = plan.entry
@@ -288,10 +302,20 @@ class _Check:
         # has no checksum to prove it by (a delta read from WAL summaries)
         self._whole = st.st_nlink != 1 or entry.sha256 is None
         self._matches = False  # a file compared whole matched
+        # Judged by its size and mtime, not read
+        self.judged = None if trust is None else trust.judge(plan, st, self._chunks)
+        if self.judged is not None:
+            self._whole = self.judged.write is None
+            self._matches = not self.judged.write
+            self._differs = set(self.judged.write or ())
+
+    @property
+    def trusted(self) -> bool:
+        return self.judged is not None
 
     def tasks(self, tree: TargetTree, direct: bool) -> list[Callable[[], None]]:
         entry = self.plan.entry
-        if self._whole:
+        if self._whole or self.judged is not None:
             return []
         if self._chunks is None:
             if self._size != entry.size:
@@ -320,7 +344,7 @@ class _Check:
     def unchanged(self) -> bool:
         if self._whole:
             return False
-        if self._chunks is None:
+        if self._chunks is None or self.judged is not None:
             return self._matches
         return not self._differs and self._size == self.plan.entry.size
 

@@ -53,6 +53,7 @@ from drkit.restore.files import FileWriter
 from drkit.restore.paths import ClusterUser, TargetTree, cluster_user
 from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
 from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
+from drkit.restore.trust import load_trust
 from drkit.result import OperationResult
 
 
@@ -129,6 +130,11 @@ class RestoreOperation:
                     f"invalid archive mode '{self.request.archive_mode}'",
                     hint="'off' or 'preserve'",
                 )
+            if self.request.trust_timestamps and not self.request.delta:
+                raise ConfigError(
+                    "trusting timestamps is for a delta restore",
+                    hint="add --delta, or leave out --trust-timestamps",
+                )
             self._check_standby()
             repo, chain, repos = self.locate(warnings)
             manifest, label = chain.target, chain.target.label
@@ -161,9 +167,12 @@ class RestoreOperation:
                     # Remove what the backup does not have, lay its directories over what is
                     # left, and compare each file found with its entry
                     existing = DeltaRestore(pgdata, tablespaces, plans, [d for d, _ in directories])
+                    trust = None
+                    if self.request.trust_timestamps:  # before clear() removes backup_label.old
+                        trust = load_trust(repo, manifest, pgdata)
                     existing.clear()
                     tree.make(directories)
-                    work = existing.compare(tree, workers, self.settings.backup.direct_io)
+                    work = existing.compare(tree, workers, self.settings.backup.direct_io, trust)
                     plans, in_place, last, delta = work.plans, work.chunks, work.last, work.summary
             else:
                 tree.make(directories)

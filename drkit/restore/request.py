@@ -34,6 +34,9 @@ class RestoreRequest:
     # differ and removing those the backup does not have (restore/delta.py); a drill can reuse
     # its kept sandbox this way
     delta: bool = False
+    # With delta: keep a file whose size and mtime are the backup's without reading it
+    # (restore/trust.py); faster, but a file changed without a new mtime stays unproven
+    trust_timestamps: bool = False
     standby: Standby | None = None  # a standby following a primary instead of a copy that opens
     # The repositories drkit wal-fetch in restore_command reads, in that order ([]: every
     # configured one); None: only ``repo`` when one is asked for, else every configured one
