@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
@@ -33,6 +34,28 @@ def archive_everything(cluster: PgCluster) -> None:
     wait_archived(cluster, switch_wal(cluster))
 
 
+def archiving_ledger(pg: PgCluster, workdir: Path, **drkit: Any) -> Drkit:
+    """drkit set up for ``pg`` (``drkit``: more Drkit arguments), archiving, an empty ledger."""
+    dk = Drkit(pg, workdir, **drkit)
+    dk.ok("init")
+    enable_archiving(pg, dk)
+    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
+    return dk
+
+
+def backup_between_batches(dk: Drkit) -> tuple[dict[str, dict[str, str]], str]:
+    """Batch 1, the backup, batch 2, a moment, batch 3 (not archived yet): the database at that
+    moment (its checksums) and the moment."""
+    pg = dk.cluster
+    write_batch(pg, 1)
+    dk.ok("backup")
+    write_batch(pg, 2)
+    after_batch_2 = database_checksums(pg)
+    between = now(pg)
+    write_batch(pg, 3)
+    return after_batch_2, between
+
+
 def restore_to(dk: Drkit, workdir: Path, name: str, *target: str, conf=NO_ARCHIVING) -> PgCluster:  # type: ignore[no-untyped-def]
     target_dir = workdir / name
     dk.ok("restore", "--pgdata", str(target_dir), *target)
@@ -44,16 +67,8 @@ def restore_to(dk: Drkit, workdir: Path, name: str, *target: str, conf=NO_ARCHIV
 
 
 def test_pitr_to_time_and_restore_point(pg: PgCluster, workdir: Path) -> None:
-    dk = Drkit(pg, workdir)
-    dk.ok("init")
-    enable_archiving(pg, dk)
-    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
-    write_batch(pg, 1)
-    dk.ok("backup")
-    write_batch(pg, 2)
-    after_batch_2 = database_checksums(pg)
-    between = now(pg)
-    write_batch(pg, 3)
+    dk = archiving_ledger(pg, workdir)
+    after_batch_2, between = backup_between_batches(dk)
     pg.psql("SELECT pg_create_restore_point('before_batch_4')")
     after_batch_3 = database_checksums(pg)
     write_batch(pg, 4)
@@ -68,10 +83,7 @@ def test_pitr_to_time_and_restore_point(pg: PgCluster, workdir: Path) -> None:
 
 
 def test_unreachable_targets_are_refused_before_writing(pg: PgCluster, workdir: Path) -> None:
-    dk = Drkit(pg, workdir)
-    dk.ok("init")
-    enable_archiving(pg, dk)
-    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
+    dk = archiving_ledger(pg, workdir)
     before_backup = now(pg)
     dk.ok("backup")
     write_batch(pg, 1)
@@ -96,10 +108,7 @@ def test_unreachable_targets_are_refused_before_writing(pg: PgCluster, workdir: 
 
 
 def test_gap_in_archive_is_refused(pg: PgCluster, workdir: Path) -> None:
-    dk = Drkit(pg, workdir)
-    dk.ok("init")
-    enable_archiving(pg, dk)
-    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
+    dk = archiving_ledger(pg, workdir)
     dk.ok("backup")
     names = []
     for batch in range(3):
@@ -114,15 +123,8 @@ def test_gap_in_archive_is_refused(pg: PgCluster, workdir: Path) -> None:
 
 
 def test_new_timeline_after_pitr_backs_up_and_recovers_again(pg: PgCluster, workdir: Path) -> None:
-    dk = Drkit(pg, workdir)
-    dk.ok("init")
-    enable_archiving(pg, dk)
-    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
-    write_batch(pg, 1)
-    dk.ok("backup")
-    write_batch(pg, 2)
-    between = now(pg)
-    write_batch(pg, 3)
+    dk = archiving_ledger(pg, workdir)
+    _, between = backup_between_batches(dk)
     archive_everything(pg)
     pg.stop()  # the old primary is gone; the PITR copy takes over, archiving into the repository
 
@@ -161,16 +163,10 @@ def test_restore_from_the_surviving_repository_fetches_wal_from_it_alone(
     pg: PgCluster, workdir: Path
 ) -> None:
     second = workdir / "second"
-    dk = Drkit(pg, workdir, extra_repos=[{"name": "second", "path": second, "offsite": True}])
-    dk.ok("init")
-    enable_archiving(pg, dk)
-    pg.psql("CREATE TABLE ledger (id int, batch int, v text)")
-    write_batch(pg, 1)
-    dk.ok("backup")
-    write_batch(pg, 2)
-    after_batch_2 = database_checksums(pg)
-    between = now(pg)
-    write_batch(pg, 3)
+    dk = archiving_ledger(
+        pg, workdir, extra_repos=[{"name": "second", "path": second, "offsite": True}]
+    )
+    after_batch_2, between = backup_between_batches(dk)
     archive_everything(pg)
     dk.ok("replicate")
     chown_to_server_user(second, recursive=True)  # the restored server's wal-fetch reads it
