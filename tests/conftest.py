@@ -8,6 +8,7 @@ Fixtures (see the docstrings below for contracts):
 - ``s3_server`` / ``vault_server`` (session) -> the raw servers, shared by a worker's tests
 - ``s3`` / ``vault`` -> the same servers, guaranteed up (and S3 emptied) for this test; use these
   in tests that stop, wipe or seal them
+- ``new_bucket`` -> ``make(prefix, object_lock=False)``: a fresh S3 bucket, the environment set
 - ``rig_root`` (session) -> this worker's scratch root under /tmp, removed at the end
 
 Environment knobs (read once at import, before the per-test scrub):
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -284,6 +286,22 @@ def s3(s3_server: S3Server) -> Iterator[S3Server]:
     s3_server.reset()
     yield s3_server
     s3_server.start()
+
+
+@pytest.fixture
+def new_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """``make(prefix="drkit", object_lock=False) -> name``: a fresh bucket on ``s3_server``. From
+    the first call on, the test's environment holds the server's credentials and endpoint, as
+    drkit run in-process, spawned drkit commands and a restored server's wal-fetch read them."""
+
+    def make(prefix: str = "drkit", *, object_lock: bool = False) -> str:
+        for name, value in s3_server.env().items():
+            monkeypatch.setenv(name, value)
+        bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        s3_server.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=object_lock)
+        return bucket
+
+    return make
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
+from rig.servers import S3Server
 from test_drill_list import flip_a_byte
 from test_drill_records import make_record
 
@@ -19,15 +19,9 @@ from drkit.repo.open import open_repository
 
 
 def test_replicate_copies_drill_records_to_the_repositories_missing_them(
-    pg: PgCluster,
-    workdir: Path,
-    s3,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    pg: PgCluster, workdir: Path, s3: S3Server, new_bucket: Callable[..., str]
 ) -> None:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = new_bucket()
     offsite = {
         "name": "s3-eu",
         "type": "s3",

@@ -345,15 +345,12 @@ def test_a_second_host_never_deletes_a_backup_in_progress_and_takes_over_an_expi
 
 
 def test_under_object_lock_lease_records_are_retained_only_briefly(
-    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server, new_bucket: Callable[..., str]
 ) -> None:
     """A repository whose objects are retained for 30 days still lets superseded lease records
     go soon: each is retained only until a minute after its expiry plus grace."""
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-lease-lock-{uuid.uuid4().hex[:8]}"
+    bucket = new_bucket("drkit-lease-lock", object_lock=True)
     client = s3_server.client()
-    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     config = S3Config(
         bucket=bucket,
         endpoint_url=s3_server.endpoint_url,

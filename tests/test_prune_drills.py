@@ -4,12 +4,11 @@ one is proved too; drill records stay at least 400 days and at least the retenti
 from __future__ import annotations
 
 import json
-import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
 from rig.servers import S3Server
@@ -100,12 +99,9 @@ def test_drill_records_stay_400_days_and_the_window(pg: PgCluster, workdir: Path
 
 
 def test_a_locked_drill_record_is_skipped_and_stays_readable(
-    tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, s3: S3Server, new_bucket: Callable[..., str]
 ) -> None:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-drills-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    bucket = new_bucket("drkit-drills", object_lock=True)
     storage = S3Storage(
         S3Config(bucket=bucket, endpoint_url=s3.endpoint_url, region=s3.region, max_attempts=2),
         name="s3-eu",

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from rig.drkit import Drkit, start_restored, toml_value
 from rig.postgres import PgCluster, database_checksums
 from rig.servers import S3Server
@@ -52,12 +51,9 @@ def take(dk: Drkit, kind: str) -> str:
 
 
 def test_prune_on_s3_respects_object_lock(
-    pg: PgCluster, workdir: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+    pg: PgCluster, workdir: Path, s3: S3Server, new_bucket: Callable[..., str]
 ) -> None:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-prune-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    bucket = new_bucket("drkit-prune", object_lock=True)
     dk = Drkit(pg, workdir)
     use_s3(dk, s3, bucket, full=1)
     dk.ok("init")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,10 @@ STALL = 5.0  # seconds a stalled reply takes: the read timeout behind_proxy sets
 
 @pytest.fixture
 def dk(
-    pg_factory: Any, workdir: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    pg_factory: Any, workdir: Path, s3_server: S3Server, new_bucket: Callable[..., str]
 ) -> Iterator[tuple[Drkit, S3FaultProxy]]:
     """A backup of a small pgbench database in an S3 repository reached through a proxy."""
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-interrupt-{uuid.uuid4().hex[:12]}"
-    s3_server.client().create_bucket(Bucket=bucket)
+    bucket = new_bucket("drkit-interrupt")
     pg = pg_factory(15)
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     with S3FaultProxy(s3_server.direct_endpoint_url) as proxy:
