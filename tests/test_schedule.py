@@ -328,6 +328,7 @@ def test_schedule_configuration_errors_name_the_field(workdir: Path) -> None:
         '[postgres]\npgdata = "/srv/pg"\n[keys]\nkeyfile = "/etc/drkit/k"\n'
         '[[repo]]\nname = "local"\npath = "/srv/repo"\n'
         '[schedule]\nfull = "0 61 * * *"\nincr = "0 * * * 1"\ntimezone = "Mars/Olympus"\n'
+        "jitter = -5\n"
         '[[notify.webhooks]]\nname = "ops"\nurl = "https://hooks.example/T000/SECRET"\n'
     )
     result = Drkit.__new__(Drkit)  # no cluster needed: the CLI refuses the file first
@@ -337,6 +338,7 @@ def test_schedule_configuration_errors_name_the_field(workdir: Path) -> None:
     assert "schedule.full: Value error, '0 61 * * *' is not a valid cron expression" in out.stderr
     assert "schedule.incr" in out.stderr and "days of the week as names" in out.stderr
     assert "schedule.timezone" in out.stderr and "unknown time zone 'Mars/Olympus'" in out.stderr
+    assert "schedule.jitter" in out.stderr and "-5 is negative" in out.stderr
     assert "never written in drkit.toml" in out.stderr
     assert "SECRET" not in out.output
 

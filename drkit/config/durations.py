@@ -36,7 +36,9 @@ def format_duration(value: timedelta | float) -> str:
 def _before(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} is negative: a duration is a number of seconds >= 0")
         return timedelta(seconds=value)
     return value
 
