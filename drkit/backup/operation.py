@@ -263,6 +263,9 @@ class BackupOperation:
         diff/incr is the server's incremental backup on top of the parent; a notice when the
         server refused one and a full backup was taken instead."""
         cluster, notice = taken.cluster, None
+        # The files' mtimes are in the server's clock: a later diff/incr trusts them only if
+        # older than this start, so it must not be later in that clock than in ours
+        taken.start_time = min(taken.start_time, session.server_time())
 
         def make_copier(start_lsn: int) -> FileCopier:
             check_lsn = start_lsn if cluster.data_checksums else None

@@ -10,6 +10,7 @@ files) and `read_batches` turns a list of changed blocks into the reads that fet
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -84,7 +85,8 @@ def plan_sources(
 ) -> tuple[list[Source], list[FileEntry]]:
     """What to read for each file: whole, only changed pages, or nothing (a reference).
 
-    With a parent: a file whose size and mtime match the parent's, and whose mtime is safely
+    With a parent: a file whose size and mtime match the parent's (to the second, for a parent
+    taken in remote mode, whose tar headers hold whole seconds), and whose mtime is safely
     before the parent started (a write in the same second as the parent's copy could leave the
     mtime unchanged), is referenced without being read. Main-fork relation files are stored as
     deltas of the pages changed since the parent started: with ``changed`` (WAL summaries) only
@@ -296,7 +298,18 @@ def open_file(path: Path) -> io.FileIO:
 
 
 def _unchanged(old: FileEntry, f: SourceFile, trusted_before: float) -> bool:
-    return old.size == f.size and old.mtime == f.mtime and f.mtime < trusted_before
+    return old.size == f.size and _same_mtime(old.mtime, f.mtime) and f.mtime < trusted_before
+
+
+def _same_mtime(recorded: float, current: float) -> bool:
+    """Whether a file's mtime is the one its parent recorded. A parent taken in remote mode
+    recorded whole seconds (the server's tar headers): a whole-second ``recorded`` is compared
+    at that precision. That hides no change: a write after the parent's copy gives an mtime
+    after the parent's start, which ``trusted_before`` refuses (remote mode keeps its start in
+    the server's clock, which the mtimes are in)."""
+    if recorded == current:
+        return True
+    return float(recorded).is_integer() and math.floor(current) == recorded
 
 
 def _changed_relation_bytes(listing: PgdataListing, parent: Manifest) -> int:

@@ -37,7 +37,7 @@ from typing import IO
 from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
 from drkit.backup.plan import Delta, Source
 from drkit.config.settings import BackupSettings, Settings
-from drkit.errors import IntegrityError, PostgresError
+from drkit.errors import IntegrityError, PageChecksumFailure, PostgresError
 from drkit.pg.basebackup import INCREMENTAL_MIN_VERSION, Archive, BaseBackupStream
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.incremental import (
@@ -128,6 +128,13 @@ def take_remote(
         taken.copied = copier.copy_stream(groups)
         progress.stop()
         end = stream.end()
+    if end.damaged_pages and not any(f.bad_pages for f in taken.copied.files):
+        # drkit's own checks name each damaged page; should the server's have found one they
+        # did not, its words name the file and block
+        found = "; ".join(stream.warnings) or "see the server log for the file and block"
+        taken.copied.warnings.append(
+            PageChecksumFailure(f"the server found pages that failed their checksums: {found}")
+        )
     if not taken.backup_label:
         raise PostgresError("the server's base backup holds no backup_label")
     taken.stop = BackupStop(end.lsn, session.next_xid(), taken.backup_label, b"")

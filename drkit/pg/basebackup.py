@@ -41,6 +41,8 @@ INCREMENTAL_MIN_VERSION = 170000
 # summaries that cover the range, a prior backup on this server's timeline history)
 _NOT_IN_PREREQUISITE_STATE = "55000"
 UPLOAD_CHUNK = 1 << 20
+# ERRCODE_DATA_CORRUPTED: what BASE_BACKUP ends with when pages failed their checksums
+DATA_CORRUPTED = b"XX001"
 
 
 class IncrementalRefused(PostgresError):
@@ -68,6 +70,7 @@ class Archive:
 class BackupEnd:
     lsn: int
     timeline: int
+    damaged_pages: bool = False  # the server found pages that failed their checksums
 
 
 class BaseBackupStream:
@@ -81,6 +84,9 @@ class BaseBackupStream:
         self._done = False
         self.start_lsn = 0
         self.timeline = 0
+        # The server's warnings (a page that failed its checksum: its file and block)
+        self.warnings: list[str] = []
+        self._conn.notice_handler = self._notice
 
     def close(self) -> None:
         self._conn.finish()
@@ -101,8 +107,8 @@ class BaseBackupStream:
             incremental = ", INCREMENTAL"
         checkpoint = "fast" if fast else "spread"
         # VERIFY_CHECKSUMS: the server re-reads a page torn by a concurrent write before it
-        # sends it, which drkit, far from the file, cannot; a page that stays bad fails the
-        # backup on the server (drkit checks every page it receives as well).
+        # sends it, which drkit, far from the file, cannot (drkit checks every page it receives
+        # as well). A page that stays bad is sent as read, and the server says so at the end.
         command = (
             f"BASE_BACKUP (LABEL {_literal(label)}, CHECKPOINT '{checkpoint}', WAL true,"
             f" WAIT false, MANIFEST 'no', TABLESPACE_MAP false, VERIFY_CHECKSUMS true{incremental})"
@@ -158,12 +164,22 @@ class BaseBackupStream:
         return data
 
     def end(self) -> BackupEnd:
-        """The backup's end LSN and timeline, once every archive was read."""
+        """The backup's end LSN and timeline, once every archive was read. A server that found
+        pages failing their checksums fails the command only after it sent everything, the end
+        position included: that backup is whole (``damaged_pages``), as a local one is."""
         while self._next_message() is not None:
             pass
         row = self._result(pq.ExecStatus.TUPLES_OK)
         end = BackupEnd(parse_lsn(_value(row, 0, 0)), int(_value(row, 0, 1)))
-        self._result(pq.ExecStatus.COMMAND_OK)
+        result = self._next_result()
+        if (
+            result is not None
+            and result.status == pq.ExecStatus.FATAL_ERROR
+            and result.error_field(pq.DiagnosticField.SQLSTATE) == DATA_CORRUPTED
+        ):
+            end.damaged_pages = True
+        elif result is None or result.status != pq.ExecStatus.COMMAND_OK:
+            raise self._failure(result)
         return end
 
     def _next_message(self) -> bytes | None:
@@ -192,19 +208,30 @@ class BaseBackupStream:
     def _result(self, expected: pq.ExecStatus, refusable: bool = False) -> PGresult:
         """The next result, of status ``expected``; with ``refusable``, IncrementalRefused for
         the server's refusal of an incremental backup."""
+        result = self._next_result()
+        if result is None or result.status != expected:
+            state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+            if refusable and result is not None and state == _NOT_IN_PREREQUISITE_STATE.encode():
+                raise IncrementalRefused(_first_line(result.error_message.decode(errors="replace")))
+            raise self._failure(result)
+        return result
+
+    def _next_result(self) -> PGresult | None:
         while self._conn.is_busy():  # a checkpoint may take minutes; wait without the GIL
             self._wait_readable()
-        result = self._conn.get_result()
-        if result is None or result.status != expected:
-            message = result.error_message.decode(errors="replace") if result else ""
-            state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
-            if refusable and state == _NOT_IN_PREREQUISITE_STATE.encode():
-                raise IncrementalRefused(_first_line(message))
-            raise PostgresError(
-                f"the base backup failed: {_first_line(message) or self._error()}",
-                hint=_hint(message),
-            )
-        return result
+        return self._conn.get_result()
+
+    def _failure(self, result: PGresult | None) -> PostgresError:
+        message = result.error_message.decode(errors="replace") if result else ""
+        return PostgresError(
+            f"the base backup failed: {_first_line(message) or self._error()}",
+            hint=_hint(message),
+        )
+
+    def _notice(self, notice: PGresult) -> None:
+        if notice.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED) == b"WARNING":
+            message = notice.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+            self.warnings.append(message.decode(errors="replace"))
 
     def _error(self) -> str:
         result = self._conn.get_result()

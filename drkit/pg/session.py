@@ -14,7 +14,7 @@ import time
 from collections.abc import Generator
 from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -318,6 +318,12 @@ class PgSession:
     def summarize_wal(self) -> bool:
         """Whether the server keeps WAL summaries (17+, ``summarize_wal = on``)."""
         return self.version_num() >= 170000 and self._one("SHOW summarize_wal")[0] == "on"
+
+    def server_time(self) -> datetime:
+        """The server's clock, now (in UTC)."""
+        value = self._one("SELECT clock_timestamp()")[0]
+        assert isinstance(value, datetime)
+        return value.astimezone(UTC)
 
     def next_xid(self) -> int:
         """The next transaction ID to be assigned (64-bit, with epoch)."""
