@@ -1,6 +1,6 @@
 # drkit's container image: drkit, the PostgreSQL binaries of one major version (client tools for
-# connections, the server for restore drills), no secret and no shell login, running as postgres
-# (uid 999, like the official postgres image, so the sidecar can read the data directory).
+# connections, the server that restore drills start in their sandbox), no secret and no shell
+# login, running as postgres (uid 999, like the official postgres image).
 #
 #   docker build -t registry.example.com/drkit:0.1.0 .
 #   docker build --build-arg PG_MAJOR=15 ...      # Debian 12 ships PostgreSQL 15 only

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,12 @@ import pytest
 import yaml
 
 from drkit.config.settings import load_settings
+from drkit.pg.basebackup import check_passfile
+from drkit.schedule.emit import CRONJOBS, emit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KUBE = REPO_ROOT / "deploy" / "kubernetes"
-SIDECAR = KUBE / "sidecar" / "statefulset.yaml"
+POSTGRES = KUBE / "postgres" / "statefulset.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 # The oldest and the newest Kubernetes release the project supports.
 KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
@@ -47,7 +50,7 @@ def render_kustomization() -> list[dict[str, Any]]:
         for doc in load_all(KUBE / name):
             doc = copy.deepcopy(doc)
             doc["metadata"].setdefault("labels", {}).update(labels)
-            for container in containers(doc):
+            for container in [*containers(doc), *init_containers(doc)]:
                 container["image"] = images.get(container["image"], container["image"])
             rendered.append(doc)
     return rendered
@@ -68,12 +71,22 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [] if spec is None else spec["containers"]
 
 
+def init_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(doc)
+    return [] if spec is None else spec.get("initContainers", [])
+
+
+def volumes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = pod_spec(doc)
+    return {} if spec is None else {v["name"]: v for v in spec["volumes"]}
+
+
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
 def every_manifest() -> list[dict[str, Any]]:
-    return [*render_kustomization(), *load_all(SIDECAR)]
+    return [*render_kustomization(), *load_all(POSTGRES)]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -84,10 +97,10 @@ def test_every_manifest_is_valid_kubernetes(version: str) -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == [
         "ConfigMap",
-        "CronJob",
-        "CronJob",
-        "CronJob",
+        "ConfigMap",
+        *["CronJob"] * len(CRONJOBS),
         "PersistentVolumeClaim",
+        "Service",
         "ServiceAccount",
         "StatefulSet",
     ]
@@ -108,7 +121,7 @@ def test_the_validation_rejects_what_kubernetes_would() -> None:
 def test_cronjobs_never_overlap_and_have_bounds() -> None:
     cronjobs = by_kind(render_kustomization(), "CronJob")
     names = sorted(c["metadata"]["name"] for c in cronjobs)
-    assert names == ["drkit-drill", "drkit-report", "drkit-verify"]
+    assert names == sorted(f"drkit-{job}" for job in CRONJOBS)
     for cronjob in cronjobs:
         spec = cronjob["spec"]
         assert spec["concurrencyPolicy"] == "Forbid"
@@ -116,7 +129,8 @@ def test_cronjobs_never_overlap_and_have_bounds() -> None:
         assert spec["successfulJobsHistoryLimit"] > 0 and spec["failedJobsHistoryLimit"] > 0
         assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] > 0
         [container] = containers(cronjob)
-        assert container["image"] == "registry.example.com/drkit:0.1.0"
+        for image in [container["image"], *(c["image"] for c in init_containers(cronjob))]:
+            assert image == "registry.example.com/drkit:0.1.0"
         assert container["resources"]["requests"].keys() == {"cpu", "memory"}
         assert "memory" in container["resources"]["limits"]
 
@@ -152,7 +166,7 @@ def test_pods_run_as_postgres_without_privileges() -> None:
         assert spec["serviceAccountName"] == "drkit"
         context = spec["securityContext"]
         assert context["runAsNonRoot"] and context["runAsUser"] == 999
-        for container in spec["containers"]:
+        for container in [*spec["containers"], *spec.get("initContainers", [])]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
@@ -169,11 +183,24 @@ def test_the_configmap_holds_a_valid_drkit_configuration(tmp_path: Path) -> None
     assert settings.keys.provider == "vault-transit"
     assert settings.keys.vault is not None and settings.keys.vault.auth == "kubernetes"
     assert [r.type for r in settings.repo] == ["s3", "s3"]
-    # The sidecar schedules what writes to the repositories; the CronJobs do the rest.
-    scheduled = set(tomllib.loads(config_in_the_configmap(tmp_path).read_text())["schedule"])
-    assert scheduled - {"timezone"} == {"full", "diff", "incr", "replicate", "prune", "heartbeat"}
+    postgres = settings.postgres
+    assert (postgres.mode, postgres.pgdata, postgres.sslmode) == ("remote", None, "verify-full")
+    # Its schedule is the CronJobs': one each, none left out, none extra
+    assert set(settings.schedule.jobs()) == set(CRONJOBS)
     cronjobs = {c["metadata"]["name"] for c in by_kind(render_kustomization(), "CronJob")}
-    assert not {f"drkit-{job}" for job in scheduled} & cronjobs
+    assert cronjobs == {f"drkit-{job}" for job in settings.schedule.jobs()}
+
+
+def test_the_shipped_cronjobs_are_what_the_configmaps_schedule_emits(tmp_path: Path) -> None:
+    """One source of truth: `drkit schedule --emit kubernetes` on the ConfigMap's configuration
+    writes the shipped CronJobs, times and all."""
+    config = config_in_the_configmap(tmp_path)
+    emitted = emit(load_settings(config), "kubernetes", tmp_path / "out", config, "main")
+    assert sorted(p.name for p in emitted.written) == sorted(
+        p.name for p in KUBE.glob("cronjob-*.yaml")
+    )
+    for path in emitted.written:
+        assert yaml.safe_load(path.read_text()) == yaml.safe_load((KUBE / path.name).read_text())
 
 
 def test_schedule_list_reads_the_configmaps_schedule(tmp_path: Path) -> None:
@@ -187,7 +214,7 @@ def test_schedule_list_reads_the_configmaps_schedule(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     jobs = {job["job"]: job["next_run"] for job in json.loads(result.stdout)}
-    assert set(jobs) == {"full", "diff", "incr", "replicate", "prune", "heartbeat"}
+    assert set(jobs) == set(CRONJOBS)
     assert all(jobs.values())
 
 
@@ -195,33 +222,85 @@ def mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["mountPath"]: m for m in container["volumeMounts"]}
 
 
-def test_the_sidecar_and_the_cronjobs_see_the_paths_the_configuration_names(
-    tmp_path: Path,
-) -> None:
-    config = tomllib.loads(config_in_the_configmap(tmp_path).read_text())
-    [statefulset] = load_all(SIDECAR)
-    pods = {c["name"]: c for c in containers(statefulset)}
-    drkit, postgres = pods["drkit"], pods["postgres"]
-    assert drkit["args"][:1] == ["schedule"]
-    port = int(config["metrics"]["listen"].rpartition(":")[2])
-    assert [p["containerPort"] for p in drkit["ports"]] == [port]
-    assert drkit["livenessProbe"]["httpGet"]["path"] == "/health/live"
-    assert "readinessProbe" not in drkit  # a late backup must not take the database offline
-    data = mounts(drkit)["/var/lib/postgresql/data"]
-    assert data["readOnly"] is True and config["postgres"]["pgdata"].startswith(data["mountPath"])
-    assert {e["name"]: e.get("value") for e in postgres["env"]}["PGDATA"] == config["postgres"][
-        "pgdata"
-    ]
-    # Locks and the WAL spool, and the server's socket: one emptyDir each, in both containers.
-    for path in (config["lock_path"], config["postgres"]["host"]):
-        assert mounts(drkit)[path]["name"] == mounts(postgres)[path]["name"]
-    jobs = [containers(c)[0] for c in by_kind(render_kustomization(), "CronJob")]
-    for container in [drkit, *jobs]:
+def test_the_cronjobs_see_the_paths_the_configuration_names(tmp_path: Path) -> None:
+    """Every pod: the configuration, its lock directory, Vault's token, a lease host of its
+    own. The pods that connect to PostgreSQL (backups, drills), and only they: the CA and the
+    password file where the configuration names them, from the Secret drkit-postgres."""
+    text = config_in_the_configmap(tmp_path).read_text()
+    config = tomllib.loads(text)
+    postgres = config["postgres"]
+    token_dir = str(Path(config["keys"]["vault"]["jwt_file"]).parent)
+    secret_dir = str(Path(postgres["sslrootcert"]).parent)
+    passfile_dir = str(Path(postgres["passfile"]).parent)
+    # The client certificate, the documented alternative to the password, is in the Secret too
+    certificate = re.findall(r'^# (sslcert|sslkey) = "(.+)"$', text, re.MULTILINE)
+    assert [name for name, _ in certificate] == ["sslcert", "sslkey"]
+    assert all(str(Path(path).parent) == secret_dir for _, path in certificate)
+    for cronjob in by_kind(render_kustomization(), "CronJob"):
+        [container] = containers(cronjob)
         assert container["args"][-2:] == ["--config", "/etc/drkit/drkit.toml"]
-        assert "/etc/drkit/drkit.toml" in mounts(container)
-        assert config["lock_path"] in mounts(container)
-        token_dir = str(Path(config["keys"]["vault"]["jwt_file"]).parent)
-        assert token_dir in mounts(container)
+        for path in ("/etc/drkit/drkit.toml", config["lock_path"], token_dir):
+            assert path in mounts(container), (cronjob["metadata"]["name"], path)
+        [env] = container["env"]
+        assert env["name"] == "DRKIT_LEASE__HOST"
+        assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        pod_volumes = volumes(cronjob)
+        if container["args"][0] not in ("backup", "drill"):
+            assert "postgres" not in pod_volumes and not init_containers(cronjob)
+            continue
+        assert pod_volumes["postgres"]["secret"]["secretName"] == "drkit-postgres"
+        assert mounts(container)[secret_dir]["name"] == "postgres"
+        assert mounts(container)[passfile_dir]["name"] == "passfile"
+        assert pod_volumes["passfile"]["emptyDir"]["medium"] == "Memory"
+        [init] = init_containers(cronjob)
+        assert mounts(init)[secret_dir]["name"] == "postgres"
+        assert mounts(init)[passfile_dir]["name"] == "passfile"
+        assert postgres["passfile"] in init["command"][-1]
+
+
+def test_the_init_container_makes_a_password_file_libpq_and_drkit_accept(tmp_path: Path) -> None:
+    """Its command, run here on stand-ins for the two volumes: the Secret's group-readable
+    pgpass becomes a private copy (drkit refuses, and libpq ignores, any other); a Secret
+    without one (client certificates) copies nothing and succeeds."""
+    cronjobs = by_kind(render_kustomization(), "CronJob")
+    [incr] = [c for c in cronjobs if c["metadata"]["name"] == "drkit-incr"]
+    [init] = init_containers(incr)
+    script = init["command"][-1]
+    secret, run = tmp_path / "secret", tmp_path / "run"
+    secret.mkdir()
+    run.mkdir()
+    script = script.replace("/etc/drkit/postgres", str(secret))
+    script = script.replace("/run/drkit-postgres", str(run))
+    (secret / "pgpass").write_text("postgres.databases.svc:5432:*:drkit_backup:pw\n")
+    (secret / "pgpass").chmod(0o440)
+    subprocess.run([*init["command"][:-1], script], check=True)
+    assert (run / "pgpass").read_text() == (secret / "pgpass").read_text()
+    check_passfile(run / "pgpass")  # mode 0600: no error
+    (secret / "pgpass").unlink()
+    (run / "pgpass").unlink()
+    subprocess.run([*init["command"][:-1], script], check=True)
+    assert not (run / "pgpass").exists()
+
+
+def test_postgresql_archives_wal_with_the_same_configuration(tmp_path: Path) -> None:
+    """The example PostgreSQL pod: archive_command is drkit wal-push with the CronJobs'
+    configuration, its lock directory and Vault's token; the Service is the host drkit
+    connects to, over TLS."""
+    config = tomllib.loads(config_in_the_configmap(tmp_path).read_text())
+    docs = load_all(POSTGRES)
+    [statefulset] = by_kind(docs, "StatefulSet")
+    [postgres] = containers(statefulset)
+    assert "archive_command=drkit wal-push %p --config /etc/drkit/drkit.toml" in postgres["args"]
+    assert "ssl=on" in postgres["args"]
+    token_dir = str(Path(config["keys"]["vault"]["jwt_file"]).parent)
+    for path in ("/etc/drkit/drkit.toml", config["lock_path"], token_dir):
+        assert path in mounts(postgres), path
+    [service] = by_kind(docs, "Service")
+    assert config["postgres"]["host"].split(".")[0] == service["metadata"]["name"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [config["postgres"]["port"]]
+    [hba] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "postgres-hba"]
+    user = config["postgres"]["user"]
+    assert f"hostssl  replication  {user}" in hba["data"]["pg_hba.conf"]
 
 
 # -- the image -------------------------------------------------------------------------------------

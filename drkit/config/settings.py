@@ -73,6 +73,13 @@ class PostgresSettings(_Section):
     sslrootcert: Path | None = Field(
         None, description="CA certificate(s) the server's must chain to"
     )
+    sslcert: Path | None = Field(
+        None, description="TLS client certificate, for pg_hba.conf's 'cert' method"
+    )
+    sslkey: Path | None = Field(
+        None,
+        description="its private key (libpq wants mode 0600, or 0640 or less owned by root)",
+    )
     passfile: Path | None = Field(
         None,
         description="password file in libpq's .pgpass format, mode 0600 (or PGPASSFILE); a"
@@ -104,6 +111,8 @@ class PostgresSettings(_Section):
         fields: dict[str, object | None] = {
             "sslmode": self.sslmode,
             "sslrootcert": self.sslrootcert,
+            "sslcert": self.sslcert,
+            "sslkey": self.sslkey,
             "passfile": self.passfile,
         }
         given = {k: str(v) for k, v in fields.items() if v is not None}

@@ -253,6 +253,12 @@ def connect_replication(conninfo: str) -> PGconn:
 
 def connection_error(message: str, replication: bool = False) -> PostgresError:
     """The error for a connection libpq refused, with what the operator can do about it."""
+    if "client certificate" in message:
+        return RemoteTlsError(
+            f"TLS to PostgreSQL failed: {message}",
+            hint="the server wants a client certificate: set postgres.sslcert and postgres.sslkey"
+            " to the role's certificate (signed by a CA the server trusts) and its key",
+        )
     if "certificate" in message or "SSL" in message or "ssl" in message:
         return RemoteTlsError(
             f"TLS to PostgreSQL failed: {message}",

@@ -10,10 +10,10 @@ the configuration.
   shipped ``drkit-backup-full@.service`` for ``main``). A cron expression becomes an
   ``OnCalendar=`` in the schedule's time zone; what a calendar cannot say (apscheduler's ``last``
   or ``2nd mon``) is refused.
-- Kubernetes: the CronJobs of the jobs that need no PGDATA (verify, drill, report). Backups,
-  replication and pruning run in the sidecar (``drkit schedule``, docs/kubernetes.md), which reads
-  the same ``[schedule]`` from the ConfigMap. A CronJob has no seconds field: a schedule that
-  needs one is refused.
+- Kubernetes: one CronJob per configured job but the heartbeat (a long-running process), each
+  in a pod of its own, with the configuration in remote mode (docs/kubernetes.md): the jobs that
+  connect to PostgreSQL (backups, drills) also get its Secret. A CronJob has no seconds field: a
+  schedule that needs one is refused.
 
 A file that exists with other content is never overwritten (EmitConflict): it may hold an
 operator's changes.
@@ -58,9 +58,50 @@ class CronJobShape:
     memory: str
     memory_limit: str
     volume: dict[str, object] | None = None
+    postgres: bool = False  # it connects to PostgreSQL: the Secret drkit-postgres is mounted
+
+
+def _backup(kind: str, title: str) -> CronJobShape:
+    return CronJobShape(
+        (
+            f"{title} (drkit backup --type {kind}), taken over a replication connection to",
+            "PostgreSQL (remote mode, docs/remote.md): this pod needs no access to its volume.",
+        ),
+        ("backup", "--type", kind),
+        21600,
+        "1",
+        "512Mi",
+        "2Gi",
+        postgres=True,
+    )
 
 
 CRONJOBS = {
+    "full": _backup("full", "Weekly full backup"),
+    "diff": _backup("diff", "Nightly differential backup"),
+    "incr": _backup("incr", "Hourly incremental backup"),
+    "replicate": CronJobShape(
+        (
+            "Copy what a repository lacks from the others (drkit replicate): backups, WAL and",
+            "records a backup's fan-out could not copy at the time. Needs no PostgreSQL.",
+        ),
+        ("replicate",),
+        21600,
+        "250m",
+        "256Mi",
+        "1Gi",
+    ),
+    "prune": CronJobShape(
+        (
+            "Retention (drkit prune): removes the backups and WAL [retention] no longer keeps,",
+            "in every repository. Needs no PostgreSQL.",
+        ),
+        ("prune",),
+        3600,
+        "250m",
+        "256Mi",
+        "1Gi",
+    ),
     "verify": CronJobShape(
         (
             "Read back every backup and the WAL archive (drkit verify --wal). Read-only on the",
@@ -92,6 +133,7 @@ CRONJOBS = {
             ),
             "source": "              emptyDir:\n                sizeLimit: 50Gi",
         },
+        postgres=True,  # the source's WAL position, for the RPO
     ),
     "report": CronJobShape(
         (
@@ -205,7 +247,7 @@ def _kubernetes(settings: Settings, config: Path) -> tuple[dict[str, str], dict[
     for job, cron in schedule.jobs().items():
         shape = CRONJOBS.get(job)
         if shape is None:
-            skipped[job] = "it runs in the sidecar's drkit schedule (deploy/kubernetes/sidecar)"
+            skipped[job] = "it runs as a long-running process (drkit heartbeat), not a CronJob"
             continue
         files[f"cronjob-{job}.yaml"] = template.render(
             config=config,
@@ -219,6 +261,7 @@ def _kubernetes(settings: Settings, config: Path) -> tuple[dict[str, str], dict[
             memory=shape.memory,
             memory_limit=shape.memory_limit,
             volume=shape.volume,
+            postgres=shape.postgres,
         )
     return files, skipped
 
