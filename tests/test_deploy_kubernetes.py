@@ -236,11 +236,15 @@ def test_the_cronjobs_see_the_paths_the_configuration_names(tmp_path: Path) -> N
     certificate = re.findall(r'^# (sslcert|sslkey) = "(.+)"$', text, re.MULTILINE)
     assert [name for name, _ in certificate] == ["sslcert", "sslkey"]
     assert all(str(Path(path).parent) == secret_dir for _, path in certificate)
+    # An emptyDir is root's and world-writable, which drkit refuses for its locks: they go in a
+    # directory drkit makes inside one
+    lock_volume = str(Path(config["lock_path"]).parent)
     for cronjob in by_kind(render_kustomization(), "CronJob"):
         [container] = containers(cronjob)
         assert container["args"][-2:] == ["--config", "/etc/drkit/drkit.toml"]
-        for path in ("/etc/drkit/drkit.toml", config["lock_path"], token_dir):
+        for path in ("/etc/drkit/drkit.toml", lock_volume, token_dir):
             assert path in mounts(container), (cronjob["metadata"]["name"], path)
+        assert "emptyDir" in volumes(cronjob)[mounts(container)[lock_volume]["name"]]
         [env] = container["env"]
         assert env["name"] == "DRKIT_LEASE__HOST"
         assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -293,7 +297,7 @@ def test_postgresql_archives_wal_with_the_same_configuration(tmp_path: Path) -> 
     assert "archive_command=drkit wal-push %p --config /etc/drkit/drkit.toml" in postgres["args"]
     assert "ssl=on" in postgres["args"]
     token_dir = str(Path(config["keys"]["vault"]["jwt_file"]).parent)
-    for path in ("/etc/drkit/drkit.toml", config["lock_path"], token_dir):
+    for path in ("/etc/drkit/drkit.toml", str(Path(config["lock_path"]).parent), token_dir):
         assert path in mounts(postgres), path
     [service] = by_kind(docs, "Service")
     assert config["postgres"]["host"].split(".")[0] == service["metadata"]["name"]
