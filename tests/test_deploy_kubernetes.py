@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 import yaml
 
 from drkit.config.settings import load_settings
+from drkit.errors import UnsafePathError
 from drkit.pg.basebackup import check_passfile
+from drkit.private_dir import open_private_dir
 from drkit.schedule.emit import CRONJOBS, emit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -260,6 +263,18 @@ def test_the_cronjobs_see_the_paths_the_configuration_names(tmp_path: Path) -> N
         assert mounts(init)[secret_dir]["name"] == "postgres"
         assert mounts(init)[passfile_dir]["name"] == "passfile"
         assert postgres["passfile"] in init["command"][-1]
+
+
+def test_locks_go_in_a_directory_drkit_makes_inside_the_emptydir(tmp_path: Path) -> None:
+    """An emptyDir as the kubelet makes it (mode 0777) is refused for locks; lock_path, a
+    directory drkit makes inside it, is accepted."""
+    lock_path = Path(tomllib.loads(config_in_the_configmap(tmp_path).read_text())["lock_path"])
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    volume.chmod(0o777)
+    with pytest.raises(UnsafePathError, match="writable"):
+        os.close(open_private_dir(volume))
+    os.close(open_private_dir(volume / lock_path.name))
 
 
 def test_the_init_container_makes_a_password_file_libpq_and_drkit_accept(tmp_path: Path) -> None:
