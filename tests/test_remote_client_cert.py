@@ -78,6 +78,7 @@ def test_remote_backup_with_a_client_certificate(pg_factory: PgFactory, workdir:
             "ssl": True,
             "ssl_cert_file": str(files["server.crt"]),
             "ssl_key_file": str(files["server.key"]),
+            "ssl_ca_file": str(files["ca.crt"]),  # the CA client certificates must chain to
         }
     )
     hba = (
