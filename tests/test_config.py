@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from drkit.cli.help import EXAMPLES
 from drkit.cli.main import app
 from drkit.config.settings import load_settings
 from drkit.errors import ConfigError
@@ -120,9 +121,7 @@ def test_console_script_exit_codes_and_output_through_pipes(tmp_path: Path) -> N
 
     helped = run("restore", "--help")  # long output, fully flushed
     assert helped.returncode == 0 and "--target-time" in helped.stdout
-    assert helped.stdout.rstrip().endswith(
-        "drkit restore --plan --backup 20261126-010000F"
-    )  # nothing cut off
+    assert helped.stdout.rstrip().endswith(EXAMPLES["restore"][-1])  # nothing cut off
     usage = run("backup", "--type", "bogus")
     assert usage.returncode == 2 and "'bogus' is not one of" in usage.stderr
     missing = run("info", "--config", str(tmp_path / "nope.toml"))
