@@ -268,3 +268,36 @@ def test_backup_archive_restore_through_a_faulty_network(
             assert database_checksums(restored) == source
         finally:
             restored.stop()
+
+
+def test_a_restore_reads_a_large_file_by_a_few_requests(
+    pg: PgCluster, workdir: Path, proxy: S3FaultProxy, bucket: str
+) -> None:
+    """A large file stored in many chunks is restored from S3 by a few long GETs of its object
+    (one per worker, plus its header), not one per chunk: S3 charges by the request, and a
+    store that reads a whole object for every ranged GET (moto) would read it once per chunk.
+    A reply cut short is resumed within the same bound, and the restore is exact."""
+    pg.psql("CREATE TABLE t AS SELECT g, md5(g::text) AS v FROM generate_series(1, 150000) g")
+    chunk_size = MiB
+    size = int(pg.psql("SELECT pg_relation_size('t')").strip())
+    assert size >= 8 * chunk_size  # at least eight chunks
+    dk = Drkit(pg, workdir, backup={"chunk_size": chunk_size})
+    behind_proxy(dk, proxy, bucket)
+    dk.ok("init")
+    label = json.loads(dk.ok("backup", "--json").stdout)["label"]
+    workers = 2  # the rig's process_max, which a restore runs with
+    for attempt, fault in enumerate([None, "truncate"]):
+        proxy.seen.clear()
+        if fault is not None:
+            proxy.plan(fault, method="GET", match="/data/", times=1)
+        target = workdir / f"restored-{attempt}"
+        dk.ok("restore", "--pgdata", str(target), "--backup", label)
+        gets = {k: n for k, n in proxy.seen.items() if k.startswith("GET ") and "/data/" in k}
+        resumed = sum(proxy.fired().values())
+        assert resumed == (fault is not None)
+        # The file's object: one GET for its frame's header, one per worker's run of chunks
+        assert max(gets.values()) <= workers + 1 + resumed, gets
+        relation = pg.psql("SELECT pg_relation_filepath('t')").strip()
+        restored = (target / relation).read_bytes()
+        assert len(restored) == size
+        proxy.clear()

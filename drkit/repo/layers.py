@@ -12,10 +12,11 @@ non-zero words; everything else comes as plaintext.
 from __future__ import annotations
 
 import itertools
+import threading
 from abc import ABC, abstractmethod
 from bisect import bisect_right
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from drkit.codec.frame import HEADER_SIZE, chunk_span, is_sparse, payload_length
 from drkit.codec.frame_reader import decode_chunks, decode_frame
@@ -38,18 +39,25 @@ SECTION_PAGES = 4096
 
 
 class LayerReader:
-    """Decodes the frames of one chain's layers from one repository."""
+    """Decodes the frames of one chain's layers from one repository. Safe to share between
+    threads: it keeps each chunked frame's header once read (the runs of one frame that workers
+    decode in parallel all need it; on a remote store each read is a request)."""
 
     def __init__(self, repo: Repository, deks: dict[str, bytes]) -> None:
         self.repo = repo
         self._deks = deks
+        self._headers: dict[tuple[str, int], _Header] = {}
+        self._lock = threading.Lock()
 
-    def chunk_plaintext(self, layer: Layer, index: int, hashing: bool) -> Iterator[bytes]:
-        """The plaintext of chunk ``index`` of ``layer``'s frame as it decodes; its size (and
-        with ``hashing`` its checksum) checked at its end."""
-        for piece in self._chunks(layer, index, index + 1, hashing, records=False):
-            assert not isinstance(piece, SparsePages)
-            yield piece
+    def chunk_plaintext(
+        self, layer: Layer, low: int, high: int, hashing: bool
+    ) -> Generator[tuple[int, Iterator[bytes]], None, None]:
+        """Chunks [low, high) of ``layer``'s frame, read in one pass (one request from a remote
+        store): each chunk's index with its plaintext as it decodes, the chunk's size (and with
+        ``hashing`` its checksum) checked at its end. Read each chunk's pieces to their end
+        before taking the next chunk."""
+        for index, pieces in self._each_chunk(layer, low, high, hashing, records=False):
+            yield index, cast(Iterator[bytes], pieces)
 
     def pieces(
         self, layer: Layer, hashing: bool, start: int, end: int
@@ -69,19 +77,30 @@ class LayerReader:
     def _chunks(
         self, layer: Layer, low: int, high: int, hashing: bool, records: bool
     ) -> Iterator[bytes | SparsePages]:
-        """Chunks [low, high) of ``layer``'s frame as they decode, read and decrypted in one
-        pass: their plaintext, or with ``records`` a sparse frame's records as stored; each
-        chunk's size (and with ``hashing`` its checksum) checked at its end."""
+        """Chunks [low, high) of ``layer``'s frame as they decode (see _each_chunk), in one
+        sequence."""
+        for _, pieces in self._each_chunk(layer, low, high, hashing, records):
+            yield from pieces
+
+    def _each_chunk(
+        self, layer: Layer, low: int, high: int, hashing: bool, records: bool
+    ) -> Iterator[tuple[int, Iterator[bytes | SparsePages]]]:
+        """Chunks [low, high) of ``layer``'s frame, read by one sequential read and decrypted
+        in one pass, each with its index: its plaintext as it decodes, or with ``records`` a
+        sparse frame's records as stored; each chunk's size (and with ``hashing`` its checksum)
+        checked at its end."""
         entry, storage = layer.entry, self.repo.storage
         chunks = entry.chunks or []
-        header = storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
+        header = self._header(layer)
         sparse = is_sparse(header)
         payload_end = payload_length(header, entry.length)
         bounds = [chunk[1] for chunk in chunks[low:high]]
         bounds.append(chunks[high][1] if high < len(chunks) else payload_end)
         offset, length = chunk_span(header, entry.length, bounds[0], bounds[-1])
         dek, context = self._deks[layer.owner], file_context(layer.owner, entry.path)
-        with storage.open_read(entry.object, entry.offset + offset, length) as stream:
+        with storage.open_read(
+            entry.object, entry.offset + offset, length, sequential=True
+        ) as stream:
             decoded = decode_chunks(header, stream.read, entry.length, dek, context, bounds)
             for index in range(low, high):
                 plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else entry.payload_size
@@ -89,21 +108,39 @@ class LayerReader:
                 pieces = _one_chunk(decoded)
                 name = f"chunk {index} of '{entry.path}'"
                 if sparse and records:
-                    yield from _records(pieces, size, name)
+                    yield index, _records(pieces, size, name)
                 else:
                     plaintext = expand(pieces) if sparse else pieces
-                    yield from checked_pieces(plaintext, size, sha256 if hashing else None, name)
+                    yield index, checked_pieces(plaintext, size, sha256 if hashing else None, name)
+
+    def _header(self, layer: Layer) -> bytes:
+        """The header of ``layer``'s frame, read once however many workers ask for it."""
+        entry = layer.entry
+        with self._lock:
+            slot = self._headers.setdefault((entry.object, entry.offset), _Header())
+        with slot.lock:
+            if slot.data is None:
+                slot.data = self.repo.storage.read_bytes(entry.object, entry.offset, HEADER_SIZE)
+            return slot.data
 
     def _frame_pieces(self, layer: Layer, hashing: bool) -> Iterator[bytes | SparsePages]:
         entry, dek, storage = layer.entry, self._deks[layer.owner], self.repo.storage
-        raw = not hashing and is_sparse(storage.read_bytes(entry.object, entry.offset, HEADER_SIZE))
-        with storage.open_read(entry.object, entry.offset, entry.length) as stream:
+        raw = not hashing and is_sparse(self._header(layer))
+        with storage.open_read(entry.object, entry.offset, entry.length, sequential=True) as stream:
             context = file_context(layer.owner, entry.path)
             pieces = decode_frame(stream.read, entry.length, dek, context, raw=raw)
             if raw:
                 yield from _records(pieces, entry.payload_size, f"'{entry.path}'")
             else:
                 yield from checked(entry, pieces, hashing)
+
+
+class _Header:
+    """A frame's header, once read, and the lock its first reader holds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.data: bytes | None = None
 
 
 def _one_chunk(decoded: Iterator[bytes | None]) -> Iterator[bytes]:

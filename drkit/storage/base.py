@@ -66,11 +66,15 @@ class Capabilities:
     object_lock: objects are written under a retention lock the store enforces; `delete` of one
         whose retention has not passed raises ObjectLocked, and `open_write` / `write_bytes`
         accept ``retain_until=`` for one object's date.
+    remote: every `open_read` is at least one request over the network, with its round trip
+        and (on S3) its price: a caller reads few long ranges (``sequential=True``: one request
+        each) rather than many short ones.
     """
 
     conditional_create: bool = False
     ranged_read: bool = False
     object_lock: bool = False
+    remote: bool = False
 
 
 @runtime_checkable
@@ -139,7 +143,9 @@ class Storage(Protocol):
         """Write a whole object in one call; the same contract as `open_write` + `commit`."""
         ...
 
-    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+    def open_read(
+        self, key: str, offset: int = 0, length: int | None = None, *, sequential: bool = False
+    ) -> BinaryIO:
         """Open a committed object for streaming reads of `length` bytes from `offset`.
 
         `length=None` reads to the end; a range past the end yields what exists (possibly
@@ -147,6 +153,10 @@ class Storage(Protocol):
         range. Raises ObjectNotFound here (not at the first read) if the object does not exist,
         ValueError for a negative offset or length, StorageError on I/O failure (also from
         `read`). The caller closes the stream.
+
+        `sequential` (with a `length`): the caller reads other ranges in parallel itself, so a
+        remote store streams this range in order by one request (resumed if it breaks) instead
+        of fetching parts of it ahead in parallel. Bytes and checks are the same either way.
         """
         ...
 
@@ -336,7 +346,9 @@ class BaseStorage(ABC):
     def open_write(self, key: str) -> ObjectWriter: ...
 
     @abstractmethod
-    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO: ...
+    def open_read(
+        self, key: str, offset: int = 0, length: int | None = None, *, sequential: bool = False
+    ) -> BinaryIO: ...
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo: ...

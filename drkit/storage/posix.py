@@ -88,8 +88,10 @@ class PosixStorage(BaseStorage):
             fd, tmp = tempfile.mkstemp(dir=self._temp, prefix="write-", suffix=".tmp")
         return _PosixWriter(self, key, path, fd, Path(tmp))
 
-    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
-        path = self._path(key)
+    def open_read(
+        self, key: str, offset: int = 0, length: int | None = None, *, sequential: bool = False
+    ) -> BinaryIO:
+        path = self._path(key)  # a local read is not a request: ``sequential`` changes nothing
         validate_range(offset, length)
         try:
             raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes the stream

@@ -43,6 +43,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -97,6 +98,7 @@ class S3FaultProxy:
         assert parts.hostname is not None and parts.port is not None
         self.target = (parts.hostname, parts.port)
         self.requests = 0
+        self.seen: Counter[str] = Counter()  # requests by "METHOD /path" (query left out)
         self.bad_digests = 0  # requests refused because their body did not match its checksum
         self.validate_checksums = validate_checksums
         self._faults: list[PlannedFault] = []
@@ -165,6 +167,7 @@ class S3FaultProxy:
     def _choose(self, method: str, path: str) -> PlannedFault | None:
         with self._lock:
             self.requests += 1
+            self.seen[f"{method} {path.partition('?')[0]}"] += 1
             for planned in self._faults:
                 if planned.matches(method, path) and self._random.random() < planned.rate:
                     planned.fired += 1

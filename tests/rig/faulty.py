@@ -21,6 +21,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO, TypeVar, cast
 
 from drkit.storage.base import (
@@ -169,8 +170,11 @@ class FaultyStorage(BaseStorage):
     def open_write(self, key: str) -> ObjectWriter:
         return _FaultyWriter(self, key, self._call("open_write", key, self.inner.open_write, key))
 
-    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
-        stream = self._call("open_read", key, self.inner.open_read, key, offset, length)
+    def open_read(
+        self, key: str, offset: int = 0, length: int | None = None, *, sequential: bool = False
+    ) -> BinaryIO:
+        read = partial(self.inner.open_read, sequential=sequential)
+        stream = self._call("open_read", key, read, key, offset, length)
         return cast(BinaryIO, _FaultyReader(self, key, stream))
 
     def stat(self, key: str) -> ObjectInfo:

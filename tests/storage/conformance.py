@@ -142,6 +142,8 @@ class StorageConformance:
         assert storage.read_bytes("ranged", offset, length) == data[expected]
         with storage.open_read("ranged", offset=offset, length=length) as stream:
             assert stream.read() == data[expected]
+        with storage.open_read("ranged", offset, length, sequential=True) as stream:
+            assert stream.read() == data[expected]
 
     def test_random_ranges(self, storage: Storage) -> None:
         data = payload(100_000, seed=3)

@@ -274,6 +274,24 @@ def test_a_large_read_is_spread_over_parallel_ranges_sized_to_it(
     gets.calls = 0
     assert storage.read_bytes("large", 3 * MiB, 24 * MiB) == data[3 * MiB : 27 * MiB]
     assert gets.calls == 3  # three 8 MiB ranges
+    # A sequential read (its caller reads other ranges in parallel) is streamed by one GET
+    gets.calls = 0
+    with storage.open_read("large", 3 * MiB, 24 * MiB, sequential=True) as stream:
+        assert stream.read() == data[3 * MiB : 27 * MiB]
+    assert gets.calls == 1
+
+
+def test_one_get_at_a_time_reads_a_large_object_without_a_retry(
+    s3_server: S3Server, bucket: str
+) -> None:
+    # max_concurrency = 1: the rest after the first 8 MiB GET comes by a second GET, which is
+    # no failure (with a single attempt allowed, the read still succeeds)
+    storage = make_storage(s3_server, bucket, max_concurrency=1, max_attempts=1)
+    data = payload(12 * MiB, seed=12)
+    storage.write_bytes("serial", data)
+    gets = CallTracker(storage, "GetObject")
+    assert storage.read_bytes("serial") == data
+    assert gets.calls == 2
 
 
 def test_a_short_ranged_reply_is_resumed_never_taken_whole(
@@ -287,6 +305,9 @@ def test_a_short_ranged_reply_is_resumed_never_taken_whole(
     proxy.plan("short", method="GET", times=4)  # half of each of four replies comes
     assert storage.read_bytes("cut") == data
     assert storage.read_bytes("cut", 7 * MiB, 9 * MiB) == data[7 * MiB : 16 * MiB]
+    proxy.plan("short", method="GET", times=1)  # the one GET of a sequential read
+    with storage.open_read("cut", 7 * MiB, 9 * MiB, sequential=True) as stream:
+        assert stream.read() == data[7 * MiB : 16 * MiB]
     proxy.assert_all_fired()
 
 

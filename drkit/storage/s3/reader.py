@@ -9,7 +9,9 @@ Reads
     overlaps the download; at most `max_concurrency` ranges are in flight, so memory stays
     bounded whatever the object's size. A reply must hold exactly the bytes asked for (its
     Content-Range is checked; a body that ends early is resumed, within the retry budget, never
-    taken as complete). A range past the end is the 416 reply, read as no bytes.
+    taken as complete). A range past the end is the 416 reply, read as no bytes. A sequential
+    read (the caller reads other ranges in parallel itself, as a restore does) is streamed by
+    one GET for the whole range instead: fewer, longer requests, each resumed the same way.
 
 A read of a whole object is checked by `_Verifier` as it streams (drkit.storage.s3.checksums
 describes what is compared).
@@ -84,7 +86,8 @@ class _Source:
 
 class _StreamSource(_Source):
     """Streams [pos, end) from a response body, resuming with a new ranged GET when the body
-    ends early or breaks (a reset, a timeout)."""
+    ends early or breaks (a reset, a timeout). A `body` already open may hold only
+    [pos, body_end): the rest then comes by a new GET, no failure."""
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class _StreamSource(_Source):
         pos: int,
         end: int,
         body: Any = None,
+        body_end: int | None = None,
     ) -> None:
         self._bucket = bucket
         self._key = key
@@ -103,6 +107,7 @@ class _StreamSource(_Source):
         self._pos = pos
         self._end = end
         self._body = body
+        self._body_end = end if body_end is None else body_end
         self._backoff = Backoff(bucket.retry, f"reading '{key}'")
 
     def readinto(self, buffer: memoryview) -> int:
@@ -124,9 +129,11 @@ class _StreamSource(_Source):
                     ) from err
                 continue
             if not count:
+                self._close_body()
+                if self._pos == self._body_end:
+                    continue  # the first reply asked for less than the range: GET the rest
                 # The reply ended before the range did: resume with a new GET, within the
                 # retry budget (a store that keeps answering short is an error, not an end).
-                self._close_body()
                 early = StorageError(f"reading '{self._key}' ended early at byte {self._pos}")
                 if not self._backoff.failed(early):
                     raise early
@@ -139,6 +146,7 @@ class _StreamSource(_Source):
 
     def _open(self) -> Any:
         bucket = self._bucket
+        self._body_end = self._end
         try:
             resp = bucket.get_range(
                 self._key,

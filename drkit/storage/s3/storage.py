@@ -53,6 +53,7 @@ class S3Storage(BaseStorage):
             conditional_create=True,
             ranged_read=True,
             object_lock=config.object_lock is not None,
+            remote=True,
         )
 
     @property
@@ -92,17 +93,23 @@ class S3Storage(BaseStorage):
             writer.write(data)
         return writer.commit()
 
-    def open_read(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+    def open_read(
+        self, key: str, offset: int = 0, length: int | None = None, *, sequential: bool = False
+    ) -> BinaryIO:
         s3key = self.bucket.s3key(key)
         validate_range(offset, length)
         if length == 0:
             if self.bucket.head(s3key, "reading", key) is None:
                 raise self.bucket.errors.not_found(key)
             return io.BytesIO(b"")
-        # The first GET learns the object's size: a whole read asks for one smallest range,
-        # a read of known length for the first of its ranges (reader.range_size)
+        # The first GET learns the object's size: a read to the end asks for one smallest range,
+        # a read of known length for the first of its ranges (reader.range_size), or for all of
+        # it if sequential (streamed by that one GET)
+        one_get = sequential and length is not None
         if length is None:
             first = min(MIN_RANGE, self.config.part_size)
+        elif one_get:
+            first = length
         else:
             first = min(range_size(length, self.config), length)
         try:
@@ -123,8 +130,8 @@ class S3Storage(BaseStorage):
             verifier = _Verifier(self.bucket, key, s3key, etag, resp.get("Metadata") or {}, total)
         first_end = offset + int(resp["ContentLength"])
         source: _Source
-        if first_end >= end or self.config.max_concurrency == 1:
-            source = _StreamSource(self.bucket, key, s3key, etag, offset, end, body)
+        if first_end >= end or self.config.max_concurrency == 1 or one_get:
+            source = _StreamSource(self.bucket, key, s3key, etag, offset, end, body, first_end)
         else:
             source = _ParallelSource(self.bucket, key, s3key, etag, offset, first_end, end, body)
         return io.BufferedReader(_ObjectReader(source, verifier), READ_BUFFER)
