@@ -121,8 +121,8 @@ def main() -> int:
             full_wall, full_cpu, _ = restore(bench, config, target.pgdata)
             shutil.rmtree(target.pgdata)
             print(f"run {run}: full restore {full_wall:.2f} s wall ({full_cpu:.2f} s CPU)")
-            for name, options in variants:
-                stale = root / f"stale-{run}"
+            for variant, (name, options) in enumerate(variants, 1):
+                stale = root / f"stale-{run}-{variant}"  # its own log (restore-<name>.log)
                 stale.mkdir(mode=0o700)
                 shutil.chown(stale, "postgres", "postgres")
                 dk.ok("restore", "--backup", first, "--pgdata", str(stale))
