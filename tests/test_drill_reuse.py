@@ -9,6 +9,8 @@ from rig.archive import switch_wal, wait_archived
 from rig.postgres import PgCluster, attach_cluster, database_checksums
 from test_drill import drill_setup, postgres_under, run_drill
 
+from drkit.drill.sandbox import Sandbox, reuse_sandbox
+
 
 def test_a_second_drill_restores_the_reused_sandbox_by_delta_and_checks_an_exact_copy(
     pg_factory: Any, workdir: Path
@@ -52,3 +54,37 @@ def test_a_second_drill_restores_the_reused_sandbox_by_delta_and_checks_an_exact
     copy.start()
     assert database_checksums(copy) == source
     copy.stop()
+
+
+def test_the_reused_sandbox_is_never_shared_and_keeps_only_the_copy(workdir: Path) -> None:
+    """Two drills at once never share it (the second gets None and takes a fresh sandbox); the
+    leftovers of the last drill are removed, links too, never what they point to."""
+    parent = workdir / "sandboxes"
+
+    def take() -> Sandbox | None:
+        return reuse_sandbox(
+            parent, forbidden=[], needed_bytes=0, server_user=None, tablespaces={16384}
+        )
+
+    first = take()
+    assert first is not None and first.reused and first.root == parent / "reusable"
+    assert take() is None
+    first.release()
+
+    outside = workdir / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("not drkit's\n")
+    (first.root / "pgdata").mkdir()
+    (first.root / "pgdata" / "PG_VERSION").write_text("15\n")
+    (first.root / "server.log").write_text("the last drill's log\n")
+    (first.root / "pg_hba.conf").symlink_to(outside / "precious")
+    for name in ("16384", "16385"):
+        (first.root / "tablespaces" / name).mkdir(parents=True)
+    (first.root / "tablespaces" / "16386").symlink_to(outside)
+    second = take()
+    assert second is not None
+    assert sorted(p.name for p in second.root.iterdir()) == [".drill.lock", "pgdata", "tablespaces"]
+    assert [p.name for p in (second.root / "tablespaces").iterdir()] == ["16384"]
+    assert (second.root / "pgdata" / "PG_VERSION").read_text() == "15\n"
+    assert (outside / "precious").read_text() == "not drkit's\n"
+    second.release()
