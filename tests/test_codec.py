@@ -65,13 +65,13 @@ def decode(
 
 
 def decode_until_error(
-    blob: bytes, *, dek: bytes = DEK, context: bytes = CONTEXT
+    blob: bytes, *, dek: bytes = DEK, context: bytes = CONTEXT, plain_size: int | None = None
 ) -> tuple[bytes, IntegrityError]:
     """Decodes a damaged frame; returns what was yielded before the error, and the error."""
     source = io.BytesIO(blob)
     received = bytearray()
     with pytest.raises(IntegrityError) as caught:
-        for chunk in decode_frame(source.read, len(blob), dek, context):
+        for chunk in decode_frame(source.read, len(blob), dek, context, plain_size=plain_size):
             received += chunk
     return bytes(received), caught.value
 
@@ -382,35 +382,76 @@ def test_source_shorter_than_the_recorded_length(frame: bytes) -> None:
 # -- the zstd stream inside an authentic frame ---------------------------------------------------
 
 
-def test_truncated_zstd_stream_is_detected() -> None:
+# Each test runs with the plaintext's size unknown (decoded as a stream) and known (given, as a
+# restore gives it from the manifest: decoded in one call)
+WHOLE = pytest.mark.parametrize("whole", [False, True], ids=["stream", "whole"])
+
+
+@WHOLE
+def test_truncated_zstd_stream_is_detected(whole: bool) -> None:
     data = compressible(100_000)
+    size = len(data) if whole else None
     packed = zstandard.ZstdCompressor().compress(data)
     for cut in (1, 3, 4, len(packed) // 2, len(packed) - 1):
-        received, error = decode_until_error(reference_frame(packed[:cut], compressed=True))
+        frame = reference_frame(packed[:cut], compressed=True)
+        received, error = decode_until_error(frame, plain_size=size)
         assert "truncated" in str(error) or "corrupt" in str(error)
         assert data.startswith(received)
-    _, error = decode_until_error(reference_frame(b"", compressed=True))
+    _, error = decode_until_error(reference_frame(b"", compressed=True), plain_size=size)
     assert "truncated" in str(error)
 
 
-def test_trailing_data_after_the_zstd_stream_is_detected() -> None:
-    packed = zstandard.ZstdCompressor().compress(compressible(100_000))
+@WHOLE
+def test_trailing_data_after_the_zstd_stream_is_detected(whole: bool) -> None:
+    data = compressible(100_000)
+    packed = zstandard.ZstdCompressor().compress(data)
     for extra in (b"\0", b"garbage", packed):
-        _, error = decode_until_error(reference_frame(packed + extra, compressed=True))
+        frame = reference_frame(packed + extra, compressed=True)
+        _, error = decode_until_error(frame, plain_size=len(data) if whole else None)
         assert "trailing data" in str(error)
 
 
-def test_corrupt_zstd_stream_is_detected() -> None:
-    _, error = decode_until_error(reference_frame(b"not zstd at all", compressed=True))
+@WHOLE
+def test_corrupt_zstd_stream_is_detected(whole: bool) -> None:
+    frame = reference_frame(b"not zstd at all", compressed=True)
+    _, error = decode_until_error(frame, plain_size=100 if whole else None)
     assert "not a zstd frame" in str(error)
     # Authentication makes this unreachable for frames drkit wrote; zstd's own checksum makes the
     # damage certain to be noticed here.
-    packed = bytearray(
-        zstandard.ZstdCompressor(write_checksum=True).compress(compressible(100_000))
-    )
+    data = compressible(100_000)
+    packed = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(data))
     packed[len(packed) // 2] ^= 0xFF
-    _, error = decode_until_error(reference_frame(bytes(packed), compressed=True))
+    frame = reference_frame(bytes(packed), compressed=True)
+    _, error = decode_until_error(frame, plain_size=len(data) if whole else None)
     assert "corrupt" in str(error)
+
+
+@pytest.mark.parametrize("level", [None, 3])
+@pytest.mark.parametrize("size", [1, S + 1, 5 * S + 17, 3 * MiB])
+def test_a_frame_of_known_size_decodes_in_one_piece(size: int, level: int | None) -> None:
+    """Given its plaintext's size, a compressed frame comes as one piece, however many segments
+    it spans; an uncompressed one segment by segment as before."""
+    data = compressible(size)
+    blob, _ = encode(data, level=level, chunk=S)
+    pieces = list(decode_frame(io.BytesIO(blob).read, len(blob), DEK, CONTEXT, plain_size=size))
+    assert b"".join(pieces) == data
+    assert len(pieces) == (1 if level is not None else max(1, -(-size // S)))
+
+
+def test_a_frame_longer_or_shorter_than_its_recorded_size_is_refused() -> None:
+    """A whole decode never allocates or returns more than the size it was given: a frame whose
+    zstd header records another size, or that holds more, is refused before or while decoding;
+    one that holds less decodes short (the caller's size check reports it)."""
+    data = compressible(100_000)
+    recorded = reference_frame(zstandard.ZstdCompressor().compress(data), compressed=True)
+    blob, _ = encode(data, level=3)  # streamed: its zstd header records no size
+    for frame in (recorded, blob):
+        _, error = decode_until_error(frame, plain_size=len(data) - 1)
+        assert "recorded" in str(error)
+    _, error = decode_until_error(recorded, plain_size=len(data) + 1)
+    assert "recorded" in str(error)
+    shorter = list(decode_frame(io.BytesIO(blob).read, len(blob), DEK, CONTEXT, plain_size=10**6))
+    assert shorter == [data]
 
 
 # -- bounded memory --------------------------------------------------------------------------------

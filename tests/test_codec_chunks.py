@@ -109,6 +109,22 @@ def test_a_run_of_chunks_decodes_in_one_pass_as_each_does_alone() -> None:
     stream = io.BytesIO(stored[:-20_000])
     with pytest.raises(IntegrityError, match="truncated"):
         list(decode_chunks(header, stream.read, len(frame), DEK, CONTEXT, bounds))
+    # Given each chunk's plaintext size, each chunk comes as one piece, then its end marker
+    sizes = [len(run) for run in runs]
+    decoded = list(
+        decode_chunks(header, io.BytesIO(stored).read, len(frame), DEK, CONTEXT, bounds, sizes)
+    )
+    assert decoded == [runs[0], None, runs[1], None, runs[2], None]
+    for wrong in ([sizes[0] - 1, *sizes[1:]], [sizes[0] + 1, *sizes[1:]]):
+        with pytest.raises(IntegrityError, match="recorded"):
+            list(
+                decode_chunks(
+                    header, io.BytesIO(stored).read, len(frame), DEK, CONTEXT, bounds, wrong
+                )
+            )
+    stream = io.BytesIO(stored[:-20_000])
+    with pytest.raises(IntegrityError, match="truncated"):
+        list(decode_chunks(header, stream.read, len(frame), DEK, CONTEXT, bounds, sizes))
 
 
 def test_wrong_frame_count_is_detected() -> None:

@@ -6,7 +6,8 @@ The format, and what its authentication guarantees, is described in drkit/codec/
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -33,14 +34,17 @@ def decode_frame(
     *,
     zstd_frames: int = 1,
     raw: bool = False,
+    plain_size: int | None = None,
 ) -> Iterator[bytes]:
     """Reads exactly `length` stored bytes via read(n); yields authenticated, decompressed chunks.
 
     ``read(n)`` returns up to ``n`` bytes (fewer only at the end of the data, like a file). Chunks
-    are at most about 1 MiB. Raises IntegrityError (lowercase message, without the object's name:
-    the caller adds it) when the frame is damaged, truncated, extended, reordered, spliced, not a
-    drkit frame, or sealed under another data key or context. Output is provisional until the
-    iterator is exhausted without an error (see the module docstring). A chunked payload
+    are at most about 1 MiB, except that given the plaintext's size ``plain_size`` (the manifest
+    records it), a frame of one zstd frame and at most WHOLE_LIMIT bytes of plain (not sparse)
+    plaintext comes as one piece. Raises IntegrityError (lowercase message, without the object's
+    name: the caller adds it) when the frame is damaged, truncated, extended, reordered, spliced,
+    not a drkit frame, or sealed under another data key or context. Output is provisional until
+    the iterator is exhausted without an error (see the module docstring). A chunked payload
     (FrameWriter with ``chunk_size``) holds ``zstd_frames`` zstd frames back to back. A frame of
     sparse pages yields its plaintext expanded, or with ``raw`` its records as stored.
     """
@@ -51,7 +55,8 @@ def decode_frame(
             f"({HEADER_SIZE + TAG_SIZE} bytes)"
         )
     header = _read_exactly(read, HEADER_SIZE)
-    pieces = _frame_payload(read, length, dek, context, zstd_frames, header)
+    whole = plain_size if zstd_frames == 1 and _fits_whole(plain_size) else None
+    pieces = _frame_payload(read, length, dek, context, zstd_frames, header, whole)
     if raw or not is_sparse(header):
         yield from pieces
     else:
@@ -67,8 +72,11 @@ def _frame_payload(
     context: bytes,
     zstd_frames: int,
     header: bytes,
+    whole: int | None,
 ) -> Iterator[bytes]:
-    segment_size, compressed, nonce_prefix, salt, _ = parse_header(header)
+    """The frame's payload, decompressed; with ``whole`` (its plaintext size), a compressed
+    frame of plain pages in one call (see WHOLE_LIMIT)."""
+    segment_size, compressed, nonce_prefix, salt, sparse = parse_header(header)
     stored_segment = segment_size + TAG_SIZE
     body = length - HEADER_SIZE
     count = max(1, -(-body // stored_segment))
@@ -82,10 +90,16 @@ def _frame_payload(
         raise IntegrityError(f"frame length {length} exceeds the largest possible frame")
 
     aead = AESGCM(derive_subkey(dek, salt, context))
+    if whole is not None and compressed and not sparse:
+        parts = [
+            _open_segment(aead, nonce_prefix, header, index, count, sealed)
+            for index, sealed in enumerate(_segments(read, count, stored_segment, last_size))
+        ]
+        if plaintext := _decompress_whole(parts, whole):
+            yield plaintext
+        return
     stream = _ZstdStream(zstd_frames) if compressed else None
-    for index in range(count):
-        last = index == count - 1
-        sealed = _read_exactly(read, last_size if last else stored_segment)
+    for index, sealed in enumerate(_segments(read, count, stored_segment, last_size)):
         payload = _open_segment(aead, nonce_prefix, header, index, count, sealed)
         if stream is None:
             if payload:
@@ -96,6 +110,14 @@ def _frame_payload(
         stream.finish()
 
 
+def _segments(
+    read: Callable[[int], bytes], count: int, stored_segment: int, last_size: int
+) -> Iterator[bytes]:
+    """The ``count`` sealed segments of a frame's body, as read."""
+    for index in range(count):
+        yield _read_exactly(read, last_size if index == count - 1 else stored_segment)
+
+
 def decode_chunks(
     header: bytes,
     read: Callable[[int], bytes],
@@ -103,6 +125,7 @@ def decode_chunks(
     dek: bytes,
     context: bytes,
     bounds: list[int],
+    sizes: Sequence[int] | None = None,
 ) -> Iterator[bytes | None]:
     """Decodes consecutive chunks of a chunked frame of ``length`` stored bytes in one pass:
     chunk ``i`` is payload bytes [bounds[i], bounds[i + 1]), and ``read`` returns the stored
@@ -111,9 +134,11 @@ def decode_chunks(
     also one that two chunks share; each chunk's payload must be exactly one complete zstd
     frame. Yields each chunk's pieces, then None once its zstd frame is checked complete. The
     caller checks each chunk's plaintext checksum, and expands a frame of sparse pages
-    (is_sparse): its chunks are yielded as the records stored."""
+    (is_sparse): its chunks are yielded as the records stored. Given each chunk's plaintext size
+    in ``sizes`` (the manifest records them), chunks of plain pages of at most WHOLE_LIMIT bytes
+    are decompressed in one call each and come as one piece."""
     check_dek(dek)
-    segment_size, compressed, nonce_prefix, salt, _ = parse_header(header)
+    segment_size, compressed, nonce_prefix, salt, sparse = parse_header(header)
     if not compressed:
         raise IntegrityError("frame is not compressed, so it has no chunks")
     stored_segment = segment_size + TAG_SIZE
@@ -125,7 +150,9 @@ def decode_chunks(
     first, last = start // segment_size, max(end - 1, start) // segment_size
     if last >= count or last_size < TAG_SIZE:
         raise IntegrityError("frame chunk lies outside the frame (the frame was truncated)")
-    chunk, stream = 0, _ZstdStream()
+    whole = sizes is not None and not sparse and all(_fits_whole(size) for size in sizes)
+    chunk, stream = 0, None if whole else _ZstdStream()
+    parts: list[memoryview] = []  # decoding whole: the current chunk's payload so far
     for index in range(first, last + 1):
         final = index == count - 1
         sealed = _read_exactly(read, last_size if final else stored_segment)
@@ -134,14 +161,25 @@ def decode_chunks(
         low, high = max(start, base), min(end, base + len(payload))
         while low < high:  # this segment's part of each chunk in turn
             cut = min(bounds[chunk + 1], high)
-            yield from stream.feed(payload[low - base : cut - base])
+            if stream is None:
+                parts.append(payload[low - base : cut - base])
+            else:
+                yield from stream.feed(payload[low - base : cut - base])
             low = cut
             if cut == bounds[chunk + 1]:
-                stream.finish()
+                if stream is None:
+                    assert sizes is not None
+                    if plaintext := _decompress_whole(parts, sizes[chunk]):
+                        yield plaintext
+                    parts = []
+                else:
+                    stream.finish()
+                    stream = _ZstdStream()
                 yield None
-                chunk, stream = chunk + 1, _ZstdStream()
+                chunk += 1
     if chunk < len(bounds) - 1:  # the stored segments ended inside a chunk (or it is empty)
-        stream.finish()
+        if stream is not None:
+            stream.finish()
         raise IntegrityError("frame is truncated: a chunk ends past its stored segments")
 
 
@@ -189,6 +227,58 @@ def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
             raise ValueError(f"read({size - len(parts)}) returned {len(more)} bytes")
         parts += more
     return bytes(parts)
+
+
+# A frame (or chunk) of plain pages whose plaintext size the caller gives and is at most this is
+# decompressed in one call, into one buffer of that size, instead of through _ZstdStream: no
+# Python per zstd block, and no copy through a 128 KiB output buffer into a growing result (a
+# chunk, whose zstd frame records its size, even decodes straight into its buffer). Memory stays
+# bounded: the size comes from the authenticated manifest, never from the data, and large files
+# are stored in chunks of 16 MiB (backup.chunk_size).
+WHOLE_LIMIT = 32 * 1024 * 1024
+
+# Each thread keeps one decompression context for whole decodes: a new one per frame costs an
+# allocation of its buffers (megabytes, for zstd's window), which a restore of many small files
+# would pay per file. Only whole decodes use it: they finish within one call, so no two decodes
+# of one thread ever share it.
+_contexts = threading.local()
+
+
+def _fits_whole(size: int | None) -> bool:
+    return size is not None and 0 < size <= WHOLE_LIMIT
+
+
+def _decompress_whole(parts: Sequence[bytes | memoryview], size: int) -> bytes:
+    """The plaintext of ``parts``, one complete zstd frame of ``size`` bytes of plaintext, with
+    nothing after it."""
+    payload = parts[0] if len(parts) == 1 else b"".join(parts)
+    head = bytes(payload[: len(_ZSTD_MAGIC)])
+    if head != _ZSTD_MAGIC[: len(head)]:
+        raise IntegrityError("compressed payload is not a zstd frame")
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError:  # the frame's header is incomplete
+        raise IntegrityError(
+            "compressed payload is truncated: the zstd stream has no end"
+        ) from None
+    if declared not in (-1, size):
+        raise IntegrityError(
+            f"compressed payload holds {declared} bytes of plaintext, not the {size} recorded"
+        )
+    decompressor = getattr(_contexts, "decompressor", None)
+    if decompressor is None:
+        decompressor = _contexts.decompressor = zstandard.ZstdDecompressor()
+    try:
+        return decompressor.decompress(payload, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        if "unused data" in str(exc):
+            raise IntegrityError(
+                "compressed payload has trailing data after the end of its zstd stream"
+            ) from None
+        raise IntegrityError(
+            f"compressed payload is corrupt, truncated or longer than the {size} bytes recorded:"
+            f" {exc}"
+        ) from None
 
 
 # zstd frame structure (RFC 8878), as far as needed to find block boundaries and the frame's end.

@@ -98,13 +98,15 @@ class LayerReader:
         bounds.append(chunks[high][1] if high < len(chunks) else payload_end)
         offset, length = chunk_span(header, entry.length, bounds[0], bounds[-1])
         dek, context = self._deks[layer.owner], file_context(layer.owner, entry.path)
+        ends = [chunk[0] for chunk in chunks[low + 1 : high]]
+        ends.append(chunks[high][0] if high < len(chunks) else entry.payload_size)
+        sizes = [end - chunk[0] for chunk, end in zip(chunks[low:high], ends, strict=True)]
         with storage.open_read(
             entry.object, entry.offset + offset, length, sequential=True
         ) as stream:
-            decoded = decode_chunks(header, stream.read, entry.length, dek, context, bounds)
-            for index in range(low, high):
-                plain_end = chunks[index + 1][0] if index + 1 < len(chunks) else entry.payload_size
-                size, sha256 = plain_end - chunks[index][0], chunks[index][2]
+            decoded = decode_chunks(header, stream.read, entry.length, dek, context, bounds, sizes)
+            for index, size in zip(range(low, high), sizes, strict=True):
+                sha256 = chunks[index][2]
                 pieces = _one_chunk(decoded)
                 name = f"chunk {index} of '{entry.path}'"
                 if sparse and records:
@@ -128,7 +130,9 @@ class LayerReader:
         raw = not hashing and is_sparse(self._header(layer))
         with storage.open_read(entry.object, entry.offset, entry.length, sequential=True) as stream:
             context = file_context(layer.owner, entry.path)
-            pieces = decode_frame(stream.read, entry.length, dek, context, raw=raw)
+            pieces = decode_frame(
+                stream.read, entry.length, dek, context, raw=raw, plain_size=entry.payload_size
+            )
             if raw:
                 yield from _records(pieces, entry.payload_size, f"'{entry.path}'")
             else:

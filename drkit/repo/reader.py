@@ -94,6 +94,7 @@ def read_object(
                     dek,
                     file_context(label, entry.path),
                     zstd_frames=len(entry.chunks or [None]),
+                    plain_size=entry.payload_size,
                 )
                 consume(entry, checked(entry, chunks, entry.path not in checked_later))
             except DrkitError as exc:
