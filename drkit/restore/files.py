@@ -35,7 +35,7 @@ from drkit.repo.layers import SECTION_PAGES, LayerPages, LayerReader
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.reader import read_object
 from drkit.repo.repository import Repository
-from drkit.restore.paths import TargetTree
+from drkit.restore.paths import TargetTree, finish_open
 
 if TYPE_CHECKING:
     import numpy as np
@@ -108,7 +108,8 @@ class FileWriter:
         if unchecked := [path for path, done in self._assemblies.items() if not done.checked]:
             raise IntegrityError(f"'{unchecked[0]}' was not completely restored")  # never expected
         for plan in plans:
-            self._tree.finish_file(plan.entry.path, plan.entry.mode, plan.entry.mtime)
+            if not _written_whole(plan):  # those got their mode and mtime as they were written
+                self._tree.finish_file(plan.entry.path, plan.entry.mode, plan.entry.mtime)
 
     def _object(self, owner: str, key: str) -> ObjectEntry:
         for obj in self._chain.manifests[owner].objects:
@@ -330,6 +331,7 @@ class FileWriter:
                 self._progress.advance(len(chunk))
             if entry.size >= WRITE_PIECE:  # small files: the final sync writes them just as well
                 start_writeback(fd, 0, entry.size)
+            finish_open(fd, entry.mode, entry.mtime)  # no second open of the file for these
         finally:
             os.close(fd)
 
@@ -423,6 +425,11 @@ def _lowest_byte(layer: Layer, chunk: int | None, size: int) -> int:
     end = chunks[chunk + 1][0] if chunk + 1 < len(chunks) else layer.entry.payload_size
     spans = layer.spans(chunks[chunk][0] // PAGE_SIZE, _blocks(end))
     return min(start for start, _ in spans) * PAGE_SIZE if spans else size
+
+
+def _written_whole(plan: FilePlan) -> bool:
+    """Whether the file is written by _write_whole, in one go from its one frame."""
+    return plan.simple and not plan.layers[0].entry.chunks
 
 
 def _in_sections(plan: FilePlan) -> bool:

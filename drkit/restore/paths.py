@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drkit.errors import RestoreTargetError
+from drkit.fsutil import sync_filesystems
 from drkit.pg.layout import restored_mode
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -187,8 +188,7 @@ class TargetTree:
         """Give a written file the mode PostgreSQL uses and its recorded mtime."""
         fd = self.open(path, os.O_RDONLY)
         try:
-            os.fchmod(fd, restored_mode(mode, False))
-            os.utime(fd, (mtime, mtime))
+            finish_open(fd, mode, mtime)
         finally:
             os.close(fd)
 
@@ -198,17 +198,24 @@ class TargetTree:
         if os.geteuid() != 0:
             return
         uid, gid = self._user.uid, self._user.gid
-        roots = [self.root, *(self._fds[f"pg_tblspc/{oid}"] for oid in self._tablespaces)]
-        for root in roots:
+        for root in self._roots():
             os.fchown(root, uid, gid)
             for _, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root):
                 for name in dirnames + filenames:
                     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
+    def sync(self) -> None:
+        """Make every file restored durable (one call per file system: no fsync per file)."""
+        sync_filesystems(self._roots())
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def _roots(self) -> list[int]:
+        """PGDATA and the tablespace directories."""
+        return [self.root, *(self._fds[f"pg_tblspc/{oid}"] for oid in self._tablespaces)]
 
     def _parent(self, path: str) -> tuple[int, str]:
         parent, _, name = path.rpartition("/")
@@ -232,6 +239,12 @@ class TargetTree:
         path.mkdir(mode=mode, parents=True, exist_ok=True)
         self._created += reversed(missing)
         return _open_dir(path, mode)
+
+
+def finish_open(fd: int, mode: int, mtime: float) -> None:
+    """``finish_file`` on a descriptor of the file, open for writing, after its last write."""
+    os.fchmod(fd, restored_mode(mode, False))
+    os.utime(fd, (mtime, mtime))
 
 
 def _open_dir(path: Path, mode: int) -> int:
