@@ -330,7 +330,7 @@ def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir:
     from drkit.progress import NoProgress
     from drkit.repo.chain import Layer
     from drkit.repo.manifest import FileEntry
-    from drkit.restore.files import _PageWriter
+    from drkit.restore.assembly import PageWriter
 
     size = 9 * PAGE_SIZE + 100  # a trailing partial page
     spans = [(1, 4), (6, 10)]  # the frame holds blocks 1-3 and 6-9 (9: the partial one)
@@ -343,7 +343,7 @@ def test_page_writer_writes_only_selected_pages_from_pieces_of_any_size(workdir:
     path.write_bytes(b"\xff" * size)
     fd = os.open(path, os.O_WRONLY)
     try:
-        writer = _PageWriter(fd, Layer("b", entry, mask), spans, NoProgress())
+        writer = PageWriter(fd, Layer("b", entry, mask), spans, NoProgress())
         for cut in range(0, len(frame), 5000):  # pieces that split pages anywhere
             writer.feed(frame[cut : cut + 5000])
     finally:
@@ -366,7 +366,7 @@ def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> N
     from drkit.errors import IntegrityError
     from drkit.repo.chain import FilePlan
     from drkit.repo.manifest import FileEntry
-    from drkit.restore.files import _Assembly
+    from drkit.restore.assembly import Assembly
     from drkit.restore.paths import ClusterUser, TargetTree
 
     content = b"".join(bytes([block]) * PAGE_SIZE for block in range(8))
@@ -380,7 +380,7 @@ def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> N
     tree.make([])
     path = workdir / "target" / "f"
     path.write_bytes(content)
-    done = _Assembly(FilePlan(entry), writes)
+    done = Assembly(FilePlan(entry), writes)
     done.written("low", tree)  # blocks 0-1 are final
     assert (done._final, done.checked) == (2 * PAGE_SIZE, False)
     done.written("middle", tree)  # up to the lowest block of the last write
@@ -388,7 +388,7 @@ def test_assembled_file_is_checked_as_its_bytes_become_final(workdir: Path) -> N
     done.written("high", tree)
     assert (done._final, done.checked) == (8 * PAGE_SIZE, True)
 
-    damaged = _Assembly(FilePlan(entry), writes)
+    damaged = Assembly(FilePlan(entry), writes)
     damaged.written("middle", tree)
     with path.open("r+b") as f:  # a page the last write brings is wrong
         f.seek(5 * PAGE_SIZE)

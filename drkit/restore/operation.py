@@ -25,11 +25,9 @@ from typing import Any
 from drkit.config.settings import Settings, config_path
 from drkit.crypto.walkeys import WAL_KEYS_FILE, wal_keys_document
 from drkit.errors import (
-    BackupSkipped,
     ConfigError,
     DrkitError,
     DrkitWarning,
-    IntegrityError,
     PostgresBinariesNotFound,
     RepositoryUnreachable,
     RestoreTargetError,
@@ -42,7 +40,6 @@ from drkit.pg.cluster import free_port
 from drkit.pg.recovery import RecoveryTarget, check_primary_conninfo, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
-from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
 from drkit.repo.open import open_repository
 from drkit.repo.repository import Repository
@@ -52,7 +49,13 @@ from drkit.restore.delta import DeltaRestore, DeltaSummary, check_delta_target, 
 from drkit.restore.files import FileWriter
 from drkit.restore.paths import ClusterUser, TargetTree, cluster_user
 from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
-from drkit.restore.target import TargetUnreachable, check_reachable, choose_backup
+from drkit.restore.target import (
+    TargetUnreachable,
+    check_reachable,
+    choose_backup,
+    load_named_chain,
+    newest_intact_chain,
+)
 from drkit.restore.trust import load_trust
 from drkit.result import OperationResult
 
@@ -336,10 +339,10 @@ class RestoreOperation:
                 if target is not None and self.request.backup is None:
                     label = choose_backup(repo, target)
                 elif skip_damaged:
-                    return repo, _newest_intact_chain(repo, events)
+                    return repo, newest_intact_chain(repo, events)
                 else:
                     label = repo.resolve(self.request.backup)
-                return repo, _load_named_chain(repo, label)
+                return repo, load_named_chain(repo, label)
             except DrkitError as exc:
                 if isinstance(exc, TargetUnreachable | ConfigError):
                     raise
@@ -378,50 +381,6 @@ class RestoreOperation:
                 " pass --tablespace-map-all to restore them where the backup says",
             )
         return targets
-
-
-def _newest_intact_chain(repo: Repository, events: list[DrkitWarning]) -> Chain:
-    """The chain of the newest backup that restores: one whose manifest, or a manifest of a
-    backup it depends on, is damaged or unauthentic is skipped (and said so in ``events``)."""
-    first_error: IntegrityError | None = None
-    for label in reversed(repo.backups()):
-        try:
-            return Chain.load(repo, label)
-        except IntegrityError as exc:
-            first_error = first_error or exc
-            events.append(BackupSkipped(f"backup '{label}' skipped: {exc}"))
-    if first_error is None:
-        repo.resolve(None)  # raises: no backups at all
-    raise IntegrityError(
-        f"no backup in repository '{repo.name}' can be restored: {first_error}",
-        hint="'drkit verify' reports what is damaged; restore from another repository's copy",
-    )
-
-
-def _load_named_chain(repo: Repository, label: BackupLabel) -> Chain:
-    """The chain of ``label``; when it is damaged, the error names the newest intact backup."""
-    try:
-        return Chain.load(repo, label)
-    except IntegrityError as exc:
-        intact = _newest_intact_label(repo, exclude=label)
-        hint = (
-            f"the newest intact backup is '{intact}': restore it with --backup {intact}"
-            if intact
-            else "no other backup in this repository can be restored"
-        )
-        raise IntegrityError(exc.message, hint=hint) from None
-
-
-def _newest_intact_label(repo: Repository, exclude: BackupLabel) -> BackupLabel | None:
-    for label in reversed(repo.backups()):
-        if label == exclude:
-            continue
-        try:
-            Chain.load(repo, label)
-        except IntegrityError:
-            continue
-        return label
-    return None
 
 
 def _require_empty(target: Path) -> None:

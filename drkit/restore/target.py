@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from drkit.errors import DrkitError, IntegrityError
+from drkit.errors import BackupSkipped, DrkitError, DrkitWarning, IntegrityError
 from drkit.pg.recovery import RecoveryTarget, TargetKind
 from drkit.pg.wal import parse_lsn, parse_segment_name, segment_name
+from drkit.repo.chain import Chain
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import Manifest
 from drkit.repo.repository import Repository
@@ -162,3 +163,47 @@ def _past_archive(target: RecoveryTarget, last: str | None, archive: WalArchive)
         f" {where}",
         hint="check that archive_command works ('drkit info' shows the WAL ranges)",
     )
+
+
+def newest_intact_chain(repo: Repository, events: list[DrkitWarning]) -> Chain:
+    """The chain of the newest backup that restores: one whose manifest, or a manifest of a
+    backup it depends on, is damaged or unauthentic is skipped (and said so in ``events``)."""
+    first_error: IntegrityError | None = None
+    for label in reversed(repo.backups()):
+        try:
+            return Chain.load(repo, label)
+        except IntegrityError as exc:
+            first_error = first_error or exc
+            events.append(BackupSkipped(f"backup '{label}' skipped: {exc}"))
+    if first_error is None:
+        repo.resolve(None)  # raises: no backups at all
+    raise IntegrityError(
+        f"no backup in repository '{repo.name}' can be restored: {first_error}",
+        hint="'drkit verify' reports what is damaged; restore from another repository's copy",
+    )
+
+
+def load_named_chain(repo: Repository, label: BackupLabel) -> Chain:
+    """The chain of ``label``; when it is damaged, the error names the newest intact backup."""
+    try:
+        return Chain.load(repo, label)
+    except IntegrityError as exc:
+        intact = _newest_intact_label(repo, exclude=label)
+        hint = (
+            f"the newest intact backup is '{intact}': restore it with --backup {intact}"
+            if intact
+            else "no other backup in this repository can be restored"
+        )
+        raise IntegrityError(exc.message, hint=hint) from None
+
+
+def _newest_intact_label(repo: Repository, exclude: BackupLabel) -> BackupLabel | None:
+    for label in reversed(repo.backups()):
+        if label == exclude:
+            continue
+        try:
+            Chain.load(repo, label)
+        except IntegrityError:
+            continue
+        return label
+    return None
