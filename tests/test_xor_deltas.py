@@ -177,11 +177,11 @@ def _restores_alike_in_small_pieces(dk: Drkit, workdir: Path, label: str) -> Non
     source)."""
     from drkit import fsutil
     from drkit.config.settings import load_settings
-    from drkit.restore import files
+    from drkit.restore import assembly, files
     from drkit.restore.operation import RestoreOperation, RestoreRequest
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(files, "SECTION_PAGES", 37)
+        patch.setattr(assembly, "SECTION_PAGES", 37)
         patch.setattr(files, "WINDOW_PAGES", 5)
         patch.setattr(fsutil, "WRITE_PIECE", 3 * PAGE_SIZE + 100)
         target = workdir / "small-pieces"
