@@ -4,22 +4,17 @@ file; a chain of a remote full and a local incremental."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from psycopg.conninfo import conninfo_to_dict
 from rig.archive import enable_archiving
 from rig.drkit import Drkit, check_indexes, start_restored
 from rig.postgres import PgCluster, PgFactory, chown_to_server_user, database_checksums
+from rig.tls import LOOPBACK_SAN, certificate_pem, make_certificate, write_key
 from test_backup_restore import LARGE_OBJECT, populate
 
 from drkit.config.settings import PostgresSettings
@@ -173,44 +168,14 @@ def test_remote_password_file_must_be_private(pg: PgCluster, workdir: Path) -> N
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path, Path]:
     """A CA, a server certificate it signed for 127.0.0.1 (key and chain), and an unrelated CA."""
-    now = datetime.datetime.now(datetime.UTC)
-
-    def make(name: str, issuer: tuple[x509.Name, Any] | None, ip: bool) -> tuple[Any, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        issuer_name, issuer_key = issuer if issuer else (subject, key)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
-        )
-        if ip:
-            address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-            builder = builder.add_extension(x509.SubjectAlternativeName([address]), False)
-        return key, builder.sign(issuer_key, hashes.SHA256())
-
-    def pem(cert: Any) -> bytes:
-        return bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key, ca = make("drkit test CA", None, ip=False)
-    server_key, server = make("127.0.0.1", (ca.subject, ca_key), ip=True)
-    _, other_ca = make("another CA", None, ip=False)
+    ca_key, ca = make_certificate("drkit test CA")
+    server_key, server = make_certificate("127.0.0.1", (ca.subject, ca_key), LOOPBACK_SAN)
+    _, other_ca = make_certificate("another CA")
     paths = [directory / n for n in ("ca.crt", "server.crt", "server.key", "other-ca.crt")]
-    paths[0].write_bytes(pem(ca))
-    paths[1].write_bytes(pem(server))
-    paths[2].write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    paths[3].write_bytes(pem(other_ca))
+    paths[0].write_bytes(certificate_pem(ca))
+    paths[1].write_bytes(certificate_pem(server))
+    write_key(paths[2], server_key)
+    paths[3].write_bytes(certificate_pem(other_ca))
     return paths[0], paths[1], paths[2], paths[3]
 
 

@@ -4,64 +4,31 @@ connection alike."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from rig.drkit import Drkit
 from rig.postgres import PgFactory, chown_to_server_user
+from rig.tls import LOOPBACK_SAN, certificate_pem, make_certificate, write_key
 from test_remote import BACKUP_ROLE, create_backup_role, listen_on_tcp, remote
 
 
 def _issue(directory: Path) -> dict[str, Path]:
     """A CA, and two certificates it signed: the server's (for 127.0.0.1) and the role's."""
-    now = datetime.datetime.now(datetime.UTC)
     written: dict[str, Path] = {}
 
-    def make(name: str, issuer: tuple[Any, Any] | None, san: x509.GeneralName | None) -> Any:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        issuer_name, issuer_key = issuer if issuer else (subject, key)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), True)
-        )
-        if san is not None:
-            builder = builder.add_extension(x509.SubjectAlternativeName([san]), False)
-        return key, builder.sign(issuer_key, hashes.SHA256())
-
-    def save(name: str, key: Any, cert: Any) -> None:
+    def save(name: str, key: Any, cert: x509.Certificate) -> None:
         written[f"{name}.crt"] = directory / f"{name}.crt"
-        written[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        written[f"{name}.crt"].write_bytes(certificate_pem(cert))
         written[f"{name}.key"] = directory / f"{name}.key"
-        written[f"{name}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        written[f"{name}.key"].chmod(0o600)
+        write_key(written[f"{name}.key"], key)
 
-    ca_key, ca = make("drkit test CA", None, None)
+    ca_key, ca = make_certificate("drkit test CA")
     save("ca", ca_key, ca)
-    server = make(
-        "127.0.0.1", (ca.subject, ca_key), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-    )
-    save("server", *server)
-    save("client", *make(BACKUP_ROLE, (ca.subject, ca_key), None))
+    save("server", *make_certificate("127.0.0.1", (ca.subject, ca_key), LOOPBACK_SAN))
+    save("client", *make_certificate(BACKUP_ROLE, (ca.subject, ca_key)))
     return written
 
 

@@ -9,7 +9,6 @@ Kubernetes API that OpenBao's kubernetes auth method needs: it answers TokenRevi
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import secrets
@@ -19,13 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from rig.drkit import Drkit
 from rig.servers import LOOPBACK, OpenBaoServer, VaultServer
+from rig.tls import certificate_pem, make_certificate
 
 TRANSIT_POLICY = """
 path "{mount}/datakey/plaintext/{key}" {{ capabilities = ["update"] }}
@@ -274,21 +269,7 @@ def _service_account_jwt(namespace: str, account: str, uid: str) -> str:
 
 def _throwaway_ca() -> str:
     """OpenBao insists on a CA certificate for the Kubernetes API even when it speaks HTTP."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "drkit-test-k8s-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+    return certificate_pem(make_certificate("drkit-test-k8s-ca")[1]).decode()
 
 
 # -- end-to-end helpers ---------------------------------------------------------------------------
