@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,8 @@ from drkit.storage.base import Storage
 
 
 @pytest.fixture
-def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    name = f"drkit-two-hosts-{uuid.uuid4().hex[:12]}"
-    s3_server.client().create_bucket(Bucket=name)
-    return name
+def bucket(new_bucket: Callable[..., str]) -> str:
+    return new_bucket("drkit-two-hosts")
 
 
 @pytest.fixture
