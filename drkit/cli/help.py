@@ -73,7 +73,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "heartbeat": ("drkit heartbeat --interval 10s", "drkit heartbeat --once"),
     "schedule": ("drkit schedule --list", "drkit schedule"),
-    "metrics": ("drkit metrics --textfile /var/lib/node_exporter/drkit.prom",),
+    "metrics": (
+        "drkit metrics --textfile /var/lib/node_exporter/drkit.prom",
+        "drkit metrics --serve --config /etc/drkit/drkit.toml",
+    ),
     "report": (
         "drkit report --quarter 2026Q4 --out reports/",
         "drkit report --from 2026-10-01 --to 2026-12-31 --format md",
