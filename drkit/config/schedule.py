@@ -126,7 +126,8 @@ class ScheduleSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """Where ``drkit schedule`` serves /metrics, /health/live and /health/ready."""
+    """Where ``drkit schedule`` and ``drkit metrics --serve`` serve /metrics and the health
+    endpoints."""
 
     listen: str = Field(
         "127.0.0.1:9187", description="host:port (port 0: any free port, logged at start)"
