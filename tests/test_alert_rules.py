@@ -25,6 +25,8 @@ PROMQL_OPERATORS = {"and", "or", "unless", "bool"}
 REQUIRED_ALERTS = {
     "DrkitBackupTooOld": "drkit_backup_newest_age_seconds",
     "DrkitWalArchiveLagOverRpo": "drkit_wal_archive_lag_seconds",
+    "DrkitWalArchiveLagUnknown": "drkit_wal_archive_lag_seconds",
+    "DrkitReplicateOverdue": "drkit_job_last_success_timestamp_seconds",
     "Drkit321NotMet": "drkit_copies_321_compliant",
     "DrkitVerifyFailed": "drkit_verify_last_ok",
     "DrkitDrillFailed": "drkit_drill_last_ok",

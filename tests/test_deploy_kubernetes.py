@@ -28,6 +28,7 @@ from drkit.schedule.emit import CRONJOBS, emit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KUBE = REPO_ROOT / "deploy" / "kubernetes"
 POSTGRES = KUBE / "postgres" / "statefulset.yaml"
+HEARTBEAT = "deployment-heartbeat.yaml"  # listed commented out: it needs a role of its own
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 # The oldest and the newest Kubernetes release the project supports.
 KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
@@ -38,10 +39,16 @@ def load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def render_kustomization() -> list[dict[str, Any]]:
-    """What `kubectl kustomize deploy/kubernetes` prints, for the features the kustomization
-    uses (resources, labels, images); anything else in it is refused, so this stays exact."""
-    spec = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+def render_kustomization(
+    directory: Path = KUBE, also: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """What `kubectl kustomize <directory>` prints, for the features the kustomization uses
+    (resources, labels, images); anything else in it is refused, so this stays exact. ``also``:
+    resources it lists commented out, rendered as if the line were uncommented."""
+    text = (directory / "kustomization.yaml").read_text()
+    for name in also:
+        assert f"  # - {name}\n" in text, name
+    spec = yaml.safe_load(text)
     assert set(spec) <= {"apiVersion", "kind", "labels", "resources", "images"}, set(spec)
     labels: dict[str, str] = {}
     for entry in spec.get("labels", []):
@@ -49,8 +56,8 @@ def render_kustomization() -> list[dict[str, Any]]:
         labels.update(entry["pairs"])
     images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in spec.get("images", [])}
     rendered = []
-    for name in spec["resources"]:
-        for doc in load_all(KUBE / name):
+    for name in [*spec["resources"], *also]:
+        for doc in load_all(directory / name):
             doc = copy.deepcopy(doc)
             doc["metadata"].setdefault("labels", {}).update(labels)
             for container in [*containers(doc), *init_containers(doc)]:
@@ -89,7 +96,7 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def every_manifest() -> list[dict[str, Any]]:
-    return [*render_kustomization(), *load_all(POSTGRES)]
+    return [*render_kustomization(also=(HEARTBEAT,)), *load_all(POSTGRES)]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -102,8 +109,12 @@ def test_every_manifest_is_valid_kubernetes(version: str) -> None:
         "ConfigMap",
         "ConfigMap",
         *["CronJob"] * len(CRONJOBS),
+        "Deployment",
+        "Deployment",
         "PersistentVolumeClaim",
         "Service",
+        "Service",
+        "ServiceAccount",
         "ServiceAccount",
         "StatefulSet",
     ]
@@ -152,13 +163,18 @@ def test_reports_are_kept_on_their_claim() -> None:
 
 
 def test_no_secret_is_shipped_and_secrets_are_referenced_by_name() -> None:
+    """S3 credentials: the jobs' and archive_command's, read-only ones for the metrics
+    exporter, none for the heartbeat (it reads no repository)."""
     docs = every_manifest()
     assert not by_kind(docs, "Secret")
+    s3_secret = {"drkit-metrics": ["drkit-metrics-s3"], "drkit-heartbeat": []}
     for doc in docs:
         for container in containers(doc):
             refs = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
-            assert "drkit-s3" in refs, (doc["metadata"]["name"], container["name"])
-            assert not any("value" in e and "KEY" in e["name"] for e in container.get("env", []))
+            expected = s3_secret.get(doc["metadata"]["name"], ["drkit-s3"])
+            assert refs == expected, (doc["metadata"]["name"], container["name"])
+            literal = [e["name"] for e in container.get("env", []) if "value" in e]
+            assert not [n for n in literal if re.search(r"SECRET|PASSWORD|ACCESS_KEY|TOKEN", n)]
 
 
 def test_pods_run_as_postgres_without_privileges() -> None:
@@ -166,7 +182,9 @@ def test_pods_run_as_postgres_without_privileges() -> None:
         spec = pod_spec(doc)
         if spec is None:
             continue
-        assert spec["serviceAccountName"] == "drkit"
+        # The exporter has an identity of its own, for read-only Vault and IAM roles
+        expected = "drkit-metrics" if doc["metadata"]["name"] == "drkit-metrics" else "drkit"
+        assert spec["serviceAccountName"] == expected
         context = spec["securityContext"]
         assert context["runAsNonRoot"] and context["runAsUser"] == 999
         for container in [*spec["containers"], *spec.get("initContainers", [])]:
