@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import io
 import re
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO
 
 from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
 from drkit.backup.plan import Delta, Source
@@ -49,6 +47,7 @@ from drkit.pg.incremental import (
 )
 from drkit.pg.pages import relation_segment
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
+from drkit.pg.tarstream import Member, TarStream
 from drkit.pg.wal import check_segment_header, parse_lsn, parse_segment_name
 from drkit.pg.walk import PgdataListing, SourceDir, SourceLink
 from drkit.progress import Progress
@@ -169,23 +168,23 @@ def _groups(
     held = 0
     for archive in stream.archives():
         prefix = _archive_prefix(archive, taken, names)
-        with tarfile.open(fileobj=archive, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                released = threading.Event()
-                source = _member(tar, member, prefix, taken, cluster, limit, released, prior)
-                if source is None:
-                    continue
-                if source.size >= limit:
-                    if bundle:
-                        yield StreamedGroup(bundle)
-                        bundle, held = [], 0
-                    yield StreamedGroup([source], released)
-                    continue
-                bundle.append(source)
-                held += source.size
-                if held >= bundle_size:
+        tar = TarStream(archive, archive.name)
+        for member in tar:
+            released = threading.Event()
+            source = _member(tar, member, prefix, taken, cluster, limit, released, prior)
+            if source is None:
+                continue
+            if source.size >= limit:
+                if bundle:
                     yield StreamedGroup(bundle)
                     bundle, held = [], 0
+                yield StreamedGroup([source], released)
+                continue
+            bundle.append(source)
+            held += source.size
+            if held >= bundle_size:
+                yield StreamedGroup(bundle)
+                bundle, held = [], 0
     if bundle:
         yield StreamedGroup(bundle)
 
@@ -199,8 +198,8 @@ def _archive_prefix(archive: Archive, taken: RemoteBackup, names: dict[int, str]
 
 
 def _member(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
+    tar: TarStream,
+    member: Member,
     prefix: str,
     taken: RemoteBackup,
     cluster: ClusterInfo,
@@ -224,8 +223,6 @@ def _member(
         return None
     if not member.isfile() or path.startswith("pg_wal/archive_status/"):
         return None
-    reader = tar.extractfile(member)
-    assert reader is not None  # a regular file
     delta = None
     if prior is not None and (target := incremental_target(path)) is not None:
         path, delta = target, _delta_of(target, prior)
@@ -233,9 +230,9 @@ def _member(
     required = path == "backup_label" or path.startswith("pg_wal/")
     check = partial(_check_wal, path, cluster) if _WAL_SEGMENT.match(path) else None
     if member.size >= limit:
-        streamed = partial(_StreamedFile, reader, released, check)
+        streamed = partial(_StreamedFile, tar, released, check)
         return Source(path, member.size, mode, member.mtime, streamed, segment, required, delta)
-    data = reader.read()
+    data = tar.read()
     if check is not None:
         check(data)
     if path == "backup_label":
@@ -268,7 +265,7 @@ class _StreamedFile:
 
     def __init__(
         self,
-        reader: IO[bytes],
+        reader: TarStream,
         released: threading.Event,
         check: Callable[[bytes], None] | None = None,
     ) -> None:
@@ -277,30 +274,27 @@ class _StreamedFile:
         self._check = check  # of the file's first bytes
 
     def readinto(self, buffer: memoryview, /) -> int:
+        filled = self._fill(buffer)
         if self._check is not None:
-            head = self._reader.read(min(WAL_HEADER_BYTES, len(buffer)))
-            self._check(head)
+            self._check(bytes(buffer[: min(filled, WAL_HEADER_BYTES)]))
             self._check = None
-            buffer[: len(head)] = head
-            return len(head) + self._fill(buffer[len(head) :])
-        return self._fill(buffer)
+        return filled
 
     def _fill(self, buffer: memoryview) -> int:
         filled = 0
-        while filled < len(buffer):
-            data = self._reader.read(len(buffer) - filled)
-            if not data:
+        while filled < len(buffer) and not self._released.is_set():
+            n = self._reader.readinto(buffer[filled:])
+            if not n:
+                # the file's end: from now on the stream's bytes are the next member's
                 self._released.set()
                 break
-            buffer[filled : filled + len(data)] = data
-            filled += len(data)
+            filled += n
         return filled
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a file read from a replication stream has no descriptor")
 
     def close(self) -> None:
-        self._reader.close()
         self._released.set()
 
 

@@ -60,10 +60,9 @@ class Archive:
     location: str  # the tablespace's directory on the server ('' for PGDATA)
     _stream: BaseBackupStream = field(repr=False)
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes of the archive (b'' at its end); what ``tarfile``'s stream mode
-        reads from."""
-        return self._stream.read_archive(size)
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Up to ``len(buffer)`` bytes of the archive (0 at its end)."""
+        return self._stream.readinto_archive(buffer)
 
 
 @dataclass
@@ -79,8 +78,9 @@ class BaseBackupStream:
 
     def __init__(self, conninfo: str) -> None:
         self._conn = connect_replication(conninfo)
-        self._pending = b""  # bytes of the current archive not read yet
-        self._message: bytes | None = None  # a message read past the current archive's end
+        # bytes of the current archive not read yet: a view of the message as libpq received it
+        self._pending = memoryview(b"")
+        self._message: memoryview | None = None  # a message read past the current archive's end
         self._done = False
         self.start_lsn = 0
         self.timeline = 0
@@ -141,27 +141,26 @@ class BaseBackupStream:
         while (message := self._next_message()) is not None:
             kind, body = message[:1], message[1:]
             if kind == b"n":
-                name, location = (bytes(part).decode() for part in body.split(b"\0")[:2])
+                name, location = (part.decode() for part in bytes(body).split(b"\0")[:2])
                 oid = int(name.removesuffix(".tar")) if location else None
                 yield Archive(name, oid, location, self)
             elif kind == b"d":
                 raise PostgresError("the server sent archive data before naming its archive")
             # 'p' (progress) and 'm' (the server's manifest, not asked for) are passed over
 
-    def read_archive(self, size: int) -> bytes:
+    def readinto_archive(self, buffer: memoryview) -> int:
         while not self._pending:
             message = self._next_message()
             if message is not None and message[:1] == b"p":
                 continue  # progress, which may come between an archive's pieces
             if message is None or message[:1] != b"d":
                 self._message = message  # the next archive's (or the end): keep it
-                return b""
+                return 0
             self._pending = message[1:]
-        if size < 0 or size >= len(self._pending):
-            data, self._pending = self._pending, b""
-        else:
-            data, self._pending = self._pending[:size], self._pending[size:]
-        return data
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
     def end(self) -> BackupEnd:
         """The backup's end LSN and timeline, once every archive was read. A server that found
@@ -182,7 +181,7 @@ class BaseBackupStream:
             raise self._failure(result)
         return end
 
-    def _next_message(self) -> bytes | None:
+    def _next_message(self) -> memoryview | None:
         if self._message is not None:
             message, self._message = self._message, None
             return message
@@ -199,7 +198,8 @@ class BaseBackupStream:
         if n < 0:
             self._done = True
             raise PostgresError(f"the base backup failed: {self._error()}")
-        return bytes(data)
+        # not copied: the view keeps libpq's buffer of the message alive until it is read
+        return memoryview(data)
 
     def _wait_readable(self) -> None:
         select.select([self._conn.socket], [], [])
