@@ -50,6 +50,30 @@ def test_precedence_flags_over_env_over_file(
     assert settings.backup.start_fast is False  # a flag left unset changes nothing
 
 
+def test_environment_names_json_values_and_bad_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DRKIT_* names are case-insensitive, ``__`` reaches into sections, a section, list or
+    mapping is JSON (a list replaces the file's), and bad JSON is refused with its variable."""
+    config = write(tmp_path, BASE)
+    signer = "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("drkit_postgres__Port", "6001")
+    monkeypatch.setenv("DRKIT_ARCHIVE__ASYNC", "true")  # a key with an alias
+    monkeypatch.setenv("DRKIT_KEYS__ESCROW__SIGNERS", f'["{signer}"]')
+    monkeypatch.setenv("DRKIT_REPO", '[{"name": "env", "path": "/srv/env-repo"}]')
+    monkeypatch.setenv("DRKIT_LOG_LEVEL", "debug")  # names no setting: not one
+    settings = load_settings(config)
+    assert settings.postgres.port == 6001 and settings.postgres.pgdata == Path("/srv/pg")
+    assert settings.archive.async_ is True
+    assert settings.keys.escrow.signers == [signer]
+    assert settings.keys.keyfile == Path("/etc/drkit/k")  # the file's keys section stays
+    assert [(r.name, str(r.path)) for r in settings.repo] == [("env", "/srv/env-repo")]
+
+    monkeypatch.setenv("DRKIT_REPO", "[{not json")
+    with pytest.raises(ConfigError, match="DRKIT_REPO is not valid JSON"):
+        load_settings(config)
+
+
 def test_config_from_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRKIT_CONFIG", str(write(tmp_path, BASE)))
     assert load_settings(None).repo[0].name == "local"

@@ -59,13 +59,14 @@ def settings_from(config: Path | None, overrides: dict[str, Any] | None = None) 
     if settings.log.path is not None:
         add_log_file(settings.log.path, settings.log.level)
     # every setting in effect; pydantic masks SecretStr values, redacted() passwords in strings
-    log.debug(
-        "settings loaded",
-        extra={
-            "config": str(config_path(config)),
-            "settings": redacted(settings.model_dump(mode="json")),
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "settings loaded",
+            extra={
+                "config": str(config_path(config)),
+                "settings": redacted(settings.model_dump(mode="json")),
+            },
+        )
     return settings
 
 

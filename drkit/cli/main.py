@@ -112,6 +112,9 @@ def __getattr__(name: str) -> Any:
 
 
 def main() -> None:
+    # pydantic looks for plugins in the entry points of every installed distribution when the
+    # first model is built (tens of milliseconds per command); drkit's models want none
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         if len(sys.argv) > 1 and sys.argv[1] in _FAST_COMMANDS:
             from drkit.cli.wal import run_fast

@@ -28,12 +28,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
 from drkit.config.drill import DrillSettings, HeartbeatSettings
 from drkit.config.lease import LeaseSettings
@@ -43,6 +37,7 @@ from drkit.config.repos import PosixRepo as PosixRepo  # re-exported: users impo
 from drkit.config.repos import S3ObjectLock as S3ObjectLock
 from drkit.config.repos import S3Repo as S3Repo
 from drkit.config.schedule import MetricsSettings, NotifySettings, ScheduleSettings
+from drkit.config.sources import EnvironmentValueError, deep_merge, environment_values
 from drkit.errors import ConfigError
 from drkit.private_dir import default_lock_path
 
@@ -342,10 +337,11 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="DRKIT_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
-    )
+class Settings(BaseModel):
+    """Every setting, validated (defaults too); ``load_settings`` gathers them from the flags,
+    the environment and the file (drkit/config/sources.py)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
     postgres: PostgresSettings
     keys: KeysSettings
@@ -386,23 +382,6 @@ class Settings(BaseSettings):
             raise ValueError(f"repository names must be unique, got {names}")
         return repos
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-        if _config_file is not None:
-            sources += (TomlConfigSettingsSource(settings_cls, toml_file=_config_file),)
-        return sources
-
-
-_config_file: Path | None = None
-
 
 def config_path(config: Path | None) -> Path:
     """The configuration file in effect: --config, else $DRKIT_CONFIG, else the default."""
@@ -416,7 +395,6 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
     (``{"postgres": {"pgdata": ...}}``); ``None`` values are ignored. Raises ConfigError with one
     line per invalid field.
     """
-    global _config_file
     path = config_path(config)
     if not path.is_file():
         raise ConfigError(
@@ -424,30 +402,32 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
             hint="pass --config PATH or set DRKIT_CONFIG; docs/configuration.md has an example",
         )
     flags = _drop_none(overrides or {})
-    _refuse_shared_inline_token(path)
-    _config_file = path
     try:
-        return Settings(**flags)  # pydantic-settings deep-merges nested sections across sources
+        with path.open("rb") as file:
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+            data = tomllib.load(file)
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
+    _refuse_shared_inline_token(path, data, mode)
+    try:
+        environment = environment_values(Settings, os.environ)
+    except EnvironmentValueError as exc:
+        raise ConfigError(str(exc), hint="docs/configuration.md lists every key") from None
+    try:
+        return Settings.model_validate(deep_merge(deep_merge(data, environment), flags))
     except ValidationError as exc:
         raise ConfigError(
             _describe(exc, path), hint="docs/configuration.md lists every key"
         ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read configuration file '{path}': {exc}") from None
-    finally:
-        _config_file = None
 
 
-def _refuse_shared_inline_token(path: Path) -> None:
+def _refuse_shared_inline_token(path: Path, data: dict[str, Any], mode: int) -> None:
     """A configuration file that holds a Vault token must be private to its owner, as the key
     file and token_file are: any local user who reads it could act as drkit."""
-    try:
-        with path.open("rb") as file:
-            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
-            data = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError):
-        return  # reported with its reason when the settings are loaded
-    vault = data.get("keys", {}).get("vault", {})
+    keys = data.get("keys")
+    vault = keys.get("vault") if isinstance(keys, dict) else None
     if isinstance(vault, dict) and vault.get("token") and mode & 0o077:
         raise ConfigError(
             f"configuration file '{path}' holds a Vault token and can be accessed by group or"

@@ -1,11 +1,11 @@
 """The configuration of the WAL commands, loaded without pydantic when it can be.
 
 wal-push runs once per WAL segment, so its start-up time is on the database's critical path, and
-pydantic-settings alone takes ~100 ms to import. The common case — a posix repository, the keyfile
-provider, no ``DRKIT_*`` overrides in the environment — is therefore read here with ``tomllib``.
-Everything else (other storage or key providers, environment overrides, anything unexpected or
-invalid in the sections read here) goes through the full loader, ``load_settings``, which is the
-reference: the fast path accepts only what it would accept and gives the same values
+pydantic with the settings' models takes ~0.1 s to import. The common case — a posix repository,
+the keyfile provider, no ``DRKIT_*`` overrides in the environment — is therefore read here with
+``tomllib``. Everything else (other storage or key providers, environment overrides, anything
+unexpected or invalid in the sections read here) goes through the full loader, ``load_settings``,
+which is the reference: the fast path accepts only what it would accept and gives the same values
 (tests/test_wal_config.py compares them). Sections and repositories the WAL commands do not use
 (backup settings, secondary repositories) are not validated on the fast path; every other command
 validates them.
