@@ -25,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -42,7 +41,7 @@ from drkit.logs import event
 from drkit.repo.events import JobTimes, recorded
 from drkit.repo.lock import operation_lock
 from drkit.repo.open import open_key_provider, repo_location
-from drkit.schedule.health import HealthServer, newest_backup, newest_drill
+from drkit.schedule.health import HealthServer, SchedulerState, newest_backup, newest_drill
 from drkit.schedule.jobs import JOBS, JobContext, JobFailed
 from drkit.schedule.notify import Notification, Notifier
 from drkit.schedule.triggers import allowed_age, triggers
@@ -51,17 +50,6 @@ log = logging.getLogger(__name__)
 
 LOCK_POLL = 1.0  # seconds between attempts at a held repository lock
 WATCH_INTERVAL = 60  # seconds between overdue checks, at most
-
-
-@dataclass
-class SchedulerState:
-    """What the scheduler knows beyond the repositories: for health and metrics."""
-
-    started: datetime = field(default_factory=lambda: datetime.now(UTC))
-    jobs: dict[str, JobTimes] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
-    overdue: set[str] = field(default_factory=set)  # notified, until it is no longer overdue
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Scheduler:

@@ -24,8 +24,7 @@ from drkit.config.settings import Settings
 from drkit.interrupts import Interrupted, interruptible
 from drkit.logs import event
 from drkit.repo.open import open_key_provider
-from drkit.schedule.daemon import SchedulerState
-from drkit.schedule.health import HealthServer
+from drkit.schedule.health import HealthServer, SchedulerState
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -31,16 +32,26 @@ from drkit.crypto.base import KeyProvider
 from drkit.errors import ConfigError, DrkitError
 from drkit.logs import event
 from drkit.repo.drills import drill_time
+from drkit.repo.events import JobTimes
 from drkit.repo.open import open_storage
 from drkit.repo.repository import Repository
 from drkit.schedule.metrics import collect, exposition
 from drkit.schedule.sizes import SizeCache
 from drkit.schedule.triggers import allowed_age
 
-if TYPE_CHECKING:
-    from drkit.schedule.daemon import SchedulerState
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerState:
+    """What the scheduler knows beyond the repositories: for health and metrics (the metrics
+    exporter, which runs no job, has an empty one)."""
+
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    jobs: dict[str, JobTimes] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+    overdue: set[str] = field(default_factory=set)  # notified, until it is no longer overdue
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def newest_backup(settings: Settings, keys: KeyProvider) -> datetime | None:
