@@ -1,7 +1,8 @@
 """``drkit metrics --serve``, the exporter a CronJob layout runs beside its jobs: a remote-mode
 configuration (no PGDATA) against an S3 repository (moto), scraped over HTTP like Prometheus
 does. It serves the scheduler's families with the jobs' runs, sees WAL archiving stall, only
-ever reads the repository, needs no more than a LOGIN role, and stops cleanly on SIGTERM."""
+ever reads the repository, needs no more than a LOGIN role and a Vault policy that only
+decrypts, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rig.drkit import DRKIT, Drkit, toml_value
 from rig.faultproxy import S3FaultProxy
 from rig.postgres import PgCluster, PgFactory
-from rig.servers import S3Server
+from rig.servers import S3Server, VaultServer
+from rig.vault import VaultSetup
 from test_remote import BACKUP_ROLE, create_backup_role, listen_on_tcp
 
 from drkit.schedule.metrics import FAMILIES
@@ -206,3 +208,50 @@ def test_serve_and_textfile_together_are_refused(tmp_path: Path) -> None:
     assert "--serve and --textfile cannot be used together" in result.stderr
     assert "HINT:" in result.stderr
     assert not (tmp_path / "drkit.prom").exists()
+
+
+READ_ONLY_TRANSIT = """
+path "{mount}/decrypt/{key}" {{ capabilities = ["update"] }}
+path "{mount}/keys/{key}" {{ capabilities = ["read"] }}
+"""
+
+
+def test_a_vault_policy_that_only_decrypts_is_enough_for_the_metrics(
+    pg_factory: PgFactory, workdir: Path, vault: VaultServer
+) -> None:
+    """The exporter's Vault policy of docs/kubernetes.md (decrypt and read the key, never make a
+    data key): every metric that needs a key is there; without decrypt they are not."""
+    pg: PgCluster = pg_factory(18)
+    setup = VaultSetup(vault, workdir)
+    token_file = workdir / "vault-token"
+    token_file.write_text(setup.token(setup.policy()))  # the jobs' policy
+    token_file.chmod(0o600)
+    dk = Drkit(pg, workdir)
+    setup.configure(dk, token_file=token_file)
+    dk.ok("init")
+    dk.ok("backup", "--type", "full")
+    assert dk.run("verify").exit_code == 0
+
+    def metrics_with(policy: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        name = f"drkit-{setup.tag}-{policy}"
+        text = policy_text[policy].format(mount=setup.transit_mount, key=setup.transit_key)
+        vault.api("POST", f"sys/policies/acl/{name}", {"policy": text})
+        token_file.write_text(setup.token(name))
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(dk.ok("metrics").stdout)
+            for s in family.samples
+        }
+
+    policy_text = {
+        "read-only": READ_ONLY_TRANSIT,
+        "no-decrypt": 'path "{mount}/keys/{key}" {{ capabilities = ["read"] }}\n',
+    }
+    found = metrics_with("read-only")
+    repo = (("repo", "local"),)
+    assert found["drkit_backup_last_size_bytes", (("repo", "local"), ("type", "full"))] > 0
+    assert found["drkit_verify_last_ok", repo] == 1  # its record's signature checked
+    [(labels, version)] = [(k[1], v) for k, v in found.items() if k[0] == "drkit_key_version"]
+    assert dict(labels)["provider"] == "vault-transit" and version == 1
+    denied = metrics_with("no-decrypt")
+    assert ("drkit_backup_last_size_bytes", (("repo", "local"), ("type", "full"))) not in denied
