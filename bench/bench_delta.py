@@ -111,6 +111,7 @@ def main() -> int:
         expected = summary(source)
         source.stop()
 
+        ratios: dict[str, list[tuple[float, float, str]]] = {}
         variants = [("delta", ["--delta"])]
         if args.trust_timestamps:
             variants.append(("trusting timestamps", ["--delta", "--trust-timestamps"]))
@@ -118,9 +119,13 @@ def main() -> int:
             target = empty_target(bench, f"full-{run}")
             if not args.warm:
                 drop_page_cache()
-            full_wall, full_cpu, _ = restore(bench, config, target.pgdata)
+            full_wall, full_cpu, result = restore(bench, config, target.pgdata)
             shutil.rmtree(target.pgdata)
-            print(f"run {run}: full restore {full_wall:.2f} s wall ({full_cpu:.2f} s CPU)")
+            print(
+                f"run {run}: full restore {full_wall:.2f} s wall ({full_cpu:.2f} s CPU);"
+                f" {breakdown(full_wall, result)}",
+                flush=True,
+            )
             for variant, (name, options) in enumerate(variants, 1):
                 stale = root / f"stale-{run}-{variant}"  # its own log (restore-<name>.log)
                 stale.mkdir(mode=0o700)
@@ -135,14 +140,31 @@ def main() -> int:
                 verified = "ok" if summary(copy) == expected else "MISMATCH"
                 copy.cleanup()
                 shutil.rmtree(stale)
+                ratios.setdefault(name, []).append(
+                    (delta_wall / full_wall, delta_cpu / full_cpu, verified)
+                )
                 print(
                     f"  {name}: {delta_wall:.2f} s wall ({delta_cpu:.2f} s CPU) ="
                     f" {delta_wall / full_wall:.0%} of the full's wall,"
-                    f" {delta_cpu / full_cpu:.0%} of its CPU; {result['delta']}, phases"
-                    f" {result['phases']}; data {verified}",
+                    f" {delta_cpu / full_cpu:.0%} of its CPU; {breakdown(delta_wall, result)};"
+                    f" {result['delta']}; data {verified}",
                     flush=True,
                 )
+        print(f"scale {args.scale}, load average at the end {os.getloadavg()[0]:.1f}:")
+        for name, measured in ratios.items():
+            walls = ", ".join(f"{wall:.0%}" for wall, _, _ in measured)
+            cpus = ", ".join(f"{cpu:.0%}" for _, cpu, _ in measured)
+            data = "ok" if all(v == "ok" for _, _, v in measured) else "MISMATCH"
+            print(f"  {name}: {walls} of the full's wall ({cpus} of its CPU); data {data}")
         return 0
+
+
+def breakdown(wall: float, result: dict[str, Any]) -> str:
+    """The command's phases, and what the wall spent outside them: start-up (interpreter,
+    imports, settings) and exit."""
+    phases: dict[str, float] = result["phases"]
+    inside = ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
+    return f"phases {inside}; outside them {wall - sum(phases.values()):.2f} s"
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
         "origin": None,
     }
     assert CHUNK < delta["written"] < 2 * CHUNK
-    assert list(data["phases"]) == ["plan", "compare", "write", "finish", "sync"]
+    assert list(data["phases"]) == ["plan", "scan", "compare", "write", "finish", "sync"]
 
     # Nothing was written through a link; the links are gone, plain files and directories
     # stand in their place

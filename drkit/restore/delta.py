@@ -45,10 +45,11 @@ from typing import Any
 
 from drkit.errors import ClusterRunning, RestoreTargetError
 from drkit.fsutil import os_reason, pread_into
+from drkit.pg.layout import restored_mode
 from drkit.pools import worker_pool
 from drkit.repo.chain import FilePlan
 from drkit.restore.paths import TargetTree
-from drkit.restore.trust import Trust
+from drkit.restore.trust import MTIME_TOLERANCE_S, Trust
 
 PG_CONTROL = "global/pg_control"
 # Directories a restore makes whether or not the backup lists them
@@ -260,7 +261,8 @@ class DeltaRestore:
         for check in checks:
             path = check.plan.entry.path
             if check.unchanged:
-                tree.finish_file(path, check.plan.entry.mode, check.plan.entry.mtime)
+                if not check.settled:  # setting them again would only dirty its inode
+                    tree.finish_file(path, check.plan.entry.mode, check.plan.entry.mtime)
                 if check.trusted:
                     summary.trusted += 1
                 else:
@@ -295,6 +297,11 @@ class _Check:
     def __init__(self, plan: FilePlan, st: os.stat_result, trust: Trust | None) -> None:
         self.plan = plan
         self._size = st.st_size
+        # Whether the file already has the mode and mtime a restore gives it
+        self.settled = (
+            stat.S_IMODE(st.st_mode) == restored_mode(plan.entry.mode, False)
+            and abs(st.st_mtime - plan.entry.mtime) < MTIME_TOLERANCE_S
+        )
         entry = plan.entry
         self._chunks = _chunk_bounds(plan)
         self._differs: set[int] = set()  # chunks that differ

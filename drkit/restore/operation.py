@@ -15,8 +15,6 @@ the source's archiving: a copy started beside production must not archive into i
 from __future__ import annotations
 
 import os
-import pwd
-import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,15 +26,12 @@ from drkit.errors import (
     ConfigError,
     DrkitError,
     DrkitWarning,
-    PostgresBinariesNotFound,
     RepositoryUnreachable,
     RestoreTargetError,
     UnsafeManifest,
 )
 from drkit.fsutil import os_reason
 from drkit.interrupts import Interrupted, uninterruptible
-from drkit.pg.binaries import find_bindir
-from drkit.pg.cluster import free_port
 from drkit.pg.recovery import RecoveryTarget, check_primary_conninfo, write_restore_settings
 from drkit.progress import NoProgress, Progress
 from drkit.repo.chain import Chain
@@ -47,8 +42,9 @@ from drkit.repo.safety import check_manifest
 from drkit.repo.wal_handover import handover_keys
 from drkit.restore.delta import DeltaRestore, DeltaSummary, check_delta_target, remove_control
 from drkit.restore.files import FileWriter
-from drkit.restore.paths import ClusterUser, TargetTree, cluster_user
+from drkit.restore.paths import TargetTree, cluster_user
 from drkit.restore.request import RestoreRequest, check_target, wal_fetch_command
+from drkit.restore.start import start_command_in_background
 from drkit.restore.target import (
     TargetUnreachable,
     check_reachable,
@@ -65,10 +61,10 @@ class RestoreResult(OperationResult):
     """A completed restore. Warnings: CopyFallback (an object read from another repository),
     RepositoryUnreachable (a repository that could not be used), BackupSkipped (a damaged
     newest backup passed over). ``phases``: plan (find the backup, read and check its chain,
-    check the target and the directories), compare (a delta restore: clear the directories of
-    what the backup does not have, check the files found), write (fetch, decrypt, decompress,
-    write and check every file, in parallel), finish (WAL directories, settings, ownership),
-    sync."""
+    check the target and the directories), scan (a delta restore: clear the directories of
+    what the backup does not have), compare (a delta restore: check the files found), write
+    (fetch, decrypt, decompress, write and check every file, in parallel), finish (WAL
+    directories, settings, ownership), sync."""
 
     label: str
     pgdata: Path
@@ -157,6 +153,10 @@ class RestoreOperation:
                     _require_empty(directory)
             user = cluster_user(pgdata, tablespaces)
 
+        # How to start the copy, found while the restore runs
+        start_command = start_command_in_background(
+            manifest, pgdata, user, self.settings.postgres.bindir
+        )
         tree = TargetTree(pgdata, tablespaces, user)
         directories = [(d.path, d.mode) for d in manifest.directories]
         writer = FileWriter(
@@ -166,15 +166,17 @@ class RestoreOperation:
         delta: DeltaSummary | None = None
         try:
             if self.request.delta:
-                with timing.phase("compare"):
+                with timing.phase("scan"):
                     # Remove what the backup does not have, lay its directories over what is
-                    # left, and compare each file found with its entry
+                    # left, note the files found
                     existing = DeltaRestore(pgdata, tablespaces, plans, [d for d, _ in directories])
                     trust = None
                     if self.request.trust_timestamps:  # before clear() removes backup_label.old
                         trust = load_trust(repo, manifest, pgdata)
                     existing.clear()
                     tree.make(directories)
+                with timing.phase("compare"):
+                    # Compare each file found with its entry
                     work = existing.compare(tree, workers, self.settings.backup.direct_io, trust)
                     plans, in_place, last, delta = work.plans, work.chunks, work.last, work.summary
             else:
@@ -206,7 +208,7 @@ class RestoreOperation:
                 )
                 if last is not None:
                     writer.write([last], 1)
-                tree.set_ownership()
+                tree.set_ownership(kept=self.request.delta)
             warnings += writer.warnings
 
             with timing.phase("sync"):
@@ -234,7 +236,7 @@ class RestoreOperation:
             files=len(manifest.files),
             size=manifest.stats.size,
             tablespaces=tablespaces,
-            start_command=_start_command(manifest, pgdata, user, self.settings.postgres.bindir),
+            start_command=start_command(),
             target=target,
             repo=repo.name,
             archive_mode=self.request.archive_mode,
@@ -425,41 +427,6 @@ def _recorded_location(manifest: Manifest, location: str) -> Path:
             hint="give every tablespace a directory with --tablespace-map OID=DIR",
         )
     return Path(location)
-
-
-def _start_command(manifest: Manifest, pgdata: Path, user: ClusterUser, bindir: Path | None) -> str:
-    """How to start the restored cluster: a hint printed for the operator, so binaries that
-    cannot be found leave a bare ``pg_ctl`` for them to adjust rather than fail the restore.
-    The copy gets a port that is free now (the source's, from its postgresql.conf, is usually
-    taken by the source itself on this host) and a log file outside PGDATA (a log inside it
-    would be copied by the next backup of the copy, and fill its file system)."""
-    try:
-        binary = str(find_bindir(manifest.pg_major, bindir) / "pg_ctl")
-    except PostgresBinariesNotFound:
-        binary = "pg_ctl"
-    log = shlex.quote(str(_log_directory(pgdata, user) / f"{pgdata.name}.log"))
-    port = shlex.quote(f"-p {free_port()}")
-    command = f"{binary} -D {shlex.quote(str(pgdata))} -l {log} -o {port} start"
-    if os.geteuid() == 0:
-        command = f"runuser -u {shlex.quote(user.name)} -- {command}"
-    return command
-
-
-def _log_directory(pgdata: Path, user: ClusterUser) -> Path:
-    """Where the cluster's user can create the start command's log: beside PGDATA when that
-    directory is theirs (or writable by whoever runs drkit, when not root), else their home."""
-    parent = pgdata.parent
-    try:
-        if parent.stat().st_uid == user.uid:
-            return parent
-    except OSError:
-        pass
-    if os.geteuid() != 0 and os.access(parent, os.W_OK):
-        return parent
-    try:
-        return Path(pwd.getpwuid(user.uid).pw_dir)
-    except KeyError:
-        return parent
 
 
 def _target_dict(target: RecoveryTarget) -> dict[str, Any]:

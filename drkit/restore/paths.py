@@ -192,9 +192,11 @@ class TargetTree:
         finally:
             os.close(fd)
 
-    def set_ownership(self) -> None:
+    def set_ownership(self, *, kept: bool = False) -> None:
         """Run as root, give everything restored to the cluster's user (links included, never
-        followed: fwalk stays on the descriptors it opened)."""
+        followed: fwalk stays on the descriptors it opened). ``kept``: most entries were kept
+        from an earlier restore (a delta restore) and only those another user owns are changed:
+        a chown, even to the same owner, dirties the inode for the final sync."""
         if os.geteuid() != 0:
             return
         uid, gid = self._user.uid, self._user.gid
@@ -202,6 +204,10 @@ class TargetTree:
             os.fchown(root, uid, gid)
             for _, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root):
                 for name in dirnames + filenames:
+                    if kept:
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        if (st.st_uid, st.st_gid) == (uid, gid):
+                            continue
                     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def sync(self) -> None:
