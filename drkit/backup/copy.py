@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from drkit.backup.file_writers import CopyJob, blocks_at, file_writer
-from drkit.backup.plan import READ_CHUNK, Source, SourceStream, plan_objects
+from drkit.backup.plan import READ_CHUNK, RangeReadable, Source, SourceStream, plan_objects
 from drkit.config.settings import BackupSettings
 from drkit.errors import DrkitWarning
 from drkit.fsutil import pread_into, read_into
@@ -321,7 +321,11 @@ def _gather(stream: SourceStream, buffer: memoryview, batch: list[tuple[int, int
     short read, at the end of a file truncated meanwhile, ends the batch)."""
     filled = 0
     for offset, length in batch:
-        n = pread_into(stream, buffer[filled : filled + length], offset)
+        target = buffer[filled : filled + length]
+        if isinstance(stream, RangeReadable):
+            n = stream.pread_into(target, offset)
+        else:
+            n = pread_into(stream, target, offset)
         filled += n
         if n < length:
             break

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from drkit.backup.plan import Delta, Source, SourceStream, read_batches
+from drkit.backup.plan import Delta, RangeReadable, Source, SourceStream, read_batches
 from drkit.codec.frame import FrameInfo
 from drkit.codec.frame_writer import FrameWriter
 from drkit.config.settings import BackupSettings
@@ -143,21 +143,25 @@ class FileWriter:
             # A page being written while we read it can look torn: read it once more. (A page
             # from a replication stream cannot be; the server re-read it before sending it.)
             in_file = (failure.block % RELSEG_PAGES) * PAGE_SIZE
-            if (fd := _fileno(self.stream)) is not None:
-                again = pread_cached(fd, PAGE_SIZE, in_file)
-                if not check_pages(again, failure.block, lsn):
-                    continue
+            again = _read_again(self.stream, in_file)
+            if again is not None and not check_pages(again, failure.block, lsn):
+                continue
             bad.append(failure.block % RELSEG_PAGES)
         return bad
 
 
-def _fileno(stream: SourceStream) -> int | None:
-    """The stream's file descriptor; None for one that is not a file (held in memory, or read
-    from a replication stream)."""
+def _read_again(stream: SourceStream, offset: int) -> bytes | None:
+    """The page at ``offset`` of the stream's file, read again; None for a stream that cannot
+    (held in memory, or read from a replication stream)."""
+    if isinstance(stream, RangeReadable):
+        page = bytearray(PAGE_SIZE)
+        n = stream.pread_into(memoryview(page), offset)
+        return bytes(page[:n])
     try:
-        return stream.fileno()
+        fd = stream.fileno()
     except OSError:  # io.UnsupportedOperation
         return None
+    return pread_cached(fd, PAGE_SIZE, offset)
 
 
 class WholeFile(FileWriter):
@@ -235,7 +239,9 @@ class WalBlocks(PageDelta):
         super().__init__(job, src, stream, delta)
         assert delta.reads is not None
         self._whole = None
-        self.size = os.fstat(stream.fileno()).st_size
+        self.size = (
+            stream.size if isinstance(stream, RangeReadable) else os.fstat(stream.fileno()).st_size
+        )
         self.batches = read_batches(delta.reads.spans(-(-self.size // PAGE_SIZE)))
         job.progress.advance(src.size)
 

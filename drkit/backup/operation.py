@@ -10,11 +10,9 @@ here (drkit/repo/fanout.py), the key record and manifest only once the backup is
 
 from __future__ import annotations
 
-import grp
 import logging
-import os
-import pwd
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,8 +20,10 @@ from typing import Any
 from drkit import __version__
 from drkit.backup.base import BaseVersions
 from drkit.backup.copy import CopyResult, FileCopier
-from drkit.backup.plan import changed_blocks, plan_sources, wal_sources
+from drkit.backup.datadir import DataDir, LocalDataDir
+from drkit.backup.plan import changed_blocks, plan_sources
 from drkit.backup.remote import RemoteBackup, incremental_problem, take_remote
+from drkit.backup.remote_sql import RemoteDataDir
 from drkit.config.settings import Settings
 from drkit.errors import (
     ArchivingFailing,
@@ -34,12 +34,13 @@ from drkit.errors import (
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.basebackup import IncrementalRefused
 from drkit.pg.remote_access import check_remote_access
+from drkit.pg.remote_files import file_functions
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.wal import (
     format_lsn,
     segments_between,
 )
-from drkit.pg.walk import PgdataListing, walk_pgdata
+from drkit.pg.walk import PgdataListing
 from drkit.progress import NoProgress, Progress
 from drkit.repo.copies import ReplicationReport
 from drkit.repo.fanout import FanOut
@@ -139,16 +140,17 @@ class BackupOperation:
 
                     # Take the data: PGDATA on this host, or a base backup over the network
                     session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
-                    if self.settings.postgres.mode == "remote":
+                    if self._base_backup(taken):
                         refused = self._take_remote(
                             session, repo, taken, data_key.plaintext, fanout
                         )
                         notice = refused or notice
                         clock.lap("copy")
                     else:
-                        found = self._take_local(
-                            session, repo, taken, data_key.plaintext, fanout, clock
-                        )
+                        with self._data_dir(session, taken) as datadir:
+                            found = self._take_files(
+                                session, repo, taken, data_key.plaintext, fanout, clock, datadir
+                            )
                         notice = notice or found
                     archiving = _archiving_warning(
                         cluster, archiver_before, session.archiver_stats()
@@ -187,7 +189,23 @@ class BackupOperation:
             phases=phases,
         )
 
-    def _take_local(
+    def _base_backup(self, taken: _Taken) -> bool:
+        """Whether to take a base backup over a replication connection (a remote full, or a
+        remote diff/incr on 17+) rather than read the data directory file by file."""
+        if self.settings.postgres.mode != "remote":
+            return False
+        return taken.parent is None or not file_functions(taken.cluster.version_num, True)
+
+    def _data_dir(self, session: PgSession, taken: _Taken) -> AbstractContextManager[DataDir]:
+        if self.settings.postgres.mode != "remote":
+            return nullcontext(LocalDataDir(self.settings.postgres.local_pgdata()))
+        assert taken.parent is not None  # a remote full is a base backup
+        # file times are in the server's clock: see _take_remote
+        taken.start_time = min(taken.start_time, session.server_time())
+        owner = (taken.parent.owner, taken.parent.group)
+        return RemoteDataDir(self.settings.postgres, taken.cluster, owner)
+
+    def _take_files(
         self,
         session: PgSession,
         repo: Repository,
@@ -195,18 +213,18 @@ class BackupOperation:
         dek: bytes,
         fanout: FanOut,
         clock: Stopwatch,
+        datadir: DataDir,
     ) -> str | None:
-        """Copy PGDATA, its tablespaces and the WAL that makes them consistent; a notice when
-        a diff/incr could not learn its changed blocks from the WAL."""
+        """Copy PGDATA, its tablespaces and the WAL that makes them consistent, file by file;
+        a notice when a diff/incr could not learn its changed blocks from the WAL."""
         cluster, parent = taken.cluster, taken.parent
-        pgdata = self.settings.postgres.local_pgdata()
         # Start the backup, keeping its WAL in pg_wal until we have copied it
         taken.start_lsn = session.start_backup(
             str(taken.label), self.settings.backup.start_fast, cluster.version_num
         )
         clock.lap("start")
         taken.tablespaces = session.tablespaces()
-        taken.listing = walk_pgdata(pgdata, _tablespace_dir(cluster))
+        taken.listing = datadir.listing(cluster)
         found = changed_blocks(
             session,
             cluster,
@@ -215,13 +233,13 @@ class BackupOperation:
             taken.start_lsn,
             taken.listing,
             self.settings.backup,
-            pgdata,
+            datadir.pg_wal(),
+            datadir.archive_first,
         )
         changed, taken.changes = found.changed, found.source
         if found.notice:
             log.info(found.notice)
-        pg_stat = os.stat(pgdata)
-        taken.owner, taken.group = _user_name(pg_stat.st_uid), _group_name(pg_stat.st_gid)
+        taken.owner, taken.group = datadir.owner()
         copier = FileCopier(
             repo,
             taken.label,
@@ -235,7 +253,7 @@ class BackupOperation:
 
         # Copy PGDATA and tablespaces: whole files, changed pages, or references
         sources, unchanged = plan_sources(
-            taken.listing, cluster, parent, changed, self.settings.backup
+            taken.listing, cluster, parent, changed, self.settings.backup, datadir.open_source
         )
         clock.lap("plan")
         self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
@@ -249,7 +267,7 @@ class BackupOperation:
         # known only now)
         taken.stop = session.stop_backup(cluster.version_num)
         clock.lap("stop")
-        wal = wal_sources(pgdata, cluster, taken.start_lsn, taken.stop)
+        wal = datadir.wal_sources(cluster, taken.start_lsn, taken.stop)
         self.progress.start(f"WAL of backup {taken.label}", sum(s.size for s in wal))
         taken.add(copier.copy(wal))
         self.progress.stop()
@@ -303,7 +321,9 @@ class BackupOperation:
 
     def _check_cluster(self, session: PgSession) -> ClusterInfo:
         if self.settings.postgres.mode == "remote":
-            check_remote_access(session, self.settings.postgres)
+            incremental = self.kind is not BackupType.FULL
+            functions = file_functions(session.version_num(), incremental)
+            check_remote_access(session, self.settings.postgres, functions)
         cluster = session.cluster_info()
         if cluster.wal_level == "minimal":
             raise PostgresError(
@@ -480,21 +500,3 @@ def _archiving_warning(
         return None
     problem = archiving_problem(after, before)
     return ArchivingFailing(problem, hint=ARCHIVING_HINT) if problem else None
-
-
-def _tablespace_dir(cluster: ClusterInfo) -> str:
-    return f"PG_{cluster.major}_{cluster.catalog_version}"
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

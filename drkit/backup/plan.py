@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from drkit.config.settings import BackupSettings
 from drkit.errors import DrkitError, IntegrityError, ObjectNotFound
@@ -48,6 +48,19 @@ class SourceStream(Protocol):
     def fileno(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RangeReadable(Protocol):
+    """A source read at offsets without a file descriptor (a server's file read over SQL)."""
+
+    size: int  # when opened
+
+    def pread_into(self, buffer: memoryview, offset: int, /) -> int: ...
+
+
+# How a listed file is opened (remote mode reads over SQL; None: the local file system).
+SourceOpener = Callable[[SourceFile], Callable[[], SourceStream]]
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ def plan_sources(
     parent: Manifest | None,
     changed: ChangedBlocks | None,
     settings: BackupSettings,
+    open_source: SourceOpener | None = None,
 ) -> tuple[list[Source], list[FileEntry]]:
     """What to read for each file: whole, only changed pages, or nothing (a reference).
 
@@ -95,7 +109,8 @@ def plan_sources(
     scattered reads cost about what reading it all does, and a whole read stores XOR deltas
     (several times smaller, restored faster) proven by a whole-file checksum. Everything else
     (fsm and vm forks, which PostgreSQL may change without a new page LSN, and non-relation
-    files) is stored whole.
+    files) is stored whole. ``open_source``: how a file is opened (None: from the local
+    file system).
     """
     previous = {f.path: f for f in parent.files} if parent else {}
     trusted_before = parent.start_time.timestamp() - MTIME_SAFETY_S if parent else 0.0
@@ -119,7 +134,11 @@ def plan_sources(
                 reads = None
             delta = Delta(since_lsn, old.size, parent.label, reads)
         direct = settings.direct_io and segment is not None and f.size >= READ_CHUNK
-        opener = partial(open_direct if direct else open_file, f.abspath)
+        opener = (
+            open_source(f)
+            if open_source is not None
+            else partial(open_direct if direct else open_file, f.abspath)
+        )
         sources.append(
             Source(
                 f.path,
@@ -175,13 +194,15 @@ def changed_blocks(
     start_lsn: int,
     listing: PgdataListing,
     settings: BackupSettings,
-    pgdata: Path,
+    pg_wal: SegmentSource,
+    archive_first: bool = False,
 ) -> ChangedBlocksFound:
     """The blocks changed since the parent started, from the server's WAL summaries (17+)
     or else from the WAL itself (None: changed files are read whole); where they came from
     (BackupStats.changes, None for a full); a notice when neither can tell though asked to. The
     WAL is not read when it is more than 1 GiB and twice the size of the relation files
-    that changed: a scan of those costs less then."""
+    that changed: a scan of those costs less then. Its segments come from ``pg_wal`` (the
+    server's) and the repository's archive, the archive first with ``archive_first``."""
     if parent is None:
         return ChangedBlocksFound(None, None)
     since = parse_lsn(parent.start_lsn)
@@ -199,7 +220,9 @@ def changed_blocks(
                     f"the WAL since the parent ({wal_bytes >> 20} MiB) outweighs the relation"
                     f" files that changed ({file_bytes >> 20} MiB)"
                 )
-            sources = [_pg_wal_segment(pgdata / "pg_wal"), _archived_segment(WalArchive(repo))]
+            sources = [pg_wal, _archived_segment(WalArchive(repo))]
+            if archive_first:
+                sources.reverse()
             changed = wal_changed_blocks(
                 sources,
                 cluster.major,
@@ -303,12 +326,15 @@ def _unchanged(old: FileEntry, f: SourceFile, trusted_before: float) -> bool:
 
 def _same_mtime(recorded: float, current: float) -> bool:
     """Whether a file's mtime is the one its parent recorded. A parent taken in remote mode
-    recorded whole seconds (the server's tar headers): a whole-second ``recorded`` is compared
-    at that precision. That hides no change: a write after the parent's copy gives an mtime
+    recorded whole seconds (the server's tar headers), and a listing over SQL (a remote diff or
+    incr before PostgreSQL 17) gives whole seconds: either is compared at that precision. That
+    hides no change: a write after the parent's copy gives an mtime
     after the parent's start, which ``trusted_before`` refuses (remote mode keeps its start in
     the server's clock, which the mtimes are in)."""
     if recorded == current:
         return True
+    if float(current).is_integer():
+        return math.floor(recorded) == current
     return float(recorded).is_integer() and math.floor(current) == recorded
 
 
@@ -325,7 +351,7 @@ def _changed_relation_bytes(listing: PgdataListing, parent: Manifest) -> int:
     )
 
 
-def _pg_wal_segment(pg_wal: Path) -> SegmentSource:
+def pg_wal_segments(pg_wal: Path) -> SegmentSource:
     """A WAL segment from pg_wal; None when it is not there, or was recycled (renamed to a
     later segment's name, to be overwritten) while being read."""
 

@@ -86,12 +86,10 @@ def incremental_problem(
     session: PgSession, cluster: ClusterInfo, settings: BackupSettings
 ) -> str | None:
     """Why a remote diff/incr cannot be the server's incremental backup (None: it can; whether
-    its WAL summaries cover the range, the server itself says when the backup starts)."""
+    its WAL summaries cover the range, the server itself says when the backup starts). Before
+    PostgreSQL 17 there is none: the data directory is read over SQL (backup/remote_sql.py)."""
     if cluster.version_num < INCREMENTAL_MIN_VERSION:
-        return (
-            "remote diff/incr backups need PostgreSQL 17 or later (its WAL summaries);"
-            f" the server runs {cluster.major}"
-        )
+        return None
     if not settings.wal_summaries:
         return "backup.wal_summaries is off, and remote diff/incr backups are built on them"
     if not session.summarize_wal():

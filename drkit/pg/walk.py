@@ -99,7 +99,7 @@ def _walk(directory: Path, rel: str, listing: PgdataListing, version_dir: str) -
     unlogged = _unlogged_relations(entries) if _DB_DIR.match(rel) else set()
     for entry in entries:
         path = f"{rel}/{entry.name}" if rel else entry.name
-        if _excluded(rel, entry.name, unlogged):
+        if excluded(rel, entry.name, unlogged):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -140,7 +140,7 @@ def _walk_link(
         listing.links.append(SourceLink(path, target))
 
 
-def _excluded(rel: str, name: str, unlogged: set[str]) -> bool:
+def excluded(rel: str, name: str, unlogged: set[str]) -> bool:
     if name in EXCLUDE_ANYWHERE or name.startswith("pgsql_tmp"):
         return True
     if rel == "" and name in EXCLUDE_FILES:
