@@ -21,7 +21,8 @@ pages, where the updated rows' new versions land, and the "1%" change touches 7-
 (``--as-built`` measures that).
 It prints the incr's wall and stored bytes as fractions of the full's (goals: at most 0.30 and
 0.05), and what the incr's bytes are: its WAL (pg_wal/), the relation files it stored as
-changed blocks, and the files it stored whole.
+changed blocks, and the files it stored whole. ``--pg-version 15``: the same on PostgreSQL 15,
+whose remote incr reads the data directory over SQL (the blocks the WAL names).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def incr_breakdown(dk: Drkit) -> str:
 
 
 def main_incr(args: argparse.Namespace, root: Path) -> None:
-    bench = Bench(root, args.scale, version=18)
+    bench = Bench(root, args.scale, version=args.pg_version)
     if args.no_quiet_wait:
         bench.prepare_step = lambda: drop_page_cache() and None  # type: ignore[method-assign]
     source = build_source(bench, args.profile)
@@ -158,8 +159,9 @@ def main() -> int:
     parser.add_argument("--profile", choices=["stock", "random"], default="random")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument(
-        "--incr", action="store_true", help="a remote incr after a 1%% change on 18 instead"
+        "--incr", action="store_true", help="a remote incr after a 1%% change instead"
     )
+    parser.add_argument("--pg-version", type=int, default=18, help="with --incr (default 18)")
     parser.add_argument(
         "--as-built",
         action="store_true",

@@ -92,8 +92,7 @@ def test_remote_full_backup_restores_identical_data(pg: PgCluster, workdir: Path
 
 
 def test_remote_full_then_local_incr_restores(pg: PgCluster, workdir: Path) -> None:
-    """A remote full is a parent like any other: a local incremental on top of it restores.
-    Before PostgreSQL 17 a remote incremental is a full, and says why."""
+    """A remote full is a parent like any other: a local incremental on top of it restores."""
     listen_on_tcp(pg)
     populate(pg)
     dk = Drkit(pg, workdir)
@@ -102,11 +101,6 @@ def test_remote_full_then_local_incr_restores(pg: PgCluster, workdir: Path) -> N
     fallback = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
     assert fallback["type"] == "full"
     assert "no earlier backup to base a incr backup on" in fallback["notice"]
-    if pg.version < 17:
-        second = json.loads(dk.ok("backup", "--type", "incr", "--json").stdout)
-        assert second["type"] == "full"
-        assert "remote diff/incr backups need PostgreSQL 17 or later" in second["notice"]
-        fallback = second
 
     pg.psql("UPDATE accounts SET balance = balance + 1 WHERE id % 97 = 0")
     pg.psql("INSERT INTO accounts SELECT g, 'new', 1, '' FROM generate_series(200001, 201000) g")

@@ -11,6 +11,8 @@ from rig.postgres import PgFactory, database_checksums
 from test_remote import BACKUP_ROLE, create_backup_role, remote, restore_and_compare
 from test_remote_incremental import CHANGES, TABLES, _backup, _entries, _remote_dk
 
+from drkit.pg.remote_files import FILE_FUNCTIONS
+
 # Fewer updated rows than the 18 test's: blocks read one by one, not the whole file (scan_fraction)
 SCATTERED = CHANGES.replace("id % 100 = 0", "id % 1000 = 0")
 
@@ -41,6 +43,48 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     pg.psql("INSERT INTO shrinking SELECT g, 'back' FROM generate_series(1, 300) g")
     diff = _backup(dk, "diff")
     assert diff["type"] == "diff" and diff["parent"] == full["label"], diff
+    # a chain mixing the engines: the local one on the remote diff, a remote incr on it
+    pg.psql("UPDATE accounts SET balance = 7 WHERE id % 500 = 3; DROP TABLE fresh")
+    dk.write_config()  # local mode, on the database host
+    local = _backup(dk, "incr")
+    assert local["type"] == "incr" and local["parent"] == diff["label"], local
+    pg.psql("UPDATE accounts SET balance = 8 WHERE id % 700 = 5; CREATE TABLE late (x int)")
+    remote(dk)
+    last = _backup(dk, "incr")
+    assert last["type"] == "incr" and last["parent"] == local["label"], last
+    # the local member's files that did not change are referenced, not read again
+    assert sum(e.backup != last["label"] for e in _entries(dk, last["label"]).values()) > 100
     dk.ok("verify")
     restored = restore_and_compare(dk, workdir, database_checksums(pg))
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
+
+
+def test_remote_incr_on_15_names_missing_grants_then_falls_back_saying_why(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    """The role docs/remote.md documents: a full needs REPLICATION only, a diff/incr before 17
+    names each function it lacks (exit 41), and with them takes the incr. Without the WAL
+    since the parent (neither archived nor still in pg_wal), the changed files are read whole,
+    and the notice says so."""
+    pg = pg_factory(15, {"wal_keep_size": 0})
+    pg.psql(TABLES)
+    create_backup_role(pg)
+    dk = _remote_dk(pg, workdir)
+    remote(dk, user=BACKUP_ROLE)
+    full = _backup(dk, "full")
+    pg.psql(SCATTERED)
+    refused = dk.run("backup", "--type", "incr")
+    assert refused.exit_code == 41, refused.output
+    for function in FILE_FUNCTIONS:
+        assert f"EXECUTE on function {function} (GRANT EXECUTE" in refused.output
+    assert "REPLICATION attribute" not in refused.output
+
+    pg.psql(f"GRANT EXECUTE ON FUNCTION {', '.join(FILE_FUNCTIONS)} TO {BACKUP_ROLE}")
+    for _ in range(2):  # the WAL since the full leaves pg_wal
+        pg.psql("SELECT pg_switch_wal(); CHECKPOINT")
+    incr = _backup(dk, "incr")
+    assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
+    assert incr["stats"]["changes"] == "scan"
+    assert "is neither in pg_wal nor in the archive" in incr["notice"]
+    assert "reading changed relation files whole" in incr["notice"]
+    dk.ok("verify")

@@ -45,7 +45,7 @@ def _until(pg: PgCluster) -> int:
 
 
 def _pg_wal(pg: PgCluster) -> SegmentSource:
-    return plan._pg_wal_segment(pg.pgdata / "pg_wal")
+    return plan.pg_wal_segments(pg.pgdata / "pg_wal")
 
 
 def _scan(

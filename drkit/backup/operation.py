@@ -138,7 +138,7 @@ class BackupOperation:
                     # Stream each data object to the other repositories once it is committed here
                     fanout.start(cluster.system_identifier)
 
-                    # Take the data: PGDATA on this host, or a base backup over the network
+                    # Take the data: a base backup over the network, or file by file
                     session.reserve_wal()  # the backup's WAL stays in pg_wal until it is stored
                     if self._base_backup(taken):
                         refused = self._take_remote(

@@ -95,7 +95,8 @@ class RemoteFiles:
         try:
             yield conn
         except psycopg.Error as exc:
-            raise PostgresError(f"reading the data directory failed: {exc}".strip()) from None
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PostgresError(f"reading the server's data directory failed: {reason}") from None
         self._idle.put(conn)
 
     def read(self, path: str, offset: int, length: int) -> bytes | None:
