@@ -159,7 +159,8 @@ class FrameWriter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
         start = self._chunked
-        data, self._buffer = bytes(self._buffer), bytearray()
+        # handed over, not copied: the next chunk is gathered in a new buffer
+        data, self._buffer = self._buffer, bytearray()
         self._chunked += len(data)
         job = self._pool.submit(_compress_chunk, self._level, data, self._sparse)
         self._queued.append((start, job))
@@ -182,7 +183,7 @@ class FrameWriter:
         if self._chunk_size is not None and self._pool is None:
             # one chunk in all (a file no larger than a chunk): compressed here, no pool
             assert self._level is not None
-            compressed, sha256 = _compress_chunk(self._level, bytes(self._buffer), self._sparse)
+            compressed, sha256 = _compress_chunk(self._level, self._buffer, self._sparse)
             self._chunks.append(Chunk(0, 0, sha256))
             self._push(memoryview(compressed))
         elif self._pool is not None:
@@ -244,10 +245,10 @@ def seal(data: bytes, dek: bytes, context: bytes, compress_level: int | None = 3
     return b"".join(parts)
 
 
-def _compress_chunk(level: int, data: bytes, sparse: bool) -> tuple[bytes, str]:
+def _compress_chunk(level: int, data: bytearray, sparse: bool) -> tuple[bytes, str]:
     """One chunk as one zstd frame (of its sparse-page record), and its checksum (both release
     the GIL)."""
-    payload = data
+    payload: bytes | bytearray = data
     if sparse:
         from drkit.codec.sparse_pages import encode  # numpy: only for XOR deltas
 

@@ -41,7 +41,7 @@ WORDS = PAGE_SIZE // 8  # 8-byte words per page
 _LENGTH = struct.Struct("<Q")
 
 
-def encode(data: bytes | memoryview) -> bytes:
+def encode(data: bytes | bytearray | memoryview) -> bytes:
     """The record of ``data`` (pages, the last possibly partial)."""
     import numpy as np  # numpy only where pages are (a full restore never gets here)
 
