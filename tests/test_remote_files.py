@@ -5,6 +5,7 @@ local and remote members restores; a missing grant is named; a fall-back says wh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rig.postgres import PgFactory, database_checksums
@@ -59,18 +60,21 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
 
 
-def test_remote_incr_on_15_names_missing_grants_then_falls_back_saying_why(
+def test_remote_incr_on_15_names_missing_grants_checks_pages_and_falls_back(
     pg_factory: PgFactory, workdir: Path
 ) -> None:
-    """The role docs/remote.md documents: a full needs REPLICATION only, a diff/incr before 17
-    names each function it lacks (exit 41), and with them takes the incr. Without the WAL
-    since the parent (neither archived nor still in pg_wal), the changed files are read whole,
-    and the notice says so."""
+    """The role docs/remote.md documents: a full needs REPLICATION only (init notes the rest), a
+    diff/incr before 17 names each function it lacks (exit 41), and with them takes the incr.
+    Without the WAL since the parent (neither archived nor still in pg_wal), the changed files
+    are read whole, and the notice says so; a page damaged after it changed is reported as in
+    local mode (warning 101, bad_pages)."""
     pg = pg_factory(15, {"wal_keep_size": 0})
     pg.psql(TABLES)
     create_backup_role(pg)
     dk = _remote_dk(pg, workdir)
     remote(dk, user=BACKUP_ROLE)
+    init = dk.ok("init")
+    assert "notice: diff and incr backups will stop with exit 41" in init.stdout
     full = _backup(dk, "full")
     pg.psql(SCATTERED)
     refused = dk.run("backup", "--type", "incr")
@@ -80,11 +84,25 @@ def test_remote_incr_on_15_names_missing_grants_then_falls_back_saying_why(
     assert "REPLICATION attribute" not in refused.output
 
     pg.psql(f"GRANT EXECUTE ON FUNCTION {', '.join(FILE_FUNCTIONS)} TO {BACKUP_ROLE}")
+    assert "exit 41" not in dk.ok("init").stdout
     for _ in range(2):  # the WAL since the full leaves pg_wal
         pg.psql("SELECT pg_switch_wal(); CHECKPOINT")
-    incr = _backup(dk, "incr")
+    # a row on page 3 changed (a new LSN), then that page's tuples damaged on disk
+    pg.psql("UPDATE emptied SET g = 0; INSERT INTO emptied SELECT generate_series(1, 2000)")
+    pg.psql("UPDATE emptied SET g = -1 WHERE ctid = '(3,1)'; CHECKPOINT")
+    relpath = pg.psql("SELECT pg_relation_filepath('emptied')")
+    pg.stop()
+    with (pg.pgdata / relpath).open("r+b") as f:
+        f.seek(8192 * 3 + 6000)
+        f.write(b"\xde\xad\xbe\xef")
+    pg.start()
+    result = dk.run("backup", "--type", "incr", "--json")
+    assert result.exit_code == 101, result.output  # PageChecksumFailure
+    assert f"page checksum failure in '{relpath}' block 3" in result.stderr
+    incr = json.loads(result.stdout)
     assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
     assert incr["stats"]["changes"] == "scan"
     assert "is neither in pg_wal nor in the archive" in incr["notice"]
     assert "reading changed relation files whole" in incr["notice"]
+    assert _entries(dk, incr["label"])[relpath].bad_pages == [3]
     dk.ok("verify")

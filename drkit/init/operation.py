@@ -22,6 +22,7 @@ from drkit.errors import (
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.remote_access import check_remote_access
+from drkit.pg.remote_files import file_functions
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
@@ -69,14 +70,25 @@ class InitOperation:
     def run(self) -> InitReport:
         # Check the cluster's settings
         with PgSession(self.settings.postgres) as session:
-            remote = None
+            remote, lacking = None, []
             if self.settings.postgres.mode == "remote":
                 remote = check_remote_access(session, self.settings.postgres)
+                # diff/incr before 17 read files over SQL: a full needs none of those grants
+                needed = file_functions(session.version_num(), incremental=True)
+                lacking = session.missing_remote_privileges(needed)
             cluster = session.cluster_info()
             archiver = session.archiver_stats()
         report = InitReport(cluster.system_identifier, cluster.version_num)
         with report.phase("cluster"):
             report.checks = self._check_cluster(cluster, remote)
+            if lacking:
+                report.checks.append(
+                    Check(
+                        "notice",
+                        "diff and incr backups will stop with exit 41 until the role is granted"
+                        f" (docs/remote.md): {'; '.join(lacking)}",
+                    )
+                )
             if not cluster.data_checksums:
                 report.warnings.append(
                     DataChecksumsOff(
