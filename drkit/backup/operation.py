@@ -25,21 +25,13 @@ from drkit.backup.plan import changed_blocks, plan_sources
 from drkit.backup.remote import RemoteBackup, incremental_problem, take_remote
 from drkit.backup.remote_sql import RemoteDataDir
 from drkit.config.settings import Settings
-from drkit.errors import (
-    ArchivingFailing,
-    BackupNotCopied,
-    IntegrityError,
-    PostgresError,
-)
+from drkit.errors import ArchivingFailing, BackupNotCopied, IntegrityError, PostgresError
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.basebackup import IncrementalRefused
 from drkit.pg.remote_access import check_remote_access
 from drkit.pg.remote_files import file_functions
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
-from drkit.pg.wal import (
-    format_lsn,
-    segments_between,
-)
+from drkit.pg.wal import format_lsn, segments_between
 from drkit.pg.walk import PgdataListing
 from drkit.progress import NoProgress, Progress
 from drkit.repo.copies import ReplicationReport
@@ -47,13 +39,7 @@ from drkit.repo.fanout import FanOut
 from drkit.repo.identity import check_identity
 from drkit.repo.label import BackupLabel, BackupType
 from drkit.repo.lease import RepositoryLease, repository_lease
-from drkit.repo.manifest import (
-    BackupStats,
-    DirEntry,
-    LinkEntry,
-    Manifest,
-    TablespaceEntry,
-)
+from drkit.repo.manifest import BackupStats, DirEntry, LinkEntry, Manifest, TablespaceEntry
 from drkit.repo.open import open_repository, repo_location
 from drkit.repo.repository import Repository
 from drkit.result import OperationResult, Stopwatch
@@ -253,7 +239,12 @@ class BackupOperation:
 
         # Copy PGDATA and tablespaces: whole files, changed pages, or references
         sources, unchanged = plan_sources(
-            taken.listing, cluster, parent, changed, self.settings.backup, datadir.open_source
+            taken.listing,
+            cluster,
+            parent,
+            changed,
+            self.settings.backup,
+            datadir.open_source,
         )
         clock.lap("plan")
         self.progress.start(f"backup {taken.label}", sum(s.size for s in sources))
