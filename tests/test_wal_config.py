@@ -143,3 +143,29 @@ def test_lazy_loading_leaves_invalid_settings_to_the_full_loader(write: Writer) 
     with pytest.raises(ConfigError) as caught:
         load_wal_config(path, lazy=True)
     assert "archive.fetch_ahead" in str(caught.value)
+
+
+def test_fetching_from_a_single_local_repository_never_loads_the_full_settings(
+    tmp_path: Path,
+) -> None:
+    """A direct fetch, and a file that is not archived (the history files every recovery asks
+    for, the end of the archive), cost recovery the start-up of wal-fetch: with one local
+    repository and a key file, pydantic is never imported."""
+    keyfile = tmp_path / "k"
+    create_keyfile(keyfile)
+    path = tmp_path / "drkit.toml"
+    path.write_text(
+        f'[postgres]\npgdata = "{tmp_path / "pgdata"}"\n[keys]\nkeyfile = "{keyfile}"\n'
+        f'[[repo]]\nname = "main"\npath = "{tmp_path / "repo"}"\n'
+    )
+    probe = (
+        "import sys; from pathlib import Path; from drkit.wal.config import load_wal_config;"
+        " from drkit.wal.operation import WalSources;"
+        f" config = load_wal_config(Path({str(path)!r}), lazy=True, one_shot=True);"
+        " print(config.open_repository().name, WalSources(config).secondaries(),"
+        " 'pydantic' in sys.modules)"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert imported.stdout.split() == ["main", "[]", "False"]

@@ -289,14 +289,21 @@ class RestoreOperation:
         only = self.request.wal_repos
         if only is None and self.request.repo:
             only = [self.request.repo]
+        # The fetch spool's parent as wal-fetch finds it, when the configuration sets it: the
+        # default lock path is the server user's, not this process's.
+        spool_root = self.settings.archive.spool_path
+        if spool_root is None and "lock_path" in self.settings.model_fields_set:
+            spool_root = self.settings.lock_path
         if self.settings.keys.recovery_key is None:
-            return wal_fetch_command(config, repos=only), ""
+            return wal_fetch_command(config, repos=only, spool_root=spool_root), ""
         keys = handover_keys(repos, manifest.start_time)
         tree.unlink(WAL_KEYS_FILE)  # a delta restore's target may hold an older one
         fd = tree.open(WAL_KEYS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with open(fd, "wb") as file:
             file.write(wal_keys_document(keys))
-        command = wal_fetch_command(config, repos=only, wal_keys=WAL_KEYS_FILE)
+        command = wal_fetch_command(
+            config, repos=only, wal_keys=WAL_KEYS_FILE, spool_root=spool_root
+        )
         return command, f"rm -f {WAL_KEYS_FILE}"
 
     def locate(self, warnings: list[DrkitWarning]) -> tuple[Repository, Chain, list[Repository]]:

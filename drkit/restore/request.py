@@ -107,17 +107,31 @@ def parse_tablespace_map(values: list[str]) -> dict[str, Path]:
     return mapping
 
 
+# The quick path of 'wal-fetch --prefetch', run as a file by an interpreter without site-packages
+QUICK_FETCH = Path(__file__).resolve().parent.parent / "wal" / "quick.py"
+
+
 def wal_fetch_command(
-    config: Path, repos: list[str] | None = None, *, wal_keys: str | None = None
+    config: Path,
+    repos: list[str] | None = None,
+    *,
+    wal_keys: str | None = None,
+    spool_root: Path | None = None,
 ) -> str:
     """The restore_command a restored cluster uses to fetch WAL from the repositories: this
     installation's drkit, with the configuration the restore used (and the WAL keys file a
     restore with the recovery key wrote: never the recovery key itself), reading only ``repos``
-    (in that order) when given, fetching ahead ([archive] fetch_ahead) in the background."""
+    (in that order) when given, fetching ahead ([archive] fetch_ahead) in the background.
+    Behind its quick path (drkit/wal/quick.py), which takes a segment the background fetcher
+    has ready in milliseconds and otherwise runs that drkit command; ``spool_root``: where the
+    configuration puts the spool, when it says (None: the server user's default lock path)."""
     drkit = Path(sys.executable).parent / "drkit"
-    command = f"{shlex.quote(str(drkit))} wal-fetch --prefetch --config {shlex.quote(str(config))}"
+    full = f"{shlex.quote(str(drkit))} wal-fetch --prefetch --config {shlex.quote(str(config))}"
     if wal_keys is not None:
-        command += f" --wal-keys {shlex.quote(wal_keys)}"
+        full += f" --wal-keys {shlex.quote(wal_keys)}"
     for name in repos or []:
-        command += f" --repo {shlex.quote(name)}"
-    return command + " %f %p"
+        full += f" --repo {shlex.quote(name)}"
+    quick = [sys.executable, "-I", "-S", str(QUICK_FETCH)]
+    if spool_root is not None:
+        quick += ["--spool-root", str(spool_root)]
+    return f"{shlex.join(quick)} -- {full} %f %p"

@@ -83,6 +83,7 @@ class WalConfig(NamedTuple):
     repo_name: str
     fast: bool  # loaded without pydantic
     opener: Callable[[], RepoLike]  # use open_repository()
+    fallbacks: bool = True  # other repositories to fetch from (secondary_repositories)
 
     def open_repository(self) -> RepoLike:
         """The primary repository (the first configured one), where WAL is pushed."""
@@ -123,17 +124,20 @@ def load_wal_config(
     one key request and exits (a synchronous wal-push, a wal-fetch), so a Vault session skips
     the token lookup and renewal that a long-running pusher needs. ``repos``: only these
     repositories, in this order (wal-fetch --repo: a drill reading only the copies its scenario
-    leaves); the first is then the primary. ``lazy``: read only the paths and ``[archive]``
-    now and load the rest when the repository is first opened (wal-fetch --prefetch, whose
-    requests mostly take a segment the background fetcher already fetched), whatever the
-    repositories and key provider are."""
+    leaves); the first is then the primary. ``lazy`` (wal-fetch --prefetch, whose requests
+    mostly take a segment the background fetcher already fetched): what the fast path handles
+    as it does, anything else with only the paths and ``[archive]`` read now and the rest when
+    the repository is first opened, whatever the repositories and key provider are."""
     path = config_file(config)
     overridden = any(
         k.upper().startswith("DRKIT_") and k.upper() != "DRKIT_CONFIG" for k in os.environ
     )
     data = None if overridden else _read_toml(path)
     if lazy and data is not None:
-        loaded = _deferred(data, path, recovery_key, one_shot, repos)
+        # what the fast path reads is enough; failing that, the full loader once needed
+        simple = recovery_key is None and not repos
+        loaded = _from_toml(data, path) if simple else None
+        loaded = loaded or _deferred(data, path, recovery_key, one_shot, repos)
         if loaded is not None:
             return loaded
     if recovery_key is not None or not fast or repos:
@@ -180,7 +184,8 @@ def _deferred(
             full.append(_from_settings(path, recovery_key, one_shot, repos))
         return full[0].open_repository()
 
-    return WalConfig(path, pgdata, lock_path, archive, first, False, open_repo)
+    fallbacks = len(repos or configured) > 1
+    return WalConfig(path, pgdata, lock_path, archive, first, False, open_repo, fallbacks)
 
 
 class _Unsupported(Exception):
@@ -236,7 +241,7 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
             PosixStorage(repo_path, name=repo_name), lambda: KeyfileProvider(keyfile)
         )
 
-    return WalConfig(path, pgdata, lock_path, archive, repo_name, True, open_repo)
+    return WalConfig(path, pgdata, lock_path, archive, repo_name, True, open_repo, len(repos) > 1)
 
 
 def _archive(table: dict[str, Any]) -> ArchiveConfig:
@@ -345,4 +350,5 @@ def _from_settings(
         lambda: Repository(
             open_storage(settings.repo[0]), open_provider(settings.keys, one_shot=one_shot)
         ),
+        len(settings.repo) > 1,
     )

@@ -14,18 +14,8 @@ from typing import TYPE_CHECKING
 from drkit.errors import DrkitError
 from drkit.private_dir import write_pid
 from drkit.repo.wal_names import parse_wal_name
-from drkit.wal.prefetch import (
-    IDLE,
-    INFO,
-    KEEP,
-    PART,
-    SIGNAL_FILES,
-    WANT_FILE,
-    FetchSpool,
-    alive,
-    remove_stale_spools,
-    spool_path,
-)
+from drkit.wal.prefetch import IDLE, KEEP, FetchSpool, alive, remove_stale_spools, spool_path
+from drkit.wal.quick import INFO, PART, SIGNAL_FILES, WANT_FILE
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor

@@ -95,6 +95,8 @@ class WalSources:
 
     def secondaries(self) -> list[tuple[RepoLike, WalKeyring | None]]:
         with self._lock:
+            if not self._config.fallbacks:
+                self._secondaries = []  # known without the full settings: nothing to load
             if self._secondaries is None:
                 self._secondaries = [
                     self._with_keyring(repo)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -57,6 +56,19 @@ from typing import TYPE_CHECKING
 from drkit.errors import DrkitError
 from drkit.private_dir import open_lock_file, open_private_dir
 from drkit.repo.wal_names import parse_wal_name
+from drkit.wal.quick import (
+    INFO,
+    LOCK_FILE,
+    PART,
+    WANT_FILE,
+    in_flight,
+    publish,
+    read_info,
+    ready,
+    spool_name,
+    wait_ready,
+)
+from drkit.wal.quick import recovering as _recovering
 
 if TYPE_CHECKING:
     from drkit.wal.config import WalConfig
@@ -64,16 +76,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "fetcher.lock"
 LOG_FILE = "fetcher.log"
-WANT_FILE = "want"
 STARTED_FILE = "started"  # the pid of the fetcher last started, until it holds the lock
 KEEP = (LOCK_FILE, LOG_FILE, WANT_FILE, STARTED_FILE)
-PART = ".part"  # a segment being written, renamed to its name once complete
-INFO = ".info"  # beside a spooled segment: the repository that served it, then its warnings
-SIGNAL_FILES = ("recovery.signal", "standby.signal")
 IDLE = 10.0  # seconds without a request before the fetcher exits
-WAIT_LIMIT = 60.0  # seconds a request waits for a segment the fetcher is writing
 LOG_LIMIT = 1024 * 1024  # a longer fetcher.log is started afresh
 STALE = 3600.0  # seconds after its last request an unlocked spool may be removed
 _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData: xlp_seg_size is [6]
@@ -81,15 +87,12 @@ _LONG_HEADER = struct.Struct("<HHIQIxxxxQII")  # XLogLongPageHeaderData: xlp_seg
 
 def spool_path(config: WalConfig, pgdata: Path) -> Path:
     """The fetch spool of the cluster recovering in ``pgdata``."""
-    digest = hashlib.sha256(str(pgdata.resolve()).encode()).hexdigest()[:12]
-    return (config.archive.spool_path or config.lock_path) / f"fetch-{digest}"
+    return (config.archive.spool_path or config.lock_path) / spool_name(str(pgdata.resolve()))
 
 
 def recovering(pgdata: Path) -> bool:
     """A server runs in ``pgdata`` and has not finished its recovery."""
-    return (pgdata / "postmaster.pid").exists() and any(
-        (pgdata / name).exists() for name in SIGNAL_FILES
-    )
+    return _recovering(str(pgdata))
 
 
 class FetchSpool:
@@ -107,13 +110,7 @@ class FetchSpool:
 
     def write(self, name: str, text: str) -> None:
         """Publish ``name`` whole (a temporary file renamed over it)."""
-        temporary = f".{name}.{os.getpid()}.tmp"
-        fd = self.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.rename(temporary, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        publish(self.fd, name, text)
 
     def read(self, name: str) -> str | None:
         try:
@@ -128,14 +125,10 @@ class FetchSpool:
 
     def ready(self, name: str) -> bool:
         """A complete segment this user wrote (never anything else, never through a link)."""
-        try:
-            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+        return ready(self.fd, name)
 
     def in_flight(self, name: str) -> bool:
-        return any(n == name + PART or n.startswith(f".{name}{PART}.") for n in self.names())
+        return in_flight(self.fd, name)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -255,20 +248,9 @@ class Prefetch:
         if spool is None:
             return None
         try:
-            if _no_fetcher(spool):
+            if _no_fetcher(spool) or not wait_ready(spool.fd, name, lambda: _no_fetcher(spool)):
                 return None
-            deadline = checked = time.monotonic()
-            deadline += WAIT_LIMIT
-            while not spool.ready(name) and spool.in_flight(name):
-                now = time.monotonic()
-                if now > deadline:
-                    return None
-                if now - checked > 0.1:  # a fetcher that died writing it never finishes it
-                    if _no_fetcher(spool):
-                        return None
-                    checked = now
-                time.sleep(0.002)
-            return self._serve(spool, name) if spool.ready(name) else None
+            return self._serve(spool, name)
         except (DrkitError, OSError) as exc:
             self._off(exc)
             return None
@@ -277,7 +259,7 @@ class Prefetch:
         from drkit.errors import CopyFallback
         from drkit.wal.operation import WalFetchResult
 
-        info = (spool.read(name + INFO) or "\n").splitlines()
+        info = read_info(spool.fd, name)
         dest = self.request.dest
         try:
             os.rename(name, dest, src_dir_fd=spool.fd)
