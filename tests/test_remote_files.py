@@ -23,11 +23,17 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
 ) -> None:
     pg = pg_factory(15)
     pg.psql(TABLES)
+    pg.psql(f"CREATE TABLESPACE fast LOCATION '{pg.make_tablespace_dir('fast')}'")
+    pg.psql(
+        "CREATE TABLE hot TABLESPACE fast AS SELECT g, md5(g::text) FROM generate_series(1, 9000) g"
+    )
     dk = _remote_dk(pg, workdir)
     full = _backup(dk, "full")
+    hot = pg.psql("SELECT pg_relation_filepath('hot')")
     accounts = pg.psql("SELECT pg_relation_filepath('accounts')")
     shrinking = pg.psql("SELECT pg_relation_filepath('shrinking')")
     pg.psql(SCATTERED)
+    pg.psql("UPDATE hot SET md5 = 'x' WHERE g = 4000")
     incr = _backup(dk, "incr")
     assert incr["type"] == "incr" and incr["parent"] == full["label"], incr
     assert incr["notice"] is None and incr["stats"]["changes"] == "wal"
@@ -39,6 +45,8 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     assert 0 < sum(end - start for start, end in updated.pages) < updated.size // 8192 // 2
     assert entries[shrinking].size < before[shrinking].size  # cut short by VACUUM
     assert sum(e.backup == full["label"] for e in entries.values()) > 100  # references
+    moved = entries[hot]  # listed in its tablespace, stored as a delta of the full
+    assert hot.startswith("pg_tblspc/") and moved.pages and moved.base == full["label"]
 
     pg.psql("UPDATE accounts SET balance = balance + 2 WHERE id % 1000 = 1")
     pg.psql("INSERT INTO shrinking SELECT g, 'back' FROM generate_series(1, 300) g")
@@ -56,7 +64,8 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     # the local member's files that did not change are referenced, not read again
     assert sum(e.backup != last["label"] for e in _entries(dk, last["label"]).values()) > 100
     dk.ok("verify")
-    restored = restore_and_compare(dk, workdir, database_checksums(pg))
+    mapping = f"fast={workdir / 'fast-restored'}"
+    restored = restore_and_compare(dk, workdir, database_checksums(pg), "--tablespace-map", mapping)
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
 
 
