@@ -95,6 +95,11 @@ def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
     (stale / "pg_xact").rmdir()
     (stale / "pg_xact").symlink_to(outside / "xact")
     untouched = {p: digest(p) for p in [victim, *(outside / "xact").iterdir()]}
+    # A file kept with a later mtime gets the backup's back; one kept as it was is left alone
+    # (not even its inode changed)
+    recorded = (stale / "global/pg_filenode.map").stat().st_mtime_ns
+    os.utime(stale / "global/pg_filenode.map")
+    kept = (stale / "PG_VERSION").stat()
 
     result = dk.ok("restore", "--delta", "--pgdata", str(stale), "--json")
     data = json.loads(result.stdout)
@@ -114,6 +119,8 @@ def test_changed_missing_extra_and_identical_files_restore_to_the_exact_backup(
         "origin": None,
     }
     assert CHUNK < delta["written"] < 2 * CHUNK
+    assert (stale / "global/pg_filenode.map").stat().st_mtime_ns == recorded
+    assert (stale / "PG_VERSION").stat().st_ctime_ns == kept.st_ctime_ns
     assert list(data["phases"]) == ["plan", "scan", "compare", "write", "finish", "sync"]
 
     # Nothing was written through a link; the links are gone, plain files and directories
