@@ -251,7 +251,9 @@ class DeltaRestore:
         tasks: list[Callable[[], None]] = []
         for check in checks:
             tasks += check.tasks(tree, direct)
-        with worker_pool(workers, "compare") as pool:
+        # Each thread reads a range, then hashes it: twice as many threads as workers keep the
+        # disk reading while the others hash (O_DIRECT reads have no read-ahead to do it)
+        with worker_pool(2 * workers, "compare") as pool:
             list(pool.map(lambda task: task(), tasks))
 
         summary = self.summary
