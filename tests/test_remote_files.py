@@ -27,9 +27,11 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     pg.psql(
         "CREATE TABLE hot TABLESPACE fast AS SELECT g, md5(g::text) FROM generate_series(1, 9000) g"
     )
+    pg.psql("CREATE UNLOGGED TABLE scratch AS SELECT g FROM generate_series(1, 5000) g")
     dk = _remote_dk(pg, workdir)
     full = _backup(dk, "full")
     hot = pg.psql("SELECT pg_relation_filepath('hot')")
+    scratch = pg.psql("SELECT pg_relation_filepath('scratch')")
     accounts = pg.psql("SELECT pg_relation_filepath('accounts')")
     shrinking = pg.psql("SELECT pg_relation_filepath('shrinking')")
     pg.psql(SCATTERED)
@@ -45,6 +47,7 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     assert 0 < sum(end - start for start, end in updated.pages) < updated.size // 8192 // 2
     assert entries[shrinking].size < before[shrinking].size  # cut short by VACUUM
     assert sum(e.backup == full["label"] for e in entries.values()) > 100  # references
+    assert scratch not in entries and f"{scratch}_init" in entries  # unlogged: its init fork
     moved = entries[hot]  # listed in its tablespace, stored as a delta of the full
     assert hot.startswith("pg_tblspc/") and moved.pages and moved.base == full["label"]
 
@@ -67,6 +70,7 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     mapping = f"fast={workdir / 'fast-restored'}"
     restored = restore_and_compare(dk, workdir, database_checksums(pg), "--tablespace-map", mapping)
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
+    assert restored.psql("SELECT count(*) FROM scratch") == "0"
 
 
 def test_remote_incr_on_15_names_missing_grants_checks_pages_and_falls_back(

@@ -89,6 +89,7 @@ class RemoteFiles:
         except queue.Empty:
             try:
                 conn = psycopg.connect(self._conninfo, autocommit=True, application_name="drkit")
+                conn.execute("SET statement_timeout = 0")  # a large listing is not an error
             except psycopg.Error as exc:
                 raise connection_error(str(exc).strip().splitlines()[0]) from None
             self._all.append(conn)
@@ -132,15 +133,20 @@ class RemoteFiles:
             shown = conn.execute("SHOW data_directory_mode").fetchone()
             rows = conn.execute(_LIST_SQL, {"skip": sorted(EXCLUDE_CONTENTS)}).fetchall()
         mode = int(str(shown[0] if shown else "700"), 8)
-        children: dict[str, list[str]] = {}
+        unlogged: dict[str, set[str]] = {}  # per directory, the relations with an init fork
         for row in rows:
             rel, _, name = str(row[0]).rpartition("/")
-            children.setdefault(rel, []).append(name)
+            found = unlogged.setdefault(rel, set())
+            if match := _UNLOGGED_INIT.match(name):
+                found.add(match.group(1))
         listing = PgdataListing(files=[], dirs=[], links=[], tablespace_dirs={})
         for path, isdir, size, mtime in sorted(rows, key=lambda r: str(r[0])):
             rel, _, name = str(path).rpartition("/")
-            unlogged = {m.group(1) for n in children[rel] if (m := _UNLOGGED_INIT.match(n))}
-            if not _ours(str(path), tablespace_version_dir) or excluded(rel, name, unlogged):
+            if name in ("", ".", "..") or str(path).startswith("/"):
+                raise PostgresError(
+                    f"the server's data directory lists an unexpected path '{path}'"
+                )
+            if not _ours(str(path), tablespace_version_dir) or excluded(rel, name, unlogged[rel]):
                 continue
             if isdir:
                 listing.dirs.append(SourceDir(str(path), mode))
