@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,28 @@ def test_console_script_exit_codes_and_output_through_pipes(tmp_path: Path) -> N
     missing = run("info", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 3 and "does not exist" in missing.stderr
     assert run("--version").stdout.startswith("drkit ")
+
+
+def test_the_retention_window_is_written_as_any_duration(tmp_path: Path) -> None:
+    written = {
+        '"30d"': timedelta(days=30),
+        '"12h"': timedelta(hours=12),
+        '"4w"': timedelta(weeks=4),
+        '" 1.5d "': timedelta(hours=36),
+        '"90m"': timedelta(minutes=90),
+        "86400": timedelta(days=1),
+    }
+    for value, window in written.items():
+        config = write(tmp_path, BASE + f"[retention]\nwindow = {value}\n")
+        assert load_settings(config).retention.window == window, value
+    refused = {
+        '"a month"': "retention.window: Value error, 'a month' is not a duration such as '90s'",
+        '"1y"': "retention.window: Value error, '1y' is not a duration",
+        "-5": "retention.window: Value error, -5 is negative",
+        '"0d"': "window must be longer than zero",
+    }
+    for value, error in refused.items():
+        config = write(tmp_path, BASE + f"[retention]\nwindow = {value}\n")
+        with pytest.raises(ConfigError) as raised:
+            load_settings(config)
+        assert error in str(raised.value), value

@@ -387,7 +387,7 @@ def test_policy_from_settings_and_its_description() -> None:
     ("values", "message"),
     [
         ({}, "at least one rule"),
-        ({"window": "30x"}, "not a duration such as '30d'"),
+        ({"window": "30x"}, "'30x' is not a duration such as '90s'"),
         ({"window": "0d"}, "longer than zero"),
         ({"full": 0}, "greater than or equal to 1"),
         ({"daily": 7, "hourly": 24}, "Extra inputs are not permitted"),

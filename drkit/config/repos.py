@@ -5,7 +5,6 @@ drkit/config/settings.py assembles them with the other sections; import them fro
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,17 +15,14 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    field_validator,
     model_validator,
 )
+
+from drkit.config.durations import Duration
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-_WINDOW = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
-_WINDOW_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
 
 
 class RetentionSettings(_Section):
@@ -36,22 +32,13 @@ class RetentionSettings(_Section):
     full: int | None = Field(
         None, ge=1, description="the newest N full backups and their diff/incr"
     )
-    window: timedelta | None = Field(
+    window: Duration | None = Field(
         None, description="recovery window: every point in the last '30d' ('12h', '4w') restores"
     )
     daily: int | None = Field(None, ge=1, description="newest full backup of each of N days")
     weekly: int | None = Field(None, ge=1, description="newest full backup of each of N ISO weeks")
     monthly: int | None = Field(None, ge=1, description="newest full backup of each of N months")
     yearly: int | None = Field(None, ge=1, description="newest full backup of each of N years")
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _parse_window(cls, value: Any) -> Any:
-        if isinstance(value, str) and (match := _WINDOW.match(value)):
-            return timedelta(**{_WINDOW_UNITS[match.group(2)]: int(match.group(1))})
-        if isinstance(value, str):
-            raise ValueError(f"window '{value}' is not a duration such as '30d', '12h' or '4w'")
-        return value
 
     @model_validator(mode="after")
     def _some_rule(self) -> RetentionSettings:
