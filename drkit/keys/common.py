@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from drkit.config.settings import RepoSettings, Settings
 from drkit.crypto.base import KeyProvider
@@ -13,6 +14,25 @@ from drkit.errors import ConfigError
 from drkit.repo.key_records import configured_key, split_escrow
 from drkit.repo.open import open_key_provider, open_storage, select_repositories
 from drkit.repo.repository import Repository
+
+
+@dataclass(kw_only=True)
+class KeyVersions:
+    """The configured wrapping key and its versions, as a result of ``keys rotate`` or ``keys
+    status`` reports them (first in its JSON). ``latest_version`` None: the key has no versions."""
+
+    provider: str  # the provider kind, e.g. "vault-transit"
+    key: str
+    latest_version: int | None
+    min_decryption_version: int | None = None
+
+    def _data(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "key": self.key,
+            "latest_version": self.latest_version,
+            "min_decryption_version": self.min_decryption_version,
+        }
 
 
 @dataclass

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from drkit.config.settings import Settings
-from drkit.keys.common import open_managed_keys
+from drkit.keys.common import KeyVersions, open_managed_keys
 from drkit.result import OperationResult
 
 
 @dataclass(kw_only=True)
-class RotateResult(OperationResult):
+class RotateResult(KeyVersions, OperationResult):
     """The key's versions after the rotation. ``phases``: rotate."""
-
-    provider: str  # the provider kind, e.g. "vault-transit"
-    key: str
-    latest_version: int
-    min_decryption_version: int | None = None
-
-    def _data(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "key": self.key,
-            "latest_version": self.latest_version,
-            "min_decryption_version": self.min_decryption_version,
-        }
 
 
 def rotate_key(settings: Settings) -> RotateResult:

@@ -13,7 +13,7 @@ from typing import Any
 from drkit.config.settings import Settings
 from drkit.crypto.signing import is_signed
 from drkit.errors import IntegrityError
-from drkit.keys.common import open_managed_keys, repositories
+from drkit.keys.common import KeyVersions, open_managed_keys, repositories
 from drkit.repo.key_records import RecordSet, describe, record_sets
 from drkit.result import OperationResult
 
@@ -36,15 +36,11 @@ class SetStatus:
         return dict(self.__dict__)
 
 
-@dataclass
-class KeysStatus(OperationResult):
+@dataclass(kw_only=True)
+class KeysStatus(KeyVersions, OperationResult):
     """The key record sets of the selected repositories and the key versions they need.
     ``phases``: sets (read every key record set)."""
 
-    provider: str
-    key: str
-    latest_version: int | None
-    min_decryption_version: int | None
     escrow: str | None  # the configured recovery key id
     sets: list[SetStatus] = field(default_factory=list)
 
@@ -94,10 +90,7 @@ class KeysStatus(OperationResult):
 
     def _data(self) -> dict[str, Any]:
         return {
-            "provider": self.provider,
-            "key": self.key,
-            "latest_version": self.latest_version,
-            "min_decryption_version": self.min_decryption_version,
+            **super()._data(),
             "versions_needed": {str(k): v for k, v in self.versions_needed.items()},
             "oldest_needed_version": self.oldest_needed,
             "may_raise_min_decryption_version_to": self.may_raise_to,
