@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -188,9 +189,15 @@ def measure_backup(
 
 
 def measure_restore(
-    bench: Bench, tool: str, cmd: list[str], target: PgCluster, expected: str
+    bench: Bench,
+    tool: str,
+    cmd: list[str],
+    target: PgCluster,
+    expected: str,
+    describe: Callable[[PgCluster], str] | None = None,
 ) -> Measurement:
-    """Run a restore command into ``target``, start it until promoted, check its data, remove it."""
+    """Run a restore command into ``target``, start it until promoted, check its data (what
+    ``describe``, by default ``summary``, says of it must be ``expected``), remove it."""
     bench.prepare_step()
     machine_before = machine_busy_seconds()
     run = run_measured(cmd, log=bench.log, cwd=bench.root)
@@ -207,7 +214,7 @@ def measure_restore(
         tree_rss_mib=run.tree_rss_mib,
         detail={"restore_s": run.wall_s, "start_s": start_s},
     )
-    got = summary(target)
+    got = (describe or summary)(target)
     result.verified = "ok" if got == expected else f"MISMATCH: {got!r} != {expected!r}"
     target.cleanup()
     shutil.rmtree(target.pgdata, ignore_errors=True)
