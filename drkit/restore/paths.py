@@ -100,6 +100,8 @@ class TargetTree:
         self.pgdata = pgdata
         self._tablespaces = tablespaces
         self._user = user
+        # Run as root, what the tree creates is given to the cluster's user as it is created
+        self._owner = (user.uid, user.gid) if os.geteuid() == 0 else None
         self._fds: dict[str, int] = {}  # '' is PGDATA; 'pg_tblspc/<oid>' a tablespace directory
         self._created: list[Path] = []  # directories make() created above the backup's own
         # Opens and unlinks in progress, and whether stop() closed the tree to them
@@ -125,6 +127,8 @@ class TargetTree:
         for oid, target in self._tablespaces.items():
             self._fds[f"pg_tblspc/{oid}"] = self._open_made(target, 0o700)
             os.symlink(target, str(oid), dir_fd=tblspc)
+            if self._owner is not None:
+                os.chown(str(oid), *self._owner, dir_fd=tblspc, follow_symlinks=False)
         for path, mode in sorted(directories):
             if path in self._fds:
                 os.fchmod(self._fds[path], restored_mode(mode, True))
@@ -139,11 +143,18 @@ class TargetTree:
             self._fds[path] = self._mkdir_at(parent, name, 0o700)
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        """A descriptor of file ``path``, opened in its directory without following a link;
-        TreeStopped after ``stop()``."""
+        """A descriptor of file ``path``, opened in its directory without following a link (and
+        with O_CREAT, run as root, given to the cluster's user); TreeStopped after ``stop()``."""
         with self._in_use():
             parent, name = self._parent(path)
-            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+        if flags & os.O_CREAT and self._owner is not None:
+            try:
+                os.fchown(fd, *self._owner)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     def unlink(self, path: str) -> None:
         with self._in_use():
@@ -194,20 +205,26 @@ class TargetTree:
 
     def set_ownership(self, *, kept: bool = False) -> None:
         """Run as root, give everything restored to the cluster's user (links included, never
-        followed: fwalk stays on the descriptors it opened). ``kept``: most entries were kept
-        from an earlier restore (a delta restore) and only those another user owns are changed:
-        a chown, even to the same owner, dirties the inode for the final sync."""
-        if os.geteuid() != 0:
+        followed). What the tree created is theirs already, given as it was created. ``kept``:
+        most entries were kept from an earlier restore (a delta restore), so everything below
+        the roots is walked (fwalk stays on the descriptors it opened) and those another user
+        owns are changed (a chown, even to the same owner, dirties the inode for the final
+        sync); else only the roots' own entries are given (the recovery settings, written
+        beside the tree)."""
+        if self._owner is None:
             return
-        uid, gid = self._user.uid, self._user.gid
+        uid, gid = self._owner
         for root in self._roots():
             os.fchown(root, uid, gid)
+            if not kept:
+                for name in os.listdir(root):
+                    os.chown(name, uid, gid, dir_fd=root, follow_symlinks=False)
+                continue
             for _, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root):
                 for name in dirnames + filenames:
-                    if kept:
-                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                        if (st.st_uid, st.st_gid) == (uid, gid):
-                            continue
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if (st.st_uid, st.st_gid) == (uid, gid):
+                        continue
                     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def sync(self) -> None:
@@ -227,13 +244,14 @@ class TargetTree:
         parent, _, name = path.rpartition("/")
         return self._fds[parent], name
 
-    @staticmethod
-    def _mkdir_at(parent: int, name: str, mode: int) -> int:
+    def _mkdir_at(self, parent: int, name: str, mode: int) -> int:
         # An existing entry is opened without following below: a link or a file is refused
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, mode, dir_fd=parent)
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         os.fchmod(fd, mode)
+        if self._owner is not None:
+            os.fchown(fd, *self._owner)
         return fd
 
     def _open_made(self, path: Path, mode: int) -> int:
