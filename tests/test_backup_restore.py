@@ -90,6 +90,8 @@ def test_full_backup_restores_identical_data(pg: PgCluster, workdir: Path) -> No
 
     restored = start_restored(target, pg.version, workdir)
     assert database_checksums(restored) == source
+    # its start synced the data directory with one syncfs, not an fsync of every file
+    assert restored.psql("SHOW recovery_init_sync_method") == "syncfs"
     assert restored.psql("SELECT last_value FROM counter") == sequence
     assert restored.psql(LARGE_OBJECT) == large_object
     # Unlogged tables come back empty (PostgreSQL resets them from their init fork).

@@ -184,6 +184,27 @@ def test_restore_settings_are_never_written_through_a_link(tmp_path: Path) -> No
     assert victim.read_text() == "untouched\n"
 
 
+def test_the_startup_sync_is_syncfs_unless_the_restored_configuration_chose(
+    tmp_path: Path,
+) -> None:
+    """A restored cluster syncs its data directory when it starts: syncfs, one call, instead of
+    an fsync of every file; a method the restored configuration sets is kept."""
+    for chosen in ("", "recovery_init_sync_method = fsync\n"):
+        pgdata = tmp_path / f"pgdata{len(chosen)}"
+        pgdata.mkdir()
+        (pgdata / "postgresql.conf").write_text(f"port = 5432\n{chosen}")
+        fd = os.open(pgdata, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            write_restore_settings(
+                fd, archive_off=False, restore_command="", target=None, init_sync=True
+            )
+        finally:
+            os.close(fd)
+        auto = (pgdata / "postgresql.auto.conf").read_text() if not chosen else ""
+        assert ("recovery_init_sync_method = 'syncfs'" in auto) == (not chosen)
+        assert (pgdata / "postgresql.auto.conf").exists() == (not chosen)
+
+
 def test_a_restored_copy_never_archives_into_the_source_repository(
     pg: PgCluster, workdir: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -96,16 +97,23 @@ def write_restore_settings(
     target: RecoveryTarget | None,
     standby: Standby | None = None,
     recovery_end_command: str = "",
+    init_sync: bool = False,
 ) -> None:
     """Append a restored cluster's settings to its postgresql.auto.conf (read last, so they win
     over postgresql.conf): ``archive_mode = off`` when ``archive_off`` (a copy must not archive
     into its source's repository), and with a ``target`` the recovery settings, plus
     recovery.signal, which makes PostgreSQL run targeted archive recovery instead of plain crash
     recovery. A ``standby`` gets restore_command, primary_conninfo and standby.signal instead
-    (it stays in recovery, following the newest timeline, until promoted). Both files are
-    opened in ``pgdata_fd`` without following links: a restored postgresql.auto.conf that is a
-    link is refused, never written through."""
+    (it stays in recovery, following the newest timeline, until promoted). With ``init_sync``
+    (PostgreSQL 14+ on Linux, restored and synced by drkit), ``recovery_init_sync_method =
+    syncfs`` unless the restored configuration sets it: a restored cluster starts with a sync
+    of its data directory, which by default opens and fsyncs every file, one at a time (~95 s
+    for 100,000 relations measured), where syncfs takes one call per file system. Both files
+    are opened in ``pgdata_fd`` without following links: a restored postgresql.auto.conf that
+    is a link is refused, never written through."""
     settings = {"archive_mode": "off"} if archive_off else {}
+    if init_sync and not _sets(pgdata_fd, "recovery_init_sync_method"):
+        settings["recovery_init_sync_method"] = "syncfs"
     if target is not None:
         settings |= {"restore_command": restore_command, **target.settings()}
     if standby is not None:
@@ -134,6 +142,20 @@ def write_restore_settings(
         signal = "standby.signal" if standby is not None else "recovery.signal"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         os.close(os.open(signal, flags, 0o600, dir_fd=pgdata_fd))
+
+
+def _sets(pgdata_fd: int, name: str) -> bool:
+    """Whether postgresql.conf or postgresql.auto.conf (not their includes) sets ``name``."""
+    pattern = re.compile(rf"^\s*{name}\s*=", re.MULTILINE | re.IGNORECASE)
+    for conf in ("postgresql.conf", AUTO_CONF):
+        try:
+            fd = os.open(conf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pgdata_fd)
+        except OSError:
+            continue  # missing, or a link (refused when written)
+        with open(fd, encoding="utf-8", errors="replace") as file:
+            if pattern.search(file.read()):
+                return True
+    return False
 
 
 def _quote(value: str) -> str:

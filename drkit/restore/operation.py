@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -205,6 +206,7 @@ class RestoreOperation:
                     recovery_end_command=end_command,
                     target=target,
                     standby=self.request.standby,
+                    init_sync=manifest.pg_major >= 14 and sys.platform == "linux",
                 )
                 if last is not None:
                     writer.write([last], 1)
