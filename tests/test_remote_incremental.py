@@ -16,12 +16,19 @@ from typing import Any
 import numpy as np
 from rig.drkit import Drkit, start_restored
 from rig.postgres import PgCluster, PgFactory, attach_cluster, database_checksums, make_rig_dir
-from test_remote import listen_on_tcp, remote, restore_and_compare
+from test_remote import (
+    BACKUP_ROLE,
+    create_backup_role,
+    listen_on_tcp,
+    remote,
+    restore_and_compare,
+)
 
 from drkit.backup.file_writers import CopyJob, PgIncremental
 from drkit.backup.plan import Delta, Source
 from drkit.config.settings import BackupSettings, load_settings
 from drkit.pg.incremental import INCREMENTAL_MAGIC, backup_manifest, read_incremental_header
+from drkit.pg.remote_files import FILE_FUNCTIONS
 from drkit.progress import NoProgress
 from drkit.repo.label import BackupLabel
 from drkit.repo.manifest import FileEntry
@@ -159,15 +166,25 @@ def test_restored_files_equal_pg_combinebackup(pg_factory: PgFactory, workdir: P
     assert database_checksums(theirs) == source
 
 
-def test_remote_incr_falls_back_to_full_saying_why(pg_factory: PgFactory, workdir: Path) -> None:
-    """summarize_wal off: a full, with the reason. Turned on after the WAL of that full left
-    pg_wal: the summaries do not reach back to the full's start, the server refuses the
-    incremental, a full is taken."""
+def test_remote_incr_without_summaries_reads_over_sql_or_falls_back_saying_why(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    """summarize_wal off: without the file functions' grants, a full naming them and both ways
+    out. Turned on after the WAL of a full left pg_wal: the summaries do not reach back to the
+    full's start, the server refuses the incremental, a full is taken. Off again, with the
+    grants (a superuser): the incr reads the blocks the WAL names over SQL, and restores."""
     pg = pg_factory(18, {"summarize_wal": False, "wal_keep_size": 0})
+    pg.psql(TABLES)
+    create_backup_role(pg)
     dk = _remote_dk(pg, workdir)
+    remote(dk, user=BACKUP_ROLE)
     full = _backup(dk, "full")
     off = _backup(dk, "incr")
     assert off["type"] == "full" and "summarize_wal is off on the server" in off["notice"]
+    assert "set summarize_wal = on, or grant those functions" in off["notice"]
+    for function in FILE_FUNCTIONS:
+        assert function in off["notice"]
+    remote(dk)
     for _ in range(2):  # the oldest segment left, where summarizing starts, is after its start
         pg.psql("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1)")
         pg.psql("SELECT pg_switch_wal(); CHECKPOINT")
@@ -178,7 +195,20 @@ def test_remote_incr_falls_back_to_full_saying_why(pg_factory: PgFactory, workdi
     assert "the server refused an incremental backup" in refused["notice"]
     assert "WAL summaries are required" in refused["notice"]
     assert full["label"] != refused["label"]
+
+    pg.set_conf({"summarize_wal": False})
+    pg.reload()
+    accounts = pg.psql("SELECT pg_relation_filepath('accounts')")
+    pg.psql(CHANGES.replace("id % 100 = 0", "id % 1000 = 0"))
+    incr = _backup(dk, "incr")
+    assert incr["type"] == "incr" and incr["parent"] == refused["label"], incr
+    assert incr["notice"] is None and incr["stats"]["changes"] == "wal"
+    assert incr["stats"]["stored"] < refused["stats"]["stored"] / 2
+    updated = _entries(dk, incr["label"])[accounts]  # only the blocks the WAL names
+    assert updated.pages is not None and updated.base == refused["label"]
+    assert 0 < sum(end - start for start, end in updated.pages) < updated.size // 8192 // 2
     dk.ok("verify")
+    restore_and_compare(dk, workdir, database_checksums(pg))
 
 
 def test_incremental_header_and_manifest_formats() -> None:

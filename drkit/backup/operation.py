@@ -22,7 +22,7 @@ from drkit.backup.base import BaseVersions
 from drkit.backup.copy import CopyResult, FileCopier
 from drkit.backup.datadir import DataDir, LocalDataDir
 from drkit.backup.plan import changed_blocks, plan_sources
-from drkit.backup.remote import RemoteBackup, incremental_problem, take_remote
+from drkit.backup.remote import RemoteBackup, RemoteIncremental, remote_incremental, take_remote
 from drkit.backup.remote_sql import RemoteDataDir
 from drkit.config.settings import Settings
 from drkit.errors import ArchivingFailing, BackupNotCopied, IntegrityError, PostgresError
@@ -114,10 +114,10 @@ class BackupOperation:
                     repo.check(cluster.system_identifier)
                     check_identity(repo.storage, repo.keys)
                     removed = self._remove_leftovers(repo, lease)
-                    parent, notice = self._choose_parent(repo, cluster, session)
+                    parent, notice, how = self._choose_parent(repo, cluster, session)
                     if notice:
                         log.info(notice)
-                    taken = _Taken(self._new_label(repo, parent, removed), parent, cluster)
+                    taken = _Taken(self._new_label(repo, parent, removed), parent, cluster, how)
                     data_key = repo.keys.new_data_key()
                     clock.lap("check")
 
@@ -177,10 +177,11 @@ class BackupOperation:
 
     def _base_backup(self, taken: _Taken) -> bool:
         """Whether to take a base backup over a replication connection (a remote full, or a
-        remote diff/incr on 17+) rather than read the data directory file by file."""
+        remote diff/incr that uses the server's WAL summaries) rather than read the data
+        directory file by file."""
         if self.settings.postgres.mode != "remote":
             return False
-        return taken.parent is None or not file_functions(taken.cluster.version_num, True)
+        return taken.parent is None or taken.remote is RemoteIncremental.BASE_BACKUP
 
     def _data_dir(self, session: PgSession, taken: _Taken) -> AbstractContextManager[DataDir]:
         if self.settings.postgres.mode != "remote":
@@ -354,16 +355,21 @@ class BackupOperation:
 
     def _choose_parent(
         self, repo: Repository, cluster: ClusterInfo, session: PgSession
-    ) -> tuple[Manifest | None, str | None]:
+    ) -> tuple[Manifest | None, str | None, RemoteIncremental | None]:
         """The parent of a diff (last full) or incr (last backup); None (with the reason) when
-        there is no usable one and the backup falls back to full."""
+        there is no usable one and the backup falls back to full. In remote mode, also how the
+        diff/incr reads its changes."""
         if self.kind is BackupType.FULL:
-            return None, None
+            return None, None, None
         labels = repo.backups()
         if self.kind is BackupType.DIFF:
             labels = [label for label in labels if label.type is BackupType.FULL]
         if not labels:
-            return None, f"no earlier backup to base a {self.kind} backup on: taking a full backup"
+            return (
+                None,
+                f"no earlier backup to base a {self.kind} backup on: taking a full backup",
+                None,
+            )
         # A manifest that fails authentication (damaged, or added by someone who cannot seal
         # one) is passed over: the newest authentic backup is the parent.
         skipped: list[str] = []
@@ -374,9 +380,9 @@ class BackupOperation:
             except IntegrityError as exc:
                 skipped.append(f"backup '{candidate}' skipped as a parent: {exc}")
         else:
-            return None, f"{skipped[0]}: taking a full backup instead of {self.kind}"
+            return None, f"{skipped[0]}: taking a full backup instead of {self.kind}", None
         labels = labels[: labels.index(candidate) + 1]
-        reason = None
+        reason, how = None, None
         if parent.pg_major != cluster.major:
             reason = f"PostgreSQL was upgraded from {parent.pg_major} to {cluster.major}"
         elif parent.system_identifier != str(cluster.system_identifier):
@@ -394,10 +400,11 @@ class BackupOperation:
         elif missing := [m for m in parent.chain if m not in {str(label) for label in labels}]:
             reason = f"backup '{missing[0]}', which backup '{parent.label}' depends on, is missing"
         elif self.settings.postgres.mode == "remote":
-            reason = incremental_problem(session, cluster, self.settings.backup)
+            found = remote_incremental(session, cluster, self.settings.backup)
+            reason, how = (found, None) if isinstance(found, str) else (None, found)
         if reason:
-            return None, f"{reason}: taking a full backup instead of {self.kind}"
-        return parent, "; ".join(skipped) or None
+            return None, f"{reason}: taking a full backup instead of {self.kind}", None
+        return parent, "; ".join(skipped) or None, how
 
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
@@ -465,6 +472,7 @@ class _Taken:
     label: BackupLabel
     parent: Manifest | None
     cluster: ClusterInfo
+    remote: RemoteIncremental | None = None  # how a remote diff/incr reads its changes
     start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.monotonic)
     start_lsn: int = 0

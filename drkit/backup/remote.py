@@ -29,6 +29,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from drkit.pg.incremental import (
     without_incremental_lines,
 )
 from drkit.pg.pages import relation_segment
+from drkit.pg.remote_files import FILE_FUNCTIONS
 from drkit.pg.session import BackupStop, ClusterInfo, PgSession, Tablespace
 from drkit.pg.tarstream import Member, TarStream
 from drkit.pg.wal import check_segment_header, parse_lsn, parse_segment_name
@@ -82,22 +84,37 @@ class _Prior:
     files: dict[str, FileEntry]
 
 
-def incremental_problem(
+class RemoteIncremental(Enum):
+    """How a remote diff/incr reads what changed since its parent."""
+
+    BASE_BACKUP = "base backup"  # the server's incremental base backup (this module)
+    SQL = "sql"  # the data directory read over SQL (backup/remote_sql.py)
+
+
+def remote_incremental(
     session: PgSession, cluster: ClusterInfo, settings: BackupSettings
-) -> str | None:
-    """Why a remote diff/incr cannot be the server's incremental backup (None: it can; whether
-    its WAL summaries cover the range, the server itself says when the backup starts). Before
-    PostgreSQL 17 there is none: the data directory is read over SQL (backup/remote_sql.py)."""
+) -> RemoteIncremental | str:
+    """How a remote diff/incr is taken, or why it cannot be (a string: it falls back to a
+    full). On 17+ with the server's WAL summaries (and backup.wal_summaries), its incremental
+    base backup, which needs no grant beyond a full's; otherwise the data directory read over
+    SQL, whose grants the role check requires before 17 and this checks from 17 on, since
+    only a server without summaries needs them there."""
     if cluster.version_num < INCREMENTAL_MIN_VERSION:
-        return None
+        return RemoteIncremental.SQL
     if not settings.wal_summaries:
-        return "backup.wal_summaries is off, and remote diff/incr backups are built on them"
-    if not session.summarize_wal():
-        return (
-            "summarize_wal is off on the server, and remote diff/incr backups are built on"
-            " its WAL summaries"
-        )
-    return None
+        why = "backup.wal_summaries is off"
+    elif not session.summarize_wal():
+        why = "summarize_wal is off on the server"
+    else:
+        return RemoteIncremental.BASE_BACKUP
+    missing = session.missing_function_grants(FILE_FUNCTIONS)
+    if not missing:
+        return RemoteIncremental.SQL
+    return (
+        f"{why}, and reading the changed blocks over SQL instead needs EXECUTE on"
+        f" {', '.join(missing)} (set summarize_wal = on, or grant those functions to the"
+        " role: docs/remote.md)"
+    )
 
 
 def take_remote(

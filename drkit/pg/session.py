@@ -203,10 +203,17 @@ class PgSession:
                 "the REPLICATION attribute (ALTER ROLE ... REPLICATION): base backups and the"
                 " temporary slot that keeps their WAL need it"
             )
-        for function in (*REMOTE_FUNCTIONS, *functions):
-            if not self._one("SELECT has_function_privilege(%s, 'EXECUTE')", (function,))[0]:
-                missing.append(f"EXECUTE on function {function} (GRANT EXECUTE ON FUNCTION ...)")
+        for function in self.missing_function_grants((*REMOTE_FUNCTIONS, *functions)):
+            missing.append(f"EXECUTE on function {function} (GRANT EXECUTE ON FUNCTION ...)")
         return missing
+
+    def missing_function_grants(self, functions: tuple[str, ...]) -> list[str]:
+        """Those of ``functions`` the role may not call."""
+        return [
+            function
+            for function in functions
+            if not self._one("SELECT has_function_privilege(%s, 'EXECUTE')", (function,))[0]
+        ]
 
     def current_wal_file(self) -> str:
         """The WAL segment the server is writing now (not complete, so not archived yet)."""
