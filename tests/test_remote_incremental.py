@@ -2,7 +2,7 @@
 INCREMENTAL files) stored as drkit's own page deltas. Chains restore, start and hold every table
 as the source did; a chain mixing the local engine and remote members restores; the data files
 drkit restores are byte for byte those pg_basebackup --incremental + pg_combinebackup produce;
-the fall-backs to full say why."""
+without WAL summaries, the data directory is read over SQL; the fall-backs to full say why."""
 
 from __future__ import annotations
 

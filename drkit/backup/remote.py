@@ -19,7 +19,8 @@ relation file that changed in part as ``INCREMENTAL.<name>``, which is stored un
 as a delta of the parent (file_writers.PgIncremental), so restore, verify and chains read it like
 any delta. One that names no block and keeps the parent's length is stored as a reference to the
 parent's version; backup_label loses the lines that would mark the restored directory as an
-incremental backup.
+incremental backup. Without the server's summaries, a diff/incr reads the data directory over
+SQL instead (backup/remote_sql.py): ``remote_incremental`` decides which.
 """
 
 from __future__ import annotations

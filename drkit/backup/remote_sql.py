@@ -1,4 +1,5 @@
-"""Remote diff/incr before PostgreSQL 17: the data directory read over SQL (pg/remote_files.py).
+"""Remote diff/incr without WAL summaries (PostgreSQL 15 and 16, or 17+ with summarize_wal
+off): the data directory read over SQL (pg/remote_files.py).
 
 The backup is the local engine's (backup/operation.py), started and stopped on the session drkit
 holds, with the listing, the file reads and pg_wal's segments taken from the server's functions:

@@ -1,6 +1,7 @@
-"""A data directory read over SQL: remote diff/incr backups of PostgreSQL 15 and 16.
+"""A data directory read over SQL: remote diff/incr backups of PostgreSQL 15 and 16, and of 17+
+without WAL summaries.
 
-Those servers keep no WAL summaries, so their base backups cannot be incremental; drkit then
+Those servers keep none, so their base backups cannot be incremental; drkit then
 takes the backup as in local mode (pg_backup_start .. pg_backup_stop on the session it holds),
 with the files listed by ``pg_ls_dir``/``pg_stat_file`` and read by
 ``pg_read_binary_file(path, offset, length, true)``, each reader thread on a connection of its
@@ -29,7 +30,7 @@ from drkit.errors import PostgresError
 from drkit.pg.basebackup import connection_error
 from drkit.pg.walk import EXCLUDE_CONTENTS, PgdataListing, SourceDir, SourceFile, excluded
 
-# What a remote diff/incr calls on PostgreSQL 15 and 16, besides a full's functions.
+# What a remote diff/incr read over SQL calls, besides a full's functions.
 FILE_FUNCTIONS = (
     "pg_backup_start(text, boolean)",
     "pg_backup_stop(boolean)",
@@ -37,7 +38,7 @@ FILE_FUNCTIONS = (
     "pg_stat_file(text, boolean)",
     "pg_read_binary_file(text, bigint, bigint, boolean)",
 )
-FILES_MAX_VERSION = 169999  # from 17 on, the server's incremental base backup is used
+FILES_MAX_VERSION = 169999  # from 17 on, only a server without WAL summaries needs them
 
 # Every entry under PGDATA, recursively; the contents of directories a backup skips are not
 # listed (pg_wal may hold thousands of segments).
@@ -58,8 +59,9 @@ _UNLOGGED_INIT = re.compile(r"^(\d+)_init$")
 
 
 def file_functions(version_num: int, incremental: bool) -> tuple[str, ...]:
-    """The functions a remote backup calls besides a full's: a diff/incr before PostgreSQL 17
-    reads the data directory over SQL."""
+    """The functions the role check requires of a remote backup besides a full's: a diff/incr
+    before PostgreSQL 17 reads the data directory over SQL (from 17 on, only when the server
+    keeps no WAL summaries: backup/remote.py checks them then, and falls back to a full)."""
     return FILE_FUNCTIONS if incremental and version_num <= FILES_MAX_VERSION else ()
 
 
