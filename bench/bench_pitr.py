@@ -17,8 +17,9 @@ Run as root on a machine with PostgreSQL 15 (Debian packages), pgbackrest and GN
    - ``pgBackRest async``: the same with ``archive-async=y`` (its default queue of 128 MiB, i.e. 8
      segments, fetched ahead by ``process-max`` = 2 into its spool);
    - ``local pg_wal``: drkit's restore, with every archived segment copied into ``pg_wal`` (not
-     timed) and ``restore_command = 'false'``: archive recovery needs one, and a failing one makes
-     PostgreSQL read ``pg_wal``. This is the limit: replay with fetching fully hidden.
+     timed, left in the page cache) and ``restore_command = 'false'``: archive recovery needs
+     one, and a failing one makes PostgreSQL read ``pg_wal``. This is the limit: replay with
+     fetching fully hidden.
 3. Prints per configuration the wall of the restore command, of start -> promoted (the replay), the
    sum, the CPU of the restore command and of the server (which includes the restore_command calls
    it waited for, not detached fetchers), the busy CPU of the whole machine during the replay, and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import os
 import secrets
 import shutil
 import statistics
@@ -247,7 +249,7 @@ def measure(source: Source, config: str, rows: int, number: int, quiet_wait: flo
     drop_page_cache()
     restore_s, tool_cpu = restore(source, config, pgdata)
     if config == "local pg_wal":
-        drop_page_cache()  # the copied segments come from the disk, as archived ones do
+        os.sync()  # written out, still in the page cache: nothing left to fetch or read
     cluster = attach_cluster(pgdata, PG_VERSION, source.root, RESTORED_CONF)
     machine_before = machine_busy_seconds()
     began = time.monotonic()

@@ -13,7 +13,9 @@ import pytest
 from drkit.config.settings import ArchiveSettings, load_settings
 from drkit.crypto.keyfile import create_keyfile
 from drkit.errors import ConfigError
+from drkit.repo.repository import FORMAT_KEY as REPOSITORY_FORMAT_KEY
 from drkit.wal.config import ArchiveConfig, WalConfig, load_wal_config
+from drkit.wal.fetch import FORMAT_KEY
 
 Writer = Callable[..., Path]
 
@@ -158,14 +160,19 @@ def test_fetching_from_a_single_local_repository_never_loads_the_full_settings(
         f'[postgres]\npgdata = "{tmp_path / "pgdata"}"\n[keys]\nkeyfile = "{keyfile}"\n'
         f'[[repo]]\nname = "main"\npath = "{tmp_path / "repo"}"\n'
     )
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / FORMAT_KEY).write_text("{}")  # a repository is there
     probe = (
         "import sys; from pathlib import Path; from drkit.wal.config import load_wal_config;"
-        " from drkit.wal.operation import WalSources;"
+        " from drkit.wal.operation import WalSources, WalFetchRequest, fetch_from;"
         f" config = load_wal_config(Path({str(path)!r}), lazy=True, one_shot=True);"
-        " print(config.open_repository().name, WalSources(config).secondaries(),"
-        " 'pydantic' in sys.modules)"
+        " sources = WalSources(config);"
+        f" request = WalFetchRequest('00000002.history', Path({str(tmp_path / 'h')!r}));"
+        " print(fetch_from(sources, request).fetched, sources.secondaries(),"
+        " 'pydantic' in sys.modules, 'cryptography' in sys.modules)"
     )
     imported = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
-    assert imported.stdout.split() == ["main", "[]", "False"]
+    assert imported.stdout.split() == ["False", "[]", "False", "False"]  # not archived
+    assert FORMAT_KEY == REPOSITORY_FORMAT_KEY

@@ -17,6 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -234,14 +235,18 @@ def _from_toml(data: dict[str, Any], path: Path) -> WalConfig | None:
     repo_path, repo_name = Path(primary["path"]), primary["name"]
 
     def open_repo() -> RepoLike:
-        from drkit.crypto.keyfile import KeyfileProvider
         from drkit.storage.posix import PosixStorage
 
-        return WalRepository(
-            PosixStorage(repo_path, name=repo_name), lambda: KeyfileProvider(keyfile)
-        )
+        return WalRepository(PosixStorage(repo_path, name=repo_name), partial(_keyfile, keyfile))
 
     return WalConfig(path, pgdata, lock_path, archive, repo_name, True, open_repo, len(repos) > 1)
+
+
+def _keyfile(path: Path) -> KeyProvider:
+    """The key file provider, imported when first needed ("not archived" never needs it)."""
+    from drkit.crypto.keyfile import KeyfileProvider
+
+    return KeyfileProvider(path)
 
 
 def _archive(table: dict[str, Any]) -> ArchiveConfig:

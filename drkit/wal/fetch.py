@@ -13,12 +13,18 @@ the answer is an error, which aborts recovery instead of losing every later chan
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drkit.errors import DrkitError, ObjectNotFound, repository_missing
 from drkit.fsutil import os_reason, write_new
 from drkit.repo.wal_names import parse_wal_name
-from drkit.repo.wal_objects import RepoLike, WalKeyring, read_object
-from drkit.wal.push import FORMAT_KEY
+
+if TYPE_CHECKING:  # "not archived" (every recovery's history files) needs no codecs nor keys
+    from drkit.repo.wal_objects import RepoLike, WalKeyring
+
+
+# The repository's format object (drkit.repo.repository.FORMAT_KEY, without that module's imports)
+FORMAT_KEY = "drkit-repository.json"
 
 
 class WalFetchError(DrkitError):
@@ -42,6 +48,8 @@ def fetch(repo: RepoLike, name: str, dest: Path, *, keyring: WalKeyring | None =
         size = repo.storage.stat(wal.key).size
     except ObjectNotFound:
         return _repository_present(repo)
+    from drkit.repo.wal_objects import WalKeyring, read_object
+
     keyring = keyring or WalKeyring(repo, cache=False)
     try:
         # Not synced: PostgreSQL replays the file at once and it is in the archive anyway.
