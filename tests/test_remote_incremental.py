@@ -170,15 +170,16 @@ def test_remote_incr_without_summaries_reads_over_sql_or_falls_back_saying_why(
     pg_factory: PgFactory, workdir: Path
 ) -> None:
     """summarize_wal off: without the file functions' grants, a full naming them and both ways
-    out. Turned on after the WAL of a full left pg_wal: the summaries do not reach back to the
-    full's start, the server refuses the incremental, a full is taken. Off again, with the
-    grants (a superuser): the incr reads the blocks the WAL names over SQL, and restores."""
+    out. With them (a superuser), turned on after the WAL of a full left pg_wal: the summaries
+    do not reach back to the full's start, the server refuses the incremental, the incr reads
+    over SQL instead. Off again: the incr reads the blocks the WAL names over SQL; the chain
+    restores."""
     pg = pg_factory(18, {"summarize_wal": False, "wal_keep_size": 0})
     pg.psql(TABLES)
     create_backup_role(pg)
     dk = _remote_dk(pg, workdir)
     remote(dk, user=BACKUP_ROLE)
-    full = _backup(dk, "full")
+    _backup(dk, "full")
     off = _backup(dk, "incr")
     assert off["type"] == "full" and "summarize_wal is off on the server" in off["notice"]
     assert "set summarize_wal = on, or grant those functions" in off["notice"]
@@ -190,11 +191,13 @@ def test_remote_incr_without_summaries_reads_over_sql_or_falls_back_saying_why(
         pg.psql("SELECT pg_switch_wal(); CHECKPOINT")
     pg.set_conf({"summarize_wal": True})
     pg.reload()
+    pg.psql("UPDATE accounts SET balance = 5 WHERE id = 7")
     refused = _backup(dk, "incr")
-    assert refused["type"] == "full", refused
+    assert refused["type"] == "incr" and refused["parent"] == off["label"], refused
     assert "the server refused an incremental backup" in refused["notice"]
     assert "WAL summaries are required" in refused["notice"]
-    assert full["label"] != refused["label"]
+    assert "reading the changed blocks over SQL instead" in refused["notice"]
+    assert refused["stats"]["stored"] < off["stats"]["stored"] / 2
 
     pg.set_conf({"summarize_wal": False})
     pg.reload()
@@ -203,7 +206,7 @@ def test_remote_incr_without_summaries_reads_over_sql_or_falls_back_saying_why(
     incr = _backup(dk, "incr")
     assert incr["type"] == "incr" and incr["parent"] == refused["label"], incr
     assert incr["notice"] is None and incr["stats"]["changes"] == "wal"
-    assert incr["stats"]["stored"] < refused["stats"]["stored"] / 2
+    assert incr["stats"]["stored"] < off["stats"]["stored"] / 2
     updated = _entries(dk, incr["label"])[accounts]  # only the blocks the WAL names
     assert updated.pages is not None and updated.base == refused["label"]
     assert 0 < sum(end - start for start, end in updated.pages) < updated.size // 8192 // 2

@@ -132,7 +132,7 @@ class BackupOperation:
                         )
                         notice = refused or notice
                         clock.lap("copy")
-                    else:
+                    if not self._base_backup(taken):  # or the server refused an incremental
                         with self._data_dir(session, taken) as datadir:
                             found = self._take_files(
                                 session, repo, taken, data_key.plaintext, fanout, clock, datadir
@@ -270,8 +270,9 @@ class BackupOperation:
         self, session: PgSession, repo: Repository, taken: _Taken, dek: bytes, fanout: FanOut
     ) -> str | None:
         """Store what a base backup over a replication connection sends (backup/remote.py): a
-        diff/incr is the server's incremental backup on top of the parent; a notice when the
-        server refused one and a full backup was taken instead."""
+        diff/incr is the server's incremental backup on top of the parent. A notice when the
+        server refused one: then either nothing is taken and ``taken.remote`` says to read the
+        data directory over SQL instead, or a full backup was taken."""
         cluster, notice = taken.cluster, None
         # The files' mtimes are in the server's clock: a later diff/incr trusts them only if
         # older than this start, so it must not be later in that clock than in ours
@@ -292,10 +293,16 @@ class BackupOperation:
         try:
             remote = take()
         except IncrementalRefused as exc:  # before anything was stored
-            notice = (
-                f"the server refused an incremental backup ({exc}):"
-                f" taking a full backup instead of {self.kind}"
-            )
+            how = remote_incremental(session, cluster, self.settings.backup, exc)
+            if not isinstance(how, str):
+                taken.remote = how
+                notice = (
+                    f"the server refused an incremental backup ({exc}): reading the changed"
+                    " blocks over SQL instead"
+                )
+                log.info(notice)
+                return notice
+            notice = f"{how}: taking a full backup instead of {self.kind}"
             log.info(notice)
             taken.label, taken.parent = self._new_label(repo, None, [taken.label]), None
             remote = take()

@@ -38,7 +38,12 @@ from drkit.backup.copy import CopyResult, FileCopier, StreamedGroup
 from drkit.backup.plan import Delta, Source
 from drkit.config.settings import BackupSettings, Settings
 from drkit.errors import IntegrityError, PageChecksumFailure, PostgresError
-from drkit.pg.basebackup import INCREMENTAL_MIN_VERSION, Archive, BaseBackupStream
+from drkit.pg.basebackup import (
+    INCREMENTAL_MIN_VERSION,
+    Archive,
+    BaseBackupStream,
+    IncrementalRefused,
+)
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pg.incremental import (
     HEADER_FIELDS,
@@ -93,16 +98,21 @@ class RemoteIncremental(Enum):
 
 
 def remote_incremental(
-    session: PgSession, cluster: ClusterInfo, settings: BackupSettings
+    session: PgSession,
+    cluster: ClusterInfo,
+    settings: BackupSettings,
+    refused: IncrementalRefused | None = None,
 ) -> RemoteIncremental | str:
     """How a remote diff/incr is taken, or why it cannot be (a string: it falls back to a
     full). On 17+ with the server's WAL summaries (and backup.wal_summaries), its incremental
-    base backup, which needs no grant beyond a full's; otherwise the data directory read over
-    SQL, whose grants the role check requires before 17 and this checks from 17 on, since
-    only a server without summaries needs them there."""
+    base backup, which needs no grant beyond a full's; otherwise, or once the server
+    ``refused`` one, the data directory read over SQL, whose grants the role check requires
+    before 17 and this checks from 17 on, since only a server without summaries needs them."""
     if cluster.version_num < INCREMENTAL_MIN_VERSION:
         return RemoteIncremental.SQL
-    if not settings.wal_summaries:
+    if refused is not None:
+        why = f"the server refused an incremental backup ({refused})"
+    elif not settings.wal_summaries:
         why = "backup.wal_summaries is off"
     elif not session.summarize_wal():
         why = "summarize_wal is off on the server"
