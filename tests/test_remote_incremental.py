@@ -179,6 +179,8 @@ def test_remote_incr_without_summaries_reads_over_sql_or_falls_back_saying_why(
     create_backup_role(pg)
     dk = _remote_dk(pg, workdir)
     remote(dk, user=BACKUP_ROLE)
+    init = dk.ok("init").stdout
+    assert "diff and incr backups will be full backups while summarize_wal is off" in init
     _backup(dk, "full")
     off = _backup(dk, "incr")
     assert off["type"] == "full" and "summarize_wal is off on the server" in off["notice"]

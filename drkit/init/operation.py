@@ -22,7 +22,7 @@ from drkit.errors import (
 )
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.remote_access import check_remote_access
-from drkit.pg.remote_files import file_functions
+from drkit.pg.remote_files import FILE_FUNCTIONS, file_functions
 from drkit.pg.session import ClusterInfo, PgSession
 from drkit.repo.identity import check_identity, read_identity, record_identity
 from drkit.repo.open import open_key_provider, open_repository
@@ -70,11 +70,15 @@ class InitOperation:
     def run(self) -> InitReport:
         # Check the cluster's settings
         with PgSession(self.settings.postgres) as session:
-            remote, lacking = None, []
+            remote, lacking, until = None, [], "stop with exit 41"
             if self.settings.postgres.mode == "remote":
                 remote = check_remote_access(session, self.settings.postgres)
-                # diff/incr before 17 read files over SQL: a full needs none of those grants
+                # diff/incr before 17 read files over SQL, and from 17 on while the server keeps
+                # no WAL summaries (then a full is taken instead): a full needs none of them
                 needed = file_functions(session.version_num(), incremental=True)
+                if not needed and not session.summarize_wal():
+                    needed = FILE_FUNCTIONS
+                    until = "be full backups while summarize_wal is off"
                 lacking = session.missing_remote_privileges(needed)
             cluster = session.cluster_info()
             archiver = session.archiver_stats()
@@ -85,7 +89,7 @@ class InitOperation:
                 report.checks.append(
                     Check(
                         "notice",
-                        "diff and incr backups will stop with exit 41 until the role is granted"
+                        f"diff and incr backups will {until} until the role is granted"
                         f" (docs/remote.md): {'; '.join(lacking)}",
                     )
                 )
