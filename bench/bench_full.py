@@ -54,6 +54,8 @@ from rig.postgres import (
     make_template,
 )
 
+from drkit.config.settings import BackupSettings
+
 ZSTD_LEVEL = 3
 PROCESS_MAX = 2
 TOOLS = ("drkit", "pg_basebackup+zstd", "pgBackRest")
@@ -229,7 +231,13 @@ def bench_drkit(bench: Bench, source: PgCluster, expected: str) -> list[Measurem
     dk = Drkit(
         source,
         workdir,
-        backup={"process_max": PROCESS_MAX, "compress_level": ZSTD_LEVEL, "start_fast": True},
+        # the shipped chunk size, not the test rig's small one
+        backup={
+            "process_max": PROCESS_MAX,
+            "compress_level": ZSTD_LEVEL,
+            "start_fast": True,
+            "chunk_size": BackupSettings.model_fields["chunk_size"].default,
+        },
     )
     dk.ok("init")
     config = ["--config", str(dk.config)]
