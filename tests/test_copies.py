@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,9 @@ from drkit.repo.open import open_repository
 
 
 @pytest.fixture
-def two_repos(pg: PgCluster, workdir: Path, s3, monkeypatch: pytest.MonkeyPatch) -> Drkit:  # type: ignore[no-untyped-def]
+def two_repos(pg: PgCluster, workdir: Path, s3, new_bucket) -> Drkit:  # type: ignore[no-untyped-def]
     """A cluster with data, a local repository and an offsite S3 repository (moto over HTTP)."""
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = new_bucket()
     pg.run_bin("pgbench", "-i", "-s", "2", "-q")
     pg.psql("CREATE TABLE notes AS SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
     s3_repo = {

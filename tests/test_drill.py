@@ -10,12 +10,10 @@ import signal
 import stat
 import subprocess
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from rig.archive import enable_archiving, switch_wal, wait_archived
 from rig.drkit import Drkit
 from rig.postgres import PgCluster, attach_cluster, chown_to_server_user, database_checksums
@@ -490,12 +488,9 @@ def test_judge_orders_failures_restore_then_checks_then_targets() -> None:
 
 
 def test_ransomware_restores_from_the_locked_copy_alone(
-    pg_factory: Any, workdir: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+    pg_factory: Any, workdir: Path, s3: Any, new_bucket: Any
 ) -> None:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)  # the sandbox's wal-fetch inherits them too
-    bucket = f"drkit-drill-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    bucket = new_bucket("drkit-drill", object_lock=True)  # its env: the sandbox's wal-fetch too
     locked = {
         "name": "s3-locked",
         "type": "s3",

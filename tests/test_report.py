@@ -62,15 +62,12 @@ def _month(period: Period, index: int, day: int) -> datetime:
 
 
 @pytest.fixture
-def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, monkeypatch) -> Quarter:  # type: ignore[no-untyped-def]
+def quarter(pg_factory: PgFactory, workdir: Path, s3: S3Server, new_bucket) -> Quarter:  # type: ignore[no-untyped-def]
     """PostgreSQL 15 with a full and an incremental backup in a local repository and an offsite
     S3 one, and four drills of the backups' quarter written into both: a restore test and a
     partial drill in its first month, none in the second, a failed restore test (RTO missed)
     and a full drill in the third; a failed incremental backup run in the second month."""
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = new_bucket()
     cluster = pg_factory(15)
     cluster.run_bin("pgbench", "-i", "-s", "1", "-q")
     s3_repo = {

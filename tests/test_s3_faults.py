@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,8 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    name = f"drkit-faults-{uuid.uuid4().hex[:12]}"
-    s3_server.client().create_bucket(Bucket=name)
-    return name
+def bucket(new_bucket: Callable[..., str]) -> str:
+    return new_bucket("drkit-faults")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +140,9 @@ def test_a_damaged_segment_ahead_is_never_served(pg: PgCluster, workdir: Path) -
 
 
 def test_segments_missing_from_the_primary_are_fetched_ahead_from_s3(
-    pg: PgCluster, workdir: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+    pg: PgCluster, workdir: Path, s3: Any, new_bucket: Any
 ) -> None:
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)  # the restored server's wal-fetch inherits them
-    bucket = f"drkit-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=bucket)
+    bucket = new_bucket()  # its env: the restored server's wal-fetch too
     offsite = {
         "name": "offsite",
         "type": "s3",
