@@ -10,6 +10,7 @@ full command; the real one is exercised by every PITR test (tests/test_wal_prefe
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -135,3 +136,5 @@ def test_history_files_and_configuration_from_the_environment_go_to_the_full_com
 
 def test_the_default_spool_root_is_drkits_default_lock_path() -> None:
     assert quick._default_root() == str(default_lock_path())
+    digest = hashlib.sha256(b"/var/lib/postgresql/15/main").hexdigest()[:12]
+    assert quick.spool_name("/var/lib/postgresql/15/main") == f"fetch-{digest}"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import stat
 import sys
@@ -37,6 +36,7 @@ import time
 TYPE_CHECKING = False  # typing itself costs more to import than this whole file
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 LOCK_FILE = "fetcher.lock"
 WANT_FILE = "want"
@@ -49,7 +49,20 @@ _HEX = frozenset("0123456789ABCDEF")
 
 def spool_name(pgdata: str) -> str:
     """The spool's directory name for the cluster in ``pgdata`` (an absolute, resolved path)."""
-    return "fetch-" + hashlib.sha256(pgdata.encode()).hexdigest()[:12]
+    return "fetch-" + _sha256(pgdata.encode()).hexdigest()[:12]
+
+
+def _sha256(data: bytes) -> Any:
+    """SHA-256 from the interpreter's built-in module when it has one: hashlib loads OpenSSL,
+    which costs more than the rest of this script's start."""
+    try:
+        from _sha2 import sha256  # Python 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # Python 3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data)
 
 
 def recovering(pgdata: str) -> bool:
