@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_full import RESTORED_CONF, SOURCE_CONF
 from common import (
     DRKIT,
     PG_VERSION,
@@ -67,14 +68,6 @@ SEGMENT = 16 * 1024 * 1024
 PROCESS_MAX = 2
 CONFIGS = ("drkit", "pgBackRest async", "pgBackRest sync", "local pg_wal")
 EXTRA_CONFIGS = ("drkit without quick path",)  # --configs: the full wal-fetch for every segment
-SOURCE_CONF = {
-    "archive_mode": "on",
-    "archive_command": "/bin/true",
-    "shared_buffers": "128MB",
-    "max_wal_size": "4GB",
-    "checkpoint_timeout": "30min",
-}
-RESTORED_CONF = {"archive_mode": "off"}
 BULK_ROWS = 500_000  # ~60 MiB of WAL per INSERT
 
 

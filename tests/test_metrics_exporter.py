@@ -12,8 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from rig.postgres import PgCluster, PgFactory
 from rig.servers import S3Server, VaultServer
 from rig.vault import VaultSetup
 from test_remote import BACKUP_ROLE, create_backup_role, listen_on_tcp
+from test_schedule import get
 
 from drkit.schedule.metrics import FAMILIES
 
@@ -77,14 +76,6 @@ def exporters() -> Iterator[list[Exporter]]:
     yield started
     for exporter in started:
         exporter.stop()
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
