@@ -6,11 +6,9 @@ decrypts, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,50 +22,32 @@ from rig.postgres import PgCluster, PgFactory
 from rig.servers import S3Server, VaultServer
 from rig.vault import VaultSetup
 from test_remote import BACKUP_ROLE, create_backup_role, listen_on_tcp
-from test_schedule import get
+from test_schedule import LoggedProcess, get
 
 from drkit.schedule.metrics import FAMILIES
 
 METRICS_ROLE = "drkit_metrics"
 
 
-class Exporter:
-    """``drkit metrics --serve`` as a process, its JSON log lines collected as they arrive."""
+class Exporter(LoggedProcess):
+    """``drkit metrics --serve`` as a process."""
 
     def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [*DRKIT, "metrics", "--serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+        super().__init__(
+            subprocess.Popen(
+                [*DRKIT, "metrics", "--serve", "--config", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**env, "PYTHONUNBUFFERED": "1"},
+            )
         )
-        self.lines: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.raw.append(line)
-            with contextlib.suppress(ValueError):
-                self.lines.append(json.loads(line))
 
     def url(self, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if line.get("message") == "metrics exporter started":
-                    return f"http://{line['listen']}"
-            assert self.process.poll() is None, f"exporter exited:\n{''.join(self.raw)}"
-            time.sleep(0.05)
-        raise AssertionError(f"the exporter never started:\n{''.join(self.raw)}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        started = self.wait_for(
+            "start", lambda line: line.get("message") == "metrics exporter started", timeout
+        )
+        return f"http://{started['listen']}"
 
 
 @pytest.fixture

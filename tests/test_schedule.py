@@ -32,11 +32,11 @@ from drkit.schedule.metrics import FAMILIES
 STOP_BOUND_S = 15  # SIGTERM to exit, with a stop_timeout of 2 s, on a loaded 2-core machine
 
 
-class Daemon:
-    """``drkit schedule`` as a process, its JSON log lines collected as they arrive."""
+class LoggedProcess:
+    """A drkit process, its JSON log lines (stderr) collected as they arrive."""
 
-    def __init__(self, dk: Drkit, user: str | None = None) -> None:
-        self.process = spawn(dk, user)
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -62,9 +62,21 @@ class Daemon:
             for line in self.lines[since:]:
                 if test(line):
                     return line
-            assert self.process.poll() is None, f"scheduler exited:\n{''.join(self.raw)}"
+            assert self.process.poll() is None, f"drkit exited:\n{''.join(self.raw)}"
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}:\n{''.join(self.raw[-40:])}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+class Daemon(LoggedProcess):
+    """``drkit schedule`` as a process."""
+
+    def __init__(self, dk: Drkit, user: str | None = None) -> None:
+        super().__init__(spawn(dk, user))
 
     def finished(self, job: str, ok: bool = True) -> list[dict[str, Any]]:
         return [
@@ -77,11 +89,6 @@ class Daemon:
     def url(self) -> str:
         started = self.wait_for("start", lambda line: line.get("message") == "scheduler started")
         return f"http://{started['listen']}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 def spawn(dk: Drkit, user: str | None) -> subprocess.Popen[str]:
