@@ -8,10 +8,14 @@ private directory it removes with the server), the server log and the access rul
 that directory undoes the drill.
 
 While the drill runs it holds a ``flock`` on ``.drill.lock`` in its sandbox (the kernel lets go
-when the process dies, however it dies). A drill killed outright (kill -9, a power cut of the
-drill host) cannot tear down: the next drill finds that sandbox with its lock free, stops the
-server still running there (SIGQUIT, the immediate shutdown; then SIGKILL) and removes it. A
-sandbox kept with ``--keep`` has no lock file and is never touched.
+when the process dies, however it dies). A sandbox has its ``drill-<id>`` name only while it is
+whole and locked: it is made as ``.drill-<id>.new`` and renamed once its lock is held, and it is
+renamed to ``.drill-<id>.gone`` before it is removed. A drill killed outright (kill -9, a power
+cut of the drill host) cannot tear down: the next drill finds what it left (a sandbox with its
+lock free, a half-made or half-removed one), stops every process still running there (the
+server, a ``pg_ctl`` still starting it, the WAL fetcher: SIGQUIT, the immediate shutdown; then
+SIGKILL) and removes it. A sandbox kept with ``--keep`` has no lock file and is never touched; a
+half-made one without its lock yet is left to its maker for a minute.
 
 With ``[drill] reuse_sandbox`` a drill takes the one reusable sandbox, ``<[drill]
 sandbox>/reusable``, instead, and leaves it behind (server stopped) for the next: the restore
@@ -51,6 +55,8 @@ _SPARE_BYTES = 256 * 1024 * 1024
 _RESTORED_SEGMENT = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 _HBA = "# drkit drill sandbox: only this socket, no TCP\nlocal all all trust\n"
 LOCK_NAME = ".drill.lock"
+_MAKING, _REMOVING = ".new", ".gone"  # suffixes of ".drill-<id>" while it is made or removed
+_MAKER_GRACE = 60  # seconds a half-made sandbox without its lock yet is left to its maker
 REUSABLE = "reusable"  # not a "drill-*" name: never taken for a killed drill's sandbox
 
 log = logging.getLogger(__name__)
@@ -138,20 +144,12 @@ class Sandbox:
             return ""
 
     def remove(self) -> None:
-        """Delete the sandbox and everything in it (links are removed, never followed). The lock
-        file goes last: a drill killed while removing leaves a sandbox the next one recognises
-        as stale and finishes removing."""
-        for child in self.root.iterdir():
-            if child.name == LOCK_NAME:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    child.unlink()
-        shutil.rmtree(self.root, ignore_errors=True)
-        if self.root.exists():
-            shutil.rmtree(self.root)  # a second try that says why it fails
+        """Delete the sandbox and everything in it (links are removed, never followed). It loses
+        its name first: a drill killed while removing leaves a ``.gone`` directory the next one
+        recognises and finishes removing."""
+        gone = self.root.with_name(f".{self.root.name}{_REMOVING}")
+        os.rename(self.root, gone)
+        _remove_tree(gone)
         self._unlock()
 
     def release(self) -> None:
@@ -162,7 +160,7 @@ class Sandbox:
         """Stop a server a killed drill left here, and remove everything but the data directory
         (unless it is no data directory: a restore killed early) and the tablespace directories
         of ``tablespaces``."""
-        _stop_server(self.pgdata)
+        _stop_processes(self.root)
         for child in self.root.iterdir():
             if child.name == LOCK_NAME or (child.name == "tablespaces" and _real_dir(child)):
                 continue
@@ -205,12 +203,18 @@ def create_sandbox(
     parent, uid, gid = _check_parent(parent, forbidden, server_user)
     _require_room(parent, needed_bytes)
     remove_stale_sandboxes(parent)
-    root = parent / name
-    root.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
-    lock_fd = os.open(root / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    root, making = parent / name, parent / f".{name}{_MAKING}"
+    making.mkdir(mode=0o700)  # a fresh name: fails rather than reuse anything
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    lock_fd = os.open(making / LOCK_NAME, flags, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_EX)  # not inherited by the server: os.open is O_CLOEXEC
     if os.geteuid() == 0:
-        os.chown(root, uid, gid)
+        os.chown(making, uid, gid)
+    if os.path.lexists(root):
+        os.close(lock_fd)
+        _remove_tree(making)
+        raise DrillRestoreFailed(f"refusing the drill sandbox '{root}': it exists already")
+    os.rename(making, root)
     return Sandbox(root, uid, gid, lock_fd)
 
 
@@ -293,48 +297,109 @@ def _require_room(parent: Path, needed_bytes: int) -> None:
 
 
 def remove_stale_sandboxes(parent: Path) -> list[Path]:
-    """Stop the servers of, and remove, the sandboxes of drills that died without tearing down
-    (their lock is free); returns them. Kept sandboxes (no lock file), sandboxes being set up
-    (no lock file yet) and running drills' (lock held) are left alone."""
+    """Stop the processes of, and remove, what drills that died without tearing down left: their
+    sandboxes (lock free), half-made and half-removed ones; returns them. Kept sandboxes (no lock
+    file), running drills' (lock held) and a half-made one its maker may still lock are left
+    alone."""
     removed = []
-    for entry in sorted(parent.glob("drill-*")):
-        if entry.is_symlink() or not entry.is_dir():
+    for entry in sorted(parent.iterdir()):
+        name = _drill_name(entry.name)
+        if name is None or not _real_dir(entry):
             continue
-        try:
-            fd = os.open(entry / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock = _lock_state(entry)
+        if lock == "held":
             continue  # a drill runs there
-        finally:
-            os.close(fd)
-        _stop_server(entry / "pgdata")
-        shutil.rmtree(entry, ignore_errors=True)
-        log.warning(f"removed the sandbox '{entry}' of a drill that was killed")
+        if lock == "missing":
+            if entry.name == name:
+                continue  # kept with --keep
+            if entry.name.endswith(_MAKING) and _age(entry) < _MAKER_GRACE:
+                continue
+        # The processes name the sandbox by the path it had when they started
+        _stop_processes(parent / name, entry)
+        _remove_tree(entry)
+        log.warning(f"removed the sandbox '{parent / name}' of a drill that was killed")
         removed.append(entry)
     return removed
 
 
-def _stop_server(pgdata: Path) -> None:
-    """Stop a server left running in ``pgdata``: its postmaster.pid names it, and it is only
-    signalled when that process is a postgres whose data directory is this one."""
+def _drill_name(entry: str) -> str | None:
+    """The sandbox name ``drill-<id>`` of a directory entry: the sandbox itself, or it while it is
+    made or removed; None for anything else."""
+    if entry.startswith("drill-"):
+        return entry
+    for suffix in (_MAKING, _REMOVING):
+        if entry.startswith(".drill-") and entry.endswith(suffix):
+            return entry[1 : -len(suffix)]
+    return None
+
+
+def _lock_state(directory: Path) -> str:
+    """ "held" by a running drill, "free", or "missing"."""
     try:
-        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return
-    if not any(str(pgdata).encode() in part for part in cmdline):
-        return
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return "missing"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "held"
+    finally:
+        os.close(fd)
+    return "free"
+
+
+def _age(path: Path) -> float:
+    return time.time() - path.lstat().st_mtime
+
+
+def _stop_processes(*places: Path) -> None:
+    """Stop every process whose command line names a path in ``places``: a server left running
+    there (its postmaster keeps the ``-D`` it was started with), a ``pg_ctl`` still starting one
+    (no postmaster.pid yet), the WAL fetcher of its recovery. SIGQUIT first (a server's immediate
+    shutdown, which also ends its children), SIGKILL to what is left after 10 seconds."""
+    pids = _processes_naming(places)
     for signum in (signal.SIGQUIT, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if not Path(f"/proc/{pid}").exists():
-                return
-            time.sleep(0.05)
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if _alive(pid)]
+            if pids:
+                time.sleep(0.05)
+        if not pids:
+            return
+
+
+def _processes_naming(places: tuple[Path, ...]) -> list[int]:
+    names = [str(place).encode() for place in places]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(_names(arg, name) for arg in argv for name in names):
+            found.append(int(entry))
+    return found
+
+
+def _names(arg: bytes, place: bytes) -> bool:
+    """``arg`` is ``place`` or a path under it, alone or at the end of an option (``-D/x``)."""
+    at = arg.find(place)
+    end = at + len(place)
+    return at >= 0 and (end == len(arg) or arg[end : end + 1] in (b"/", b'"', b"'", b" "))
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is no zombie (an orphan's parent may be slow to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :][:1] != "Z"
 
 
 def _owner(parent: Path, server_user: str | None) -> tuple[int, int]:
@@ -406,6 +471,15 @@ def _remove_entry(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory tree (links inside removed, never followed); a second try says why it
+    fails. A concurrent remover (another drill cleaning up) is no failure."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
 
 
 def _write_owned(path: Path, text: str, uid: int, gid: int) -> None:
