@@ -1,4 +1,4 @@
-"""Remote diff/incr on PostgreSQL 15: the data directory read over SQL (pg_backup_start,
+"""Remote diff/incr on PostgreSQL 15 and 16: the data directory read over SQL (pg_backup_start,
 pg_ls_dir/pg_stat_file, pg_read_binary_file at the blocks the WAL names), stored as drkit's own
 page deltas. A chain restores, starts and holds every table as the source did; a chain mixing
 local and remote members restores; a missing grant is named; a fall-back says why."""
@@ -71,6 +71,24 @@ def test_remote_incr_and_diff_on_15_read_only_the_changed_blocks(
     restored = restore_and_compare(dk, workdir, database_checksums(pg), "--tablespace-map", mapping)
     assert restored.psql("SELECT count(*) FROM shrinking") == "5300"
     assert restored.psql("SELECT count(*) FROM scratch") == "0"
+
+
+def test_remote_incr_on_16_reads_the_changed_blocks_over_sql(
+    pg_factory: PgFactory, workdir: Path
+) -> None:
+    """16, like 15, has no WAL summaries: the same SQL path, end to end."""
+    pg = pg_factory(16)
+    pg.psql(TABLES)
+    dk = _remote_dk(pg, workdir)
+    full = _backup(dk, "full")
+    accounts = pg.psql("SELECT pg_relation_filepath('accounts')")
+    pg.psql(SCATTERED)
+    incr = _backup(dk, "incr")
+    assert incr["parent"] == full["label"] and incr["stats"]["changes"] == "wal", incr
+    updated = _entries(dk, incr["label"])[accounts]
+    assert updated.pages is not None and updated.base == full["label"]
+    assert 0 < sum(end - start for start, end in updated.pages) < updated.size // 8192 // 2
+    restore_and_compare(dk, workdir, database_checksums(pg))
 
 
 def test_remote_incr_on_15_names_missing_grants_checks_pages_and_falls_back(
