@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -12,25 +14,19 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from drkit.config.settings import Settings, config_path, load_settings
 from drkit.errors import DrkitError, DrkitWarning
 from drkit.interrupts import Interrupted, interruptible
 from drkit.logs import add_log_file, event, redacted
 from drkit.progress import Progress as ProgressProtocol
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 ConfigOption = Annotated[
     Path | None,
@@ -44,8 +40,41 @@ RecoveryKeyOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class LazyConsole:
+    """A rich Console on stdout or stderr, made on first use: rich is some 50 modules, which a
+    command printing only JSON, off a terminal, never needs (its start-up is part of a restore's
+    RTO)."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+        return self._console
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        self.console.print(*objects, **options)
+
+    @property
+    def is_terminal(self) -> bool:
+        """rich's answer; a stream that is no terminal, with neither of the variables that make
+        rich treat it as one, is answered without loading rich."""
+        if self._console is None and not {"TTY_COMPATIBLE", "FORCE_COLOR"} & os.environ.keys():
+            stream = sys.stderr if self._stderr else sys.stdout
+            with contextlib.suppress(ValueError):  # a closed stream: rich says no terminal too
+                if not stream.isatty():
+                    return False
+        return self.console.is_terminal
+
+
+stdout = LazyConsole()
+stderr = LazyConsole(stderr=True)
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +153,22 @@ class RichProgress:
     label is shown by its last part (``backup …20261207-020000I``)."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=None),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(compact=True),
-            console=console or stderr,
+            console=console or stderr.console,
             transient=True,
             expand=True,
         )

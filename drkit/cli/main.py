@@ -4,6 +4,8 @@
 ``main()`` hands them to drkit/cli/wal.py before anything heavy is imported: the typer app (typer,
 rich, pydantic, psycopg through the commands) is built only for the other commands, on first use
 of ``app`` (``from drkit.cli.main import app`` still works: PEP 562 module ``__getattr__``).
+A command line naming a command gets an app holding that command alone: the other commands'
+modules are not imported nor their options built (a restore's start-up is part of its RTO).
 """
 
 from __future__ import annotations
@@ -22,27 +24,33 @@ _INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 _app: Any = None
 
 
-def _build_app() -> Any:
+# Each command: its name -> the drkit.cli module defining it and the attribute, ``command`` (or
+# ``app``: a group of commands), in the order ``drkit --help`` lists them
+_COMMANDS = {
+    "init": ("init", "command"),
+    "backup": ("backup", "command"),
+    "info": ("info", "command"),
+    "verify": ("verify", "command"),
+    "check": ("check", "command"),
+    "restore": ("restore", "command"),
+    "replicate": ("replicate", "command"),
+    "prune": ("prune", "command"),
+    "heartbeat": ("heartbeat", "command"),
+    "schedule": ("schedule", "command"),
+    "metrics": ("metrics", "command"),
+    "report": ("report", "command"),
+    "keys": ("keys", "app"),
+    "drill": ("drill", "app"),
+}
+
+
+def _build_app(only: str | None = None) -> Any:
+    """The typer app: every command, or (``only``) that one command alone."""
+    import importlib
+
     import typer
 
     from drkit import __version__
-    from drkit.cli import (
-        backup,
-        check,
-        drill,
-        heartbeat,
-        info,
-        init,
-        keys,
-        metrics,
-        prune,
-        replicate,
-        report,
-        restore,
-        schedule,
-        verify,
-        wal,
-    )
     from drkit.cli.common import render_error
     from drkit.cli.help import EXIT_CODES, DrkitGroup
     from drkit.errors import DrkitError
@@ -84,21 +92,17 @@ def _build_app() -> Any:
             render_error(exc)
             raise typer.Exit(exc.exit_code) from None
 
-    app.command("init")(init.command)
-    app.command("backup")(backup.command)
-    app.command("info")(info.command)
-    app.command("verify")(verify.command)
-    app.command("check")(check.command)
-    app.command("restore")(restore.command)
-    app.command("replicate")(replicate.command)
-    app.command("prune")(prune.command)
-    app.command("heartbeat")(heartbeat.command)
-    app.command("schedule")(schedule.command)
-    app.command("metrics")(metrics.command)
-    app.command("report")(report.command)
-    app.add_typer(keys.app, name="keys")
-    app.add_typer(drill.app, name="drill")
-    wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher, wal-fetcher)
+    for name, (module, attribute) in _COMMANDS.items():
+        if only is None or only == name:
+            defined = getattr(importlib.import_module(f"drkit.cli.{module}"), attribute)
+            if attribute == "app":
+                app.add_typer(defined, name=name)
+            else:
+                app.command(name)(defined)
+    if only is None or only in _FAST_COMMANDS:
+        from drkit.cli import wal
+
+        wal.register(app)  # wal-push, wal-fetch (+ hidden wal-pusher, wal-fetcher)
     return app
 
 
@@ -122,7 +126,11 @@ def main() -> None:
             code = run_fast(sys.argv[1:])
             if code is not None:  # None: --help or a usage error, which typer explains
                 sys.exit(code)
-        __getattr__("app")()
+        command = sys.argv[1] if len(sys.argv) > 1 else None
+        if command in _COMMANDS or command in _FAST_COMMANDS:
+            _build_app(command)()
+        else:  # drkit --help, options before the command, a mistyped command
+            __getattr__("app")()
     except SystemExit as exc:
         _exit(exc.code)
     _exit(0)
