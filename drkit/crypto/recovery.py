@@ -9,11 +9,13 @@ reads backups, it does not take them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drkit.crypto.base import DataKey
-from drkit.crypto.escrow import RecoveryKey
 from drkit.errors import ConfigError, IntegrityError, WrongKey
+
+if TYPE_CHECKING:  # loaded with the key: X25519 and key serialization are for escrow alone
+    from drkit.crypto.escrow import RecoveryKey
 
 PROVIDER = "recovery"
 
@@ -40,6 +42,8 @@ class RecoveryProvider:
     def from_file(
         cls, path: Path, *, signers: frozenset[str] = frozenset(), accept_unsigned: bool = False
     ) -> RecoveryProvider:
+        from drkit.crypto.escrow import RecoveryKey
+
         return cls(RecoveryKey.from_file(path), signers=signers, accept_unsigned=accept_unsigned)
 
     def __repr__(self) -> str:

@@ -78,7 +78,8 @@ def drill_context(drill_id: str) -> bytes:
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # built on first use: every command opening a repository imports these, few read a record
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class Phase(_Record):
