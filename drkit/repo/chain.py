@@ -125,12 +125,12 @@ class Chain:
         return {label: {f.path: f for f in m.files} for label, m in self.manifests.items()}
 
     def _plan_file(self, entry: FileEntry) -> FilePlan:
+        if entry.pages is None:  # one whole frame holds it all: no masks (and no numpy)
+            return FilePlan(entry, [Layer(entry.backup or self.target.label, entry, None)])
+        import numpy as np  # only files assembled from a chain need masks
+
         by_path = self._by_path
         plan = FilePlan(entry)
-        if entry.pages is None:  # one whole frame holds it all: no masks (and no numpy)
-            plan.layers.append(Layer(entry.owner(self.target.label), entry, None))
-            return plan
-        import numpy as np  # only files assembled from a chain need masks
 
         nblocks = _blocks(entry.size)
         covered = np.zeros(nblocks, dtype=bool)
