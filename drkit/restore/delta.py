@@ -57,6 +57,8 @@ _MADE = frozenset({"pg_tblspc", "pg_wal", "pg_wal/archive_status", "pg_wal/summa
 _VERSION_DIR = re.compile(r"PG_[0-9]+_[0-9]+")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_BUFFER = 1024 * 1024
+BATCH_BYTES = 1024 * 1024  # small files compared by one task of the pool, together
+BATCH_TASKS = 256
 DIRECT_ALIGN = 4096
 
 
@@ -248,13 +250,13 @@ class DeltaRestore:
         read large files with O_DIRECT; ``trust``: first judge each file by its size and mtime,
         reading only those it cannot judge."""
         checks = [_Check(plan, st, trust) for plan, st in self._found]
-        tasks: list[Callable[[], None]] = []
+        tasks: list[tuple[int, Callable[[], None]]] = []
         for check in checks:
             tasks += check.tasks(tree, direct)
         # Each thread reads a range, then hashes it: twice as many threads as workers keep the
         # disk reading while the others hash (O_DIRECT reads have no read-ahead to do it)
         with worker_pool(2 * workers, "compare") as pool:
-            list(pool.map(lambda task: task(), tasks))
+            list(pool.map(_run_all, _batches(tasks)))
 
         summary = self.summary
         summary.origin = trust.origin if trust is not None else None
@@ -322,7 +324,8 @@ class _Check:
     def trusted(self) -> bool:
         return self.judged is not None
 
-    def tasks(self, tree: TargetTree, direct: bool) -> list[Callable[[], None]]:
+    def tasks(self, tree: TargetTree, direct: bool) -> list[tuple[int, Callable[[], None]]]:
+        """The comparisons to run, each with the bytes it reads."""
         entry = self.plan.entry
         if self._whole or self.judged is not None:
             return []
@@ -330,13 +333,14 @@ class _Check:
             if self._size != entry.size:
                 self._whole = True
                 return []
-            return [partial(self._compare_whole, tree, direct)]
-        tasks: list[Callable[[], None]] = []
+            return [(self._size, partial(self._compare_whole, tree, direct))]
+        tasks: list[tuple[int, Callable[[], None]]] = []
         for index, (start, end, sha256) in enumerate(self._chunks):
             if end > self._size:
                 self._differs.add(index)  # not all there: written without reading
             else:
-                tasks.append(partial(self._compare_chunk, tree, direct, index, start, end, sha256))
+                compare = partial(self._compare_chunk, tree, direct, index, start, end, sha256)
+                tasks.append((end - start, compare))
         return tasks
 
     def _compare_whole(self, tree: TargetTree, direct: bool) -> None:
@@ -368,6 +372,29 @@ class _Check:
     def rewrite_bytes(self) -> int:
         assert self._chunks is not None
         return sum(self._chunks[i][1] - self._chunks[i][0] for i in self._differs)
+
+
+def _batches(tasks: list[tuple[int, Callable[[], None]]]) -> list[list[Callable[[], None]]]:
+    """``tasks`` in order, consecutive small ones together (up to BATCH_BYTES read, BATCH_TASKS
+    tasks): a task of a thread pool costs some 10 us of CPU, as much as comparing a small file,
+    and a data directory can hold 100,000 of them."""
+    batches: list[list[Callable[[], None]]] = []
+    batch: list[Callable[[], None]] = []
+    size = 0
+    for nbytes, task in tasks:
+        if batch and (size + nbytes > BATCH_BYTES or len(batch) == BATCH_TASKS):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(task)
+        size += nbytes
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _run_all(tasks: list[Callable[[], None]]) -> None:
+    for task in tasks:
+        task()
 
 
 def _chunk_bounds(plan: FilePlan) -> list[tuple[int, int, str]] | None:
