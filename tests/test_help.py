@@ -114,3 +114,29 @@ def test_the_printed_start_command_starts_the_copy_beside_its_source(
     finally:
         stop = start.replace(" start", " stop -m immediate").replace(f" -l {log} ", " ")
         subprocess.run(stop, shell=True, timeout=120)  # noqa: S602
+
+
+def test_a_command_loads_only_itself_and_helps_as_in_the_whole_app() -> None:
+    """Start-up is part of a restore's RTO: ``drkit restore`` imports no other command's module,
+    and no rich for a --help; the help it prints is the one the whole app gives (an option
+    before the command gets the whole app)."""
+    for path in ("restore", "drill note", "keys rotate"):
+        args = [*path.split(), "--help"]
+        env = {**os.environ, "COLUMNS": "80", "PYTHONVERBOSE": "1"}  # a line per module loaded
+        proc = subprocess.run([DRKIT, *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        whole = subprocess.run(
+            [DRKIT, "--log-level", "info", *args], capture_output=True, text=True, env=env
+        )
+        assert whole.returncode == 0, whole.stderr
+        assert proc.stdout == whole.stdout
+        assert "import 'drkit.cli.backup'" in whole.stderr  # the whole app it was compared with
+        modules = set(re.findall(r"^import '([\w.]+)'", proc.stderr, re.MULTILINE))
+        command = f"drkit.cli.{path.split()[0]}"
+        assert command in modules
+        shared = {"drkit.cli.main", "drkit.cli.common", "drkit.cli.help"}
+        others = {  # drill's own modules are drkit.cli.drill*
+            m for m in modules if m.startswith("drkit.cli.") and not m.startswith(command)
+        } - shared
+        assert not others, f"drkit {path} imports {sorted(others)}"
+        assert not {m for m in modules if m.split(".")[0] == "rich"}
