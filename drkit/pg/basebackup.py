@@ -149,18 +149,24 @@ class BaseBackupStream:
             # 'p' (progress) and 'm' (the server's manifest, not asked for) are passed over
 
     def readinto_archive(self, buffer: memoryview) -> int:
-        while not self._pending:
-            message = self._next_message()
-            if message is not None and message[:1] == b"p":
-                continue  # progress, which may come between an archive's pieces
-            if message is None or message[:1] != b"d":
-                self._message = message  # the next archive's (or the end): keep it
-                return 0
-            self._pending = message[1:]
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
+        """Fill ``buffer`` from the current archive, across as many messages as that takes
+        (the server sends 32 kB at a time): fewer, larger reads for the caller. Short only at
+        the archive's end."""
+        filled, size = 0, len(buffer)
+        while filled < size:
+            if not self._pending:
+                message = self._next_message()
+                if message is not None and message[:1] == b"p":
+                    continue  # progress, which may come between an archive's pieces
+                if message is None or message[:1] != b"d":
+                    self._message = message  # the next archive's (or the end): keep it
+                    break
+                self._pending = message[1:]
+            n = min(size - filled, len(self._pending))
+            buffer[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
 
     def end(self) -> BackupEnd:
         """The backup's end LSN and timeline, once every archive was read. A server that found
@@ -189,8 +195,13 @@ class BaseBackupStream:
             return None
         # Asynchronously, waiting in select(): libpq's blocking read would hold the GIL, and
         # the workers compressing and encrypting what came before would stop while it waits.
-        while (received := self._conn.get_copy_data(1))[0] == 0:
-            self._wait_readable()
+        received = self._conn.get_copy_data(1)
+        if received[0] == 0:
+            # what the socket already holds first: while the pipeline is the slower side, the
+            # server has always sent more, and waiting in select() would only cost a system call
+            self._conn.consume_input()
+            while (received := self._conn.get_copy_data(1))[0] == 0:
+                self._wait_readable()
         n, data = received
         if n == -1:
             self._done = True
