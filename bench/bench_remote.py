@@ -7,9 +7,10 @@ Run as root on a machine with PostgreSQL 15 (Debian packages) and zstd:
 It builds a pgbench database listening on 127.0.0.1, then, ``--runs`` times and alternating,
 takes a full backup three ways, each into an empty repository or file: drkit in local mode
 (reading PGDATA), drkit in remote mode (BASE_BACKUP over TCP) and ``pg_basebackup -Ft -X fetch
--D - | zstd`` over TCP. The page cache is dropped before each. It prints each run's wall, CPU (the
-tool's own, and the server's) and size, and the medians' ratios remote / local (goal: at most
-1.2) and remote / pg_basebackup+zstd.
+-D - | zstd`` over TCP. The page cache is dropped before each (not with ``--keep-page-cache``,
+which shows what the server's reads cost without the VM artefact docs/performance.md describes
+under "The machine"). It prints each run's wall, CPU (the tool's own, and the server's) and size,
+and the medians' ratios remote / local (goal: at most 1.2) and remote / pg_basebackup+zstd.
 
 With ``--incr`` it measures instead a remote incremental after a 1% change on PostgreSQL 18 (the
 server's incremental base backup from its WAL summaries), ``--runs`` times: pgbench_accounts
@@ -169,6 +170,13 @@ def main() -> int:
         " the pages)",
     )
     parser.add_argument(
+        "--keep-page-cache",
+        action="store_true",
+        help="full backups only: no page cache drop before each step, so the server reads the"
+        " files from its page cache, not through memory the VM's host took back after a drop"
+        " (docs/performance.md, 'The machine'); the local engine reads with O_DIRECT either way",
+    )
+    parser.add_argument(
         "--no-quiet-wait",
         action="store_true",
         help="do not wait for an idle machine before each step (a shared, loaded machine)",
@@ -181,6 +189,10 @@ def main() -> int:
         bench = Bench(root, args.scale)
         if args.no_quiet_wait:
             bench.prepare_step = lambda: drop_page_cache() and None  # type: ignore[method-assign]
+        if args.keep_page_cache:
+            bench.cache_drop_works = False
+            if args.no_quiet_wait:
+                bench.prepare_step = lambda: None  # type: ignore[method-assign]
         source = build_source(bench, args.profile)
         source.set_conf({"listen_addresses": "127.0.0.1"})
         source.restart()
