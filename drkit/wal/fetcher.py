@@ -57,6 +57,7 @@ class Fetcher:
         self.missing: dict[str, float] = {}  # not archived (yet), when last asked
         self.failed: set[str] = set()  # damaged or unreadable: left to a direct fetch
         self.full = False  # the spool could not take more: fetch nothing more ahead
+        self.flush = _same_file_system(self.spool.fd, pgdata / "pg_wal")
 
     def run(self) -> int:
         """Fetch ahead until recovery no longer needs it; 0 at once if a fetcher runs."""
@@ -154,10 +155,23 @@ class Fetcher:
         result = fetch_from(self.sources, WalFetchRequest(name, self.spool.path / (name + PART)))
         if not result.fetched:
             return False
+        if self.flush:
+            self._flush(name + PART)
         lines = [result.repo or "", *(w.message for w in result.warnings)]
         self.spool.write(name + INFO, "".join(f"{' '.join(line.split())}\n" for line in lines))
         os.rename(name + PART, name, src_dir_fd=self.spool.fd, dst_dir_fd=self.spool.fd)
         return True
+
+    def _flush(self, name: str) -> None:
+        """Write the segment out now, off recovery's critical path: PostgreSQL fsyncs every
+        file restore_command gives it (it keeps it in pg_wal with a durable rename) and waits
+        for that, so a segment renamed into place still dirty would be written out while replay
+        waits, once per segment."""
+        fd = self.spool.open(name, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _finished(self, name: str, future: Future[bool]) -> None:
         from drkit.wal.fetch import WalFetchError
@@ -187,6 +201,14 @@ def _mtime(spool: FetchSpool, name: str) -> int:
         return os.stat(name, dir_fd=spool.fd, follow_symlinks=False).st_mtime_ns
     except FileNotFoundError:
         return 0
+
+
+def _same_file_system(spool_fd: int, wal_dir: Path) -> bool:
+    """Segments are renamed from the spool into ``wal_dir`` (not copied)."""
+    try:
+        return os.fstat(spool_fd).st_dev == os.stat(wal_dir).st_dev
+    except OSError:
+        return False
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:
