@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from rig.postgres import PgCluster, _as_server_user, attach_cluster, chown_to_se
 
 from drkit.errors import IntegrityError, ServerControlError
 from drkit.repo.wal_names import parse_wal_name
+from drkit.restore.request import QUICK_FETCH
 from drkit.wal.config import load_wal_config
 from drkit.wal.prefetch import KEEP, STALE, spool_path
 
@@ -284,9 +286,8 @@ def test_an_idle_fetcher_exits_and_leaves_no_segment(pg: PgCluster, workdir: Pat
     assert sorted(p.name for p in recovering.spool.iterdir()) == SPOOL_AT_REST
 
 
-@pytest.mark.parametrize("request_", ["history", "segment"])
 def test_a_timeline_switch_stops_the_fetcher_and_empties_the_spool(
-    pg: PgCluster, workdir: Path, request_: str
+    pg: PgCluster, workdir: Path
 ) -> None:
     dk, segments = archived(pg, workdir, 4)
     recovering = Recovering(pg, dk)
@@ -295,10 +296,47 @@ def test_a_timeline_switch_stops_the_fetcher_and_empties_the_spool(
     for name in segments[1:4]:
         wait_for_log(recovering, f"fetched {name} ahead")
     assert (recovering.spool / segments[1]).exists()
-    asked = "00000002.history" if request_ == "history" else "00000002" + segments[1][8:]
+    asked = "00000002" + segments[1][8:]
     recovering.want(asked)
     assert fetcher.wait(timeout=15) == 0
     assert f"stopped fetching ahead: PostgreSQL asked for {asked}" in recovering.log()
+    assert sorted(p.name for p in recovering.spool.iterdir()) == SPOOL_AT_REST
+
+
+def test_what_was_not_fetched_ahead_is_answered_by_the_fetcher_without_the_full_command(
+    pg: PgCluster, workdir: Path
+) -> None:
+    """What recovery asks for at its end: the last segment again, the segment after the
+    archive's end (twice), history files that are not archived."""
+    dk, segments = archived(pg, workdir, 2)
+    recovering = Recovering(pg, dk)
+    (recovering.pgdata / "pg_wal").mkdir(mode=0o700)
+    chown_to_server_user(recovering.pgdata / "pg_wal")
+    recovering.want(segments[0])
+    fetcher = recovering.start(idle=30)
+    wait_for_log(recovering, f"fetched {segments[1]} ahead")
+    ran = workdir / "full-command-ran"
+
+    def request(name: str) -> int:
+        full = ["/bin/sh", "-c", f'echo "$@" >> {ran}; exit 1', "sh"]
+        quick = [sys.executable, "-I", "-S", str(QUICK_FETCH), "--spool-root"]
+        quick += [str(recovering.spool.parent), "--", *full, name, "pg_wal/RECOVERYXLOG"]
+        done = subprocess.run(_as_server_user(quick), cwd=recovering.pgdata, timeout=60)
+        return done.returncode
+
+    direct = workdir / "direct"
+    dk.ok("wal-fetch", segments[0], str(direct))
+    assert request(segments[0]) == 0  # asked for again: fetched for this request
+    assert (recovering.pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == direct.read_bytes()
+    after = segments[1][:16] + f"{int(segments[1][16:], 16) + 1:08X}"
+    assert request(after) == 1  # not archived, as the repository says now
+    assert request(after) == 1
+    assert request("00000002.history") == 1
+    assert not ran.exists()  # none of them needed the full command
+    assert fetcher.poll() is None  # the history file asked for did not stop it
+    assert f"fetched {segments[0]} on request" in recovering.log()
+    recovering.want("00000002" + segments[1][8:])
+    assert fetcher.wait(timeout=15) == 0
     assert sorted(p.name for p in recovering.spool.iterdir()) == SPOOL_AT_REST
 
 

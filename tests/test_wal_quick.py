@@ -76,7 +76,8 @@ def test_a_ready_segment_is_renamed_into_place_without_the_full_command(setup: S
     assert setup.dest.read_bytes() == DATA
     assert not setup.ran.exists()
     assert sorted(p.name for p in setup.spool.iterdir()) == [quick.LOCK_FILE, quick.WANT_FILE]
-    assert (setup.spool / quick.WANT_FILE).read_text() == SEGMENT + "\n"  # the fetcher moves on
+    want = (setup.spool / quick.WANT_FILE).read_text()
+    assert quick.request_line(want)[0] == SEGMENT  # the fetcher moves on
 
 
 def _no_fetcher(s: Setup) -> None:
@@ -121,14 +122,16 @@ def test_anything_else_is_answered_by_the_full_command(setup: Setup, change: obj
         assert os.path.lexists(setup.spool / SEGMENT)  # left for the full command
 
 
-def test_history_files_and_configuration_from_the_environment_go_to_the_full_command(
+def test_a_ready_history_file_is_served_and_configuration_from_the_environment_is_not(
     setup: Setup,
 ) -> None:
     history = "00000002.history"
-    (setup.spool / history).write_text("1\t0/5000000\tno recovery target specified\n")
-    assert setup.request(history).returncode == 1
-    assert setup.ran.read_text().startswith(history)
-    setup.ran.unlink()
+    text = "1\t0/5000000\tno recovery target specified\n"
+    (setup.spool / history).write_text(text)
+    (setup.spool / (history + quick.INFO)).write_text("local\n")
+    assert setup.request(history).returncode == 0
+    assert setup.dest.read_text() == text
+    assert not setup.ran.exists()
     assert setup.request(DRKIT_ARCHIVE__SPOOL_PATH="/elsewhere").returncode == 1
     assert setup.ran.exists()
     assert (setup.spool / SEGMENT).read_bytes() == DATA

@@ -14,8 +14,26 @@ from typing import TYPE_CHECKING
 from drkit.errors import DrkitError
 from drkit.private_dir import write_pid
 from drkit.repo.wal_names import parse_wal_name
-from drkit.wal.prefetch import IDLE, KEEP, FetchSpool, alive, remove_stale_spools, spool_path
-from drkit.wal.quick import INFO, PART, SIGNAL_FILES, WANT_FILE
+from drkit.wal.prefetch import (
+    ANSWER_FILE,
+    IDLE,
+    KEEP,
+    FetchSpool,
+    alive,
+    remove_stale_spools,
+    spool_path,
+)
+from drkit.wal.quick import (
+    DIRECT,
+    FETCHING,
+    HISTORY,
+    INFO,
+    MISSING,
+    PART,
+    SIGNAL_FILES,
+    WANT_FILE,
+    request_line,
+)
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +75,8 @@ class Fetcher:
         self.missing: dict[str, float] = {}  # not archived (yet), when last asked
         self.failed: set[str] = set()  # damaged or unreadable: left to a direct fetch
         self.full = False  # the spool could not take more: fetch nothing more ahead
+        self.asked: dict[str, str] = {}  # fetches made for a request: name -> its token
+        self.acknowledged = self.answered = ""  # the last request taken up, and answered
         self.flush = _same_file_system(self.spool.fd, pgdata / "pg_wal")
 
     def run(self) -> int:
@@ -72,6 +92,7 @@ class Fetcher:
         try:
             self.spool.clear()
             write_pid(lock)
+            self.spool.write(ANSWER_FILE, "- -\n")  # requests may wait for its answers
             remove_stale_spools(self.spool.path)
             postmaster = _postmaster_pid(self.pgdata)
             if postmaster is not None:
@@ -86,24 +107,29 @@ class Fetcher:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         inflight: dict[str, Future[bool]] = {}
-        last_want, changed, timeline = None, time.monotonic(), None
+        last_want, changed, timeline, position = None, time.monotonic(), None, None
         with ThreadPoolExecutor(self.workers, thread_name_prefix="wal-fetch") as pool:
             try:
                 while True:
                     want = self.spool.read(WANT_FILE), _mtime(self.spool, WANT_FILE)
                     if want != last_want:
                         last_want, changed = want, time.monotonic()
-                    name = (want[0] or "").strip()
+                    name, token = request_line(want[0] or "")
                     stop = self._stop_reason(postmaster, name, timeline)
                     if stop is None and not inflight and time.monotonic() - changed > self.idle:
                         stop = f"no request for {self.idle:g}s"
                     if stop is not None:
                         log.info("stopped fetching ahead: %s", stop)
                         return
-                    timeline = parse_wal_name(name).timeline
+                    if not name.endswith(HISTORY):
+                        position = name
+                        timeline = parse_wal_name(name).timeline
                     for done in [n for n, f in inflight.items() if f.done()]:
                         self._finished(done, inflight.pop(done))
-                    self._schedule(pool, name, inflight)
+                    if token:
+                        self._answer(pool, name, token, inflight)
+                    if position is not None:
+                        self._schedule(pool, position, name, inflight)
                     if inflight:
                         wait(inflight.values(), timeout=POLL, return_when=FIRST_COMPLETED)
                     else:
@@ -111,6 +137,30 @@ class Fetcher:
             finally:
                 for future in inflight.values():
                     future.cancel()
+
+    def _answer(
+        self, pool: ThreadPoolExecutor, name: str, token: str, inflight: dict[str, Future[bool]]
+    ) -> None:
+        """Take up the request ``token`` for ``name`` (see drkit/wal/quick.py): the file goes
+        to the spool, or the request learns it is not archived or must fetch it itself."""
+        if token == self.answered or self.spool.ready(name):
+            return
+        if name in self.failed or (self.full and name not in inflight):
+            self._publish_answer(token, DIRECT)
+            return
+        if name not in inflight:
+            if self.asked.get(name) == token:  # checked since the request was made: not there
+                self._publish_answer(token, MISSING)
+                return
+            self.asked[name] = token
+            inflight[name] = pool.submit(self._fetch, name)
+        if self.acknowledged != token:
+            self.spool.write(ANSWER_FILE, f"{token} {FETCHING}\n")
+            self.acknowledged = token
+
+    def _publish_answer(self, token: str, verdict: str) -> None:
+        self.spool.write(ANSWER_FILE, f"{token} {verdict}\n")
+        self.answered = token
 
     def _stop_reason(self, postmaster: int, name: str, timeline: int | None) -> str | None:
         if not alive(postmaster):
@@ -121,22 +171,28 @@ class Fetcher:
             wanted = parse_wal_name(name)
         except ValueError:
             return f"unexpected request {name!r}"
+        if wanted.kind == "history":
+            return None  # answered; the timeline changes with the next segment asked for
         if wanted.kind != "segment" or timeline not in (None, wanted.timeline):
             return f"PostgreSQL asked for {name} (another timeline)"
         return None
 
     def _schedule(
-        self, pool: ThreadPoolExecutor, want: str, inflight: dict[str, Future[bool]]
+        self, pool: ThreadPoolExecutor, position: str, want: str, inflight: dict[str, Future[bool]]
     ) -> None:
-        """Drop what recovery passed, then start fetches in the window after ``want``."""
-        timeline, current = int(want[:8], 16), segment_number(want, self.segment_size)
+        """Drop what recovery passed, then start fetches in the window after segment
+        ``position``, the last one asked for (``want``, the file asked for now, is kept)."""
+        timeline, current = int(position[:8], 16), segment_number(position, self.segment_size)
         window = [
             segment_name(timeline, current + i, self.segment_size) for i in range(1, self.ahead + 1)
         ]
-        keep = {*KEEP, want, want + INFO}
+        keep = {*KEEP, ANSWER_FILE, want, want + INFO, position, position + INFO}
         for name in [*window, *inflight]:
             keep |= {name, name + INFO, name + PART}
-        self.spool.clear({*keep, *(n for n in self.spool.names() if n.startswith("."))})
+        for name in self.spool.names():
+            # never a temporary: a fetch may create one at any moment, while this looks
+            if name not in keep and not name.startswith("."):
+                self.spool.remove(name)
         spooled = sum(1 for name in window if self.spool.ready(name)) + len(inflight)
         for name in window:
             if self.full or len(inflight) >= self.workers or spooled >= self.ahead:
@@ -176,12 +232,15 @@ class Fetcher:
     def _finished(self, name: str, future: Future[bool]) -> None:
         from drkit.wal.fetch import WalFetchError
 
+        asked = self.asked.pop(name, None)
         try:
             if future.result():
-                log.info("fetched %s ahead", name)
+                log.info("fetched %s %s", name, "on request" if asked else "ahead")
                 self.missing.pop(name, None)
             else:
                 self.missing[name] = time.monotonic()
+                if asked is not None:
+                    self.asked[name] = asked  # its request is answered on the next look
             return
         except (WalFetchError, OSError) as exc:  # the spool, not the archive
             self.full = True

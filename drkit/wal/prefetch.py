@@ -57,6 +57,7 @@ from drkit.errors import DrkitError
 from drkit.private_dir import open_lock_file, open_private_dir
 from drkit.repo.wal_names import parse_wal_name
 from drkit.wal.quick import (
+    ANSWER_FILE,
     INFO,
     LOCK_FILE,
     PART,
@@ -201,11 +202,11 @@ def _spool_file(spool: FetchSpool, name: str) -> bool:
     """``name`` is a regular file of this user with a name drkit gives spool files."""
     if not spool.ready(name):
         return False
-    if name in KEEP or (name.startswith(".") and name.endswith(".tmp")):
+    if name in (*KEEP, ANSWER_FILE) or (name.startswith(".") and name.endswith(".tmp")):
         return True
     base = name.lstrip(".").split(PART, 1)[0].removesuffix(INFO)
     try:
-        return parse_wal_name(base).kind == "segment"
+        return parse_wal_name(base).kind in ("segment", "history")
     except ValueError:
         return False
 

@@ -10,12 +10,18 @@ itself takes well under a millisecond. So the restore_command ``drkit restore`` 
 
 ``-S`` skips site-packages and ``-I`` the environment and the script's own directory: this file
 imports the standard library only, and starts in a few milliseconds. It serves the request
-exactly as ``wal-fetch --prefetch`` would when the fetcher has the segment (drkit/wal/prefetch.py
-tells the protocol, and takes its segments through the functions here), and in every other case
-replaces itself (``exec``) with the full command after ``--``: a segment not fetched ahead, no
-fetcher running, a history file, a spool it cannot vouch for, a segment that came with a notice,
-``DRKIT_*`` variables that could change the configuration, anything unexpected. The full command
-then does what it always does, and says why.
+exactly as ``wal-fetch --prefetch`` would when the fetcher has the file (drkit/wal/prefetch.py
+tells the protocol, and takes its segments through the functions here). A segment or history
+file the fetcher has not spooled is asked of the fetcher, which fetches it at once through the
+same function as a direct fetch: recovery asks for the last segment again when it ends, and for
+the segment after the archive's end and for history files that are not archived. The answer is
+the file, or "not archived" from a look at the repositories made after this request was made
+(exit 1, as the full command would), or "fetch it yourself". In every other case this replaces
+itself (``exec``) with the full command after ``--``: no fetcher running or answering, a spool
+it cannot vouch for, a file that came with a notice, a file the fetcher could not fetch (damaged,
+unreadable: the full command fails as it must), ``DRKIT_*`` variables that could change the
+configuration, anything unexpected. The full command then does what it always does, and says
+why.
 
 The spool is ``<root>/fetch-<hash of the data directory>``: ``--spool-root`` is the
 configuration's ``[archive] spool_path`` or ``lock_path`` when it sets one, and otherwise the
@@ -39,12 +45,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 LOCK_FILE = "fetcher.lock"
-WANT_FILE = "want"
+WANT_FILE = "want"  # "<name> <token>": the request being served (the full command: "<name>")
+ANSWER_FILE = "answer"  # "<token> <verdict>": the fetcher's answer to the request with <token>
+# (a fetcher that answers requests writes it as it starts)
+FETCHING, MISSING, DIRECT = "fetching", "missing", "direct"  # the verdicts
 PART = ".part"  # a segment being written, renamed to its name once complete
 INFO = ".info"  # beside a spooled segment: the repository that served it, then its notices
 SIGNAL_FILES = ("recovery.signal", "standby.signal")
 WAIT_LIMIT = 60.0  # seconds a request waits for a segment the fetcher is writing
+ANSWER_LIMIT = 10.0  # seconds a request waits for the fetcher to take it up
 _HEX = frozenset("0123456789ABCDEF")
+HISTORY = ".history"
 
 
 def spool_name(pgdata: str) -> str:
@@ -84,6 +95,18 @@ def ready(dir_fd: int, name: str) -> bool:
 def in_flight(dir_fd: int, name: str) -> bool:
     """The fetcher is writing ``name`` (its ``.part`` file, or the temporary beside it)."""
     return any(n == name + PART or n.startswith(f".{name}{PART}.") for n in os.listdir(dir_fd))
+
+
+def fetchable(name: str) -> bool:
+    """A segment's or a timeline history file's name: what the fetcher answers requests for."""
+    stem = name.removesuffix(HISTORY)
+    return len(stem) == (8 if stem != name else 24) and _HEX.issuperset(stem)
+
+
+def request_line(want: str) -> tuple[str, str]:
+    """(name, token) of the ``want`` file's text; the token is empty for the full command's."""
+    name, _, token = want.strip().partition(" ")
+    return name, token
 
 
 def wait_ready(dir_fd: int, name: str, fetcher_gone: Callable[[], bool]) -> bool:
@@ -176,35 +199,81 @@ def _fetcher_gone(dir_fd: int) -> bool:
         os.close(fd)
 
 
-def serve(root: str, name: str, dest: str) -> bool:
-    """Rename segment ``name`` from the spool to ``dest`` when the fetcher has it ready without
-    a notice; False when the full command must answer this request."""
-    if len(name) != 24 or not _HEX.issuperset(name):
-        return False  # history files, backup labels, partial segments: the full command
+def _answer(dir_fd: int, token: str) -> str | None:
+    """The fetcher's verdict on the request with ``token``: "" when it has not given one yet,
+    None when this fetcher answers no requests (it writes its answer file as it starts)."""
+    try:
+        fd = os.open(ANSWER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        answered, _, verdict = os.read(fd, 256).decode().strip().partition(" ")
+    finally:
+        os.close(fd)
+    return verdict if answered == token else ""
+
+
+def _wait(dir_fd: int, name: str, token: str) -> str | None:
+    """Wait for ``name`` in the spool or the fetcher's verdict on it: "ready", MISSING, or None
+    (the full command answers): the fetcher gone, answering no requests and not writing
+    ``name``, not taking the request up within ``ANSWER_LIMIT``, saying DIRECT, or not done
+    within ``WAIT_LIMIT``."""
+    start = checked = time.monotonic()
+    taken_up = False
+    while True:
+        if ready(dir_fd, name):
+            return "ready"
+        verdict = _answer(dir_fd, token)
+        if verdict in (MISSING, DIRECT):
+            return MISSING if verdict == MISSING else None
+        writing = in_flight(dir_fd, name)
+        if verdict is None and not writing:
+            return None
+        taken_up = taken_up or writing or verdict == FETCHING
+        now = time.monotonic()
+        if now - start > (WAIT_LIMIT if taken_up else ANSWER_LIMIT):
+            return None
+        if now - checked > 0.1:  # a fetcher that died fetching it never answers
+            if _fetcher_gone(dir_fd):
+                return None
+            checked = now
+        time.sleep(0.002)
+
+
+def serve(root: str, name: str, dest: str) -> int | None:
+    """Rename ``name`` from the spool to ``dest`` when the fetcher has it ready (or fetches it
+    now) without a notice: 0; 1 when the fetcher found it not archived; None when the full
+    command must answer this request."""
+    if not fetchable(name):
+        return None  # backup labels, partial segments: the full command
     pgdata = os.getcwd()  # restore_command runs in the data directory
     if not recovering(pgdata):
-        return False
+        return None
     fd = _open_spool(root, pgdata)
     if fd is None:
-        return False
+        return None
     try:
-        publish(fd, WANT_FILE, name + "\n")  # how the fetcher learns where recovery is
-        if _fetcher_gone(fd) or not wait_ready(fd, name, lambda: _fetcher_gone(fd)):
-            return False
+        token = f"{os.getpid()}.{time.monotonic_ns()}"
+        publish(fd, WANT_FILE, f"{name} {token}\n")  # how the fetcher learns where recovery is
+        if _fetcher_gone(fd):
+            return None
+        found = _wait(fd, name, token)
+        if found != "ready":
+            return 1 if found == MISSING else None
         info = read_info(fd, name)
         if len(info) != 1:
-            return False  # a notice to print: the full command prints it
+            return None  # a notice to print: the full command prints it
         try:
             os.rename(name, dest, src_dir_fd=fd)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EXDEV):
-                return False  # taken away meanwhile, or to be copied: the full command
+                return None  # taken away meanwhile, or to be copied: the full command
             raise
         try:  # noqa: SIM105 - contextlib costs more to import than this whole file
             os.unlink(name + INFO, dir_fd=fd)
         except FileNotFoundError:
             pass
-        return True
+        return 0
     finally:
         os.close(fd)
 
@@ -220,8 +289,9 @@ def main(argv: list[str]) -> int:
     full = argv[1:]
     overridden = any(k.startswith("DRKIT_") and k != "DRKIT_CONFIG" for k in os.environ)
     try:
-        if not overridden and serve(root or _default_root(), full[-2], full[-1]):
-            return 0
+        answer = None if overridden else serve(root or _default_root(), full[-2], full[-1])
+        if answer is not None:
+            return answer
     except Exception:  # noqa: S110 - whatever went wrong, the full command answers instead
         pass
     os.execv(full[0], full)  # noqa: S606 - drkit's own command, as the restore wrote it
