@@ -76,6 +76,7 @@ class Fetcher:
         self.failed: set[str] = set()  # damaged or unreadable: left to a direct fetch
         self.full = False  # the spool could not take more: fetch nothing more ahead
         self.asked: dict[str, str] = {}  # fetches made for a request: name -> its token
+        self.fetched: dict[str, int] = {}  # spooled: name -> when (CLOCK_MONOTONIC ns)
         self.acknowledged = self.answered = ""  # the last request taken up, and answered
         self.flush = _same_file_system(self.spool.fd, pgdata / "pg_wal")
 
@@ -106,7 +107,7 @@ class Fetcher:
     def _loop(self, postmaster: int) -> None:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        inflight: dict[str, Future[bool]] = {}
+        inflight: dict[str, Future[int]] = {}
         last_want, changed, timeline, position = None, time.monotonic(), None, None
         with ThreadPoolExecutor(self.workers, thread_name_prefix="wal-fetch") as pool:
             try:
@@ -139,11 +140,14 @@ class Fetcher:
                     future.cancel()
 
     def _answer(
-        self, pool: ThreadPoolExecutor, name: str, token: str, inflight: dict[str, Future[bool]]
+        self, pool: ThreadPoolExecutor, name: str, token: str, inflight: dict[str, Future[int]]
     ) -> None:
         """Take up the request ``token`` for ``name`` (see drkit/wal/quick.py): the file goes
         to the spool, or the request learns it is not archived or must fetch it itself."""
-        if token == self.answered or self.spool.ready(name):
+        if token == self.answered:
+            return
+        if self.spool.ready(name) or self.fetched.get(name, 0) > _asked_at(token):
+            self.answered = token  # spooled since it was asked: the request takes it
             return
         if name in self.failed or (self.full and name not in inflight):
             self._publish_answer(token, DIRECT)
@@ -178,7 +182,7 @@ class Fetcher:
         return None
 
     def _schedule(
-        self, pool: ThreadPoolExecutor, position: str, want: str, inflight: dict[str, Future[bool]]
+        self, pool: ThreadPoolExecutor, position: str, want: str, inflight: dict[str, Future[int]]
     ) -> None:
         """Drop what recovery passed, then start fetches in the window after segment
         ``position``, the last one asked for (``want``, the file asked for now, is kept)."""
@@ -204,19 +208,20 @@ class Fetcher:
             inflight[name] = pool.submit(self._fetch, name)
             spooled += 1
 
-    def _fetch(self, name: str) -> bool:
-        """Fetch ``name`` into the spool; False when it is not archived."""
+    def _fetch(self, name: str) -> int:
+        """Fetch ``name`` into the spool; when it was in place (CLOCK_MONOTONIC ns), or 0 when
+        it is not archived."""
         from drkit.wal.operation import WalFetchRequest, fetch_from
 
         result = fetch_from(self.sources, WalFetchRequest(name, self.spool.path / (name + PART)))
         if not result.fetched:
-            return False
+            return 0
         if self.flush:
             self._flush(name + PART)
         lines = [result.repo or "", *(w.message for w in result.warnings)]
         self.spool.write(name + INFO, "".join(f"{' '.join(line.split())}\n" for line in lines))
         os.rename(name + PART, name, src_dir_fd=self.spool.fd, dst_dir_fd=self.spool.fd)
-        return True
+        return time.monotonic_ns()
 
     def _flush(self, name: str) -> None:
         """Write the segment out now, off recovery's critical path: PostgreSQL fsyncs every
@@ -229,14 +234,16 @@ class Fetcher:
         finally:
             os.close(fd)
 
-    def _finished(self, name: str, future: Future[bool]) -> None:
+    def _finished(self, name: str, future: Future[int]) -> None:
         from drkit.wal.fetch import WalFetchError
 
         asked = self.asked.pop(name, None)
         try:
-            if future.result():
+            spooled = future.result()
+            if spooled:
                 log.info("fetched %s %s", name, "on request" if asked else "ahead")
                 self.missing.pop(name, None)
+                self.fetched[name] = spooled
             else:
                 self.missing[name] = time.monotonic()
                 if asked is not None:
@@ -253,6 +260,12 @@ class Fetcher:
         self.failed.add(name)
         self.spool.remove(name + PART)
         self.spool.remove(name + INFO)
+
+
+def _asked_at(token: str) -> int:
+    """When the request with ``token`` was made (CLOCK_MONOTONIC ns, as the quick path put it)."""
+    stamp = token.rpartition(".")[2]
+    return int(stamp) if stamp.isdigit() else 0
 
 
 def _mtime(spool: FetchSpool, name: str) -> int:

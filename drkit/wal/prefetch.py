@@ -8,7 +8,9 @@ costs a whole fetch (start-up, download, decryption, decompression) while replay
 1. Every request writes its file name to ``<spool>/want``. When a fetcher runs (it holds an
    exclusive ``flock`` on ``<spool>/fetcher.lock``) and has the segment, the request renames it
    to ``%p`` (copies it, when the spool is on another file system) and is done; a segment the
-   fetcher is still writing is waited for.
+   fetcher is still writing is waited for. The quick path (drkit/wal/quick.py) adds a token to
+   its request and has the fetcher fetch what it did not spool; the fetcher answers in
+   ``<spool>/answer``.
 2. Anything else is fetched directly, exactly as without prefetch. Then, when no fetcher runs,
    the request removes what an earlier one may have left (holding the lock, so none is running)
    and starts ``drkit wal-fetcher`` detached, output in ``<spool>/fetcher.log`` (its pid in
@@ -20,16 +22,19 @@ costs a whole fetch (start-up, download, decryption, decompression) while replay
 
 So the spool only ever holds segments that passed every check. A segment that is not archived,
 damaged, or unreadable is left out, and PostgreSQL's request for it is a direct fetch, with a
-direct fetch's answer: 1 for "not archived", above 125 for damage, which aborts recovery.
+direct fetch's answer: 1 for "not archived", above 125 for damage, which aborts recovery (or,
+from the quick path, "not archived" from the fetcher's own look made after the request).
+Spooled segments are written out to disk first when the spool shares ``pg_wal``'s file system:
+PostgreSQL fsyncs every restored file while replay waits.
 
 The spool is ``<spool_path or lock_path>/fetch-<hash of the data directory>``, a private
 directory of the server's user (drkit/private_dir.py). The fetcher stops, removing what it
 spooled, when recovery ended (neither ``recovery.signal`` nor ``standby.signal`` is left: a
-target reached and promoted, say) or its postmaster is gone; when PostgreSQL asks for a history
-file or a segment of another timeline (a timeline switch: the next request starts a new
-fetcher); and when no request came for ``IDLE`` seconds (recovery paused at its target). A spool
-that cannot take more (a full disk, a directory it cannot write) stops the fetching ahead, and
-the requests fetch directly.
+target reached and promoted, say) or its postmaster is gone; when PostgreSQL asks for a
+segment of another timeline (a timeline switch: the next request starts a new fetcher); and
+when no request came for ``IDLE`` seconds (recovery paused at its target). A spool that cannot
+take more (a full disk, a directory it cannot write) stops the fetching ahead, and the requests
+fetch directly.
 
 A spool is left behind for its ``fetcher.log``. Each fetcher, as it starts, removes the other
 ``fetch-*`` spools beside its own that no fetcher holds and no request touched for ``STALE``

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 LOCK_FILE = "fetcher.lock"
-WANT_FILE = "want"  # "<name> <token>": the request being served (the full command: "<name>")
+WANT_FILE = "want"  # "<name>": the file asked for; "<name> <token>": and fetch it, please
+# (a token is "<pid>.<CLOCK_MONOTONIC ns when it was asked>")
 ANSWER_FILE = "answer"  # "<token> <verdict>": the fetcher's answer to the request with <token>
 # (a fetcher that answers requests writes it as it starts)
 FETCHING, MISSING, DIRECT = "fetching", "missing", "direct"  # the verdicts
@@ -213,25 +214,32 @@ def _answer(dir_fd: int, token: str) -> str | None:
     return verdict if answered == token else ""
 
 
-def _wait(dir_fd: int, name: str, token: str) -> str | None:
-    """Wait for ``name`` in the spool or the fetcher's verdict on it: "ready", MISSING, or None
-    (the full command answers): the fetcher gone, answering no requests and not writing
-    ``name``, not taking the request up within ``ANSWER_LIMIT``, saying DIRECT, or not done
-    within ``WAIT_LIMIT``."""
+def _wait(dir_fd: int, name: str) -> str | None:
+    """Wait for ``name`` in the spool: "ready", MISSING (the fetcher found it not archived), or
+    None (the full command answers). While the fetcher writes it, as long as it writes; when it
+    neither has it nor writes it, the request is handed to a fetcher that answers requests
+    (its answer file is there), for as long as it takes it up within ``ANSWER_LIMIT`` and has
+    not answered DIRECT. Always None once the fetcher is gone."""
     start = checked = time.monotonic()
-    taken_up = False
+    token, taken_up = "", False
     while True:
         if ready(dir_fd, name):
             return "ready"
-        verdict = _answer(dir_fd, token)
-        if verdict in (MISSING, DIRECT):
-            return MISSING if verdict == MISSING else None
-        writing = in_flight(dir_fd, name)
-        if verdict is None and not writing:
-            return None
-        taken_up = taken_up or writing or verdict == FETCHING
         now = time.monotonic()
-        if now - start > (WAIT_LIMIT if taken_up else ANSWER_LIMIT):
+        if token:
+            verdict = _answer(dir_fd, token)
+            if verdict in (MISSING, DIRECT, None):
+                return MISSING if verdict == MISSING else None
+            taken_up = taken_up or verdict == FETCHING
+            if now - start > (WAIT_LIMIT if taken_up else ANSWER_LIMIT):
+                return None
+        elif not in_flight(dir_fd, name):
+            if _answer(dir_fd, "") is None:
+                return None  # a fetcher that answers no requests: the full command
+            token, start = f"{os.getpid()}.{time.monotonic_ns()}", now
+            publish(dir_fd, WANT_FILE, f"{name} {token}\n")
+            continue  # it may have become ready meanwhile: the token says when it was asked
+        elif now - start > WAIT_LIMIT:
             return None
         if now - checked > 0.1:  # a fetcher that died fetching it never answers
             if _fetcher_gone(dir_fd):
@@ -253,11 +261,10 @@ def serve(root: str, name: str, dest: str) -> int | None:
     if fd is None:
         return None
     try:
-        token = f"{os.getpid()}.{time.monotonic_ns()}"
-        publish(fd, WANT_FILE, f"{name} {token}\n")  # how the fetcher learns where recovery is
+        publish(fd, WANT_FILE, name + "\n")  # how the fetcher learns where recovery is
         if _fetcher_gone(fd):
             return None
-        found = _wait(fd, name, token)
+        found = _wait(fd, name)
         if found != "ready":
             return 1 if found == MISSING else None
         info = read_info(fd, name)
