@@ -127,6 +127,37 @@ def test_a_run_of_chunks_decodes_in_one_pass_as_each_does_alone() -> None:
         list(decode_chunks(header, stream.read, len(frame), DEK, CONTEXT, bounds, sizes))
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_chunk_decoded_whole_is_exactly_one_zstd_frame_of_its_recorded_size(reuse: bool) -> None:
+    """Chunks decoded in one call each, into a new object or (``reuse``) into the thread's
+    buffers, come whole and equal; a recorded size too small or too large, a payload holding
+    a second zstd frame after the first, or a cut run are reported, never returned short."""
+    data = (os.urandom(3000) + bytes(7000)) * 40
+    frame, chunks = chunked(data, chunk=50_000, segment=16_384)
+    header = frame[:HEADER_SIZE]
+    bounds = [c.payload_offset for c in chunks[1:5]]
+    offset, length = chunk_span(header, len(frame), bounds[0], bounds[-1])
+    stored = frame[offset : offset + length]
+    runs = [decode_one(frame, chunks, i) for i in (1, 2, 3)]
+    sizes = [len(run) for run in runs]
+
+    def decoded(bounds: list[int], sizes: list[int], stored: bytes = stored) -> list[bytes | None]:
+        pieces = decode_chunks(
+            header, io.BytesIO(stored).read, len(frame), DEK, CONTEXT, bounds, sizes, reuse=reuse
+        )
+        # a reused buffer holds a piece only until the next chunk decodes: copy each at once
+        return [None if piece is None else bytes(piece) for piece in pieces]
+
+    assert decoded(bounds, sizes) == [runs[0], None, runs[1], None, runs[2], None]
+    for wrong in ([sizes[0] - 1, *sizes[1:]], [sizes[0] + 1, *sizes[1:]]):
+        with pytest.raises(IntegrityError, match="recorded"):
+            decoded(bounds, wrong)
+    with pytest.raises(IntegrityError, match="trailing data"):
+        decoded([bounds[0], bounds[2]], [sizes[0]])
+    with pytest.raises(IntegrityError, match="truncated"):
+        decoded(bounds, sizes, stored[:-20_000])
+
+
 def test_wrong_frame_count_is_detected() -> None:
     frame, chunks = chunked(os.urandom(120_000), chunk=50_000)
     assert len(chunks) == 3

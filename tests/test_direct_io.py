@@ -1,5 +1,5 @@
-"""Reading relation files with O_DIRECT (drkit/fsutil.py): the same bytes as an ordinary read,
-whatever the buffer, the file size or the filesystem."""
+"""Reading relation files with O_DIRECT, and restoring chunks with it (drkit/fsutil.py): the
+same bytes as an ordinary read or write, whatever the buffer, the file size or the filesystem."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from rig.drkit import Drkit
 from rig.postgres import PgCluster
 
-from drkit.fsutil import open_direct, pread_cached, read_into
+from drkit.fsutil import open_direct, pread_cached, read_into, write_direct
 
 
 def _write(path: Path, size: int) -> bytes:
@@ -49,6 +49,25 @@ def test_pread_cached_sees_a_write_made_after_opening(workdir: Path) -> None:
             other.write(b"new page")
         assert pread_cached(stream.fileno(), 8, 8192 * 3) == b"new page"
         assert stream.tell() == 0  # the direct descriptor's offset is untouched
+
+
+def test_direct_write_puts_the_exact_bytes_and_leaves_an_unaligned_tail_to_the_cache(
+    workdir: Path,
+) -> None:
+    path = workdir / "restored"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        aligned = mmap.mmap(-1, 3 * 1024 * 1024, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        first = os.urandom(2 * 1024 * 1024 + 100)  # a file's last chunk: ends mid-block
+        aligned[: len(first)] = first
+        assert write_direct(fd, memoryview(aligned)[: len(first)], 1024 * 1024) == 100
+        # memory O_DIRECT refuses (unaligned, or read-only bytes): all through the page cache
+        second = os.urandom(8192)
+        assert write_direct(fd, memoryview(bytearray(b"x" + second))[1:], 0) == len(second)
+        assert write_direct(fd, memoryview(second[:100]), 8192) == 100
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == second + second[:100] + bytes(1024 * 1024 - 8292) + first
 
 
 def test_backups_read_with_and_without_direct_io_store_the_same_files(

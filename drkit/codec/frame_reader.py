@@ -6,8 +6,10 @@ The format, and what its authentication guarantees, is described in drkit/codec/
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -95,7 +97,7 @@ def _frame_payload(
             _open_segment(aead, nonce_prefix, header, index, count, sealed)
             for index, sealed in enumerate(_segments(read, count, stored_segment, last_size))
         ]
-        if plaintext := _decompress_whole(parts, whole):
+        if plaintext := _decompress_whole(_joined(parts), whole):
             yield plaintext
         return
     stream = _ZstdStream(zstd_frames) if compressed else None
@@ -126,7 +128,9 @@ def decode_chunks(
     context: bytes,
     bounds: list[int],
     sizes: Sequence[int] | None = None,
-) -> Iterator[bytes | None]:
+    *,
+    reuse: bool = False,
+) -> Iterator[bytes | memoryview | None]:
     """Decodes consecutive chunks of a chunked frame of ``length`` stored bytes in one pass:
     chunk ``i`` is payload bytes [bounds[i], bounds[i + 1]), and ``read`` returns the stored
     bytes from chunk_span(bounds[0], bounds[-1])'s offset on. Every segment read is
@@ -136,7 +140,9 @@ def decode_chunks(
     caller checks each chunk's plaintext checksum, and expands a frame of sparse pages
     (is_sparse): its chunks are yielded as the records stored. Given each chunk's plaintext size
     in ``sizes`` (the manifest records them), chunks of plain pages of at most WHOLE_LIMIT bytes
-    are decompressed in one call each and come as one piece."""
+    are decompressed in one call each and come as one piece; with ``reuse``, that piece is a
+    view of this thread's output buffer (page-aligned, so it can be written with O_DIRECT),
+    valid only until the thread decodes its next chunk."""
     check_dek(dek)
     segment_size, compressed, nonce_prefix, salt, sparse = parse_header(header)
     if not compressed:
@@ -153,23 +159,44 @@ def decode_chunks(
     whole = sizes is not None and not sparse and all(_fits_whole(size) for size in sizes)
     chunk, stream = 0, None if whole else _ZstdStream()
     parts: list[memoryview] = []  # decoding whole: the current chunk's payload so far
+    # reusing buffers: the current chunk's payload gathers in this thread's buffer instead
+    held = _held(max(b - a for a, b in pairwise(bounds))) if reuse and whole else None
     for index in range(first, last + 1):
         final = index == count - 1
         sealed = _read_exactly(read, last_size if final else stored_segment)
-        payload = memoryview(_open_segment(aead, nonce_prefix, header, index, count, sealed))
         base = index * segment_size
-        low, high = max(start, base), min(end, base + len(payload))
+        plain = len(sealed) - TAG_SIZE
+        payload: memoryview | None = None  # None: decrypted in place, into ``held``
+        if (
+            held is not None
+            and whole
+            and bounds[chunk] <= base <= base + plain <= bounds[chunk + 1]
+        ):
+            at = base - bounds[chunk]
+            _open_segment(aead, nonce_prefix, header, index, count, sealed, held[at : at + plain])
+        else:
+            payload = memoryview(_open_segment(aead, nonce_prefix, header, index, count, sealed))
+        low, high = max(start, base), min(end, base + plain)
         while low < high:  # this segment's part of each chunk in turn
             cut = min(bounds[chunk + 1], high)
-            if stream is None:
-                parts.append(payload[low - base : cut - base])
-            else:
+            if stream is not None:
+                assert payload is not None
                 yield from stream.feed(payload[low - base : cut - base])
+            elif held is not None and payload is not None:
+                held[low - bounds[chunk] : cut - bounds[chunk]] = payload[low - base : cut - base]
+            elif payload is not None:
+                parts.append(payload[low - base : cut - base])
             low = cut
             if cut == bounds[chunk + 1]:
                 if stream is None:
                     assert sizes is not None
-                    if plaintext := _decompress_whole(parts, sizes[chunk]):
+                    if held is not None:
+                        plaintext: bytes | memoryview = _decompress_into(
+                            held[: bounds[chunk + 1] - bounds[chunk]], sizes[chunk]
+                        )
+                    else:
+                        plaintext = _decompress_whole(_joined(parts), sizes[chunk])
+                    if plaintext:
                         yield plaintext
                     parts = []
                 else:
@@ -184,12 +211,22 @@ def decode_chunks(
 
 
 def _open_segment(
-    aead: AESGCM, nonce_prefix: bytes, header: bytes, index: int, count: int, sealed: bytes
+    aead: AESGCM,
+    nonce_prefix: bytes,
+    header: bytes,
+    index: int,
+    count: int,
+    sealed: bytes,
+    into: memoryview | None = None,
 ) -> bytes:
-    """Authenticate and decrypt segment ``index`` of ``count`` (the last one with its flag)."""
+    """Authenticate and decrypt segment ``index`` of ``count`` (the last one with its flag);
+    ``into`` (of the plaintext's size) receives it instead of a new bytes object."""
     nonce = segment_nonce(nonce_prefix, index, index == count - 1)
     try:
-        return aead.decrypt(nonce, sealed, header)
+        if into is None:
+            return aead.decrypt(nonce, sealed, header)
+        aead.decrypt_into(nonce, sealed, header, into)
+        return b""
     except InvalidTag:
         raise IntegrityError(
             f"frame segment {index} of {count} failed authentication: the data is damaged, "
@@ -248,10 +285,49 @@ def _fits_whole(size: int | None) -> bool:
     return size is not None and 0 < size <= WHOLE_LIMIT
 
 
-def _decompress_whole(parts: Sequence[bytes | memoryview], size: int) -> bytes:
-    """The plaintext of ``parts``, one complete zstd frame of ``size`` bytes of plaintext, with
+def _decompress_whole(payload: bytes | memoryview, size: int) -> bytes:
+    """The plaintext of ``payload``, one complete zstd frame of ``size`` bytes of plaintext, with
     nothing after it."""
-    payload = parts[0] if len(parts) == 1 else b"".join(parts)
+    _check_header(payload, size)
+    try:
+        return _decompressor().decompress(payload, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        if "unused data" in str(exc):
+            raise IntegrityError(
+                "compressed payload has trailing data after the end of its zstd stream"
+            ) from None
+        raise _corrupt(exc, size) from None
+
+
+def _decompress_into(payload: memoryview, size: int) -> memoryview:
+    """_decompress_whole's plaintext, decoded straight into this thread's output buffer (zstd
+    decodes a frame in one pass into a buffer that holds its recorded size): no allocation and
+    no page faults per chunk. The same checks: one zstd frame of exactly ``size`` bytes, nothing
+    after it."""
+    _check_header(payload, size)
+    if _frame_size(payload) != len(payload):
+        raise IntegrityError(
+            "compressed payload has trailing data after the end of its zstd stream"
+        )
+    output = _output(size)
+    try:
+        reader = _decompressor().stream_reader(payload, read_across_frames=False)
+        filled = 0
+        while filled < size and (got := reader.readinto(output[filled:])):
+            filled += got
+        longer = filled == size and reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(exc, size) from None
+    if filled != size or longer:
+        raise IntegrityError(
+            f"compressed payload is corrupt, truncated or longer than the {size} bytes recorded"
+        )
+    return output
+
+
+def _check_header(payload: bytes | memoryview, size: int) -> None:
+    """Check that ``payload`` begins a zstd frame that does not declare a size other than
+    ``size``."""
     head = bytes(payload[: len(_ZSTD_MAGIC)])
     if head != _ZSTD_MAGIC[: len(head)]:
         raise IntegrityError("compressed payload is not a zstd frame")
@@ -265,20 +341,64 @@ def _decompress_whole(parts: Sequence[bytes | memoryview], size: int) -> bytes:
         raise IntegrityError(
             f"compressed payload holds {declared} bytes of plaintext, not the {size} recorded"
         )
+
+
+def _corrupt(exc: zstandard.ZstdError, size: int) -> IntegrityError:
+    return IntegrityError(
+        f"compressed payload is corrupt, truncated or longer than the {size} bytes recorded: {exc}"
+    )
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
     decompressor = getattr(_contexts, "decompressor", None)
     if decompressor is None:
         decompressor = _contexts.decompressor = zstandard.ZstdDecompressor()
-    try:
-        return decompressor.decompress(payload, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        if "unused data" in str(exc):
-            raise IntegrityError(
-                "compressed payload has trailing data after the end of its zstd stream"
-            ) from None
-        raise IntegrityError(
-            f"compressed payload is corrupt, truncated or longer than the {size} bytes recorded:"
-            f" {exc}"
-        ) from None
+    return decompressor
+
+
+def _output(size: int) -> memoryview:
+    """This thread's output buffer, its first ``size`` bytes: a private anonymous mapping (so
+    page-aligned; a shared one is shmem, whose pages cost more to fault in), kept for the
+    thread's next chunks; it grows to the largest chunk asked."""
+    buffer = getattr(_contexts, "output", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _contexts.output = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return memoryview(buffer)[:size]
+
+
+def _joined(parts: Sequence[bytes | memoryview]) -> bytes | memoryview:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _held(size: int) -> memoryview:
+    """This thread's buffer for a chunk's stored payload, at least ``size`` bytes."""
+    buffer = getattr(_contexts, "held", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _contexts.held = bytearray(size)
+    return memoryview(buffer)
+
+
+def _frame_size(payload: bytes | memoryview) -> int:
+    """The stored size of the zstd frame that begins ``payload`` (its header, blocks and
+    checksum, found from the block headers alone); past ``len(payload)`` when it is cut short."""
+    view = memoryview(payload)
+    if len(view) < _ZSTD_FRAME_START:
+        return len(view) + 1
+    descriptor = view[4]
+    single_segment = bool(descriptor & 0x20)
+    position = (
+        _ZSTD_FRAME_START
+        + (0 if single_segment else 1)
+        + (0, 1, 2, 4)[descriptor & 0x03]
+        + (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    )
+    end = len(view)
+    while position + _ZSTD_BLOCK_HEADER <= end:
+        value = int.from_bytes(view[position : position + _ZSTD_BLOCK_HEADER], "little")
+        position += _ZSTD_BLOCK_HEADER + (1 if (value >> 1) & 3 == _ZSTD_BLOCK_RLE else value >> 3)
+        if value & 1:  # the last block
+            return position + (_ZSTD_CHECKSUM if descriptor & 0x04 else 0)
+    return end + 1
 
 
 # zstd frame structure (RFC 8878), as far as needed to find block boundaries and the frame's end.

@@ -262,7 +262,7 @@ class BackupSettings(_Section):
         True,
         description="read relation files of 1 MiB or more with O_DIRECT: no copy through the page"
         " cache (less CPU) and no eviction of the database's cached pages (also what restore"
-        " --delta compares)",
+        " --delta compares); a restore writes the chunks of large files with it",
     )
     wal_summaries: bool = Field(
         True,

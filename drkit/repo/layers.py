@@ -50,14 +50,15 @@ class LayerReader:
         self._lock = threading.Lock()
 
     def chunk_plaintext(
-        self, layer: Layer, low: int, high: int, hashing: bool
-    ) -> Generator[tuple[int, Iterator[bytes]], None, None]:
+        self, layer: Layer, low: int, high: int, hashing: bool, reuse: bool = False
+    ) -> Generator[tuple[int, Iterator[bytes | memoryview]], None, None]:
         """Chunks [low, high) of ``layer``'s frame, read in one pass (one request from a remote
         store): each chunk's index with its plaintext as it decodes, the chunk's size (and with
         ``hashing`` its checksum) checked at its end. Read each chunk's pieces to their end
-        before taking the next chunk."""
-        for index, pieces in self._each_chunk(layer, low, high, hashing, records=False):
-            yield index, cast(Iterator[bytes], pieces)
+        before taking the next chunk; with ``reuse`` (see decode_chunks), a piece is valid only
+        until then."""
+        for index, pieces in self._each_chunk(layer, low, high, hashing, False, reuse):
+            yield index, cast(Iterator[bytes | memoryview], pieces)
 
     def pieces(
         self, layer: Layer, hashing: bool, start: int, end: int
@@ -79,12 +80,12 @@ class LayerReader:
     ) -> Iterator[bytes | SparsePages]:
         """Chunks [low, high) of ``layer``'s frame as they decode (see _each_chunk), in one
         sequence."""
-        for _, pieces in self._each_chunk(layer, low, high, hashing, records):
-            yield from pieces
+        for _, pieces in self._each_chunk(layer, low, high, hashing, records, reuse=False):
+            yield from cast(Iterator[bytes | SparsePages], pieces)  # not reused: new objects
 
     def _each_chunk(
-        self, layer: Layer, low: int, high: int, hashing: bool, records: bool
-    ) -> Iterator[tuple[int, Iterator[bytes | SparsePages]]]:
+        self, layer: Layer, low: int, high: int, hashing: bool, records: bool, reuse: bool
+    ) -> Iterator[tuple[int, Iterator[bytes | memoryview | SparsePages]]]:
         """Chunks [low, high) of ``layer``'s frame, read by one sequential read and decrypted
         in one pass, each with its index: its plaintext as it decodes, or with ``records`` a
         sparse frame's records as stored; each chunk's size (and with ``hashing`` its checksum)
@@ -104,16 +105,21 @@ class LayerReader:
         with storage.open_read(
             entry.object, entry.offset + offset, length, sequential=True
         ) as stream:
-            decoded = decode_chunks(header, stream.read, entry.length, dek, context, bounds, sizes)
+            decoded = decode_chunks(
+                header, stream.read, entry.length, dek, context, bounds, sizes, reuse=reuse
+            )
             for index, size in zip(range(low, high), sizes, strict=True):
-                sha256 = chunks[index][2]
+                sha256 = chunks[index][2] if hashing else None
                 pieces = _one_chunk(decoded)
                 name = f"chunk {index} of '{entry.path}'"
-                if sparse and records:
-                    yield index, _records(pieces, size, name)
+                if sparse:  # never decoded whole into a reused buffer: new objects
+                    records_read = cast(Iterator[bytes], pieces)
+                    if records:
+                        yield index, _records(records_read, size, name)
+                    else:
+                        yield index, checked_pieces(expand(records_read), size, sha256, name)
                 else:
-                    plaintext = expand(pieces) if sparse else pieces
-                    yield index, checked_pieces(plaintext, size, sha256 if hashing else None, name)
+                    yield index, checked_pieces(pieces, size, sha256, name)
 
     def _header(self, layer: Layer) -> bytes:
         """The header of ``layer``'s frame, read once however many workers ask for it."""
@@ -147,7 +153,7 @@ class _Header:
         self.data: bytes | None = None
 
 
-def _one_chunk(decoded: Iterator[bytes | None]) -> Iterator[bytes]:
+def _one_chunk(decoded: Iterator[bytes | memoryview | None]) -> Iterator[bytes | memoryview]:
     """The pieces of the next chunk of ``decoded`` (decode_chunks), up to its end marker."""
     for piece in decoded:
         if piece is None:

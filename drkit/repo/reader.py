@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from drkit.codec.frame_reader import decode_frame
 from drkit.errors import DrkitError, IntegrityError
 from drkit.repo.manifest import FileEntry, ObjectEntry
 from drkit.repo.repository import Repository, file_context
+
+_Plain = TypeVar("_Plain", bytes, bytes | memoryview)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,8 @@ def checked(entry: FileEntry, chunks: Iterator[bytes], hashing: bool) -> Iterato
 
 
 def checked_pieces(
-    pieces: Iterator[bytes], size: int, sha256: str | None, name: str
-) -> Iterator[bytes]:
+    pieces: Iterator[_Plain], size: int, sha256: str | None, name: str
+) -> Iterator[_Plain]:
     """``pieces``, their total ``size`` (and with ``sha256`` their checksum) checked once they
     are all through; ``name`` says what they are in the error."""
     digest = hashlib.sha256() if sha256 is not None else None

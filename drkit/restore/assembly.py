@@ -129,7 +129,7 @@ class PageWriter:
         self._offset = 0  # of the next piece in the frame's plaintext
         self._progress = progress
 
-    def feed(self, piece: bytes) -> None:
+    def feed(self, piece: bytes | memoryview) -> None:
         view, start, end = memoryview(piece), self._offset, self._offset + len(piece)
         while self._runs:
             first_page, block, count = self._runs[0]

@@ -25,7 +25,7 @@ from drkit.errors import (
     IntegrityError,
     RestoreTargetError,
 )
-from drkit.fsutil import WRITE_PIECE, start_writeback, write_at
+from drkit.fsutil import WRITE_PIECE, start_writeback, write_at, write_direct
 from drkit.pg.constants import PAGE_SIZE
 from drkit.pools import worker_pool
 from drkit.progress import Progress
@@ -64,9 +64,16 @@ class FileWriter:
     ``tree``, never by a path from the target's root (restore/paths.py)."""
 
     def __init__(
-        self, repos: list[Repository], chain: Chain, tree: TargetTree, progress: Progress
+        self,
+        repos: list[Repository],
+        chain: Chain,
+        tree: TargetTree,
+        progress: Progress,
+        direct: bool = True,
     ) -> None:
+        """``direct``: write the chunks of large files with O_DIRECT (see _write_chunks)."""
         self._repos = repos
+        self._direct = direct
         self._chain = chain
         self._tree = tree
         self._progress = progress
@@ -110,7 +117,9 @@ class FileWriter:
                 self._create(plan.entry)
                 self._assemblies[plan.entry.path] = Assembly(plan, assembly_writes(plan))
 
-        with worker_pool(workers, "restore") as pool:
+        # Writing with O_DIRECT, a worker waits for the disk after each chunk: one worker more
+        # keeps the cores decoding meanwhile
+        with worker_pool(workers + self._direct, "restore") as pool:
             tasks.sort(key=lambda task: -task[0])
             list(pool.map(lambda task: task[1](), tasks))
         if unchecked := [path for path, done in self._assemblies.items() if not done.checked]:
@@ -196,7 +205,7 @@ class FileWriter:
         entry = layer.entry
         chunks = entry.chunks or []
         decoded = self._readers[repo.name].chunk_plaintext(
-            layer, left[0], left[-1] + 1, hashing=not _checked_whole(plan)
+            layer, left[0], left[-1] + 1, hashing=not _checked_whole(plan), reuse=plan.simple
         )
         fd = self._tree.open(plan.entry.path, os.O_WRONLY)
         try:
@@ -204,12 +213,7 @@ class FileWriter:
                 start = chunks[index][0]
                 end = chunks[index + 1][0] if index + 1 < len(chunks) else entry.payload_size
                 if plan.simple:
-                    position = start
-                    for piece in pieces:
-                        write_at(fd, piece, position)
-                        position += len(piece)
-                        self._progress.advance(len(piece))
-                    start_writeback(fd, start, position - start)
+                    self._write_chunk(fd, pieces, start)
                 else:
                     spans = layer.spans(start // PAGE_SIZE, block_count(end))
                     pages = PageWriter(fd, layer, spans, self._progress)
@@ -226,6 +230,27 @@ class FileWriter:
         finally:
             decoded.close()
             os.close(fd)
+
+    def _write_chunk(self, fd: int, pieces: Iterator[bytes | memoryview], start: int) -> None:
+        """Write a chunk of a file restored whole, from byte ``start`` on. With ``direct``, a
+        chunk decoded whole into a page-aligned buffer goes to the disk with O_DIRECT, which
+        spares the kernel's copy into the page cache and its writeback (a restored cluster
+        reads back little of it); what O_DIRECT cannot take goes through the page cache, its
+        writeback started at once."""
+        position, cached = start, None  # cached: where the bytes written through the cache begin
+        for piece in pieces:
+            view = memoryview(piece)
+            if self._direct:
+                through_cache = write_direct(fd, view, position)
+            else:
+                write_at(fd, view, position)
+                through_cache = len(view)
+            if through_cache and cached is None:
+                cached = position + len(view) - through_cache
+            position += len(view)
+            self._progress.advance(len(view))
+        if cached is not None:
+            start_writeback(fd, cached, position - cached)
 
     def _section_tasks(self, plan: FilePlan) -> list[tuple[int, Callable[[], None]]]:
         return [

@@ -172,7 +172,11 @@ class RestoreOperation:
         tree = TargetTree(pgdata, tablespaces, user)
         directories = [(d.path, d.mode) for d in manifest.directories]
         writer = FileWriter(
-            [repo, *(r for r in repos if r is not repo)], chain, tree, self.progress
+            [repo, *(r for r in repos if r is not repo)],
+            chain,
+            tree,
+            self.progress,
+            direct=self.settings.backup.direct_io,
         )
         workers = self.settings.backup.process_max
         delta: DeltaSummary | None = None
