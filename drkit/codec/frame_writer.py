@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,9 +93,14 @@ class FrameWriter:
             else None
         )
         self._chunks: list[Chunk] = []
-        self._buffer = bytearray()  # plaintext of the chunk being gathered
+        # The plaintext of the chunk being gathered: its first ``_filled`` bytes. The first chunk
+        # grows as it is written; the next ones reuse the buffers of chunks already compressed,
+        # so a large file costs no new memory (no page faults) per chunk
+        self._buffer = bytearray()
+        self._filled = 0
+        self._spare: list[bytearray] = []
         self._chunked = 0  # plaintext bytes handed to the pool so far
-        self._queued: deque[tuple[int, Future[tuple[bytes, str]]]] = deque()
+        self._queued: deque[tuple[int, Future[tuple[bytes, str]], bytearray]] = deque()
         self._workers = max(1, compress_threads)
         self._pool: ThreadPoolExecutor | None = None  # started by a second chunk
         self._payload_size = 0
@@ -115,10 +121,14 @@ class FrameWriter:
         self._plain_size += len(view)
         if self._chunk_size is not None:
             while len(view):
-                room = self._chunk_size - len(self._buffer)
-                self._buffer += view[:room]
-                view = view[room:]
-                if len(self._buffer) == self._chunk_size:
+                part = view[: self._chunk_size - self._filled]
+                if len(self._buffer) > self._filled:  # a reused buffer
+                    self._buffer[self._filled : self._filled + len(part)] = part
+                else:
+                    self._buffer += part
+                self._filled += len(part)
+                view = view[len(part) :]
+                if self._filled == self._chunk_size:
                     self._submit_chunk()
             return
         if self._compressor is None:
@@ -149,7 +159,7 @@ class FrameWriter:
     def cut(self) -> None:
         """End the chunk being gathered here (chunked frames; nothing if it is empty): what is
         written next starts a new chunk."""
-        if self._chunk_size is not None and self._buffer:
+        if self._chunk_size is not None and self._filled:
             self._submit_chunk()
 
     def _submit_chunk(self) -> None:
@@ -159,17 +169,19 @@ class FrameWriter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="zstd")
         start = self._chunked
-        # handed over, not copied: the next chunk is gathered in a new buffer
-        data, self._buffer = self._buffer, bytearray()
+        # handed over, not copied: the next chunk is gathered in another buffer
+        buffer, data = self._buffer, memoryview(self._buffer)[: self._filled]
+        self._buffer, self._filled = self._spare.pop() if self._spare else bytearray(), 0
         self._chunked += len(data)
         job = self._pool.submit(_compress_chunk, self._level, data, self._sparse)
-        self._queued.append((start, job))
+        self._queued.append((start, job, buffer))
         while len(self._queued) > self._workers:
             self._emit_chunk()
 
     def _emit_chunk(self) -> None:
-        start, future = self._queued.popleft()
+        start, future, buffer = self._queued.popleft()
         compressed, sha256 = future.result()
+        self._spare.append(buffer)
         self._chunks.append(Chunk(start, self._payload_size, sha256))
         self._push(memoryview(compressed))
 
@@ -183,12 +195,14 @@ class FrameWriter:
         if self._chunk_size is not None and self._pool is None:
             # one chunk in all (a file no larger than a chunk): compressed here, no pool
             assert self._level is not None
-            compressed, sha256 = _compress_chunk(self._level, self._buffer, self._sparse)
+            compressed, sha256 = _compress_chunk(
+                self._level, memoryview(self._buffer)[: self._filled], self._sparse
+            )
             self._chunks.append(Chunk(0, 0, sha256))
             self._push(memoryview(compressed))
         elif self._pool is not None:
             try:
-                if self._buffer:
+                if self._filled:
                     self._submit_chunk()
                 while self._queued:
                     self._emit_chunk()
@@ -245,12 +259,26 @@ def seal(data: bytes, dek: bytes, context: bytes, compress_level: int | None = 3
     return b"".join(parts)
 
 
-def _compress_chunk(level: int, data: bytearray, sparse: bool) -> tuple[bytes, str]:
+def _compress_chunk(level: int, data: memoryview, sparse: bool) -> tuple[bytes, str]:
     """One chunk as one zstd frame (of its sparse-page record), and its checksum (both release
     the GIL)."""
-    payload: bytes | bytearray = data
+    payload: bytes | memoryview = data
     if sparse:
         from drkit.codec.sparse_pages import encode  # numpy: only for XOR deltas
 
         payload = encode(data)
-    return zstandard.ZstdCompressor(level=level).compress(payload), hashlib.sha256(data).hexdigest()
+    return _compressor(level).compress(payload), hashlib.sha256(data).hexdigest()
+
+
+# Each compressing thread keeps one zstd context per level: a new one per chunk allocates (and
+# faults in) its tables and window each time
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_compressors, "by_level", None)
+    if by_level is None:
+        by_level = _compressors.by_level = {}
+    if level not in by_level:
+        by_level[level] = zstandard.ZstdCompressor(level=level)
+    return by_level[level]
