@@ -142,7 +142,8 @@ def decode_chunks(
     in ``sizes`` (the manifest records them), chunks of plain pages of at most WHOLE_LIMIT bytes
     are decompressed in one call each and come as one piece; with ``reuse``, that piece is a
     view of this thread's output buffer (page-aligned, so it can be written with O_DIRECT),
-    valid only until the thread decodes its next chunk."""
+    valid only until the thread decodes its next chunk, and the stored segments are decrypted
+    in place into the thread's buffer for them: a thread runs one such decode at a time."""
     check_dek(dek)
     segment_size, compressed, nonce_prefix, salt, sparse = parse_header(header)
     if not compressed:
@@ -167,11 +168,7 @@ def decode_chunks(
         base = index * segment_size
         plain = len(sealed) - TAG_SIZE
         payload: memoryview | None = None  # None: decrypted in place, into ``held``
-        if (
-            held is not None
-            and whole
-            and bounds[chunk] <= base <= base + plain <= bounds[chunk + 1]
-        ):
+        if held is not None and bounds[chunk] <= base <= base + plain <= bounds[chunk + 1]:
             at = base - bounds[chunk]
             _open_segment(aead, nonce_prefix, header, index, count, sealed, held[at : at + plain])
         else:
@@ -305,7 +302,10 @@ def _decompress_into(payload: memoryview, size: int) -> memoryview:
     no page faults per chunk. The same checks: one zstd frame of exactly ``size`` bytes, nothing
     after it."""
     _check_header(payload, size)
-    if _frame_size(payload) != len(payload):
+    stored = _frame_size(payload)
+    if stored > len(payload):
+        raise IntegrityError("compressed payload is truncated: the zstd stream has no end")
+    if stored < len(payload):
         raise IntegrityError(
             "compressed payload has trailing data after the end of its zstd stream"
         )
