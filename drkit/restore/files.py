@@ -27,6 +27,7 @@ from drkit.errors import (
 )
 from drkit.fsutil import WRITE_PIECE, start_writeback, write_at, write_direct
 from drkit.pg.constants import PAGE_SIZE
+from drkit.pg.layout import restored_mode
 from drkit.pools import worker_pool
 from drkit.progress import Progress
 from drkit.repo.chain import Chain, FilePlan, Layer
@@ -355,7 +356,8 @@ class FileWriter:
             os.close(fd)
 
     def _write_whole(self, entry: FileEntry, chunks: Iterator[bytes]) -> None:
-        fd = self._tree.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        mode = restored_mode(entry.mode, False)
+        fd = self._tree.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             position = 0
             for chunk in chunks:
@@ -364,7 +366,7 @@ class FileWriter:
                 self._progress.advance(len(chunk))
             if entry.size >= WRITE_PIECE:  # small files: the final sync writes them just as well
                 start_writeback(fd, 0, entry.size)
-            finish_open(fd, entry.mode, entry.mtime)  # no second open of the file for these
+            finish_open(fd, entry.mode, entry.mtime, mode)  # no second open for these
         finally:
             os.close(fd)
 
