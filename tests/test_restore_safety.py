@@ -161,12 +161,19 @@ def test_restored_files_belong_to_the_target_owner_with_postgresql_modes(
     dk.ok("backup")
     target = workdir / "restore"
     dk.ok("restore", "--pgdata", str(target))
+    # the same under a umask that narrows the modes files are created with
+    narrow = workdir / "restore-umask"
+    spawned = dk.spawn("restore", "--pgdata", str(narrow), umask=0o077)
+    assert spawned.wait(timeout=120) == 0, spawned.stderr.read() if spawned.stderr else ""
     owner = workdir.stat().st_uid
-    for path in [target, *target.rglob("*")]:
-        st = path.lstat()
-        assert st.st_uid == owner, path
-        mode = st.st_mode & 0o7777
-        assert mode in ((0o700, 0o750) if path.is_dir() else (0o600, 0o640)), (path, oct(mode))
+    for restored in (target, narrow):
+        for path in [restored, *restored.rglob("*")]:
+            st = path.lstat()
+            assert st.st_uid == owner, path
+            mode = st.st_mode & 0o7777
+            expected = (0o700, 0o750) if path.is_dir() else (0o600, 0o640)
+            assert mode in expected, (path, oct(mode))
+        assert (restored / "postgresql.conf").stat().st_mode & 0o7777 == 0o640  # group read kept
 
 
 def test_restore_settings_are_never_written_through_a_link(tmp_path: Path) -> None:
