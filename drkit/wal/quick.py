@@ -233,7 +233,7 @@ def _wait(dir_fd: int, name: str) -> str | None:
             taken_up = taken_up or verdict == FETCHING
             if now - start > (WAIT_LIMIT if taken_up else ANSWER_LIMIT):
                 return None
-        elif not in_flight(dir_fd, name):
+        elif not in_flight(dir_fd, name) and not ready(dir_fd, name):  # not renamed meanwhile
             if _answer(dir_fd, "") is None:
                 return None  # a fetcher that answers no requests: the full command
             token, start = f"{os.getpid()}.{time.monotonic_ns()}", now
