@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from drkit import __version__
@@ -25,7 +25,13 @@ from drkit.backup.plan import changed_blocks, plan_sources
 from drkit.backup.remote import RemoteBackup, RemoteIncremental, remote_incremental, take_remote
 from drkit.backup.remote_sql import RemoteDataDir
 from drkit.config.settings import Settings
-from drkit.errors import ArchivingFailing, BackupNotCopied, IntegrityError, PostgresError
+from drkit.errors import (
+    ArchivingFailing,
+    BackupNotCopied,
+    IntegrityError,
+    PostgresError,
+    RepositoryError,
+)
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.basebackup import IncrementalRefused
 from drkit.pg.remote_access import check_remote_access
@@ -37,7 +43,7 @@ from drkit.progress import NoProgress, Progress
 from drkit.repo.copies import ReplicationReport
 from drkit.repo.fanout import FanOut
 from drkit.repo.identity import check_identity
-from drkit.repo.label import BackupLabel, BackupType
+from drkit.repo.label import BackupLabel, BackupType, label_after
 from drkit.repo.lease import RepositoryLease, repository_lease
 from drkit.repo.manifest import BackupStats, DirEntry, LinkEntry, Manifest, TablespaceEntry
 from drkit.repo.open import open_repository, repo_location
@@ -50,6 +56,9 @@ log = logging.getLogger(__name__)
 # Temporary files in a posix repository older than this belong to killed writers; younger ones
 # may be another process's write in progress (a wal-push, a copy), so they stay.
 STALE_TEMPORARY_SECONDS = 3600
+# how far the newest backup's label may lie in this host's future before that is an error, not a
+# wait for the next second
+_CLOCK_SKEW = timedelta(seconds=2)
 
 
 @dataclass
@@ -416,13 +425,23 @@ class BackupOperation:
     def _new_label(
         self, repo: Repository, parent: Manifest | None, removed: list[BackupLabel]
     ) -> BackupLabel:
-        """A label no backup has used: not even a leftover just removed here, whose streamed
-        objects another repository may still hold until the fan-out removes them."""
+        """A label no backup has used (not even a leftover just removed here, whose streamed
+        objects another repository may still hold until the fan-out removes them) that sorts
+        after every backup in the repository, so that the newest backup is the last label."""
         kind = self.kind if parent is not None else BackupType.FULL
         full = BackupLabel(parent.label) if parent is not None else None
+        newest = max(repo.backups(), default=None)
         while True:
-            label = BackupLabel.new(kind, datetime.now(UTC), full)
-            if label not in removed and not repo.label_in_use(label):
+            now = datetime.now(UTC)
+            label = label_after(kind, now, full, newest)
+            if label is None and newest is not None and newest.time > now + _CLOCK_SKEW:
+                raise RepositoryError(
+                    f"the newest backup in repository '{repo.name}', '{newest}', is labelled"
+                    f" {newest.time:%Y-%m-%d %H:%M:%S} UTC, later than this host's clock"
+                    f" ({now:%Y-%m-%d %H:%M:%S} UTC): a new backup would not sort after it",
+                    hint="check the clocks of the hosts that back up into this repository (NTP)",
+                )
+            if label is not None and label not in removed and not repo.label_in_use(label):
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one
 

@@ -70,3 +70,14 @@ class BackupLabel:
     @classmethod
     def is_label(cls, text: str) -> bool:
         return bool(_LABEL.match(text))
+
+
+def label_after(
+    kind: BackupType, now: datetime, full: BackupLabel | None, newest: BackupLabel | None
+) -> BackupLabel | None:
+    """The label of a backup of ``kind`` taken ``now`` (on ``full``), when it sorts after
+    ``newest``, the repository's last label: the newest backup must be the last label. None
+    when it would not: a diff taken in the same second as an incr on the same full sorts before
+    it (``D`` < ``I``), as does any label while ``newest``'s second has not passed."""
+    label = BackupLabel.new(kind, now, full)
+    return label if newest is None or label > newest else None
