@@ -25,13 +25,7 @@ from drkit.backup.plan import changed_blocks, plan_sources
 from drkit.backup.remote import RemoteBackup, RemoteIncremental, remote_incremental, take_remote
 from drkit.backup.remote_sql import RemoteDataDir
 from drkit.config.settings import Settings
-from drkit.errors import (
-    ArchivingFailing,
-    BackupNotCopied,
-    IntegrityError,
-    PostgresError,
-    RepositoryError,
-)
+from drkit.errors import ArchivingFailing, BackupNotCopied, IntegrityError, PostgresError
 from drkit.pg.archiver import ARCHIVING_HINT, ArchiverStats, archiving_problem
 from drkit.pg.basebackup import IncrementalRefused
 from drkit.pg.remote_access import check_remote_access
@@ -56,8 +50,7 @@ log = logging.getLogger(__name__)
 # Temporary files in a posix repository older than this belong to killed writers; younger ones
 # may be another process's write in progress (a wal-push, a copy), so they stay.
 STALE_TEMPORARY_SECONDS = 3600
-# how far the newest backup's label may lie in this host's future before that is an error, not a
-# wait for the next second
+# how far the newest backup's label may lie in this host's future and still be waited for
 _CLOCK_SKEW = timedelta(seconds=2)
 
 
@@ -427,7 +420,9 @@ class BackupOperation:
     ) -> BackupLabel:
         """A label no backup has used (not even a leftover just removed here, whose streamed
         objects another repository may still hold until the fan-out removes them) that sorts
-        after every backup in the repository, so that the newest backup is the last label."""
+        after the newest backup's, so that the newest backup is the last label. A label more than
+        ``_CLOCK_SKEW`` in this host's future (a forged object, which every reader skips, or
+        another host's clock) does not hold a backup up."""
         kind = self.kind if parent is not None else BackupType.FULL
         full = BackupLabel(parent.label) if parent is not None else None
         newest = max(repo.backups(), default=None)
@@ -435,12 +430,7 @@ class BackupOperation:
             now = datetime.now(UTC)
             label = label_after(kind, now, full, newest)
             if label is None and newest is not None and newest.time > now + _CLOCK_SKEW:
-                raise RepositoryError(
-                    f"the newest backup in repository '{repo.name}', '{newest}', is labelled"
-                    f" {newest.time:%Y-%m-%d %H:%M:%S} UTC, later than this host's clock"
-                    f" ({now:%Y-%m-%d %H:%M:%S} UTC): a new backup would not sort after it",
-                    hint="check the clocks of the hosts that back up into this repository (NTP)",
-                )
+                label = BackupLabel.new(kind, now, full)
             if label is not None and label not in removed and not repo.label_in_use(label):
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one
