@@ -26,6 +26,14 @@ def test_a_label_is_given_only_once_it_sorts_after_the_newest() -> None:
     assert label_after(BackupType.INCR, now, full, BackupLabel(f"{full}_20261208-024801D"))
     assert label_after(BackupType.FULL, now, None, incr) == BackupLabel("20261208-024801F") > incr
     assert label_after(BackupType.FULL, now, None, None) == BackupLabel("20261208-024801F")
+    # a newest label that waiting cannot pass is not waited for: an earlier second that sorts
+    # after this lineage (a forged full), or one far in the future (a forged one, a clock ahead)
+    forged = BackupLabel("20261208-024700F")
+    old_full = BackupLabel("20261208-024600F")
+    assert label_after(BackupType.INCR, now, old_full, forged) == BackupLabel(
+        "20261208-024600F_20261208-024801I"
+    )
+    assert label_after(BackupType.INCR, now, full, BackupLabel("20991231-000000F"))
 
 
 def test_backups_in_one_second_chain_in_the_order_taken(pg: PgCluster, workdir: Path) -> None:

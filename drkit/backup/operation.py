@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from drkit import __version__
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 # Temporary files in a posix repository older than this belong to killed writers; younger ones
 # may be another process's write in progress (a wal-push, a copy), so they stay.
 STALE_TEMPORARY_SECONDS = 3600
-# how far the newest backup's label may lie in this host's future and still be waited for
-_CLOCK_SKEW = timedelta(seconds=2)
 
 
 @dataclass
@@ -420,17 +418,12 @@ class BackupOperation:
     ) -> BackupLabel:
         """A label no backup has used (not even a leftover just removed here, whose streamed
         objects another repository may still hold until the fan-out removes them) that sorts
-        after the newest backup's, so that the newest backup is the last label. A label more than
-        ``_CLOCK_SKEW`` in this host's future (a forged object, which every reader skips, or
-        another host's clock) does not hold a backup up."""
+        after the newest backup's when waiting for the next second can make it (label_after)."""
         kind = self.kind if parent is not None else BackupType.FULL
         full = BackupLabel(parent.label) if parent is not None else None
         newest = max(repo.backups(), default=None)
         while True:
-            now = datetime.now(UTC)
-            label = label_after(kind, now, full, newest)
-            if label is None and newest is not None and newest.time > now + _CLOCK_SKEW:
-                label = BackupLabel.new(kind, now, full)
+            label = label_after(kind, datetime.now(UTC), full, newest)
             if label is not None and label not in removed and not repo.label_in_use(label):
                 return label
             time.sleep(1)  # labels have one-second resolution; never reuse one

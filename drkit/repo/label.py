@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 _STAMP = "%Y%m%d-%H%M%S"
@@ -73,11 +73,21 @@ class BackupLabel:
 
 
 def label_after(
-    kind: BackupType, now: datetime, full: BackupLabel | None, newest: BackupLabel | None
+    kind: BackupType,
+    now: datetime,
+    full: BackupLabel | None,
+    newest: BackupLabel | None,
+    skew: timedelta = timedelta(seconds=2),
 ) -> BackupLabel | None:
-    """The label of a backup of ``kind`` taken ``now`` (on ``full``), when it sorts after
-    ``newest``, the repository's last label: the newest backup must be the last label. None
-    when it would not: a diff taken in the same second as an incr on the same full sorts before
-    it (``D`` < ``I``), as does any label while ``newest``'s second has not passed."""
+    """The label of a backup of ``kind`` taken ``now`` (on ``full``), or None while it must wait
+    for the next second: when it would not sort after ``newest``, the repository's last label,
+    whose second has not passed yet (a diff taken in the same second as an incr on the same full
+    sorts before it, ``D`` < ``I``). A ``newest`` of an earlier second, or more than
+    ``skew`` ahead, is not waited for: waiting would not change the order (a label that sorts
+    after the parent's lineage, or lies in the future: a forged object, which every reader
+    skips, or another host's clock)."""
     label = BackupLabel.new(kind, now, full)
-    return label if newest is None or label > newest else None
+    if newest is None or label > newest:
+        return label
+    this_second = now.replace(microsecond=0)
+    return None if this_second <= newest.time <= now + skew else label
